@@ -1,0 +1,63 @@
+# selectune: `make help` lists the targets. Every target sets itself up (make setup) first.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Runs go under RUNS_DIR; models and downloads under CACHE_DIR (default ~/.cache/selectune).
+RUNS_DIR ?= runs
+CACHE_DIR ?=
+# Data is downloaded into CACHE_DIR unless DATA_DIR names an existing copy; the ../shared/data
+# folder that sits beside checkouts on the project's own machines is used in place when present.
+DATA_DIR ?= $(firstword $(wildcard ../shared/data))
+CARD ?=
+WEIGHTS ?=
+PYTEST_ARGS ?=
+# Extra pip arguments for `make setup`, e.g. an index with CPU builds of torch.
+PIP_ARGS ?=
+
+SELECTUNE := $(PY) -m selectune --runs-dir $(RUNS_DIR) $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) \
+	$(if $(DATA_DIR),--data-dir $(DATA_DIR))
+
+.PHONY: help setup models cards data select train serve rescore report review test bench clean
+
+help: ## one line per target
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 10
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(PIP_ARGS) -c constraints.txt '.[test]'
+	touch $@
+
+setup: $(STAMP) ## create .venv and install pinned dependencies (a stamp makes reruns instant)
+
+models: $(STAMP) ## provision the default offline models (CARD=name for one, WEIGHTS=dir for hub cards)
+	$(SELECTUNE) models provision $(if $(CARD),--card $(CARD)) $(if $(WEIGHTS),--weights $(WEIGHTS))
+
+cards: $(STAMP) ## list every model card with its status
+	$(SELECTUNE) models list
+
+data: $(STAMP) ## download FewCLUE into the cache (checksum-verified), or verify DATA_DIR
+	$(SELECTUNE) data
+
+# The main job sets up everything it reads first: models and data are no-ops once done.
+select: models data ## score the candidates and pick the winner under a memory budget
+	@echo "make select: scoring is not implemented yet (issue 3); models and data are ready" >&2; exit 1
+
+train serve rescore report review: $(STAMP)
+	@echo "make $@: not implemented yet (see the open issues)" >&2; exit 1
+train: ## QLoRA-fine-tune the winner and merge the adapter
+serve: ## serve the merged model through an OpenAI-compatible server
+rescore: ## re-score the served model through HTTP on the same items
+report: ## render the HTML reports under runs/report/
+review: ## serve the blind side-by-side review pages on 127.0.0.1
+
+test: $(STAMP) ## run the test suite (PYTEST_ARGS=... to pass options)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP) ## benchmarks: load time of the converted checkpoint vs GGUF
+	$(PY) bench/load_time.py $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR))
+
+clean: ## remove run output and build debris (the model store is kept)
+	rm -rf $(RUNS_DIR) build *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Evaluation: data, prompts, backends, scoring, statistics and the results store."""

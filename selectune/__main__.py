@@ -1,0 +1,3 @@
+from selectune.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""FewCLUE data: checksum verification in place, and download through a real loopback HTTP server."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from eval.data import FEWCLUE_FILES, fetch_data, verify_data
+from selectune.errors import UserError
+
+
+def test_shared_data_verifies_in_place(shared_data):
+    verify_data(shared_data)
+
+
+def test_tampered_file_is_named(tmp_path, shared_data):
+    data = tmp_path / "data"
+    for f in FEWCLUE_FILES:
+        (data / f.local).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shared_data / f.local, data / f.local)
+    target = data / "fewclue/ocnlifc/dev_few_all.json"
+    target.write_bytes(target.read_bytes() + b"\n")
+    with pytest.raises(UserError, match=r"fewclue/ocnlifc/dev_few_all.json: sha256 is [0-9a-f]{64}, expected a2aa50"):
+        verify_data(data)
+
+
+def test_missing_file_says_how_to_provide_it(tmp_path):
+    with pytest.raises(UserError, match=r"bustm/train_few_all.json: missing; run `make data`.*DATA_DIR"):
+        verify_data(tmp_path)
+
+
+@pytest.fixture
+def upstream(tmp_path, shared_data):
+    """A loopback HTTP server laid out like FewCLUE's datasets/ folder (bustm/, ocnli/)."""
+    root = tmp_path / "upstream"
+    for f in FEWCLUE_FILES:
+        (root / f.upstream).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shared_data / f.local, root / f.upstream)
+    handler = functools.partial(QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_fetch_downloads_verifies_and_then_does_nothing(tmp_path, upstream):
+    _, url = upstream
+    data = tmp_path / "data"
+    assert sorted(fetch_data(data, base_url=url)) == sorted(f.local for f in FEWCLUE_FILES)
+    verify_data(data)
+    assert fetch_data(data, base_url=url) == []
+
+
+def test_fetch_rejects_a_corrupt_download_and_keeps_nothing(tmp_path, upstream):
+    root, url = upstream
+    (root / "bustm/dev_few_all.json").write_bytes(b'{"id": 0}\n')
+    data = tmp_path / "data"
+    with pytest.raises(UserError, match=r"bustm/dev_few_all.json: downloaded file has sha256 .* nothing was kept"):
+        fetch_data(data, base_url=url)
+    assert not (data / "fewclue/bustm/dev_few_all.json").exists()
+    assert not list(Path(data).rglob(".*.download"))
+
+
+def test_fetch_offline_is_one_clear_line(tmp_path):
+    with pytest.raises(UserError) as info:
+        fetch_data(tmp_path / "data", base_url="http://127.0.0.1:9")
+    assert "\n" not in str(info.value) and "download failed" in str(info.value) and "DATA_DIR" in str(info.value)
