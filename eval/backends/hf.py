@@ -1,0 +1,142 @@
+"""Local transformers backend: greedy generation and continuation log-likelihoods, batched.
+
+Every call treats the requests it is given as a fixed set and pads them together (left padding,
+position ids from the mask), so the same requests always produce the same numbers: the runner
+relies on that to resume a killed run with results identical to an uninterrupted one.
+
+Log-likelihood is computed without waste: contexts whose continuations are all one token (the
+option letters of FewCLUE's ppl mode) run once and are scored from the last position, and the LM
+head is applied only to the positions that are scored (`logits_to_keep`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from eval.backends.base import GenRequest, LoglikelihoodRequest, cut_at_stop
+from models.card import ModelCard
+from models.loading import load_model
+from models.store import read_manifest
+
+
+@dataclass
+class _Row:
+    ids: list[int]
+    tail: int
+    """How many trailing ids are the continuation (0: score the next token after `ids`)."""
+    targets: list[tuple[int, list[int]]]
+    """(request index, continuation ids) scored from this row."""
+
+
+class HFBackend:
+    def __init__(self, card: ModelCard, store: Path, *, batch_size: int = 8, dtype: str = "float32"):
+        import transformers
+
+        self.card = card
+        self.batch_size = batch_size
+        self.model, self.tokenizer = load_model(card, store, dtype=dtype)
+        manifest = read_manifest(card, store) or {}
+        self.identity = {
+            "backend": "hf",
+            "model": card.name,
+            "weights_sha256": manifest.get("weights_sha256"),
+            "chat_template_sha256": manifest.get("chat_template_sha256"),
+            "chat_template": card.chat_template,
+            "dtype": dtype,
+            "transformers": transformers.__version__,
+        }
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+
+    def render(self, messages: list[dict]) -> str:
+        """The exact text the model reads: chat template (with generation prompt) or raw."""
+        if self.card.chat_template == "tokenizer":
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return "\n\n".join(m["content"] for m in messages)
+
+    def _encode(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        # A chat template writes its own BOS; a raw prompt gets one when the card requires it.
+        if self.card.add_bos and self.card.chat_template == "none":
+            ids = [self.tokenizer.bos_token_id, *ids]
+        return ids
+
+    def _batch(self, seqs: list[list[int]]):
+        import torch
+
+        width = max(map(len, seqs))
+        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            input_ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return input_ids, mask, positions
+
+    def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[float]:
+        import torch
+
+        rows = self._rows(requests)
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
+        out = [0.0] * len(requests)
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                batch = [rows[i] for i in order[start:start + self.batch_size]]
+                keep = max(r.tail for r in batch) + 1
+                input_ids, mask, positions = self._batch([r.ids for r in batch])
+                logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                    logits_to_keep=keep).logits
+                logprobs = torch.log_softmax(logits.float(), dim=-1)
+                for b, row in enumerate(batch):
+                    for req, cont in row.targets:
+                        if row.tail == 0:
+                            out[req] = logprobs[b, keep - 1, cont[0]].item()
+                        else:  # token j of the tail is predicted at kept index keep - tail + j - 1
+                            idx = torch.arange(keep - row.tail - 1, keep - 1)
+                            out[req] = logprobs[b, idx, torch.tensor(cont)].sum().item()
+        return out
+
+    def _rows(self, requests: list[LoglikelihoodRequest]) -> list[_Row]:
+        """Split each context+continuation as lm-eval does (encode the whole, cut at the context)."""
+        by_context: dict[tuple[int, ...], list[tuple[int, list[int]]]] = defaultdict(list)
+        for i, r in enumerate(requests):
+            context = self.render(r.messages)
+            ctx_ids = self._encode(context)
+            whole = self._encode(context + r.continuation)
+            cont = whole[len(ctx_ids):] if whole[: len(ctx_ids)] == ctx_ids else \
+                self.tokenizer(r.continuation, add_special_tokens=False).input_ids
+            by_context[tuple(ctx_ids)].append((i, cont))
+        rows = []
+        for ctx, targets in by_context.items():
+            if all(len(c) == 1 for _, c in targets):
+                rows.append(_Row(list(ctx), 0, targets))
+            else:
+                rows.extend(_Row([*ctx, *c], len(c), [(i, c)]) for i, c in targets)
+        return rows
+
+    def generate(self, requests: list[GenRequest]) -> list[str]:
+        import torch
+        from transformers import GenerationConfig
+
+        encoded = [self._encode(self.render(r.messages)) for r in requests]
+        order = sorted(range(len(requests)), key=lambda i: -len(encoded[i]))
+        out = [""] * len(requests)
+        base = self.model.generation_config
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start:start + self.batch_size]
+                input_ids, mask, _ = self._batch([encoded[i] for i in chunk])
+                config = GenerationConfig(
+                    do_sample=False, max_new_tokens=max(requests[i].max_new_tokens for i in chunk),
+                    eos_token_id=base.eos_token_id, pad_token_id=self.pad_id,
+                    bos_token_id=base.bos_token_id)
+                generated = self.model.generate(input_ids=input_ids, attention_mask=mask,
+                                                generation_config=config)
+                for row, i in enumerate(chunk):
+                    new = generated[row, input_ids.shape[1]:][: requests[i].max_new_tokens]
+                    text = self.tokenizer.decode(new, skip_special_tokens=True)
+                    out[i] = cut_at_stop(text, requests[i].stop)
+        return out

@@ -1,0 +1,24 @@
+"""Metric names (constants, never retyped strings) and the per-item metrics for choice tasks."""
+
+from __future__ import annotations
+
+ACCURACY = "accuracy"
+ACCURACY_OPENCOMPASS = "accuracy_opencompass"
+UNPARSABLE = "unparsable"
+STYLE_ACCURACY = "style_accuracy"
+CHRF = "chrf"
+REPLY_LENGTH = "reply_length"
+FACT_RECALL = "fact_recall"
+HALLUCINATED_NUMBERS = "hallucinated_numbers"
+
+BINARY = {ACCURACY, ACCURACY_OPENCOMPASS, UNPARSABLE, STYLE_ACCURACY}
+"""Per-item 0/1 metrics: compared between models with exact McNemar tests."""
+
+HIGHER_IS_BETTER = {ACCURACY: True, ACCURACY_OPENCOMPASS: True, UNPARSABLE: False,
+                    STYLE_ACCURACY: True, CHRF: True, REPLY_LENGTH: True, FACT_RECALL: True,
+                    HALLUCINATED_NUMBERS: False}
+
+PRIMARY = {"choice": ACCURACY}
+"""The metric a task is ranked by, per parser; open-ended tasks name theirs first in `metrics`."""
+
+KNOWN = set(HIGHER_IS_BETTER)

@@ -1,0 +1,97 @@
+"""The results store: one SQLite database per workspace (`runs/results.sqlite`).
+
+A `runs` row describes a run completely (task file hash, model identity and weights hash, prompt
+and chat-template hashes, sampling, library versions, git revision, seed); an `items` row holds
+one scored item. Items are committed chunk by chunk as they finish, and a run's id is a hash of
+what determines its outputs, so rerunning the same thing finds its earlier items and resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    task TEXT NOT NULL, split TEXT NOT NULL, mode TEXT NOT NULL, model TEXT NOT NULL,
+    meta_json TEXT NOT NULL,
+    n_items INTEGER NOT NULL,
+    started REAL NOT NULL,
+    finished REAL
+);
+CREATE TABLE IF NOT EXISTS items (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    item_id TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    output TEXT NOT NULL,
+    gold TEXT,
+    parsed TEXT,
+    scores_json TEXT NOT NULL,
+    latency_s REAL NOT NULL,
+    PRIMARY KEY (run_id, item_id)
+);
+"""
+
+DB_NAME = "results.sqlite"
+
+
+def open_results(runs_dir: Path) -> sqlite3.Connection:
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(runs_dir / DB_NAME, timeout=30.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+def ensure_run(conn: sqlite3.Connection, run_id: str, meta: dict, n_items: int) -> None:
+    with conn:
+        conn.execute(
+            "INSERT OR IGNORE INTO runs (run_id, task, split, mode, model, meta_json, n_items, started)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (run_id, meta["task"], meta["split"], meta["mode"], meta["model"],
+             json.dumps(meta, ensure_ascii=False, sort_keys=True), n_items, time.time()))
+
+
+def done_item_ids(conn: sqlite3.Connection, run_id: str) -> set[str]:
+    return {r[0] for r in conn.execute("SELECT item_id FROM items WHERE run_id = ?", (run_id,))}
+
+
+def add_items(conn: sqlite3.Connection, run_id: str, rows: list[dict]) -> None:
+    """Insert finished items in one transaction; an item already stored is left as it is."""
+    with conn:
+        conn.executemany(
+            "INSERT OR IGNORE INTO items (run_id, item_id, prompt, output, gold, parsed, scores_json,"
+            " latency_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(run_id, r["item_id"], r["prompt"], r["output"], r["gold"], r["parsed"],
+              json.dumps(r["scores"], sort_keys=True), r["latency_s"]) for r in rows])
+
+
+def update_scores(conn: sqlite3.Connection, run_id: str, rows: list[dict]) -> None:
+    with conn:
+        conn.executemany(
+            "UPDATE items SET parsed = ?, scores_json = ? WHERE run_id = ? AND item_id = ?",
+            [(r["parsed"], json.dumps(r["scores"], sort_keys=True), run_id, r["item_id"]) for r in rows])
+
+
+def finish_run(conn: sqlite3.Connection, run_id: str) -> None:
+    with conn:
+        conn.execute("UPDATE runs SET finished = ? WHERE run_id = ? AND finished IS NULL",
+                     (time.time(), run_id))
+
+
+def run_items(conn: sqlite3.Connection, run_id: str) -> list[dict]:
+    cur = conn.execute(
+        "SELECT item_id, prompt, output, gold, parsed, scores_json, latency_s FROM items"
+        " WHERE run_id = ? ORDER BY item_id", (run_id,))
+    return [{"item_id": i, "prompt": p, "output": o, "gold": g, "parsed": pa,
+             "scores": json.loads(s), "latency_s": lat} for i, p, o, g, pa, s, lat in cur]
+
+
+def run_meta(conn: sqlite3.Connection, run_id: str) -> dict | None:
+    row = conn.execute("SELECT meta_json, finished FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    if row is None:
+        return None
+    return {**json.loads(row[0]), "finished": row[1]}

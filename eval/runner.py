@@ -1,0 +1,142 @@
+"""Score one model on one task split in one mode, into the results store, resumably.
+
+    python -m selectune eval --task fewclue_bustm --mode ppl --model smollm2-135m-instruct
+
+Items are sorted by prompt length and cut into fixed chunks over the *whole* split; a chunk is
+the unit of work and of commit. A rerun skips chunks already stored and recomputes a half-stored
+chunk with exactly the same companions, so a killed run resumes to the same final results.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from eval import metrics as M
+from eval import results
+from eval.backends.base import GenRequest, LoglikelihoodRequest
+from eval.parsers import first_capital, option_texts, parse_choice
+from eval.task import Item, Mode, TaskSpec
+from selectune.files import sha256_text
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    task: TaskSpec
+    split: str
+    mode: Mode
+    model: str
+    items: list[dict]
+    """Stored items in item-id order, each with its current `scores`."""
+    seconds: float
+    computed: int
+    """Items computed by this call (0 when everything was already stored)."""
+
+
+def git_revision() -> str | None:
+    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def load_scorer(task: TaskSpec, data_dir: Path) -> Callable[[Item, str], dict] | None:
+    """The task's extra scorer, `module:function(task, data_dir) -> (item, reply) -> metrics`."""
+    if task.scorer is None:
+        return None
+    module, _, name = task.scorer.partition(":")
+    return getattr(importlib.import_module(module), name)(task, data_dir)
+
+
+def score_output(task: TaskSpec, mode: Mode, item: Item, output: str,
+                 scorer: Callable | None) -> tuple[str | None, dict]:
+    """(parsed answer, per-item metrics) from a stored output: no model needed, so re-scoring
+    after a parser or metric change costs nothing."""
+    if mode == "ppl":
+        lls = json.loads(output)
+        pred = max(task.choices, key=lambda c: lls[c])
+        return pred, {M.ACCURACY: float(pred == item.gold)}
+    scores: dict[str, float] = {}
+    parsed = None
+    if task.parser == "choice":
+        parsed = parse_choice(output, task.choices, option_texts(item.user, task.choices))
+        scores[M.ACCURACY] = float(parsed == item.gold)
+        scores[M.ACCURACY_OPENCOMPASS] = float(first_capital(output) == item.gold)
+        scores[M.UNPARSABLE] = float(parsed is None)
+    if scorer is not None:
+        scores.update(scorer(item, output))
+    # Keep the task's metrics, and detail entries no metric list names (e.g. "fact:15GB").
+    return parsed, {k: v for k, v in scores.items() if k in task.metrics or k not in M.KNOWN}
+
+
+def run_meta(task: TaskSpec, split: str, mode: Mode, identity: dict, seed: int) -> dict:
+    import torch
+
+    sampling = {"do_sample": False, "max_new_tokens": task.gen.max_new_tokens, "stop": task.gen.stop}
+    return {
+        "task": task.name, "task_version": task.version, "task_sha256": task.sha256,
+        "split": split, "mode": mode, "limit": task.limit, "model": identity["model"],
+        "identity": identity,
+        "prompt_sha256": sha256_text(json.dumps([task.prompt.system, task.prompt.user])),
+        "sampling": sampling if mode == "gen" else None,
+        "seed": seed,
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
+    }
+
+
+def run_task(backend, task: TaskSpec, split: str, mode: Mode, items: list[Item],
+             conn, *, chunk_size: int = 8, seed: int = 0, data_dir: Path | None = None,
+             progress: Callable[[int], None] | None = None) -> RunSummary:
+    meta = run_meta(task, split, mode, backend.identity, seed)
+    # The id covers what determines outputs; versions and the git revision are recorded beside.
+    run_id = sha256_text(json.dumps(meta, sort_keys=True))[:16]
+    results.ensure_run(conn, run_id, {**meta, "git_revision": git_revision()}, len(items))
+    done = results.done_item_ids(conn, run_id)
+    by_id = {i.id: i for i in items}
+    scorer = load_scorer(task, data_dir) if data_dir is not None else None
+    order = sorted(items, key=lambda i: (len(i.user), i.id))
+    started, computed = time.monotonic(), 0
+    for start in range(0, len(order), chunk_size):
+        chunk = order[start:start + chunk_size]
+        todo = [i for i in chunk if i.id not in done]
+        if todo:
+            t0 = time.monotonic()
+            outputs = _compute(backend, task, mode, chunk)
+            latency = (time.monotonic() - t0) / len(chunk)
+            rows = []
+            for item, out in zip(chunk, outputs):
+                if item.id in done:
+                    continue
+                parsed, scores = score_output(task, mode, item, out, scorer)
+                rows.append({"item_id": item.id, "prompt": item.user, "output": out, "gold": item.gold,
+                             "parsed": parsed, "scores": scores, "latency_s": latency})
+            results.add_items(conn, run_id, rows)
+            computed += len(rows)
+        if progress:
+            progress(len(chunk))
+    stored = results.run_items(conn, run_id)
+    rescored = []
+    for row in stored:
+        parsed, scores = score_output(task, mode, by_id[row["item_id"]], row["output"], scorer)
+        rescored.append({**row, "parsed": parsed, "scores": scores})
+    results.update_scores(conn, run_id, rescored)
+    results.finish_run(conn, run_id)
+    return RunSummary(run_id, task, split, mode, backend.identity["model"], rescored,
+                      time.monotonic() - started, computed)
+
+
+def _compute(backend, task: TaskSpec, mode: Mode, chunk: list[Item]) -> list[str]:
+    if mode == "gen":
+        return backend.generate([GenRequest(i.messages(), task.gen.max_new_tokens, task.gen.stop)
+                                 for i in chunk])
+    requests = [LoglikelihoodRequest(i.messages(), c) for i in chunk for c in task.choices]
+    lls = backend.loglikelihood(requests)
+    k = len(task.choices)
+    return [json.dumps(dict(zip(task.choices, lls[n * k:(n + 1) * k]))) for n in range(len(chunk))]

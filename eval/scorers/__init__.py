@@ -1,0 +1,1 @@
+"""Task-specific scorers, named by a task's `scorer: module:function` key."""

@@ -1,0 +1,177 @@
+"""Score every candidate on the task suite and choose the winner the evidence supports.
+
+    make select                                     # default offline candidates, CPU suite
+    python -m selectune select --models smollm2-135m-instruct,gemma3-270m --full-fewclue
+
+Rule: rank candidates on each suite entry's primary metric and take the best mean rank among
+those within the memory budget; candidates not significantly worse than it on any entry
+(exact McNemar or paired bootstrap, p < 0.05) are tied with it, and among tied candidates the
+smallest QLoRA memory wins. Writes `runs/selection.json`.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from eval import metrics as M
+from eval.runner import RunSummary, git_revision, run_task
+from eval.stats import ALPHA, compare
+from eval.summary import Cell, cells_of, per_fact_recall, primary_metric, render_table
+from eval.task import find_task, load_items
+from models.card import ModelCard
+
+DEV_SUITE = [("fewclue_bustm", "dev", "gen"), ("fewclue_bustm", "dev", "ppl"),
+             ("fewclue_ocnli_fc", "dev", "gen"), ("fewclue_ocnli_fc", "dev", "ppl"),
+             ("style", "test", "gen"), ("fact", "test", "gen")]
+
+
+def suite(full_fewclue: bool = False) -> list[tuple[str, str, str]]:
+    if not full_fewclue:
+        return DEV_SUITE
+    return [(t, "test" if t.startswith("fewclue") else s, m) for t, s, m in DEV_SUITE]
+
+
+@dataclass
+class Budget:
+    train_gib: float = 24.0
+    """QLoRA training must fit in this (card estimate `memory_gib.qlora_train`)."""
+    infer_gib: float = 16.0
+    """Serving in bf16 must fit in this (card estimate `memory_gib.bf16`)."""
+
+    def check(self, card: ModelCard) -> list[str]:
+        problems = []
+        if card.memory_gib.qlora_train > self.train_gib:
+            problems.append(f"QLoRA needs {card.memory_gib.qlora_train} GiB > {self.train_gib}")
+        if card.memory_gib.bf16 > self.infer_gib:
+            problems.append(f"bf16 inference needs {card.memory_gib.bf16} GiB > {self.infer_gib}")
+        return problems
+
+
+@dataclass
+class Candidate:
+    card: ModelCard
+    runs: list[RunSummary] = field(default_factory=list)
+    seconds: float = 0.0
+    items: int = 0
+
+
+def score_candidates(cards: list[ModelCard], entries, *, store: Path, data_dir: Path, conn,
+                     batch_size: int = 8) -> list[Candidate]:
+    from tqdm import tqdm
+
+    from eval.backends.hf import HFBackend
+
+    candidates = []
+    for card in cards:
+        cand = Candidate(card)
+        backend = HFBackend(card, store, batch_size=batch_size)
+        for task_name, split, mode in entries:
+            task = find_task(task_name)
+            items = load_items(task, split, data_dir)
+            with tqdm(total=len(items), desc=f"{card.name} {task_name}-{split} {mode}",
+                      unit="item", leave=False) as bar:
+                run = run_task(backend, task, split, mode, items, conn, chunk_size=batch_size,
+                               data_dir=data_dir, progress=bar.update)
+            cand.runs.append(run)
+            cand.seconds += run.seconds
+            cand.items += run.computed
+        candidates.append(cand)
+        del backend
+        gc.collect()
+    return candidates
+
+
+def decide(candidates: list[Candidate], budget: Budget) -> dict:
+    """The winner and the evidence, as the dict written to selection.json."""
+    import numpy as np
+    from scipy.stats import rankdata
+
+    names = [c.card.name for c in candidates]
+    entries = [(r.task.name, r.split, r.mode, primary_metric(r)) for r in candidates[0].runs]
+    means = np.array([[np.mean([i["scores"][m] for i in c.runs[k].items]) for k, (*_, m) in enumerate(entries)]
+                      for c in candidates])
+    sign = np.array([1.0 if M.HIGHER_IS_BETTER[m] else -1.0 for *_, m in entries])
+    ranks = np.column_stack([rankdata(-sign[k] * means[:, k]) for k in range(len(entries))])
+    mean_rank = ranks.mean(axis=1)
+    fits = {c.card.name: budget.check(c.card) for c in candidates}
+    eligible = [i for i, n in enumerate(names) if not fits[n]]
+    if not eligible:
+        return {"winner": None, "reasons": ["no candidate fits the memory budget"],
+                "candidates": _rows(candidates, mean_rank, fits, {})}
+    best = min(eligible, key=lambda i: (mean_rank[i], candidates[i].card.memory_gib.qlora_train))
+    comparisons, worse = {}, {}
+    for i in eligible:
+        if i == best:
+            continue
+        comparisons[names[i]], worse[names[i]] = _against(candidates[best], candidates[i], entries)
+    tied = [best] + [i for i in eligible if i != best and not worse[names[i]]]
+    winner = min(tied, key=lambda i: (candidates[i].card.memory_gib.qlora_train, mean_rank[i]))
+    return {
+        "winner": names[winner],
+        "best_mean_rank": names[best],
+        "tied_with_best": [names[i] for i in tied if i != best],
+        "reasons": _reasons(names, best, winner, tied, mean_rank, worse, fits, candidates),
+        "candidates": _rows(candidates, mean_rank, fits, worse),
+        "comparisons_vs_best": comparisons,
+    }
+
+
+def _against(best: Candidate, other: Candidate, entries) -> tuple[list[dict], list[str]]:
+    out, worse = [], []
+    for k, (task, split, mode, metric) in enumerate(entries):
+        a = [i["scores"][metric] for i in best.runs[k].items]
+        b = [i["scores"][metric] for i in other.runs[k].items]
+        c = compare(a, b, binary=metric in M.BINARY)
+        better = c.diff > 0 if M.HIGHER_IS_BETTER[metric] else c.diff < 0
+        if better and c.p_value < ALPHA:
+            worse.append(f"{task}-{split} {mode} {metric}")
+        out.append({"task": task, "split": split, "mode": mode, "metric": metric,
+                    "diff_best_minus_other": c.diff, "ci95": [c.low, c.high], "p_value": c.p_value,
+                    "test": c.test, "mde": c.mde, "n": len(a)})
+    return out, worse
+
+
+def _rows(candidates, mean_rank, fits, worse) -> list[dict]:
+    return [{"model": c.card.name, "mean_rank": float(mean_rank[i]),
+             "memory_gib": c.card.memory_gib.model_dump(), "budget_problems": fits[c.card.name],
+             "significantly_worse_on": worse.get(c.card.name, []),
+             "seconds": round(c.seconds, 1), "items_computed": c.items,
+             "items_per_s": round(c.items / c.seconds, 2) if c.seconds and c.items else None}
+            for i, c in enumerate(candidates)]
+
+
+def _reasons(names, best, winner, tied, mean_rank, worse, fits, candidates) -> list[str]:
+    out = [f"{names[best]} has the best mean rank ({mean_rank[best]:.2f}) among candidates within budget."]
+    for n, problems in fits.items():
+        if problems:
+            out.append(f"{n} is out of budget: {'; '.join(problems)}.")
+    for n, w in worse.items():
+        out.append(f"{n} is significantly worse on {', '.join(w)}." if w else
+                   f"{n} is not significantly worse on any task: tied with {names[best]}.")
+    if winner != best:
+        out.append(f"{names[winner]} wins the tie on memory "
+                   f"({candidates[winner].card.memory_gib.qlora_train} GiB for QLoRA).")
+    return out
+
+
+def selection_report(candidates: list[Candidate], budget: Budget, *, seed: int = 0) -> tuple[str, dict]:
+    cells: list[Cell] = [cell for c in candidates for r in c.runs for cell in cells_of(r, seed)]
+    table = render_table(cells, [c.card.name for c in candidates])
+    decision = decide(candidates, budget)
+    record = {
+        **decision,
+        "rule": __doc__.split("Rule: ", 1)[1].split("Writes")[0].replace("\n", " ").strip(),
+        "budget": {"train_gib": budget.train_gib, "infer_gib": budget.infer_gib},
+        "cells": [{"task": c.task, "version": c.version, "split": c.split, "mode": c.mode,
+                   "metric": c.metric, "model": c.model, "mean": c.estimate.mean,
+                   "ci95": [c.estimate.low, c.estimate.high], "n": c.estimate.n} for c in cells],
+        "per_fact_recall": {c.card.name: per_fact_recall(r) for c in candidates for r in c.runs
+                            if r.task.name == "fact"},
+        "runs": {c.card.name: [r.run_id for r in c.runs] for c in candidates},
+        "git_revision": git_revision(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return table, record

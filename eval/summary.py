@@ -1,0 +1,77 @@
+"""Aggregate stored runs into estimates and print them in the table shape OpenCompass users know:
+`dataset | version | metric | mode | model ...`, here with 95% bootstrap CIs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from eval import metrics as M
+from eval.runner import RunSummary
+from eval.stats import Estimate, bootstrap_mean
+
+PERCENT = M.BINARY | {M.FACT_RECALL}
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: str
+    version: str
+    split: str
+    mode: str
+    metric: str
+    model: str
+    estimate: Estimate
+    values: list[float]
+    """Per-item values in item-id order (the pairing used by significance tests)."""
+
+
+def metrics_of(run: RunSummary) -> list[str]:
+    if run.mode == "ppl":
+        return [M.ACCURACY]
+    return list(run.task.metrics)
+
+
+def primary_metric(run: RunSummary) -> str:
+    return metrics_of(run)[0]
+
+
+def cells_of(run: RunSummary, seed: int = 0) -> list[Cell]:
+    out = []
+    for metric in metrics_of(run):
+        values = [item["scores"][metric] for item in run.items]
+        out.append(Cell(run.task.name, run.task.sha256[:6], run.split, run.mode, metric, run.model,
+                        bootstrap_mean(values, seed=seed), values))
+    return out
+
+
+def per_fact_recall(run: RunSummary) -> dict[str, float]:
+    """Recall of each required fact over the items that ask for it."""
+    hits: dict[str, list[float]] = {}
+    for item in run.items:
+        for key, value in item["scores"].items():
+            if key.startswith("fact:"):
+                hits.setdefault(key[5:], []).append(value)
+    return {fact: sum(v) / len(v) for fact, v in sorted(hits.items())}
+
+
+def fmt(metric: str, e: Estimate) -> str:
+    scale = 100.0 if metric in PERCENT else 1.0
+    return f"{e.mean * scale:.1f} [{e.low * scale:.1f}, {e.high * scale:.1f}]"
+
+
+def render_table(cells: list[Cell], models: list[str]) -> str:
+    keys = sorted({(c.task, c.version, c.metric, c.mode, c.split) for c in cells},
+                  key=lambda k: (k[0], k[3], k[2]))
+    lookup = {(c.task, c.version, c.metric, c.mode, c.split, c.model): c for c in cells}
+    header = ["dataset", "version", "metric", "mode", *models]
+    rows = [header]
+    for task, version, metric, mode, split in keys:
+        row = [f"{task}-{split}", version, metric, mode]
+        for m in models:
+            c = lookup.get((task, version, metric, mode, split, m))
+            row.append(fmt(metric, c.estimate) if c else "-")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [" | ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,224 @@
+"""A task: one strictly validated YAML file under tasks/, and the items it yields.
+
+    python -m selectune tasks list
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import jinja2
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+from eval.metrics import KNOWN as KNOWN_METRICS
+from selectune.errors import UserError
+from selectune.files import sha256_file
+from selectune.strict_yaml import load_named_yaml
+
+TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
+TASK_DATA_DIR = TASKS_DIR / "data"
+
+Mode = Literal["gen", "ppl"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(_Strict):
+    root: Literal["data", "tasks"] = "data"
+    """`data`: the data directory (DATA_DIR or the download); `tasks`: files shipped in tasks/data."""
+    format: Literal["jsonl", "json", "csv"]
+    """`jsonl` one object a line (FewCLUE's *.json files are this), `json` a top-level array."""
+    splits: dict[str, str] = Field(min_length=1)
+    """Split name -> file path under the root."""
+    split_field: str | None = None
+    """When set, a split keeps only the rows whose field equals the split name."""
+    id_field: str | None = None
+    """Field holding a unique item id; default: the row number in its file."""
+
+
+class PromptSpec(_Strict):
+    user: str
+    """Jinja template of the one user turn; row fields are its variables."""
+    system: str | None = None
+
+
+class LabelSpec(_Strict):
+    field: str
+    map: dict[str, str] | None = None
+    """Raw label value -> choice; without it the raw value must be a choice."""
+    skip: list[str] = []
+    """Raw label values whose rows are dropped (OpenCompass drops ocnli's "-")."""
+
+
+class GenSpec(_Strict):
+    max_new_tokens: int = Field(default=32, gt=0)
+    stop: list[str] = []
+
+
+class TaskSpec(_Strict):
+    name: str
+    version: int = Field(ge=1)
+    """Bumped whenever the prompt, data or scoring changes meaning; shown in tables."""
+    description: str
+    data: DataSpec
+    prompt: PromptSpec
+    modes: list[Mode] = Field(min_length=1)
+    choices: list[str] | None = None
+    """Answer options for classification tasks (needed by `ppl` and the choice parser)."""
+    label: LabelSpec | None = None
+    reference_field: str | None = None
+    """Field holding the reference answer for open-ended tasks."""
+    gen: GenSpec = GenSpec()
+    parser: Literal["choice", "text"] = "text"
+    metrics: list[str] = Field(min_length=1)
+    scorer: str | None = None
+    """`module:function` returning extra per-item metrics, for task-specific scoring."""
+    default_split: str
+    limit: int | None = Field(default=None, gt=0)
+    """Score only the first N items of a split (for quick looks; results record it)."""
+
+    _path: Path | None = PrivateAttr(default=None)
+
+    @property
+    def path(self) -> Path:
+        return self._path if self._path is not None else TASKS_DIR / f"{self.name}.yaml"
+
+    @property
+    def sha256(self) -> str:
+        return sha256_file(self.path)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TaskSpec:
+        if self.default_split not in self.data.splits:
+            raise ValueError(f"default_split '{self.default_split}' is not in data.splits")
+        if ("ppl" in self.modes or self.parser == "choice") and not (self.choices and self.label):
+            raise ValueError("ppl mode and the choice parser need both choices and label")
+        if self.label and self.label.map and not set(self.label.map.values()) <= set(self.choices or []):
+            raise ValueError("label.map values must all be choices")
+        unknown = [m for m in self.metrics if m not in KNOWN_METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric '{unknown[0]}' (known: {', '.join(sorted(KNOWN_METRICS))})")
+        return self
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    fields: dict
+    user: str
+    system: str | None
+    gold: str | None
+    """The correct choice (classification) or the reference answer (open-ended)."""
+
+    def messages(self) -> list[dict]:
+        turns = [{"role": "system", "content": self.system}] if self.system else []
+        return turns + [{"role": "user", "content": self.user}]
+
+
+def load_task(path: Path) -> TaskSpec:
+    return load_named_yaml(path, TaskSpec, "task")
+
+
+def load_tasks(tasks_dir: Path = TASKS_DIR) -> dict[str, TaskSpec]:
+    return {t.name: t for t in map(load_task, sorted(tasks_dir.glob("*.yaml")))}
+
+
+def find_task(name: str, tasks_dir: Path = TASKS_DIR) -> TaskSpec:
+    tasks = load_tasks(tasks_dir)
+    if name not in tasks:
+        raise UserError(f"unknown task '{name}' (known: {', '.join(sorted(tasks))})")
+    return tasks[name]
+
+
+def _read_rows(path: Path, fmt: str) -> list[tuple[int, dict]]:
+    """(row number, row) pairs; row numbers are 1-based lines (jsonl, csv) or array indexes."""
+    if not path.is_file():
+        hint = "it ships with the repository" if TASK_DATA_DIR in path.parents else \
+            "run `make data`, or set DATA_DIR"
+        raise UserError(f"{path}: data file not found ({hint})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    if fmt == "csv":
+        return [(n, row) for n, row in enumerate(csv.DictReader(text.splitlines()), start=2)]
+    if fmt == "json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        if not isinstance(rows, list):
+            raise UserError(f"{path}: expected a JSON array of rows")
+        return list(enumerate(rows))
+    out = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((n, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
+    return out
+
+
+def load_items(task: TaskSpec, split: str, data_dir: Path) -> list[Item]:
+    """The task's items for `split`, prompts rendered; every bad row stops with file and row."""
+    if split not in task.data.splits:
+        raise UserError(f"{task.path}: no split '{split}' (splits: {', '.join(task.data.splits)})")
+    root = data_dir if task.data.root == "data" else TASK_DATA_DIR
+    path = root / task.data.splits[split]
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                             autoescape=False)  # prompts are plain text for a model, not HTML
+    user_t = env.from_string(task.prompt.user)
+    system_t = env.from_string(task.prompt.system) if task.prompt.system else None
+    items = []
+    for n, row in _read_rows(path, task.data.format):
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{n}: expected an object with fields, got {type(row).__name__}")
+        if task.data.split_field and row.get(task.data.split_field) != split:
+            continue
+        gold = _gold(task, row, path, n)
+        if gold is _SKIP:
+            continue
+        try:
+            user = user_t.render(**row)
+            system = system_t.render(**row) if system_t else None
+        except jinja2.UndefinedError as exc:
+            raise UserError(f"{path}:{n}: prompt needs a field the row lacks ({exc.message})") from None
+        item_id = str(row[task.data.id_field]) if task.data.id_field else str(n)
+        items.append(Item(item_id, row, user, system, gold))
+        if task.limit and len(items) >= task.limit:
+            break
+    if not items:
+        raise UserError(f"{path}: split '{split}' of task {task.name} has no items")
+    if len({i.id for i in items}) != len(items):
+        raise UserError(f"{path}: item ids in field '{task.data.id_field}' are not unique")
+    return items
+
+
+_SKIP = object()
+
+
+def _gold(task: TaskSpec, row: dict, path: Path, n: int):
+    if task.label is not None:
+        if task.label.field not in row:
+            raise UserError(f"{path}:{n}: missing label field '{task.label.field}'")
+        raw = str(row[task.label.field])
+        if raw in task.label.skip:
+            return _SKIP
+        choice = task.label.map.get(raw) if task.label.map else raw
+        if choice not in (task.choices or []):
+            known = sorted(task.label.map) if task.label.map else task.choices
+            raise UserError(f"{path}:{n}: label '{raw}' is not one of {known}")
+        return choice
+    if task.reference_field is not None:
+        if task.reference_field not in row:
+            raise UserError(f"{path}:{n}: missing reference field '{task.reference_field}'")
+        return str(row[task.reference_field])
+    return None

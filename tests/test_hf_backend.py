@@ -1,0 +1,51 @@
+"""The transformers backend on a tiny random qwen2 built in the test: batched scores equal
+unbatched ones computed by hand, and greedy replies do not depend on their batch companions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eval.backends.base import GenRequest, LoglikelihoodRequest
+from eval.backends.hf import HFBackend
+from models.card import find_card
+from models.store import provision
+
+MSGS = [[{"role": "user", "content": t}] for t in
+        ["语句一和语句二说的是否是一个意思", "hello world", "阅读文章 回答问题 the answer is", "B"]]
+
+
+@pytest.fixture
+def backend(tmp_path, tiny_qwen2_dir):
+    card = find_card("qwen2.5-1.5b-instruct")  # a hub card, supplied with local weights
+    provision(card, tmp_path / "store", weights=tiny_qwen2_dir)
+    return HFBackend(card, tmp_path / "store", batch_size=3)
+
+
+def _by_hand(backend, messages, continuation):
+    context = backend.render(messages)
+    ctx = backend._encode(context)
+    whole = backend._encode(context + continuation)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(backend.model(torch.tensor([whole])).logits[0].float(), -1)
+    return sum(logprobs[p - 1, whole[p]].item() for p in range(len(ctx), len(whole)))
+
+
+def test_render_uses_the_chat_template(backend):
+    assert backend.render(MSGS[1]) == "<|im_start|>user\nhello world<|im_end|>\n<|im_start|>assistant\n"
+    assert backend.identity["weights_sha256"] and backend.identity["chat_template_sha256"] is None
+
+
+def test_loglikelihood_matches_a_manual_unbatched_computation(backend):
+    requests = [LoglikelihoodRequest(m, c) for m in MSGS for c in ["A", "B", "hello world"]]
+    got = backend.loglikelihood(requests)
+    want = [_by_hand(backend, r.messages, r.continuation) for r in requests]
+    assert got == pytest.approx(want, abs=1e-4)
+    assert all(v < 0 for v in got)
+
+
+def test_greedy_reply_does_not_depend_on_batch_companions(backend):
+    alone = backend.generate([GenRequest(MSGS[0], 6)])
+    together = backend.generate([GenRequest(m, 6) for m in MSGS])
+    assert together[0] == alone[0]
+    assert backend.generate([GenRequest(m, 6) for m in MSGS]) == together

@@ -1,0 +1,110 @@
+"""Task files: every shipped one validates; bad tasks and bad data stop with one line each."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from eval.task import TASKS_DIR, load_items, load_task, load_tasks
+from selectune.errors import UserError
+from tests.conftest import DELETE, edited
+
+# OpenCompass's prompt strings (FewCLUE_bustm_gen_634f41, FewCLUE_ocnli_fc_gen_f97a97), which
+# our rendered prompts must reproduce byte for byte.
+OC_BUSTM = "语句一：“{sentence1}”\n语句二：“{sentence2}”\n请判断语句一和语句二说的是否是一个意思？\nA. 无关\nB. 相关\n请从“A”，“B”中进行选择。\n答："
+OC_OCNLI = "阅读文章：{sentence1}\n根据上文，回答如下问题：{sentence2}\nA. 对\nB. 错\nC. 可能\n请从“A”，“B”，“C”中进行选择。\n答："
+
+
+def test_every_task_file_validates():
+    paths = sorted(TASKS_DIR.glob("*.yaml"))
+    assert {load_task(p).name for p in paths} == {"fewclue_bustm", "fewclue_ocnli_fc", "style", "fact"}
+
+
+@pytest.mark.parametrize(("task", "template", "labels"), [
+    ("fewclue_bustm", OC_BUSTM, {"0": "A", "1": "B"}),
+    ("fewclue_ocnli_fc", OC_OCNLI, {"entailment": "A", "contradiction": "B", "neutral": "C"}),
+])
+def test_fewclue_prompts_are_byte_identical_to_opencompass(shared_data, task, template, labels):
+    spec = load_tasks()[task]
+    for split, expected_n in {"dev": 160, "test": {"fewclue_bustm": 1772, "fewclue_ocnli_fc": 2520}[task]}.items():
+        items = load_items(spec, split, shared_data)
+        assert len(items) == expected_n
+        for item in items:
+            assert item.user.encode() == template.format(**item.fields).encode()
+            assert item.gold == labels[item.fields["label"]]
+            assert item.messages() == [{"role": "user", "content": item.user}]
+
+
+GOOD = {
+    "name": "t", "version": 1, "description": "d",
+    "data": {"root": "data", "format": "jsonl", "splits": {"dev": "t.jsonl"}},
+    "default_split": "dev", "prompt": {"user": "{{ q }}"}, "modes": ["gen", "ppl"],
+    "choices": ["A", "B"], "label": {"field": "label", "map": {"0": "A", "1": "B"}},
+    "parser": "choice", "metrics": ["accuracy"],
+}
+
+
+BAD_TASKS = [
+    (edited(GOOD, colour="red"), "unknown key 'colour'"),
+    (edited(GOOD, prompt__assistant="x"), "unknown key 'prompt.assistant'"),
+    (edited(GOOD, metrics=["bleu"]), "unknown metric 'bleu'"),
+    (edited(GOOD, default_split="test"), "default_split 'test' is not in data.splits"),
+    (edited(GOOD, label__map={"0": "A", "1": "Z"}), "label.map values must all be choices"),
+    (edited(GOOD, modes=["beam"]), "key 'modes.0'"),
+    (edited(GOOD, description=DELETE), "missing key 'description'"),
+]
+
+
+@pytest.mark.parametrize(("task", "expected"), BAD_TASKS, ids=[e for _, e in BAD_TASKS])
+def test_bad_task_is_one_line(tmp_path, task, expected):
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(task, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(UserError) as info:
+        load_task(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value) and expected in str(info.value)
+
+
+def test_bad_yaml_is_one_line(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("name: t\nprompt: [unclosed\n", encoding="utf-8")
+    with pytest.raises(UserError) as info:
+        load_task(path)
+    assert "\n" not in str(info.value) and "cannot read task" in str(info.value)
+
+
+def _task_with_data(tmp_path, rows: bytes | list[dict]):
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(GOOD), encoding="utf-8")
+    data = tmp_path / "t.jsonl"
+    if isinstance(rows, bytes):
+        data.write_bytes(rows)
+    else:
+        data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return load_task(path), data
+
+
+BAD_DATA = [
+    ([{"q": "a", "label": "0"}, {"q": "b", "label": "7"}], r"t.jsonl:2: label '7' is not one of \['0', '1'\]"),
+    ([{"q": "a", "label": "0"}, {"label": "1"}], r"t.jsonl:2: prompt needs a field the row lacks"),
+    ([{"q": "a"}], r"t.jsonl:1: missing label field 'label'"),
+    ([], r"t.jsonl: split 'dev' of task t has no items"),
+    (b'{"q": "a", "label": "0"}\n{"q": "b", "label": \n', r"t.jsonl:2: invalid JSON"),
+    ('{"q": "语句", "label": "0"}\n'.encode("gbk"), r"t.jsonl: not UTF-8 text"),
+]
+
+
+@pytest.mark.parametrize(("rows", "expected"), BAD_DATA, ids=[e for _, e in BAD_DATA])
+def test_bad_data_is_one_line(tmp_path, rows, expected):
+    task, _ = _task_with_data(tmp_path, rows)
+    with pytest.raises(UserError, match=expected) as info:
+        load_items(task, "dev", tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_data_file(tmp_path):
+    task, data = _task_with_data(tmp_path, [{"q": "a", "label": "0"}])
+    data.unlink()
+    with pytest.raises(UserError, match=r"t.jsonl: data file not found"):
+        load_items(task, "dev", tmp_path)
