@@ -91,7 +91,12 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
         task._path = find_task(args.task).path
     split = args.split or task.default_split
     items = load_items(task, split, settings.resolved_data_dir)
-    backend = HFBackend(find_card(args.model), settings.model_store, batch_size=args.batch_size)
+    if args.base_url:
+        from eval.backends import backend_class
+
+        backend = backend_class("openai")(args.base_url, args.model, concurrency=args.batch_size)
+    else:
+        backend = HFBackend(find_card(args.model), settings.model_store, batch_size=args.batch_size)
     conn = open_results(settings.runs_dir)
     for mode in args.mode or task.modes:
         with tqdm(total=len(items), desc=f"{task.name}-{split} {mode}", unit="item") as bar:
@@ -163,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", help="default: the task's default_split")
     ev.add_argument("--mode", action="append", choices=["gen", "ppl"], help="default: the task's modes")
     ev.add_argument("--limit", type=int, help="score only the first N items")
-    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--batch-size", type=int, default=8, help="batch size (concurrency over HTTP)")
+    ev.add_argument("--base-url", help="score a served model through its OpenAI-compatible API (gen mode)")
     ev.set_defaults(run=_eval)
 
     sel = sub.add_parser("select", help="score the candidates on the suite and pick the winner")

@@ -63,3 +63,27 @@ def test_chat_template_is_applied(provisioned):
     assert text.endswith("<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n")
     assert manifest["chat_template_sha256"] == sha256_text(tok.chat_template)
     assert read_manifest(card, store)["chat_template_sha256"] == manifest["chat_template_sha256"]
+
+
+def test_smoke_eval_on_the_real_model(provisioned, shared_data, tmp_path):
+    """A few FewCLUE items through the real backend and store, in both modes."""
+    import json
+
+    from eval.backends.hf import HFBackend
+    from eval.results import open_results
+    from eval.runner import run_task
+    from eval.task import find_task, load_items
+
+    card, store, _ = provisioned
+    task = find_task("fewclue_bustm").model_copy(update={"limit": 6})
+    items = load_items(task, "dev", shared_data)
+    backend = HFBackend(card, store, batch_size=3)
+    conn = open_results(tmp_path)
+    gen = run_task(backend, task, "dev", "gen", items, conn, chunk_size=3)
+    ppl = run_task(backend, task, "dev", "ppl", items, conn, chunk_size=3)
+    assert len(gen.items) == len(ppl.items) == 6
+    assert all(r["output"].strip() for r in gen.items)  # the instruct model answers something
+    for row in ppl.items:
+        lls = json.loads(row["output"])
+        assert set(lls) == {"A", "B"} and all(v < 0 for v in lls.values())
+        assert row["parsed"] == max(lls, key=lls.get)

@@ -7,6 +7,7 @@ import importlib
 REGISTRY = {
     "hf": "eval.backends.hf:HFBackend",
     "fake": "eval.backends.fake:FakeBackend",
+    "openai": "eval.backends.openai_http:OpenAIBackend",
 }
 
 

@@ -1,0 +1,95 @@
+"""An OpenAI-compatible HTTP server as a backend (lmdeploy, vLLM, `transformers serve`, hosted).
+
+Servers have surprising defaults (lmdeploy: max_tokens=16, temperature=0.7, top_k=40), so every
+sampling parameter is sent explicitly: temperature 0, top_p 1, max_tokens, stop, seed.
+Log-likelihood needs prompt logprobs (`/v1/completions` with echo); a server that returns none
+is refused with a clear error rather than scored wrongly.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from eval.backends.base import GenRequest, LoglikelihoodRequest, cut_at_stop
+from selectune.errors import UserError
+
+_RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+class OpenAIBackend:
+    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, concurrency: int = 4,
+                 timeout_s: float = 120.0, max_retries: int = 5, seed: int = 0,
+                 render: Callable[[list[dict]], str] | None = None, identity: dict | None = None):
+        import httpx
+
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.concurrency = concurrency
+        self.max_retries = max_retries
+        self.seed = seed
+        self.render = render
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
+        self.identity = {"backend": "openai", "model": model, "base_url": self.base_url, **(identity or {})}
+
+    def _post(self, path: str, body: dict) -> dict:
+        import httpx
+
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = self.client.post(path, json=body)
+                if response.status_code not in _RETRY_STATUS:
+                    response.raise_for_status()
+                    return response.json()
+                problem = f"HTTP {response.status_code}"
+            except httpx.TransportError as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            except httpx.HTTPStatusError as exc:
+                raise UserError(f"{self.base_url}{path}: {exc.response.status_code} "
+                                f"{exc.response.text[:200]}") from None
+            if attempt == self.max_retries:
+                raise UserError(f"{self.base_url}{path}: gave up after {attempt + 1} tries ({problem})")
+            delay = min(0.5 * 2**attempt, 30.0)
+            print(f"selectune: {self.base_url}{path}: {problem}; retrying in {delay:.1f} s "
+                  f"({attempt + 1}/{self.max_retries})", file=sys.stderr)
+            time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _map(self, fn, requests):
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(fn, requests))
+
+    def _chat(self, request: GenRequest) -> str:
+        body = {"model": self.model, "messages": request.messages, "temperature": 0.0, "top_p": 1.0,
+                "max_tokens": request.max_new_tokens, "seed": self.seed, "n": 1, "stream": False}
+        if request.stop:
+            body["stop"] = request.stop
+        reply = self._post("/v1/chat/completions", body)
+        return cut_at_stop(reply["choices"][0]["message"]["content"] or "", request.stop)
+
+    def generate(self, requests: list[GenRequest]) -> list[str]:
+        return self._map(self._chat, requests)
+
+    def _loglikelihood(self, request: LoglikelihoodRequest) -> float:
+        context = self.render(request.messages)
+        body = {"model": self.model, "prompt": context + request.continuation, "max_tokens": 1,
+                "temperature": 0.0, "echo": True, "logprobs": 1, "seed": self.seed}
+        choice = self._post("/v1/completions", body)["choices"][0]
+        logprobs = choice.get("logprobs") or {}
+        offsets, values = logprobs.get("text_offset"), logprobs.get("token_logprobs")
+        if not offsets or not values:
+            raise UserError(f"{self.base_url}: the server returns no prompt logprobs, so `ppl` mode "
+                            "cannot be scored through it; use `gen` mode")
+        # Prompt tokens starting at or after the context's end are the continuation; the one
+        # generated token (max_tokens=1) sits beyond the prompt and is left out.
+        end = len(context) + len(request.continuation)
+        return float(sum(v for off, v in zip(offsets, values) if len(context) <= off < end))
+
+    def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[float]:
+        if self.render is None:
+            raise UserError(f"{self.base_url}: log-likelihood needs the model's prompt renderer "
+                            "(its chat template); use `gen` mode")
+        return self._map(self._loglikelihood, requests)
