@@ -72,12 +72,12 @@ def fetch_data(data_dir: Path, files: list[DataFile] = FEWCLUE_FILES,
             path = data_dir / f.local
             if path.is_file() and sha256_file(path) == f.sha256:
                 continue
-            _download(client, f"{base_url}/{f.upstream}", path, f.sha256)
+            _download(client, f"{base_url}/{f.upstream}", path, f.sha256, f.local)
             fetched.append(f.local)
     return fetched
 
 
-def _download(client, url: str, path: Path, sha256: str) -> None:
+def _download(client, url: str, path: Path, sha256: str, local: str) -> None:
     import httpx
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,7 @@ def _download(client, url: str, path: Path, sha256: str) -> None:
         tmp.unlink(missing_ok=True)
         raise UserError(
             f"{url}: download failed ({type(exc).__name__}: {exc}); offline? set DATA_DIR to a "
-            f"directory that already holds {path.parent.name}/{path.name} and its siblings") from exc
+            f"directory that already holds {local} and the other FewCLUE files") from exc
     digest = sha256_file(tmp)
     if digest != sha256:
         tmp.unlink()

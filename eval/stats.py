@@ -66,19 +66,25 @@ def paired_bootstrap(a, b, *, seed: int = 0, n_boot: int = N_BOOT) -> tuple[floa
     return float(d.mean()), float(low), float(high), p
 
 
-def minimum_detectable_effect(a, b) -> float:
+ASSUMED_DISCORDANCE = 0.25
+"""Share of items two comparable models decide differently, assumed for 0/1 metrics' MDE."""
+
+
+def minimum_detectable_effect(a, b, *, binary: bool = True) -> float:
     """MDE of a paired test: (z_{1-alpha/2} + z_{0.8}) * sd(a - b) / sqrt(n).
 
-    For 0/1 metrics the variance of a - b is about the discordance rate, which models of similar
-    quality on 160 items put near 0.2-0.3: an MDE of 10-15 points. Where the observed differences
-    are all zero, a discordance of 0.25 is assumed rather than reporting an MDE of zero.
+    For 0/1 metrics the variance of a - b is about the share of items the two models decide
+    differently. Two models that happen to agree almost everywhere (both always answering "A")
+    would make the observed variance, and so the MDE, tiny; the test's power to detect a real gap
+    does not depend on that accident, so at least ASSUMED_DISCORDANCE is used: with 160 items,
+    gaps under about 11 points are not detectable.
     """
     from scipy.stats import norm
 
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     sd = float(d.std(ddof=1)) if d.size > 1 else 0.0
-    if sd == 0.0:
-        sd = 0.5
+    if binary:
+        sd = max(sd, np.sqrt(ASSUMED_DISCORDANCE))
     return float((norm.ppf(1 - ALPHA / 2) + norm.ppf(0.8)) * sd / np.sqrt(d.size))
 
 
@@ -87,4 +93,4 @@ def compare(a, b, *, binary: bool, seed: int = 0) -> Comparison:
     test = "paired bootstrap"
     if binary:
         p, test = mcnemar_exact(a, b), "exact McNemar"
-    return Comparison(diff, low, high, p, test, minimum_detectable_effect(a, b))
+    return Comparison(diff, low, high, p, test, minimum_detectable_effect(a, b, binary=binary))

@@ -33,10 +33,14 @@ def test_paired_bootstrap():
 
 
 def test_minimum_detectable_effect():
-    # sd(a - b) = 0.5 (no pairs observed to differ: assumed), n = 160:
+    # sd(a - b) = 0.5 (no pairs observed to differ: discordance 0.25 assumed), n = 160:
     # (1.95996 + 0.84162) * 0.5 / sqrt(160) = 0.11074: 160 items cannot separate 8-point gaps.
     assert minimum_detectable_effect([1] * 160, [1] * 160) == pytest.approx(0.11074, abs=1e-4)
     assert compare([1] * 160, [1] * 160, binary=True).mde > 0.08
+    # Continuous metrics use the observed spread: d = +-1 alternating, sd = sqrt(40/39), n = 40.
+    d = [1.0, -1.0] * 20
+    assert minimum_detectable_effect(d, [0.0] * 40, binary=False) == pytest.approx(
+        2.80158 * (40 / 39) ** 0.5 / 40**0.5, abs=1e-4)
 
 
 def test_compare_picks_the_test_by_metric_kind():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+import warnings
 from pathlib import Path
 
 from eval import metrics as M
@@ -32,10 +33,12 @@ def normalise(text: str) -> str:
     import cn2an
 
     text = unicodedata.normalize("NFKC", text)
-    try:
-        text = cn2an.transform(text, "cn2an")
-    except (ValueError, KeyError):  # cn2an rejects a few odd numeral runs; keep the text as is
-        pass
+    with warnings.catch_warnings():  # cn2an warns on numeral runs it leaves alone ("千"): fine here
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            text = cn2an.transform(text, "cn2an")
+        except (ValueError, KeyError):  # and rejects a few odd ones outright: keep the text as is
+            pass
     text = re.sub(r"\s+", "", text.lower())
     for pattern, repl in _UNITS:
         text = pattern.sub(repl, text)
