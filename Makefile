@@ -20,7 +20,7 @@ PIP_ARGS ?=
 SELECTUNE := $(PY) -m selectune --runs-dir $(RUNS_DIR) $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) \
 	$(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
-.PHONY: help setup models cards data select train serve rescore report review test bench clean
+.PHONY: help setup models cards data select train serve rescore report review test bench bench-eval clean
 
 help: ## one line per target
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 10
@@ -59,6 +59,9 @@ test: $(STAMP) ## run the test suite (PYTEST_ARGS=... to pass options)
 
 bench: $(STAMP) ## benchmarks: load time of the converted checkpoint vs GGUF
 	$(PY) bench/load_time.py $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR))
+
+bench-eval: $(STAMP) ## ppl scoring speed against lm-eval's hf backend on the same items (ratio)
+	$(PY) bench/eval_speed.py $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 clean: ## remove run output and build debris (the model store is kept)
 	rm -rf $(RUNS_DIR) build *.egg-info .pytest_cache

@@ -1,0 +1,100 @@
+"""`ppl` scoring speed: our transformers backend against lm-eval's `hf` backend, in one run.
+
+    make bench-eval
+    .venv/bin/python bench/eval_speed.py --model qwen2.5-coder-0.5b-instruct --task fewclue_bustm
+
+Both score the same items of the same task with the same converted checkpoint, each timed end
+to end (model load included). Prints items/s for each and their ratio, both accuracies, the
+number of items whose prediction differs (must be 0), and our achieved GFLOP/s against this
+machine's fp32 matmul peak measured here (counting only the FLOPs we need: the model body on
+every real token, the LM head only where a score is read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eval.backends.base import LoglikelihoodRequest  # noqa: E402
+from eval.backends.hf import HFBackend  # noqa: E402
+from eval.lm_eval_export import export_task, run_lm_eval  # noqa: E402
+from eval.results import open_results  # noqa: E402
+from eval.runner import run_task  # noqa: E402
+from eval.task import find_task, load_items  # noqa: E402
+from models.card import find_card  # noqa: E402
+from models.store import read_manifest  # noqa: E402
+from selectune.settings import load_settings  # noqa: E402
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def needed_gflop(backend: HFBackend, requests: list[LoglikelihoodRequest]) -> float:
+    config = backend.model.config
+    head = config.hidden_size * config.vocab_size
+    body = sum(p.numel() for p in backend.model.parameters()) - head * (1 if config.tie_word_embeddings else 2)
+    rows = backend._rows(requests)
+    tokens = sum(len(r.ids) for r in rows)
+    scored = sum(max(r.tail, 1) for r in rows)
+    return (2 * body * tokens + 2 * head * scored) / 1e9
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--task", default="fewclue_bustm")
+    parser.add_argument("--split", default="dev")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--cache-dir")
+    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    args = parser.parse_args()
+    settings = load_settings(cache_dir=args.cache_dir, data_dir=args.data_dir)
+    card, task = find_card(args.model), find_task(args.task)
+    manifest = read_manifest(card, settings.model_store)
+    if manifest is None:
+        print(f"bench-eval: {card.name} is not provisioned; run `make models`", file=sys.stderr)
+        return 2
+    items = load_items(task, args.split, settings.resolved_data_dir)
+    peak = matmul_peak_gflops()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        backend = HFBackend(card, settings.model_store, batch_size=args.batch_size)
+        ours = run_task(backend, task, args.split, "ppl", items, open_results(Path(tmp)),
+                        chunk_size=args.batch_size)
+        t_ours = time.perf_counter() - started
+        gflop = needed_gflop(backend, [LoglikelihoodRequest(i.messages(), c) for i in items for c in task.choices])
+        del backend
+        name = export_task(task, args.split, items, Path(tmp) / "lm_eval")
+        started = time.perf_counter()
+        theirs = run_lm_eval(manifest["checkpoint"], name, Path(tmp) / "lm_eval",
+                             chat_template=card.chat_template == "tokenizer", batch_size=args.batch_size)
+        t_theirs = time.perf_counter() - started
+
+    acc = sum(r["scores"]["accuracy"] for r in ours.items) / len(ours.items)
+    differ = sum(theirs.predictions[r["item_id"]] != r["parsed"] for r in ours.items)
+    n = len(items)
+    print(f"{card.name} on {task.name}-{args.split} ppl, {n} items, batch {args.batch_size}")
+    print(f"  selectune: {t_ours:6.1f} s  {n / t_ours:6.2f} items/s  accuracy {acc:.4f}")
+    print(f"  lm-eval:   {t_theirs:6.1f} s  {n / t_theirs:6.2f} items/s  accuracy {theirs.accuracy:.4f}")
+    print(f"  speed-up {t_theirs / t_ours:.2f}x; predictions that differ: {differ}")
+    print(f"  our work {gflop:.0f} GFLOP at {gflop / t_ours:.0f} GFLOP/s = "
+          f"{gflop / t_ours / peak:.0%} of this machine's fp32 matmul peak ({peak:.0f} GFLOP/s)")
+    return 0 if differ == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
