@@ -91,7 +91,8 @@ def _download(client, url: str, path: Path, sha256: str, local: str) -> None:
     except httpx.HTTPError as exc:
         tmp.unlink(missing_ok=True)
         raise UserError(
-            f"{url}: download failed ({type(exc).__name__}: {exc}); offline? set DATA_DIR to a "
+            f"{url}: download failed ({type(exc).__name__}: {' '.join(str(exc).split()[:12])}); "
+            f"offline? set DATA_DIR to a "
             f"directory that already holds {local} and the other FewCLUE files") from exc
     digest = sha256_file(tmp)
     if digest != sha256:

@@ -1,6 +1,6 @@
 """Export a multiple-choice task to lm-eval's YAML format, and run lm-eval's `hf` backend on it.
 
-    .venv/bin/python bench/crosscheck_lm_eval.py --model smollm2-135m-instruct --task fewclue_bustm
+    make bench-eval          # bench/eval_speed.py: the export, lm-eval's run and the comparison
 
 The export keeps our Jinja prompt as lm-eval's `doc_to_text` (both use Jinja) and writes the
 split's rows, with the gold choice index added, to a JSON Lines file beside the YAML, so lm-eval

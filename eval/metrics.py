@@ -18,7 +18,4 @@ HIGHER_IS_BETTER = {ACCURACY: True, ACCURACY_OPENCOMPASS: True, UNPARSABLE: Fals
                     STYLE_ACCURACY: True, CHRF: True, REPLY_LENGTH: True, FACT_RECALL: True,
                     HALLUCINATED_NUMBERS: False}
 
-PRIMARY = {"choice": ACCURACY}
-"""The metric a task is ranked by, per parser; open-ended tasks name theirs first in `metrics`."""
-
 KNOWN = set(HIGHER_IS_BETTER)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import re
 
-_OPEN = r"[\s\(\[（【“\"'「『]*"
-_CLOSE = r"(?![A-Za-z])"
+_OPEN = r"[\s\(\[（【“\"'「『*_#]*"
+# A letter counts as an answer only when nothing word-like follows it: "A good question" is
+# English, not option A.
+_CLOSE = r"(?=$|[\s.,:;!?)\]）】”\"'」』*_，。：；！？、]|[\u4e00-\u9fff])(?!\s+[a-z])"
 _PHRASES = [
     r"(?:正确)?答案\s*(?:是|为|应该是|应为)?\s*[:：]?",
     r"答\s*[:：]",
@@ -51,7 +53,7 @@ def parse_choice(reply: str, choices: list[str], options: dict[str, str] | None 
     return None
 
 
-_OPEN_CHARS = " \t\n([（【“\"'「『"
+_OPEN_CHARS = " \t\n([（【“\"'「『*_#"
 
 
 def first_capital(reply: str) -> str:

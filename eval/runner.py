@@ -43,7 +43,10 @@ class RunSummary:
 
 
 def git_revision() -> str | None:
-    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    except OSError:  # no git on this machine
+        return None
     return done.stdout.strip() if done.returncode == 0 else None
 
 
@@ -76,28 +79,37 @@ def score_output(task: TaskSpec, mode: Mode, item: Item, output: str,
     return parsed, {k: v for k, v in scores.items() if k in task.metrics or k not in M.KNOWN}
 
 
-def run_meta(task: TaskSpec, split: str, mode: Mode, identity: dict, seed: int) -> dict:
-    import torch
-
+def run_meta(task: TaskSpec, split: str, mode: Mode, identity: dict, seed: int, chunk_size: int,
+             data_sha256: str) -> dict:
+    """What determines a run's outputs; its hash is the run id."""
     sampling = {"do_sample": False, "max_new_tokens": task.gen.max_new_tokens, "stop": task.gen.stop}
     return {
         "task": task.name, "task_version": task.version, "task_sha256": task.sha256,
-        "split": split, "mode": mode, "limit": task.limit, "model": identity["model"],
-        "identity": identity,
+        "data_sha256": data_sha256, "split": split, "mode": mode, "limit": task.limit,
+        "model": identity["model"], "identity": identity,
         "prompt_sha256": sha256_text(json.dumps([task.prompt.system, task.prompt.user])),
         "sampling": sampling if mode == "gen" else None,
         "seed": seed,
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
+        # Items padded together can differ in the last bit, so the grouping is part of the run.
+        "chunk_size": chunk_size,
     }
+
+
+def _versions() -> dict:
+    import torch
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__}
 
 
 def run_task(backend, task: TaskSpec, split: str, mode: Mode, items: list[Item],
              conn, *, chunk_size: int = 8, seed: int = 0, data_dir: Path | None = None,
              progress: Callable[[int], None] | None = None) -> RunSummary:
-    meta = run_meta(task, split, mode, backend.identity, seed)
+    data_sha = sha256_text(json.dumps([[i.id, i.user, i.system, i.gold] for i in items], ensure_ascii=False))
+    meta = run_meta(task, split, mode, backend.identity, seed, chunk_size, data_sha)
     # The id covers what determines outputs; versions and the git revision are recorded beside.
     run_id = sha256_text(json.dumps(meta, sort_keys=True))[:16]
-    results.ensure_run(conn, run_id, {**meta, "git_revision": git_revision()}, len(items))
+    results.ensure_run(conn, run_id, {**meta, "versions": _versions(), "git_revision": git_revision()},
+                       len(items))
     done = results.done_item_ids(conn, run_id)
     by_id = {i.id: i for i in items}
     scorer = load_scorer(task, data_dir) if data_dir is not None else None

@@ -6,7 +6,8 @@
 Rule: rank candidates on each suite entry's primary metric and take the best mean rank among
 those within the memory budget; candidates not significantly worse than it on any entry
 (exact McNemar or paired bootstrap, p < 0.05) are tied with it, and among tied candidates the
-smallest QLoRA memory wins. Writes `runs/selection.json`.
+smallest QLoRA memory wins. No correction for the several entries is made: it errs towards
+calling a candidate worse, never towards a tie. Writes `runs/selection.json`.
 """
 
 from __future__ import annotations
@@ -94,10 +95,13 @@ def decide(candidates: list[Candidate], budget: Budget) -> dict:
     means = np.array([[np.mean([i["scores"][m] for i in c.runs[k].items]) for k, (*_, m) in enumerate(entries)]
                       for c in candidates])
     sign = np.array([1.0 if M.HIGHER_IS_BETTER[m] else -1.0 for *_, m in entries])
-    ranks = np.column_stack([rankdata(-sign[k] * means[:, k]) for k in range(len(entries))])
-    mean_rank = ranks.mean(axis=1)
     fits = {c.card.name: budget.check(c.card) for c in candidates}
     eligible = [i for i, n in enumerate(names) if not fits[n]]
+    # Ranks among eligible candidates only: an out-of-budget model must not shift their gaps.
+    mean_rank = np.full(len(candidates), np.nan)
+    if eligible:
+        ranks = np.column_stack([rankdata(-sign[k] * means[eligible, k]) for k in range(len(entries))])
+        mean_rank[eligible] = ranks.mean(axis=1)
     if not eligible:
         return {"winner": None, "reasons": ["no candidate fits the memory budget"],
                 "candidates": _rows(candidates, mean_rank, fits, {})}
@@ -135,7 +139,9 @@ def _against(best: Candidate, other: Candidate, entries) -> tuple[list[dict], li
 
 
 def _rows(candidates, mean_rank, fits, worse) -> list[dict]:
-    return [{"model": c.card.name, "mean_rank": float(mean_rank[i]),
+    import numpy as np
+
+    return [{"model": c.card.name, "mean_rank": None if np.isnan(mean_rank[i]) else float(mean_rank[i]),
              "memory_gib": c.card.memory_gib.model_dump(), "budget_problems": fits[c.card.name],
              "significantly_worse_on": worse.get(c.card.name, []),
              "seconds": round(c.seconds, 1), "items_computed": c.items,

@@ -62,7 +62,8 @@ def paired_bootstrap(a, b, *, seed: int = 0, n_boot: int = N_BOOT) -> tuple[floa
     means = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
     low, high = np.quantile(means, [ALPHA / 2, 1 - ALPHA / 2])
     # Two-sided p: how often the bootstrap distribution, centred at zero, is as extreme as observed.
-    p = float(np.mean(np.abs(means - d.mean()) >= abs(d.mean())))
+    extreme = int(np.sum(np.abs(means - d.mean()) >= abs(d.mean())))
+    p = 1.0 if d.mean() == 0 else (extreme + 1) / (n_boot + 1)  # never an impossible p = 0
     return float(d.mean()), float(low), float(high), p
 
 

@@ -175,8 +175,11 @@ def load_items(task: TaskSpec, split: str, data_dir: Path) -> list[Item]:
     path = root / task.data.splits[split]
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                              autoescape=False)  # prompts are plain text for a model, not HTML
-    user_t = env.from_string(task.prompt.user)
-    system_t = env.from_string(task.prompt.system) if task.prompt.system else None
+    try:
+        user_t = env.from_string(task.prompt.user)
+        system_t = env.from_string(task.prompt.system) if task.prompt.system else None
+    except jinja2.TemplateSyntaxError as exc:
+        raise UserError(f"{task.path}: key 'prompt': bad Jinja template ({exc.message})") from None
     items = []
     for n, row in _read_rows(path, task.data.format):
         if not isinstance(row, dict):
@@ -191,6 +194,8 @@ def load_items(task: TaskSpec, split: str, data_dir: Path) -> list[Item]:
             system = system_t.render(**row) if system_t else None
         except jinja2.UndefinedError as exc:
             raise UserError(f"{path}:{n}: prompt needs a field the row lacks ({exc.message})") from None
+        if task.data.id_field and task.data.id_field not in row:
+            raise UserError(f"{path}:{n}: missing id field '{task.data.id_field}'")
         item_id = str(row[task.data.id_field]) if task.data.id_field else str(n)
         items.append(Item(item_id, row, user, system, gold))
         if task.limit and len(items) >= task.limit:

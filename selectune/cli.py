@@ -122,10 +122,17 @@ def _select(settings: Settings, args: argparse.Namespace) -> int:
                                   data_dir=settings.resolved_data_dir,
                                   conn=open_results(settings.runs_dir), batch_size=args.batch_size)
     table, record = selection_report(candidates, Budget(args.train_budget_gib, args.infer_budget_gib))
+    if any(r.task.scorer and "style" in r.task.scorer for c in candidates for r in c.runs):
+        from eval.scorers.style import style_classifier
+        from eval.task import find_task
+
+        _, record["style_classifier_accuracy"] = style_classifier(find_task("style"),
+                                                                  settings.resolved_data_dir)
     print(table)
     print()
     for c in record["candidates"]:
-        print(f"{c['model']}: mean rank {c['mean_rank']:.2f}, {c['seconds']} s, "
+        rank = "out of budget" if c["mean_rank"] is None else f"mean rank {c['mean_rank']:.2f}"
+        print(f"{c['model']}: {rank}, {c['seconds']} s, "
               f"{c['items_computed']} items computed ({c['items_per_s'] or '-'} items/s)")
     for reason in record["reasons"]:
         print(f"- {reason}")
@@ -135,11 +142,20 @@ def _select(settings: Settings, args: argparse.Namespace) -> int:
                   f"{comp['mode']} {comp['metric']}: {comp['diff_best_minus_other']:+.3f} "
                   f"[{comp['ci95'][0]:+.3f}, {comp['ci95'][1]:+.3f}], p={comp['p_value']:.3g} "
                   f"({comp['test']}; detectable at n={comp['n']}: {comp['mde']:.3f})")
+    if "style_classifier_accuracy" in record:
+        print(f"style classifier: {record['style_classifier_accuracy']:.1%} on held-out references")
     print(f"winner: {record['winner']}")
     out = settings.runs_dir / "selection.json"
     write_json_atomic(out, record)
     print(f"wrote {out}")
     return 0 if record["winner"] else 1
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, help="card name")
     ev.add_argument("--split", help="default: the task's default_split")
     ev.add_argument("--mode", action="append", choices=["gen", "ppl"], help="default: the task's modes")
-    ev.add_argument("--limit", type=int, help="score only the first N items")
-    ev.add_argument("--batch-size", type=int, default=8, help="batch size (concurrency over HTTP)")
+    ev.add_argument("--limit", type=_positive_int, help="score only the first N items")
+    ev.add_argument("--batch-size", type=_positive_int, default=8, help="batch size (concurrency over HTTP)")
     ev.add_argument("--base-url", help="score a served model through its OpenAI-compatible API (gen mode)")
     ev.set_defaults(run=_eval)
 
@@ -177,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--full-fewclue", action="store_true", help="FewCLUE test splits instead of dev")
     sel.add_argument("--train-budget-gib", type=float, default=24.0)
     sel.add_argument("--infer-budget-gib", type=float, default=16.0)
-    sel.add_argument("--batch-size", type=int, default=8)
+    sel.add_argument("--batch-size", type=_positive_int, default=8)
     sel.set_defaults(run=_select)
 
     data = sub.add_parser("data", help="download FewCLUE (or verify DATA_DIR)")

@@ -33,7 +33,12 @@ def _by_hand(backend, messages, continuation):
 
 def test_render_uses_the_chat_template(backend):
     assert backend.render(MSGS[1]) == "<|im_start|>user\nhello world<|im_end|>\n<|im_start|>assistant\n"
-    assert backend.identity["weights_sha256"] and backend.identity["chat_template_sha256"] is None
+    from tests.conftest import CHATML
+
+    from selectune.files import sha256_text
+
+    assert backend.identity["weights_sha256"]
+    assert backend.identity["chat_template_sha256"] == sha256_text(CHATML)
 
 
 def test_loglikelihood_matches_a_manual_unbatched_computation(backend):

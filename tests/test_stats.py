@@ -46,3 +46,8 @@ def test_minimum_detectable_effect():
 def test_compare_picks_the_test_by_metric_kind():
     assert compare([1, 0, 1, 1], [0, 0, 1, 0], binary=True).test == "exact McNemar"
     assert compare([0.3, 0.5], [0.1, 0.2], binary=False).test == "paired bootstrap"
+
+
+def test_bootstrap_p_value_is_never_zero():
+    diff, _, _, p = paired_bootstrap([1.0] * 50, [0.0] * 50)
+    assert diff == 1.0 and 0 < p <= 1 / 2001 + 1e-12

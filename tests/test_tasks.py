@@ -108,3 +108,17 @@ def test_missing_data_file(tmp_path):
     data.unlink()
     with pytest.raises(UserError, match=r"t.jsonl: data file not found"):
         load_items(task, "dev", tmp_path)
+
+
+def test_row_without_its_id_field(tmp_path):
+    task, _ = _task_with_data(tmp_path, [{"q": "a", "label": "0"}])
+    task = task.model_copy(update={"data": task.data.model_copy(update={"id_field": "id"})})
+    with pytest.raises(UserError, match=r"t.jsonl:1: missing id field 'id'"):
+        load_items(task, "dev", tmp_path)
+
+
+def test_bad_jinja_in_the_prompt(tmp_path):
+    task, _ = _task_with_data(tmp_path, [{"q": "a", "label": "0"}])
+    task = task.model_copy(update={"prompt": task.prompt.model_copy(update={"user": "{{ q "})})
+    with pytest.raises(UserError, match=r"key 'prompt': bad Jinja template"):
+        load_items(task, "dev", tmp_path)

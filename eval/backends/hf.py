@@ -19,6 +19,7 @@ from eval.backends.base import GenRequest, LoglikelihoodRequest, cut_at_stop
 from models.card import ModelCard
 from models.loading import load_model
 from models.store import read_manifest
+from selectune.files import sha256_text
 
 
 @dataclass
@@ -42,7 +43,9 @@ class HFBackend:
             "backend": "hf",
             "model": card.name,
             "weights_sha256": manifest.get("weights_sha256"),
-            "chat_template_sha256": manifest.get("chat_template_sha256"),
+            # Hashed from the tokenizer as loaded: a hub or local checkpoint has no manifest hash.
+            "chat_template_sha256": sha256_text(self.tokenizer.chat_template)
+            if self.tokenizer.chat_template else None,
             "chat_template": card.chat_template,
             "dtype": dtype,
             "transformers": transformers.__version__,

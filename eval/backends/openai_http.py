@@ -43,13 +43,16 @@ class OpenAIBackend:
                 response = self.client.post(path, json=body)
                 if response.status_code not in _RETRY_STATUS:
                     response.raise_for_status()
-                    return response.json()
+                    try:
+                        return response.json()
+                    except ValueError:
+                        raise UserError(f"{self.base_url}{path}: the reply is not JSON") from None
                 problem = f"HTTP {response.status_code}"
             except httpx.TransportError as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             except httpx.HTTPStatusError as exc:
-                raise UserError(f"{self.base_url}{path}: {exc.response.status_code} "
-                                f"{exc.response.text[:200]}") from None
+                text = " ".join(exc.response.text.split())[:200]
+                raise UserError(f"{self.base_url}{path}: HTTP {exc.response.status_code}: {text}") from None
             if attempt == self.max_retries:
                 raise UserError(f"{self.base_url}{path}: gave up after {attempt + 1} tries ({problem})")
             delay = min(0.5 * 2**attempt, 30.0)
@@ -86,6 +89,11 @@ class OpenAIBackend:
         # Prompt tokens starting at or after the context's end are the continuation; the one
         # generated token (max_tokens=1) sits beyond the prompt and is left out.
         end = len(context) + len(request.continuation)
+        if len(context) not in offsets:
+            # A token straddles the context/continuation boundary: the sum would leave part of
+            # the continuation out (an empty sum scores as certainty), so refuse instead.
+            raise UserError(f"{self.base_url}: no token starts where the continuation "
+                            f"{request.continuation!r} does; cannot score it from prompt logprobs")
         return float(sum(v for off, v in zip(offsets, values) if len(context) <= off < end))
 
     def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[float]:

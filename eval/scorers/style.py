@@ -2,7 +2,7 @@
 
 - style_accuracy: a character n-gram TF-IDF + logistic-regression classifier, trained here on the
   task's train split (reference replies labelled by style); its accuracy on the held-out test
-  references is reported with every result (`classifier_accuracy`).
+  references is printed by `select` and stored in selection.json (`style_classifier_accuracy`).
 - chrf: sentence chrF (sacrebleu) against the reference. chrF works on character n-grams with
   whitespace ignored, so Chinese needs no word segmentation.
 - reply_length: characters in the reply, stripped.

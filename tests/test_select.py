@@ -1,0 +1,52 @@
+"""The selection rule on stored runs from a queued fake backend: budget, ranking, ties, memory."""
+
+from __future__ import annotations
+
+from eval.backends.fake import FakeBackend
+from eval.results import open_results
+from eval.runner import run_task
+from eval.select import Budget, Candidate, decide, selection_report
+from models.card import find_card
+from tests.test_runner import make_task
+
+
+def _candidate(card_name, wrong_ids, task, items, conn):
+    def respond(request):
+        item_id = int(request.messages[-1]["content"].split("：")[0][2:])
+        right = "B" if item_id % 2 else "A"
+        return ("A" if right == "B" else "B") if item_id in wrong_ids else right
+
+    run = run_task(FakeBackend(respond=respond, name=card_name), task, "dev", "gen", items, conn)
+    return Candidate(find_card(card_name), [run])
+
+
+def test_tied_candidates_go_to_the_smaller_model_and_budget_excludes(tmp_path):
+    task, items = make_task(tmp_path, n=40)
+    conn = open_results(tmp_path / "runs")
+    candidates = [
+        _candidate("qwen2.5-coder-0.5b-instruct", set(), task, items, conn),  # 40/40, 2.03 GiB QLoRA
+        _candidate("smollm2-135m-instruct", {1, 2, 3, 4}, task, items, conn),  # 36/40, 0.77 GiB
+        _candidate("gemma3-270m", set(), task, items, conn),  # 40/40 but 2.24 GiB: over budget
+        _candidate("qwen2.5-coder-1.5b-instruct", set(range(20)), task, items, conn),  # 20/40, over
+    ]
+    decision = decide(candidates, Budget(train_gib=2.1, infer_gib=16))
+    assert decision["best_mean_rank"] == "qwen2.5-coder-0.5b-instruct"
+    # 4 discordant items, all one way: exact McNemar p = 2 / 2**4 = 0.125, not significant.
+    assert decision["tied_with_best"] == ["smollm2-135m-instruct"]
+    assert decision["winner"] == "smollm2-135m-instruct"
+    rows = {r["model"]: r for r in decision["candidates"]}
+    assert rows["gemma3-270m"]["mean_rank"] is None and rows["gemma3-270m"]["budget_problems"]
+    assert rows["qwen2.5-coder-0.5b-instruct"]["mean_rank"] == 1.0
+    assert rows["smollm2-135m-instruct"]["mean_rank"] == 2.0
+
+
+def test_significantly_worse_is_not_tied(tmp_path):
+    task, items = make_task(tmp_path, n=40)
+    conn = open_results(tmp_path / "runs")
+    candidates = [_candidate("qwen2.5-coder-0.5b-instruct", set(), task, items, conn),
+                  _candidate("smollm2-135m-instruct", set(range(12)), task, items, conn)]
+    table, record = selection_report(candidates, Budget())
+    assert record["winner"] == "qwen2.5-coder-0.5b-instruct" and record["tied_with_best"] == []
+    (comparison,) = record["comparisons_vs_best"]["smollm2-135m-instruct"]
+    assert comparison["p_value"] < 0.001 and comparison["diff_best_minus_other"] == 0.3
+    assert "mini-dev" in table and "100.0 [100.0, 100.0]" in table
