@@ -88,10 +88,3 @@ def run_items(conn: sqlite3.Connection, run_id: str) -> list[dict]:
         " WHERE run_id = ? ORDER BY item_id", (run_id,))
     return [{"item_id": i, "prompt": p, "output": o, "gold": g, "parsed": pa,
              "scores": json.loads(s), "latency_s": lat} for i, p, o, g, pa, s, lat in cur]
-
-
-def run_meta(conn: sqlite3.Connection, run_id: str) -> dict | None:
-    row = conn.execute("SELECT meta_json, finished FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-    if row is None:
-        return None
-    return {**json.loads(row[0]), "finished": row[1]}

@@ -226,14 +226,3 @@ def _check_local_weights(card: ModelCard, weights: Path) -> Path:
         raise UserError(f"{weights}/config.json: model_type is '{config.get('model_type')}', "
                         f"card {card.name} expects '{card.architecture}'")
     return weights
-
-
-def remove(card: ModelCard, store: Path) -> None:
-    target = model_dir(card, store)
-    if target.exists():
-        shutil.rmtree(target)
-
-
-def disk_usage(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
-

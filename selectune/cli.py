@@ -87,8 +87,7 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
 
     task = find_task(args.task)
     if args.limit:
-        task = task.model_copy(update={"limit": args.limit})
-        task._path = find_task(args.task).path
+        task = task.model_copy(update={"limit": args.limit})  # keeps the file path (a private attr)
     split = args.split or task.default_split
     items = load_items(task, split, settings.resolved_data_dir)
     if args.base_url:
