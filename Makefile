@@ -17,10 +17,15 @@ PYTEST_ARGS ?=
 # Extra pip arguments for `make setup`, e.g. an index with CPU builds of torch.
 PIP_ARGS ?=
 
+# OpenCompass (for the cross-check) needs transformers < 5: it gets a venv of its own.
+OC_VENV ?= .venv-opencompass
+OC_STAMP := $(OC_VENV)/.installed
+
 SELECTUNE := $(PY) -m selectune --runs-dir $(RUNS_DIR) $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) \
 	$(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
-.PHONY: help setup models cards data select train serve rescore report review test bench bench-eval clean
+.PHONY: help setup opencompass-venv models cards data select train serve rescore report review test \
+	bench bench-eval crosscheck-opencompass clean
 
 help: ## one line per target
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 10
@@ -31,6 +36,14 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 setup: $(STAMP) ## create .venv and install pinned dependencies (a stamp makes reruns instant)
+
+$(OC_STAMP): constraints-opencompass.txt
+	test -x $(OC_VENV)/bin/python || python3 -m venv $(OC_VENV)
+	$(OC_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(PIP_ARGS) \
+		-c constraints-opencompass.txt opencompass 'transformers<5' 'pyarrow<22' torch
+	touch $@
+
+opencompass-venv: $(OC_STAMP) ## OpenCompass 0.5.4 in its own venv, for the cross-check (make test builds it)
 
 models: $(STAMP) ## provision the default offline models (CARD=name for one, WEIGHTS=dir for hub cards)
 	$(SELECTUNE) models provision $(if $(CARD),--card $(CARD)) $(if $(WEIGHTS),--weights $(WEIGHTS))
@@ -54,7 +67,7 @@ rescore: ## re-score the served model through HTTP on the same items
 report: ## render the HTML reports under runs/report/
 review: ## serve the blind side-by-side review pages on 127.0.0.1
 
-test: $(STAMP) ## run the test suite (PYTEST_ARGS=... to pass options)
+test: $(STAMP) $(OC_STAMP) ## run the test suite (PYTEST_ARGS=... to pass options)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) ## benchmarks: load time of the converted checkpoint vs GGUF
@@ -62,6 +75,11 @@ bench: $(STAMP) ## benchmarks: load time of the converted checkpoint vs GGUF
 
 bench-eval: $(STAMP) ## ppl scoring speed against lm-eval's hf backend on the same items (ratio)
 	$(PY) bench/eval_speed.py $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+
+LIMIT ?=
+crosscheck-opencompass: $(STAMP) $(OC_STAMP) ## OpenCompass's FewCLUE gen configs vs our OpenCompass-rule column (CARD=, LIMIT=)
+	$(PY) bench/crosscheck_opencompass.py $(if $(CARD),--model $(CARD)) $(if $(LIMIT),--limit $(LIMIT)) \
+		$(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 clean: ## remove run output and build debris (the model store is kept)
 	rm -rf $(RUNS_DIR) build *.egg-info .pytest_cache

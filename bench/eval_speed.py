@@ -76,9 +76,10 @@ def main() -> int:
         ours = run_task(backend, task, args.split, "ppl", items, open_results(Path(tmp)),
                         chunk_size=args.batch_size)
         t_ours = time.perf_counter() - started
-        gflop = needed_gflop(backend, [LoglikelihoodRequest(i.messages(), c) for i in items for c in task.choices])
+        gflop = needed_gflop(backend, [LoglikelihoodRequest(i.messages(), c, i.raw()) for i in items for c in task.choices])
         del backend
-        name = export_task(task, args.split, items, Path(tmp) / "lm_eval")
+        name = export_task(task, args.split, items, Path(tmp) / "lm_eval",
+                           chat=card.chat_template == "tokenizer")
         started = time.perf_counter()
         theirs = run_lm_eval(manifest["checkpoint"], name, Path(tmp) / "lm_eval",
                              chat_template=card.chat_template == "tokenizer", batch_size=args.batch_size)

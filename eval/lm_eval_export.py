@@ -32,8 +32,9 @@ class LmEvalResult:
     loglikelihoods: dict[str, dict[str, float]]
 
 
-def export_task(task: TaskSpec, split: str, items: list[Item], out_dir: Path) -> str:
-    """Write `<out_dir>/<name>.yaml` and its data; returns the lm-eval task name."""
+def export_task(task: TaskSpec, split: str, items: list[Item], out_dir: Path, *, chat: bool) -> str:
+    """Write `<out_dir>/<name>.yaml` and its data; returns the lm-eval task name. `chat`: lm-eval
+    will apply the chat template, so the prompt gets the task's chat_turn_end."""
     name = f"selectune_{task.name}_{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
     data = out_dir / f"{name}.jsonl"
@@ -47,7 +48,7 @@ def export_task(task: TaskSpec, split: str, items: list[Item], out_dir: Path) ->
         "dataset_kwargs": {"data_files": {"test": str(data)}},
         "test_split": "test",
         "output_type": "multiple_choice",
-        "doc_to_text": task.prompt.user,
+        "doc_to_text": task.prompt.user + (task.prompt.chat_turn_end if chat else ""),
         "doc_to_target": f"{{{{{GOLD_FIELD}}}}}",
         "doc_to_choice": list(task.choices),
         "target_delimiter": "",

@@ -33,6 +33,11 @@ CREATE TABLE IF NOT EXISTS items (
     latency_s REAL NOT NULL,
     PRIMARY KEY (run_id, item_id)
 );
+CREATE TABLE IF NOT EXISTS judge_verdicts (
+    key TEXT PRIMARY KEY,
+    judge_model TEXT NOT NULL,
+    output TEXT NOT NULL
+);
 """
 
 DB_NAME = "results.sqlite"
@@ -88,3 +93,20 @@ def run_items(conn: sqlite3.Connection, run_id: str) -> list[dict]:
         " WHERE run_id = ? ORDER BY item_id", (run_id,))
     return [{"item_id": i, "prompt": p, "output": o, "gold": g, "parsed": pa,
              "scores": json.loads(s), "latency_s": lat} for i, p, o, g, pa, s, lat in cur]
+
+
+def cached_verdicts(conn: sqlite3.Connection, keys: set[str]) -> dict[str, str]:
+    """Stored judge answers by key (a hash of judge model and prompt)."""
+    found = {}
+    keys_list = sorted(keys)
+    for start in range(0, len(keys_list), 500):  # SQLite caps the number of bound variables
+        part = keys_list[start:start + 500]
+        marks = ",".join("?" * len(part))
+        found.update(conn.execute(f"SELECT key, output FROM judge_verdicts WHERE key IN ({marks})", part))
+    return found
+
+
+def add_verdicts(conn: sqlite3.Connection, judge_model: str, outputs: dict[str, str]) -> None:
+    with conn:
+        conn.executemany("INSERT OR IGNORE INTO judge_verdicts (key, judge_model, output) VALUES (?, ?, ?)",
+                         [(k, judge_model, v) for k, v in outputs.items()])

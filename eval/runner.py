@@ -87,7 +87,8 @@ def run_meta(task: TaskSpec, split: str, mode: Mode, identity: dict, seed: int, 
         "task": task.name, "task_version": task.version, "task_sha256": task.sha256,
         "data_sha256": data_sha256, "split": split, "mode": mode, "limit": task.limit,
         "model": identity["model"], "identity": identity,
-        "prompt_sha256": sha256_text(json.dumps([task.prompt.system, task.prompt.user])),
+        "prompt_sha256": sha256_text(json.dumps([task.prompt.system, task.prompt.user,
+                                                 task.prompt.chat_turn_end])),
         "sampling": sampling if mode == "gen" else None,
         "seed": seed,
         # Items padded together can differ in the last bit, so the grouping is part of the run.
@@ -103,7 +104,8 @@ def _versions() -> dict:
 
 def run_task(backend, task: TaskSpec, split: str, mode: Mode, items: list[Item],
              conn, *, chunk_size: int = 8, seed: int = 0, data_dir: Path | None = None,
-             progress: Callable[[int], None] | None = None) -> RunSummary:
+             progress: Callable[[int], None] | None = None, judge=None) -> RunSummary:
+    """`judge`: an optional backend that scores replies for the task's `judge` metric."""
     data_sha = sha256_text(json.dumps([[i.id, i.user, i.system, i.gold] for i in items], ensure_ascii=False))
     meta = run_meta(task, split, mode, backend.identity, seed, chunk_size, data_sha)
     # The id covers what determines outputs; versions and the git revision are recorded beside.
@@ -138,6 +140,12 @@ def run_task(backend, task: TaskSpec, split: str, mode: Mode, items: list[Item],
     for row in stored:
         parsed, scores = score_output(task, mode, by_id[row["item_id"]], row["output"], scorer)
         rescored.append({**row, "parsed": parsed, "scores": scores})
+    if judge is not None and task.judge is not None and mode == "gen":
+        from eval.judge import judge_scores
+
+        verdicts = judge_scores(conn, judge, task, [(by_id[r["item_id"]], r["output"]) for r in rescored])
+        for row, verdict in zip(rescored, verdicts):
+            row["scores"][task.judge.metric] = verdict
     results.update_scores(conn, run_id, rescored)
     results.finish_run(conn, run_id)
     return RunSummary(run_id, task, split, mode, backend.identity["model"], rescored,
@@ -146,9 +154,9 @@ def run_task(backend, task: TaskSpec, split: str, mode: Mode, items: list[Item],
 
 def _compute(backend, task: TaskSpec, mode: Mode, chunk: list[Item]) -> list[str]:
     if mode == "gen":
-        return backend.generate([GenRequest(i.messages(), task.gen.max_new_tokens, task.gen.stop)
+        return backend.generate([GenRequest(i.messages(), task.gen.max_new_tokens, task.gen.stop, i.raw())
                                  for i in chunk])
-    requests = [LoglikelihoodRequest(i.messages(), c) for i in chunk for c in task.choices]
+    requests = [LoglikelihoodRequest(i.messages(), c, i.raw()) for i in chunk for c in task.choices]
     lls = backend.loglikelihood(requests)
     k = len(task.choices)
     return [json.dumps(dict(zip(task.choices, lls[n * k:(n + 1) * k]))) for n in range(len(chunk))]

@@ -60,7 +60,7 @@ class Candidate:
 
 
 def score_candidates(cards: list[ModelCard], entries, *, store: Path, data_dir: Path, conn,
-                     batch_size: int = 8) -> list[Candidate]:
+                     batch_size: int = 8, judge=None) -> list[Candidate]:
     from tqdm import tqdm
 
     from eval.backends.hf import HFBackend
@@ -75,7 +75,7 @@ def score_candidates(cards: list[ModelCard], entries, *, store: Path, data_dir: 
             with tqdm(total=len(items), desc=f"{card.name} {task_name}-{split} {mode}",
                       unit="item", leave=False) as bar:
                 run = run_task(backend, task, split, mode, items, conn, chunk_size=batch_size,
-                               data_dir=data_dir, progress=bar.update)
+                               data_dir=data_dir, progress=bar.update, judge=judge)
             cand.runs.append(run)
             cand.seconds += run.seconds
             cand.items += run.computed

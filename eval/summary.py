@@ -26,9 +26,11 @@ class Cell:
 
 
 def metrics_of(run: RunSummary) -> list[str]:
+    """The run's metrics; the judge's only when every item has a verdict (a judge was configured)."""
     if run.mode == "ppl":
         return [M.ACCURACY]
-    return list(run.task.metrics)
+    judged = [run.task.judge.metric] if run.task.judge else []
+    return list(run.task.metrics) + [m for m in judged if all(m in i["scores"] for i in run.items)]
 
 
 def primary_metric(run: RunSummary) -> str:

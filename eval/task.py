@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from eval.metrics import KNOWN as KNOWN_METRICS
 from selectune.errors import UserError
 from selectune.files import sha256_file
+from selectune.rows import BadLine, read_rows
 from selectune.strict_yaml import load_named_yaml
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
@@ -46,6 +45,10 @@ class PromptSpec(_Strict):
     user: str
     """Jinja template of the one user turn; row fields are its variables."""
     system: str | None = None
+    chat_turn_end: str = ""
+    """Appended to the user turn when it reaches a chat template or a chat API, never to a raw
+    prompt: OpenCompass's chat wrappers (HuggingFacewithChatTemplate, its API models) end the
+    HUMAN turn with "\\n", its base-model wrapper does not. FewCLUE sets "\\n" to match."""
 
 
 class LabelSpec(_Strict):
@@ -59,6 +62,19 @@ class LabelSpec(_Strict):
 class GenSpec(_Strict):
     max_new_tokens: int = Field(default=32, gt=0)
     stop: list[str] = []
+
+
+class JudgeSpec(_Strict):
+    """An LLM judge through an OpenAI-compatible endpoint, used only when one is configured
+    (settings judge_url / judge_model). It reads the model's reply and answers with one of
+    `labels`; the item scores 1 when that label equals the item's `expected_field`."""
+
+    metric: str
+    prompt: str
+    """Jinja template of the judge's user turn; `reply` and the row's fields are its variables."""
+    labels: list[str] = Field(min_length=2)
+    expected_field: str
+    max_tokens: int = Field(default=16, gt=0)
 
 
 class TaskSpec(_Strict):
@@ -79,6 +95,7 @@ class TaskSpec(_Strict):
     metrics: list[str] = Field(min_length=1)
     scorer: str | None = None
     """`module:function` returning extra per-item metrics, for task-specific scoring."""
+    judge: JudgeSpec | None = None
     default_split: str
     limit: int | None = Field(default=None, gt=0)
     """Score only the first N items of a split (for quick looks; results record it)."""
@@ -101,7 +118,8 @@ class TaskSpec(_Strict):
             raise ValueError("ppl mode and the choice parser need both choices and label")
         if self.label and self.label.map and not set(self.label.map.values()) <= set(self.choices or []):
             raise ValueError("label.map values must all be choices")
-        unknown = [m for m in self.metrics if m not in KNOWN_METRICS]
+        unknown = [m for m in self.metrics + ([self.judge.metric] if self.judge else [])
+                   if m not in KNOWN_METRICS]
         if unknown:
             raise ValueError(f"unknown metric '{unknown[0]}' (known: {', '.join(sorted(KNOWN_METRICS))})")
         return self
@@ -115,10 +133,16 @@ class Item:
     system: str | None
     gold: str | None
     """The correct choice (classification) or the reference answer (open-ended)."""
+    chat_turn_end: str = ""
 
     def messages(self) -> list[dict]:
+        """The turns a chat model reads (its template or a chat API adds the rest)."""
         turns = [{"role": "system", "content": self.system}] if self.system else []
-        return turns + [{"role": "user", "content": self.user}]
+        return turns + [{"role": "user", "content": self.user + self.chat_turn_end}]
+
+    def raw(self) -> str:
+        """The text a base model without a chat template reads."""
+        return "\n\n".join(t for t in (self.system, self.user) if t)
 
 
 def load_task(path: Path) -> TaskSpec:
@@ -137,34 +161,13 @@ def find_task(name: str, tasks_dir: Path = TASKS_DIR) -> TaskSpec:
 
 
 def _read_rows(path: Path, fmt: str) -> list[tuple[int, dict]]:
-    """(row number, row) pairs; row numbers are 1-based lines (jsonl, csv) or array indexes."""
-    if not path.is_file():
-        hint = "it ships with the repository" if TASK_DATA_DIR in path.parents else \
-            "run `make data`, or set DATA_DIR"
-        raise UserError(f"{path}: data file not found ({hint})")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    if fmt == "csv":
-        return [(n, row) for n, row in enumerate(csv.DictReader(text.splitlines()), start=2)]
-    if fmt == "json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-        if not isinstance(rows, list):
-            raise UserError(f"{path}: expected a JSON array of rows")
-        return list(enumerate(rows))
-    out = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append((n, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
-    return out
+    hint = "it ships with the repository" if TASK_DATA_DIR in path.parents else \
+        "run `make data`, or set DATA_DIR"
+    rows = read_rows(path, fmt, missing_hint=hint)
+    for n, row in rows:
+        if isinstance(row, BadLine):
+            raise UserError(f"{path}:{n}: {row.problem}")
+    return rows
 
 
 def load_items(task: TaskSpec, split: str, data_dir: Path) -> list[Item]:
@@ -197,7 +200,7 @@ def load_items(task: TaskSpec, split: str, data_dir: Path) -> list[Item]:
         if task.data.id_field and task.data.id_field not in row:
             raise UserError(f"{path}:{n}: missing id field '{task.data.id_field}'")
         item_id = str(row[task.data.id_field]) if task.data.id_field else str(n)
-        items.append(Item(item_id, row, user, system, gold))
+        items.append(Item(item_id, row, user, system, gold, task.prompt.chat_turn_end))
         if task.limit and len(items) >= task.limit:
             break
     if not items:

@@ -79,6 +79,7 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from eval.backends.hf import HFBackend
+    from eval.judge import make_judge
     from eval.results import open_results
     from eval.runner import run_task
     from eval.summary import cells_of, fmt, render_table
@@ -97,16 +98,18 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
     else:
         backend = HFBackend(find_card(args.model), settings.model_store, batch_size=args.batch_size)
     conn = open_results(settings.runs_dir)
+    judge = make_judge(settings)
     for mode in args.mode or task.modes:
         with tqdm(total=len(items), desc=f"{task.name}-{split} {mode}", unit="item") as bar:
             run = run_task(backend, task, split, mode, items, conn, chunk_size=args.batch_size,
-                           data_dir=settings.resolved_data_dir, progress=bar.update)
+                           data_dir=settings.resolved_data_dir, progress=bar.update, judge=judge)
         print(render_table(cells_of(run), [run.model]))
         print(f"run {run.run_id}: {len(run.items)} items, {run.computed} computed in {run.seconds:.1f} s")
     return 0
 
 
 def _select(settings: Settings, args: argparse.Namespace) -> int:
+    from eval.judge import make_judge
     from eval.results import open_results
     from eval.select import Budget, score_candidates, selection_report, suite
     from models.card import find_card, load_cards
@@ -115,11 +118,13 @@ def _select(settings: Settings, args: argparse.Namespace) -> int:
 
     cards = [find_card(n) for n in args.models.split(",")] if args.models else [
         c for c in load_cards().values() if c.default]
+    judge = make_judge(settings)  # fails before any scoring when half-configured
     for card in cards:
         provision(card, settings.model_store)
     candidates = score_candidates(cards, suite(args.full_fewclue), store=settings.model_store,
                                   data_dir=settings.resolved_data_dir,
-                                  conn=open_results(settings.runs_dir), batch_size=args.batch_size)
+                                  conn=open_results(settings.runs_dir), batch_size=args.batch_size,
+                                  judge=judge)
     table, record = selection_report(candidates, Budget(args.train_budget_gib, args.infer_budget_gib))
     if any(r.task.scorer and "style" in r.task.scorer for c in candidates for r in c.runs):
         from eval.scorers.style import style_classifier
@@ -159,10 +164,13 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m selectune", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, help="YAML file of settings (runs_dir, cache_dir, data_dir)")
+    parser.add_argument("--config", type=Path,
+                        help="YAML file of settings (runs_dir, cache_dir, data_dir, judge_url, judge_model)")
     parser.add_argument("--runs-dir", help="where run output goes (default: runs/)")
     parser.add_argument("--cache-dir", help="model store and downloads (default: ~/.cache/selectune)")
     parser.add_argument("--data-dir", help="an existing data directory to use instead of downloading")
+    parser.add_argument("--judge-url", help="OpenAI-compatible endpoint for the optional LLM-judge metrics")
+    parser.add_argument("--judge-model", help="model name at --judge-url")
     sub = parser.add_subparsers(dest="command", required=True)
 
     models = sub.add_parser("models", help="model cards and the model store").add_subparsers(
@@ -205,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings(args.config, runs_dir=args.runs_dir, cache_dir=args.cache_dir,
-                                 data_dir=args.data_dir)
+                                 data_dir=args.data_dir, judge_url=args.judge_url,
+                                 judge_model=args.judge_model)
         return args.run(settings, args)
     except UserError as exc:
         print(f"selectune: error: {exc}", file=sys.stderr)

@@ -27,6 +27,12 @@ class Settings:
     """An existing directory laid out like the download (fewclue/bustm/..., fewclue/ocnlifc/...).
     None means `cache_dir/data`, filled by `make data`."""
 
+    judge_url: str | None = None
+    """Base URL of an OpenAI-compatible endpoint for the optional LLM-judge metrics."""
+
+    judge_model: str | None = None
+    """Model name to ask at judge_url."""
+
     @property
     def model_store(self) -> Path:
         return self.cache_dir / "models"
@@ -37,6 +43,7 @@ class Settings:
 
 
 _FIELDS = {f.name for f in dataclasses.fields(Settings)}
+_PATHS = {"runs_dir", "cache_dir", "data_dir"}
 
 
 def load_settings(config: Path | None = None, **overrides: str | Path | None) -> Settings:
@@ -55,5 +62,6 @@ def load_settings(config: Path | None = None, **overrides: str | Path | None) ->
     if unknown:
         where = config if config is not None else "settings"
         raise UserError(f"{where}: unknown key '{unknown[0]}' (expected one of {sorted(_FIELDS)})")
-    paths = {k: Path(v).expanduser() if v not in (None, "") else None for k, v in values.items()}
-    return Settings(**{k: v for k, v in paths.items() if v is not None})
+    typed = {k: (Path(v).expanduser() if k in _PATHS else str(v)) if v not in (None, "") else None
+             for k, v in values.items()}
+    return Settings(**{k: v for k, v in typed.items() if v is not None})

@@ -23,7 +23,7 @@ def test_ppl_accuracy_and_predictions_match_lm_eval(tmp_path, tiny_qwen2_dir, sh
     items = load_items(task, "dev", shared_data)
     ours = run_task(HFBackend(card, tmp_path / "store", batch_size=4), task, "dev", "ppl", items,
                     open_results(tmp_path / "runs"), chunk_size=4)
-    name = export_task(task, "dev", items, tmp_path / "lm_eval_tasks")
+    name = export_task(task, "dev", items, tmp_path / "lm_eval_tasks", chat=True)
     theirs = run_lm_eval(str(tiny_qwen2_dir), name, tmp_path / "lm_eval_tasks", chat_template=True,
                          batch_size=4)
     import json

@@ -34,7 +34,9 @@ def test_fewclue_prompts_are_byte_identical_to_opencompass(shared_data, task, te
         for item in items:
             assert item.user.encode() == template.format(**item.fields).encode()
             assert item.gold == labels[item.fields["label"]]
-            assert item.messages() == [{"role": "user", "content": item.user}]
+            # OpenCompass's chat wrappers end the HUMAN turn with "\n"; its base wrapper does not.
+            assert item.messages() == [{"role": "user", "content": item.user + "\n"}]
+            assert item.raw() == item.user
 
 
 GOOD = {

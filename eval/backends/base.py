@@ -11,6 +11,8 @@ class GenRequest:
     messages: list[dict]
     max_new_tokens: int
     stop: list[str] = field(default_factory=list)
+    raw: str | None = None
+    """The prompt for a model without a chat template; None: the messages' contents joined."""
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,8 @@ class LoglikelihoodRequest:
     messages: list[dict]
     """The context, rendered exactly as for generation (chat template and generation prompt)."""
     continuation: str
+    raw: str | None = None
+    """The context for a model without a chat template; None: the messages' contents joined."""
 
 
 class Backend(Protocol):

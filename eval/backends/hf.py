@@ -54,11 +54,11 @@ class HFBackend:
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
 
-    def render(self, messages: list[dict]) -> str:
+    def render(self, messages: list[dict], raw: str | None = None) -> str:
         """The exact text the model reads: chat template (with generation prompt) or raw."""
         if self.card.chat_template == "tokenizer":
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return "\n\n".join(m["content"] for m in messages)
+        return raw if raw is not None else "\n\n".join(m["content"] for m in messages)
 
     def _encode(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
@@ -106,7 +106,7 @@ class HFBackend:
         """Split each context+continuation as lm-eval does (encode the whole, cut at the context)."""
         by_context: dict[tuple[int, ...], list[tuple[int, list[int]]]] = defaultdict(list)
         for i, r in enumerate(requests):
-            context = self.render(r.messages)
+            context = self.render(r.messages, r.raw)
             ctx_ids = self._encode(context)
             whole = self._encode(context + r.continuation)
             cont = whole[len(ctx_ids):] if whole[: len(ctx_ids)] == ctx_ids else \
@@ -124,7 +124,7 @@ class HFBackend:
         import torch
         from transformers import GenerationConfig
 
-        encoded = [self._encode(self.render(r.messages)) for r in requests]
+        encoded = [self._encode(self.render(r.messages, r.raw)) for r in requests]
         order = sorted(range(len(requests)), key=lambda i: -len(encoded[i]))
         out = [""] * len(requests)
         base = self.model.generation_config

@@ -22,7 +22,7 @@ _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 class OpenAIBackend:
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, concurrency: int = 4,
                  timeout_s: float = 120.0, max_retries: int = 5, seed: int = 0,
-                 render: Callable[[list[dict]], str] | None = None, identity: dict | None = None):
+                 render: Callable[[list[dict], str | None], str] | None = None, identity: dict | None = None):
         import httpx
 
         self.base_url = base_url.rstrip("/")
@@ -77,7 +77,7 @@ class OpenAIBackend:
         return self._map(self._chat, requests)
 
     def _loglikelihood(self, request: LoglikelihoodRequest) -> float:
-        context = self.render(request.messages)
+        context = self.render(request.messages, request.raw)
         body = {"model": self.model, "prompt": context + request.continuation, "max_tokens": 1,
                 "temperature": 0.0, "echo": True, "logprobs": 1, "seed": self.seed}
         choice = self._post("/v1/completions", body)["choices"][0]

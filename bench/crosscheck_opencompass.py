@@ -1,0 +1,87 @@
+"""`gen` mode against OpenCompass, in one run: its own FewCLUE gen config and CLI with its
+HuggingFacewithChatTemplate model class, and our runner, on the same model and items.
+
+    make crosscheck-opencompass                       # qwen2.5-coder-0.5b, bustm dev, 160 items
+    .venv/bin/python bench/crosscheck_opencompass.py --model smollm2-135m-instruct --limit 32
+
+Prints both first-capital accuracies (OpenCompass's own evaluator against our
+`accuracy_opencompass` column), the items whose first-capital prediction differs (must be 0),
+the replies whose text differs, and both wall times end to end (model load included; for
+OpenCompass also its CLI start-up, printed separately from its own inference timing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eval.backends.hf import HFBackend  # noqa: E402
+from eval.opencompass_crosscheck import compare, run_opencompass, write_workdir  # noqa: E402
+from eval.results import open_results  # noqa: E402
+from eval.runner import run_task  # noqa: E402
+from eval.task import find_task, load_items  # noqa: E402
+from models.card import find_card  # noqa: E402
+from models.store import read_manifest  # noqa: E402
+from selectune.settings import load_settings  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--task", default="fewclue_bustm", choices=["fewclue_bustm", "fewclue_ocnli_fc"])
+    parser.add_argument("--split", default="dev")
+    parser.add_argument("--limit", type=int)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--cache-dir")
+    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    args = parser.parse_args()
+    settings = load_settings(cache_dir=args.cache_dir, data_dir=args.data_dir)
+    card, task = find_card(args.model), find_task(args.task)
+    if card.chat_template != "tokenizer":
+        print(f"crosscheck: {card.name} has no chat template; this check drives OpenCompass's chat "
+              "model class", file=sys.stderr)
+        return 2
+    manifest = read_manifest(card, settings.model_store)
+    if manifest is None:
+        print(f"crosscheck: {card.name} is not provisioned; run `make models`", file=sys.stderr)
+        return 2
+    if args.limit:
+        task = task.model_copy(update={"limit": args.limit})
+    items = load_items(task, args.split, settings.resolved_data_dir)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        backend = HFBackend(card, settings.model_store, batch_size=args.batch_size)
+        ours = run_task(backend, task, args.split, "gen", items, open_results(Path(tmp)),
+                        chunk_size=args.batch_size)
+        t_ours = time.perf_counter() - started
+        del backend
+        workdir = Path(tmp) / "oc"
+        abbr = write_workdir(workdir, settings.resolved_data_dir, Path(manifest["checkpoint"]), args.task,
+                             args.split, limit=args.limit, batch_size=args.batch_size,
+                             max_out_len=task.gen.max_new_tokens)
+        theirs = run_opencompass(workdir, abbr)
+    order = {item.id: n for n, item in enumerate(items)}
+    report = compare(sorted(ours.items, key=lambda r: order[r["item_id"]]), theirs)
+    n = report["items"]
+    print(f"{card.name} on {task.name}-{args.split} gen, {n} items, batch {args.batch_size}")
+    print(f"  selectune:   {t_ours:6.1f} s  {n / t_ours:5.2f} items/s  "
+          f"first-capital accuracy {report['selectune_accuracy_opencompass']:.4f}")
+    print(f"  OpenCompass: {theirs.seconds:6.1f} s  {n / theirs.seconds:5.2f} items/s  "
+          f"accuracy {theirs.accuracy:.4f}  (CLI end to end; inference alone {theirs.infer_seconds:.1f} s)")
+    print(f"  speed-up {theirs.seconds / t_ours:.2f}x end to end, {theirs.infer_seconds / t_ours:.2f}x "
+          f"against OpenCompass's inference alone")
+    print(f"  first-capital predictions that differ: {report['differing_first_capital']}; "
+          f"replies whose text differs: {report['differing_text']}; gold mismatches: {report['gold_mismatches']}")
+    print(json.dumps(report))
+    return 0 if report["differing_first_capital"] == 0 and report["gold_mismatches"] == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
