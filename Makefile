@@ -59,9 +59,13 @@ SELECT_ARGS ?=
 select: models data ## score the candidates and pick the winner under a memory budget (SELECT_ARGS=...)
 	$(SELECTUNE) select $(SELECT_ARGS)
 
-train serve rescore report review: $(STAMP)
+RECIPE ?= train/default.yaml
+TRAIN_ARGS ?=
+train: models data ## QLoRA-fine-tune the winner, merge the adapter, check parity (RECIPE=, TRAIN_ARGS=)
+	$(SELECTUNE) train --recipe $(RECIPE) $(TRAIN_ARGS)
+
+serve rescore report review: $(STAMP)
 	@echo "make $@: not implemented yet (see the open issues)" >&2; exit 1
-train: ## QLoRA-fine-tune the winner and merge the adapter
 serve: ## serve the merged model through an OpenAI-compatible server
 rescore: ## re-score the served model through HTTP on the same items
 report: ## render the HTML reports under runs/report/

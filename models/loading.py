@@ -9,16 +9,18 @@ from models.store import read_manifest
 from selectune.errors import UserError
 
 
-def load_model(card: ModelCard, store: Path, *, dtype: str = "float32"):
-    """(model, tokenizer) from the store; fails with the command that provisions the card."""
+def load_model(card: ModelCard, store: Path, *, dtype: str = "float32", checkpoint: Path | None = None):
+    """(model, tokenizer) from the store, or from `checkpoint` (e.g. a merged fine-tune of the
+    card's model); fails with the command that provisions the card."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    manifest = read_manifest(card, store)
-    if manifest is None:
-        raise UserError(f"{card.path}: card {card.name} is not provisioned; run "
-                        f"`make models CARD={card.name}`")
-    checkpoint = manifest["checkpoint"]
+    if checkpoint is None:
+        manifest = read_manifest(card, store)
+        if manifest is None:
+            raise UserError(f"{card.path}: card {card.name} is not provisioned; run "
+                            f"`make models CARD={card.name}`")
+        checkpoint = manifest["checkpoint"]
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=card.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         checkpoint, dtype=getattr(torch, dtype), use_safetensors=True,

@@ -155,6 +155,15 @@ def _select(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if record["winner"] else 1
 
 
+def _train(settings: Settings, args: argparse.Namespace) -> int:
+    from train.pipeline import train_command
+    from train.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    summary = train_command(settings, recipe, args.model, args.run_name)
+    return 0 if summary["parity"]["passed"] else 1
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -202,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--infer-budget-gib", type=float, default=16.0)
     sel.add_argument("--batch-size", type=_positive_int, default=8)
     sel.set_defaults(run=_select)
+
+    tr = sub.add_parser("train", help="QLoRA-fine-tune a model, merge the adapter, check parity")
+    tr.add_argument("--recipe", type=Path, default=Path(__file__).resolve().parents[1] / "train" / "default.yaml")
+    tr.add_argument("--model", help="card name (default: the recipe's, else the winner in selection.json)")
+    tr.add_argument("--run-name", help="run name under runs/train/ (default: <recipe>-<model>)")
+    tr.set_defaults(run=_train)
 
     data = sub.add_parser("data", help="download FewCLUE (or verify DATA_DIR)")
     data.add_argument("--check", action="store_true", help="verify only, download nothing")

@@ -19,7 +19,7 @@ from eval.backends.base import GenRequest, LoglikelihoodRequest, cut_at_stop
 from models.card import ModelCard
 from models.loading import load_model
 from models.store import read_manifest
-from selectune.files import sha256_text
+from selectune.files import sha256_file, sha256_text
 
 
 @dataclass
@@ -32,13 +32,20 @@ class _Row:
 
 
 class HFBackend:
-    def __init__(self, card: ModelCard, store: Path, *, batch_size: int = 8, dtype: str = "float32"):
+    def __init__(self, card: ModelCard, store: Path, *, batch_size: int = 8, dtype: str = "float32",
+                 checkpoint: Path | None = None):
+        """`checkpoint`: load this directory instead of the card's stored one (a merged fine-tune;
+        pass a card whose name and chat_template describe it)."""
         import transformers
 
         self.card = card
         self.batch_size = batch_size
-        self.model, self.tokenizer = load_model(card, store, dtype=dtype)
-        manifest = read_manifest(card, store) or {}
+        self.model, self.tokenizer = load_model(card, store, dtype=dtype, checkpoint=checkpoint)
+        if checkpoint is None:
+            manifest = read_manifest(card, store) or {}
+        else:
+            files = sorted(checkpoint.glob("*.safetensors"))
+            manifest = {"weights_sha256": sha256_text(" ".join(sha256_file(f) for f in files))}
         self.identity = {
             "backend": "hf",
             "model": card.name,

@@ -55,9 +55,14 @@ def numbers(text: str) -> set[str]:
     return set(_NUMBER.findall(normalise(text)))
 
 
-def fact_scores(reply: str, facts: list[str], reference: str) -> dict[str, float]:
+def facts_found(reply: str, facts: list[str]) -> dict[str, float]:
+    """1.0 for each fact present in the reply after normalisation, else 0.0."""
     norm = normalise(reply)
-    found = {f: float(normalise(f) in norm) for f in facts}
+    return {f: float(normalise(f) in norm) for f in facts}
+
+
+def fact_scores(reply: str, facts: list[str], reference: str) -> dict[str, float]:
+    found = facts_found(reply, facts)
     return {
         M.FACT_RECALL: sum(found.values()) / len(facts) if facts else 0.0,
         M.HALLUCINATED_NUMBERS: float(len(numbers(reply) - numbers(reference))),

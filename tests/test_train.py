@@ -1,0 +1,144 @@
+"""The thin trainer on a tiny random-weight model: loss falls, resume after kill -9 repeats the
+uninterrupted run, a diverging loss stops cleanly, and the merged model matches base+adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from selectune.errors import UserError
+from tests.conftest import REPO, build_tiny_qwen2
+from train.recipe import Recipe
+
+ROWS = [{"prompt": f"问题{i}", "completion": f"答案是{i * 7}号"} for i in range(8)]
+
+
+def recipe(data_path, **training) -> Recipe:
+    return Recipe.model_validate({
+        "name": "t", "data": [{"path": str(data_path)}], "split": [1.0, 0.0, 0.0],
+        "quantization": training.pop("quantization", "nf4"),
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "training": {"max_steps": 40, "batch_size": 4, "learning_rate": 1e-2, "scheduler": "constant",
+                     "warmup_ratio": 0.0, "gradient_checkpointing": False, "logging_steps": 1,
+                     "eval_steps": 1000, "save_steps": 10, "sample_steps": 20, **training},
+        "samples": {"prompts": ["问题1"], "facts": [["7号"]], "max_new_tokens": 6},
+    })
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model = build_tiny_qwen2(tmp_path / "model", initializer_range=0.2)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS), encoding="utf-8")
+    return model, data
+
+
+def losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if "loss" in r and "sample" not in r]
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "none"])
+def test_loss_falls_on_a_memorisable_set(tmp_path, setup, quantization):
+    from train.trainer import run_training
+
+    model, data = setup
+    result = run_training(recipe(data, quantization=quantization), str(model), tmp_path / "run", tmp_path)
+    curve = [loss for _, loss in losses(tmp_path / "run")]
+    assert result.steps == 40 and len(curve) == 40
+    assert curve[-1] < 0.5 * curve[0], curve
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    samples = [r for r in log if "sample" in r]
+    assert [s["step"] for s in samples] == [20, 40] and all("learning_rate" in r for r in log if "loss" in r)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_collapse_is_flagged():
+    from train.trainer import degenerate
+
+    assert degenerate("") == "empty reply"
+    assert degenerate("哈哈哈哈哈哈哈哈哈哈") is not None
+    assert degenerate("云栈盘免费版为每个账号提供15GB存储空间。") is None
+
+
+def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, setup):
+    from train.trainer import run_training
+
+    model, data = setup
+    bad = recipe(data, quantization="none", learning_rate=50.0, save_steps=1, max_steps=30)
+    with pytest.raises(UserError, match=r"(diverged|became nan) at step \d+.*stopped\. Last good checkpoint") as err:
+        run_training(bad, str(model), tmp_path / "run", tmp_path)
+    steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
+    bad_step = int(re.search(r" at step (\d+)", str(err.value)).group(1))
+    assert steps and max(steps) < bad_step
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {repo!r})
+    from pathlib import Path
+    from tests.test_train import recipe
+    from train.trainer import run_training
+    run_training(recipe(Path({data!r}), quantization="none", max_steps=30, save_steps=5),
+                 {model!r}, Path(sys.argv[1]), Path({data!r}).parent)
+""")
+
+
+def test_kill_9_then_rerun_repeats_the_uninterrupted_run(tmp_path, setup):
+    model, data = setup
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.format(repo=str(REPO), data=str(data), model=str(model)))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    straight = tmp_path / "straight"
+    subprocess.run([sys.executable, str(script), str(straight)], check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(script), str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed / "checkpoints" / "checkpoint-15").is_dir() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "adapter").exists(), "killed too late to test resume"
+    done = subprocess.run([sys.executable, str(script), str(killed)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = losses(straight), losses(killed)
+    assert [s for s, _ in b] == list(range(1, 31))  # every step once: none lost, none repeated
+    assert [s for s, _ in a] == [s for s, _ in b]
+    assert [x for _, x in b] == pytest.approx([x for _, x in a], rel=1e-4)
+
+
+def test_merge_matches_base_plus_adapter_and_loads(tmp_path, setup):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from train.merge import merge_adapter
+    from train.trainer import run_training
+
+    model, data = setup
+    result = run_training(recipe(data, max_steps=10), str(model), tmp_path / "run", tmp_path)
+    prompts = [[{"role": "user", "content": f"问题{i}"}] for i in range(4)]
+    parity = merge_adapter(str(model), result.adapter_dir, tmp_path / "run" / "merged", parity_prompts=prompts,
+                           max_new_tokens=8, tolerance=1e-3, provenance={"base_card": "tiny"})
+    assert parity.passed and parity.same_replies == 4 and parity.max_abs_logit_diff < 1e-4
+    merged = tmp_path / "run" / "merged"
+    provenance = json.loads((merged / "provenance.json").read_text())
+    assert provenance["base_card"] == "tiny" and provenance["parity"]["passed"] is True
+    assert list(merged.glob("*.safetensors")) and not list(merged.glob("*.bin"))
+    AutoModelForCausalLM.from_pretrained(merged)
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), result.adapter_dir)
+    # A tolerance nothing can meet (negative) fails the check and leaves no merged directory behind.
+    with pytest.raises(UserError, match="merge parity failed"):
+        merge_adapter(str(model), result.adapter_dir, tmp_path / "run" / "merged2", parity_prompts=prompts,
+                      max_new_tokens=8, tolerance=-1.0, provenance={})
+    assert not (tmp_path / "run" / "merged2").exists()

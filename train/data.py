@@ -1,0 +1,400 @@
+"""Training data: read what users bring, clean it with a printed report, split it, and turn each
+conversation into token ids whose labels cover the assistant's tokens only.
+
+Formats (auto-detected from a row's keys, or declared):
+- `alpaca`: instruction, input, output, optional system and history ([[instruction, answer], ...])
+- `messages`: OpenAI `messages` [{role, content}], or ShareGPT `conversations` [{from, value}]
+- `xtuner`: `conversation` [{input, output, system?}, ...]
+- `style`: user, assistant, style (the style task's prompt is put around the user message)
+- `prompt_completion`: prompt, completion
+Files: .jsonl, .json (an array) or .csv. A malformed row stops with one line naming the file, the
+row and the problem, unless `skip_bad_rows` is set, in which case it is counted and reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Literal
+
+from selectune.errors import UserError
+from selectune.rows import BadLine, read_rows
+
+Format = Literal["alpaca", "messages", "xtuner", "style", "prompt_completion"]
+FORMATS: tuple[str, ...] = ("alpaca", "messages", "xtuner", "style", "prompt_completion")
+
+# Keys that identify a format, in the order they are tried.
+_SIGNATURES: list[tuple[str, set[str]]] = [
+    ("messages", {"messages"}),
+    ("messages", {"conversations"}),
+    ("xtuner", {"conversation"}),
+    ("alpaca", {"instruction", "output"}),
+    ("style", {"user", "assistant", "style"}),
+    ("prompt_completion", {"prompt", "completion"}),
+]
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system"}
+
+# The layout for models without a chat template (gemma3-270m is a base model): Alpaca's
+# "### Instruction / ### Response", as a Jinja chat template so that training, the merged
+# checkpoint and serving all use one code path (apply_chat_template).
+ALPACA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] + '\\n\\n' }}"
+    "{% elif m['role'] == 'user' %}{{ '### Instruction:\\n' + m['content'] + '\\n\\n### Response:\\n' }}"
+    "{% else %}{{ m['content'] + eos_token + '\\n\\n' }}{% endif %}"
+    "{% endfor %}"
+)
+"""A user turn ends with "### Response:\n", so the generation prompt needs nothing more."""
+
+
+@dataclass(frozen=True)
+class Conversation:
+    messages: list[dict]
+    """[{role, content}], roles system?/user/assistant alternating, ending with assistant."""
+    source: str
+    """`file:row`, for messages about this example."""
+
+
+@dataclass
+class CleaningReport:
+    read: int = 0
+    bad_rows_skipped: int = 0
+    html_stripped: int = 0
+    empty_dropped: int = 0
+    duplicates_dropped: int = 0
+    overlong_truncated: int = 0
+    overlong_dropped: int = 0
+    kept: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        return [f"read {self.read} rows",
+                f"  bad rows skipped: {self.bad_rows_skipped}",
+                f"  rows with HTML tags stripped: {self.html_stripped}",
+                f"  empty rows dropped: {self.empty_dropped}",
+                f"  duplicate rows dropped: {self.duplicates_dropped}",
+                f"  over-long rows truncated: {self.overlong_truncated}",
+                f"  over-long rows dropped: {self.overlong_dropped}",
+                f"kept {self.kept}"]
+
+
+class _BadRow(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+_SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv"}
+
+
+def _read(path: Path) -> list[tuple[int, object]]:
+    fmt = _SUFFIX_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise UserError(f"{path}: unknown data file type '{path.suffix}' (expected .jsonl, .json or .csv)")
+    return read_rows(path, fmt)
+
+
+def detect_format(row: object) -> str | None:
+    if not isinstance(row, dict):
+        return None
+    for name, keys in _SIGNATURES:
+        if keys <= row.keys():
+            return name
+    return None
+
+
+def _text(row: dict, key: str, *, required: bool = True) -> str:
+    value = row.get(key)
+    if value is None or value == "":
+        if required:
+            raise _BadRow(f"missing field '{key}'")
+        return ""
+    if not isinstance(value, str):
+        raise _BadRow(f"field '{key}' must be text, got {type(value).__name__}")
+    return value
+
+
+def _alpaca(row: dict) -> list[dict]:
+    messages = [{"role": "system", "content": _text(row, "system")}] if row.get("system") else []
+    history = row.get("history") or []
+    if not isinstance(history, list):
+        raise _BadRow("field 'history' must be a list of [instruction, answer] pairs")
+    for n, pair in enumerate(history):
+        if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise _BadRow(f"history[{n}] must be an [instruction, answer] pair of texts")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    instruction, extra = _text(row, "instruction"), _text(row, "input", required=False)
+    # As LLaMA-Factory does: the input follows the instruction in the same user turn.
+    user = f"{instruction}\n{extra}" if extra else instruction
+    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row, "output")}]
+
+
+def _messages(row: dict) -> list[dict]:
+    key = "messages" if "messages" in row else "conversations"
+    turns = row[key]
+    if not isinstance(turns, list) or not turns:
+        raise _BadRow(f"field '{key}' must be a non-empty list of turns")
+    out = []
+    for n, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise _BadRow(f"{key}[{n}] must be an object")
+        if "role" in turn:
+            role, content = turn.get("role"), turn.get("content")
+        else:
+            role, content = _SHAREGPT_ROLES.get(turn.get("from")), turn.get("value")
+        if role not in ("system", "user", "assistant"):
+            raise _BadRow(f"{key}[{n}]: unknown role {turn.get('role', turn.get('from'))!r}")
+        if not isinstance(content, str):
+            raise _BadRow(f"{key}[{n}]: content must be text")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _xtuner(row: dict) -> list[dict]:
+    turns = row["conversation"]
+    if not isinstance(turns, list) or not turns:
+        raise _BadRow("field 'conversation' must be a non-empty list of {input, output}")
+    out = []
+    for n, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise _BadRow(f"conversation[{n}] must be an object")
+        try:
+            if turn.get("system"):
+                out.append({"role": "system", "content": _text(turn, "system")})
+            out += [{"role": "user", "content": _text(turn, "input")},
+                    {"role": "assistant", "content": _text(turn, "output")}]
+        except _BadRow as exc:
+            raise _BadRow(f"conversation[{n}]: {exc}") from None
+    return out
+
+
+def style_prompt(user: str, style: str) -> str:
+    """The style task's own prompt (tasks/style.yaml), so training teaches what is scored."""
+    import jinja2
+
+    from eval.task import find_task
+
+    template = find_task("style").prompt.user
+    return jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(template).render(
+        user=user, style=style)
+
+
+def _style(row: dict) -> list[dict]:
+    return [{"role": "user", "content": style_prompt(_text(row, "user"), _text(row, "style"))},
+            {"role": "assistant", "content": _text(row, "assistant")}]
+
+
+def _prompt_completion(row: dict) -> list[dict]:
+    return [{"role": "user", "content": _text(row, "prompt")},
+            {"role": "assistant", "content": _text(row, "completion")}]
+
+
+_CONVERT = {"alpaca": _alpaca, "messages": _messages, "xtuner": _xtuner, "style": _style,
+            "prompt_completion": _prompt_completion}
+
+
+def _check_turns(messages: list[dict]) -> None:
+    roles = [m["role"] for m in messages]
+    body = roles[1:] if roles and roles[0] == "system" else roles
+    if "system" in body:
+        raise _BadRow("a system turn may only come first")
+    if not body or body[-1] != "assistant":
+        raise _BadRow("the conversation must end with an assistant turn")
+    if any(r == body[i - 1] for i, r in enumerate(body) if i) or body[0] != "user":
+        raise _BadRow("turns must alternate user, assistant, starting with user")
+
+
+def load_conversations(path: Path, fmt: str | None = None, *, skip_bad_rows: bool = False,
+                       report: CleaningReport | None = None) -> list[Conversation]:
+    """Every row of `path` as a Conversation; `fmt` None detects the format from the first row."""
+    if fmt is not None and fmt not in FORMATS:
+        raise UserError(f"{path}: unknown format '{fmt}' (expected one of {', '.join(FORMATS)})")
+    report = report if report is not None else CleaningReport()
+    rows = _read(path)
+    if not rows:
+        raise UserError(f"{path}: no rows")
+    if fmt is None:
+        first = next((r for _, r in rows if not isinstance(r, BadLine)), None)
+        fmt = detect_format(first)
+        if fmt is None:
+            keys = sorted(first) if isinstance(first, dict) else type(first).__name__
+            raise UserError(f"{path}: cannot tell the format from the first row's keys {keys} "
+                            f"(declare one of {', '.join(FORMATS)})")
+    out = []
+    for n, row in rows:
+        report.read += 1
+        try:
+            if isinstance(row, BadLine):
+                raise _BadRow(row.problem)
+            if not isinstance(row, dict):
+                raise _BadRow(f"expected an object, got {type(row).__name__}")
+            messages = _CONVERT[fmt](row)
+            _check_turns(messages)
+        except _BadRow as exc:
+            problem = f"{path}:{n}: {exc} ({fmt} format)"
+            if not skip_bad_rows:
+                raise UserError(problem) from None
+            report.bad_rows_skipped += 1
+            report.problems.append(problem)
+            continue
+        out.append(Conversation(messages, f"{path.name}:{n}"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Cleaning
+
+
+class _TextOnly(HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+
+    def handle_data(self, data: str) -> None:
+        self.parts.append(data)
+
+
+_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9-]*(\s[^<>]*)?/?>")
+_SPACES = re.compile(r"[ \t\u00a0\u3000]+")
+
+
+def strip_html(text: str) -> str:
+    """Text without HTML tags (and with entities decoded) when it holds a tag; unchanged otherwise."""
+    if not _TAG.search(text):
+        return text
+    parser = _TextOnly()
+    parser.feed(text)
+    parser.close()
+    return html.unescape("".join(parser.parts))
+
+
+def normalise_whitespace(text: str) -> str:
+    """Runs of spaces and tabs (ASCII, no-break, ideographic) to one space, line ends to \\n,
+    at most one blank line, no spaces around lines, none at either end."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def clean(conversations: list[Conversation], report: CleaningReport) -> list[Conversation]:
+    """HTML stripped, whitespace normalised, empty and duplicate conversations dropped."""
+    out, seen = [], set()
+    for conv in conversations:
+        messages = []
+        stripped = False
+        for m in conv.messages:
+            content = strip_html(m["content"])
+            stripped |= content != m["content"]
+            messages.append({"role": m["role"], "content": normalise_whitespace(content)})
+        report.html_stripped += stripped
+        if any(not m["content"] for m in messages if m["role"] != "system"):
+            report.empty_dropped += 1
+            continue
+        key = json.dumps(messages, ensure_ascii=False, sort_keys=True)
+        if key in seen:
+            report.duplicates_dropped += 1
+            continue
+        seen.add(key)
+        out.append(Conversation(messages, conv.source))
+    return out
+
+
+def split(conversations: list[Conversation], fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+          seed: int = 0) -> dict[str, list[Conversation]]:
+    """A seeded shuffle cut into train/val/test; the same input and seed give the same split."""
+    if abs(sum(fractions) - 1.0) > 1e-9 or any(f < 0 for f in fractions):
+        raise UserError(f"split fractions must be non-negative and sum to 1, got {list(fractions)}")
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    n_train = round(fractions[0] * len(order))
+    n_val = round(fractions[1] * len(order))
+    cut = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    return {name: [conversations[i] for i in idx] for name, idx in cut.items()}
+
+
+def data_sha256(conversations: list[Conversation]) -> str:
+    digest = hashlib.sha256()
+    for conv in conversations:
+        digest.update(json.dumps(conv.messages, ensure_ascii=False, sort_keys=True).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def save_split(parts: dict[str, list[Conversation]], out_dir: Path) -> None:
+    """`<out_dir>/{train,val,test}.jsonl` in the `messages` format, written atomically."""
+    from selectune.files import write_text_atomic
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, convs in parts.items():
+        write_text_atomic(out_dir / f"{name}.jsonl", "".join(
+            json.dumps({"messages": c.messages, "source": c.source}, ensure_ascii=False) + "\n" for c in convs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenising with assistant-only labels
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    """input_ids where the model must learn the token (assistant replies and their end-of-turn
+    marks), IGNORE_INDEX elsewhere."""
+    source: str
+
+
+def ensure_chat_template(tokenizer) -> bool:
+    """Give a tokenizer without a chat template the Alpaca layout; True when it was added."""
+    if tokenizer.chat_template:
+        return False
+    tokenizer.chat_template = ALPACA_CHAT_TEMPLATE
+    return True
+
+
+def _assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of each assistant reply (with the
+    template's end-of-turn text), found by rendering growing prefixes of the conversation."""
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (full.startswith(upto) and upto.startswith(before)):
+            raise UserError("the chat template does not render a conversation as a growing prefix; "
+                            "assistant tokens cannot be located")
+        spans.append((len(before), len(upto)))
+    return full, spans
+
+
+def tokenize(tokenizer, conv: Conversation, max_length: int, overlong: Literal["truncate", "drop"],
+             report: CleaningReport) -> Example | None:
+    text, spans = _assistant_spans(tokenizer, conv.messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = []
+    for tok, (start, end) in zip(enc.input_ids, enc.offset_mapping):
+        inside = any(s <= start and end <= e and end > start for s, e in spans)
+        labels.append(tok if inside else IGNORE_INDEX)
+    ids = list(enc.input_ids)
+    if len(ids) > max_length:
+        if overlong == "drop":
+            report.overlong_dropped += 1
+            return None
+        ids, labels = ids[:max_length], labels[:max_length]
+        report.overlong_truncated += 1
+    if all(label == IGNORE_INDEX for label in labels):
+        report.overlong_dropped += 1  # truncation left no reply to learn from
+        return None
+    return Example(ids, labels, conv.source)

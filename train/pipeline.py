@@ -1,0 +1,110 @@
+"""`make train`: fine-tune the selected model, merge, check parity, and measure the fact task.
+
+    python -m selectune train                                  # train/default.yaml, the winner
+    python -m selectune train --recipe train/quick.yaml --model smollm2-135m-instruct
+
+Writes runs/train/<run>/: data/{train,val,test}.jsonl (the split), train_log.jsonl (losses,
+learning rate, samples and their flags), checkpoints/, adapter/, merged/ (with provenance.json)
+and summary.json (last, so a run without it is not complete). A rerun resumes training from the
+last checkpoint; a finished adapter or merged model is not redone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from selectune.errors import UserError
+from selectune.files import sha256_file, write_json_atomic
+from selectune.settings import Settings
+from train.recipe import Recipe
+
+
+def resolve_model(recipe: Recipe, override: str | None, runs_dir: Path) -> str:
+    if override:
+        return override
+    if recipe.model:
+        return recipe.model
+    selection = runs_dir / "selection.json"
+    if not selection.is_file():
+        raise UserError(f"{selection}: not found; run `make select` first, or name a model "
+                        f"(--model, or `model:` in {recipe.path})")
+    winner = json.loads(selection.read_text(encoding="utf-8")).get("winner")
+    if not winner:
+        raise UserError(f"{selection}: has no winner; name a model with --model")
+    return winner
+
+
+def fact_comparison(base_card, merged_card, merged_dir: Path, settings: Settings, conn) -> dict:
+    """Fact recall of the base and the merged model on the fact task's test split (paired)."""
+    from eval import metrics as M
+    from eval.backends.hf import HFBackend
+    from eval.runner import run_task
+    from eval.stats import bootstrap_mean, compare
+    from eval.task import find_task, load_items
+
+    task = find_task("fact")
+    items = load_items(task, "test", settings.resolved_data_dir)
+    out = {}
+    for label, card, checkpoint in (("base", base_card, None), ("merged", merged_card, merged_dir)):
+        backend = HFBackend(card, settings.model_store, checkpoint=checkpoint)
+        run = run_task(backend, task, "test", "gen", items, conn, data_dir=settings.resolved_data_dir)
+        out[label] = [r["scores"][M.FACT_RECALL] for r in run.items]
+        del backend
+    comp = compare(out["merged"], out["base"], binary=False)
+    return {"task": "fact", "split": "test", "items": len(items),
+            "base": asdict(bootstrap_mean(out["base"])), "merged": asdict(bootstrap_mean(out["merged"])),
+            "diff_merged_minus_base": comp.diff, "ci95": [comp.low, comp.high], "p_value": comp.p_value,
+            "test": comp.test}
+
+
+def train_command(settings: Settings, recipe: Recipe, model_name: str | None, run_name: str | None) -> dict:
+    from eval.results import open_results
+    from models.card import find_card
+    from models.store import provision
+    from train.merge import merge_adapter
+    from train.trainer import run_training
+
+    card = find_card(resolve_model(recipe, model_name, settings.runs_dir))
+    manifest = provision(card, settings.model_store)
+    run_dir = settings.runs_dir / "train" / (run_name or f"{recipe.name}-{card.name}")
+    summary_path = run_dir / "summary.json"
+    print(f"train: {card.name} with {recipe.path} into {run_dir}")
+    started = time.monotonic()
+    result = run_training(recipe, manifest["checkpoint"], run_dir, settings.resolved_data_dir,
+                          trust_remote_code=card.trust_remote_code)
+    merged_dir = run_dir / "merged"
+    prompts = [c.messages[:-1] for c in (result.data.split["val"] or result.data.split["train"])]
+    prompts = prompts[: recipe.parity.items]
+    provenance = {
+        "base_card": card.name, "base_weights_sha256": manifest.get("weights_sha256"),
+        "adapter_config": json.loads((result.adapter_dir / "adapter_config.json").read_text(encoding="utf-8")),
+        "adapter_sha256": sha256_file(result.adapter_dir / "adapter_model.safetensors"),
+        "data_sha256": result.data.sha256, "recipe": recipe.model_dump(mode="json"),
+        "recipe_sha256": sha256_file(recipe.path) if recipe.path.is_file() else None,
+        "final_train_loss": result.final_train_loss, "final_val_loss": result.final_val_loss,
+        "steps": result.steps,
+    }
+    parity = merge_adapter(manifest["checkpoint"], result.adapter_dir, merged_dir, parity_prompts=prompts,
+                           max_new_tokens=recipe.parity.max_new_tokens, tolerance=recipe.parity.tolerance,
+                           provenance=provenance, trust_remote_code=card.trust_remote_code)
+    print(f"merge: parity {parity.same_replies}/{parity.items} identical greedy replies, max logit "
+          f"difference {parity.max_abs_logit_diff:.2e} (tolerance {parity.tolerance:.0e})")
+    merged_card = card.model_copy(update={"name": f"{card.name}+{run_dir.name}", "chat_template": "tokenizer",
+                                          "add_bos": False})
+    facts = fact_comparison(card, merged_card, merged_dir, settings, open_results(settings.runs_dir))
+    print(f"fact recall on the test split ({facts['items']} items): base {facts['base']['mean']:.1%}, "
+          f"merged {facts['merged']['mean']:.1%}, difference {facts['diff_merged_minus_base']:+.1%} "
+          f"[{facts['ci95'][0]:+.1%}, {facts['ci95'][1]:+.1%}], p={facts['p_value']:.3g}")
+    summary = {"model": card.name, "merged_model": merged_card.name, "recipe": str(recipe.path),
+               "run_dir": str(run_dir), "adapter": str(result.adapter_dir), "merged": str(merged_dir),
+               "steps": result.steps, "train_seconds": round(result.seconds, 1),
+               "total_seconds": round(time.monotonic() - started, 1), "resumed_from": result.resumed_from,
+               "final_train_loss": result.final_train_loss, "final_val_loss": result.final_val_loss,
+               "cleaning": {k: v for k, v in asdict(result.data.report).items() if k != "problems"},
+               "parity": {**asdict(parity), "passed": parity.passed}, "fact": facts}
+    write_json_atomic(summary_path, summary)
+    print(f"wrote {summary_path}")
+    return summary

@@ -1,0 +1,134 @@
+"""A training recipe: one strictly validated YAML file under train/ (unknown key -> one-line error).
+
+    python -m selectune train --recipe train/quick.yaml
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+from selectune.strict_yaml import load_named_yaml
+
+TRAIN_DIR = Path(__file__).resolve().parent
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceSpec(_Strict):
+    """Either a task's split (its prompts with the reference answers as replies, so training
+    teaches exactly what is scored) or a data file in one of the formats of train/data.py."""
+
+    task: str | None = None
+    split: str = "train"
+    path: str | None = None
+    """Relative to the repository root, or absolute."""
+    format: str | None = None
+    """alpaca, messages, xtuner, style or prompt_completion; None: detected from the first row."""
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SourceSpec:
+        if (self.task is None) == (self.path is None):
+            raise ValueError("a data source names exactly one of 'task' or 'path'")
+        return self
+
+
+class LoraSpec(_Strict):
+    r: int = Field(default=16, gt=0)
+    alpha: int = Field(default=32, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] | None = None
+    """None: the architecture's attention projections plus MLP (train/trainer.py)."""
+    modules_to_save: list[str] = []
+    """Trained in full and saved with the adapter, e.g. [lm_head, embed_tokens]."""
+
+
+class TrainingSpec(_Strict):
+    epochs: float = Field(default=3.0, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)
+    """When set, overrides epochs."""
+    batch_size: int = Field(default=8, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    learning_rate: float = Field(default=2e-4, gt=0)
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    """Either after a linear warm-up."""
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    gradient_checkpointing: bool = True
+    group_by_length: bool = True
+    """Batches of similar lengths: far less padding than a random order."""
+    logging_steps: int = Field(default=5, gt=0)
+    eval_steps: int = Field(default=20, gt=0)
+    save_steps: int = Field(default=20, gt=0)
+    sample_steps: int = Field(default=20, gt=0)
+    """Generate the recipe's sample prompts every this many steps."""
+    divergence_factor: float = Field(default=4.0, gt=1)
+    """Stop when the training loss exceeds this many times its first logged value."""
+
+
+class SampleTaskSpec(_Strict):
+    task: str
+    split: str = "test"
+    count: int = Field(default=2, gt=0)
+    """The first `count` items of the split, with their system prompt and, for the fact task,
+    their required facts (the under-fitting check)."""
+
+
+class SamplesSpec(_Strict):
+    """Fixed prompts generated every training.sample_steps steps (XTuner's evaluation_inputs)."""
+
+    prompts: list[str] = []
+    """Single user turns."""
+    facts: list[list[str]] = []
+    """Per prompt, the facts a trained reply must contain (under-fitting check); may be empty."""
+    tasks: list[SampleTaskSpec] = []
+    max_new_tokens: int = Field(default=48, gt=0)
+
+    @model_validator(mode="after")
+    def _aligned(self) -> SamplesSpec:
+        if self.facts and len(self.facts) != len(self.prompts):
+            raise ValueError("samples.facts needs one list per prompt")
+        return self
+
+
+class ParitySpec(_Strict):
+    items: int = Field(default=8, gt=0)
+    """Validation prompts on which base+adapter and the merged model are compared."""
+    max_new_tokens: int = Field(default=32, gt=0)
+    tolerance: float = Field(default=1e-3, gt=0)
+    """Largest allowed absolute difference between their logits (fp32)."""
+
+
+class Recipe(_Strict):
+    name: str
+    description: str = ""
+    model: str | None = None
+    """Card name; None: the winner in runs/selection.json."""
+    data: list[SourceSpec] = Field(min_length=1)
+    skip_bad_rows: bool = False
+    max_length: int = Field(default=512, gt=8)
+    overlong: Literal["truncate", "drop"] = "truncate"
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 0
+    quantization: Literal["nf4", "int8", "none"] = "nf4"
+    """nf4: QLoRA (NF4, double quantisation); int8: 8-bit loading; none: plain LoRA."""
+    compute_dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 on a GPU that has it, else fp32 (on these CPUs bf16 matmuls were slower)."""
+    lora: LoraSpec = LoraSpec()
+    training: TrainingSpec = TrainingSpec()
+    samples: SamplesSpec = SamplesSpec()
+    parity: ParitySpec = ParitySpec()
+
+    _path: Path | None = PrivateAttr(default=None)
+
+    @property
+    def path(self) -> Path:
+        return self._path if self._path is not None else TRAIN_DIR / f"{self.name}.yaml"
+
+
+def load_recipe(path: Path) -> Recipe:
+    return load_named_yaml(path, Recipe, "recipe")

@@ -1,0 +1,436 @@
+"""The thin trainer: our data path, recipe and checks around transformers' Trainer and peft.
+
+    python -m selectune train --recipe train/default.yaml      # make train
+
+The optimiser loop, checkpointing, resume (same data order: the sampler is seeded and Trainer
+skips the batches already seen) and `accelerate launch` on several GPUs are transformers'. Ours:
+- the data (train/data.py): read, clean with a report, split, template, assistant-only labels;
+- the model: NF4 with double quantisation (or 8-bit, or none), prepare_model_for_kbit_training,
+  LoRA on the architecture's attention and MLP projections;
+- a padding collator, and length-grouped batches;
+- callbacks: JSON-lines log of train/val loss and learning rate; the recipe's sample prompts
+  generated every M steps and checked for collapse (empty or repeated-character replies) and
+  under-fitting (facts still missing); a NaN or diverging loss stops training with a clear
+  message, leaving the last good checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from selectune.errors import UserError
+from train.data import (CleaningReport, Conversation, Example, clean, data_sha256, ensure_chat_template,
+                        load_conversations, save_split, split, tokenize)
+from train.recipe import Recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Attention projections plus MLP, by model_type (LoRA's usual "all linear layers but the head").
+TARGET_MODULES = {
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma3_text": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+    "internlm2": ["wqkv", "wo", "w1", "w2", "w3"],
+}
+
+
+def target_modules(recipe: Recipe, model_type: str) -> list[str]:
+    if recipe.lora.target_modules:
+        return list(recipe.lora.target_modules)
+    if model_type not in TARGET_MODULES:
+        raise UserError(f"{recipe.path}: no default LoRA target modules for model_type '{model_type}'; "
+                        f"set lora.target_modules (known: {', '.join(sorted(TARGET_MODULES))})")
+    return TARGET_MODULES[model_type]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def source_conversations(recipe: Recipe, data_dir: Path, report: CleaningReport) -> list[Conversation]:
+    from eval.task import find_task, load_items
+
+    out: list[Conversation] = []
+    for src in recipe.data:
+        if src.task is not None:
+            task = find_task(src.task)
+            if task.reference_field is None:
+                raise UserError(f"{recipe.path}: task '{src.task}' has no reference answers to train on")
+            items = load_items(task, src.split, data_dir)
+            report.read += len(items)
+            out += [Conversation([*i.messages(), {"role": "assistant", "content": i.gold}],
+                                 f"{task.name}:{i.id}") for i in items]
+        else:
+            path = Path(src.path) if Path(src.path).is_absolute() else REPO / src.path
+            out += load_conversations(path, src.format, skip_bad_rows=recipe.skip_bad_rows, report=report)
+    return out
+
+
+@dataclass
+class PreparedData:
+    train: list[Example]
+    val: list[Example]
+    split: dict[str, list[Conversation]]
+    report: CleaningReport
+    sha256: str
+
+
+def prepare_data(recipe: Recipe, tokenizer, data_dir: Path, run_dir: Path) -> PreparedData:
+    """Read, clean, split (saved under run_dir/data) and tokenise; prints the cleaning report."""
+    report = CleaningReport()
+    conversations = clean(source_conversations(recipe, data_dir, report), report)
+    parts = split(conversations, recipe.split, recipe.seed)
+    save_split(parts, run_dir / "data")
+    examples = {}
+    for name in ("train", "val"):
+        tokenized = [tokenize(tokenizer, c, recipe.max_length, recipe.overlong, report) for c in parts[name]]
+        examples[name] = [e for e in tokenized if e is not None]
+    report.kept = sum(len(v) for v in parts.values()) - report.overlong_dropped
+    for line in report.lines():
+        print(f"data: {line}")
+    for problem in report.problems:
+        print(f"data: skipped {problem}")
+    if not examples["train"]:
+        raise UserError(f"{recipe.path}: no training examples left after cleaning")
+    return PreparedData(examples["train"], examples["val"], parts, report, data_sha256(conversations))
+
+
+class PadCollator:
+    """Right-pads a batch; padded positions get attention 0 and label -100."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(features), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n] = torch.tensor(f["input_ids"])
+            labels[i, :n] = torch.tensor(f["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class SeededLengthGroupedSampler:
+    """transformers' length grouping (megabatches of similar lengths, longest first), with the
+    order drawn from (seed, epoch) alone. Its own sampler draws from the global RNG, whose state
+    a mid-epoch checkpoint saves after the epoch's order was drawn: a resumed run then reorders
+    the rest of the epoch. Trainer calls set_epoch at every epoch start."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+def thin_trainer_class():
+    from transformers import Trainer
+
+    class ThinTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if self.args.train_sampling_strategy != "group_by_length":
+                return super()._get_train_sampler(train_dataset)
+            return SeededLengthGroupedSampler(
+                [len(e.input_ids) for e in dataset.examples],
+                self.args.train_batch_size * self.args.gradient_accumulation_steps, self.args.seed)
+
+    return ThinTrainer
+
+
+class ExampleDataset:
+    """A map-style dataset of tokenised examples (what Trainer's samplers and collator read)."""
+
+    def __init__(self, examples: list[Example]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        e = self.examples[i]
+        return {"input_ids": e.input_ids, "labels": e.labels}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+def compute_dtype(recipe: Recipe):
+    import torch
+
+    if recipe.compute_dtype == "bf16":
+        return torch.bfloat16
+    if recipe.compute_dtype == "fp32":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def load_for_training(recipe: Recipe, checkpoint: str, trust_remote_code: bool):
+    """The base model quantised as the recipe says, prepared for k-bit training, with LoRA."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = compute_dtype(recipe)
+    quant = None
+    if recipe.quantization == "nf4":
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    elif recipe.quantization == "int8":
+        quant = BitsAndBytesConfig(load_in_8bit=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoint, dtype=dtype, quantization_config=quant, use_safetensors=True,
+        device_map="auto" if torch.cuda.is_available() else "cpu", trust_remote_code=trust_remote_code)
+    if quant is not None:
+        # bitsandbytes repacks a 4-bit weight for a faster CPU kernel the first time it runs in
+        # eval mode without grad (our periodic samples, Trainer's evaluation); the packed weight
+        # then goes through a kernel with no backward when training resumes. Keep the training layout.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=recipe.training.gradient_checkpointing)
+    elif recipe.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    config = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+                        target_modules=target_modules(recipe, model.config.model_type),
+                        modules_to_save=list(recipe.lora.modules_to_save) or None,
+                        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks while training
+
+
+def degenerate(reply: str) -> str | None:
+    """Why a sample reply looks collapsed, or None: empty, or one character making up most of it."""
+    text = reply.strip()
+    if not text:
+        return "empty reply"
+    if len(text) >= 8:
+        top = max(text.count(c) for c in set(text))
+        if top / len(text) > 0.5:
+            return f"one character is {top / len(text):.0%} of the reply"
+    return None
+
+
+def sample_prompts(recipe: Recipe, data_dir: Path) -> list[tuple[list[dict], list[str]]]:
+    """(conversation without the reply, facts it must contain) for every sample prompt."""
+    from eval.task import find_task, load_items
+
+    out = [([{"role": "user", "content": p}], recipe.samples.facts[n] if recipe.samples.facts else [])
+           for n, p in enumerate(recipe.samples.prompts)]
+    for spec in recipe.samples.tasks:
+        for item in load_items(find_task(spec.task), spec.split, data_dir)[: spec.count]:
+            out.append((item.messages(), list(item.fields.get("facts", []))))
+    return out
+
+
+def make_callbacks(recipe: Recipe, tokenizer, log_path: Path, samples: list[tuple[list[dict], list[str]]]):
+    from transformers import TrainerCallback
+
+    from eval.scorers.fact import facts_found
+
+    class JsonlLog(TrainerCallback):
+        """Every log event (train loss, learning rate, val loss) as one JSON line."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **(logs or {})}
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    class DivergenceGuard(TrainerCallback):
+        """Stops on a NaN/inf loss or one far above the first; the message is kept for the caller."""
+
+        def __init__(self):
+            self.first: float | None = None
+            self.problem: str | None = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss, grad_norm = (logs or {}).get("loss"), (logs or {}).get("grad_norm")
+            if loss is None:
+                return
+            if self.first is None and math.isfinite(loss):
+                self.first = loss
+            if not math.isfinite(loss):
+                self.problem = f"training loss became {loss} at step {state.global_step}"
+            elif grad_norm is not None and not math.isfinite(grad_norm):
+                # the update just applied was made of NaNs: the weights are gone
+                self.problem = f"gradient norm became {grad_norm} at step {state.global_step}"
+            elif self.first is not None and loss > recipe.training.divergence_factor * self.first:
+                self.problem = (f"training loss diverged at step {state.global_step}: {loss:.3f} > "
+                                f"{recipe.training.divergence_factor} x the first logged {self.first:.3f}")
+            if self.problem:
+                control.should_training_stop = True
+                control.should_save = False  # the last good checkpoint stays the last one
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.problem:  # never save a checkpoint after a bad loss
+                control.should_save = False
+                control.should_training_stop = True
+
+    class Samples(TrainerCallback):
+        """The recipe's prompts generated greedily every sample_steps steps, checked and logged."""
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if samples and state.global_step % recipe.training.sample_steps == 0:
+                self.sample(state.global_step, model)
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            if samples and state.global_step % recipe.training.sample_steps:
+                self.sample(state.global_step, model)
+
+        def sample(self, step: int, model) -> None:
+            replies = generate(model, tokenizer, [m for m, _ in samples], recipe.samples.max_new_tokens)
+            for n, ((messages, facts), reply) in enumerate(zip(samples, replies)):
+                flags = []
+                if why := degenerate(reply):
+                    flags.append(f"collapse: {why}")
+                missing = [f for f, hit in facts_found(reply, facts).items() if not hit]
+                if missing:
+                    flags.append("under-fitting: facts missing: " + ", ".join(missing))
+                record = {"step": step, "sample": n, "prompt": messages[-1]["content"], "reply": reply,
+                          "flags": flags}
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                for flag in flags:
+                    print(f"train: step {step}, sample {n}: {flag}")
+
+    return JsonlLog(), DivergenceGuard(), Samples()
+
+
+def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
+    """Greedy replies, one conversation at a time (no padding effects), model left as it was."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.inference_mode():
+            for messages in conversations:
+                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
+                new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id
+                                     if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+                out.append(tokenizer.decode(new[0, ids.shape[1]:], skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    adapter_dir: Path
+    final_train_loss: float | None
+    final_val_loss: float | None
+    steps: int
+    seconds: float
+    data: PreparedData
+    resumed_from: str | None
+
+
+def training_arguments(recipe: Recipe, out_dir: Path, *, evaluate: bool = True):
+    import torch
+    from transformers import TrainingArguments
+
+    t = recipe.training
+    dtype = compute_dtype(recipe)
+    return TrainingArguments(
+        output_dir=str(out_dir), per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate, lr_scheduler_type=t.scheduler if t.scheduler == "cosine"
+        else "constant_with_warmup", warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
+        num_train_epochs=t.epochs, max_steps=t.max_steps or -1, logging_steps=t.logging_steps,
+        logging_first_step=True, logging_nan_inf_filter=False, eval_strategy="steps" if evaluate else "no", eval_steps=t.eval_steps, save_strategy="steps",
+        save_steps=t.save_steps, save_total_limit=2, seed=recipe.seed, data_seed=recipe.seed,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        bf16=dtype == torch.bfloat16, use_cpu=not torch.cuda.is_available(), report_to=[],
+        # (gradient checkpointing is set up on the model, by prepare_model_for_kbit_training)
+        remove_unused_columns=False, dataloader_num_workers=0)
+
+
+def _truncate_log(log_path: Path, step: int) -> None:
+    """Drop log records past the checkpoint being resumed: those steps run again."""
+    if not log_path.exists():
+        return
+    keep = [line for line in log_path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    from selectune.files import write_text_atomic
+
+    write_text_atomic(log_path, "".join(line + "\n" for line in keep))
+
+
+def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path, *,
+                 trust_remote_code: bool = False) -> TrainResult:
+    """Train (or resume) the adapter into run_dir/adapter; logs in run_dir/train_log.jsonl."""
+    from transformers import AutoTokenizer, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+    if ensure_chat_template(tokenizer):
+        print("train: the base model has no chat template; using the Alpaca layout (saved with the adapter)")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    data = prepare_data(recipe, tokenizer, data_dir, run_dir)
+    set_seed(recipe.seed)  # LoRA's A matrices are drawn before Trainer seeds anything
+    model = load_for_training(recipe, checkpoint, trust_remote_code)
+    checkpoints = run_dir / "checkpoints"
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    log_path = run_dir / "train_log.jsonl"
+    if last:
+        print(f"train: resuming from {last}")
+        _truncate_log(log_path, int(Path(last).name.rsplit("-", 1)[1]))
+    elif log_path.exists():
+        log_path.unlink()  # no checkpoint to resume from: start the log afresh
+    log, guard, sampler = make_callbacks(recipe, tokenizer, log_path, sample_prompts(recipe, data_dir))
+    trainer = thin_trainer_class()(model=model, args=training_arguments(recipe, checkpoints, evaluate=bool(data.val)),
+                      train_dataset=ExampleDataset(data.train),
+                      eval_dataset=ExampleDataset(data.val) if data.val else None,
+                      data_collator=PadCollator(tokenizer.pad_token_id), callbacks=[log, guard, sampler])
+    started = time.monotonic()
+    trainer.train(resume_from_checkpoint=last)
+    seconds = time.monotonic() - started
+    if guard.problem:
+        kept = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        raise UserError(f"{guard.problem}; stopped. Last good checkpoint: {kept or 'none yet'} "
+                        f"(lower training.learning_rate in {recipe.path} and rerun)")
+    val_loss = trainer.evaluate()["eval_loss"] if data.val else None
+    adapter_dir = run_dir / "adapter"
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return TrainResult(run_dir, adapter_dir, history[-1] if history else None, val_loss,
+                       trainer.state.global_step, seconds, data, last)
