@@ -25,7 +25,7 @@ SELECTUNE := $(PY) -m selectune --runs-dir $(RUNS_DIR) $(if $(CACHE_DIR),--cache
 	$(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 .PHONY: help setup opencompass-venv models cards data select train serve rescore report review test \
-	bench bench-eval crosscheck-opencompass clean
+	bench bench-eval bench-train crosscheck-opencompass clean
 
 help: ## one line per target
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 10
@@ -84,6 +84,9 @@ LIMIT ?=
 crosscheck-opencompass: $(STAMP) $(OC_STAMP) ## OpenCompass's FewCLUE gen configs vs our OpenCompass-rule column (CARD=, LIMIT=)
 	$(PY) bench/crosscheck_opencompass.py $(if $(CARD),--model $(CARD)) $(if $(LIMIT),--limit $(LIMIT)) \
 		$(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+
+bench-train: $(STAMP) ## our trainer vs trl's SFTTrainer: tokens/s and peak memory, same model and data
+	$(PY) bench/train_speed.py $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 clean: ## remove run output and build debris (the model store is kept)
 	rm -rf $(RUNS_DIR) build *.egg-info .pytest_cache

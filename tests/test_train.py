@@ -142,3 +142,78 @@ def test_merge_matches_base_plus_adapter_and_loads(tmp_path, setup):
         merge_adapter(str(model), result.adapter_dir, tmp_path / "run" / "merged2", parity_prompts=prompts,
                       max_new_tokens=8, tolerance=-1.0, provenance={})
     assert not (tmp_path / "run" / "merged2").exists()
+
+
+def test_label_only_loss_equals_the_models_own_loss(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from train.trainer import PadCollator, label_only_loss
+
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_qwen2(tmp_path / "m", initializer_range=0.2))
+    features = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
+                {"input_ids": [10, 11, 12], "labels": [-100, 11, 12]},
+                {"input_ids": [13, 14, 15, 16, 17, 18, 19], "labels": [-100] * 4 + [17, 18, 19]}]
+    batch = PadCollator(pad_id=0)(features)
+    ours, logits = label_only_loss(model, batch)
+    reference = model(**batch).loss
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert logits.shape[0] == 3 + 2 + 3  # one row per labelled token, not per position
+    ours.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with torch.no_grad():
+        assert label_only_loss(model, batch, num_items_in_batch=16)[0].item() == pytest.approx(
+            ours.item() * 8 / 16, rel=1e-6)
+
+
+def test_shipped_recipes_load_and_bad_keys_are_one_line(tmp_path):
+    from train.recipe import TRAIN_DIR, load_recipe
+
+    recipes = sorted(TRAIN_DIR.glob("*.yaml"))
+    assert {p.stem for p in recipes} >= {"default", "quick"}
+    for path in recipes:
+        assert load_recipe(path).name == path.stem
+        assert path.read_text().startswith("#") and "selectune train" in path.read_text().split("\n\n")[0]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\ndata: [{task: fact}]\ntraining: {epochs: 1, lr: 0.1}\n")
+    with pytest.raises(UserError) as err:
+        load_recipe(bad)
+    assert str(err.value) == f"{bad}: unknown key 'training.lr'"
+    bad.write_text("name: bad\ndata: [{task: fact, path: x.jsonl}]\n")
+    with pytest.raises(UserError, match="exactly one of 'task' or 'path'"):
+        load_recipe(bad)
+
+
+def test_train_command_end_to_end(tmp_path, setup, capsys):
+    """`selectune train` on a hub card given a tiny checkpoint: trains, merges with parity, scores
+    the fact task on base and merged, and writes summary.json last."""
+    from models.card import find_card
+    from models.store import provision
+    from selectune.cli import main
+
+    model, _ = setup
+    provision(find_card("qwen2.5-1.5b-instruct"), tmp_path / "cache" / "models", weights=model)
+    recipe_path = tmp_path / "e2e.yaml"
+    recipe_path.write_text(textwrap.dedent("""\
+        # python -m selectune train --recipe e2e.yaml
+        name: e2e
+        data: [{task: fact, split: train}]
+        max_length: 1024
+        lora: {r: 4, alpha: 8, dropout: 0.0}
+        training: {max_steps: 4, batch_size: 8, eval_steps: 2, save_steps: 2, sample_steps: 2,
+                   gradient_checkpointing: false}
+        samples: {tasks: [{task: fact, split: test, count: 1}], max_new_tokens: 4}
+        parity: {items: 2, max_new_tokens: 4}
+    """))
+    args = ["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]
+    assert main([*args, "train", "--recipe", str(recipe_path)]) == 2  # no selection.json, no model
+    assert "run `make select` first" in capsys.readouterr().err
+    assert main([*args, "train", "--recipe", str(recipe_path), "--model", "qwen2.5-1.5b-instruct"]) == 0
+    run = tmp_path / "runs" / "train" / "e2e-qwen2.5-1.5b-instruct"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["parity"]["passed"] and summary["fact"]["items"] == 60
+    assert {p.name for p in (run / "data").iterdir()} == {"train.jsonl", "val.jsonl", "test.jsonl"}
+    provenance = json.loads((run / "merged" / "provenance.json").read_text())
+    assert provenance["base_card"] == "qwen2.5-1.5b-instruct" and len(provenance["data_sha256"]) == 64
+    samples = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if '"sample"' in line]
+    assert [s["step"] for s in samples] == [2, 4]

@@ -145,10 +145,38 @@ class SeededLengthGroupedSampler:
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
+def label_only_loss(model, inputs: dict, num_items_in_batch=None):
+    """Causal-LM cross-entropy with the LM head applied only where a label is read.
+
+    The prompt's positions never need logits (their labels are -100), yet the usual forward
+    projects every position onto the vocabulary: for Qwen2.5 that is 152k x 896 per token, and
+    the fp32 logits of a batch of 8 x 256 tokens alone take 1.2 GB. transformers' boolean
+    `logits_to_keep` keeps the labelled positions per row. The value equals the model's own loss:
+    the sum over labelled tokens divided by their count (or by Trainer's num_items_in_batch under
+    gradient accumulation)."""
+    import torch
+    import torch.nn.functional as F
+
+    labels = inputs["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=keep,
+                use_cache=False)
+    logits = out.logits.reshape(-1, out.logits.shape[-1])
+    targets = labels[:, 1:][keep[:, :-1]]
+    total = F.cross_entropy(logits.float(), targets, reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
+    return total / count, logits
+
+
 def thin_trainer_class():
     from transformers import Trainer
 
     class ThinTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, logits = label_only_loss(model, inputs, num_items_in_batch)
+            return (loss, {"logits": logits}) if return_outputs else loss
+
         def _get_train_sampler(self, train_dataset=None):
             dataset = train_dataset if train_dataset is not None else self.train_dataset
             if self.args.train_sampling_strategy != "group_by_length":

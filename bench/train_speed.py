@@ -1,0 +1,147 @@
+"""Training speed and memory: our trainer against trl's SFTTrainer, in one run.
+
+    make bench-train
+    .venv/bin/python bench/train_speed.py --model smollm2-135m-instruct --examples 64
+
+Both train the same model (NF4 + the same LoRA adapter, built by the same code), on the same
+conversations (the first N of the default recipe's training split, one epoch), with the same
+batch size, sequence length, learning-rate schedule and seed, each in a fresh process so that
+its peak resident memory is its own. Prints real (non-padding) tokens per second, peak RSS, the
+ratio, and both loss trajectories. Where the difference comes from: our length-grouped batches
+(trl pads random batches to their longest row) and the LM head applied only to labelled
+positions (trl computes logits for every position).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from selectune.settings import load_settings  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bench_recipe(data_file: Path, args):
+    from train.recipe import Recipe, load_recipe
+
+    base = load_recipe(REPO / "train" / "default.yaml").model_dump(mode="json")
+    base.update(name="bench", data=[{"path": str(data_file)}], split=[1.0, 0.0, 0.0],
+                samples={"prompts": [], "tasks": []})
+    base["training"].update(epochs=1, max_steps=None, batch_size=args.batch_size, logging_steps=1,
+                            eval_steps=10**6, save_steps=10**6, sample_steps=10**6)
+    return Recipe.model_validate(base)
+
+
+def worker(engine: str, checkpoint: str, data_file: Path, out_dir: Path, args) -> dict:
+    recipe = bench_recipe(data_file, args)
+    if engine == "selectune":
+        from train.trainer import run_training
+
+        result = run_training(recipe, checkpoint, out_dir, out_dir)
+        tokens = sum(len(e.input_ids) for e in result.data.train)
+        losses = [json.loads(line)["loss"] for line in (out_dir / "train_log.jsonl").read_text().splitlines()
+                  if '"loss"' in line]
+        seconds = result.seconds
+    else:
+        from datasets import Dataset
+        from transformers import AutoTokenizer
+        from trl import SFTConfig, SFTTrainer
+
+        from train.data import load_conversations
+        from train.trainer import compute_dtype, load_for_training
+
+        convs = load_conversations(data_file, "messages")
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        data = Dataset.from_list([{"prompt": c.messages[:-1], "completion": c.messages[-1:]} for c in convs])
+        t = recipe.training
+        config = SFTConfig(
+            output_dir=str(out_dir), per_device_train_batch_size=t.batch_size, num_train_epochs=1,
+            learning_rate=t.learning_rate, lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_ratio,
+            weight_decay=t.weight_decay, logging_steps=1, save_strategy="no", eval_strategy="no",
+            report_to=[], use_cpu=True, max_length=recipe.max_length, packing=False,
+            completion_only_loss=True, gradient_checkpointing=t.gradient_checkpointing, seed=recipe.seed,
+            # SFTConfig defaults to bf16 autocast; compute in the recipe's dtype, as ours does
+            bf16=str(compute_dtype(recipe)) == "torch.bfloat16",
+            data_seed=recipe.seed, dataloader_num_workers=0)
+        from transformers import set_seed
+
+        set_seed(recipe.seed)
+        model = load_for_training(recipe, checkpoint, False)
+        trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
+        tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+        started = time.monotonic()
+        trainer.train()
+        seconds = time.monotonic() - started
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"engine": engine, "seconds": seconds, "tokens": tokens, "losses": losses,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--examples", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--cache-dir")
+    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--worker", choices=["selectune", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--data-file", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        result = worker(args.worker, args.checkpoint, Path(args.data_file), Path(args.out), args)
+        Path(args.out, "bench.json").write_text(json.dumps(result))
+        return 0
+
+    from models.card import find_card
+    from models.store import read_manifest
+    from train.data import CleaningReport, clean, save_split, split
+    from train.recipe import load_recipe
+    from train.trainer import source_conversations
+
+    settings = load_settings(cache_dir=args.cache_dir, data_dir=args.data_dir)
+    card = find_card(args.model)
+    manifest = read_manifest(card, settings.model_store)
+    if manifest is None:
+        print(f"bench-train: {card.name} is not provisioned; run `make models CARD={card.name}`", file=sys.stderr)
+        return 2
+    recipe = bench_recipe(Path("unused.jsonl"), args)
+    default = load_recipe(REPO / "train" / "default.yaml")
+    report = CleaningReport()
+    train = split(clean(source_conversations(default, settings.resolved_data_dir, report), report),
+                  default.split, default.seed)["train"][: args.examples]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_split({"bench": train}, Path(tmp))
+        for engine in ("selectune", "trl"):
+            out = Path(tmp) / engine
+            cmd = [sys.executable, __file__, "--worker", engine, "--checkpoint", manifest["checkpoint"],
+                   "--data-file", str(Path(tmp) / "bench.jsonl"), "--out", str(out),
+                   "--batch-size", str(args.batch_size)]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            results[engine] = json.loads((out / "bench.json").read_text())
+    ours, trl = results["selectune"], results["trl"]
+    print(f"{card.name}: {len(train)} conversations, 1 epoch, batch {args.batch_size}, "
+          f"max length {recipe.max_length}, NF4 + LoRA r={recipe.lora.r}")
+    for r in (ours, trl):
+        print(f"  {r['engine']:9s}: {r['seconds']:7.1f} s  {r['tokens']} tokens  "
+              f"{r['tokens'] / r['seconds']:7.1f} tokens/s  peak RSS {r['peak_rss_gib']:.2f} GiB")
+    speed = (ours["tokens"] / ours["seconds"]) / (trl["tokens"] / trl["seconds"])
+    print(f"  speed-up {speed:.2f}x tokens/s; peak memory ratio {ours['peak_rss_gib'] / trl['peak_rss_gib']:.2f}")
+    for r in (ours, trl):
+        print(f"  {r['engine']} loss: " + " ".join(f"{x:.3f}" for x in r["losses"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
