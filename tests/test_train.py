@@ -118,6 +118,19 @@ def test_kill_9_then_rerun_repeats_the_uninterrupted_run(tmp_path, setup):
     assert [x for _, x in b] == pytest.approx([x for _, x in a], rel=1e-4)
 
 
+def test_a_checkpoint_cut_short_by_a_kill_is_not_resumed_from(tmp_path):
+    from train.trainer import last_complete_checkpoint
+
+    for step, state in [(10, "{}"), (15, "{}"), (20, None), (25, '{"trunc')]:
+        path = tmp_path / f"checkpoint-{step}"
+        path.mkdir()
+        if state is not None:
+            (path / "trainer_state.json").write_text(state)
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-15"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-15"]
+    assert last_complete_checkpoint(tmp_path / "none") is None
+
+
 def test_merge_matches_base_plus_adapter_and_loads(tmp_path, setup):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

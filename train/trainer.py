@@ -409,6 +409,25 @@ def training_arguments(recipe: Recipe, out_dir: Path, *, evaluate: bool = True):
         remove_unused_columns=False, dataloader_num_workers=0)
 
 
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint whose trainer_state.json (Trainer writes it last) parses; newer ones
+    are what a kill during a save leaves behind, and are removed."""
+    import shutil
+
+    if not folder.is_dir():
+        return None
+    found = sorted((p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+                   key=lambda p: int(p.name[11:]), reverse=True)
+    for path in found:
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+            return path
+        except (OSError, ValueError):
+            print(f"train: removing incomplete checkpoint {path}")
+            shutil.rmtree(path)
+    return None
+
+
 def _truncate_log(log_path: Path, step: int) -> None:
     """Drop log records past the checkpoint being resumed: those steps run again."""
     if not log_path.exists():
@@ -424,7 +443,6 @@ def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path,
                  trust_remote_code: bool = False) -> TrainResult:
     """Train (or resume) the adapter into run_dir/adapter; logs in run_dir/train_log.jsonl."""
     from transformers import AutoTokenizer, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
@@ -436,11 +454,11 @@ def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path,
     set_seed(recipe.seed)  # LoRA's A matrices are drawn before Trainer seeds anything
     model = load_for_training(recipe, checkpoint, trust_remote_code)
     checkpoints = run_dir / "checkpoints"
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    last = last_complete_checkpoint(checkpoints)
     log_path = run_dir / "train_log.jsonl"
     if last:
         print(f"train: resuming from {last}")
-        _truncate_log(log_path, int(Path(last).name.rsplit("-", 1)[1]))
+        _truncate_log(log_path, int(last.name.rsplit("-", 1)[1]))
     elif log_path.exists():
         log_path.unlink()  # no checkpoint to resume from: start the log afresh
     log, guard, sampler = make_callbacks(recipe, tokenizer, log_path, sample_prompts(recipe, data_dir))
@@ -449,10 +467,10 @@ def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path,
                       eval_dataset=ExampleDataset(data.val) if data.val else None,
                       data_collator=PadCollator(tokenizer.pad_token_id), callbacks=[log, guard, sampler])
     started = time.monotonic()
-    trainer.train(resume_from_checkpoint=last)
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
     seconds = time.monotonic() - started
     if guard.problem:
-        kept = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        kept = last_complete_checkpoint(checkpoints)
         raise UserError(f"{guard.problem}; stopped. Last good checkpoint: {kept or 'none yet'} "
                         f"(lower training.learning_rate in {recipe.path} and rerun)")
     val_loss = trainer.evaluate()["eval_loss"] if data.val else None
