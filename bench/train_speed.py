@@ -7,9 +7,11 @@ Both train the same model (NF4 + the same LoRA adapter, built by the same code),
 conversations (the first N of the default recipe's training split, one epoch), with the same
 batch size, sequence length, learning-rate schedule and seed, each in a fresh process so that
 its peak resident memory is its own. Prints real (non-padding) tokens per second, peak RSS, the
-ratio, and both loss trajectories. Where the difference comes from: our length-grouped batches
-(trl pads random batches to their longest row) and the LM head applied only to labelled
-positions (trl computes logits for every position).
+ratio, and both loss trajectories. Where the speed difference comes from: our length-grouped
+batches (trl pads random batches to their longest row) and the LM head applied once, only at the
+labelled positions (trl's fused head scores every position on a CPU, in tiles it recomputes in
+the backward pass). Peak RSS includes glibc heap fragmentation, which differs between the two
+processes (README, "Training").
 """
 
 from __future__ import annotations
@@ -68,7 +70,9 @@ def worker(engine: str, checkpoint: str, data_file: Path, out_dir: Path, args) -
             learning_rate=t.learning_rate, lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_ratio,
             weight_decay=t.weight_decay, logging_steps=1, save_strategy="no", eval_strategy="no",
             report_to=[], use_cpu=True, max_length=recipe.max_length, packing=False,
-            completion_only_loss=True, gradient_checkpointing=t.gradient_checkpointing, seed=recipe.seed,
+            completion_only_loss=True, seed=recipe.seed,
+            # load_for_training set up the recipe's checkpointing on the model, as for ours
+            gradient_checkpointing=False,
             # SFTConfig defaults to bf16 autocast; compute in the recipe's dtype, as ours does
             bf16=str(compute_dtype(recipe)) == "torch.bfloat16",
             data_seed=recipe.seed, dataloader_num_workers=0)

@@ -46,7 +46,7 @@ def losses(run_dir):
     return [(r["step"], r["loss"]) for r in records if "loss" in r and "sample" not in r]
 
 
-@pytest.mark.parametrize("quantization", ["nf4", "none"])
+@pytest.mark.parametrize("quantization", ["nf4", "int8", "none"])
 def test_loss_falls_on_a_memorisable_set(tmp_path, setup, quantization):
     from train.trainer import run_training
 
@@ -59,6 +59,16 @@ def test_loss_falls_on_a_memorisable_set(tmp_path, setup, quantization):
     samples = [r for r in log if "sample" in r]
     assert [s["step"] for s in samples] == [20, 40] and all("learning_rate" in r for r in log if "loss" in r)
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("quantization,layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt"), ("none", None)])
+def test_quantization_builds_the_layers_it_names(setup, quantization, layer):
+    from train.trainer import load_for_training
+
+    model, data = setup
+    m = load_for_training(recipe(data, quantization=quantization), str(model), False)
+    kinds = {type(mod).__name__ for mod in m.modules()}
+    assert (layer in kinds) if layer else not kinds & {"Linear4bit", "Linear8bitLt"}, kinds
 
 
 def test_collapse_is_flagged():
@@ -155,6 +165,65 @@ def test_merge_matches_base_plus_adapter_and_loads(tmp_path, setup):
         merge_adapter(str(model), result.adapter_dir, tmp_path / "run" / "merged2", parity_prompts=prompts,
                       max_new_tokens=8, tolerance=-1.0, provenance={})
     assert not (tmp_path / "run" / "merged2").exists()
+
+
+def adapter_weights(adapter_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
+def test_accumulation_and_checkpointing_make_the_same_update(tmp_path, setup):
+    """Batch 4 in one step, in two accumulated micro-batches of 2, and with every layer or every
+    second layer recomputed: the same examples, so the same gradients and the same adapter."""
+    import torch
+
+    from train.trainer import run_training
+
+    model, data = setup
+    runs = {
+        "plain": {},
+        "accum": {"batch_size": 2, "grad_accum": 2},
+        "ckpt": {"gradient_checkpointing": True},
+        "ckpt2": {"gradient_checkpointing": True, "checkpoint_every_n_layers": 2},
+    }
+    weights = {}
+    for name, training in runs.items():
+        r = recipe(data, quantization="none", max_steps=3, save_steps=1000, sample_steps=1000, **training)
+        weights[name] = adapter_weights(run_training(r, str(model), tmp_path / name, tmp_path).adapter_dir)
+    from train.trainer import load_for_training
+
+    for every, expected in ((1, [True] * 2), (2, [True, False])):  # the tiny model has 2 layers
+        m = load_for_training(recipe(data, quantization="none", gradient_checkpointing=True,
+                                     checkpoint_every_n_layers=every), str(model), False)
+        assert [layer.gradient_checkpointing for layer in m.base_model.model.model.layers] == expected
+    for name in ("accum", "ckpt", "ckpt2"):
+        assert weights[name].keys() == weights["plain"].keys()
+        for key, value in weights["plain"].items():
+            torch.testing.assert_close(weights[name][key], value, rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+    # the test can fail: a different learning rate gives another adapter
+    other = run_training(recipe(data, quantization="none", max_steps=3, save_steps=1000, sample_steps=1000,
+                                learning_rate=2e-2), str(model), tmp_path / "other", tmp_path)
+    assert any(not torch.allclose(adapter_weights(other.adapter_dir)[k], v, rtol=1e-4, atol=1e-5)
+               for k, v in weights["plain"].items())
+
+
+def test_modules_to_save_trains_the_head_and_merges(tmp_path, setup):
+    from train.merge import merge_adapter
+    from train.trainer import run_training
+
+    model, data = setup
+    r = recipe(data, quantization="none", max_steps=10)
+    r = r.model_copy(update={"lora": r.lora.model_copy(update={"modules_to_save": ["lm_head"]})})
+    result = run_training(r, str(model), tmp_path / "run", tmp_path)
+    saved = adapter_weights(result.adapter_dir)
+    assert any("lm_head" in k for k in saved), sorted(saved)[:5]
+    curve = [loss for _, loss in losses(tmp_path / "run")]
+    assert curve[-1] < 0.5 * curve[0]
+    prompts = [[{"role": "user", "content": f"问题{i}"}] for i in range(3)]
+    parity = merge_adapter(str(model), result.adapter_dir, tmp_path / "run" / "merged", parity_prompts=prompts,
+                           max_new_tokens=6, tolerance=1e-3, provenance={})
+    assert parity.passed and parity.same_replies == 3
 
 
 def test_label_only_loss_equals_the_models_own_loss(tmp_path):

@@ -59,6 +59,9 @@ class TrainingSpec(_Strict):
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
     gradient_checkpointing: bool = True
+    checkpoint_every_n_layers: int = Field(default=1, gt=0)
+    """With gradient_checkpointing: recompute every n-th decoder layer only (1: all of them);
+    trades part of the memory saving back for speed."""
     group_by_length: bool = True
     """Batches of similar lengths: far less padding than a random order."""
     logging_steps: int = Field(default=5, gt=0)

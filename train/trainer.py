@@ -239,11 +239,11 @@ def load_for_training(recipe: Recipe, checkpoint: str, trust_remote_code: bool):
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=recipe.training.gradient_checkpointing)
-    elif recipe.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if recipe.training.gradient_checkpointing:
+        # transformers' selective checkpointing: every n-th decoder layer recomputes its activations
+        model.activation_checkpointing_enable({"use_reentrant": False},
+                                              every_n_layers=recipe.training.checkpoint_every_n_layers)
     config = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
                         target_modules=target_modules(recipe, model.config.model_type),
                         modules_to_save=list(recipe.lora.modules_to_save) or None,
@@ -352,6 +352,7 @@ def make_callbacks(recipe: Recipe, tokenizer, log_path: Path, samples: list[tupl
     return JsonlLog(), DivergenceGuard(), Samples()
 
 
+
 def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
     """Greedy replies, one conversation at a time (no padding effects), model left as it was."""
     import torch
@@ -405,7 +406,7 @@ def training_arguments(recipe: Recipe, out_dir: Path, *, evaluate: bool = True):
         save_steps=t.save_steps, save_total_limit=2, seed=recipe.seed, data_seed=recipe.seed,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         bf16=dtype == torch.bfloat16, use_cpu=not torch.cuda.is_available(), report_to=[],
-        # (gradient checkpointing is set up on the model, by prepare_model_for_kbit_training)
+        # (gradient checkpointing is set up on the model, by load_for_training)
         remove_unused_columns=False, dataloader_num_workers=0)
 
 
