@@ -206,7 +206,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
                 pass
         return 0
     server = start(engine, log)
-    save_state(state_path, server, model=target.label, model_dir=str(target.model_dir))
+    save_state(state_path, server, model=target.label, model_dir=str(target.model_dir), base_card=target.card.name)
     print(f"serve: {target.label} at {server.base_url}/v1 (model \"{server.model_name}\", {engine.name}, "
           f"pid {server.pid}), log {log}; `make serve-stop` stops it")
     return 0
@@ -225,8 +225,10 @@ def _rescore(settings: Settings, args: argparse.Namespace) -> int:
                          engine="external", **kw)
     elif (current := running(_serve_state(settings))) is not None and not (args.model or args.checkpoint):
         server, state = current
-        target = resolve_target(settings, checkpoint=Path(state["model_dir"])) if Path(
-            state["model_dir"], "provenance.json").is_file() else resolve_target(settings, card_name=state["model"])
+        from models.card import find_card
+        from serve.rescore import Target
+
+        target = Target(Path(state["model_dir"]), find_card(state["base_card"]), state["model"])
         print(f"rescore: using the server `make serve` started ({server.base_url}, {state['model']})")
         record = rescore(settings, target, base_url=server.base_url, model_name=server.model_name,
                          engine=state["engine"], **kw)

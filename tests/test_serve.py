@@ -195,12 +195,13 @@ def test_parity_gate_fails_on_another_model_and_names_the_items(tiny, tmp_path, 
     assert gate["disagreements"][0]["item_id"] in text
 
 
-def test_make_serve_runs_in_the_background_chat_then_stop(tiny, tmp_path, capsys):
+def test_make_serve_runs_in_the_background_rescore_chat_then_stop(tiny, tmp_path, capsys, shared_data):
     from selectune.cli import main
     from serve.chat import chat
     from serve.launcher import running
 
-    base = ["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]
+    base = ["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
+            "--data-dir", str(shared_data)]
     assert main([*base, "serve", "--checkpoint", str(tiny[0]), "--model", "qwen2.5-coder-0.5b-instruct"]) == 0
     state = tmp_path / "runs" / "serve" / "server.json"
     try:
@@ -208,6 +209,10 @@ def test_make_serve_runs_in_the_background_chat_then_stop(tiny, tmp_path, capsys
         assert recorded["model_dir"] == str(tiny[0]) and server.alive()
         assert main([*base, "serve", "--model", "smollm2-135m-instruct"]) == 0  # already serving: says so
         assert "already serving" in capsys.readouterr().out
+        # make rescore finds the server make serve left running
+        assert main([*base, "rescore", "--tasks", "fact", "--limit", "3", "--figure-concurrency", "2"]) == 0
+        printed = capsys.readouterr().out
+        assert "using the server `make serve` started" in printed and "parity gate: passed" in printed
         out = io.StringIO()
         assert chat(server.base_url, server.model_name, max_tokens=6,
                     stdin=io.StringIO("问题1\nreset\n问题2\nexit\n"), stdout=out) == 0
