@@ -33,14 +33,13 @@ class _Row:
 
 class HFBackend:
     def __init__(self, card: ModelCard, store: Path, *, batch_size: int = 8, dtype: str = "float32",
-                 checkpoint: Path | None = None, continuous_batching: bool = False):
+                 checkpoint: Path | None = None):
         """`checkpoint`: load this directory instead of the card's stored one (a merged fine-tune;
         pass a card whose name and chat_template describe it)."""
         import transformers
 
         self.card = card
         self.batch_size = batch_size
-        self.continuous_batching = continuous_batching
         self.model, self.tokenizer = load_model(card, store, dtype=dtype, checkpoint=checkpoint)
         if checkpoint is None:
             manifest = read_manifest(card, store) or {}
@@ -58,8 +57,6 @@ class HFBackend:
             "dtype": dtype,
             "transformers": transformers.__version__,
         }
-        if continuous_batching:  # other kernels (paged attention): outputs may differ in the last bit
-            self.identity["continuous_batching"] = True
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
@@ -135,8 +132,6 @@ class HFBackend:
         from transformers import GenerationConfig
 
         encoded = [self._encode(self.render(r.messages, r.raw)) for r in requests]
-        if self.continuous_batching:
-            return self._generate_continuous(encoded, requests)
         order = sorted(range(len(requests)), key=lambda i: -len(encoded[i]))
         out = [""] * len(requests)
         base = self.model.generation_config
@@ -154,28 +149,4 @@ class HFBackend:
                     new = generated[row, input_ids.shape[1]:][: requests[i].max_new_tokens]
                     text = self.tokenizer.decode(new, skip_special_tokens=True)
                     out[i] = cut_at_stop(text, requests[i].stop)
-        return out
-
-    def _generate_continuous(self, encoded: list[list[int]], requests: list[GenRequest]) -> list[str]:
-        """transformers' continuous batching: a finished reply's slot takes the next prompt at once,
-        so a batch never waits for its longest reply (decoding a 0.5B model on a CPU costs about
-        the same per step for 1 or 8 rows: the weights are read either way)."""
-        import torch
-        from transformers import ContinuousBatchingConfig, GenerationConfig
-
-        base = self.model.generation_config
-        config = GenerationConfig(do_sample=False, max_new_tokens=max(r.max_new_tokens for r in requests),
-                                  eos_token_id=base.eos_token_id, pad_token_id=self.pad_id,
-                                  bos_token_id=base.bos_token_id)
-        cb = ContinuousBatchingConfig(max_requests_per_batch=self.batch_size)
-        with torch.inference_mode():
-            done = self.model.generate_batch(inputs=encoded, generation_config=config,
-                                             continuous_batching_config=cb, progress_bar=False)
-        out = []
-        for i, r in enumerate(requests):
-            result = done[f"req_{i}"]
-            if result.error:
-                raise RuntimeError(f"continuous batching failed on request {i}: {result.error}")
-            text = self.tokenizer.decode(result.generated_tokens[: r.max_new_tokens], skip_special_tokens=True)
-            out.append(cut_at_stop(text, r.stop))
         return out
