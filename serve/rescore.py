@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selectune.errors import UserError
-from selectune.files import sha256_file, sha256_text
+from selectune.files import sha256_text
 
 SAMPLING = {"temperature": 0.0, "top_p": 1.0, "seed": 0}
 """Pinned on every request (lmdeploy defaults to temperature 0.7, top_k 40, max_tokens 16)."""
@@ -43,13 +43,6 @@ class Target:
 
 def sampling_sha256() -> str:
     return sha256_text(json.dumps(SAMPLING, sort_keys=True))
-
-
-def template_sha256(model_dir: Path) -> str | None:
-    from transformers import AutoTokenizer
-
-    template = AutoTokenizer.from_pretrained(model_dir).chat_template
-    return sha256_text(template) if template else None
 
 
 def resolve_target(settings, *, card_name: str | None = None, checkpoint: Path | None = None) -> Target:
@@ -74,9 +67,11 @@ def resolve_target(settings, *, card_name: str | None = None, checkpoint: Path |
         raise UserError(f"{settings.runs_dir / 'train'}: no finished training run; run `make train`, "
                         "or name a model with --model / --checkpoint")
     summary = json.loads(summaries[-1].read_text(encoding="utf-8"))
+    # summary paths are relative to the directory `make train` ran in: the repository root
     merged = Path(summary["merged"])
-    if not merged.is_absolute():
-        merged = (settings.runs_dir.parent / merged) if not merged.exists() else merged
+    if not (merged / "config.json").is_file():
+        raise UserError(f"{summaries[-1]}: merged model {merged} not found (run from the repository root, "
+                        "or pass --checkpoint DIR)")
     return Target(merged.resolve(), find_card(summary["model"]), summary["merged_model"])
 
 
@@ -101,16 +96,17 @@ def rescore_entries(tasks: list[str] | None) -> list[tuple[str, str]]:
 
 
 def served_backend(base_url: str, model_name: str, target: Target, engine: str, concurrency: int,
-                   max_retries: int = 5):
+                   local_identity: dict, max_retries: int = 5):
+    """The server as a backend. What it serves is the directory the local backend loaded: the
+    weights and chat-template hashes are that directory's (hashed once, by the local backend)."""
     from eval.backends.openai_http import OpenAIBackend
 
-    files = sorted(target.model_dir.glob("*.safetensors"))
     identity = {
         "model": target.label,
         # the port changes from server to server; what is served does not
         "base_url": f"served:{engine}",
-        "weights_sha256": sha256_text(" ".join(sha256_file(f) for f in files)),
-        "chat_template_sha256": template_sha256(target.model_dir),
+        "weights_sha256": local_identity["weights_sha256"],
+        "chat_template_sha256": local_identity["chat_template_sha256"],
         "sampling_sha256": sampling_sha256(),
     }
     return OpenAIBackend(base_url, model_name, concurrency=concurrency, seed=SAMPLING["seed"], identity=identity,
@@ -254,13 +250,13 @@ def rescore(settings, target: Target, *, base_url: str, model_name: str, engine:
         # `transformers serve` runs each request's generate() on the same 2..16 CPU cores: parallel
         # requests only oversubscribe them. lmdeploy batches concurrent requests on the GPU.
         concurrency = 8 if engine == "lmdeploy" else 1
-    served = served_backend(base_url, model_name, target, engine, concurrency, max_retries)
+    local = HFBackend(local_card(target), settings.model_store, batch_size=batch_size, checkpoint=target.model_dir)
+    served = served_backend(base_url, model_name, target, engine, concurrency, local.identity, max_retries)
     served_runs = []
     for task, split, items in work:
         with tqdm(total=len(items), desc=f"served {task.name}-{split} gen", unit="item", leave=False) as bar:
             served_runs.append(run_task(served, task, split, "gen", items, conn, chunk_size=concurrency,
                                         data_dir=data_dir, progress=bar.update))
-    local = HFBackend(local_card(target), settings.model_store, batch_size=batch_size, checkpoint=target.model_dir)
     local_runs = []
     for task, split, items in work:
         with tqdm(total=len(items), desc=f"local {task.name}-{split} gen", unit="item", leave=False) as bar:

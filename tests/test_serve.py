@@ -221,3 +221,21 @@ def test_make_serve_runs_in_the_background_rescore_chat_then_stop(tiny, tmp_path
     finally:
         assert main([*base, "serve", "--stop"]) == 0
     assert not state.exists() and not server.alive()
+
+
+def test_serve_defaults_to_the_newest_merged_model(tiny, tmp_path, shared_data):
+    from serve.rescore import resolve_target
+
+    settings = _settings(tmp_path, shared_data)
+    with pytest.raises(UserError, match="no finished training run"):
+        resolve_target(settings)
+    run = settings.runs_dir / "train" / "default-x"
+    run.mkdir(parents=True)
+    summary = {"model": "qwen2.5-coder-0.5b-instruct", "merged_model": "qwen2.5-coder-0.5b-instruct+default-x",
+               "merged": str(tmp_path / "gone")}
+    (run / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(UserError, match="merged model .* not found"):
+        resolve_target(settings)
+    (run / "summary.json").write_text(json.dumps({**summary, "merged": str(tiny[0])}))
+    target = resolve_target(settings)
+    assert target.model_dir == tiny[0] and target.label == "qwen2.5-coder-0.5b-instruct+default-x"
