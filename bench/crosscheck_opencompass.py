@@ -6,8 +6,11 @@ HuggingFacewithChatTemplate model class, and our runner, on the same model and i
 
 Prints both first-capital accuracies (OpenCompass's own evaluator against our
 `accuracy_opencompass` column), the items whose first-capital prediction differs (must be 0),
-the replies whose text differs, and both wall times end to end (model load included; for
-OpenCompass also its CLI start-up, printed separately from its own inference timing).
+the replies whose text differs, both wall times end to end (model load included; for
+OpenCompass also its CLI start-up, printed separately from its own inference timing), and the
+GFLOP/s our run achieved on the work generation needs (each prompt once, each reply token once,
+the LM head at the last prompt position and at every reply token) against this machine's fp32
+matmul peak.
 """
 
 from __future__ import annotations
@@ -29,6 +32,18 @@ from eval.task import find_task, load_items  # noqa: E402
 from models.card import find_card  # noqa: E402
 from models.store import read_manifest  # noqa: E402
 from selectune.settings import load_settings  # noqa: E402
+
+from eval_speed import body_and_head, matmul_peak_gflops  # noqa: E402  (bench/, the script's folder)
+
+
+def needed_gflop(backend: HFBackend, items, outputs: list[str], max_new_tokens: int) -> float:
+    """Prompt tokens through the body once; reply tokens (its end-of-turn token counted, capped
+    at max_new_tokens) through body and head; the head once more per prompt for the first token."""
+    body, head = body_and_head(backend.model)
+    prompt = sum(len(backend._encode(backend.render(i.messages(), i.raw()))) for i in items)
+    reply = sum(min(len(backend.tokenizer(o, add_special_tokens=False).input_ids) + 1, max_new_tokens)
+                for o in outputs)
+    return (2 * body * prompt + 2 * head * len(items) + 2 * (body + head) * reply) / 1e9
 
 
 def main() -> int:
@@ -61,6 +76,7 @@ def main() -> int:
         ours = run_task(backend, task, args.split, "gen", items, open_results(Path(tmp)),
                         chunk_size=args.batch_size)
         t_ours = time.perf_counter() - started
+        gflop = needed_gflop(backend, items, [r["output"] for r in ours.items], task.gen.max_new_tokens)
         del backend
         workdir = Path(tmp) / "oc"
         abbr = write_workdir(workdir, settings.resolved_data_dir, Path(manifest["checkpoint"]), args.task,
@@ -79,6 +95,9 @@ def main() -> int:
           f"against OpenCompass's inference alone")
     print(f"  first-capital predictions that differ: {report['differing_first_capital']}; "
           f"replies whose text differs: {report['differing_text']}; gold mismatches: {report['gold_mismatches']}")
+    peak = matmul_peak_gflops()
+    print(f"  our work {gflop:.0f} GFLOP at {gflop / t_ours:.0f} GFLOP/s = "
+          f"{gflop / t_ours / peak:.0%} of this machine's fp32 matmul peak ({peak:.0f} GFLOP/s)")
     print(json.dumps(report))
     return 0 if report["differing_first_capital"] == 0 and report["gold_mismatches"] == 0 else 1
 

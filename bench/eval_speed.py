@@ -42,10 +42,15 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
-def needed_gflop(backend: HFBackend, requests: list[LoglikelihoodRequest]) -> float:
-    config = backend.model.config
+def body_and_head(model) -> tuple[int, int]:
+    """Parameters a token goes through (the embedding table is a lookup, not a matmul), and the LM head's."""
+    config = model.config
     head = config.hidden_size * config.vocab_size
-    body = sum(p.numel() for p in backend.model.parameters()) - head * (1 if config.tie_word_embeddings else 2)
+    return sum(p.numel() for p in model.parameters()) - head * (1 if config.tie_word_embeddings else 2), head
+
+
+def needed_gflop(backend: HFBackend, requests: list[LoglikelihoodRequest]) -> float:
+    body, head = body_and_head(backend.model)
     rows = backend._rows(requests)
     tokens = sum(len(r.ids) for r in rows)
     scored = sum(max(r.tail, 1) for r in rows)
