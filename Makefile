@@ -84,10 +84,12 @@ rescore: models data ## re-score the served model over HTTP on the selection ite
 chat: $(STAMP) ## chat in the terminal with the served model
 	$(SELECTUNE) chat
 
-report review: $(STAMP)
-	@echo "make $@: not implemented yet (see the open issues)" >&2; exit 1
-report: ## render the HTML reports under runs/report/
-review: ## serve the blind side-by-side review pages on 127.0.0.1
+report: $(STAMP) ## render the HTML report under runs/report/ (open runs/report/index.html)
+	$(SELECTUNE) report
+
+REVIEW_ARGS ?=
+review: $(STAMP) ## blind side-by-side review pages on 127.0.0.1:8765; votes go into the store (REVIEW_ARGS=)
+	$(SELECTUNE) review $(REVIEW_ARGS)
 
 test: $(STAMP) $(OC_STAMP) ## run the test suite (PYTEST_ARGS=... to pass options)
 	$(PY) -m pytest $(PYTEST_ARGS)

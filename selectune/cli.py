@@ -6,6 +6,8 @@
     python -m selectune serve [--model CARD | --checkpoint DIR] [--engine auto|transformers|lmdeploy]
     python -m selectune rescore [--tasks fact --limit 20]
     python -m selectune chat
+    python -m selectune report [--out DIR]
+    python -m selectune review [--with-candidates] [--export F.csv | --import F.json | --no-serve]
 """
 
 from __future__ import annotations
@@ -257,6 +259,42 @@ def _chat(settings: Settings, args: argparse.Namespace) -> int:
     return chat(current[0].base_url, current[0].model_name, max_tokens=args.max_tokens)
 
 
+def _report(settings: Settings, args: argparse.Namespace) -> int:
+    from reports.render import build_report
+
+    written = build_report(settings.runs_dir, args.out)
+    print(f"report: {len(written)} pages in {written[0].parent}; open {written[0]}")
+    return 0
+
+
+def _review(settings: Settings, args: argparse.Namespace) -> int:
+    from reports import review
+
+    conn = review.open_review(settings.runs_dir / "results.sqlite")
+    try:
+        if args.export_to:
+            print(f"review: {review.export_votes(conn, args.export_to)} votes written to {args.export_to}")
+            return 0
+        if args.import_from:
+            counts = review.import_votes(conn, args.import_from)
+            print(f"review: {args.import_from}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+            return 0
+        from reports.collect import review_systems
+
+        systems = review_systems(settings.runs_dir, with_candidates=args.with_candidates)
+        counts = review.add_pairs(conn, systems, seed=args.seed)
+    finally:
+        conn.close()
+    print(f"review: systems {', '.join(systems)}; {counts['added']} new pairs, {counts['total']} in all "
+          f"({counts['identical_skipped']} items with identical answers left out)")
+    if args.no_serve:
+        return 0
+    from reports.review_server import serve
+
+    serve(settings.runs_dir / "results.sqlite", host=args.host, port=args.port)
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -345,6 +383,22 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--served-model")
     ch.add_argument("--max-tokens", type=_positive_int, default=512)
     ch.set_defaults(run=_chat)
+
+    rp = sub.add_parser("report", help="render the HTML report under runs/report/")
+    rp.add_argument("--out", type=Path, help="directory for the pages (default RUNS_DIR/report)")
+    rp.set_defaults(run=_report)
+
+    rv = sub.add_parser("review", help="blind side-by-side review pages on 127.0.0.1; votes into the store")
+    rv.add_argument("--host", default="127.0.0.1")
+    rv.add_argument("--port", type=int, default=8765)
+    rv.add_argument("--seed", type=int, default=0, help="draws which answer is shown on the left")
+    rv.add_argument("--with-candidates", action="store_true",
+                    help="also compare the other selection candidates (Bradley-Terry in the report)")
+    rv.add_argument("--no-serve", action="store_true", help="record the pairs and exit")
+    what = rv.add_mutually_exclusive_group()
+    what.add_argument("--export", dest="export_to", type=Path, help="write every vote to F.csv or F.json")
+    what.add_argument("--import", dest="import_from", type=Path, help="merge votes from F.csv or F.json")
+    rv.set_defaults(run=_review)
 
     data = sub.add_parser("data", help="download FewCLUE (or verify DATA_DIR)")
     data.add_argument("--check", action="store_true", help="verify only, download nothing")

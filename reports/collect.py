@@ -1,0 +1,395 @@
+"""Gather what the report shows from the results store and the run artifacts.
+
+Sources, all written by earlier steps and only read here:
+- `runs/results.sqlite`: every run's identity and every item's prompt, output and scores;
+- `runs/selection.json`: the candidates' run ids, the rule, the budget check and the decision;
+- `runs/train/<run>/{summary.json,train_log.jsonl,merged/provenance.json}`;
+- `runs/serve/rescore-*.json`: the served run ids, the parity gate and the serving figures.
+
+Statistics are the selection's own (eval.stats on the stored per-item values); runs are put side
+by side only when their task hashes and item ids match, otherwise the report stops with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from eval import metrics as M
+from eval.runner import RunSummary, git_revision
+from eval.stats import ALPHA, Estimate, bootstrap_mean, compare
+from eval.summary import PERCENT, metrics_of, primary_metric
+from eval.task import find_task
+from selectune.errors import UserError
+
+
+@dataclass
+class Run:
+    """One stored run with the task spec its metrics come from."""
+
+    summary: RunSummary
+    meta: dict
+    finished: bool
+
+    @property
+    def run_id(self) -> str:
+        return self.summary.run_id
+
+    @property
+    def model(self) -> str:
+        return self.summary.model
+
+    @property
+    def task_sha256(self) -> str:
+        return self.meta["task_sha256"]
+
+    @property
+    def entry(self) -> tuple[str, str, str]:
+        return self.summary.task.name, self.summary.split, self.summary.mode
+
+    def values(self, metric: str) -> list[float]:
+        return [item["scores"][metric] for item in self.summary.items]
+
+
+def load_run(conn: sqlite3.Connection, run_id: str, named_in: str) -> Run:
+    from eval.results import run_items
+
+    row = conn.execute("SELECT task, split, mode, model, meta_json, finished FROM runs WHERE run_id = ?",
+                       (run_id,)).fetchone()
+    if row is None:
+        raise UserError(f"{named_in}: run {run_id} is not in the results store (was runs/results.sqlite replaced?)")
+    task_name, split, mode, model, meta_json, finished = row
+    try:
+        task = find_task(task_name)
+    except UserError as exc:
+        raise UserError(f"{named_in}: run {run_id} is of task '{task_name}', which has no task file now") from exc
+    items = run_items(conn, run_id)
+    return Run(RunSummary(run_id, task, split, mode, model, items, 0.0, 0), json.loads(meta_json), finished is not None)
+
+
+def check_side_by_side(runs: list[Run], what: str) -> None:
+    """Refuse to compare runs of different task files or different items."""
+    shas = {r.task_sha256 for r in runs}
+    if len(shas) > 1:
+        detail = "; ".join(f"{r.model} (run {r.run_id}) task hash {r.task_sha256[:12]}" for r in runs)
+        raise UserError(f"report: refusing to put {what} side by side: their task files differ ({detail}); "
+                        "score them again with the same task file")
+    ids = [[i["item_id"] for i in r.summary.items] for r in runs]
+    for r, got in zip(runs[1:], ids[1:]):
+        if got != ids[0]:
+            raise UserError(f"report: refusing to put {what} side by side: {r.model} (run {r.run_id}) has "
+                            f"{len(got)} items, {runs[0].model} (run {runs[0].run_id}) {len(ids[0])}, "
+                            "and not the same ones")
+
+
+def fmt_value(metric: str, value: float) -> str:
+    return f"{value * 100:.1f}" if metric in PERCENT else f"{value:.2f}"
+
+
+def fmt_ci(metric: str, low: float, high: float) -> str:
+    return f"[{fmt_value(metric, low)}, {fmt_value(metric, high)}]"
+
+
+def _estimate(metric: str, e: Estimate) -> dict:
+    return {"mean": e.mean, "low": e.low, "high": e.high, "n": e.n, "text": fmt_value(metric, e.mean),
+            "ci": fmt_ci(metric, e.low, e.high)}
+
+
+def _comparison(metric: str, a: list[float], b: list[float]) -> dict:
+    """a - b with its paired CI and p-value, as the selection computes it."""
+    c = compare(a, b, binary=metric in M.BINARY)
+    better = c.diff > 0 if M.HIGHER_IS_BETTER[metric] else c.diff < 0
+    significant = c.p_value < ALPHA and c.diff != 0
+    verdict = ("no significant difference" if not significant else
+               "significantly better" if better else "significantly worse")
+    return {"diff": c.diff, "low": c.low, "high": c.high, "p_value": c.p_value, "test": c.test, "mde": c.mde,
+            "significant": significant, "better": better, "verdict": verdict,
+            "diff_text": ("+" if c.diff >= 0 else "") + fmt_value(metric, c.diff),
+            "ci": fmt_ci(metric, c.low, c.high), "mde_text": fmt_value(metric, c.mde)}
+
+
+def correct(run: Run, item: dict) -> bool | None:
+    """An item is right when the primary metric is at its best (all facts recalled, the right
+    choice or style); None for tasks whose primary metric has no notion of right."""
+    metric = primary_metric(run.summary)
+    if metric not in PERCENT:
+        return None
+    value = item["scores"][metric]
+    return value >= 1.0 if M.HIGHER_IS_BETTER[metric] else value <= 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Leaderboard:
+    models: list[str]
+    winner: str | None
+    rows: list[dict]
+    """One per (task, split, mode, metric): cells per model."""
+    significance: list[dict]
+    """Each candidate against the winner on each entry's metrics."""
+    charts: list[dict]
+    """One per entry's primary metric: per-model mean and CI, for the error-bar plot."""
+    selection: dict
+    mde: list[str] = field(default_factory=list)
+    """In words: the smallest gap each entry's sample size can detect."""
+
+
+def leaderboard(conn, selection: dict, named_in: str) -> Leaderboard:
+    runs = {model: [load_run(conn, rid, named_in) for rid in ids] for model, ids in selection["runs"].items()}
+    models = list(runs)
+    winner = selection.get("winner")
+    by_entry: dict[tuple, dict[str, Run]] = {}
+    for model, model_runs in runs.items():
+        for run in model_runs:
+            by_entry.setdefault(run.entry, {})[model] = run
+    rows, significance, charts = [], [], []
+    for entry, per_model in by_entry.items():
+        check_side_by_side(list(per_model.values()), f"the {'-'.join(entry[:2])} {entry[2]} runs of the candidates")
+        some = next(iter(per_model.values()))
+        metrics = metrics_of(some.summary)
+        for metric in metrics:
+            cells = {m: _estimate(metric, bootstrap_mean(r.values(metric))) for m, r in per_model.items()}
+            rows.append({"task": entry[0], "split": entry[1], "mode": entry[2], "metric": metric,
+                         "version": some.task_sha256[:6], "cells": cells,
+                         "primary": metric == metrics[0]})
+            if winner in per_model:
+                for m, r in per_model.items():
+                    if m == winner:
+                        continue
+                    significance.append({"task": entry[0], "split": entry[1], "mode": entry[2], "metric": metric,
+                                         "model": m, "n": len(r.summary.items),
+                                         **_comparison(metric, r.values(metric), per_model[winner].values(metric))})
+        primary = metrics[0]
+        charts.append({"title": f"{entry[0]}-{entry[1]} {entry[2]} {primary}", "metric": primary,
+                       "scale": 100.0 if primary in PERCENT else 1.0,
+                       "bars": [{"model": m, **cells} for m, cells in
+                                ((m, _estimate(primary, bootstrap_mean(r.values(primary)))) for m, r in per_model.items())]})
+    mde, seen = [], set()
+    for s in significance:
+        key = (s["task"], s["split"], s["mode"], s["metric"])
+        if key in seen or s["metric"] != metrics_of_entry(by_entry, key):
+            continue
+        seen.add(key)
+        unit = " points" if s["metric"] in PERCENT else ""
+        mde.append(f"{s['task']}-{s['split']} {s['mode']} {s['metric']}: with {s['n']} paired items, differences "
+                   f"smaller than about {s['mde_text']}{unit} cannot be told apart from chance "
+                   "(80% power, alpha 0.05); a candidate within that of the winner is not shown to be worse.")
+    return Leaderboard(models, winner, rows, significance, charts, selection, mde)
+
+
+def metrics_of_entry(by_entry: dict, key: tuple) -> str:
+    """The primary metric of the entry (task, split, mode) in key."""
+    return metrics_of(next(iter(by_entry[key[:3]].values())).summary)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class System:
+    """A model whose outputs the before/after and review pages show: base, merged, served."""
+
+    key: str
+    label: str
+    runs: dict[str, Run] = field(default_factory=dict)
+    """By task name (gen mode)."""
+
+
+@dataclass
+class BeforeAfter:
+    base: System
+    after: list[System]
+    tasks: list[dict]
+    """Per task: rows of metric, base, each after system, delta, CI, p; item flips."""
+    train_fact: dict | None
+
+
+def before_after(conn, selection: dict | None, train: dict | None, rescore: dict | None) -> BeforeAfter | None:
+    """Base model against the merged model scored locally and through the server, per task."""
+    if rescore is None:
+        return None
+    named = "runs/serve/" + rescore["_file"]
+    base_card = rescore.get("base_card")
+    local = System("merged", f"{rescore['model']} (local)")
+    served = System("served", f"{rescore['model']} (served, {rescore['engine']})")
+    for task in rescore["parity"]["tasks"]:
+        local.runs[task["task"]] = load_run(conn, task["local_run"], named)
+        served.runs[task["task"]] = load_run(conn, task["served_run"], named)
+    base = System("base", f"{base_card} (base)")
+    selection_runs = (selection or {}).get("runs", {}).get(base_card, [])
+    for run_id in selection_runs:
+        run = load_run(conn, run_id, "runs/selection.json")
+        if run.summary.mode == "gen" and run.summary.task.name in local.runs:
+            base.runs[run.summary.task.name] = run
+    if not base.runs:
+        base.runs = _newest_base_runs(conn, base_card, list(local.runs), {t: r.summary.split for t, r in local.runs.items()})
+    tasks = []
+    for task_name, after_local in local.runs.items():
+        base_run = base.runs.get(task_name)
+        if base_run is None:
+            continue
+        systems = [base_run, after_local, served.runs[task_name]]
+        check_side_by_side(systems, f"the base and fine-tuned {task_name} runs")
+        rows = []
+        for metric in metrics_of(base_run.summary):
+            if any(metric not in i["scores"] for r in systems[1:] for i in r.summary.items):
+                continue
+            b = base_run.values(metric)
+            cols = []
+            for after in systems[1:]:
+                est = bootstrap_mean(after.values(metric))
+                cols.append({**_estimate(metric, est), **{"vs_base": _comparison(metric, after.values(metric), b)}})
+            rows.append({"metric": metric, "base": _estimate(metric, bootstrap_mean(b)), "after": cols,
+                         "higher_is_better": M.HIGHER_IS_BETTER[metric]})
+        flips = _flips(base_run, after_local)
+        tasks.append({"task": task_name, "split": base_run.summary.split, "n": len(base_run.summary.items),
+                      "rows": rows, "fewclue": task_name.startswith("fewclue"), "flips": flips,
+                      "runs": {"base": base_run, "merged": after_local, "served": served.runs[task_name]}})
+    return BeforeAfter(base, [local, served], tasks, (train or {}).get("summary", {}).get("fact"))
+
+
+def _newest_base_runs(conn, model: str, tasks: list[str], splits: dict[str, str]) -> dict[str, Run]:
+    out = {}
+    for task in tasks:
+        row = conn.execute("SELECT run_id FROM runs WHERE model = ? AND task = ? AND split = ? AND mode = 'gen'"
+                           " AND finished IS NOT NULL ORDER BY finished DESC LIMIT 1",
+                           (model, task, splits[task])).fetchone()
+        if row:
+            out[task] = load_run(conn, row[0], "runs/results.sqlite")
+    return out
+
+
+def _flips(base: Run, after: Run) -> dict:
+    """Items right before and wrong after, and the other way round."""
+    by_id = {i["item_id"]: i for i in after.summary.items}
+    up, down = [], []
+    for item in base.summary.items:
+        other = by_id[item["item_id"]]
+        was, now = correct(base, item), correct(after, other)
+        if was is None:
+            return {"defined": False, "up": [], "down": []}
+        entry = {"item_id": item["item_id"], "prompt": item["prompt"], "gold": item["gold"],
+                 "before": item["output"], "after": other["output"],
+                 "before_parsed": item["parsed"], "after_parsed": other["parsed"]}
+        if not was and now:
+            up.append(entry)
+        elif was and not now:
+            down.append(entry)
+    return {"defined": True, "up": up, "down": down, "metric": primary_metric(base.summary)}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: cannot read: {exc}") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
+def newest_rescore(runs_dir: Path) -> dict | None:
+    files = sorted((runs_dir / "serve").glob("rescore-*.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return None
+    record = read_json(files[-1])
+    record["_file"] = files[-1].name
+    provenance = Path(record.get("model_dir", "")) / "provenance.json"
+    if "base_card" not in record and provenance.is_file():
+        record["base_card"] = read_json(provenance).get("base_card")
+    if not record.get("base_card"):
+        raise UserError(f"runs/serve/{files[-1].name}: cannot tell the base model of {record.get('model')} "
+                        f"(no {provenance})")
+    return record
+
+
+def training_run(runs_dir: Path, rescore: dict | None) -> dict | None:
+    """The training run behind the served model, else the newest one."""
+    summaries = sorted((runs_dir / "train").glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
+    if not summaries:
+        return None
+    chosen = summaries[-1]
+    if rescore:
+        for path in summaries:
+            if Path(rescore.get("model_dir", "")).resolve() == (path.parent / "merged").resolve():
+                chosen = path
+    summary = read_json(chosen)
+    log = []
+    log_path = chosen.parent / "train_log.jsonl"
+    if log_path.is_file():
+        for n, line in enumerate(log_path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    log.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{log_path}:{n}: not a JSON line: {exc}") from exc
+    provenance_path = chosen.parent / "merged" / "provenance.json"
+    provenance = read_json(provenance_path) if provenance_path.is_file() else {}
+    return {"name": chosen.parent.name, "summary": summary, "provenance": provenance,
+            "losses": [e for e in log if "loss" in e and "sample" not in e],
+            "evals": [e for e in log if "eval_loss" in e],
+            "samples": [e for e in log if "sample" in e]}
+
+
+def manifest(runs: list[Run]) -> dict:
+    import jinja2
+
+    rows = []
+    for r in sorted(runs, key=lambda r: (r.model, r.entry)):
+        ident = r.meta.get("identity", {})
+        weights = ident.get("weights_sha256")
+        if isinstance(weights, dict):
+            weights = ",".join(f"{k}:{v[:12]}" for k, v in sorted(weights.items()))
+        rows.append({"run_id": r.run_id, "model": r.model, "task": r.entry[0], "split": r.entry[1], "mode": r.entry[2],
+                     "backend": ident.get("backend"), "task_sha256": r.task_sha256[:12],
+                     "prompt_sha256": (r.meta.get("prompt_sha256") or "")[:12],
+                     "chat_template_sha256": (ident.get("chat_template_sha256") or "")[:12],
+                     "weights": (weights or "")[:40], "versions": {**r.meta.get("versions", {}),
+                                                                   "transformers": ident.get("transformers")},
+                     "git": (r.meta.get("git_revision") or "")[:10], "n": len(r.summary.items)})
+    return {"runs": rows, "report_git": git_revision(), "python": platform.python_version(),
+            "jinja2": jinja2.__version__}
+
+
+def review_systems(runs_dir: Path, *, with_candidates: bool = False) -> dict[str, dict[str, Run]]:
+    """The systems a blind review compares on the free-text tasks: the base model and the merged
+    model (scored locally), plus the other selection candidates when asked."""
+    db = runs_dir / "results.sqlite"
+    if not db.is_file():
+        raise UserError(f"{db}: no results store; run `make select` first")
+    selection_path = runs_dir / "selection.json"
+    selection = read_json(selection_path) if selection_path.is_file() else None
+    rescore = newest_rescore(runs_dir)
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        ba = before_after(conn, selection, training_run(runs_dir, rescore), rescore)
+        if ba is None:
+            raise UserError("review: nothing to compare yet; run `make train` and `make rescore` first")
+        systems: dict[str, dict[str, Run]] = {ba.base.label: {}, ba.after[0].label: {}}
+        for t in ba.tasks:
+            if t["runs"]["base"].summary.task.parser != "choice":
+                systems[ba.base.label][t["task"]] = t["runs"]["base"]
+                systems[ba.after[0].label][t["task"]] = t["runs"]["merged"]
+        if with_candidates and selection:
+            for model, ids in selection["runs"].items():
+                if model == rescore["base_card"]:
+                    continue
+                for run_id in ids:
+                    run = load_run(conn, run_id, "runs/selection.json")
+                    if run.summary.mode == "gen" and run.summary.task.name in systems[ba.base.label]:
+                        check_side_by_side([systems[ba.base.label][run.summary.task.name], run],
+                                           f"the {run.summary.task.name} runs of {model} and the base model")
+                        systems.setdefault(model, {})[run.summary.task.name] = run
+    finally:
+        conn.close()
+    if not systems[ba.base.label]:
+        raise UserError("review: the re-scored tasks include no free-text task (style, fact) to review")
+    return systems
