@@ -282,7 +282,9 @@ def aggregate(all_votes: list[dict]) -> dict:
         position = {"left_wins": left_wins, "decisive": decisive, "rate": left_wins / decisive, "ci95": [low, high],
                     "p_value": float(binomtest(left_wins, decisive, 0.5).pvalue)}
     systems = sorted({s for key in pairs for s in key})
-    return {"pairs": rows, "position": position, "systems": systems, "votes": len(all_votes),
+    comments = [{k: v[k] for k in ("task", "item_id", "system_a", "system_b", "left_system", "vote", "reviewer",
+                                    "comment")} for v in all_votes if v["comment"].strip()]
+    return {"pairs": rows, "position": position, "systems": systems, "votes": len(all_votes), "comments": comments,
             "reviewers": len({v["reviewer"] for v in all_votes}),
             "bradley_terry": bradley_terry(all_votes, systems) if len(systems) > 2 else None}
 
@@ -308,9 +310,17 @@ def bradley_terry(all_votes: list[dict], systems: list[str]) -> dict:
         y.append(0.5 if winner is None else float(winner == a))
     if len(y) < len(systems):
         return {"estimable": False, "why": f"{len(y)} ordered votes for {len(systems)} systems"}
+    import warnings
+
+    from statsmodels.tools.sm_exceptions import PerfectSeparationWarning
+
     try:
-        fit = sm.GLM(np.asarray(y), np.asarray(x), family=sm.families.Binomial()).fit()
-    except Exception as exc:  # perfect separation and the like: say so instead of printing infinities
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PerfectSeparationWarning)
+            fit = sm.GLM(np.asarray(y), np.asarray(x), family=sm.families.Binomial()).fit()
+    except PerfectSeparationWarning:
+        return {"estimable": False, "why": "one system wins or loses every vote (perfect separation)"}
+    except (ValueError, np.linalg.LinAlgError) as exc:  # e.g. systems never compared with the rest
         return {"estimable": False, "why": f"the fit failed: {exc}"}
     params = np.concatenate([[0.0], fit.params])
     ses = np.concatenate([[0.0], fit.bse])

@@ -6,7 +6,7 @@ A reviewer gives a name once; it is kept in a cookie signed with a secret drawn 
 vote is a JSON POST carrying a CSRF token derived from that secret and the name (a page from
 another origin can neither read it nor set the header), and is validated field by field. Each
 request writes through its own SQLite connection inside BEGIN IMMEDIATE, so concurrent votes are
-serialised by SQLite and none is lost.
+serialised by SQLite and none is lost. (Imported only by `review`: FastAPI is loaded at import.)
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import secrets
 from pathlib import Path
 from typing import Literal
 
+from fastapi import Cookie, FastAPI, Form, Header, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from reports import review
@@ -36,10 +38,7 @@ class Vote(BaseModel):
     vote_id: str = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
 
 
-def create_app(db_path: Path, secret: bytes | None = None):
-    from fastapi import Cookie, FastAPI, Form, Header, HTTPException, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
-
+def create_app(db_path: Path, secret: bytes | None = None) -> FastAPI:
     secret = secret or secrets.token_bytes(32)
     env = environment()
     app = FastAPI(title="selectune review", docs_url=None, redoc_url=None, openapi_url=None)
@@ -64,7 +63,7 @@ def create_app(db_path: Path, secret: bytes | None = None):
             f"default-src 'none'; style-src 'unsafe-inline'; script-src 'nonce-{nonce}'; connect-src 'self'; "
             "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
         response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "no-referrer"
+        response.headers["Referrer-Policy"] = "same-origin"  # "no-referrer" makes forms send Origin: null
         return response
 
     @app.get("/", response_class=HTMLResponse)

@@ -1,0 +1,209 @@
+"""`make report`: golden page structure, untrusted text, refusals, and the numbers it shows.
+
+Golden files hold each page type's outline (headings, table headers and row counts, links
+between pages), not its bytes; `UPDATE_GOLDEN=1 pytest tests/test_report.py` rewrites them after
+an intended change, and the diff is reviewed like code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from reports.render import build_report
+from selectune.cli import main
+from selectune.errors import UserError
+from tests import report_fixture
+from tests.conftest import REPO
+
+GOLDEN = REPO / "tests" / "golden" / "report"
+PAGE_TYPES = ["index", "leaderboard", "before_after", "training", "serving", "review", "flips-fact",
+              "samples-fact"]
+
+
+class Outline(HTMLParser):
+    """Headings, tables (header cells and body row count), links, scripts and anything active."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.lines: list[str] = []
+        self.active: list[str] = []
+        self.scripts: list[str] = []
+        self.pre_texts: list[str] = []
+        self._heading = None
+        self._text: list[str] = []
+        self._table = None
+        self._in_script = self._in_pre = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        for name in attrs:
+            if name.startswith("on"):
+                self.active.append(f"{tag}[{name}]")
+        if tag in ("img", "iframe", "object", "embed", "textarea", "form"):
+            self.active.append(tag)
+        if tag in ("h1", "h2", "h3"):
+            self._heading, self._text = f"{tag}#{attrs.get('id', '')}", []
+        elif tag == "table":
+            self._table = {"id": attrs.get("id") or attrs.get("class") or "", "th": [], "rows": 0, "in_body": False}
+        elif tag == "th" and self._table is not None:
+            self._text = []
+        elif tag == "tbody" and self._table is not None:
+            self._table["in_body"] = True
+        elif tag == "tr" and self._table is not None and self._table["in_body"]:
+            self._table["rows"] += 1
+        elif tag == "a" and attrs.get("href", "").endswith(".html"):
+            self.lines.append(f"link {attrs['href']}")
+        elif tag == "script":
+            self._in_script, self._text = True, []
+        elif tag == "pre":
+            self._in_pre, self._text = True, []
+        elif tag == "svg":
+            self.lines.append("svg")
+
+    def handle_endtag(self, tag):
+        text = " ".join("".join(self._text).split())
+        if tag in ("h1", "h2", "h3") and self._heading:
+            self.lines.append(f"{self._heading}: {text}")
+            self._heading = None
+        elif tag == "th" and self._table is not None and not self._table["in_body"]:
+            self._table["th"].append(text)
+        elif tag == "table" and self._table is not None:
+            t = self._table
+            self.lines.append(f"table#{t['id']}: {' | '.join(t['th'])} ({t['rows']} rows)")
+            self._table = None
+        elif tag == "script":
+            self._in_script = False
+            self.scripts.append("".join(self._text))
+        elif tag == "pre":
+            self._in_pre = False
+            self.pre_texts.append("".join(self._text))
+
+    def handle_data(self, data):
+        self._text.append(data)
+
+
+def outline(path: Path) -> Outline:
+    parser = Outline()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+@pytest.fixture(scope="module")
+def fixture_runs(tmp_path_factory):
+    data = REPO.parent / "shared" / "data"
+    if not (data / "fewclue").is_dir():
+        pytest.skip(f"public test data not found at {data}")
+    runs = tmp_path_factory.mktemp("report") / "runs"
+    report_fixture.build(runs, data)
+    report_fixture.add_votes(runs)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def evil_runs(tmp_path_factory):
+    data = REPO.parent / "shared" / "data"
+    if not (data / "fewclue").is_dir():
+        pytest.skip(f"public test data not found at {data}")
+    runs = tmp_path_factory.mktemp("evil") / "runs"
+    report_fixture.build(runs, data, evil=True)
+    report_fixture.add_votes(runs)
+    return runs
+
+
+def test_every_page_type_matches_its_golden_outline(fixture_runs):
+    written = {p.stem for p in build_report(fixture_runs)}
+    assert written == {"index", "leaderboard", "before_after", "training", "serving", "review",
+                       *(f"{kind}-{t}" for kind in ("flips", "samples") for t in ("fewclue_bustm", "style", "fact"))}
+    for page in PAGE_TYPES:
+        got = outline(fixture_runs / "report" / f"{page}.html").lines
+        golden = GOLDEN / f"{page}.json"
+        if os.environ.get("UPDATE_GOLDEN"):
+            golden.parent.mkdir(parents=True, exist_ok=True)
+            golden.write_text(json.dumps(got, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        assert got == json.loads(golden.read_text(encoding="utf-8")), f"{page}.html differs from {golden}"
+
+
+def test_numbers_are_those_of_the_stored_items(fixture_runs):
+    """FewCLUE: the base is right when k % 3 != 0, the merged model when k % 4 != 0 (k = item
+    position in the split), so 6 items flip wrong->right and 4 right->wrong out of 24."""
+    build_report(fixture_runs)
+    flips = outline(fixture_runs / "report" / "flips-fewclue_bustm.html").lines
+    assert "h2#flips-up: Wrong before, right after (6)" in flips
+    assert "h2#flips-down: Right before, wrong after (4)" in flips
+    html = (fixture_runs / "report" / "before_after.html").read_text(encoding="utf-8")
+    # accuracy 16/24 -> 18/24: +8.3 points, 10 discordant items split 6/4: exact McNemar p = 0.754
+    assert "66.7" in html and "75.0" in html and "+8.3" in html and "0.754" in html
+    leaderboard = (fixture_runs / "report" / "leaderboard.html").read_text(encoding="utf-8")
+    assert "Winner: <strong>qwen2.5-coder-0.5b-instruct</strong>" in leaderboard
+
+
+def test_untrusted_text_renders_inert_on_every_page(evil_runs):
+    pages = build_report(evil_runs)
+    for path in pages:
+        o = outline(path)
+        assert o.active == [], f"{path.name}: active markup from data: {o.active}"
+        expected_scripts = 1 if path.stem.startswith("samples-") else 0
+        assert len(o.scripts) == expected_scripts, path.name
+        assert all("__pwned" not in s for s in o.scripts), path.name
+    # ... and the hostile text is still shown, as text
+    texts = outline(evil_runs / "report" / "flips-fact.html").pre_texts
+    assert any(report_fixture.EVIL in t for t in texts)
+    assert any(report_fixture.EVIL in t for t in outline(evil_runs / "report" / "training.html").pre_texts)
+    assert any(report_fixture.EVIL in t for t in outline(evil_runs / "report" / "serving.html").pre_texts)
+
+
+def test_refuses_runs_whose_task_hashes_differ(fixture_runs, tmp_path):
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(fixture_runs, runs)
+    shutil.rmtree(runs / "report", ignore_errors=True)
+    selection = json.loads((runs / "selection.json").read_text(encoding="utf-8"))
+    other = selection["runs"][report_fixture.OTHER][1]  # its style run
+    with sqlite3.connect(runs / "results.sqlite") as db:
+        meta = json.loads(db.execute("SELECT meta_json FROM runs WHERE run_id = ?", (other,)).fetchone()[0])
+        meta["task_sha256"] = "0" * 64
+        db.execute("UPDATE runs SET meta_json = ? WHERE run_id = ?", (json.dumps(meta), other))
+    with pytest.raises(UserError, match=r"refusing to put the style-test gen runs of the candidates side by side: "
+                                        r"their task files differ \(.*000000000000"):
+        build_report(runs)
+    assert not (runs / "report").exists()  # nothing half-written
+
+
+def test_refuses_before_after_on_different_items(fixture_runs, tmp_path):
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(fixture_runs, runs)
+    record = json.loads(next((runs / "serve").glob("rescore-*.json")).read_text(encoding="utf-8"))
+    local_fact = next(t["local_run"] for t in record["parity"]["tasks"] if t["task"] == "fact")
+    with sqlite3.connect(runs / "results.sqlite") as db:
+        db.execute("DELETE FROM items WHERE run_id = ? AND item_id = (SELECT MIN(item_id) FROM items WHERE run_id = ?)",
+                   (local_fact, local_fact))
+    with pytest.raises(UserError, match="refusing to put the base and fine-tuned fact runs side by side: .* 11 items"):
+        build_report(runs)
+
+
+def test_report_of_a_selection_alone_points_at_the_next_steps(fixture_runs, tmp_path, capsys):
+    import shutil
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    shutil.copy(fixture_runs / "results.sqlite", runs)
+    shutil.copy(fixture_runs / "selection.json", runs)
+    assert main(["--runs-dir", str(runs), "report"]) == 0
+    assert "6 pages" in capsys.readouterr().out
+    assert "make train" in (runs / "report" / "training.html").read_text(encoding="utf-8")
+    assert "make rescore" in (runs / "report" / "serving.html").read_text(encoding="utf-8")
+
+
+def test_report_without_a_store_is_one_line(tmp_path, capsys):
+    assert main(["--runs-dir", str(tmp_path / "none"), "report"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no results store; run `make select` first" in err
