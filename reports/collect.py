@@ -350,6 +350,7 @@ def manifest(runs: list[Run]) -> dict:
             weights = ",".join(f"{k}:{v[:12]}" for k, v in sorted(weights.items()))
         rows.append({"run_id": r.run_id, "model": r.model, "task": r.entry[0], "split": r.entry[1], "mode": r.entry[2],
                      "backend": ident.get("backend"), "task_sha256": r.task_sha256[:12],
+                     "data_sha256": (r.meta.get("data_sha256") or "")[:12],
                      "prompt_sha256": (r.meta.get("prompt_sha256") or "")[:12],
                      "chat_template_sha256": (ident.get("chat_template_sha256") or "")[:12],
                      "weights": (weights or "")[:40], "versions": {**r.meta.get("versions", {}),
