@@ -135,6 +135,7 @@ class Leaderboard:
     charts: list[dict]
     """One per entry's primary metric: per-model mean and CI, for the error-bar plot."""
     selection: dict
+    runs: list[Run]
     mde: list[str] = field(default_factory=list)
     """In words: the smallest gap each entry's sample size can detect."""
 
@@ -164,11 +165,10 @@ def leaderboard(conn, selection: dict, named_in: str) -> Leaderboard:
                     significance.append({"task": entry[0], "split": entry[1], "mode": entry[2], "metric": metric,
                                          "model": m, "n": len(r.summary.items),
                                          **_comparison(metric, r.values(metric), per_model[winner].values(metric))})
-        primary = metrics[0]
-        charts.append({"title": f"{entry[0]}-{entry[1]} {entry[2]} {primary}", "metric": primary,
-                       "scale": 100.0 if primary in PERCENT else 1.0,
-                       "bars": [{"model": m, **cells} for m, cells in
-                                ((m, _estimate(primary, bootstrap_mean(r.values(primary)))) for m, r in per_model.items())]})
+        primary = next(r for r in rows if r["primary"] and (r["task"], r["split"], r["mode"]) == entry)
+        charts.append({"title": f"{entry[0]}-{entry[1]} {entry[2]} {primary['metric']}", "metric": primary["metric"],
+                       "scale": 100.0 if primary["metric"] in PERCENT else 1.0,
+                       "bars": [{"model": m, **cell} for m, cell in primary["cells"].items()]})
     mde, seen = [], set()
     for s in significance:
         key = (s["task"], s["split"], s["mode"], s["metric"])
@@ -179,7 +179,8 @@ def leaderboard(conn, selection: dict, named_in: str) -> Leaderboard:
         mde.append(f"{s['task']}-{s['split']} {s['mode']} {s['metric']}: with {s['n']} paired items, differences "
                    f"smaller than about {s['mde_text']}{unit} cannot be told apart from chance "
                    "(80% power, alpha 0.05); a candidate within that of the winner is not shown to be worse.")
-    return Leaderboard(models, winner, rows, significance, charts, selection, mde)
+    return Leaderboard(models, winner, rows, significance, charts, selection,
+                       [r for model_runs in runs.values() for r in model_runs], mde)
 
 
 def metrics_of_entry(by_entry: dict, key: tuple) -> str:
@@ -209,53 +210,56 @@ class BeforeAfter:
     train_fact: dict | None
 
 
-def before_after(conn, selection: dict | None, train: dict | None, rescore: dict | None) -> BeforeAfter | None:
-    """Base model against the merged model scored locally and through the server, per task."""
-    if rescore is None:
-        return None
+def paired_runs(conn, selection: dict | None, rescore: dict) -> tuple[System, System, System]:
+    """The base model's, the local merged model's and the served model's run of each re-scored
+    task: the merged ones from the rescore record, the base ones from the selection (else the
+    newest finished run of the base card on the same task and split)."""
     named = "runs/serve/" + rescore["_file"]
-    base_card = rescore.get("base_card")
+    base_card = rescore["base_card"]
     local = System("merged", f"{rescore['model']} (local)")
     served = System("served", f"{rescore['model']} (served, {rescore['engine']})")
     for task in rescore["parity"]["tasks"]:
         local.runs[task["task"]] = load_run(conn, task["local_run"], named)
         served.runs[task["task"]] = load_run(conn, task["served_run"], named)
     base = System("base", f"{base_card} (base)")
-    selection_runs = (selection or {}).get("runs", {}).get(base_card, [])
-    for run_id in selection_runs:
+    for run_id in (selection or {}).get("runs", {}).get(base_card, []):
         run = load_run(conn, run_id, "runs/selection.json")
         if run.summary.mode == "gen" and run.summary.task.name in local.runs:
             base.runs[run.summary.task.name] = run
     if not base.runs:
-        base.runs = _newest_base_runs(conn, base_card, list(local.runs), {t: r.summary.split for t, r in local.runs.items()})
+        base.runs = _newest_base_runs(conn, base_card, {t: r.summary.split for t, r in local.runs.items()})
+    for task_name, base_run in base.runs.items():
+        check_side_by_side([base_run, local.runs[task_name], served.runs[task_name]],
+                           f"the base and fine-tuned {task_name} runs")
+    return base, local, served
+
+
+def before_after(conn, selection: dict | None, train: dict | None, rescore: dict | None) -> BeforeAfter | None:
+    """Base model against the merged model scored locally and through the server, per task."""
+    if rescore is None:
+        return None
+    base, local, served = paired_runs(conn, selection, rescore)
     tasks = []
-    for task_name, after_local in local.runs.items():
-        base_run = base.runs.get(task_name)
-        if base_run is None:
-            continue
-        systems = [base_run, after_local, served.runs[task_name]]
-        check_side_by_side(systems, f"the base and fine-tuned {task_name} runs")
+    for task_name, base_run in base.runs.items():
+        systems = [base_run, local.runs[task_name], served.runs[task_name]]
         rows = []
         for metric in metrics_of(base_run.summary):
             if any(metric not in i["scores"] for r in systems[1:] for i in r.summary.items):
                 continue
             b = base_run.values(metric)
-            cols = []
-            for after in systems[1:]:
-                est = bootstrap_mean(after.values(metric))
-                cols.append({**_estimate(metric, est), **{"vs_base": _comparison(metric, after.values(metric), b)}})
+            cols = [{**_estimate(metric, bootstrap_mean(after.values(metric))),
+                     "vs_base": _comparison(metric, after.values(metric), b)} for after in systems[1:]]
             rows.append({"metric": metric, "base": _estimate(metric, bootstrap_mean(b)), "after": cols,
                          "higher_is_better": M.HIGHER_IS_BETTER[metric]})
-        flips = _flips(base_run, after_local)
         tasks.append({"task": task_name, "split": base_run.summary.split, "n": len(base_run.summary.items),
-                      "rows": rows, "fewclue": task_name.startswith("fewclue"), "flips": flips,
-                      "runs": {"base": base_run, "merged": after_local, "served": served.runs[task_name]}})
+                      "rows": rows, "fewclue": task_name.startswith("fewclue"), "flips": _flips(base_run, systems[1]),
+                      "runs": dict(zip(("base", "merged", "served"), systems))})
     return BeforeAfter(base, [local, served], tasks, (train or {}).get("summary", {}).get("fact"))
 
 
-def _newest_base_runs(conn, model: str, tasks: list[str], splits: dict[str, str]) -> dict[str, Run]:
+def _newest_base_runs(conn, model: str, splits: dict[str, str]) -> dict[str, Run]:
     out = {}
-    for task in tasks:
+    for task in splits:
         row = conn.execute("SELECT run_id FROM runs WHERE model = ? AND task = ? AND split = ? AND mode = 'gen'"
                            " AND finished IS NOT NULL ORDER BY finished DESC LIMIT 1",
                            (model, task, splits[task])).fetchone()
@@ -369,28 +373,25 @@ def review_systems(runs_dir: Path, *, with_candidates: bool = False) -> dict[str
     selection_path = runs_dir / "selection.json"
     selection = read_json(selection_path) if selection_path.is_file() else None
     rescore = newest_rescore(runs_dir)
+    if rescore is None:
+        raise UserError("review: nothing to compare yet; run `make train` and `make rescore` first")
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        ba = before_after(conn, selection, training_run(runs_dir, rescore), rescore)
-        if ba is None:
-            raise UserError("review: nothing to compare yet; run `make train` and `make rescore` first")
-        systems: dict[str, dict[str, Run]] = {ba.base.label: {}, ba.after[0].label: {}}
-        for t in ba.tasks:
-            if t["runs"]["base"].summary.task.parser != "choice":
-                systems[ba.base.label][t["task"]] = t["runs"]["base"]
-                systems[ba.after[0].label][t["task"]] = t["runs"]["merged"]
+        base, local, _served = paired_runs(conn, selection, rescore)
+        free_text = [t for t, r in base.runs.items() if r.summary.task.parser != "choice"]
+        systems = {base.label: {t: base.runs[t] for t in free_text}, local.label: {t: local.runs[t] for t in free_text}}
         if with_candidates and selection:
             for model, ids in selection["runs"].items():
                 if model == rescore["base_card"]:
                     continue
                 for run_id in ids:
                     run = load_run(conn, run_id, "runs/selection.json")
-                    if run.summary.mode == "gen" and run.summary.task.name in systems[ba.base.label]:
-                        check_side_by_side([systems[ba.base.label][run.summary.task.name], run],
+                    if run.summary.mode == "gen" and run.summary.task.name in free_text:
+                        check_side_by_side([base.runs[run.summary.task.name], run],
                                            f"the {run.summary.task.name} runs of {model} and the base model")
                         systems.setdefault(model, {})[run.summary.task.name] = run
     finally:
         conn.close()
-    if not systems[ba.base.label]:
+    if not free_text:
         raise UserError("review: the re-scored tasks include no free-text task (style, fact) to review")
     return systems

@@ -13,6 +13,7 @@ import sqlite3
 from pathlib import Path
 
 from selectune.errors import UserError
+from selectune.files import write_text_atomic
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 PAGES = ("index", "leaderboard", "before_after", "training", "serving", "review")
@@ -94,12 +95,6 @@ def line_chart(series: list[dict], width: int = 640, height: int = 240, log_y: b
 # ---------------------------------------------------------------------------------------------
 
 
-def _write(path: Path, html: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(path)
-
-
 def build_report(runs_dir: Path, out_dir: Path | None = None) -> list[Path]:
     """Render every page; nothing is written unless everything could be gathered."""
     from reports import collect, review
@@ -126,14 +121,7 @@ def build_report(runs_dir: Path, out_dir: Path | None = None) -> list[Path]:
         rconn.close()
     agg = review.aggregate(all_votes) if all_votes else None
 
-    shown_runs = [r for t in (ba.tasks if ba else []) for r in t["runs"].values()]
-    if board:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        try:
-            shown_runs += [collect.load_run(conn, rid, "runs/selection.json")
-                           for ids in selection["runs"].values() for rid in ids]
-        finally:
-            conn.close()
+    shown_runs = [r for t in (ba.tasks if ba else []) for r in t["runs"].values()] + (board.runs if board else [])
     unique = {r.run_id: r for r in shown_runs}
     context = {
         "board": board, "ba": ba, "train": train, "rescore": rescore, "review": agg, "review_pairs": pairs,
@@ -148,7 +136,7 @@ def build_report(runs_dir: Path, out_dir: Path | None = None) -> list[Path]:
     written = []
     for name in PAGES:
         path = out_dir / f"{name}.html"
-        _write(path, env.get_template(f"{name}.html").render(page=name, **context))
+        write_text_atomic(path, env.get_template(f"{name}.html").render(page=name, **context))
         written.append(path)
     for task in ba.tasks if ba else []:
         samples = _sample_rows(task)
@@ -156,7 +144,7 @@ def build_report(runs_dir: Path, out_dir: Path | None = None) -> list[Path]:
             if template == "flips.html" and not task["flips"]["defined"]:
                 continue
             path = out_dir / f"{stem}-{slug(task['task'])}.html"
-            _write(path, env.get_template(template).render(page=stem, task=task, **extra, **context))
+            write_text_atomic(path, env.get_template(template).render(page=stem, task=task, **extra, **context))
             written.append(path)
     return written
 

@@ -171,19 +171,22 @@ def votes(conn) -> list[dict]:
 
 
 def export_votes(conn, path: Path) -> int:
+    import io
+
+    from selectune.files import write_text_atomic
+
     rows = votes(conn)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".csv":
-        with tmp.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=EXPORT_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=EXPORT_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+        text = buffer.getvalue()
     elif path.suffix == ".json":
-        tmp.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+        text = json.dumps(rows, ensure_ascii=False, indent=1)
     else:
         raise UserError(f"{path}: votes are exported as .csv or .json")
-    tmp.replace(path)
+    write_text_atomic(path, text)
     return len(rows)
 
 
