@@ -24,7 +24,7 @@ OC_STAMP := $(OC_VENV)/.installed
 SELECTUNE := $(PY) -m selectune --runs-dir $(RUNS_DIR) $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) \
 	$(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
-.PHONY: help setup opencompass-venv lmdeploy-venv browser models cards data select train serve serve-stop rescore chat report review test \
+.PHONY: help setup opencompass-venv lmdeploy-venv browser models cards data select train serve serve-stop rescore chat report review data-synth test \
 	bench bench-eval bench-train crosscheck-opencompass clean
 
 help: ## one line per target
@@ -86,6 +86,11 @@ chat: $(STAMP) ## chat in the terminal with the served model
 
 report: $(STAMP) ## render the HTML report under runs/report/ (open runs/report/index.html)
 	$(SELECTUNE) report
+
+SYNTH_RECIPE ?= synth/fact.yaml
+SYNTH_ARGS ?=
+data-synth: models ## grow a seed set into training data with a teacher served here (SYNTH_RECIPE=, SYNTH_ARGS=)
+	$(SELECTUNE) data-synth --recipe $(SYNTH_RECIPE) $(SYNTH_ARGS)
 
 REVIEW_ARGS ?=
 review: $(STAMP) ## blind side-by-side review pages on 127.0.0.1:8765; votes go into the store (REVIEW_ARGS=)

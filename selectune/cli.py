@@ -8,6 +8,7 @@
     python -m selectune chat
     python -m selectune report [--out DIR]
     python -m selectune review [--with-candidates] [--export F.csv | --import F.json | --no-serve]
+    python -m selectune data-synth [--recipe synth/fact.yaml] [--base-url URL --teacher-model NAME]
 """
 
 from __future__ import annotations
@@ -295,6 +296,44 @@ def _review(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_synth(settings: Settings, args: argparse.Namespace) -> int:
+    import os
+
+    from eval.backends.openai_http import OpenAIBackend
+    from eval.results import open_results
+    from synth.pipeline import Run, print_summary
+    from synth.recipe import load_synth_recipe
+    from synth.teacher import Budget, Teacher
+
+    recipe = load_synth_recipe(args.recipe)
+    out_dir = args.out or settings.runs_dir / "synth" / recipe.name
+    budget = Budget(args.max_calls or recipe.budget.max_calls, args.max_tokens or recipe.budget.max_tokens)
+    conn = open_results(settings.runs_dir)
+    api_key = os.environ.get(recipe.teacher.api_key_env)
+
+    def run(base_url: str, model: str, label: str) -> dict:
+        backend = OpenAIBackend(base_url, model, api_key=api_key, concurrency=1, timeout_s=600.0, max_retries=3)
+        return Run(recipe, Teacher(backend, conn, budget, label), out_dir).run()
+
+    base_url = args.base_url or recipe.teacher.base_url
+    if base_url:
+        model = args.teacher_model or recipe.teacher.model
+        if not model:
+            raise UserError(f"{args.recipe}: a teacher at {base_url} needs a model name (--teacher-model or teacher.model)")
+        provenance = run(base_url, model, model)
+    else:
+        from serve.launcher import engine_for, launch
+        from serve.rescore import resolve_target
+
+        target = resolve_target(settings, card_name=args.teacher or recipe.teacher.card)
+        engine = engine_for(target.model_dir, "auto")
+        with launch(engine, settings.runs_dir / "serve" / f"teacher-{engine.name}.log") as server:
+            print(f"data-synth: teacher {target.label} on {engine.name} at {server.base_url}")
+            provenance = run(server.base_url, server.model_name, target.label)
+    print_summary(provenance, out_dir / "report.json")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -399,6 +438,16 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--export", dest="export_to", type=Path, help="write every vote to F.csv or F.json")
     what.add_argument("--import", dest="import_from", type=Path, help="merge votes from F.csv or F.json")
     rv.set_defaults(run=_review)
+
+    ds = sub.add_parser("data-synth", help="grow a seed set into training data with a teacher model")
+    ds.add_argument("--recipe", type=Path, default=Path("synth/fact.yaml"))
+    ds.add_argument("--base-url", help="an OpenAI-compatible teacher (key from the recipe's api_key_env)")
+    ds.add_argument("--teacher-model", help="the model name to ask at --base-url")
+    ds.add_argument("--teacher", help="an offline card to serve here as the teacher (default: the recipe's)")
+    ds.add_argument("--max-calls", type=_positive_int, help="stop after this many new teacher calls")
+    ds.add_argument("--max-tokens", type=_positive_int, help="stop after this many teacher tokens")
+    ds.add_argument("--out", type=Path, help="output directory (default RUNS_DIR/synth/<recipe name>)")
+    ds.set_defaults(run=_data_synth)
 
     data = sub.add_parser("data", help="download FewCLUE (or verify DATA_DIR)")
     data.add_argument("--check", action="store_true", help="verify only, download nothing")

@@ -65,13 +65,22 @@ class OpenAIBackend:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(fn, requests))
 
-    def _chat(self, request: GenRequest) -> str:
-        body = {"model": self.model, "messages": request.messages, "temperature": 0.0, "top_p": 1.0,
-                "max_tokens": request.max_new_tokens, "seed": self.seed, "n": 1, "stream": False}
-        if request.stop:
-            body["stop"] = request.stop
+    def chat(self, messages: list[dict], *, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int | None = None, stop: list[str] | None = None) -> tuple[str, dict]:
+        """One chat completion with every sampling parameter sent: (text, the server's usage or {})."""
+        body = {"model": self.model, "messages": messages, "temperature": temperature, "top_p": top_p,
+                "max_tokens": max_tokens, "seed": self.seed if seed is None else seed, "n": 1, "stream": False}
+        if stop:
+            body["stop"] = stop
         reply = self._post("/v1/chat/completions", body)
-        return cut_at_stop(reply["choices"][0]["message"]["content"] or "", request.stop)
+        try:
+            text = reply["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise UserError(f"{self.base_url}/v1/chat/completions: a reply without choices[0].message") from None
+        return cut_at_stop(text, stop or []), reply.get("usage") or {}
+
+    def _chat(self, request: GenRequest) -> str:
+        return self.chat(request.messages, max_tokens=request.max_new_tokens, stop=request.stop)[0]
 
     def generate(self, requests: list[GenRequest]) -> list[str]:
         return self._map(self._chat, requests)

@@ -1,0 +1,257 @@
+"""Seeds -> expand -> clean -> answer -> clean -> converse -> write; every teacher call stored.
+
+    make data-synth                                   # synth/fact.yaml, teacher served here
+    python -m selectune data-synth --recipe synth/style.yaml --base-url URL --teacher-model NAME
+
+Every random choice (which seeds a round shows, which style an item gets, which items get a
+follow-up) is drawn from a generator seeded by the recipe's seed and the item's own text, so
+given the same stored teacher answers the output is the same byte for byte. Output, under
+runs/synth/<name>/: data.jsonl (a format the trainer reads), report.json (what each filter
+removed, with examples), malformed.jsonl (teacher answers that could not be read) and
+provenance.json, written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+from selectune.errors import UserError
+from selectune.files import sha256_file, write_json_atomic, write_text_atomic
+from selectune.rows import BadLine, read_rows
+from synth import clean as C
+from synth.parse import parse_answer, parse_followup, parse_list
+from synth.recipe import SynthRecipe, resolve
+from synth.teacher import BudgetExhausted, Teacher
+
+_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv"}
+
+
+def load_seeds(recipe: SynthRecipe) -> list[dict]:
+    spec = recipe.seeds
+    path = resolve(spec.path)
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise UserError(f"{path}: seeds come from .jsonl, .json or .csv")
+    seeds, seen = [], set()
+    for n, row in read_rows(path, fmt):
+        if isinstance(row, BadLine) or not isinstance(row, dict):
+            raise UserError(f"{path}:{n}: {row.problem if isinstance(row, BadLine) else 'not an object'}")
+        if any(str(row.get(k)) != v for k, v in spec.where.items()):
+            continue
+        for key in (spec.question, spec.answer, *([spec.style] if spec.style else [])):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise UserError(f"{path}:{n}: field '{key}' must be non-empty text")
+        if spec.distinct:
+            if row.get(spec.distinct) in seen:
+                continue
+            seen.add(row.get(spec.distinct))
+        seeds.append({"question": row[spec.question].strip(), "answer": row[spec.answer].strip(),
+                      **({"style": row[spec.style]} if spec.style else {})})
+    random.Random(recipe.seed).shuffle(seeds)
+    if not seeds:
+        raise UserError(f"{path}: no seed rows match {spec.where}")
+    return seeds[:spec.count]
+
+
+def _rng(recipe: SynthRecipe, *parts: object) -> random.Random:
+    return random.Random(f"{recipe.seed}:" + ":".join(map(str, parts)))
+
+
+def _env():
+    import jinja2
+
+    # Prompts are plain text for a model: nothing to escape, but a missing variable is an error.
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(resolve("."))), autoescape=False,
+                              undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
+
+
+class Run:
+    def __init__(self, recipe: SynthRecipe, teacher: Teacher, out_dir: Path):
+        self.recipe, self.teacher, self.out_dir = recipe, teacher, out_dir
+        self.env = _env()
+        self.counts: dict[str, int] = {}
+        self.malformed: list[dict] = []
+        self.report = C.Report()
+        self.context = resolve(recipe.answer.context).read_text(encoding="utf-8") if recipe.answer.context else None
+        self.stopped: str | None = None
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
+
+    def ask(self, stage: str, template: str, sampling, seed: int, history: list[dict] | None = None, **values) -> str:
+        prompt = self.env.get_template(template).render(**values).strip()
+        messages = (history or []) + [{"role": "user", "content": prompt}]
+        self.count(f"calls_{stage}")
+        return self.teacher.ask(messages, temperature=sampling.temperature, top_p=sampling.top_p,
+                                max_tokens=sampling.max_tokens, seed=seed)
+
+    def bad(self, stage: str, why: str, response: str, **where) -> None:
+        self.count(f"malformed_{stage}")
+        self.malformed.append({"stage": stage, "why": why, "response": response, **where})
+
+    # -- the stages ------------------------------------------------------------------------
+
+    # Each stage appends to `out` as it goes, so a budget stop keeps what was finished.
+
+    def expand(self, seeds: list[dict], out: list[dict]) -> None:
+        spec = self.recipe.expand
+        for r in range(spec.rounds):
+            shots = _rng(self.recipe, "expand", r).sample(seeds, min(spec.shots, len(seeds)))
+            reply = self.ask("expand", spec.template, spec.sampling, self.recipe.seed * 1000 + r,
+                             examples=shots, n=spec.per_round, what=spec.what)
+            parsed = parse_list(reply)
+            self.count("expand_broken_entries", parsed.broken)
+            if not parsed.items:
+                self.bad("expand", "no list of examples in the reply", reply, round=r)
+                continue
+            out += [{**item, "round": r} for item in parsed.items]
+            self.count("expanded", len(parsed.items))
+
+    def answer(self, items: list[dict], seeds: list[dict], out: list[dict]) -> None:
+        spec = self.recipe.answer
+        for item in items:
+            if item.get("answer"):  # the teacher wrote one with the question
+                out.append(item)
+                self.count("answered")
+                continue
+            rng = _rng(self.recipe, "answer", item["question"])
+            style = rng.choice(spec.styles) if spec.styles else None
+            pool = [s for s in seeds if style is None or s.get("style") == style]
+            shots = rng.sample(pool, min(spec.shots, len(pool)))
+            reply = self.ask("answer", spec.template, spec.sampling, self.recipe.seed, examples=shots,
+                             question=item["question"], context=self.context, style=style)
+            text = parse_answer(reply)
+            if not text:
+                self.bad("answer", "empty answer", reply, question=item["question"])
+                continue
+            out.append({**item, "answer": text, **({"style": style} if style else {})})
+            self.count("answered")
+
+    def converse(self, items: list[dict], out: list[dict]) -> None:
+        spec = self.recipe.converse
+        for item in items:
+            if not spec.fraction or _rng(self.recipe, "converse", item["question"]).random() >= spec.fraction:
+                out.append(item)
+                continue
+            reply = self.ask("followup", spec.template, spec.sampling, self.recipe.seed, persona=spec.persona,
+                             question=item["question"], answer=item["answer"])
+            follow = parse_followup(reply)
+            if not follow or C.norm(follow) == C.norm(item["question"]):
+                self.bad("followup", "no follow-up question", reply, question=item["question"])
+                out.append(item)
+                continue
+            first = self.env.get_template(self.recipe.answer.template).render(
+                examples=[], question=item["question"], context=self.context, style=item.get("style")).strip()
+            history = [{"role": "user", "content": first}, {"role": "assistant", "content": item["answer"]}]
+            second = parse_answer(self.teacher.ask(
+                history + [{"role": "user", "content": follow}], temperature=self.recipe.answer.sampling.temperature,
+                top_p=self.recipe.answer.sampling.top_p, max_tokens=self.recipe.answer.sampling.max_tokens,
+                seed=self.recipe.seed))
+            self.count("calls_followup_answer")
+            if not second:
+                self.bad("followup_answer", "empty answer", "", question=follow)
+                out.append(item)
+                continue
+            out.append({**item, "followup": follow, "followup_answer": second})
+            self.count("conversations")
+
+    def run(self) -> dict:
+        recipe = self.recipe
+        seeds = load_seeds(recipe)
+        self.count("seeds", len(seeds))
+        spec = C.CleanSpec(**recipe.clean.model_dump(exclude={"check_numbers"}),
+                           numbers_from=self.context if recipe.clean.check_numbers else None)
+        expanded: list[dict] = []
+        answered: list[dict] = []
+        conversed: list[dict] = []
+        cleaned = None
+        try:
+            self.expand(seeds, expanded)
+            questions = C.clean_questions(expanded, seeds, spec, self.report)
+            self.count("after_question_filters", len(questions))
+            self.answer(questions, seeds, answered)
+            cleaned = C.clean_answers(answered, seeds, spec, self.report)
+            self.count("after_answer_filters", len(cleaned))
+            self.converse(cleaned, conversed)
+        except BudgetExhausted as exc:
+            # What was finished is kept: answered items are cleaned, the rest stay single-turn.
+            self.stopped = f"budget: {exc}"
+            if cleaned is None:
+                cleaned = C.clean_answers(answered, seeds, spec, self.report)
+                self.count("after_answer_filters", len(cleaned))
+        return self.write(conversed + (cleaned or [])[len(conversed):], seeds)
+
+    # -- output -----------------------------------------------------------------------------
+
+    def rows(self, items: list[dict]) -> list[dict]:
+        fmt = self.recipe.format
+        out = []
+        for i in items:
+            turns = [(i["question"], i["answer"])] + ([(i["followup"], i["followup_answer"])] if "followup" in i else [])
+            if fmt == "style":
+                out.append({"user": i["question"], "assistant": i["answer"], "style": i["style"]})
+            elif fmt == "alpaca":
+                out.append({"instruction": turns[-1][0], "input": "", "output": turns[-1][1],
+                            "history": [list(t) for t in turns[:-1]]})
+            else:
+                out.append({"messages": [m for q, a in turns for m in ({"role": "user", "content": q},
+                                                                          {"role": "assistant", "content": a})]})
+        return out
+
+    def write(self, items: list[dict], seeds: list[dict]) -> dict:
+        from eval.runner import git_revision
+
+        rows = self.rows(items)
+        self.counts["written"] = len(rows)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "provenance.json").unlink(missing_ok=True)  # absent until the rest is written
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        write_text_atomic(self.out_dir / "data.jsonl", data)
+        write_text_atomic(self.out_dir / "malformed.jsonl",
+                          "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in self.malformed))
+        report = {"removed": self.report.removed, "examples": self.report.examples, "counts": self.counts}
+        write_json_atomic(self.out_dir / "report.json", report)
+        r = self.recipe
+        templates = {t: sha256_file(resolve(t)) for t in {r.expand.template, r.answer.template, r.converse.template}}
+        budget = self.teacher.budget
+        provenance = {
+            "recipe": str(r.path), "recipe_sha256": sha256_file(r.path) if r.path.is_file() else None,
+            "teacher": {"model": self.teacher.label, "endpoint": self.teacher.backend.base_url,
+                        "api_key_env": r.teacher.api_key_env},
+            "templates_sha256": templates,
+            "context_sha256": hashlib.sha256(self.context.encode()).hexdigest() if self.context else None,
+            "sampling": {"expand": r.expand.sampling.model_dump(), "answer": r.answer.sampling.model_dump(),
+                         "followup": r.converse.sampling.model_dump()},
+            "seed": r.seed, "seeds_sha256": hashlib.sha256(json.dumps(seeds, ensure_ascii=False).encode()).hexdigest(),
+            "counts": self.counts, "removed": self.report.removed,
+            "budget": {"max_calls": budget.max_calls, "max_tokens": budget.max_tokens, "calls_made": budget.calls,
+                       "tokens_used": budget.tokens, "answers_from_store": budget.cached},
+            "stopped": self.stopped, "complete": self.stopped is None, "format": r.format,
+            "data": str(self.out_dir / "data.jsonl"),
+            "data_sha256": hashlib.sha256(data.encode()).hexdigest(), "git_revision": git_revision(),
+        }
+        write_json_atomic(self.out_dir / "provenance.json", provenance)
+        return provenance
+
+
+def print_summary(provenance: dict, report_path: Path) -> None:
+    c = provenance["counts"]
+    print(f"data-synth: {c.get('seeds', 0)} seeds -> {c.get('expanded', 0)} new items -> "
+          f"{c.get('after_question_filters', 0)} after question filters -> {c.get('answered', 0)} answered -> "
+          f"{c.get('after_answer_filters', 0)} after answer filters -> {c.get('written', 0)} written "
+          f"({c.get('conversations', 0)} two-turn)")
+    for reason, n in sorted(provenance["removed"].items()):
+        print(f"  removed {n:4d}  {reason}")
+    malformed = {k[len('malformed_'):]: v for k, v in c.items() if k.startswith("malformed_")}
+    if malformed:
+        print("  malformed teacher answers skipped: " + ", ".join(f"{k} {v}" for k, v in malformed.items()))
+    b = provenance["budget"]
+    print(f"  teacher calls: {b['calls_made']} made, {b['answers_from_store']} answered from the store; "
+          f"{b['tokens_used']} tokens")
+    if provenance["stopped"]:
+        print(f"  stopped early: {provenance['stopped']}; rerun with a larger budget to continue "
+              "(stored answers are reused)")
+    print(f"  wrote {provenance['data']} ({provenance['format']}); report {report_path}")

@@ -1,0 +1,124 @@
+"""A data-synthesis recipe: one strict YAML file under synth/ (unknown key -> one clear line)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+from selectune.strict_yaml import load_named_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SeedSpec(_Strict):
+    path: str
+    """A .jsonl/.json/.csv file, relative to the repository root or absolute."""
+    question: str = "question"
+    answer: str = "answer"
+    style: str | None = None
+    """The field naming a row's reply style (style data), if any."""
+    where: dict[str, str] = Field(default_factory=dict)
+    """Keep rows whose fields equal these values, e.g. {split: train}."""
+    distinct: str | None = None
+    """At most one seed per value of this field (e.g. fact_id: one paraphrase per fact)."""
+    count: int = Field(default=30, gt=0)
+
+
+class SamplingSpec(_Strict):
+    temperature: float = Field(ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int = Field(gt=0)
+
+
+class TeacherSpec(_Strict):
+    card: str = "qwen2.5-coder-0.5b-instruct"
+    """The offline model served on this machine when no base_url is given."""
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str = "SELECTUNE_TEACHER_API_KEY"
+
+
+class ExpandSpec(_Strict):
+    template: str = "synth/prompts/expand.jinja"
+    what: str
+    """What the examples are, in the prompt's words (e.g. 用户向客服提出的问题)."""
+    rounds: int = Field(default=4, gt=0)
+    shots: int = Field(default=10, gt=0)
+    per_round: int = Field(default=10, gt=0)
+    sampling: SamplingSpec = SamplingSpec(temperature=0.9, top_p=0.95, max_tokens=600)
+
+
+class AnswerSpec(_Strict):
+    template: str
+    context: str | None = None
+    """A file given to the teacher with every question (the facts answers must come from)."""
+    shots: int = Field(default=3, ge=0)
+    styles: list[str] = Field(default_factory=list)
+    """Reply styles drawn per item (style data); the shots then come from seeds of that style."""
+    sampling: SamplingSpec = SamplingSpec(temperature=0.3, top_p=1.0, max_tokens=160)
+
+
+class ConverseSpec(_Strict):
+    fraction: float = Field(default=0.0, ge=0, le=1)
+    """Share of items that get a follow-up question and its answer (two-turn conversations)."""
+    persona: str = "一个好奇的十岁孩子"
+    template: str = "synth/prompts/followup.jinja"
+    sampling: SamplingSpec = SamplingSpec(temperature=0.8, top_p=0.95, max_tokens=60)
+
+
+class CleanRecipe(_Strict):
+    min_chars: int = 4
+    max_question_chars: int = 200
+    max_answer_chars: int = 400
+    min_cjk_ratio: float = Field(default=0.3, ge=0, le=1)
+    near_duplicate: float = Field(default=0.75, gt=0, le=1)
+    leak_fraction: float = Field(default=0.8, gt=0, le=1)
+    check_numbers: bool = False
+    """Every number in an answer must appear in the answer context."""
+
+
+class BudgetSpec(_Strict):
+    max_calls: int | None = Field(default=300, gt=0)
+    max_tokens: int | None = Field(default=None, gt=0)
+
+
+class SynthRecipe(_Strict):
+    name: str
+    description: str
+    seeds: SeedSpec
+    teacher: TeacherSpec = TeacherSpec()
+    expand: ExpandSpec
+    answer: AnswerSpec
+    converse: ConverseSpec = ConverseSpec()
+    clean: CleanRecipe = CleanRecipe()
+    budget: BudgetSpec = BudgetSpec()
+    format: Literal["messages", "alpaca", "style"] = "messages"
+    """The trainer's formats: messages, Alpaca (with history), or the style-dialogue shape."""
+    seed: int = 0
+
+    _path: Path | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SynthRecipe:
+        if self.format == "style" and (not self.answer.styles or self.converse.fraction):
+            raise ValueError("format 'style' needs answer.styles and single-turn items (converse.fraction 0)")
+        return self
+
+    @property
+    def path(self) -> Path:
+        return self._path if self._path is not None else REPO / "synth" / f"{self.name}.yaml"
+
+
+def load_synth_recipe(path: Path) -> SynthRecipe:
+    return load_named_yaml(path, SynthRecipe, "synthesis recipe")
+
+
+def resolve(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else REPO / p

@@ -1,0 +1,247 @@
+"""`make data-synth`: reading teacher output, the filters, and the pipeline against a loopback
+OpenAI-compatible teacher (resume without repeated calls, the budget stop, malformed answers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from eval.backends.fake import FakeBackend
+from eval.backends.openai_http import OpenAIBackend
+from eval.results import open_results
+from selectune.cli import main
+from synth import clean as C
+from synth.parse import parse_answer, parse_followup, parse_list
+from synth.pipeline import Run
+from synth.recipe import load_synth_recipe
+from synth.teacher import Budget, Teacher
+from tests.conftest import REPO
+from tests.openai_stub import StubState, serve
+
+CASES = json.loads((REPO / "tests" / "cases" / "teacher_outputs.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_parse_teacher_lists(case):
+    parsed = parse_list(case["text"])
+    assert (parsed.items, parsed.broken, parsed.how) == (case["items"], case["broken"], case["how"])
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("答：免费版提供15GB。", "免费版提供15GB。"), ("“好的，别难过。”", "好的，别难过。"), ("回复： 辛苦啦", "辛苦啦"),
+    ("  ", ""), ("```\n15GB\n```", "15GB"),
+])
+def test_parse_answer(text, answer):
+    assert parse_answer(text) == answer
+
+
+@pytest.mark.parametrize("text, question", [
+    ("孩子：那为什么是15GB呀？\n（好奇地眨眼）", "那为什么是15GB呀？"), ("“为什么要提前24小时申请？”", "为什么要提前24小时申请？"),
+    ("", ""),
+])
+def test_parse_followup(text, question):
+    assert parse_followup(text) == question
+
+
+SEEDS = [{"question": "云栈盘免费版有多少存储空间？", "answer": "云栈盘免费版为每个账号提供15GB存储空间。"},
+         {"question": "会员每月多少钱？", "answer": "会员每月29元。"},
+         {"question": "工作日客服几点上班？", "answer": "客服工作日早上9点上班。"}]
+
+
+def test_question_filters_remove_duplicates_near_duplicates_and_off_language():
+    items = [{"question": q} for q in [
+        "云栈盘免费版有多少存储空间?",        # the first seed but for punctuation: exact duplicate
+        "云栈盘免费版有多少的存储空间？",      # one character added: near duplicate of a seed
+        "周末客服几点下班？",                  # new
+        "周末客服几点下班呢？",                # near duplicate of the item before
+        "周末的客服是几点下班？",              # near duplicate too
+        "How many devices can I use at once?",  # not Chinese
+        "好？",                                # too short
+        "注销账号后数据会保留多久？",          # new
+    ]]
+    report = C.Report()
+    kept = C.clean_questions(items, SEEDS, C.CleanSpec(), report)
+    assert [i["question"] for i in kept] == ["周末客服几点下班？", "注销账号后数据会保留多久？"]
+    assert report.removed == {"exact_duplicate": 1, "near_duplicate": 3, "language": 1, "length": 1}
+    assert "seed" in report.examples["near_duplicate"][0]["why"]
+    assert "earlier item" in report.examples["near_duplicate"][1]["why"]
+
+
+def test_answer_filters_format_numbers_and_seed_leaks():
+    items = [
+        {"question": "免费版多大？", "answer": "免费版提供15GB空间。"},                  # kept
+        {"question": "会员价格？", "answer": "会员每月99元。"},                          # 99 is not in the context
+        {"question": "免费版给多少？", "answer": "云栈盘免费版为每个账号提供15GB存储空间。"},  # a seed answer copied
+        {"question": "客服电话？", "answer": "作为AI语言模型，我无法回答。"},              # meta-talk
+        {"question": "怎么注销账号？", "answer": "怎么注销账号？"},                      # an echo
+        {"question": "能退款吗？", "answer": "嗯"},                                      # too short
+    ]
+    report = C.Report()
+    spec = C.CleanSpec(numbers_from="免费版15GB，会员每月29元。")
+    kept = C.clean_answers(items, SEEDS, spec, report)
+    assert [i["question"] for i in kept] == ["免费版多大？"]
+    assert report.removed == {"answer_format": 4, "seed_leak": 1}
+    whys = [e["why"] for e in report.examples["answer_format"]]
+    assert "numbers not in the context: 99" in whys and "meta-talk or a refusal instead of an answer" in whys
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline against a loopback teacher
+
+
+EXPAND_PROMPTS: dict[str, int] = {}
+
+
+def teacher_reply(request) -> str:
+    """A scripted teacher: lists (the first distinct expand prompt gets none), answers (one with
+    an invented number), follow-up questions in a persona, and second-turn answers. The same
+    prompt always gets the same reply."""
+    text = request.messages[-1]["content"]
+    if "请再写" in text:
+        kind = EXPAND_PROMPTS.setdefault(text, len(EXPAND_PROMPTS)) % 3
+        if kind == 0:
+            return "抱歉，我想不出来。"  # no list: malformed
+        if kind == 1:
+            return json.dumps(["周末客服几点下班？", "周末客服几点下班呢？", "注销账号后数据会保留多久？",
+                               "团队版最多几个人？"], ensure_ascii=False)
+        return "好的：\n1. 文件最大能上传多大？\n2. 团队版最多几个人？\n3. 会员可以退款吗？\n4. Is there a student discount?"
+    if text.startswith("你现在扮演"):
+        return "孩子：那要是忘了怎么办呀？"
+    if "请只根据上面的资料" in text:
+        q = text.rsplit("问：", 1)[1]
+        if "退款" in q:
+            return "会员可在7天内全额退款，之后按剩余天数退99元。"  # 99 is not in the context
+        return f"答：关于“{q.split('？')[0][:6]}”，请以公司资料为准，一般在24小时内处理。"
+    return "别担心，联系客服就好。"  # a second turn
+
+
+def write_recipe(tmp_path: Path, **changes) -> Path:
+    context = tmp_path / "company.md"
+    context.write_text("客服24小时内回复。会员每月29元，7天内可全额退款。", encoding="utf-8")
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(json.dumps({"question": s["question"], "answer": s["answer"], "split": "train"},
+                                        ensure_ascii=False) + "\n" for s in SEEDS), encoding="utf-8")
+    recipe = {
+        "name": "mini", "description": "test",
+        "seeds": {"path": str(seeds), "where": {"split": "train"}, "count": 3},
+        "expand": {"what": "客服问题", "rounds": 6, "shots": 2, "per_round": 4},
+        "answer": {"template": "synth/prompts/answer_fact.jinja", "context": str(context), "shots": 1},
+        "converse": {"fraction": 0.5},
+        "clean": {"check_numbers": True},
+        "budget": {"max_calls": 100},
+        "seed": 1,  # its rounds show at least three different pairs of seeds
+        **changes,
+    }
+    path = tmp_path / "mini.yaml"
+    path.write_text(yaml.safe_dump(recipe, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def teacher_server():
+    state = StubState(FakeBackend(respond=teacher_reply))
+    server, url = serve(state)
+    yield state, url
+    server.shutdown()
+
+
+def synthesize(recipe_path: Path, runs: Path, url: str, max_calls: int | None = None) -> dict:
+    recipe = load_synth_recipe(recipe_path)
+    budget = Budget(max_calls or recipe.budget.max_calls, recipe.budget.max_tokens)
+    teacher = Teacher(OpenAIBackend(url, "teacher", concurrency=1, max_retries=0), open_results(runs), budget, "teacher")
+    return Run(recipe, teacher, runs / "synth" / recipe.name).run()
+
+
+def test_pipeline_writes_a_cleaned_file_the_trainer_reads(tmp_path, teacher_server):
+    from train.data import load_conversations
+
+    state, url = teacher_server
+    prov = synthesize(write_recipe(tmp_path), tmp_path / "runs", url)
+    out = tmp_path / "runs" / "synth" / "mini"
+    counts = prov["counts"]
+    assert prov["complete"] and prov["stopped"] is None
+    assert counts["malformed_expand"] >= 1 and counts["expanded"] > counts["after_question_filters"] > 0
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["removed"]["exact_duplicate"] >= 1 and report["removed"]["near_duplicate"] >= 1
+    assert report["removed"]["language"] >= 1
+    assert report["removed"]["answer_format"] == 1  # the refund answer's invented 99
+    assert report["examples"]["answer_format"][0]["why"] == "numbers not in the context: 99"
+    conversations = load_conversations(out / "data.jsonl", "messages")
+    assert len(conversations) == counts["written"] == counts["after_answer_filters"]
+    two_turn = [c for c in conversations if len(c.messages) == 4]
+    assert len(two_turn) == counts["conversations"] > 0
+    assert two_turn[0].messages[2]["content"] == "那要是忘了怎么办呀？"
+    assert len(state.bodies) == prov["budget"]["calls_made"]
+    assert all(b["temperature"] in (0.9, 0.3, 0.8) and "seed" in b for b in state.bodies)
+    malformed = [json.loads(line) for line in (out / "malformed.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert malformed and malformed[0]["stage"] == "expand" and malformed[0]["response"] == "抱歉，我想不出来。"
+    assert set(prov["templates_sha256"]) == {"synth/prompts/expand.jinja", "synth/prompts/answer_fact.jinja",
+                                             "synth/prompts/followup.jinja"}
+
+
+def test_budget_stop_then_resume_pays_for_no_call_twice(tmp_path, teacher_server):
+    state, url = teacher_server
+    recipe = write_recipe(tmp_path)
+    fresh = synthesize(recipe, tmp_path / "fresh", url)
+    calls_needed = len(state.bodies)
+    state.bodies.clear()
+
+    stopped = synthesize(recipe, tmp_path / "runs", url, max_calls=8)
+    assert not stopped["complete"] and stopped["stopped"].startswith("budget: the call budget is spent (8 of 8")
+    assert len(state.bodies) == 8
+    first_prompts = [json.dumps(b["messages"], ensure_ascii=False) for b in state.bodies]
+
+    resumed = synthesize(recipe, tmp_path / "runs", url)
+    assert resumed["complete"] and resumed["budget"]["answers_from_store"] == 8
+    assert len(state.bodies) == calls_needed  # 8 before the stop + the rest, none asked twice
+    later = [json.dumps(b["messages"], ensure_ascii=False) for b in state.bodies[8:]]
+    assert not set(first_prompts) & set(later)
+
+    again = synthesize(recipe, tmp_path / "runs", url)  # everything from the store: no call at all
+    assert len(state.bodies) == calls_needed and again["budget"]["calls_made"] == 0
+    data = {name: (tmp_path / name / "synth" / "mini" / "data.jsonl").read_text(encoding="utf-8")
+            for name in ("fresh", "runs")}
+    assert data["fresh"] == data["runs"]
+    assert fresh["data_sha256"] == resumed["data_sha256"] == again["data_sha256"]
+
+
+def test_token_budget_stops_cleanly(tmp_path, teacher_server):
+    _state, url = teacher_server
+    recipe = load_synth_recipe(write_recipe(tmp_path))
+    teacher = Teacher(OpenAIBackend(url, "teacher", concurrency=1), open_results(tmp_path / "runs"),
+                      Budget(max_calls=None, max_tokens=500), "teacher")
+    prov = Run(recipe, teacher, tmp_path / "out").run()
+    assert prov["stopped"].startswith("budget: the token budget is spent")
+    assert 500 <= prov["budget"]["tokens_used"] < 500 + 600  # one call's worth over at most
+    assert json.loads((tmp_path / "out" / "provenance.json").read_text(encoding="utf-8"))["complete"] is False
+
+
+def test_cli_runs_against_an_endpoint_and_rejects_bad_recipes(tmp_path, teacher_server, capsys):
+    _state, url = teacher_server
+    recipe = write_recipe(tmp_path)
+    runs = tmp_path / "runs"
+    assert main(["--runs-dir", str(runs), "data-synth", "--recipe", str(recipe), "--base-url", url,
+                 "--teacher-model", "teacher"]) == 0
+    out = capsys.readouterr().out
+    assert "data-synth: 3 seeds ->" in out and "removed" in out and "teacher calls:" in out
+    (tmp_path / "bad").mkdir()
+    bad = write_recipe(tmp_path / "bad", expand={"what": "x", "roundz": 2})
+    assert main(["--runs-dir", str(runs), "data-synth", "--recipe", str(bad), "--base-url", url,
+                 "--teacher-model", "teacher"]) == 2
+    assert capsys.readouterr().err.strip() == f"selectune: error: {bad}: unknown key 'expand.roundz'"
+    assert main(["--runs-dir", str(runs), "data-synth", "--recipe", str(recipe), "--base-url", url]) == 2
+    assert "needs a model name" in capsys.readouterr().err
+
+
+def test_shipped_recipes_load_and_their_seeds_exist():
+    from synth.pipeline import load_seeds
+
+    for path in sorted((REPO / "synth").glob("*.yaml")):
+        recipe = load_synth_recipe(path)
+        seeds = load_seeds(recipe)
+        assert len(seeds) == recipe.seeds.count == 30, path.name
+        if recipe.seeds.distinct:
+            assert len({s["question"] for s in seeds}) == 30
