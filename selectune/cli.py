@@ -456,7 +456,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C does, so a server this command started (rescore, data-synth)
+    # is stopped by its context manager instead of being left running.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         settings = load_settings(args.config, runs_dir=args.runs_dir, cache_dir=args.cache_dir,
                                  data_dir=args.data_dir, judge_url=args.judge_url,

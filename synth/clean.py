@@ -3,7 +3,7 @@
 Question filters run on what the expand step wrote: length, language, exact duplicates and near
 duplicates (cosine of character 1-2-gram count vectors, which suits Chinese: no word
 segmentation needed; without IDF weights, so two texts' similarity does not depend on the batch),
-both against the seeds and among the new items. Answer filters run once answers exist: format
+both against the seeds and among the new items; optionally, that a question is one. Answer filters run once answers exist: format
 (empty, a refusal or meta-talk, a bare echo of the question, numbers the context does not hold)
 and leaks (most of a seed's answer copied verbatim).
 """
@@ -32,6 +32,8 @@ class CleanSpec:
     """Cosine similarity of character 1-2-gram vectors at or above which an item is a near duplicate."""
     leak_fraction: float = 0.8
     """An answer that copies, in one run, this share of a seed's answer leaks that answer."""
+    require_question: bool = False
+    """Questions must end in a question mark (a teacher asked for questions may copy statements)."""
     numbers_from: str | None = None
     """Text every number in an answer must come from (the fact context); None: not checked."""
 
@@ -66,6 +68,8 @@ def clean_questions(items: list[dict], seeds: list[dict], spec: CleanSpec, repor
             report.drop("length", item, f"{len(q)} characters")
         elif spec.min_cjk_ratio and cjk_ratio(q) < spec.min_cjk_ratio:
             report.drop("language", item, f"CJK share {cjk_ratio(q):.2f}")
+        elif spec.require_question and not q.rstrip().endswith(("？", "?")):
+            report.drop("not_a_question", item)
         else:
             kept.append(item)
     seen = {norm(s["question"]) for s in seeds}
@@ -80,15 +84,20 @@ def clean_questions(items: list[dict], seeds: list[dict], spec: CleanSpec, repor
     return _drop_near_duplicates(unique, seeds, spec, report)
 
 
+def similarities(a: list[str], b: list[str]):
+    """Cosine similarity of every text in a with every text in b (character 1-2-gram counts)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vectorizer = TfidfVectorizer(analyzer="char", ngram_range=(1, 2), use_idf=False)
+    vectors = vectorizer.fit_transform([norm(t) or t for t in a + b])
+    return (vectors[:len(a)] @ vectors[len(a):].T).toarray()  # rows are L2-normalised
+
+
 def _drop_near_duplicates(items: list[dict], seeds: list[dict], spec: CleanSpec, report: Report) -> list[dict]:
     if not items:
         return items
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
     texts = [s["question"] for s in seeds] + [i["question"] for i in items]
-    vectors = TfidfVectorizer(analyzer="char", ngram_range=(1, 2), use_idf=False).fit_transform(
-        [norm(t) or t for t in texts])
-    sims = (vectors @ vectors.T).toarray()  # rows are L2-normalised: this is the cosine
+    sims = similarities(texts, texts)
     n_seeds = len(seeds)
     kept_rows: list[int] = list(range(n_seeds))
     out = []

@@ -56,6 +56,25 @@ def load_seeds(recipe: SynthRecipe) -> list[dict]:
     return seeds[:spec.count]
 
 
+def load_context(recipe: SynthRecipe) -> str | None:
+    spec = recipe.answer
+    if spec.context is None:
+        return None
+    path = resolve(spec.context)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the answer context: {exc}") from exc
+    if spec.context_pattern:
+        import re
+
+        pattern = re.compile(spec.context_pattern)
+        text = "\n".join(m.group(1).strip() for line in text.splitlines() if (m := pattern.search(line)))
+        if not text:
+            raise UserError(f"{recipe.path}: answer.context_pattern matches no line of {path}")
+    return text
+
+
 def _rng(recipe: SynthRecipe, *parts: object) -> random.Random:
     return random.Random(f"{recipe.seed}:" + ":".join(map(str, parts)))
 
@@ -75,7 +94,7 @@ class Run:
         self.counts: dict[str, int] = {}
         self.malformed: list[dict] = []
         self.report = C.Report()
-        self.context = resolve(recipe.answer.context).read_text(encoding="utf-8") if recipe.answer.context else None
+        self.context = load_context(recipe)
         self.stopped: str | None = None
 
     def count(self, key: str, n: int = 1) -> None:
@@ -92,6 +111,15 @@ class Run:
         self.count(f"malformed_{stage}")
         self.malformed.append({"stage": stage, "why": why, "response": response, **where})
 
+    def context_for(self, question: str) -> str | None:
+        k = self.recipe.answer.context_top_k
+        if self.context is None or k is None:
+            return self.context
+        lines = [line for line in self.context.splitlines() if line.strip()]
+        sims = C.similarities([question], lines)[0]
+        best = sorted(sorted(range(len(lines)), key=lambda j: -sims[j])[:k])
+        return "\n".join(lines[j] for j in best)
+
     # -- the stages ------------------------------------------------------------------------
 
     # Each stage appends to `out` as it goes, so a budget stop keeps what was finished.
@@ -101,7 +129,8 @@ class Run:
         for r in range(spec.rounds):
             shots = _rng(self.recipe, "expand", r).sample(seeds, min(spec.shots, len(seeds)))
             reply = self.ask("expand", spec.template, spec.sampling, self.recipe.seed * 1000 + r,
-                             examples=shots, n=spec.per_round, what=spec.what)
+                             examples=shots, n=spec.per_round, what=spec.what,
+                             context=self.context if spec.with_context else None)
             parsed = parse_list(reply)
             self.count("expand_broken_entries", parsed.broken)
             if not parsed.items:
@@ -122,7 +151,7 @@ class Run:
             pool = [s for s in seeds if style is None or s.get("style") == style]
             shots = rng.sample(pool, min(spec.shots, len(pool)))
             reply = self.ask("answer", spec.template, spec.sampling, self.recipe.seed, examples=shots,
-                             question=item["question"], context=self.context, style=style)
+                             question=item["question"], context=self.context_for(item["question"]), style=style)
             text = parse_answer(reply)
             if not text:
                 self.bad("answer", "empty answer", reply, question=item["question"])
@@ -144,7 +173,8 @@ class Run:
                 out.append(item)
                 continue
             first = self.env.get_template(self.recipe.answer.template).render(
-                examples=[], question=item["question"], context=self.context, style=item.get("style")).strip()
+                examples=[], question=item["question"], context=self.context_for(item["question"]),
+                style=item.get("style")).strip()
             history = [{"role": "user", "content": first}, {"role": "assistant", "content": item["answer"]}]
             second = parse_answer(self.teacher.ask(
                 history + [{"role": "user", "content": follow}], temperature=self.recipe.answer.sampling.temperature,

@@ -48,6 +48,8 @@ class ExpandSpec(_Strict):
     template: str = "synth/prompts/expand.jinja"
     what: str
     """What the examples are, in the prompt's words (e.g. 用户向客服提出的问题)."""
+    with_context: bool = False
+    """Show the answer context too, so new items can ask about what the seeds do not."""
     rounds: int = Field(default=4, gt=0)
     shots: int = Field(default=10, gt=0)
     per_round: int = Field(default=10, gt=0)
@@ -58,6 +60,11 @@ class AnswerSpec(_Strict):
     template: str
     context: str | None = None
     """A file given to the teacher with every question (the facts answers must come from)."""
+    context_pattern: str | None = None
+    """A regular expression: only its first group in each matching line of the context is kept."""
+    context_top_k: int | None = Field(default=None, gt=0)
+    """Give each question only the k context lines most like it (character n-gram cosine), in
+    their order: a short prompt instead of the whole document on every call."""
     shots: int = Field(default=3, ge=0)
     styles: list[str] = Field(default_factory=list)
     """Reply styles drawn per item (style data); the shots then come from seeds of that style."""
@@ -79,6 +86,8 @@ class CleanRecipe(_Strict):
     min_cjk_ratio: float = Field(default=0.3, ge=0, le=1)
     near_duplicate: float = Field(default=0.75, gt=0, le=1)
     leak_fraction: float = Field(default=0.8, gt=0, le=1)
+    require_question: bool = False
+    """New items must end in a question mark."""
     check_numbers: bool = False
     """Every number in an answer must appear in the answer context."""
 

@@ -61,11 +61,13 @@ def test_question_filters_remove_duplicates_near_duplicates_and_off_language():
         "How many devices can I use at once?",  # not Chinese
         "好？",                                # too short
         "注销账号后数据会保留多久？",          # new
+        "注销账号后数据保留30天。",            # a statement, not a question
     ]]
     report = C.Report()
-    kept = C.clean_questions(items, SEEDS, C.CleanSpec(), report)
+    kept = C.clean_questions(items, SEEDS, C.CleanSpec(require_question=True), report)
     assert [i["question"] for i in kept] == ["周末客服几点下班？", "注销账号后数据会保留多久？"]
-    assert report.removed == {"exact_duplicate": 1, "near_duplicate": 3, "language": 1, "length": 1}
+    assert report.removed == {"exact_duplicate": 1, "near_duplicate": 3, "language": 1, "length": 1,
+                              "not_a_question": 1}
     assert "seed" in report.examples["near_duplicate"][0]["why"]
     assert "earlier item" in report.examples["near_duplicate"][1]["why"]
 
