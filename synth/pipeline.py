@@ -75,6 +75,12 @@ def load_context(recipe: SynthRecipe) -> str | None:
     return text
 
 
+def _progress(iterable, stage: str):
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=f"data-synth {stage}", unit="item" if stage != "expand" else "round", leave=False)
+
+
 def _rng(recipe: SynthRecipe, *parts: object) -> random.Random:
     return random.Random(f"{recipe.seed}:" + ":".join(map(str, parts)))
 
@@ -126,7 +132,7 @@ class Run:
 
     def expand(self, seeds: list[dict], out: list[dict]) -> None:
         spec = self.recipe.expand
-        for r in range(spec.rounds):
+        for r in _progress(range(spec.rounds), "expand"):
             shots = _rng(self.recipe, "expand", r).sample(seeds, min(spec.shots, len(seeds)))
             reply = self.ask("expand", spec.template, spec.sampling, self.recipe.seed * 1000 + r,
                              examples=shots, n=spec.per_round, what=spec.what,
@@ -141,8 +147,8 @@ class Run:
 
     def answer(self, items: list[dict], seeds: list[dict], out: list[dict]) -> None:
         spec = self.recipe.answer
-        for item in items:
-            if item.get("answer"):  # the teacher wrote one with the question
+        for item in _progress(items, "answer"):
+            if item.get("answer") and not spec.styles:  # the teacher wrote one with the question
                 out.append(item)
                 self.count("answered")
                 continue
@@ -161,7 +167,7 @@ class Run:
 
     def converse(self, items: list[dict], out: list[dict]) -> None:
         spec = self.recipe.converse
-        for item in items:
+        for item in _progress(items, "converse"):
             if not spec.fraction or _rng(self.recipe, "converse", item["question"]).random() >= spec.fraction:
                 out.append(item)
                 continue
