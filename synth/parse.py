@@ -120,9 +120,19 @@ def parse_list(text: str) -> Parsed:
     return Parsed(items, broken, "numbered")
 
 
-def parse_answer(text: str) -> str:
-    """A reply as an answer: labels ("答：") and wrapping quotes removed; "" when nothing is left."""
+FINAL = "最终答案："
+
+
+def parse_answer(text: str, *, step_by_step: bool = False) -> str:
+    """A reply as an answer: labels ("答：") and wrapping quotes removed; "" when nothing is left.
+    After step-by-step reasoning only what follows the last 最终答案： counts, and a reply
+    without that marker gives ""."""
     text = _FENCE.sub(lambda m: m.group(1), text).strip()
+    if step_by_step:
+        text = text.replace("最终答案:", FINAL)
+        if FINAL not in text:
+            return ""
+        text = text.rsplit(FINAL, 1)[1]
     return _clean(_ANSWER_LABEL.sub("", text))
 
 

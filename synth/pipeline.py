@@ -157,8 +157,9 @@ class Run:
             pool = [s for s in seeds if style is None or s.get("style") == style]
             shots = rng.sample(pool, min(spec.shots, len(pool)))
             reply = self.ask("answer", spec.template, spec.sampling, self.recipe.seed, examples=shots,
-                             question=item["question"], context=self.context_for(item["question"]), style=style)
-            text = parse_answer(reply)
+                             question=item["question"], context=self.context_for(item["question"]), style=style,
+                             step_by_step=spec.step_by_step)
+            text = parse_answer(reply, step_by_step=spec.step_by_step)
             if not text:
                 self.bad("answer", "empty answer", reply, question=item["question"])
                 continue
@@ -180,7 +181,7 @@ class Run:
                 continue
             first = self.env.get_template(self.recipe.answer.template).render(
                 examples=[], question=item["question"], context=self.context_for(item["question"]),
-                style=item.get("style")).strip()
+                style=item.get("style"), step_by_step=False).strip()
             history = [{"role": "user", "content": first}, {"role": "assistant", "content": item["answer"]}]
             second = parse_answer(self.teacher.ask(
                 history + [{"role": "user", "content": follow}], temperature=self.recipe.answer.sampling.temperature,

@@ -68,6 +68,8 @@ class AnswerSpec(_Strict):
     shots: int = Field(default=3, ge=0)
     styles: list[str] = Field(default_factory=list)
     """Reply styles drawn per item (style data); the shots then come from seeds of that style."""
+    step_by_step: bool = False
+    """Ask the teacher to reason briefly first; only the line after 最终答案： is kept."""
     sampling: SamplingSpec = SamplingSpec(temperature=0.3, top_p=1.0, max_tokens=160)
 
 

@@ -38,6 +38,33 @@ def test_parse_answer(text, answer):
     assert parse_answer(text) == answer
 
 
+@pytest.mark.parametrize("text, answer", [
+    ("资料说免费版15GB。\n最终答案：免费版提供15GB。", "免费版提供15GB。"),
+    ("先想想……\n最终答案: “29元一个月”", "29元一个月"),
+    ("推理了半天但没有结论。", ""),  # no marker: nothing is guessed
+])
+def test_parse_step_by_step_answer(text, answer):
+    assert parse_answer(text, step_by_step=True) == answer
+
+
+def test_step_by_step_keeps_only_the_final_answer(tmp_path, teacher_server):
+    def reply(request):
+        text = request.messages[-1]["content"]
+        if "最终答案" in text:
+            return "资料里写着24小时内回复。\n最终答案：一般24小时内回复。"
+        return teacher_reply(request)
+
+    state, url = teacher_server
+    state.backend = FakeBackend(respond=reply)
+    recipe = write_recipe(tmp_path, answer={"template": "synth/prompts/answer_fact.jinja", "shots": 0,
+                                            "context": str(tmp_path / "company.md"), "step_by_step": True},
+                          converse={"fraction": 0.0})
+    prov = synthesize(recipe, tmp_path / "runs", url)
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "synth" / "mini" / "data.jsonl").read_text().splitlines()]
+    assert prov["counts"]["written"] == len(rows) > 0
+    assert {r["messages"][1]["content"] for r in rows} == {"一般24小时内回复。"}
+
+
 @pytest.mark.parametrize("text, question", [
     ("孩子：那为什么是15GB呀？\n（好奇地眨眼）", "那为什么是15GB呀？"), ("“为什么要提前24小时申请？”", "为什么要提前24小时申请？"),
     ("", ""),
