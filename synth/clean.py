@@ -5,7 +5,8 @@ duplicates (cosine of character 1-2-gram count vectors, which suits Chinese: no 
 segmentation needed; without IDF weights, so two texts' similarity does not depend on the batch),
 both against the seeds and among the new items; optionally, that a question is one. Answer filters run once answers exist: format
 (empty, a refusal or meta-talk, a bare echo of the question, numbers the context does not hold)
-and leaks (most of a seed's answer copied verbatim).
+and leaks (most of a seed's answer copied verbatim). A degenerate answer (a looping phrase) is
+caught by the trainer's own collapse check.
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ def _leak(answer: str, seed_answers: list[str], fraction: float) -> str | None:
 
 def clean_answers(items: list[dict], seeds: list[dict], spec: CleanSpec, report: Report) -> list[dict]:
     from eval.scorers.fact import numbers
+    from train.trainer import degenerate
 
     allowed = numbers(spec.numbers_from) if spec.numbers_from is not None else None
     seed_answers = [s["answer"] for s in seeds if s.get("answer")]
@@ -135,6 +137,8 @@ def clean_answers(items: list[dict], seeds: list[dict], spec: CleanSpec, report:
         a, q = item["answer"], item["question"]
         if len(a) < spec.min_chars or len(a) > spec.max_answer_chars:
             report.drop("answer_format", item, f"answer of {len(a)} characters")
+        elif why := degenerate(a):
+            report.drop("answer_format", item, f"degenerate answer: {why}")
         elif _META.search(a):
             report.drop("answer_format", item, "meta-talk or a refusal instead of an answer")
         elif norm(a) == norm(q) or norm(q) and norm(a).startswith(norm(q)) and len(norm(a)) < 2 * len(norm(q)):

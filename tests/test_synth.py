@@ -107,12 +107,13 @@ def test_answer_filters_format_numbers_and_seed_leaks():
         {"question": "客服电话？", "answer": "作为AI语言模型，我无法回答。"},              # meta-talk
         {"question": "怎么注销账号？", "answer": "怎么注销账号？"},                      # an echo
         {"question": "能退款吗？", "answer": "嗯"},                                      # too short
+        {"question": "心情不好怎么办？", "answer": "心情不好，情绪低落，" * 8},             # a loop
     ]
     report = C.Report()
     spec = C.CleanSpec(numbers_from="免费版15GB，会员每月29元。")
     kept = C.clean_answers(items, SEEDS, spec, report)
     assert [i["question"] for i in kept] == ["免费版多大？"]
-    assert report.removed == {"answer_format": 4, "seed_leak": 1}
+    assert report.removed == {"answer_format": 5, "seed_leak": 1}
     whys = [e["why"] for e in report.examples["answer_format"]]
     assert "numbers not in the context: 99" in whys and "meta-talk or a refusal instead of an answer" in whys
 

@@ -77,6 +77,10 @@ def test_collapse_is_flagged():
     assert degenerate("") == "empty reply"
     assert degenerate("哈哈哈哈哈哈哈哈哈哈") is not None
     assert degenerate("云栈盘免费版为每个账号提供15GB存储空间。") is None
+    assert degenerate("心情不好，情绪低落，" * 8).startswith("a phrase repeats")
+    long_reply = ("辛苦你了，连轴转谁都会累的。先好好吃顿饭，把能推的事情列出来，找机会和老板温和地谈谈工作量，"
+                  "你的休息也很重要哦。")
+    assert degenerate(long_reply) is None
 
 
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, setup):
