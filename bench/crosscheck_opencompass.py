@@ -8,9 +8,9 @@ Prints both first-capital accuracies (OpenCompass's own evaluator against our
 `accuracy_opencompass` column), the items whose first-capital prediction differs (must be 0),
 the replies whose text differs, both wall times end to end (model load included; for
 OpenCompass also its CLI start-up, printed separately from its own inference timing), and the
-GFLOP/s our run achieved on the work generation needs (each prompt once, each reply token once,
-the LM head at the last prompt position and at every reply token) against this machine's fp32
-matmul peak.
+GFLOP/s our run achieved on the work it does (each prompt once, a prefix shared by a batch once,
+each reply token once, the LM head at the last prompt position and at every reply token) against
+this machine's fp32 matmul peak, and the work with every prompt run whole.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.backends.hf import HFBackend  # noqa: E402
+from eval.backends.hf import HFBackend, shared_prefix_length  # noqa: E402
 from eval.opencompass_crosscheck import compare, run_opencompass, write_workdir  # noqa: E402
 from eval.results import open_results  # noqa: E402
 from eval.runner import run_task  # noqa: E402
@@ -36,14 +36,29 @@ from selectune.settings import load_settings  # noqa: E402
 from eval_speed import body_and_head, matmul_peak_gflops  # noqa: E402  (bench/, the script's folder)
 
 
-def needed_gflop(backend: HFBackend, items, outputs: list[str], max_new_tokens: int) -> float:
-    """Prompt tokens through the body once; reply tokens (its end-of-turn token counted, capped
-    at max_new_tokens) through body and head; the head once more per prompt for the first token."""
+def needed_gflop(backend: HFBackend, items, outputs: list[str], max_new_tokens: int,
+                 batch_size: int) -> tuple[float, float]:
+    """(GFLOP our run does, GFLOP with every prompt run whole). Prompt tokens go through the body
+    once, except a prefix shared by a batch, which runs once while it stays the same (as the
+    backend does, on the runner's chunks); reply tokens (its end-of-turn token counted, capped at
+    max_new_tokens) through body and head; the head once more per prompt for the first token."""
     body, head = body_and_head(backend.model)
-    prompt = sum(len(backend._encode(backend.render(i.messages(), i.raw()))) for i in items)
+    order = sorted(items, key=lambda i: (len(i.user), i.id))  # the runner's chunks
+    prompt = full = 0
+    last = None
+    for start in range(0, len(order), batch_size):
+        seqs = [backend._encode(backend.render(i.messages(), i.raw())) for i in order[start:start + batch_size]]
+        shared = shared_prefix_length(seqs)
+        shared = shared if shared >= 2 else 0
+        full += sum(map(len, seqs))
+        prompt += sum(map(len, seqs)) - shared * len(seqs)
+        if shared and tuple(seqs[0][:shared]) != last:
+            prompt += shared
+            last = tuple(seqs[0][:shared])
     reply = sum(min(len(backend.tokenizer(o, add_special_tokens=False).input_ids) + 1, max_new_tokens)
                 for o in outputs)
-    return (2 * body * prompt + 2 * head * len(items) + 2 * (body + head) * reply) / 1e9
+    rest = 2 * head * len(items) + 2 * (body + head) * reply
+    return (2 * body * prompt + rest) / 1e9, (2 * body * full + rest) / 1e9
 
 
 def main() -> int:
@@ -76,7 +91,8 @@ def main() -> int:
         ours = run_task(backend, task, args.split, "gen", items, open_results(Path(tmp)),
                         chunk_size=args.batch_size)
         t_ours = time.perf_counter() - started
-        gflop = needed_gflop(backend, items, [r["output"] for r in ours.items], task.gen.max_new_tokens)
+        gflop, gflop_whole = needed_gflop(backend, items, [r["output"] for r in ours.items],
+                                          task.gen.max_new_tokens, args.batch_size)
         del backend
         workdir = Path(tmp) / "oc"
         abbr = write_workdir(workdir, settings.resolved_data_dir, Path(manifest["checkpoint"]), args.task,
@@ -97,7 +113,8 @@ def main() -> int:
           f"replies whose text differs: {report['differing_text']}; gold mismatches: {report['gold_mismatches']}")
     peak = matmul_peak_gflops()
     print(f"  our work {gflop:.0f} GFLOP at {gflop / t_ours:.0f} GFLOP/s = "
-          f"{gflop / t_ours / peak:.0%} of this machine's fp32 matmul peak ({peak:.0f} GFLOP/s)")
+          f"{gflop / t_ours / peak:.0%} of this machine's fp32 matmul peak ({peak:.0f} GFLOP/s); "
+          f"{gflop_whole:.0f} GFLOP with every prompt run whole, as OpenCompass does")
     print(json.dumps(report))
     return 0 if report["differing_first_capital"] == 0 and report["gold_mismatches"] == 0 else 1
 

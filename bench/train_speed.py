@@ -5,7 +5,8 @@
 
 Both train the same model (NF4 + the same LoRA adapter, built by the same code), on the same
 conversations (the first N of the default recipe's training split, one epoch), with the same
-batch size, sequence length, learning-rate schedule and seed, each in a fresh process so that
+batch size and accumulation (the default recipe's: 4 rows a pass, 2 passes a step), sequence
+length, learning-rate schedule and seed, each in a fresh process so that
 its peak resident memory is its own. Prints real (non-padding) tokens per second, peak RSS, the
 ratio, and both loss trajectories. Where the speed difference comes from: our length-grouped
 batches (trl pads random batches to their longest row) and the LM head applied once, only at the
@@ -38,8 +39,12 @@ def bench_recipe(data_file: Path, args):
     base = load_recipe(REPO / "train" / "default.yaml").model_dump(mode="json")
     base.update(name="bench", data=[{"path": str(data_file)}], split=[1.0, 0.0, 0.0],
                 samples={"prompts": [], "tasks": []})
-    base["training"].update(epochs=1, max_steps=None, batch_size=args.batch_size, logging_steps=1,
+    base["training"].update(epochs=1, max_steps=None, logging_steps=1,
                             eval_steps=10**6, save_steps=10**6, sample_steps=10**6)
+    if args.batch_size:
+        base["training"]["batch_size"] = args.batch_size
+    if args.grad_accum:
+        base["training"]["grad_accum"] = args.grad_accum
     return Recipe.model_validate(base)
 
 
@@ -67,6 +72,7 @@ def worker(engine: str, checkpoint: str, data_file: Path, out_dir: Path, args) -
         t = recipe.training
         config = SFTConfig(
             output_dir=str(out_dir), per_device_train_batch_size=t.batch_size, num_train_epochs=1,
+            gradient_accumulation_steps=t.grad_accum,
             learning_rate=t.learning_rate, lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_ratio,
             weight_decay=t.weight_decay, logging_steps=1, save_strategy="no", eval_strategy="no",
             report_to=[], use_cpu=True, max_length=recipe.max_length, packing=False,
@@ -94,7 +100,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--examples", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, help="rows per pass (default: the default recipe's)")
+    parser.add_argument("--grad-accum", type=int, help="passes per optimizer step (default: the recipe's)")
     parser.add_argument("--cache-dir")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--worker", choices=["selectune", "trl"], help=argparse.SUPPRESS)
@@ -131,11 +138,14 @@ def main() -> int:
             out = Path(tmp) / engine
             cmd = [sys.executable, __file__, "--worker", engine, "--checkpoint", manifest["checkpoint"],
                    "--data-file", str(Path(tmp) / "bench.jsonl"), "--out", str(out),
-                   "--batch-size", str(args.batch_size)]
+                   "--batch-size", str(recipe.training.batch_size),
+                   "--grad-accum", str(recipe.training.grad_accum)]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             results[engine] = json.loads((out / "bench.json").read_text())
     ours, trl = results["selectune"], results["trl"]
-    print(f"{card.name}: {len(train)} conversations, 1 epoch, batch {args.batch_size}, "
+    t = recipe.training
+    print(f"{card.name}: {len(train)} conversations, 1 epoch, batch {t.batch_size} x {t.grad_accum} "
+          f"accumulated ({t.batch_size * t.grad_accum} per step), "
           f"max length {recipe.max_length}, NF4 + LoRA r={recipe.lora.r}")
     for r in (ours, trl):
         print(f"  {r['engine']:9s}: {r['seconds']:7.1f} s  {r['tokens']} tokens  "

@@ -54,3 +54,30 @@ def test_greedy_reply_does_not_depend_on_batch_companions(backend):
     together = backend.generate([GenRequest(m, 6) for m in MSGS])
     assert together[0] == alone[0]
     assert backend.generate([GenRequest(m, 6) for m in MSGS]) == together
+
+
+def _alone(backend, messages, n):
+    """Greedy reply of one request at batch 1, without a shared cache."""
+    ids = torch.tensor([backend._encode(backend.render(messages))])
+    with torch.no_grad():
+        out = backend.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=n, pad_token_id=backend.pad_id)
+    return backend.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_shared_prefix_is_run_once_and_changes_no_reply(tmp_path):
+    from tests.conftest import build_tiny_qwen2
+
+    card = find_card("qwen2.5-1.5b-instruct")
+    provision(card, tmp_path / "store", weights=build_tiny_qwen2(tmp_path / "wide", initializer_range=1.0))
+    backend = HFBackend(card, tmp_path / "store", batch_size=4)
+    system = {"role": "system", "content": "你是一个评测助手。 You answer with one letter."}
+    msgs = [[system, *m] for m in MSGS]
+    got = backend.generate([GenRequest(m, 8) for m in msgs])
+    prefix = backend._prefix_cache[0]
+    assert backend.tokenizer.decode(prefix).startswith("<|im_start|>system\n你是一个评测助手")
+    assert got == [_alone(backend, m, 8) for m in msgs]
+    assert len(set(got)) == len(got)  # replies that depend on the prompt, or the check is empty
+    # Rows that share fewer than two tokens are padded as before, with no cache.
+    ids, mask, cache = backend._prefixed_batch([[5, 6, 7], [8, 6, 7, 9]])
+    assert cache is None and mask.tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]]

@@ -230,26 +230,49 @@ def test_modules_to_save_trains_the_head_and_merges(tmp_path, setup):
     assert parity.passed and parity.same_replies == 3
 
 
-def test_label_only_loss_equals_the_models_own_loss(tmp_path):
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_label_only_loss_equals_the_models_own_loss(tmp_path, softcap):
+    """Chunked (3 positions at a time, so chunks end mid-row) or, with soft-capped logits, through
+    the model's own head: the loss and every gradient equal the model's own loss's."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from train.trainer import PadCollator, label_only_loss
+    from train.trainer import PadCollator, label_only_loss, plain_head
 
     model = AutoModelForCausalLM.from_pretrained(build_tiny_qwen2(tmp_path / "m", initializer_range=0.2))
+    if softcap:  # qwen2 does not soft-cap; a wrapper that does checks the fallback
+        model.config.final_logit_softcapping = softcap
+        forward = model.forward
+
+        def capped(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            out.logits = softcap * torch.tanh(out.logits / softcap)
+            if kwargs.get("labels") is not None:
+                out.loss = model.loss_function(out.logits, kwargs["labels"], model.config.vocab_size)
+            return out
+        model.forward = capped
+    assert plain_head(model.config) == (softcap is None)
     features = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
                 {"input_ids": [10, 11, 12], "labels": [-100, 11, 12]},
                 {"input_ids": [13, 14, 15, 16, 17, 18, 19], "labels": [-100] * 4 + [17, 18, 19]}]
     batch = PadCollator(pad_id=0)(features)
-    ours, logits = label_only_loss(model, batch)
     reference = model(**batch).loss
+    reference.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ours, labelled = label_only_loss(model, batch, chunk=3)
+    assert labelled == 3 + 2 + 3
     assert ours.item() == pytest.approx(reference.item(), rel=1e-6)
-    assert logits.shape[0] == 3 + 2 + 3  # one row per labelled token, not per position
     ours.backward()
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-4, atol=1e-6, msg=name)
     with torch.no_grad():
         assert label_only_loss(model, batch, num_items_in_batch=16)[0].item() == pytest.approx(
             ours.item() * 8 / 16, rel=1e-6)
+    empty = PadCollator(pad_id=0)([{"input_ids": [5, 6], "labels": [-100, -100]}])
+    loss, labelled = label_only_loss(model, empty, num_items_in_batch=4)
+    assert labelled == 0 and loss.item() == 0
+    loss.backward()
 
 
 def test_shipped_recipes_load_and_bad_keys_are_one_line(tmp_path):

@@ -7,6 +7,12 @@ relies on that to resume a killed run with results identical to an uninterrupted
 Log-likelihood is computed without waste: contexts whose continuations are all one token (the
 option letters of FewCLUE's ppl mode) run once and are scored from the last position, and the LM
 head is applied only to the positions that are scored (`logits_to_keep`).
+
+Generation computes the prompt prefix shared by a call's requests (the chat template's system
+turn and the task's opening words) once, at batch 1, and starts every row from a copy of its
+key/value cache: rows are laid out as [shared prefix][padding][own tokens], position ids follow
+the mask, so each row reads exactly what it would read alone. The prefix depends only on the
+call's requests, which keeps a call's numbers a function of its requests.
 """
 
 from __future__ import annotations
@@ -29,6 +35,14 @@ class _Row:
     """How many trailing ids are the continuation (0: score the next token after `ids`)."""
     targets: list[tuple[int, list[int]]]
     """(request index, continuation ids) scored from this row."""
+
+
+def shared_prefix_length(seqs: list[list[int]]) -> int:
+    """Length of the rows' common prefix, leaving every row at least one token of its own."""
+    shared, shortest = 0, min(map(len, seqs))
+    while shared < shortest - 1 and all(s[shared] == seqs[0][shared] for s in seqs):
+        shared += 1
+    return shared
 
 
 class HFBackend:
@@ -57,6 +71,7 @@ class HFBackend:
             "dtype": dtype,
             "transformers": transformers.__version__,
         }
+        self._prefix_cache = None  # (prefix ids, batch-1 cache) of the last generate call
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
@@ -138,15 +153,39 @@ class HFBackend:
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start:start + self.batch_size]
-                input_ids, mask, _ = self._batch([encoded[i] for i in chunk])
+                input_ids, mask, cache = self._prefixed_batch([encoded[i] for i in chunk])
                 config = GenerationConfig(
                     do_sample=False, max_new_tokens=max(requests[i].max_new_tokens for i in chunk),
                     eos_token_id=base.eos_token_id, pad_token_id=self.pad_id,
                     bos_token_id=base.bos_token_id)
                 generated = self.model.generate(input_ids=input_ids, attention_mask=mask,
-                                                generation_config=config)
+                                                past_key_values=cache, generation_config=config)
                 for row, i in enumerate(chunk):
                     new = generated[row, input_ids.shape[1]:][: requests[i].max_new_tokens]
                     text = self.tokenizer.decode(new, skip_special_tokens=True)
                     out[i] = cut_at_stop(text, requests[i].stop)
         return out
+
+    def _prefixed_batch(self, seqs: list[list[int]]):
+        """(input_ids, attention_mask, cache): the rows' longest common prefix is run once and its
+        cache repeated per row (None when there is none worth sharing); every row keeps at
+        least one token of its own for generation to start from."""
+        import copy
+
+        import torch
+
+        shared = shared_prefix_length(seqs)
+        if shared < 2:
+            input_ids, mask, _ = self._batch(seqs)
+            return input_ids, mask, None
+        prefix = tuple(seqs[0][:shared])
+        if self._prefix_cache is None or self._prefix_cache[0] != prefix:
+            cache = self.model(input_ids=torch.tensor([prefix]), use_cache=True,
+                               logits_to_keep=1).past_key_values
+            self._prefix_cache = (prefix, cache)
+        cache = copy.deepcopy(self._prefix_cache[1])
+        cache.batch_repeat_interleave(len(seqs))
+        rest, mask_rest, _ = self._batch([s[shared:] for s in seqs])
+        head = torch.tensor([prefix]).expand(len(seqs), -1)
+        return (torch.cat([head, rest], dim=1),
+                torch.cat([torch.ones_like(head), mask_rest], dim=1), cache)
