@@ -116,12 +116,12 @@ bench-eval: $(STAMP) ## ppl scoring speed against lm-eval's hf backend on the sa
 	$(PY) bench/eval_speed.py $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 LIMIT ?=
-crosscheck-opencompass: $(STAMP) $(OC_STAMP) ## OpenCompass's FewCLUE gen configs vs our OpenCompass-rule column (CARD=, LIMIT=)
+crosscheck-opencompass: $(STAMP) $(OC_STAMP) ## OpenCompass's FewCLUE gen configs vs our OpenCompass-rule column (CARD=, LIMIT=, BENCH_ARGS=)
 	$(PY) bench/crosscheck_opencompass.py $(if $(CARD),--model $(CARD)) $(if $(LIMIT),--limit $(LIMIT)) \
-		$(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+		$(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(BENCH_ARGS)
 
-bench-train: $(STAMP) ## our trainer vs trl's SFTTrainer: tokens/s and peak memory, same model and data
-	$(PY) bench/train_speed.py $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+bench-train: $(STAMP) ## our trainer vs trl's SFTTrainer: tokens/s and peak memory, same model and data (BENCH_ARGS="--repeats 3")
+	$(PY) bench/train_speed.py $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(BENCH_ARGS)
 
 clean: ## remove run output and build debris (the model store is kept)
 	rm -rf $(RUNS_DIR) build *.egg-info .pytest_cache

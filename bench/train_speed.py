@@ -7,8 +7,10 @@ Both train the same model (NF4 + the same LoRA adapter, built by the same code),
 conversations (the first N of the default recipe's training split, one epoch), with the same
 batch size and accumulation (the default recipe's: 4 rows a pass, 2 passes a step), sequence
 length, learning-rate schedule and seed, each in a fresh process so that
-its peak resident memory is its own. Prints real (non-padding) tokens per second, peak RSS, the
-ratio, and both loss trajectories. Where the speed difference comes from: our length-grouped
+its peak resident memory is its own. Ours runs twice, once with each `training.cpu_allocator`
+setting (`compact`, the recipe default, and `glibc`, which the default job uses), so that the
+trade between speed and memory is measured in the same run. Prints real (non-padding) tokens
+per second, peak RSS, the ratios, and the loss trajectories. Where the speed difference comes from: our length-grouped
 batches (trl pads random batches to their longest row) and the LM head applied once, only at the
 labelled positions (trl's fused head scores every position on a CPU, in tiles it recomputes in
 the backward pass). Peak RSS includes glibc heap fragmentation, which differs between the two
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from selectune.settings import load_settings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+RUNS = [("selectune (compact)", "selectune", "compact"), ("selectune (glibc)", "selectune", "glibc"),
+        ("trl", "trl", None)]
 
 
 def bench_recipe(data_file: Path, args):
@@ -45,6 +52,8 @@ def bench_recipe(data_file: Path, args):
         base["training"]["batch_size"] = args.batch_size
     if args.grad_accum:
         base["training"]["grad_accum"] = args.grad_accum
+    if args.cpu_allocator:
+        base["training"]["cpu_allocator"] = args.cpu_allocator
     return Recipe.model_validate(base)
 
 
@@ -102,6 +111,9 @@ def main() -> int:
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--batch-size", type=int, help="rows per pass (default: the default recipe's)")
     parser.add_argument("--grad-accum", type=int, help="passes per optimizer step (default: the recipe's)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of the three runs; ratios are paired within a round, then the median")
+    parser.add_argument("--cpu-allocator", choices=["compact", "glibc"], help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--worker", choices=["selectune", "trl"], help=argparse.SUPPRESS)
@@ -131,29 +143,41 @@ def main() -> int:
     report = CleaningReport()
     train = split(clean(source_conversations(default, settings.resolved_data_dir, report), report),
                   default.split, default.seed)["train"][: args.examples]
-    results = {}
+    rounds: list[dict[str, dict]] = []
     with tempfile.TemporaryDirectory() as tmp:
         save_split({"bench": train}, Path(tmp))
-        for engine in ("selectune", "trl"):
-            out = Path(tmp) / engine
-            cmd = [sys.executable, __file__, "--worker", engine, "--checkpoint", manifest["checkpoint"],
-                   "--data-file", str(Path(tmp) / "bench.jsonl"), "--out", str(out),
-                   "--batch-size", str(recipe.training.batch_size),
-                   "--grad-accum", str(recipe.training.grad_accum)]
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-            results[engine] = json.loads((out / "bench.json").read_text())
-    ours, trl = results["selectune"], results["trl"]
+        for n in range(args.repeats):
+            results = {}
+            for label, engine, allocator in RUNS:
+                out = Path(tmp) / f"{label}-{n}"
+                cmd = [sys.executable, __file__, "--worker", engine, "--checkpoint", manifest["checkpoint"],
+                       "--data-file", str(Path(tmp) / "bench.jsonl"), "--out", str(out),
+                       "--batch-size", str(recipe.training.batch_size),
+                       "--grad-accum", str(recipe.training.grad_accum)]
+                if allocator:
+                    cmd += ["--cpu-allocator", allocator]
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                results[label] = json.loads((out / "bench.json").read_text())
+            rounds.append(results)
     t = recipe.training
     print(f"{card.name}: {len(train)} conversations, 1 epoch, batch {t.batch_size} x {t.grad_accum} "
           f"accumulated ({t.batch_size * t.grad_accum} per step), "
-          f"max length {recipe.max_length}, NF4 + LoRA r={recipe.lora.r}")
-    for r in (ours, trl):
-        print(f"  {r['engine']:9s}: {r['seconds']:7.1f} s  {r['tokens']} tokens  "
-              f"{r['tokens'] / r['seconds']:7.1f} tokens/s  peak RSS {r['peak_rss_gib']:.2f} GiB")
-    speed = (ours["tokens"] / ours["seconds"]) / (trl["tokens"] / trl["seconds"])
-    print(f"  speed-up {speed:.2f}x tokens/s; peak memory ratio {ours['peak_rss_gib'] / trl['peak_rss_gib']:.2f}")
-    for r in (ours, trl):
-        print(f"  {r['engine']} loss: " + " ".join(f"{x:.3f}" for x in r["losses"]))
+          f"max length {recipe.max_length}, NF4 + LoRA r={recipe.lora.r}; {args.repeats} round(s), "
+          "each engine in a fresh process")
+    for n, results in enumerate(rounds, 1):
+        for label, r in results.items():
+            print(f"  round {n} {label:19s}: {r['seconds']:7.1f} s  {r['tokens']} tokens  "
+                  f"{r['tokens'] / r['seconds']:7.1f} tokens/s  peak RSS {r['peak_rss_gib']:.2f} GiB")
+    for label, _, _ in RUNS[:-1]:
+        speed = [(r[label]["tokens"] / r[label]["seconds"]) / (r["trl"]["tokens"] / r["trl"]["seconds"])
+                 for r in rounds]
+        memory = [r[label]["peak_rss_gib"] / r["trl"]["peak_rss_gib"] for r in rounds]
+        each = "" if len(rounds) == 1 else (" (rounds: " + ", ".join(
+            f"{a:.2f}x/{b:.2f}" for a, b in zip(speed, memory)) + ")")
+        print(f"  {label} against trl, median of rounds: speed-up {statistics.median(speed):.2f}x "
+              f"tokens/s; peak memory ratio {statistics.median(memory):.2f}{each}")
+    for label, r in rounds[-1].items():
+        print(f"  {label} loss: " + " ".join(f"{x:.3f}" for x in r["losses"]))
     return 0
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from eval import metrics as M
 from eval import results
-from eval.backends.base import GenRequest, LoglikelihoodRequest
+from eval.backends.base import DEFAULT_BATCH_SIZE, GenRequest, LoglikelihoodRequest
 from eval.parsers import first_capital, option_texts, parse_choice
 from eval.task import Item, Mode, TaskSpec
 from selectune.files import sha256_text
@@ -103,7 +103,7 @@ def _versions() -> dict:
 
 
 def run_task(backend, task: TaskSpec, split: str, mode: Mode, items: list[Item],
-             conn, *, chunk_size: int = 8, seed: int = 0, data_dir: Path | None = None,
+             conn, *, chunk_size: int = DEFAULT_BATCH_SIZE, seed: int = 0, data_dir: Path | None = None,
              progress: Callable[[int], None] | None = None, judge=None) -> RunSummary:
     """`judge`: an optional backend that scores replies for the task's `judge` metric."""
     data_sha = sha256_text(json.dumps([[i.id, i.user, i.system, i.gold] for i in items], ensure_ascii=False))

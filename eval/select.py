@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eval import metrics as M
+from eval.backends.base import DEFAULT_BATCH_SIZE
 from eval.runner import RunSummary, git_revision, run_task
 from eval.stats import ALPHA, compare
 from eval.summary import Cell, cells_of, per_fact_recall, primary_metric, render_table
@@ -60,7 +61,7 @@ class Candidate:
 
 
 def score_candidates(cards: list[ModelCard], entries, *, store: Path, data_dir: Path, conn,
-                     batch_size: int = 8, judge=None) -> list[Candidate]:
+                     batch_size: int = DEFAULT_BATCH_SIZE, judge=None) -> list[Candidate]:
     from tqdm import tqdm
 
     from eval.backends.hf import HFBackend

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from eval.backends.base import DEFAULT_BATCH_SIZE
 from selectune.errors import UserError
 from selectune.settings import Settings, load_settings
 
@@ -370,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", help="default: the task's default_split")
     ev.add_argument("--mode", action="append", choices=["gen", "ppl"], help="default: the task's modes")
     ev.add_argument("--limit", type=_positive_int, help="score only the first N items")
-    ev.add_argument("--batch-size", type=_positive_int, default=8, help="batch size (concurrency over HTTP)")
+    ev.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, help="batch size (concurrency over HTTP)")
     ev.add_argument("--base-url", help="score a served model through its OpenAI-compatible API (gen mode)")
     ev.set_defaults(run=_eval)
 
@@ -379,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--full-fewclue", action="store_true", help="FewCLUE test splits instead of dev")
     sel.add_argument("--train-budget-gib", type=float, default=24.0)
     sel.add_argument("--infer-budget-gib", type=float, default=16.0)
-    sel.add_argument("--batch-size", type=_positive_int, default=8)
+    sel.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE)
     sel.set_defaults(run=_select)
 
     tr = sub.add_parser("train", help="QLoRA-fine-tune a model, merge the adapter, check parity")
@@ -413,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="parallel requests while scoring (default: 1 on the CPU engine, 8 for lmdeploy)")
     rs.add_argument("--figure-concurrency", type=_positive_int, default=4,
                     help="the N of the serving figures (measured at 1 and N)")
-    rs.add_argument("--batch-size", type=_positive_int, default=8, help="the local model's batch size")
+    rs.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, help="the local model's batch size")
     rs.add_argument("--min-agreement", type=float, default=0.98)
     rs.set_defaults(run=_rescore)
 

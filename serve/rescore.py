@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from eval.backends.base import DEFAULT_BATCH_SIZE
 from selectune.errors import UserError
 from selectune.files import sha256_text
 
@@ -228,7 +229,7 @@ def rescore(settings, target: Target, *, base_url: str, model_name: str, engine:
             tasks: list[str] | None = None, limit: int | None = None, concurrency: int | None = None,
             min_agreement: float = 0.98, figure_requests: int = 8, figure_max_tokens: int = 32,
             figure_concurrency: int = 4,
-            batch_size: int = 8, max_retries: int = 5, out_dir: Path | None = None) -> dict:
+            batch_size: int = DEFAULT_BATCH_SIZE, max_retries: int = 5, out_dir: Path | None = None) -> dict:
     from tqdm import tqdm
 
     from eval.backends.hf import HFBackend

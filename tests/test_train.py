@@ -291,6 +291,27 @@ def test_shipped_recipes_load_and_bad_keys_are_one_line(tmp_path):
     bad.write_text("name: bad\ndata: [{task: fact, path: x.jsonl}]\n")
     with pytest.raises(UserError, match="exactly one of 'task' or 'path'"):
         load_recipe(bad)
+    for value in ("weekly", "0"):
+        bad.write_text(f"name: bad\ndata: [{{task: fact}}]\ntraining: {{eval_steps: {value}}}\n")
+        with pytest.raises(UserError, match="training.eval_steps"):
+            load_recipe(bad)
+
+
+def test_epoch_schedule_evaluates_and_samples_once_an_epoch(tmp_path, setup):
+    """`epoch` puts val loss and samples at each epoch's end; the final val loss is the one
+    Trainer logged at the last step, not a second evaluation of the same weights."""
+    from train.trainer import run_training
+
+    model, data = setup
+    r = recipe(data, quantization="none", max_steps=None, epochs=2, batch_size=2, eval_steps="epoch",
+               sample_steps="epoch", save_steps=1000, cpu_allocator="glibc")
+    r = r.model_copy(update={"split": (0.75, 0.25, 0.0)})
+    result = run_training(r, str(model), tmp_path / "run", tmp_path)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    evals = [rec for rec in log if "eval_loss" in rec]
+    assert result.steps == 6 and [rec["step"] for rec in evals] == [3, 6]
+    assert result.final_val_loss == evals[-1]["eval_loss"]
+    assert [rec["step"] for rec in log if "sample" in rec] == [3, 6]
 
 
 def test_train_command_end_to_end(tmp_path, setup, capsys):

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
@@ -65,10 +65,16 @@ class TrainingSpec(_Strict):
     group_by_length: bool = True
     """Batches of similar lengths: far less padding than a random order."""
     logging_steps: int = Field(default=5, gt=0)
-    eval_steps: int = Field(default=20, gt=0)
+    eval_steps: Annotated[int, Field(gt=0)] | Literal["epoch"] = 20
+    """Val loss every this many steps, or at the end of every epoch (`epoch`); always at the end."""
     save_steps: int = Field(default=20, gt=0)
-    sample_steps: int = Field(default=20, gt=0)
-    """Generate the recipe's sample prompts every this many steps."""
+    sample_steps: Annotated[int, Field(gt=0)] | Literal["epoch"] = 20
+    """Generate the recipe's sample prompts every this many steps, or every epoch (`epoch`);
+    always at the end."""
+    cpu_allocator: Literal["compact", "glibc"] = "compact"
+    """On a CPU, `compact` fixes glibc's mmap threshold at 2 MB (with huge pages) so that freed
+    activations go back to the system: about 1 GB less peak memory on bench-train at about 10%
+    of speed. `glibc` leaves glibc's adaptive threshold alone. No effect on a GPU's memory."""
     divergence_factor: float = Field(default=4.0, gt=1)
     """Stop when the training loss exceeds this many times its first logged value."""
 

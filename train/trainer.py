@@ -393,19 +393,31 @@ def make_callbacks(recipe: Recipe, tokenizer, log_path: Path, samples: list[tupl
                 control.should_save = False
                 control.should_training_stop = True
 
+    every = recipe.training.sample_steps
+
     class Samples(TrainerCallback):
         """The recipe's prompts generated greedily every sample_steps steps, checked and logged."""
 
+        def __init__(self):
+            self.last_step: int | None = None
+
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            if samples and state.global_step % recipe.training.sample_steps == 0:
+            if every != "epoch" and state.global_step % every == 0:
+                self.sample(state.global_step, model)
+
+        def on_epoch_end(self, args, state, control, model=None, **kwargs):
+            if every == "epoch":
                 self.sample(state.global_step, model)
 
         def on_train_end(self, args, state, control, model=None, **kwargs):
-            if samples and state.global_step % recipe.training.sample_steps:
-                self.sample(state.global_step, model)
+            self.sample(state.global_step, model)
 
         def sample(self, step: int, model) -> None:
-            replies = generate(model, tokenizer, [m for m, _ in samples], recipe.samples.max_new_tokens)
+            if not samples or step == self.last_step:
+                return
+            self.last_step = step
+            replies = generate(model, tokenizer, [m for m, _ in samples], recipe.samples.max_new_tokens,
+                               batched=True)
             for n, ((messages, facts), reply) in enumerate(zip(samples, replies)):
                 flags = []
                 if why := degenerate(reply):
@@ -424,22 +436,28 @@ def make_callbacks(recipe: Recipe, tokenizer, log_path: Path, samples: list[tupl
 
 
 
-def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
-    """Greedy replies, one conversation at a time (no padding effects), model left as it was."""
+def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, *,
+             batched: bool = False) -> list[str]:
+    """Greedy replies, model left as it was. One conversation at a time by default (no padding
+    effects: the parity check compares exact replies); `batched`: all at once, left-padded."""
     import torch
 
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [tokenizer(tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+                         add_special_tokens=False).input_ids for m in conversations]
+    groups = [encoded] if batched and encoded else [[ids] for ids in encoded]
     was_training = model.training
     model.eval()
     out = []
     try:
         with torch.inference_mode():
-            for messages in conversations:
-                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-                ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
-                new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id
-                                     if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-                out.append(tokenizer.decode(new[0, ids.shape[1]:], skip_special_tokens=True))
+            for group in groups:
+                width = max(map(len, group))
+                ids = torch.tensor([[pad] * (width - len(g)) + g for g in group], device=model.device)
+                mask = torch.tensor([[0] * (width - len(g)) + [1] * len(g) for g in group], device=model.device)
+                new = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                     max_new_tokens=max_new_tokens, pad_token_id=pad)
+                out.extend(tokenizer.decode(row[width:], skip_special_tokens=True) for row in new)
     finally:
         model.train(was_training)
     return out
@@ -473,7 +491,9 @@ def training_arguments(recipe: Recipe, out_dir: Path, *, evaluate: bool = True):
         learning_rate=t.learning_rate, lr_scheduler_type=t.scheduler if t.scheduler == "cosine"
         else "constant_with_warmup", warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
         num_train_epochs=t.epochs, max_steps=t.max_steps or -1, logging_steps=t.logging_steps,
-        logging_first_step=True, logging_nan_inf_filter=False, eval_strategy="steps" if evaluate else "no", eval_steps=t.eval_steps, save_strategy="steps",
+        logging_first_step=True, logging_nan_inf_filter=False,
+        eval_strategy=("epoch" if t.eval_steps == "epoch" else "steps") if evaluate else "no",
+        eval_steps=None if t.eval_steps == "epoch" else t.eval_steps, save_strategy="steps",
         save_steps=t.save_steps, save_total_limit=2, seed=recipe.seed, data_seed=recipe.seed,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         bf16=dtype == torch.bfloat16, use_cpu=not torch.cuda.is_available(), report_to=[],
@@ -539,10 +559,21 @@ def tune_cpu_allocator() -> None:
     libc.mallopt(M_MMAP_THRESHOLD, 2 << 20)
 
 
+def final_val_loss(trainer) -> float:
+    """The val loss of the final weights: Trainer evaluates at the last step when the eval
+    schedule is on (not again here: on the default job that is half a minute), else now."""
+    state = trainer.state
+    last = [h for h in state.log_history if "eval_loss" in h]
+    if last and last[-1].get("step") == state.global_step:
+        return last[-1]["eval_loss"]
+    return trainer.evaluate()["eval_loss"]
+
+
 def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path, *,
                  trust_remote_code: bool = False) -> TrainResult:
     """Train (or resume) the adapter into run_dir/adapter; logs in run_dir/train_log.jsonl."""
-    tune_cpu_allocator()
+    if recipe.training.cpu_allocator == "compact":
+        tune_cpu_allocator()
     from transformers import AutoTokenizer, set_seed
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -574,7 +605,7 @@ def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path,
         kept = last_complete_checkpoint(checkpoints)
         raise UserError(f"{guard.problem}; stopped. Last good checkpoint: {kept or 'none yet'} "
                         f"(lower training.learning_rate in {recipe.path} and rerun)")
-    val_loss = trainer.evaluate()["eval_loss"] if data.val else None
+    val_loss = final_val_loss(trainer) if data.val else None
     adapter_dir = run_dir / "adapter"
     model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)

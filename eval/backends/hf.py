@@ -21,7 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from eval.backends.base import GenRequest, LoglikelihoodRequest, cut_at_stop
+from eval.backends.base import DEFAULT_BATCH_SIZE, GenRequest, LoglikelihoodRequest, cut_at_stop
 from models.card import ModelCard
 from models.loading import load_model
 from models.store import read_manifest
@@ -46,7 +46,7 @@ def shared_prefix_length(seqs: list[list[int]]) -> int:
 
 
 class HFBackend:
-    def __init__(self, card: ModelCard, store: Path, *, batch_size: int = 8, dtype: str = "float32",
+    def __init__(self, card: ModelCard, store: Path, *, batch_size: int = DEFAULT_BATCH_SIZE, dtype: str = "float32",
                  checkpoint: Path | None = None):
         """`checkpoint`: load this directory instead of the card's stored one (a merged fine-tune;
         pass a card whose name and chat_template describe it)."""
