@@ -7,9 +7,9 @@ Both train the same model (NF4 + the same LoRA adapter, built by the same code),
 conversations (the first N of the default recipe's training split, one epoch), with the same
 batch size and accumulation (the default recipe's: 4 rows a pass, 2 passes a step), sequence
 length, learning-rate schedule and seed, each in a fresh process so that
-its peak resident memory is its own. Ours runs twice, once with each `training.cpu_allocator`
-setting (`compact`, the recipe default, and `glibc`, which the default job uses), so that the
-trade between speed and memory is measured in the same run. Prints real (non-padding) tokens
+its peak resident memory is its own. Ours runs once with each `training.cpu_allocator` setting
+(`compact`, the recipe default, and `glibc`, which the default job uses; `--allocators` picks), so that the trade
+between speed and memory is measured in the same run. Prints real (non-padding) tokens
 per second, peak RSS, the ratios, and the loss trajectories. Where the speed difference comes from: our length-grouped
 batches (trl pads random batches to their longest row) and the LM head applied once, only at the
 labelled positions (trl's fused head scores every position on a CPU, in tiles it recomputes in
@@ -36,8 +36,12 @@ from selectune.settings import load_settings  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-RUNS = [("selectune (compact)", "selectune", "compact"), ("selectune (glibc)", "selectune", "glibc"),
-        ("trl", "trl", None)]
+ALLOCATORS = ("compact", "glibc")
+
+
+def runs(allocators: list[str]) -> list[tuple[str, str, str | None]]:
+    """(label, engine, cpu_allocator) of each run in a round: ours once per allocator, then trl."""
+    return [(f"selectune ({a})", "selectune", a) for a in allocators] + [("trl", "trl", None)]
 
 
 def bench_recipe(data_file: Path, args):
@@ -113,7 +117,9 @@ def main() -> int:
     parser.add_argument("--grad-accum", type=int, help="passes per optimizer step (default: the recipe's)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds of the three runs; ratios are paired within a round, then the median")
-    parser.add_argument("--cpu-allocator", choices=["compact", "glibc"], help=argparse.SUPPRESS)
+    parser.add_argument("--allocators", default=",".join(ALLOCATORS),
+                        help="our runs' training.cpu_allocator settings, comma-separated (default: all)")
+    parser.add_argument("--cpu-allocator", choices=ALLOCATORS, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--worker", choices=["selectune", "trl"], help=argparse.SUPPRESS)
@@ -139,6 +145,10 @@ def main() -> int:
         print(f"bench-train: {card.name} is not provisioned; run `make models CARD={card.name}`", file=sys.stderr)
         return 2
     recipe = bench_recipe(Path("unused.jsonl"), args)
+    plan = runs([a for a in args.allocators.split(",") if a])
+    if any(a not in ALLOCATORS for _, _, a in plan[:-1]):
+        print(f"bench-train: --allocators takes {', '.join(ALLOCATORS)}; got {args.allocators}", file=sys.stderr)
+        return 2
     default = load_recipe(REPO / "train" / "default.yaml")
     report = CleaningReport()
     train = split(clean(source_conversations(default, settings.resolved_data_dir, report), report),
@@ -148,7 +158,7 @@ def main() -> int:
         save_split({"bench": train}, Path(tmp))
         for n in range(args.repeats):
             results = {}
-            for label, engine, allocator in RUNS:
+            for label, engine, allocator in plan:
                 out = Path(tmp) / f"{label}-{n}"
                 cmd = [sys.executable, __file__, "--worker", engine, "--checkpoint", manifest["checkpoint"],
                        "--data-file", str(Path(tmp) / "bench.jsonl"), "--out", str(out),
@@ -168,7 +178,7 @@ def main() -> int:
         for label, r in results.items():
             print(f"  round {n} {label:19s}: {r['seconds']:7.1f} s  {r['tokens']} tokens  "
                   f"{r['tokens'] / r['seconds']:7.1f} tokens/s  peak RSS {r['peak_rss_gib']:.2f} GiB")
-    for label, _, _ in RUNS[:-1]:
+    for label, _, _ in plan[:-1]:
         speed = [(r[label]["tokens"] / r[label]["seconds"]) / (r["trl"]["tokens"] / r["trl"]["seconds"])
                  for r in rounds]
         memory = [r[label]["peak_rss_gib"] / r["trl"]["peak_rss_gib"] for r in rounds]

@@ -171,6 +171,24 @@ def test_merge_matches_base_plus_adapter_and_loads(tmp_path, setup):
     assert not (tmp_path / "run" / "merged2").exists()
 
 
+def test_merge_parity_catches_a_merge_that_drops_the_adapter(tmp_path, setup, monkeypatch):
+    """The check compares base+adapter with what merging made of the same model: a "merge" that
+    only unloads the adapter changes the replies' logits and is refused."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    from train.merge import merge_adapter
+    from train.trainer import run_training
+
+    model, data = setup
+    result = run_training(recipe(data, max_steps=10), str(model), tmp_path / "run", tmp_path)
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", BaseTuner.unload)
+    with pytest.raises(UserError, match="merge parity failed"):
+        merge_adapter(str(model), result.adapter_dir, tmp_path / "run" / "merged",
+                      parity_prompts=[[{"role": "user", "content": "问题1"}]], max_new_tokens=4,
+                      tolerance=1e-3, provenance={})
+    assert not (tmp_path / "run" / "merged").exists()
+
+
 def adapter_weights(adapter_dir):
     from safetensors.torch import load_file
 
@@ -228,6 +246,47 @@ def test_modules_to_save_trains_the_head_and_merges(tmp_path, setup):
     parity = merge_adapter(str(model), result.adapter_dir, tmp_path / "run" / "merged", parity_prompts=prompts,
                            max_new_tokens=6, tolerance=1e-3, provenance={})
     assert parity.passed and parity.same_replies == 3
+
+
+def test_fused_silu_mlp_keeps_loss_and_gradients_and_saves_less(tmp_path):
+    """The MLP's silu(gate) * up recomputed in the backward: the same loss and gradients (every
+    parameter of a full model), and less saved for the backward."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from train.trainer import PadCollator, fuse_silu_mlps, label_only_loss
+
+    path = build_tiny_qwen2(tmp_path / "m", initializer_range=0.2)
+    batch = PadCollator(pad_id=0)([{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
+                                   {"input_ids": [10, 11, 12], "labels": [-100, 11, 12]}])
+
+    def run(fuse: bool):
+        model = AutoModelForCausalLM.from_pretrained(path)
+        if fuse:
+            assert fuse_silu_mlps(model) == 2  # both layers
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = label_only_loss(model, batch)
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in model.named_parameters()}, sum(saved)
+
+    plain_loss, plain_grads, plain_saved = run(False)
+    loss, grads, fused_saved = run(True)
+    assert loss == plain_loss
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert fused_saved < plain_saved, (fused_saved, plain_saved)
+    # another activation is left as it is
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    gelu = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, hidden_act="gelu_pytorch_tanh")
+    assert fuse_silu_mlps(Qwen2ForCausalLM(gelu)) == 0
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])

@@ -5,6 +5,10 @@ differs by rounding), the adapter applied, `merge_and_unload`, and the result sa
 safetensors with the tokenizer and its chat template, plus `provenance.json`. The parity check
 compares base+adapter (unmerged) with the merged model on N validation prompts: greedy replies
 must be identical and the largest absolute logit difference under the recipe's tolerance.
+
+The base is loaded once: base+adapter generates its replies and logits first, then the same
+model is merged in place and generates again. Both generate the N prompts as one left-padded
+batch, so both see exactly the same inputs.
 """
 
 from __future__ import annotations
@@ -27,17 +31,17 @@ class Parity:
         return self.same_replies == self.items and self.max_abs_logit_diff <= self.tolerance
 
 
-def _max_logit_diff(a, b, tokenizer, conversations: list[list[dict]]) -> float:
+def _prompt_logits(model, tokenizer, conversations: list[list[dict]]) -> list:
+    """Each prompt's logits at every position, run alone (no padding)."""
     import torch
 
-    worst = 0.0
+    out = []
     with torch.inference_mode():
         for messages in conversations:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
-            diff = (a(input_ids=ids).logits.float() - b(input_ids=ids).logits.float()).abs().max().item()
-            worst = max(worst, diff)
-    return worst
+            out.append(model(input_ids=ids).logits.float())
+    return out
 
 
 def merge_adapter(base_checkpoint: str, adapter_dir: Path, out_dir: Path, *, parity_prompts: list[list[dict]],
@@ -54,16 +58,16 @@ def merge_adapter(base_checkpoint: str, adapter_dir: Path, out_dir: Path, *, par
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # carries the chat template used in training
 
-    def base():
-        return AutoModelForCausalLM.from_pretrained(base_checkpoint, dtype=torch.float32, use_safetensors=True,
-                                                    trust_remote_code=trust_remote_code)
-
-    unmerged = PeftModel.from_pretrained(base(), adapter_dir).eval()
-    merged = PeftModel.from_pretrained(base(), adapter_dir).merge_and_unload().eval()
-    before = generate(unmerged, tokenizer, parity_prompts, max_new_tokens)
-    after = generate(merged, tokenizer, parity_prompts, max_new_tokens)
-    parity = Parity(len(parity_prompts), sum(a == b for a, b in zip(before, after)),
-                    _max_logit_diff(unmerged, merged, tokenizer, parity_prompts), tolerance)
+    base = AutoModelForCausalLM.from_pretrained(base_checkpoint, dtype=torch.float32, use_safetensors=True,
+                                                trust_remote_code=trust_remote_code)
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    before = generate(model, tokenizer, parity_prompts, max_new_tokens, batched=True)
+    reference = _prompt_logits(model, tokenizer, parity_prompts)
+    merged = model.merge_and_unload().eval()
+    after = generate(merged, tokenizer, parity_prompts, max_new_tokens, batched=True)
+    worst = max((float((a - b).abs().max()) for a, b in
+                 zip(reference, _prompt_logits(merged, tokenizer, parity_prompts))), default=0.0)
+    parity = Parity(len(parity_prompts), sum(a == b for a, b in zip(before, after)), worst, tolerance)
     if not parity.passed:
         raise UserError(f"merge parity failed: {parity.same_replies}/{parity.items} identical replies, "
                         f"max logit difference {parity.max_abs_logit_diff:.2e} (tolerance {tolerance:.0e}); "

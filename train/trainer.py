@@ -317,6 +317,60 @@ def load_for_training(recipe: Recipe, checkpoint: str, trust_remote_code: bool):
     return get_peft_model(model, config)
 
 
+def silu_mul_function():
+    """An autograd function for silu(gate) * up that saves gate and up only.
+
+    Autograd's own graph keeps three tensors of the MLP's width per layer: gate (for SiLU's
+    backward), silu(gate) and up (for the product's). silu(gate) is one elementwise pass away
+    from gate, so the backward recomputes it: a third less of the MLP's saved activations, the
+    same values. (Liger-Kernel's SwiGLU does this on GPUs, in Triton.)"""
+    import torch
+    import torch.nn.functional as F
+
+    class SiluMul(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, gate, up):
+            ctx.save_for_backward(gate, up)
+            return F.silu(gate) * up
+
+        @staticmethod
+        def backward(ctx, grad):
+            gate, up = ctx.saved_tensors
+            sigmoid = torch.sigmoid(gate)
+            silu = gate * sigmoid
+            grad_gate = grad * up * (sigmoid * (1 + gate * (1 - sigmoid)))
+            return grad_gate, grad * silu
+
+    return SiluMul
+
+
+FUSED_MLPS = {"Qwen2MLP", "Qwen3MLP", "LlamaMLP", "MistralMLP"}
+"""transformers' MLP classes whose forward is exactly `down_proj(act_fn(gate_proj(x)) * up_proj(x))`."""
+
+
+def fuse_silu_mlps(model) -> int:
+    """Make every MLP of a `FUSED_MLPS` class whose activation is SiLU use `silu_mul_function`;
+    returns how many were changed. Others (Gemma's GELU, Phi-3's fused gate_up_proj, remote
+    code) keep their own forward."""
+    import types
+
+    import torch
+    from transformers.activations import SiLUActivation
+
+    silu_mul = silu_mul_function()
+
+    def forward(self, x):
+        return self.down_proj(silu_mul.apply(self.gate_proj(x), self.up_proj(x)))
+
+    changed = 0
+    for module in model.modules():
+        if (type(module).__name__ in FUSED_MLPS
+                and isinstance(getattr(module, "act_fn", None), (SiLUActivation, torch.nn.SiLU))):
+            module.forward = types.MethodType(forward, module)
+            changed += 1
+    return changed
+
+
 # ---------------------------------------------------------------------------------------------
 # Checks while training
 
@@ -439,7 +493,8 @@ def make_callbacks(recipe: Recipe, tokenizer, log_path: Path, samples: list[tupl
 def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, *,
              batched: bool = False) -> list[str]:
     """Greedy replies, model left as it was. One conversation at a time by default (no padding
-    effects: the parity check compares exact replies); `batched`: all at once, left-padded."""
+    effects); `batched`: all at once, left-padded (a fixed set of prompts run the same way by two
+    models gives comparable replies, as the merge parity check needs)."""
     import torch
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -585,6 +640,7 @@ def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path,
     data = prepare_data(recipe, tokenizer, data_dir, run_dir)
     set_seed(recipe.seed)  # LoRA's A matrices are drawn before Trainer seeds anything
     model = load_for_training(recipe, checkpoint, trust_remote_code)
+    fuse_silu_mlps(model)
     checkpoints = run_dir / "checkpoints"
     last = last_complete_checkpoint(checkpoints)
     log_path = run_dir / "train_log.jsonl"
