@@ -8,8 +8,8 @@ conversations (the first N of the default recipe's training split, one epoch), w
 batch size and accumulation (the default recipe's: 4 rows a pass, 2 passes a step), sequence
 length, learning-rate schedule and seed, each in a fresh process so that
 its peak resident memory is its own. Ours runs once with each `training.cpu_allocator` setting
-(`compact`, the recipe default, and `glibc`, which the default job uses; `--allocators` picks), so that the trade
-between speed and memory is measured in the same run. Prints real (non-padding) tokens
+(`compact`, the recipe default, and `glibc`, which the default job uses; `--allocators` picks),
+so that the trade between speed and memory is measured in the same run. Prints real (non-padding) tokens
 per second, peak RSS, the ratios, and the loss trajectories. Where the speed difference comes from: our length-grouped
 batches (trl pads random batches to their longest row) and the LM head applied once, only at the
 labelled positions (trl's fused head scores every position on a CPU, in tiles it recomputes in
@@ -116,7 +116,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, help="rows per pass (default: the default recipe's)")
     parser.add_argument("--grad-accum", type=int, help="passes per optimizer step (default: the recipe's)")
     parser.add_argument("--repeats", type=int, default=1,
-                        help="rounds of the three runs; ratios are paired within a round, then the median")
+                        help="rounds of the runs; ratios are paired within a round, then the median")
     parser.add_argument("--allocators", default=",".join(ALLOCATORS),
                         help="our runs' training.cpu_allocator settings, comma-separated (default: all)")
     parser.add_argument("--cpu-allocator", choices=ALLOCATORS, help=argparse.SUPPRESS)

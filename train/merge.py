@@ -61,10 +61,10 @@ def merge_adapter(base_checkpoint: str, adapter_dir: Path, out_dir: Path, *, par
     base = AutoModelForCausalLM.from_pretrained(base_checkpoint, dtype=torch.float32, use_safetensors=True,
                                                 trust_remote_code=trust_remote_code)
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
-    before = generate(model, tokenizer, parity_prompts, max_new_tokens, batched=True)
+    before = generate(model, tokenizer, parity_prompts, max_new_tokens)
     reference = _prompt_logits(model, tokenizer, parity_prompts)
     merged = model.merge_and_unload().eval()
-    after = generate(merged, tokenizer, parity_prompts, max_new_tokens, batched=True)
+    after = generate(merged, tokenizer, parity_prompts, max_new_tokens)
     worst = max((float((a - b).abs().max()) for a, b in
                  zip(reference, _prompt_logits(merged, tokenizer, parity_prompts))), default=0.0)
     parity = Parity(len(parity_prompts), sum(a == b for a, b in zip(before, after)), worst, tolerance)

@@ -470,8 +470,7 @@ def make_callbacks(recipe: Recipe, tokenizer, log_path: Path, samples: list[tupl
             if not samples or step == self.last_step:
                 return
             self.last_step = step
-            replies = generate(model, tokenizer, [m for m, _ in samples], recipe.samples.max_new_tokens,
-                               batched=True)
+            replies = generate(model, tokenizer, [m for m, _ in samples], recipe.samples.max_new_tokens)
             for n, ((messages, facts), reply) in enumerate(zip(samples, replies)):
                 flags = []
                 if why := degenerate(reply):
@@ -490,32 +489,29 @@ def make_callbacks(recipe: Recipe, tokenizer, log_path: Path, samples: list[tupl
 
 
 
-def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, *,
-             batched: bool = False) -> list[str]:
-    """Greedy replies, model left as it was. One conversation at a time by default (no padding
-    effects); `batched`: all at once, left-padded (a fixed set of prompts run the same way by two
-    models gives comparable replies, as the merge parity check needs)."""
+def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
+    """Greedy replies to all conversations as one left-padded batch, model left as it was (a fixed
+    set of prompts run the same way by two models gives comparable replies, as the merge parity
+    check needs)."""
     import torch
 
+    if not conversations:
+        return []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [tokenizer(tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
                          add_special_tokens=False).input_ids for m in conversations]
-    groups = [encoded] if batched and encoded else [[ids] for ids in encoded]
+    width = max(map(len, encoded))
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=model.device)
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=model.device)
     was_training = model.training
     model.eval()
-    out = []
     try:
         with torch.inference_mode():
-            for group in groups:
-                width = max(map(len, group))
-                ids = torch.tensor([[pad] * (width - len(g)) + g for g in group], device=model.device)
-                mask = torch.tensor([[0] * (width - len(g)) + [1] * len(g) for g in group], device=model.device)
-                new = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                                     max_new_tokens=max_new_tokens, pad_token_id=pad)
-                out.extend(tokenizer.decode(row[width:], skip_special_tokens=True) for row in new)
+            new = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad)
     finally:
         model.train(was_training)
-    return out
+    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in new]
 
 
 # ---------------------------------------------------------------------------------------------
