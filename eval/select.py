@@ -61,7 +61,8 @@ class Candidate:
 
 
 def score_candidates(cards: list[ModelCard], entries, *, store: Path, data_dir: Path, conn,
-                     batch_size: int = DEFAULT_BATCH_SIZE, judge=None) -> list[Candidate]:
+                     batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto", dtype: str = "auto",
+                     judge=None) -> list[Candidate]:
     from tqdm import tqdm
 
     from eval.backends.hf import HFBackend
@@ -69,7 +70,7 @@ def score_candidates(cards: list[ModelCard], entries, *, store: Path, data_dir: 
     candidates = []
     for card in cards:
         cand = Candidate(card)
-        backend = HFBackend(card, store, batch_size=batch_size)
+        backend = HFBackend(card, store, batch_size=batch_size, device=device, dtype=dtype)
         for task_name, split, mode in entries:
             task = find_task(task_name)
             items = load_items(task, split, data_dir)

@@ -104,7 +104,8 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
 
         backend = backend_class("openai")(args.base_url, args.model, concurrency=args.batch_size)
     else:
-        backend = HFBackend(find_card(args.model), settings.model_store, batch_size=args.batch_size)
+        backend = HFBackend(find_card(args.model), settings.model_store, batch_size=args.batch_size,
+                            device=args.device, dtype=args.dtype)
     conn = open_results(settings.runs_dir)
     judge = make_judge(settings)
     for mode in args.mode or task.modes:
@@ -132,7 +133,7 @@ def _select(settings: Settings, args: argparse.Namespace) -> int:
     candidates = score_candidates(cards, suite(args.full_fewclue), store=settings.model_store,
                                   data_dir=settings.resolved_data_dir,
                                   conn=open_results(settings.runs_dir), batch_size=args.batch_size,
-                                  judge=judge)
+                                  device=args.device, dtype=args.dtype, judge=judge)
     table, record = selection_report(candidates, Budget(args.train_budget_gib, args.infer_budget_gib))
     if any(r.task.scorer and "style" in r.task.scorer for c in candidates for r in c.runs):
         from eval.scorers.style import style_classifier
@@ -342,6 +343,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _device_arguments(parser) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="where the local model runs: cpu, cuda, cuda:N (default auto: the GPU if any)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="default auto: bfloat16 on a GPU that has it, float32 elsewhere")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m selectune", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path,
@@ -373,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=_positive_int, help="score only the first N items")
     ev.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, help="batch size (concurrency over HTTP)")
     ev.add_argument("--base-url", help="score a served model through its OpenAI-compatible API (gen mode)")
+    _device_arguments(ev)
     ev.set_defaults(run=_eval)
 
     sel = sub.add_parser("select", help="score the candidates on the suite and pick the winner")
@@ -381,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--train-budget-gib", type=float, default=24.0)
     sel.add_argument("--infer-budget-gib", type=float, default=16.0)
     sel.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE)
+    _device_arguments(sel)
     sel.set_defaults(run=_select)
 
     tr = sub.add_parser("train", help="QLoRA-fine-tune a model, merge the adapter, check parity")

@@ -15,11 +15,12 @@ MSGS = [[{"role": "user", "content": t}] for t in
         ["语句一和语句二说的是否是一个意思", "hello world", "阅读文章 回答问题 the answer is", "B"]]
 
 
-@pytest.fixture
-def backend(tmp_path, tiny_qwen2_dir):
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def backend(request, tmp_path, tiny_qwen2_dir):
     card = find_card("qwen2.5-1.5b-instruct")  # a hub card, supplied with local weights
     provision(card, tmp_path / "store", weights=tiny_qwen2_dir)
-    return HFBackend(card, tmp_path / "store", batch_size=3)
+    return HFBackend(card, tmp_path / "store", batch_size=3, device=request.param, dtype="float32")
 
 
 def _by_hand(backend, messages, continuation):
@@ -27,7 +28,7 @@ def _by_hand(backend, messages, continuation):
     ctx = backend._encode(context)
     whole = backend._encode(context + continuation)
     with torch.no_grad():
-        logprobs = torch.log_softmax(backend.model(torch.tensor([whole])).logits[0].float(), -1)
+        logprobs = torch.log_softmax(backend.model(torch.tensor([whole], device=backend.device)).logits[0].float(), -1)
     return sum(logprobs[p - 1, whole[p]].item() for p in range(len(ctx), len(whole)))
 
 
@@ -58,7 +59,7 @@ def test_greedy_reply_does_not_depend_on_batch_companions(backend):
 
 def _alone(backend, messages, n):
     """Greedy reply of one request at batch 1, without a shared cache."""
-    ids = torch.tensor([backend._encode(backend.render(messages))])
+    ids = torch.tensor([backend._encode(backend.render(messages))], device=backend.device)
     with torch.no_grad():
         out = backend.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                      max_new_tokens=n, pad_token_id=backend.pad_id)
@@ -70,7 +71,7 @@ def test_shared_prefix_is_run_once_and_changes_no_reply(tmp_path):
 
     card = find_card("qwen2.5-1.5b-instruct")
     provision(card, tmp_path / "store", weights=build_tiny_qwen2(tmp_path / "wide", initializer_range=1.0))
-    backend = HFBackend(card, tmp_path / "store", batch_size=4)
+    backend = HFBackend(card, tmp_path / "store", batch_size=4, dtype="float32")
     system = {"role": "system", "content": "你是一个评测助手。 You answer with one letter."}
     msgs = [[system, *m] for m in MSGS]
     got = backend.generate([GenRequest(m, 8) for m in msgs])

@@ -102,7 +102,7 @@ def test_kill_9_then_rerun_gives_identical_results(tmp_path):
     make_task(tmp_path, n=40)
     script = tmp_path / "run.py"
     script.write_text(RUN_SCRIPT.format(repo=str(REPO), tmp=str(tmp_path)), encoding="utf-8")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     subprocess.run([sys.executable, str(script), str(tmp_path / "clean"), "0"], check=True, env=env)
 
     killed = subprocess.Popen([sys.executable, str(script), str(tmp_path / "killed"), "0.2"], env=env)

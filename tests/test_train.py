@@ -25,6 +25,7 @@ def recipe(data_path, **training) -> Recipe:
     return Recipe.model_validate({
         "name": "t", "data": [{"path": str(data_path)}], "split": [1.0, 0.0, 0.0],
         "quantization": training.pop("quantization", "nf4"),
+        "compute_dtype": training.pop("compute_dtype", "auto"),
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "training": {"max_steps": 40, "batch_size": 4, "learning_rate": 1e-2, "scheduler": "constant",
                      "warmup_ratio": 0.0, "gradient_checkpointing": False, "logging_steps": 1,
@@ -211,7 +212,9 @@ def test_accumulation_and_checkpointing_make_the_same_update(tmp_path, setup):
     }
     weights = {}
     for name, training in runs.items():
-        r = recipe(data, quantization="none", max_steps=3, save_steps=1000, sample_steps=1000, **training)
+        # fp32 on a GPU too (its default is bf16), where accumulation order changes the last bits
+        r = recipe(data, quantization="none", compute_dtype="fp32", max_steps=3, save_steps=1000,
+                   sample_steps=1000, **training)
         weights[name] = adapter_weights(run_training(r, str(model), tmp_path / name, tmp_path).adapter_dir)
     from train.trainer import load_for_training
 
@@ -219,14 +222,17 @@ def test_accumulation_and_checkpointing_make_the_same_update(tmp_path, setup):
         m = load_for_training(recipe(data, quantization="none", gradient_checkpointing=True,
                                      checkpoint_every_n_layers=every), str(model), False)
         assert [layer.gradient_checkpointing for layer in m.base_model.model.model.layers] == expected
+    # cuBLAS picks other kernels for other batch shapes: on a GPU one element in 256 was 5e-5 off
+    tol = {"rtol": 1e-3, "atol": 1e-4} if torch.cuda.is_available() else {"rtol": 1e-4, "atol": 1e-5}
     for name in ("accum", "ckpt", "ckpt2"):
         assert weights[name].keys() == weights["plain"].keys()
         for key, value in weights["plain"].items():
-            torch.testing.assert_close(weights[name][key], value, rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+            torch.testing.assert_close(weights[name][key], value, **tol,
+                                       msg=lambda m, name=name, key=key: f"{name}: {key}: {m}")
     # the test can fail: a different learning rate gives another adapter
-    other = run_training(recipe(data, quantization="none", max_steps=3, save_steps=1000, sample_steps=1000,
-                                learning_rate=2e-2), str(model), tmp_path / "other", tmp_path)
-    assert any(not torch.allclose(adapter_weights(other.adapter_dir)[k], v, rtol=1e-4, atol=1e-5)
+    other = run_training(recipe(data, quantization="none", compute_dtype="fp32", max_steps=3, save_steps=1000,
+                                sample_steps=1000, learning_rate=2e-2), str(model), tmp_path / "other", tmp_path)
+    assert any(not torch.allclose(adapter_weights(other.adapter_dir)[k], v, **tol)
                for k, v in weights["plain"].items())
 
 

@@ -198,7 +198,7 @@ def chunked_head_loss(hidden, weight, bias, targets, chunk: int):
             grad_hidden = torch.zeros_like(hidden) if grads[0] else None
             grad_weight = torch.zeros_like(weight, dtype=torch.float32) if grads[1] else None
             grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and grads[2] else None
-            total = torch.zeros((), dtype=torch.float32)
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for i in range(0, hidden.shape[0], chunk):
                 h, t = hidden[i:i + chunk], targets[i:i + chunk]
                 logits = torch.nn.functional.linear(h, weight, bias).float()
@@ -207,7 +207,7 @@ def chunked_head_loss(hidden, weight, bias, targets, chunk: int):
                 if not any(grads):
                     continue
                 g = torch.softmax(logits, dim=-1)  # d(sum CE)/d logits = softmax - one-hot
-                g[torch.arange(len(t)), t] -= 1
+                g[torch.arange(len(t), device=g.device), t] -= 1
                 if grad_hidden is not None:
                     grad_hidden[i:i + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
                 if grad_weight is not None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from eval.backends.base import DEFAULT_BATCH_SIZE, GenRequest, LoglikelihoodRequest, cut_at_stop
 from models.card import ModelCard
-from models.loading import load_model
+from models.loading import load_model, resolve_device, resolve_dtype
 from models.store import read_manifest
 from selectune.files import sha256_file, sha256_text
 
@@ -46,15 +46,18 @@ def shared_prefix_length(seqs: list[list[int]]) -> int:
 
 
 class HFBackend:
-    def __init__(self, card: ModelCard, store: Path, *, batch_size: int = DEFAULT_BATCH_SIZE, dtype: str = "float32",
-                 checkpoint: Path | None = None):
+    def __init__(self, card: ModelCard, store: Path, *, batch_size: int = DEFAULT_BATCH_SIZE, dtype: str = "auto",
+                 device: str = "auto", checkpoint: Path | None = None):
         """`checkpoint`: load this directory instead of the card's stored one (a merged fine-tune;
-        pass a card whose name and chat_template describe it)."""
+        pass a card whose name and chat_template describe it). `device` and `dtype` "auto": a CUDA
+        GPU in bfloat16 when there is one, else the CPU in float32."""
         import transformers
 
         self.card = card
         self.batch_size = batch_size
-        self.model, self.tokenizer = load_model(card, store, dtype=dtype, checkpoint=checkpoint)
+        self.device = resolve_device(device)
+        dtype = resolve_dtype(dtype, self.device)
+        self.model, self.tokenizer = load_model(card, store, dtype=dtype, device=self.device, checkpoint=checkpoint)
         if checkpoint is None:
             manifest = read_manifest(card, store) or {}
         else:
@@ -69,6 +72,7 @@ class HFBackend:
             if self.tokenizer.chat_template else None,
             "chat_template": card.chat_template,
             "dtype": dtype,
+            "device": self.device,
             "transformers": transformers.__version__,
         }
         self._prefix_cache = None  # (prefix ids, batch-1 cache) of the last generate call
@@ -99,7 +103,7 @@ class HFBackend:
             input_ids[i, width - len(s):] = torch.tensor(s)
             mask[i, width - len(s):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return input_ids, mask, positions
+        return input_ids.to(self.device), mask.to(self.device), positions.to(self.device)
 
     def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[float]:
         import torch
@@ -120,8 +124,8 @@ class HFBackend:
                         if row.tail == 0:
                             out[req] = logprobs[b, keep - 1, cont[0]].item()
                         else:  # token j of the tail is predicted at kept index keep - tail + j - 1
-                            idx = torch.arange(keep - row.tail - 1, keep - 1)
-                            out[req] = logprobs[b, idx, torch.tensor(cont)].sum().item()
+                            idx = torch.arange(keep - row.tail - 1, keep - 1, device=logprobs.device)
+                            out[req] = logprobs[b, idx, torch.tensor(cont, device=logprobs.device)].sum().item()
         return out
 
     def _rows(self, requests: list[LoglikelihoodRequest]) -> list[_Row]:
@@ -161,7 +165,7 @@ class HFBackend:
                 generated = self.model.generate(input_ids=input_ids, attention_mask=mask,
                                                 past_key_values=cache, generation_config=config)
                 for row, i in enumerate(chunk):
-                    new = generated[row, input_ids.shape[1]:][: requests[i].max_new_tokens]
+                    new = generated[row, input_ids.shape[1]:][: requests[i].max_new_tokens].tolist()
                     text = self.tokenizer.decode(new, skip_special_tokens=True)
                     out[i] = cut_at_stop(text, requests[i].stop)
         return out
@@ -180,12 +184,12 @@ class HFBackend:
             return input_ids, mask, None
         prefix = tuple(seqs[0][:shared])
         if self._prefix_cache is None or self._prefix_cache[0] != prefix:
-            cache = self.model(input_ids=torch.tensor([prefix]), use_cache=True,
+            cache = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True,
                                logits_to_keep=1).past_key_values
             self._prefix_cache = (prefix, cache)
         cache = copy.deepcopy(self._prefix_cache[1])
         cache.batch_repeat_interleave(len(seqs))
         rest, mask_rest, _ = self._batch([s[shared:] for s in seqs])
-        head = torch.tensor([prefix]).expand(len(seqs), -1)
+        head = torch.tensor([prefix], device=self.device).expand(len(seqs), -1)
         return (torch.cat([head, rest], dim=1),
                 torch.cat([torch.ones_like(head), mask_rest], dim=1), cache)
