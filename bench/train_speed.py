@@ -11,9 +11,10 @@ its peak resident memory is its own. Ours runs once with each `training.cpu_allo
 (`compact`, the recipe default, and `glibc`, which the default job uses; `--allocators` picks),
 so that the trade between speed and memory is measured in the same run. Prints real (non-padding) tokens
 per second, peak RSS, the ratios, and the loss trajectories. Where the speed difference comes from: our length-grouped
-batches (trl pads random batches to their longest row) and the LM head applied once, only at the
+batches (trl pads random batches to their longest row), the LM head applied once, only at the
 labelled positions (trl's fused head scores every position on a CPU, in tiles it recomputes in
-the backward pass). Peak RSS includes glibc heap fragmentation, which differs between the two
+the backward pass), and less kept for the backward pass (LoRA's dropout inside lora_A, the SiLU
+recomputed). Peak RSS includes glibc heap fragmentation, which differs between the two
 processes (README, "Training").
 """
 

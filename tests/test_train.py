@@ -26,7 +26,7 @@ def recipe(data_path, **training) -> Recipe:
         "name": "t", "data": [{"path": str(data_path)}], "split": [1.0, 0.0, 0.0],
         "quantization": training.pop("quantization", "nf4"),
         "compute_dtype": training.pop("compute_dtype", "auto"),
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "lora": {"r": 8, "alpha": 16, "dropout": training.pop("lora_dropout", 0.0)},
         "training": {"max_steps": 40, "batch_size": 4, "learning_rate": 1e-2, "scheduler": "constant",
                      "warmup_ratio": 0.0, "gradient_checkpointing": False, "logging_steps": 1,
                      "eval_steps": 1000, "save_steps": 10, "sample_steps": 20, **training},
@@ -103,7 +103,7 @@ SCRIPT = textwrap.dedent("""
     from pathlib import Path
     from tests.test_train import recipe
     from train.trainer import run_training
-    run_training(recipe(Path({data!r}), quantization="none", max_steps=30, save_steps=5),
+    run_training(recipe(Path({data!r}), quantization="none", lora_dropout=0.1, max_steps=30, save_steps=5),
                  {model!r}, Path(sys.argv[1]), Path({data!r}).parent)
 """)
 
@@ -293,6 +293,67 @@ def test_fused_silu_mlp_keeps_loss_and_gradients_and_saves_less(tmp_path):
     gelu = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                        num_attention_heads=2, num_key_value_heads=1, hidden_act="gelu_pytorch_tanh")
     assert fuse_silu_mlps(Qwen2ForCausalLM(gelu)) == 0
+
+
+def test_lora_dropout_in_lora_a_keeps_loss_and_gradients_and_saves_less(tmp_path):
+    """lora_A doing its own dropout: with the same masks (drawn in the same order from the same
+    generator) the same loss and gradients as dropout-then-linear, less kept for the backward
+    pass, and a plain linear in eval mode."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    from train.trainer import PadCollator, fuse_lora_dropout, label_only_loss, load_for_training
+
+    path = build_tiny_qwen2(tmp_path / "m", initializer_range=0.2)
+    batch = PadCollator(pad_id=0)([{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
+                                   {"input_ids": [10, 11, 12], "labels": [-100, 11, 12]}])
+    r = recipe(tmp_path / "unused.jsonl", quantization="none", lora_dropout=0.3, compute_dtype="fp32")
+
+    class RandDropout(torch.nn.Module):
+        """Dropout that draws its mask as lora_dropout_function does."""
+
+        def forward(self, x):
+            return x * (torch.rand_like(x) >= 0.3) / 0.7 if self.training else x
+
+    def run(fuse: bool, seed: int = 1):
+        torch.manual_seed(0)  # LoRA's A matrices are drawn at random
+        model = load_for_training(r, str(path), False)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # zero at the start: give the adapters (and their dropout) a say
+                torch.nn.init.normal_(param, std=0.5)
+        if fuse:
+            assert fuse_lora_dropout(model) == 14  # 7 projections x 2 layers
+        else:
+            for module in model.modules():
+                if isinstance(module, LoraLayer):
+                    module.lora_dropout["default"] = RandDropout()
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        inputs = {k: v.to(model.device) for k, v in batch.items()}  # a GPU machine trains on it
+        model.train()
+        torch.manual_seed(seed)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = label_only_loss(model, inputs)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        model.eval()
+        with torch.no_grad():
+            eval_loss = label_only_loss(model, inputs)[0].item()
+        return loss.item(), grads, sum(storages.values()), eval_loss
+
+    plain_loss, plain_grads, plain_saved, plain_eval = run(False)
+    loss, grads, saved, eval_loss = run(True)
+    assert loss == pytest.approx(plain_loss, rel=1e-6) and eval_loss == plain_eval
+    assert grads.keys() == plain_grads.keys() and len(grads) == 28
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5,  # the 1/(1-p) is applied elsewhere
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert saved < plain_saved, (saved, plain_saved)
+    assert run(True, seed=2)[0] != loss  # the masks matter: the check above can fail
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])

@@ -371,6 +371,76 @@ def fuse_silu_mlps(model) -> int:
     return changed
 
 
+def lora_dropout_function():
+    """An autograd function for `linear(dropout(x), A)`, LoRA's down-projection, that saves x
+    and a one-byte mask instead of the dropped-out copy of x.
+
+    peft's LoRA computes `lora_B(lora_A(dropout(x)))`: with dropout on, every adapted projection
+    keeps its own dropped-out copy of its input (4 bytes an element) for lora_A's weight
+    gradient, besides the mask. q, k and v read the same x, as do gate and up, so a decoder
+    layer keeps five copies of inputs that one tensor each would do. Here lora_A saves x itself
+    (shared by the projections that read it) and the boolean mask, and scales the r-wide output
+    by 1/(1-p) rather than the input. The mask is drawn with `rand_like(x) >= p` from torch's
+    generator, as dropout draws from it."""
+    import torch
+    import torch.nn.functional as F
+
+    class DropoutLinear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, p):
+            keep = torch.rand_like(x) >= p
+            ctx.save_for_backward(x, keep, weight)
+            ctx.scale = 1 / (1 - p)
+            return F.linear(x * keep, weight) * ctx.scale
+
+        @staticmethod
+        def backward(ctx, grad):
+            x, keep, weight = ctx.saved_tensors
+            grad = grad * ctx.scale
+            grad_x = (grad @ weight).mul_(keep) if ctx.needs_input_grad[0] else None
+            grad_weight = None
+            if ctx.needs_input_grad[1]:
+                grad_weight = grad.reshape(-1, grad.shape[-1]).T @ (x * keep).reshape(-1, x.shape[-1])
+            return grad_x, grad_weight, None
+
+    return DropoutLinear
+
+
+def fuse_lora_dropout(model) -> int:
+    """Give every plain LoRA adapter with dropout `lora_dropout_function` (its lora_A does the
+    dropout, its lora_dropout becomes the identity); returns how many were changed. The masks
+    come from torch's generator, whose state Trainer's checkpoints save and restore and
+    activation checkpointing replays, so a resumed run repeats an uninterrupted one. In eval
+    mode lora_A is a plain linear, as with peft's dropout. Parameter names, the saved adapter
+    and merging are unchanged; DoRA and other variants are left alone."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    function = lora_dropout_function()
+
+    class DropoutLoraA(torch.nn.Linear):
+        dropout_p = 0.0
+
+        def forward(self, x):
+            if not self.training:
+                return super().forward(x)
+            return function.apply(x, self.weight, self.dropout_p)
+
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for name, dropout in module.lora_dropout.items():
+            lora_a = module.lora_A[name]
+            if (isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and type(lora_a) is torch.nn.Linear
+                    and lora_a.bias is None and name not in getattr(module, "lora_variant", {})):
+                lora_a.__class__ = DropoutLoraA
+                lora_a.dropout_p = dropout.p
+                module.lora_dropout[name] = torch.nn.Identity()
+                changed += 1
+    return changed
+
+
 # ---------------------------------------------------------------------------------------------
 # Checks while training
 
@@ -637,6 +707,7 @@ def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path,
     set_seed(recipe.seed)  # LoRA's A matrices are drawn before Trainer seeds anything
     model = load_for_training(recipe, checkpoint, trust_remote_code)
     fuse_silu_mlps(model)
+    fuse_lora_dropout(model)
     checkpoints = run_dir / "checkpoints"
     last = last_complete_checkpoint(checkpoints)
     log_path = run_dir / "train_log.jsonl"
