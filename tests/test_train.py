@@ -72,6 +72,28 @@ def test_quantization_builds_the_layers_it_names(setup, quantization, layer):
     assert (layer in kinds) if layer else not kinds & {"Linear4bit", "Linear8bitLt"}, kinds
 
 
+@pytest.mark.parametrize("avx512_bf16,amx,explicit,expected", [
+    (True, False, "auto", "bfloat16"), (False, True, "auto", "bfloat16"), (False, False, "auto", "float32"),
+    (True, False, "fp32", "float32"), (False, False, "bf16", "bfloat16")])
+def test_auto_compute_dtype_is_bf16_only_on_cpus_that_multiply_it(
+        tmp_path, setup, monkeypatch, avx512_bf16, amx, explicit, expected):
+    import torch
+
+    from train.trainer import compute_dtype, load_for_training
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    model, data = setup
+    r = recipe(data, compute_dtype=explicit)
+    assert compute_dtype(r) == getattr(torch, expected)
+    if explicit == "auto":
+        import bitsandbytes as bnb
+
+        layers = [m for m in load_for_training(r, str(model), False).modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert layers and {m.compute_dtype for m in layers} == {getattr(torch, expected)}
+
+
 def test_collapse_is_flagged():
     from train.trainer import degenerate
 

@@ -126,7 +126,8 @@ class Recipe(_Strict):
     quantization: Literal["nf4", "int8", "none"] = "nf4"
     """nf4: QLoRA (NF4, double quantisation); int8: 8-bit loading; none: plain LoRA."""
     compute_dtype: Literal["auto", "bf16", "fp32"] = "auto"
-    """auto: bf16 on a GPU that has it, else fp32 (on these CPUs bf16 matmuls were slower)."""
+    """auto: bf16 on a GPU or CPU that computes it natively (CUDA bf16; AVX512-BF16 or AMX), else
+    fp32 (where bf16 is emulated it is slower than fp32)."""
     lora: LoraSpec = LoraSpec()
     training: TrainingSpec = TrainingSpec()
     samples: SamplesSpec = SamplesSpec()

@@ -145,8 +145,11 @@ class SeededLengthGroupedSampler:
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
-LOSS_CHUNK = 64
-"""Labelled positions whose logits exist at once in `label_only_loss`."""
+LOSS_CHUNK = 256
+"""Labelled positions whose logits exist at once in `label_only_loss`: 155 MB of fp32 logits for
+Qwen2.5's 152k vocabulary. A micro-batch of the default job has about 140, so its head is one
+product with the whole weight; in chunks of 64 the 545 MB weight was read three times over, and
+the head took 0.65 s a micro-batch against 0.90 s."""
 
 
 def label_only_loss(model, inputs: dict, num_items_in_batch=None, chunk: int = LOSS_CHUNK):
@@ -279,7 +282,20 @@ def compute_dtype(recipe: Recipe):
         return torch.bfloat16
     if recipe.compute_dtype == "fp32":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). There oneDNN's bf16
+    matrix products run about 3x as fast as fp32's (a 368x896 by 896x4864 product: 330 against
+    105-180 GFLOP/s on the 2-core AMD EPYC we develop on), and a QLoRA step about 1.5x; without
+    it bf16 is emulated and slower than fp32."""
+    import torch
+
+    return any(getattr(torch.cpu, probe, lambda: False)()
+               for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def load_for_training(recipe: Recipe, checkpoint: str, trust_remote_code: bool):
