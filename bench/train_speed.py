@@ -170,10 +170,14 @@ def main() -> int:
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
                 results[label] = json.loads((out / "bench.json").read_text())
             rounds.append(results)
+    from train.trainer import compute_dtype
+
     t = recipe.training
+    dtype = str(compute_dtype(recipe)).removeprefix("torch.")
     print(f"{card.name}: {len(train)} conversations, 1 epoch, batch {t.batch_size} x {t.grad_accum} "
           f"accumulated ({t.batch_size * t.grad_accum} per step), "
-          f"max length {recipe.max_length}, NF4 + LoRA r={recipe.lora.r}; {args.repeats} round(s), "
+          f"max length {recipe.max_length}, NF4 + LoRA r={recipe.lora.r}, compute {dtype} for both; "
+          f"{args.repeats} round(s), "
           "each engine in a fresh process")
     for n, results in enumerate(rounds, 1):
         for label, r in results.items():

@@ -196,6 +196,8 @@ def chunked_head_loss(hidden, weight, bias, targets, chunk: int):
 
     class ChunkedHeadLoss(torch.autograd.Function):
         @staticmethod
+        @torch.autocast(device_type="cuda", enabled=False)
+        @torch.autocast(device_type="cpu", enabled=False)
         def forward(ctx, hidden, weight, bias):
             grads = ctx.needs_input_grad
             grad_hidden = torch.zeros_like(hidden) if grads[0] else None
@@ -203,13 +205,14 @@ def chunked_head_loss(hidden, weight, bias, targets, chunk: int):
             grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and grads[2] else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for i in range(0, hidden.shape[0], chunk):
-                h, t = hidden[i:i + chunk], targets[i:i + chunk]
+                h, t = hidden[i:i + chunk].to(weight.dtype), targets[i:i + chunk]
                 logits = torch.nn.functional.linear(h, weight, bias).float()
                 lse = torch.logsumexp(logits, dim=-1)
                 total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
                 if not any(grads):
                     continue
-                g = torch.softmax(logits, dim=-1)  # d(sum CE)/d logits = softmax - one-hot
+                # d(sum CE)/d logits = softmax - one-hot, the softmax made in the logits' memory
+                g = logits.sub_(lse[:, None]).exp_()
                 g[torch.arange(len(t), device=g.device), t] -= 1
                 if grad_hidden is not None:
                     grad_hidden[i:i + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
