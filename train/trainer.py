@@ -191,7 +191,9 @@ def chunked_head_loss(hidden, weight, bias, targets, chunk: int):
     rows at a time. The gradients are worked out chunk by chunk during the forward pass
     ((softmax - one-hot) times the weight, and its transpose times the rows for a head that
     trains), so the backward pass neither keeps nor recomputes any logits: the head's FLOPs
-    are those of the plain forward and backward."""
+    are those of the plain forward and backward. It runs outside autocast, in the weight's dtype
+    (fp32 after `prepare_model_for_kbit_training`): under bf16 autocast every chunk would cast
+    the whole weight (545 MB for Qwen2.5's tied head) to bf16 twice, at the memory peak."""
     import torch
 
     class ChunkedHeadLoss(torch.autograd.Function):
