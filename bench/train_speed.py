@@ -14,8 +14,9 @@ per second, peak RSS, the ratios, and the loss trajectories. Where the speed dif
 batches (trl pads random batches to their longest row), the LM head applied once, only at the
 labelled positions (trl's fused head scores every position on a CPU, in tiles it recomputes in
 the backward pass), and less kept for the backward pass (LoRA's dropout inside lora_A, the SiLU
-recomputed). Peak RSS includes glibc heap fragmentation, which differs between the two
-processes (README, "Training").
+recomputed). Peak RSS includes what glibc's heap keeps of freed blocks: our worker sets glibc's
+thresholds and trims the heap after each pass (`train.trainer.CpuAllocator`, as `make train`
+does); trl's runs with glibc's defaults, as a trl user's would (README, "Training").
 """
 
 from __future__ import annotations
