@@ -57,6 +57,20 @@ def test_greedy_reply_does_not_depend_on_batch_companions(backend):
     assert backend.generate([GenRequest(m, 6) for m in MSGS]) == together
 
 
+def test_a_prompt_asked_twice_is_generated_once(backend, monkeypatch):
+    from eval.backends.base import cut_at_stop
+
+    requests = [GenRequest(MSGS[0], 6), GenRequest(MSGS[1], 6), GenRequest(MSGS[0], 6),
+                GenRequest(MSGS[0], 3), GenRequest(MSGS[0], 6, stop=["o"])]
+    each = [backend.generate([r])[0] for r in requests]
+    rows = []
+    real = backend.model.generate
+    monkeypatch.setattr(backend.model, "generate", lambda **kw: rows.append(len(kw["input_ids"])) or real(**kw))
+    got = backend.generate(requests)
+    assert sum(rows) == 3  # MSGS[0] at 6 new tokens (asked three times), MSGS[1], MSGS[0] at 3
+    assert got == each and got[2] == got[0] and got[4] == cut_at_stop(got[0], ["o"])
+
+
 def _alone(backend, messages, n):
     """Greedy reply of one request at batch 1, without a shared cache."""
     ids = torch.tensor([backend._encode(backend.render(messages))], device=backend.device)

@@ -147,28 +147,30 @@ class HFBackend:
         return rows
 
     def generate(self, requests: list[GenRequest]) -> list[str]:
+        """Greedy replies in length-sorted batches; a prompt asked more than once (with the same
+        max_new_tokens) is generated once, since greedy decoding gives it one reply."""
         import torch
         from transformers import GenerationConfig
 
-        encoded = [self._encode(self.render(r.messages, r.raw)) for r in requests]
-        order = sorted(range(len(requests)), key=lambda i: -len(encoded[i]))
-        out = [""] * len(requests)
+        keys = [(tuple(self._encode(self.render(r.messages, r.raw))), r.max_new_tokens) for r in requests]
+        unique = list(dict.fromkeys(keys))
+        order = sorted(range(len(unique)), key=lambda u: -len(unique[u][0]))
+        replies: dict[tuple, str] = {}
         base = self.model.generation_config
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
-                chunk = order[start:start + self.batch_size]
-                input_ids, mask, cache = self._prefixed_batch([encoded[i] for i in chunk])
+                chunk = [unique[u] for u in order[start:start + self.batch_size]]
+                input_ids, mask, cache = self._prefixed_batch([list(ids) for ids, _ in chunk])
                 config = GenerationConfig(
-                    do_sample=False, max_new_tokens=max(requests[i].max_new_tokens for i in chunk),
+                    do_sample=False, max_new_tokens=max(n for _, n in chunk),
                     eos_token_id=base.eos_token_id, pad_token_id=self.pad_id,
                     bos_token_id=base.bos_token_id)
                 generated = self.model.generate(input_ids=input_ids, attention_mask=mask,
                                                 past_key_values=cache, generation_config=config)
-                for row, i in enumerate(chunk):
-                    new = generated[row, input_ids.shape[1]:][: requests[i].max_new_tokens].tolist()
-                    text = self.tokenizer.decode(new, skip_special_tokens=True)
-                    out[i] = cut_at_stop(text, requests[i].stop)
-        return out
+                for row, key in enumerate(chunk):
+                    new = generated[row, input_ids.shape[1]:][: key[1]].tolist()
+                    replies[key] = self.tokenizer.decode(new, skip_special_tokens=True)
+        return [cut_at_stop(replies[key], r.stop) for key, r in zip(keys, requests)]
 
     def _prefixed_batch(self, seqs: list[list[int]]):
         """(input_ids, attention_mask, cache): the rows' longest common prefix is run once and its
