@@ -38,29 +38,40 @@ from selectune.settings import load_settings  # noqa: E402
 from eval_speed import body_and_head, matmul_peak_gflops  # noqa: E402  (bench/, the script's folder)
 
 
-def needed_gflop(backend: HFBackend, items, outputs: list[str], max_new_tokens: int,
+def needed_gflop(backend: HFBackend, items, outputs: dict[str, str], max_new_tokens: int,
                  batch_size: int) -> tuple[float, float]:
-    """(GFLOP our run does, GFLOP with every prompt run whole). Prompt tokens go through the body
-    once, except a prefix shared by a batch, which runs once while it stays the same (as the
-    backend does, on the runner's chunks); reply tokens (its end-of-turn token counted, capped at
-    max_new_tokens) through body and head; the head once more per prompt for the first token."""
+    """(GFLOP our run does, GFLOP with every prompt run whole). The runner's chunks; in each, a
+    prompt asked twice is generated once, as the backend does. Prompt tokens go through the body
+    once, except a prefix shared by a batch, which runs once while it stays the same; reply
+    tokens (their end-of-turn token counted, capped at max_new_tokens) through body and head; the
+    head once more per prompt for the first token. `outputs`: each item's reply, by item id.
+    The whole-prompt figure counts every item, as OpenCompass runs it."""
     body, head = body_and_head(backend.model)
     order = sorted(items, key=lambda i: (len(i.user), i.id))  # the runner's chunks
-    prompt = full = 0
+
+    def reply(item) -> int:
+        ids = backend.tokenizer(outputs[item.id], add_special_tokens=False).input_ids
+        return min(len(ids) + 1, max_new_tokens)
+
+    prompt = full = replies = replies_all = generated = 0
     last = None
     for start in range(0, len(order), batch_size):
-        seqs = [backend._encode(backend.render(i.messages(), i.raw())) for i in order[start:start + batch_size]]
+        chunk = order[start:start + batch_size]
+        unique = {tuple(backend._encode(backend.render(i.messages(), i.raw()))): i for i in reversed(chunk)}
+        seqs = list(unique)
+        full += sum(len(backend._encode(backend.render(i.messages(), i.raw()))) for i in chunk)
+        replies_all += sum(reply(i) for i in chunk)
+        replies += sum(reply(i) for i in unique.values())
+        generated += len(seqs)
         shared = shared_prefix_length(seqs)
         shared = shared if shared >= 2 else 0
-        full += sum(map(len, seqs))
         prompt += sum(map(len, seqs)) - shared * len(seqs)
         if shared and tuple(seqs[0][:shared]) != last:
             prompt += shared
             last = tuple(seqs[0][:shared])
-    reply = sum(min(len(backend.tokenizer(o, add_special_tokens=False).input_ids) + 1, max_new_tokens)
-                for o in outputs)
-    rest = 2 * head * len(items) + 2 * (body + head) * reply
-    return (2 * body * prompt + rest) / 1e9, (2 * body * full + rest) / 1e9
+    ours = 2 * body * prompt + 2 * head * generated + 2 * (body + head) * replies
+    whole = 2 * body * full + 2 * head * len(items) + 2 * (body + head) * replies_all
+    return ours / 1e9, whole / 1e9
 
 
 def main() -> int:
@@ -99,7 +110,7 @@ def main() -> int:
                             chunk_size=args.batch_size)
             t_ours = time.perf_counter() - started
             t_ours_infer = time.perf_counter() - loaded
-            gflop, gflop_whole = needed_gflop(backend, items, [r["output"] for r in ours.items],
+            gflop, gflop_whole = needed_gflop(backend, items, {r["item_id"]: r["output"] for r in ours.items},
                                               task.gen.max_new_tokens, args.batch_size)
             del backend
             workdir = Path(tmp) / "oc"
