@@ -795,10 +795,8 @@ def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path,
         _truncate_log(log_path, int(last.name.rsplit("-", 1)[1]))
     elif log_path.exists():
         log_path.unlink()  # no checkpoint to resume from: start the log afresh
-    callbacks = list(make_callbacks(recipe, tokenizer, log_path, sample_prompts(recipe, data_dir)))
-    guard = callbacks[1]
-    if allocator:
-        callbacks.append(allocator.callback())
+    log, guard, sampler = make_callbacks(recipe, tokenizer, log_path, sample_prompts(recipe, data_dir))
+    callbacks = [log, guard, sampler] + ([allocator.callback()] if allocator else [])
     trainer = thin_trainer_class()(model=model, args=training_arguments(recipe, checkpoints, evaluate=bool(data.val)),
                       train_dataset=ExampleDataset(data.train),
                       eval_dataset=ExampleDataset(data.val) if data.val else None,
