@@ -116,8 +116,8 @@ test: $(STAMP) $(OC_STAMP) browser ## run the test suite (PYTEST_ARGS=... to pas
 bench: $(STAMP) ## benchmarks: load time of the converted checkpoint vs GGUF
 	$(PY) bench/load_time.py $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR))
 
-bench-eval: $(STAMP) ## ppl scoring speed against lm-eval's hf backend on the same items (ratio)
-	$(PY) bench/eval_speed.py $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+bench-eval: $(STAMP) ## ppl scoring speed against lm-eval's hf backend on the same items (ratio) (BENCH_ARGS=)
+	$(PY) bench/eval_speed.py $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(BENCH_ARGS)
 
 LIMIT ?=
 crosscheck-opencompass: $(STAMP) $(OC_STAMP) ## OpenCompass's FewCLUE gen configs vs our OpenCompass-rule column (CARD=, LIMIT=, BENCH_ARGS=)

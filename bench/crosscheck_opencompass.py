@@ -83,6 +83,9 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds of both runs; the speed-up printed last is the median of the rounds'")
+    parser.add_argument("--no-prepack", action="store_true",
+                        help="run our fp32 linears through torch's default kernel (MKL's sgemm), as the "
+                             "reference tool does, instead of oneDNN with packed weights")
     parser.add_argument("--cache-dir")
     parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     args = parser.parse_args()
@@ -104,12 +107,14 @@ def main() -> int:
     for n in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
-            backend = HFBackend(card, settings.model_store, batch_size=args.batch_size)
+            backend = HFBackend(card, settings.model_store, batch_size=args.batch_size,
+                                prepack=not args.no_prepack)
             loaded = time.perf_counter()
             ours = run_task(backend, task, args.split, "gen", items, open_results(Path(tmp)),
                             chunk_size=args.batch_size)
             t_ours = time.perf_counter() - started
             t_ours_infer = time.perf_counter() - loaded
+            backend_kernel = backend.identity["linear_kernel"]
             gflop, gflop_whole = needed_gflop(backend, items, {r["item_id"]: r["output"] for r in ours.items},
                                               task.gen.max_new_tokens, args.batch_size)
             del backend
@@ -123,7 +128,7 @@ def main() -> int:
         rounds.append((t_ours, t_ours_infer, theirs, report))
     n = report["items"]
     print(f"{card.name} on {task.name}-{args.split} gen, {n} items, batch {args.batch_size}, "
-          f"{args.repeats} round(s) (each: ours, then OpenCompass)")
+          f"{args.repeats} round(s) (each: ours, then OpenCompass); our linears: {backend_kernel}")
     for k, (t_ours, t_ours_infer, theirs, report) in enumerate(rounds, 1):
         print(f"  round {k}: selectune {t_ours:6.1f} s ({t_ours_infer:.1f} s without its model load), "
               f"first-capital accuracy {report['selectune_accuracy_opencompass']:.4f}; OpenCompass "

@@ -43,10 +43,14 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
 
 
 def body_and_head(model) -> tuple[int, int]:
-    """Parameters a token goes through (the embedding table is a lookup, not a matmul), and the LM head's."""
+    """Weights a token goes through (the embedding table is a lookup, not a matmul), and the LM
+    head's. A prepacked linear (models/prepack.py) holds its weight outside `parameters()`."""
     config = model.config
-    head = config.hidden_size * config.vocab_size
-    return sum(p.numel() for p in model.parameters()) - head * (1 if config.tie_word_embeddings else 2), head
+    skip = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    body = sum(p.numel() for m in model.modules() if id(m) not in skip for p in m.parameters(recurse=False))
+    body += sum(m.in_features * m.out_features + (m.bias.numel() if m.bias is not None else 0)
+                for m in model.modules() if hasattr(m, "packed") and id(m) not in skip)
+    return body, config.hidden_size * config.vocab_size
 
 
 def needed_gflop(backend: HFBackend, requests: list[LoglikelihoodRequest]) -> float:
@@ -63,6 +67,9 @@ def main() -> int:
     parser.add_argument("--task", default="fewclue_bustm")
     parser.add_argument("--split", default="dev")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--no-prepack", action="store_true",
+                        help="run our fp32 linears through torch's default kernel (MKL's sgemm), as the "
+                             "reference tool does, instead of oneDNN with packed weights")
     parser.add_argument("--cache-dir")
     parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     args = parser.parse_args()
@@ -77,10 +84,11 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        backend = HFBackend(card, settings.model_store, batch_size=args.batch_size)
+        backend = HFBackend(card, settings.model_store, batch_size=args.batch_size, prepack=not args.no_prepack)
         ours = run_task(backend, task, args.split, "ppl", items, open_results(Path(tmp)),
                         chunk_size=args.batch_size)
         t_ours = time.perf_counter() - started
+        kernel = backend.identity["linear_kernel"]
         gflop = needed_gflop(backend, [LoglikelihoodRequest(i.messages(), c, i.raw()) for i in items for c in task.choices])
         del backend
         name = export_task(task, args.split, items, Path(tmp) / "lm_eval",
@@ -93,7 +101,7 @@ def main() -> int:
     acc = sum(r["scores"]["accuracy"] for r in ours.items) / len(ours.items)
     differ = sum(theirs.predictions[r["item_id"]] != r["parsed"] for r in ours.items)
     n = len(items)
-    print(f"{card.name} on {task.name}-{args.split} ppl, {n} items, batch {args.batch_size}")
+    print(f"{card.name} on {task.name}-{args.split} ppl, {n} items, batch {args.batch_size}; our linears: {kernel}")
     print(f"  selectune: {t_ours:6.1f} s  {n / t_ours:6.2f} items/s  accuracy {acc:.4f}")
     print(f"  lm-eval:   {t_theirs:6.1f} s  {n / t_theirs:6.2f} items/s  accuracy {theirs.accuracy:.4f}")
     print(f"  speed-up {t_theirs / t_ours:.2f}x; predictions that differ: {differ}")

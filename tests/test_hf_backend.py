@@ -3,6 +3,8 @@ unbatched ones computed by hand, and greedy replies do not depend on their batch
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -96,3 +98,75 @@ def test_shared_prefix_is_run_once_and_changes_no_reply(tmp_path):
     # Rows that share fewer than two tokens are padded as before, with no cache.
     ids, mask, cache = backend._prefixed_batch([[5, 6, 7], [8, 6, 7, 9]])
     assert cache is None and mask.tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]]
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_cpu_fp32_linears_are_prepacked_and_agree_with_torchs_own(tmp_path):
+    from tests.conftest import build_tiny_qwen2
+
+    from models.prepack import KERNEL, PrepackedLinear
+
+    card = find_card("qwen2.5-1.5b-instruct")
+    provision(card, tmp_path / "store", weights=build_tiny_qwen2(tmp_path / "wide", initializer_range=1.0))
+    packed = HFBackend(card, tmp_path / "store", batch_size=4, dtype="float32")
+    plain = HFBackend(card, tmp_path / "store", batch_size=4, dtype="float32", prepack=False)
+    assert (packed.identity["linear_kernel"], plain.identity["linear_kernel"]) == (KERNEL, "aten")
+    linears = [n for n, m in plain.model.named_modules() if type(m) is torch.nn.Linear]
+    assert len(linears) == 15  # 7 per layer (q, k, v with bias), 2 layers, and the LM head
+    assert [n for n, m in packed.model.named_modules() if isinstance(m, PrepackedLinear)] == linears
+    assert not any(type(m) is torch.nn.Linear for m in packed.model.modules())
+
+    calls = []
+    for m in packed.model.modules():
+        if isinstance(m, PrepackedLinear):
+            m.register_forward_hook(lambda *_: calls.append(1))
+    ids = torch.tensor([packed._encode(packed.render(m)) for m in MSGS[1:2] * 3])
+    with torch.no_grad():
+        got, want = packed.model(ids).logits, plain.model(ids).logits
+    assert len(calls) == 15
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-4)
+    requests = [GenRequest(m, 8) for m in MSGS]
+    assert packed.generate(requests) == plain.generate(requests)
+    scored = [LoglikelihoodRequest(m, c) for m in MSGS for c in ["A", "hello world"]]
+    assert packed.loglikelihood(scored) == pytest.approx(plain.loglikelihood(scored), abs=1e-4)
+
+
+def test_linears_stay_torchs_own_outside_cpu_fp32(tmp_path, tiny_qwen2_dir):
+    card = find_card("qwen2.5-1.5b-instruct")
+    provision(card, tmp_path / "store", weights=tiny_qwen2_dir)
+    backend = HFBackend(card, tmp_path / "store", batch_size=2, dtype="bfloat16")
+    assert backend.identity["linear_kernel"] == "aten"
+    assert sum(type(m) is torch.nn.Linear for m in backend.model.modules()) == 15
+
+
+def _mapped_kib(path) -> int:
+    """Resident KiB of this process's mappings of `path` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps", encoding="utf-8") as f:
+        for line in f:
+            if "-" in line.split(" ", 1)[0] and not line.startswith(("Rss", "Pss")):
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_a_packed_weights_checkpoint_pages_leave_the_process(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from models.prepack import _drop_pages, _file_mappings
+
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.arange(4 << 20, dtype=torch.float32)}, str(path))  # 16 MiB
+    with safe_open(str(path), framework="pt") as f:
+        weight = f.get_tensor("w")
+    assert weight.double().sum().item() == sum(range(4 << 20))  # every page read
+    before = _mapped_kib(path)
+    if before < 15 << 10:
+        pytest.skip("safetensors did not leave this tensor in a file mapping")
+    assert _drop_pages(weight, _file_mappings())
+    assert _mapped_kib(path) < 1 << 10
+    assert torch.equal(weight[-3:], torch.tensor([(4 << 20) - 3, (4 << 20) - 2, (4 << 20) - 1.0]))
+    assert not _drop_pages(torch.ones(1 << 20), _file_mappings())  # anonymous memory is left alone
