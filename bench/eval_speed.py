@@ -7,7 +7,8 @@ Both score the same items of the same task with the same converted checkpoint, e
 to end (model load included). Prints items/s for each and their ratio, both accuracies, the
 number of items whose prediction differs (must be 0), and our achieved GFLOP/s against this
 machine's fp32 matmul peak measured here (counting only the FLOPs we need: the model body on
-every real token, the LM head only where a score is read).
+every real token, a context prefix that a batch shares once, the LM head only where a score
+is read).
 """
 
 from __future__ import annotations
@@ -53,11 +54,26 @@ def body_and_head(model) -> tuple[int, int]:
     return body, config.hidden_size * config.vocab_size
 
 
-def needed_gflop(backend: HFBackend, requests: list[LoglikelihoodRequest]) -> float:
+def needed_gflop(backend: HFBackend, chunks: list[list[LoglikelihoodRequest]]) -> float:
+    """GFLOP of our work on the runner's chunks of requests: the body on every token once, except
+    a context prefix shared by a batch, which runs once while it stays the same (the backend's
+    prefix cache); the LM head where a score is read."""
+    from eval.backends.hf import shared_prefix_length
+
     body, head = body_and_head(backend.model)
-    rows = backend._rows(requests)
-    tokens = sum(len(r.ids) for r in rows)
-    scored = sum(max(r.tail, 1) for r in rows)
+    tokens = scored = 0
+    last = None
+    for requests in chunks:
+        rows = sorted(backend._rows(requests), key=lambda r: -len(r.ids))
+        for start in range(0, len(rows), backend.batch_size):
+            batch = rows[start:start + backend.batch_size]
+            shared = shared_prefix_length([r.ids[:len(r.ids) - r.tail] for r in batch])
+            shared = shared if shared >= 2 else 0
+            tokens += sum(len(r.ids) - shared for r in batch)
+            if shared and tuple(batch[0].ids[:shared]) != last:
+                tokens += shared
+                last = tuple(batch[0].ids[:shared])
+            scored += sum(max(r.tail, 1) for r in batch)
     return (2 * body * tokens + 2 * head * scored) / 1e9
 
 
@@ -89,7 +105,10 @@ def main() -> int:
                         chunk_size=args.batch_size)
         t_ours = time.perf_counter() - started
         kernel = backend.identity["linear_kernel"]
-        gflop = needed_gflop(backend, [LoglikelihoodRequest(i.messages(), c, i.raw()) for i in items for c in task.choices])
+        order = sorted(items, key=lambda i: (len(i.user), i.id))  # the runner's chunks
+        chunks = [[LoglikelihoodRequest(i.messages(), c, i.raw()) for i in order[k:k + args.batch_size]
+                   for c in task.choices] for k in range(0, len(order), args.batch_size)]
+        gflop = needed_gflop(backend, chunks)
         del backend
         name = export_task(task, args.split, items, Path(tmp) / "lm_eval",
                            chat=card.chat_template == "tokenizer")

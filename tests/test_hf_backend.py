@@ -47,6 +47,7 @@ def test_render_uses_the_chat_template(backend):
 def test_loglikelihood_matches_a_manual_unbatched_computation(backend):
     requests = [LoglikelihoodRequest(m, c) for m in MSGS for c in ["A", "B", "hello world"]]
     got = backend.loglikelihood(requests)
+    assert backend._prefix_cache is not None  # the contexts' shared "<|im_start|>user\n" ran once
     want = [_by_hand(backend, r.messages, r.continuation) for r in requests]
     assert got == pytest.approx(want, abs=1e-4)
     assert all(v < 0 for v in got)

@@ -5,8 +5,9 @@ position ids from the mask), so the same requests always produce the same number
 relies on that to resume a killed run with results identical to an uninterrupted one.
 
 Log-likelihood is computed without waste: contexts whose continuations are all one token (the
-option letters of FewCLUE's ppl mode) run once and are scored from the last position, and the LM
-head is applied only to the positions that are scored (`logits_to_keep`).
+option letters of FewCLUE's ppl mode) run once and are scored from the last position, the LM
+head is applied only to the positions that are scored (`logits_to_keep`), and the context prefix
+a batch's rows share runs once, as in generation below.
 
 Generation computes the prompt prefix shared by a call's requests (the chat template's system
 turn and the task's opening words) once, at batch 1, and starts every row from a copy of its
@@ -129,8 +130,13 @@ class HFBackend:
             for start in range(0, len(order), self.batch_size):
                 batch = [rows[i] for i in order[start:start + self.batch_size]]
                 keep = max(r.tail for r in batch) + 1
-                input_ids, mask, positions = self._batch([r.ids for r in batch])
-                logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                # The shared prefix may not reach a scored position: share among the contexts.
+                shared = shared_prefix_length([r.ids[:len(r.ids) - r.tail] for r in batch])
+                input_ids, mask, cache = self._prefixed_batch([r.ids for r in batch], shared)
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                start_at = 0 if cache is None else shared
+                logits = self.model(input_ids=input_ids[:, start_at:], attention_mask=mask,
+                                    position_ids=positions[:, start_at:], past_key_values=cache,
                                     logits_to_keep=keep).logits
                 logprobs = torch.log_softmax(logits.float(), dim=-1)
                 for b, row in enumerate(batch):
@@ -186,15 +192,17 @@ class HFBackend:
                     replies[key] = self.tokenizer.decode(new, skip_special_tokens=True)
         return [cut_at_stop(replies[key], r.stop) for key, r in zip(keys, requests)]
 
-    def _prefixed_batch(self, seqs: list[list[int]]):
-        """(input_ids, attention_mask, cache): the rows' longest common prefix is run once and its
-        cache repeated per row (None when there is none worth sharing); every row keeps at
-        least one token of its own for generation to start from."""
+    def _prefixed_batch(self, seqs: list[list[int]], shared: int | None = None):
+        """(input_ids, attention_mask, cache): the rows' first `shared` tokens (default: their
+        longest common prefix, leaving every row at least one token of its own for generation
+        to start from) are run once and their cache repeated per row; the cache is None when
+        there is no prefix worth sharing. input_ids and the mask cover the whole rows."""
         import copy
 
         import torch
 
-        shared = shared_prefix_length(seqs)
+        if shared is None:
+            shared = shared_prefix_length(seqs)
         if shared < 2:
             input_ids, mask, _ = self._batch(seqs)
             return input_ids, mask, None
