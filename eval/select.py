@@ -70,7 +70,8 @@ def score_candidates(cards: list[ModelCard], entries, *, store: Path, data_dir: 
     candidates = []
     for card in cards:
         cand = Candidate(card)
-        backend = HFBackend(card, store, batch_size=batch_size, device=device, dtype=dtype)
+        # Lazy: a candidate whose items are all stored never loads its weights.
+        backend = HFBackend(card, store, batch_size=batch_size, device=device, dtype=dtype, lazy=True)
         for task_name, split, mode in entries:
             task = find_task(task_name)
             items = load_items(task, split, data_dir)

@@ -37,19 +37,38 @@ def load_model(card: ModelCard, store: Path, *, dtype: str = "auto", device: str
     """(model, tokenizer) from the store, or from `checkpoint` (e.g. a merged fine-tune of the
     card's model), on `device` in `dtype` (see resolve_device, resolve_dtype); fails with the
     command that provisions the card."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return (load_weights(card, store, dtype=dtype, device=device, checkpoint=checkpoint),
+            load_tokenizer(card, store, checkpoint=checkpoint))
 
-    if checkpoint is None:
-        manifest = read_manifest(card, store)
-        if manifest is None:
-            raise UserError(f"{card.path}: card {card.name} is not provisioned; run "
-                            f"`make models CARD={card.name}`")
-        checkpoint = manifest["checkpoint"]
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=card.trust_remote_code)
+
+def load_tokenizer(card: ModelCard, store: Path, *, checkpoint: Path | None = None):
+    """The tokenizer alone, as load_model loads it (seconds cheaper than the weights)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_checkpoint(card, store, checkpoint),
+                                         trust_remote_code=card.trust_remote_code)
+
+
+def load_weights(card: ModelCard, store: Path, *, dtype: str = "auto", device: str = "auto",
+                 checkpoint: Path | None = None):
+    """The model alone, as load_model loads it, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    checkpoint = _checkpoint(card, store, checkpoint)
     device = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(
         checkpoint, dtype=getattr(torch, resolve_dtype(dtype, device)), use_safetensors=True,
         trust_remote_code=card.trust_remote_code, device_map=None if device == "cpu" else device)
     model.eval()
-    return model, tokenizer
+    return model
+
+
+def _checkpoint(card: ModelCard, store: Path, checkpoint: Path | None):
+    if checkpoint is not None:
+        return checkpoint
+    manifest = read_manifest(card, store)
+    if manifest is None:
+        raise UserError(f"{card.path}: card {card.name} is not provisioned; run "
+                        f"`make models CARD={card.name}`")
+    return manifest["checkpoint"]

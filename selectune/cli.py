@@ -105,7 +105,7 @@ def _eval(settings: Settings, args: argparse.Namespace) -> int:
         backend = backend_class("openai")(args.base_url, args.model, concurrency=args.batch_size)
     else:
         backend = HFBackend(find_card(args.model), settings.model_store, batch_size=args.batch_size,
-                            device=args.device, dtype=args.dtype)
+                            device=args.device, dtype=args.dtype, lazy=True)
     conn = open_results(settings.runs_dir)
     judge = make_judge(settings)
     for mode in args.mode or task.modes:

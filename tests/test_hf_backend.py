@@ -171,3 +171,30 @@ def test_a_packed_weights_checkpoint_pages_leave_the_process(tmp_path):
     assert _mapped_kib(path) < 1 << 10
     assert torch.equal(weight[-3:], torch.tensor([(4 << 20) - 3, (4 << 20) - 2, (4 << 20) - 1.0]))
     assert not _drop_pages(torch.ones(1 << 20), _file_mappings())  # anonymous memory is left alone
+
+
+def test_a_lazy_backend_loads_its_weights_only_when_an_item_needs_computing(tmp_path, tiny_qwen2_dir):
+    from eval.results import open_results
+    from eval.runner import run_task
+    from tests.test_runner import make_task
+
+    card = find_card("qwen2.5-1.5b-instruct")
+    provision(card, tmp_path / "store", weights=tiny_qwen2_dir)
+    task, items = make_task(tmp_path, n=6)
+    conn = open_results(tmp_path / "runs")
+    eager = HFBackend(card, tmp_path / "store", batch_size=4, dtype="float32")
+    first = run_task(eager, task, "dev", "ppl", items, conn, chunk_size=4)
+
+    lazy = HFBackend(card, tmp_path / "store", batch_size=4, dtype="float32", lazy=True)
+    assert lazy.identity == eager.identity and lazy._model is None
+    again = run_task(lazy, task, "dev", "ppl", items, conn, chunk_size=4)
+    assert again.computed == 0 and again.items == first.items
+    assert lazy._model is None  # everything was stored: the weights were never read
+
+    def unlatent(run):
+        return [{k: v for k, v in i.items() if k != "latency_s"} for i in run.items]
+
+    gen = run_task(lazy, task, "dev", "gen", items, conn, chunk_size=4)
+    assert gen.computed == len(items) and lazy._model is not None
+    want = run_task(eager, task, "dev", "gen", items, open_results(tmp_path / "other"), chunk_size=4)
+    assert unlatent(gen) == unlatent(want)

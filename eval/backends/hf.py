@@ -29,7 +29,7 @@ from pathlib import Path
 
 from eval.backends.base import DEFAULT_BATCH_SIZE, GenRequest, LoglikelihoodRequest, cut_at_stop
 from models.card import ModelCard
-from models.loading import load_model, resolve_device, resolve_dtype
+from models.loading import load_tokenizer, load_weights, resolve_device, resolve_dtype
 from models.store import read_manifest
 from selectune.files import sha256_file, sha256_text
 
@@ -53,25 +53,30 @@ def shared_prefix_length(seqs: list[list[int]]) -> int:
 
 class HFBackend:
     def __init__(self, card: ModelCard, store: Path, *, batch_size: int = DEFAULT_BATCH_SIZE, dtype: str = "auto",
-                 device: str = "auto", checkpoint: Path | None = None, prepack: bool = True):
+                 device: str = "auto", checkpoint: Path | None = None, prepack: bool = True,
+                 lazy: bool = False):
         """`checkpoint`: load this directory instead of the card's stored one (a merged fine-tune;
         pass a card whose name and chat_template describe it). `device` and `dtype` "auto": a CUDA
         GPU in bfloat16 when there is one, else the CPU in float32. `prepack`: run fp32 CPU
         linears through oneDNN with packed weights where torch has it (False: torch's default,
-        as the reference tools run)."""
+        as the reference tools run). `lazy`: load the weights on first use rather than here (the
+        identity and prompts need only the tokenizer, so a run whose items are all stored never
+        loads them)."""
         import transformers
 
         self.card = card
         self.batch_size = batch_size
         self.device = resolve_device(device)
         dtype = resolve_dtype(dtype, self.device)
-        self.model, self.tokenizer = load_model(card, store, dtype=dtype, device=self.device, checkpoint=checkpoint)
+        self.tokenizer = load_tokenizer(card, store, checkpoint=checkpoint)
         kernel = "aten"
         if prepack and self.device == "cpu" and dtype == "float32":
             from models import prepack as packing
 
-            if packing.available() and packing.prepack_linears(self.model, batch_size):
+            if packing.available():
                 kernel = packing.KERNEL
+        self._load = lambda: load_weights(card, store, dtype=dtype, device=self.device, checkpoint=checkpoint)
+        self._model = None
         if checkpoint is None:
             manifest = read_manifest(card, store) or {}
         else:
@@ -94,6 +99,20 @@ class HFBackend:
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
+        if not lazy:
+            self.model  # noqa: B018 (loads the weights)
+
+    @property
+    def model(self):
+        """The weights, loaded on first use; with the linears packed when the identity says so."""
+        if self._model is None:
+            model = self._load()
+            if self.identity["linear_kernel"] != "aten":
+                from models import prepack as packing
+
+                packing.prepack_linears(model, self.batch_size)
+            self._model = model
+        return self._model
 
     def render(self, messages: list[dict], raw: str | None = None) -> str:
         """The exact text the model reads: chat template (with generation prompt) or raw."""
