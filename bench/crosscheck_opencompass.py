@@ -33,7 +33,7 @@ from eval.runner import run_task  # noqa: E402
 from eval.task import find_task, load_items  # noqa: E402
 from models.card import find_card  # noqa: E402
 from models.store import read_manifest  # noqa: E402
-from selectune.settings import load_settings  # noqa: E402
+from core.settings import load_settings  # noqa: E402
 
 from eval_speed import body_and_head, matmul_peak_gflops  # noqa: E402  (bench/, the script's folder)
 

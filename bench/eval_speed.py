@@ -29,7 +29,7 @@ from eval.runner import run_task  # noqa: E402
 from eval.task import find_task, load_items  # noqa: E402
 from models.card import find_card  # noqa: E402
 from models.store import read_manifest  # noqa: E402
-from selectune.settings import load_settings  # noqa: E402
+from core.settings import load_settings  # noqa: E402
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:

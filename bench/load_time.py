@@ -21,7 +21,7 @@ from models.card import load_cards  # noqa: E402
 from models.convert import load_gguf  # noqa: E402
 from models.loading import load_model  # noqa: E402
 from models.store import model_dir, read_manifest  # noqa: E402
-from selectune.settings import load_settings  # noqa: E402
+from core.settings import load_settings  # noqa: E402
 
 
 def _median_seconds(load, repeats: int) -> float:

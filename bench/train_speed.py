@@ -15,7 +15,7 @@ batches (trl pads random batches to their longest row), the LM head applied once
 labelled positions (trl's fused head scores every position on a CPU, in tiles it recomputes in
 the backward pass), and less kept for the backward pass (LoRA's dropout inside lora_A, the SiLU
 recomputed). Peak RSS includes what glibc's heap keeps of freed blocks: our worker sets glibc's
-thresholds and trims the heap after each pass (`train.trainer.CpuAllocator`, as `make train`
+thresholds and trims the heap after each pass (`train.cpu_memory.CpuAllocator`, as `make train`
 does); trl's runs with glibc's defaults, as a trl user's would (README, "Training").
 """
 
@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selectune.settings import load_settings  # noqa: E402
+from core.settings import load_settings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

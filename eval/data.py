@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from selectune.errors import UserError
-from selectune.files import sha256_file
+from core.errors import UserError
+from core.files import sha256_file
 
 FEWCLUE_REPO = "CLUEbenchmark/FewCLUE"
 FEWCLUE_COMMIT = "62a02c6f31cf32814cfe522f78ef088228840f8d"

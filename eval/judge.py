@@ -20,9 +20,9 @@ import jinja2
 from eval import results
 from eval.backends.base import GenRequest
 from eval.task import Item, TaskSpec
-from selectune.errors import UserError
-from selectune.files import sha256_text
-from selectune.settings import Settings
+from core.errors import UserError
+from core.files import sha256_text
+from core.settings import Settings
 
 API_KEY_ENV = "SELECTUNE_JUDGE_API_KEY"
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eval.parsers import first_capital
-from selectune.errors import UserError
+from core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 OC_VENV = REPO / ".venv-opencompass"

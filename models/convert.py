@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from selectune.errors import UserError
+from core.errors import UserError
 
 
 @dataclass(frozen=True)

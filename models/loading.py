@@ -6,7 +6,7 @@ from pathlib import Path
 
 from models.card import ModelCard
 from models.store import read_manifest
-from selectune.errors import UserError
+from core.errors import UserError
 
 
 def resolve_device(device: str = "auto") -> str:

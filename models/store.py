@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from models.card import HubSource, ModelCard, PypiGgufSource
-from selectune.errors import UserError
-from selectune.files import exclusive_lock, sha256_file, staging_dir, write_json_atomic
+from core.errors import UserError
+from core.files import exclusive_lock, sha256_file, staging_dir, write_json_atomic
 
 MANIFEST = "manifest.json"
 CHECKPOINT = "hf"
@@ -153,7 +153,7 @@ def _manifest(card: ModelCard, checkpoint: Path, **extra: object) -> dict:
     import torch
     import transformers
 
-    from selectune.files import sha256_text
+    from core.files import sha256_text
 
     weights = sorted(checkpoint.glob("*.safetensors"))
     template = extra.pop("chat_template", None)

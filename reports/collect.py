@@ -23,7 +23,7 @@ from eval.runner import RunSummary, git_revision
 from eval.stats import ALPHA, Estimate, bootstrap_mean, compare
 from eval.summary import PERCENT, metrics_of, primary_metric
 from eval.task import find_task
-from selectune.errors import UserError
+from core.errors import UserError
 
 
 @dataclass

@@ -12,8 +12,8 @@ import re
 import sqlite3
 from pathlib import Path
 
-from selectune.errors import UserError
-from selectune.files import write_text_atomic
+from core.errors import UserError
+from core.files import write_text_atomic
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 PAGES = ("index", "leaderboard", "before_after", "training", "serving", "review")

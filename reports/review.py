@@ -18,7 +18,7 @@ import time
 from itertools import combinations
 from pathlib import Path
 
-from selectune.errors import UserError
+from core.errors import UserError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS review_pairs (
@@ -173,7 +173,7 @@ def votes(conn) -> list[dict]:
 def export_votes(conn, path: Path) -> int:
     import io
 
-    from selectune.files import write_text_atomic
+    from core.files import write_text_atomic
 
     rows = votes(conn)
     if path.suffix == ".csv":

@@ -1,4 +1,1 @@
-"""selectune: shared plumbing (settings, errors, file helpers) and the command line.
-
-Run from the repository root:  python -m selectune --help
-"""
+"""selectune's command line, the roof: `python -m selectune --help`. Nothing imports it."""

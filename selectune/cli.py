@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from eval.backends.base import DEFAULT_BATCH_SIZE
-from selectune.errors import UserError
-from selectune.settings import Settings, load_settings
+from core.errors import UserError
+from core.settings import Settings, load_settings
 
 
 def _models_list(settings: Settings, args: argparse.Namespace) -> int:
@@ -123,7 +123,7 @@ def _select(settings: Settings, args: argparse.Namespace) -> int:
     from eval.select import Budget, score_candidates, selection_report, suite
     from models.card import find_card, load_cards
     from models.store import provision
-    from selectune.files import write_json_atomic
+    from core.files import write_json_atomic
 
     cards = [find_card(n) for n in args.models.split(",")] if args.models else [
         c for c in load_cards().values() if c.default]

@@ -11,7 +11,7 @@ import json
 import sys
 
 from serve.rescore import SAMPLING
-from selectune.errors import UserError
+from core.errors import UserError
 
 
 def chat(base_url: str, model: str, *, max_tokens: int = 512, stdin=None, stdout=None) -> int:

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from selectune.errors import UserError
+from core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINES = ("transformers", "lmdeploy")
@@ -215,7 +215,7 @@ def launch(engine: Engine, log_path: Path, *, timeout_s: float = 600.0):
 
 
 def save_state(path: Path, server: Server, **extra) -> None:
-    from selectune.files import write_json_atomic
+    from core.files import write_json_atomic
 
     write_json_atomic(path, {"pid": server.pid, "engine": server.engine.name, "base_url": server.base_url,
                              "host": server.engine.host, "port": server.engine.port,

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eval.backends.base import DEFAULT_BATCH_SIZE
-from selectune.errors import UserError
-from selectune.files import sha256_text
+from core.errors import UserError
+from core.files import sha256_text
 
 SAMPLING = {"temperature": 0.0, "top_p": 1.0, "seed": 0}
 """Pinned on every request (lmdeploy defaults to temperature 0.7, top_k 40, max_tokens 16)."""
@@ -236,7 +236,7 @@ def rescore(settings, target: Target, *, base_url: str, model_name: str, engine:
     from eval.results import open_results
     from eval.runner import run_task
     from eval.task import find_task, load_items
-    from selectune.files import write_json_atomic
+    from core.files import write_json_atomic
 
     conn = open_results(settings.runs_dir)
     data_dir = settings.resolved_data_dir

@@ -128,7 +128,7 @@ def _leak(answer: str, seed_answers: list[str], fraction: float) -> str | None:
 
 def clean_answers(items: list[dict], seeds: list[dict], spec: CleanSpec, report: Report) -> list[dict]:
     from eval.scorers.fact import numbers
-    from train.trainer import degenerate
+    from eval.scorers.text import degenerate
 
     allowed = numbers(spec.numbers_from) if spec.numbers_from is not None else None
     seed_answers = [s["answer"] for s in seeds if s.get("answer")]

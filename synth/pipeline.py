@@ -18,9 +18,9 @@ import json
 import random
 from pathlib import Path
 
-from selectune.errors import UserError
-from selectune.files import sha256_file, write_json_atomic, write_text_atomic
-from selectune.rows import BadLine, read_rows
+from core.errors import UserError
+from core.files import sha256_file, write_json_atomic, write_text_atomic
+from core.rows import BadLine, read_rows
 from synth import clean as C
 from synth.parse import parse_answer, parse_followup, parse_list
 from synth.recipe import SynthRecipe, resolve

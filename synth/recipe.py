@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import Field, model_validator
 
-from selectune.strict_yaml import load_named_yaml
+from core.config import NamedConfig, Strict, load_named_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SeedSpec(_Strict):
+class SeedSpec(Strict):
     path: str
     """A .jsonl/.json/.csv file, relative to the repository root or absolute."""
     question: str = "question"
@@ -30,13 +26,13 @@ class SeedSpec(_Strict):
     count: int = Field(default=30, gt=0)
 
 
-class SamplingSpec(_Strict):
+class SamplingSpec(Strict):
     temperature: float = Field(ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_tokens: int = Field(gt=0)
 
 
-class TeacherSpec(_Strict):
+class TeacherSpec(Strict):
     card: str = "qwen2.5-coder-0.5b-instruct"
     """The offline model served on this machine when no base_url is given."""
     base_url: str | None = None
@@ -44,7 +40,7 @@ class TeacherSpec(_Strict):
     api_key_env: str = "SELECTUNE_TEACHER_API_KEY"
 
 
-class ExpandSpec(_Strict):
+class ExpandSpec(Strict):
     template: str = "synth/prompts/expand.jinja"
     what: str
     """What the examples are, in the prompt's words (e.g. 用户向客服提出的问题)."""
@@ -56,7 +52,7 @@ class ExpandSpec(_Strict):
     sampling: SamplingSpec = SamplingSpec(temperature=0.9, top_p=0.95, max_tokens=600)
 
 
-class AnswerSpec(_Strict):
+class AnswerSpec(Strict):
     template: str
     context: str | None = None
     """A file given to the teacher with every question (the facts answers must come from)."""
@@ -73,7 +69,7 @@ class AnswerSpec(_Strict):
     sampling: SamplingSpec = SamplingSpec(temperature=0.3, top_p=1.0, max_tokens=160)
 
 
-class ConverseSpec(_Strict):
+class ConverseSpec(Strict):
     fraction: float = Field(default=0.0, ge=0, le=1)
     """Share of items that get a follow-up question and its answer (two-turn conversations)."""
     persona: str = "一个好奇的十岁孩子"
@@ -81,7 +77,7 @@ class ConverseSpec(_Strict):
     sampling: SamplingSpec = SamplingSpec(temperature=0.8, top_p=0.95, max_tokens=60)
 
 
-class CleanRecipe(_Strict):
+class CleanRecipe(Strict):
     min_chars: int = 4
     max_question_chars: int = 200
     max_answer_chars: int = 400
@@ -94,12 +90,13 @@ class CleanRecipe(_Strict):
     """Every number in an answer must appear in the answer context."""
 
 
-class BudgetSpec(_Strict):
+class BudgetSpec(Strict):
     max_calls: int | None = Field(default=300, gt=0)
     max_tokens: int | None = Field(default=None, gt=0)
 
 
-class SynthRecipe(_Strict):
+class SynthRecipe(NamedConfig):
+    home: ClassVar[Path] = REPO / "synth"
     name: str
     description: str
     seeds: SeedSpec
@@ -113,7 +110,6 @@ class SynthRecipe(_Strict):
     """The trainer's formats: messages, Alpaca (with history), or the style-dialogue shape."""
     seed: int = 0
 
-    _path: Path | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _consistent(self) -> SynthRecipe:
@@ -121,9 +117,6 @@ class SynthRecipe(_Strict):
             raise ValueError("format 'style' needs answer.styles and single-turn items (converse.fraction 0)")
         return self
 
-    @property
-    def path(self) -> Path:
-        return self._path if self._path is not None else REPO / "synth" / f"{self.name}.yaml"
 
 
 def load_synth_recipe(path: Path) -> SynthRecipe:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from models.card import CARDS_DIR, HubSource, load_card, load_cards
-from selectune.errors import UserError
+from core.errors import UserError
 from tests.conftest import DELETE, edited, pypi_card, write_card
 
 GIB = 2**30

@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from models.convert import _require_bos
-from selectune.errors import UserError
+from core.errors import UserError
 from tests.conftest import tiny_tokenizer
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from eval.data import FEWCLUE_FILES, fetch_data, verify_data
-from selectune.errors import UserError
+from core.errors import UserError
 
 
 def test_shared_data_verifies_in_place(shared_data):

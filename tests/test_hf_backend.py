@@ -38,7 +38,7 @@ def test_render_uses_the_chat_template(backend):
     assert backend.render(MSGS[1]) == "<|im_start|>user\nhello world<|im_end|>\n<|im_start|>assistant\n"
     from tests.conftest import CHATML
 
-    from selectune.files import sha256_text
+    from core.files import sha256_text
 
     assert backend.identity["weights_sha256"]
     assert backend.identity["chat_template_sha256"] == sha256_text(CHATML)

@@ -12,8 +12,8 @@ from eval.runner import run_task
 from eval.summary import cells_of, metrics_of
 from eval.task import find_task, load_items
 from selectune.cli import main
-from selectune.errors import UserError
-from selectune.settings import load_settings
+from core.errors import UserError
+from core.settings import load_settings
 from tests.openai_stub import StubState, serve
 
 LABELS = ["温柔", "毒舌"]

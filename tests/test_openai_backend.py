@@ -9,7 +9,7 @@ from eval.backends.hf import HFBackend
 from eval.backends.openai_http import OpenAIBackend
 from models.card import find_card
 from models.store import provision
-from selectune.errors import UserError
+from core.errors import UserError
 from tests.openai_stub import StubState, serve
 
 MSGS = [[{"role": "user", "content": t}] for t in ["hello world", "语句一和语句二", "阅读文章 the answer is"]]

@@ -13,7 +13,7 @@ from models.card import find_card
 from models.convert import load_gguf
 from models.loading import load_model
 from models.store import Status, model_dir, provision, read_manifest, status
-from selectune.files import sha256_text
+from core.files import sha256_text
 
 pytestmark = pytest.mark.slow
 

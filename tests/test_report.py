@@ -17,7 +17,7 @@ import pytest
 
 from reports.render import build_report
 from selectune.cli import main
-from selectune.errors import UserError
+from core.errors import UserError
 from tests import report_fixture
 from tests.conftest import REPO
 

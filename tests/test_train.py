@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from selectune.errors import UserError
+from core.errors import UserError
 from tests.conftest import REPO, build_tiny_qwen2
 from train.recipe import Recipe
 
@@ -95,7 +95,7 @@ def test_auto_compute_dtype_is_bf16_only_on_cpus_that_multiply_it(
 
 
 def test_collapse_is_flagged():
-    from train.trainer import degenerate
+    from eval.scorers.text import degenerate
 
     assert degenerate("") == "empty reply"
     assert degenerate("哈哈哈哈哈哈哈哈哈哈") is not None
@@ -106,12 +106,48 @@ def test_collapse_is_flagged():
     assert degenerate(long_reply) is None
 
 
+NAN = float("nan")
+GUARD_CASES = [
+    # (losses, gradient norms, problem expected (a pattern) or None, first bad step)
+    ([2.0, 1.8, 1.5, 1.2], [1.0, 0.9, 0.8, 0.7], None, None),
+    ([2.0, 1.8, NAN], [1.0, 0.9, 0.8], r"loss became nan at step 3", 3),
+    ([2.0, 1.8, 1.7], [1.0, 0.9, NAN], r"gradient norm became nan at step 3", 3),
+    ([2.0, 5.0, 9.0], [1.0, 3.0, 9.0], r"diverged at step 3: 9.000 > 4.0 x the first logged 2.000", 3),
+    # the AMX machine's run: the loss rises, then no gradient and a frozen loss
+    ([2.0, 4.0, 5.7, 5.7, 5.7, 5.7], [1.0, 7.0, 0.0, 0.0, 0.0, 0.0], r"collapsed at step 3: .* 3 logs", 3),
+    # zero gradients that do not last collapse_logs logs are not a collapse
+    ([2.0, 1.9, 1.9, 1.8, 1.7, 1.7], [1.0, 0.0, 0.0, 0.5, 0.0, 0.0], None, None),
+]
+
+
+@pytest.mark.parametrize("losses_, norms, problem, bad_step", GUARD_CASES)
+def test_the_guard_stops_divergence_and_collapse_at_the_first_bad_step(losses_, norms, problem, bad_step):
+    from types import SimpleNamespace
+
+    from train.callbacks import TrainingGuard
+
+    guard = TrainingGuard(divergence_factor=4.0, collapse_logs=3)
+    control = SimpleNamespace(should_training_stop=False, should_save=True)
+    for step, (loss, norm) in enumerate(zip(losses_, norms), start=1):
+        guard.on_log(None, SimpleNamespace(global_step=step), control, logs={"loss": loss, "grad_norm": norm})
+        if guard.problem:
+            break
+    if problem is None:
+        assert guard.problem is None and not control.should_training_stop
+    else:
+        assert re.search(problem, guard.problem), guard.problem
+        assert guard.bad_step == bad_step and control.should_training_stop and not control.should_save
+
+
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, setup):
     from train.trainer import run_training
 
     model, data = setup
     bad = recipe(data, quantization="none", learning_rate=50.0, save_steps=1, max_steps=30)
-    with pytest.raises(UserError, match=r"(diverged|became nan) at step \d+.*stopped\. Last good checkpoint") as err:
+    # Too high a learning rate ends as a NaN, a blown-up loss or a collapse (zero gradients, a
+    # frozen loss), by the CPU's or GPU's kernels: each stops the run the same way.
+    with pytest.raises(UserError, match=r"(diverged|became nan|collapsed) at step \d+.*stopped\. "
+                                        r"Last good checkpoint") as err:
         run_training(bad, str(model), tmp_path / "run", tmp_path)
     steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
     bad_step = int(re.search(r" at step (\d+)", str(err.value)).group(1))
@@ -282,7 +318,8 @@ def test_fused_silu_mlp_keeps_loss_and_gradients_and_saves_less(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from train.trainer import PadCollator, fuse_silu_mlps, label_only_loss
+    from train.kernels import fuse_silu_mlps, label_only_loss
+    from train.trainer import PadCollator
 
     path = build_tiny_qwen2(tmp_path / "m", initializer_range=0.2)
     batch = PadCollator(pad_id=0)([{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
@@ -324,7 +361,8 @@ def test_lora_dropout_in_lora_a_keeps_loss_and_gradients_and_saves_less(tmp_path
     import torch
     from peft.tuners.lora import LoraLayer
 
-    from train.trainer import PadCollator, fuse_lora_dropout, label_only_loss, load_for_training
+    from train.kernels import fuse_lora_dropout, label_only_loss
+    from train.trainer import PadCollator, load_for_training
 
     path = build_tiny_qwen2(tmp_path / "m", initializer_range=0.2)
     batch = PadCollator(pad_id=0)([{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
@@ -385,7 +423,8 @@ def test_label_only_loss_equals_the_models_own_loss(tmp_path, softcap):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from train.trainer import PadCollator, label_only_loss, plain_head
+    from train.kernels import label_only_loss, plain_head
+    from train.trainer import PadCollator
 
     model = AutoModelForCausalLM.from_pretrained(build_tiny_qwen2(tmp_path / "m", initializer_range=0.2))
     if softcap:  # qwen2 does not soft-cap; a wrapper that does checks the fallback
@@ -435,7 +474,7 @@ def test_shipped_recipes_load_and_bad_keys_are_one_line(tmp_path):
     bad.write_text("name: bad\ndata: [{task: fact}]\ntraining: {epochs: 1, lr: 0.1}\n")
     with pytest.raises(UserError) as err:
         load_recipe(bad)
-    assert str(err.value) == f"{bad}: unknown key 'training.lr'"
+    assert str(err.value).startswith(f"{bad}: unknown key 'training.lr' (expected one of ['batch_size', ")
     bad.write_text("name: bad\ndata: [{task: fact, path: x.jsonl}]\n")
     with pytest.raises(UserError, match="exactly one of 'task' or 'path'"):
         load_recipe(bad)

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from selectune.errors import UserError
+from core.errors import UserError
 from tests.conftest import CHATML, tiny_tokenizer
 from train.data import (IGNORE_INDEX, CleaningReport, Conversation, clean, ensure_chat_template,
                         load_conversations, normalise_whitespace, split, strip_html, style_prompt, tokenize)

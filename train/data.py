@@ -23,8 +23,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Literal
 
-from selectune.errors import UserError
-from selectune.rows import BadLine, read_rows
+from core.errors import UserError
+from core.rows import BadLine, read_rows
 
 Format = Literal["alpaca", "messages", "xtuner", "style", "prompt_completion"]
 FORMATS: tuple[str, ...] = ("alpaca", "messages", "xtuner", "style", "prompt_completion")
@@ -331,7 +331,7 @@ def data_sha256(conversations: list[Conversation]) -> str:
 
 def save_split(parts: dict[str, list[Conversation]], out_dir: Path) -> None:
     """`<out_dir>/{train,val,test}.jsonl` in the `messages` format, written atomically."""
-    from selectune.files import write_text_atomic
+    from core.files import write_text_atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, convs in parts.items():

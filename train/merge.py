@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from selectune.errors import UserError
+from core.errors import UserError
 
 
 @dataclass
@@ -53,8 +53,8 @@ def merge_adapter(base_checkpoint: str, adapter_dir: Path, out_dir: Path, *, par
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from selectune.files import staging_dir, write_json_atomic
-    from train.trainer import generate
+    from core.files import staging_dir, write_json_atomic
+    from train.callbacks import generate
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # carries the chat template used in training
 

@@ -16,9 +16,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from selectune.errors import UserError
-from selectune.files import sha256_file, write_json_atomic
-from selectune.settings import Settings
+from core.errors import UserError
+from core.files import sha256_file, write_json_atomic
+from core.settings import Settings
 from train.recipe import Recipe
 
 

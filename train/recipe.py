@@ -6,20 +6,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import Field, model_validator
 
-from selectune.strict_yaml import load_named_yaml
+from core.config import NamedConfig, Strict, load_named_yaml
 
 TRAIN_DIR = Path(__file__).resolve().parent
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SourceSpec(_Strict):
+class SourceSpec(Strict):
     """Either a task's split (its prompts with the reference answers as replies, so training
     teaches exactly what is scored) or a data file in one of the formats of train/data.py."""
 
@@ -37,7 +33,7 @@ class SourceSpec(_Strict):
         return self
 
 
-class LoraSpec(_Strict):
+class LoraSpec(Strict):
     r: int = Field(default=16, gt=0)
     alpha: int = Field(default=32, gt=0)
     dropout: float = Field(default=0.05, ge=0, lt=1)
@@ -47,7 +43,7 @@ class LoraSpec(_Strict):
     """Trained in full and saved with the adapter, e.g. [lm_head, embed_tokens]."""
 
 
-class TrainingSpec(_Strict):
+class TrainingSpec(Strict):
     epochs: float = Field(default=3.0, gt=0)
     max_steps: int | None = Field(default=None, gt=0)
     """When set, overrides epochs."""
@@ -79,9 +75,11 @@ class TrainingSpec(_Strict):
     heap, where glibc's adaptive threshold ends up. No effect on a GPU's memory."""
     divergence_factor: float = Field(default=4.0, gt=1)
     """Stop when the training loss exceeds this many times its first logged value."""
+    collapse_logs: int = Field(default=3, ge=1)
+    """Stop when the gradient norm is 0 at this many logs in a row (a collapsed run)."""
 
 
-class SampleTaskSpec(_Strict):
+class SampleTaskSpec(Strict):
     task: str
     split: str = "test"
     count: int = Field(default=2, gt=0)
@@ -89,7 +87,7 @@ class SampleTaskSpec(_Strict):
     their required facts (the under-fitting check)."""
 
 
-class SamplesSpec(_Strict):
+class SamplesSpec(Strict):
     """Fixed prompts generated every training.sample_steps steps (XTuner's evaluation_inputs)."""
 
     prompts: list[str] = []
@@ -106,7 +104,7 @@ class SamplesSpec(_Strict):
         return self
 
 
-class ParitySpec(_Strict):
+class ParitySpec(Strict):
     items: int = Field(default=8, gt=0)
     """Validation prompts on which base+adapter and the merged model are compared."""
     max_new_tokens: int = Field(default=32, gt=0)
@@ -114,7 +112,8 @@ class ParitySpec(_Strict):
     """Largest allowed absolute difference between their logits (fp32)."""
 
 
-class Recipe(_Strict):
+class Recipe(NamedConfig):
+    home: ClassVar[Path] = TRAIN_DIR
     name: str
     description: str = ""
     model: str | None = None
@@ -135,11 +134,7 @@ class Recipe(_Strict):
     samples: SamplesSpec = SamplesSpec()
     parity: ParitySpec = ParitySpec()
 
-    _path: Path | None = PrivateAttr(default=None)
 
-    @property
-    def path(self) -> Path:
-        return self._path if self._path is not None else TRAIN_DIR / f"{self.name}.yaml"
 
 
 def load_recipe(path: Path) -> Recipe:

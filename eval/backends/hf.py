@@ -31,7 +31,7 @@ from eval.backends.base import DEFAULT_BATCH_SIZE, GenRequest, LoglikelihoodRequ
 from models.card import ModelCard
 from models.loading import load_tokenizer, load_weights, resolve_device, resolve_dtype
 from models.store import read_manifest
-from selectune.files import sha256_file, sha256_text
+from core.files import sha256_file, sha256_text
 
 
 @dataclass

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from eval.backends.base import GenRequest, LoglikelihoodRequest, cut_at_stop
-from selectune.errors import UserError
+from core.errors import UserError
 
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 

@@ -6,7 +6,7 @@ import csv
 import json
 from pathlib import Path
 
-from selectune.errors import UserError
+from core.errors import UserError
 
 
 class BadLine:

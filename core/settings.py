@@ -1,0 +1,52 @@
+"""Where selectune reads and writes: field defaults, then a YAML file, then command-line flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from core.config import Strict, load_yaml, validate
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "selectune"
+
+
+class Settings(Strict):
+    runs_dir: Path = Path("runs")
+    """Every run's output (results store, checkpoints, reports); git-ignored."""
+
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    """Model store and downloaded data live here, outside the repository."""
+
+    data_dir: Path | None = None
+    """An existing directory laid out like the download (fewclue/bustm/..., fewclue/ocnlifc/...).
+    None means `cache_dir/data`, filled by `make data`."""
+
+    judge_url: str | None = None
+    """Base URL of an OpenAI-compatible endpoint for the optional LLM-judge metrics."""
+
+    judge_model: str | None = None
+    """Model name to ask at judge_url."""
+
+    @property
+    def model_store(self) -> Path:
+        return self.cache_dir / "models"
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir if self.data_dir is not None else self.cache_dir / "data"
+
+    @field_validator("runs_dir", "cache_dir", "data_dir")
+    @classmethod
+    def _expand_home(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+
+def load_settings(config: Path | None = None, **overrides: str | Path | None) -> Settings:
+    """Defaults, then the YAML file `config` (if given), then non-None, non-empty `overrides`."""
+    given = {k: v for k, v in overrides.items() if v not in (None, "")}
+    if config is not None:
+        return load_yaml(config, Settings, "settings", **given)
+    return validate(Settings, given, "settings")
