@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from core.config import Strict, load_yaml, validate
+from core.workspace import Workspace
 
 
 def _default_cache_dir() -> Path:
@@ -33,6 +34,10 @@ class Settings(Strict):
     @property
     def model_store(self) -> Path:
         return self.cache_dir / "models"
+
+    @property
+    def workspace(self) -> Workspace:
+        return Workspace(self.runs_dir)
 
     @property
     def resolved_data_dir(self) -> Path:

@@ -99,3 +99,13 @@ def _download(client, url: str, path: Path, sha256: str, local: str) -> None:
         tmp.unlink()
         raise UserError(f"{url}: downloaded file has sha256 {digest}, expected {sha256}; nothing was kept")
     os.replace(tmp, path)
+
+
+def data_command(settings, *, check: bool = False) -> int:
+    """`selectune data`: download FewCLUE into the cache and verify it, or verify DATA_DIR."""
+    data_dir = settings.resolved_data_dir
+    fetched = [] if settings.data_dir is not None or check else fetch_data(data_dir)
+    verify_data(data_dir)
+    print(f"data: {f'{len(fetched)} downloaded, ' if fetched else ''}{len(FEWCLUE_FILES)} files verified "
+          f"in {data_dir}")
+    return 0

@@ -13,6 +13,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+from core.workspace import Workspace
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
@@ -40,12 +42,9 @@ CREATE TABLE IF NOT EXISTS judge_verdicts (
 );
 """
 
-DB_NAME = "results.sqlite"
-
-
 def open_results(runs_dir: Path) -> sqlite3.Connection:
     runs_dir.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(runs_dir / DB_NAME, timeout=30.0)
+    conn = sqlite3.connect(Workspace(runs_dir).results_db, timeout=30.0)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.executescript(SCHEMA)
     return conn

@@ -160,3 +160,39 @@ def _compute(backend, task: TaskSpec, mode: Mode, chunk: list[Item]) -> list[str
     lls = backend.loglikelihood(requests)
     k = len(task.choices)
     return [json.dumps(dict(zip(task.choices, lls[n * k:(n + 1) * k]))) for n in range(len(chunk))]
+
+
+def eval_command(settings, *, task: str, model: str, split: str | None = None, mode: list[str] | None = None,
+                 limit: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE, base_url: str | None = None,
+                 device: str = "auto", dtype: str = "auto") -> int:
+    """`selectune eval`: one model on one task, resumable; prints the table of each mode."""
+    from tqdm import tqdm
+
+    from eval.judge import make_judge
+    from eval.summary import cells_of, render_table
+    from eval.task import find_task, load_items
+
+    spec = find_task(task)
+    if limit:
+        spec = spec.model_copy(update={"limit": limit})  # keeps the file path (a private attr)
+    split = split or spec.default_split
+    items = load_items(spec, split, settings.resolved_data_dir)
+    if base_url:
+        from eval.backends import backend_class
+
+        backend = backend_class("openai")(base_url, model, concurrency=batch_size)
+    else:
+        from eval.backends.hf import HFBackend
+        from models.card import find_card
+
+        backend = HFBackend(find_card(model), settings.model_store, batch_size=batch_size,
+                            device=device, dtype=dtype, lazy=True)
+    conn = results.open_results(settings.runs_dir)
+    judge = make_judge(settings)
+    for one in mode or spec.modes:
+        with tqdm(total=len(items), desc=f"{spec.name}-{split} {one}", unit="item") as bar:
+            run = run_task(backend, spec, split, one, items, conn, chunk_size=batch_size,
+                           data_dir=settings.resolved_data_dir, progress=bar.update, judge=judge)
+        print(render_table(cells_of(run), [run.model]))
+        print(f"run {run.run_id}: {len(run.items)} items, {run.computed} computed in {run.seconds:.1f} s")
+    return 0

@@ -184,3 +184,53 @@ def selection_report(candidates: list[Candidate], budget: Budget, *, seed: int =
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return table, record
+
+
+def select_command(settings, *, models: str | None = None, full_fewclue: bool = False,
+                   train_budget_gib: float = 24.0, infer_budget_gib: float = 16.0,
+                   batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto", dtype: str = "auto") -> int:
+    """`selectune select` (`make select`): score, decide, print the evidence, write selection.json."""
+    from core.files import write_json_atomic
+    from eval.judge import make_judge
+    from eval.results import open_results
+    from models.card import find_card, load_cards
+    from models.store import provision
+
+    cards = [find_card(n) for n in models.split(",")] if models else [
+        c for c in load_cards().values() if c.default]
+    judge = make_judge(settings)  # fails before any scoring when half-configured
+    for card in cards:
+        provision(card, settings.model_store)
+    candidates = score_candidates(cards, suite(full_fewclue), store=settings.model_store,
+                                  data_dir=settings.resolved_data_dir, conn=open_results(settings.runs_dir),
+                                  batch_size=batch_size, device=device, dtype=dtype, judge=judge)
+    table, record = selection_report(candidates, Budget(train_budget_gib, infer_budget_gib))
+    if any(r.task.scorer and "style" in r.task.scorer for c in candidates for r in c.runs):
+        from eval.scorers.style import style_classifier
+
+        _, record["style_classifier_accuracy"] = style_classifier(find_task("style"), settings.resolved_data_dir)
+    print(table)
+    print()
+    print_decision(record)
+    out = settings.workspace.selection
+    write_json_atomic(out, record)
+    print(f"wrote {out}")
+    return 0 if record["winner"] else 1
+
+
+def print_decision(record: dict) -> None:
+    for c in record["candidates"]:
+        rank = "out of budget" if c["mean_rank"] is None else f"mean rank {c['mean_rank']:.2f}"
+        print(f"{c['model']}: {rank}, {c['seconds']} s, "
+              f"{c['items_computed']} items computed ({c['items_per_s'] or '-'} items/s)")
+    for reason in record["reasons"]:
+        print(f"- {reason}")
+    for other, comps in record.get("comparisons_vs_best", {}).items():
+        for comp in comps:
+            print(f"  {record['best_mean_rank']} - {other} on {comp['task']}-{comp['split']} "
+                  f"{comp['mode']} {comp['metric']}: {comp['diff_best_minus_other']:+.3f} "
+                  f"[{comp['ci95'][0]:+.3f}, {comp['ci95'][1]:+.3f}], p={comp['p_value']:.3g} "
+                  f"({comp['test']}; detectable at n={comp['n']}: {comp['mde']:.3f})")
+    if "style_classifier_accuracy" in record:
+        print(f"style classifier: {record['style_classifier_accuracy']:.1%} on held-out references")
+    print(f"winner: {record['winner']}")

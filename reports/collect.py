@@ -24,6 +24,7 @@ from eval.stats import ALPHA, Estimate, bootstrap_mean, compare
 from eval.summary import PERCENT, metrics_of, primary_metric
 from eval.task import find_task
 from core.errors import UserError
+from core.workspace import Workspace, read_json
 
 
 @dataclass
@@ -214,7 +215,7 @@ def paired_runs(conn, selection: dict | None, rescore: dict) -> tuple[System, Sy
     """The base model's, the local merged model's and the served model's run of each re-scored
     task: the merged ones from the rescore record, the base ones from the selection (else the
     newest finished run of the base card on the same task and split)."""
-    named = "runs/serve/" + rescore["_file"]
+    named = rescore["_file"]
     base_card = rescore["base_card"]
     local = System("merged", f"{rescore['model']} (local)")
     served = System("served", f"{rescore['model']} (served, {rescore['engine']})")
@@ -223,7 +224,7 @@ def paired_runs(conn, selection: dict | None, rescore: dict) -> tuple[System, Sy
         served.runs[task["task"]] = load_run(conn, task["served_run"], named)
     base = System("base", f"{base_card} (base)")
     for run_id in (selection or {}).get("runs", {}).get(base_card, []):
-        run = load_run(conn, run_id, "runs/selection.json")
+        run = load_run(conn, run_id, "selection.json")
         if run.summary.mode == "gen" and run.summary.task.name in local.runs:
             base.runs[run.summary.task.name] = run
     if not base.runs:
@@ -264,7 +265,7 @@ def _newest_base_runs(conn, model: str, splits: dict[str, str]) -> dict[str, Run
                            " AND finished IS NOT NULL ORDER BY finished DESC LIMIT 1",
                            (model, task, splits[task])).fetchone()
         if row:
-            out[task] = load_run(conn, row[0], "runs/results.sqlite")
+            out[task] = load_run(conn, row[0], "the results store")
     return out
 
 
@@ -290,34 +291,24 @@ def _flips(base: Run, after: Run) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: cannot read: {exc}") from exc
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return data
-
-
 def newest_rescore(runs_dir: Path) -> dict | None:
-    files = sorted((runs_dir / "serve").glob("rescore-*.json"), key=lambda p: p.stat().st_mtime)
+    files = Workspace(runs_dir).rescore_records()
     if not files:
         return None
     record = read_json(files[-1])
-    record["_file"] = files[-1].name
+    record["_file"] = str(files[-1])
     provenance = Path(record.get("model_dir", "")) / "provenance.json"
     if "base_card" not in record and provenance.is_file():
         record["base_card"] = read_json(provenance).get("base_card")
     if not record.get("base_card"):
-        raise UserError(f"runs/serve/{files[-1].name}: cannot tell the base model of {record.get('model')} "
+        raise UserError(f"{files[-1]}: cannot tell the base model of {record.get('model')} "
                         f"(no {provenance})")
     return record
 
 
 def training_run(runs_dir: Path, rescore: dict | None) -> dict | None:
     """The training run behind the served model, else the newest one."""
-    summaries = sorted((runs_dir / "train").glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
+    summaries = Workspace(runs_dir).train_summaries()
     if not summaries:
         return None
     chosen = summaries[-1]
@@ -367,11 +358,11 @@ def manifest(runs: list[Run]) -> dict:
 def review_systems(runs_dir: Path, *, with_candidates: bool = False) -> dict[str, dict[str, Run]]:
     """The systems a blind review compares on the free-text tasks: the base model and the merged
     model (scored locally), plus the other selection candidates when asked."""
-    db = runs_dir / "results.sqlite"
+    workspace = Workspace(runs_dir)
+    db = workspace.results_db
     if not db.is_file():
         raise UserError(f"{db}: no results store; run `make select` first")
-    selection_path = runs_dir / "selection.json"
-    selection = read_json(selection_path) if selection_path.is_file() else None
+    selection = workspace.read_selection()
     rescore = newest_rescore(runs_dir)
     if rescore is None:
         raise UserError("review: nothing to compare yet; run `make train` and `make rescore` first")
@@ -385,7 +376,7 @@ def review_systems(runs_dir: Path, *, with_candidates: bool = False) -> dict[str
                 if model == rescore["base_card"]:
                     continue
                 for run_id in ids:
-                    run = load_run(conn, run_id, "runs/selection.json")
+                    run = load_run(conn, run_id, str(workspace.selection))
                     if run.summary.mode == "gen" and run.summary.task.name in free_text:
                         check_side_by_side([base.runs[run.summary.task.name], run],
                                            f"the {run.summary.task.name} runs of {model} and the base model")

@@ -13,6 +13,7 @@ import sqlite3
 from pathlib import Path
 
 from core.errors import UserError
+from core.workspace import Workspace
 from core.files import write_text_atomic
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -99,15 +100,15 @@ def build_report(runs_dir: Path, out_dir: Path | None = None) -> list[Path]:
     """Render every page; nothing is written unless everything could be gathered."""
     from reports import collect, review
 
-    out_dir = out_dir or runs_dir / "report"
-    db = runs_dir / "results.sqlite"
+    workspace = Workspace(runs_dir)
+    out_dir = out_dir or workspace.report_dir
+    db = workspace.results_db
     if not db.is_file():
         raise UserError(f"{db}: no results store; run `make select` first")
-    selection_path = runs_dir / "selection.json"
-    selection = collect.read_json(selection_path) if selection_path.is_file() else None
+    selection = workspace.read_selection()
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        board = collect.leaderboard(conn, selection, "runs/selection.json") if selection else None
+        board = collect.leaderboard(conn, selection, str(workspace.selection)) if selection else None
         rescore = collect.newest_rescore(runs_dir)
         train = collect.training_run(runs_dir, rescore)
         ba = collect.before_after(conn, selection, train, rescore)
@@ -173,3 +174,10 @@ def _training_charts(train: dict) -> dict:
     lrs = [(e["step"], e["learning_rate"]) for e in train["losses"] if "learning_rate" in e]
     return {"loss": line_chart([{"name": "train loss", "points": losses}, {"name": "val loss", "points": evals}]),
             "lr": line_chart([{"name": "learning rate", "points": lrs}], height=160)}
+
+
+def report_command(settings, *, out: Path | None = None) -> int:
+    """`selectune report` (`make report`): every page under runs/report/ (or --out)."""
+    written = build_report(settings.runs_dir, out)
+    print(f"report: {len(written)} pages in {written[0].parent}; open {written[0]}")
+    return 0

@@ -125,3 +125,30 @@ def serve(db_path: Path, host: str = "127.0.0.1", port: int = 8765) -> None:
     conn.close()
     print(f"review: {total} pairs; open http://{host}:{port}/ (Ctrl-C stops)", flush=True)
     uvicorn.run(create_app(db_path), host=host, port=port, log_level="warning")
+
+
+def review_command(settings, *, host: str = "127.0.0.1", port: int = 8765, seed: int = 0,
+                   with_candidates: bool = False, no_serve: bool = False, export_to: Path | None = None,
+                   import_from: Path | None = None) -> int:
+    """`selectune review` (`make review`): record the pairs, then serve the pages; or move votes."""
+    from reports.collect import review_systems
+
+    db = settings.workspace.results_db
+    conn = review.open_review(db)
+    try:
+        if export_to:
+            print(f"review: {review.export_votes(conn, export_to)} votes written to {export_to}")
+            return 0
+        if import_from:
+            counts = review.import_votes(conn, import_from)
+            print(f"review: {import_from}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+            return 0
+        systems = review_systems(settings.runs_dir, with_candidates=with_candidates)
+        counts = review.add_pairs(conn, systems, seed=seed)
+    finally:
+        conn.close()
+    print(f"review: systems {', '.join(systems)}; {counts['added']} new pairs, {counts['total']} in all "
+          f"({counts['identical_skipped']} items with identical answers left out)")
+    if not no_serve:
+        serve(db, host=host, port=port)
+    return 0

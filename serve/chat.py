@@ -7,11 +7,10 @@ Type a message and Enter; `reset` starts a new conversation, `exit` (or Ctrl-D) 
 
 from __future__ import annotations
 
-import json
 import sys
 
-from serve.rescore import SAMPLING
 from core.errors import UserError
+from serve.stream import stream_chat
 
 
 def chat(base_url: str, model: str, *, max_tokens: int = 512, stdin=None, stdout=None) -> int:
@@ -33,24 +32,30 @@ def chat(base_url: str, model: str, *, max_tokens: int = 512, stdin=None, stdout
             if not line.strip():
                 continue
             history.append({"role": "user", "content": line.rstrip("\n")})
-            body = {"model": model, "messages": history, "max_tokens": max_tokens, "stream": True, "n": 1,
-                    **SAMPLING}
             reply = []
             try:
-                with client.stream("POST", "/v1/chat/completions", json=body) as response:
-                    if response.status_code != 200:
-                        response.read()
-                        raise UserError(f"{base_url}: HTTP {response.status_code}: {response.text[:200]}")
-                    for event in response.iter_lines():
-                        if not event.startswith("data:") or event.strip() == "data: [DONE]":
-                            continue
-                        for choice in json.loads(event[5:]).get("choices") or []:
-                            piece = (choice.get("delta") or {}).get("content") or ""
-                            reply.append(piece)
-                            stdout.write(piece)
-                            stdout.flush()
+                for kind, piece in stream_chat(client, model, history, max_tokens=max_tokens):
+                    if kind == "delta":
+                        reply.append(piece)
+                        stdout.write(piece)
+                        stdout.flush()
             except httpx.TransportError as exc:
                 raise UserError(f"{base_url}: the server went away ({type(exc).__name__}); "
                                 "`make serve` starts it again") from None
             history.append({"role": "assistant", "content": "".join(reply)})
             stdout.write("\n")
+
+
+def chat_command(settings, *, base_url: str | None = None, served_model: str | None = None,
+                 max_tokens: int = 512) -> int:
+    """`selectune chat` (`make chat`): with the server `make serve` started, or at --base-url."""
+    from serve.launcher import running
+
+    if base_url:
+        return chat(base_url, served_model or "default", max_tokens=max_tokens)
+    current = running(settings.workspace.server_state)
+    if current is None:
+        raise UserError("chat: no server running; `make serve` first (or pass --base-url)")
+    print(f"chat with {current[1].get('model')} at {current[0].base_url}; `reset` for a new conversation, "
+          "`exit` to leave")
+    return chat(current[0].base_url, current[0].model_name, max_tokens=max_tokens)

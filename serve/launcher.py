@@ -31,9 +31,49 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import UserError
+from core.workspace import read_json
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINES = ("transformers", "lmdeploy")
+
+
+@dataclass
+class Target:
+    """What is served: a checkpoint directory and the card that describes its base."""
+
+    model_dir: Path
+    card: object
+    label: str
+
+
+def resolve_target(settings, *, card_name: str | None = None, checkpoint: Path | None = None) -> Target:
+    """The checkpoint to serve: --checkpoint, else a card's stored one, else the newest merged model."""
+    from models.card import find_card
+    from models.store import read_manifest
+
+    if checkpoint is not None:
+        provenance = checkpoint / "provenance.json"
+        base = card_name or (read_json(provenance)["base_card"] if provenance.is_file() else None)
+        if base is None:
+            raise UserError(f"{checkpoint}: no provenance.json naming its base card; pass --model CARD too")
+        return Target(checkpoint, find_card(base), f"{base}@{checkpoint.name}")
+    if card_name is not None:
+        card = find_card(card_name)
+        manifest = read_manifest(card, settings.model_store)
+        if manifest is None:
+            raise UserError(f"{card.name}: not provisioned; run `make models CARD={card.name}`")
+        return Target(Path(manifest["checkpoint"]), card, card.name)
+    newest = settings.workspace.newest_train_summary()
+    if newest is None:
+        raise UserError(f"{settings.workspace.train_dir}: no finished training run; run `make train`, "
+                        "or name a model with --model / --checkpoint")
+    path, summary = newest
+    # summary paths are relative to the directory `make train` ran in: the repository root
+    merged = Path(summary["merged"])
+    if not (merged / "config.json").is_file():
+        raise UserError(f"{path}: merged model {merged} not found (run from the repository root, "
+                        "or pass --checkpoint DIR)")
+    return Target(merged.resolve(), find_card(summary["model"]), summary["merged_model"])
 
 
 @dataclass
@@ -236,3 +276,44 @@ def running(path: Path) -> tuple[Server, dict] | None:
         return server, state
     path.unlink()
     return None
+
+
+def serve_command(settings, *, model: str | None = None, checkpoint: Path | None = None, engine: str = "auto",
+                  host: str = "127.0.0.1", port: int | None = None, backend: str = "turbomind", tp: int = 1,
+                  foreground: bool = False, stop: bool = False) -> int:
+    """`selectune serve` (`make serve`, `make serve-stop`): one server in the background, recorded
+    in the workspace, or in the foreground until Ctrl-C."""
+    workspace = settings.workspace
+    current = running(workspace.server_state)
+    if stop:
+        if current is None:
+            print("serve: no server recorded as running")
+            return 0
+        current[0].stop()
+        workspace.server_state.unlink(missing_ok=True)
+        print(f"serve: stopped {current[1]['engine']} server at {current[0].base_url} (pid {current[0].pid})")
+        return 0
+    if current is not None:
+        print(f"serve: already serving {current[1].get('model')} at {current[0].base_url} "
+              f"(pid {current[0].pid}); `make serve-stop` first to serve another")
+        return 0
+    target = resolve_target(settings, card_name=model, checkpoint=checkpoint)
+    kw = {"host": host, "port": port, **({"backend": backend, "tp": tp} if engine in ("lmdeploy", "auto") else {})}
+    chosen = engine_for(target.model_dir, engine, **kw)
+    log = workspace.server_log(chosen.name)
+    if foreground:
+        with launch(chosen, log) as server:
+            print(f"serve: {target.label} at {server.base_url}/v1 (model \"{server.model_name}\"), log {log}; "
+                  "Ctrl-C stops")
+            try:
+                while server.alive():
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+        return 0
+    server = start(chosen, log)
+    save_state(workspace.server_state, server, model=target.label, model_dir=str(target.model_dir),
+               base_card=target.card.name)
+    print(f"serve: {target.label} at {server.base_url}/v1 (model \"{server.model_name}\", {chosen.name}, "
+          f"pid {server.pid}), log {log}; `make serve-stop` stops it")
+    return 0

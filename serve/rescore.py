@@ -22,58 +22,18 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 from eval.backends.base import DEFAULT_BATCH_SIZE
 from core.errors import UserError
 from core.files import sha256_text
+from serve.launcher import Target
+from serve.stream import SAMPLING, stream_chat
 
-SAMPLING = {"temperature": 0.0, "top_p": 1.0, "seed": 0}
-"""Pinned on every request (lmdeploy defaults to temperature 0.7, top_k 40, max_tokens 16)."""
-
-
-@dataclass
-class Target:
-    """What is served: a checkpoint directory and the card that describes its base."""
-
-    model_dir: Path
-    card: object
-    label: str
 
 
 def sampling_sha256() -> str:
     return sha256_text(json.dumps(SAMPLING, sort_keys=True))
-
-
-def resolve_target(settings, *, card_name: str | None = None, checkpoint: Path | None = None) -> Target:
-    """The checkpoint to serve: --checkpoint, else a card's stored one, else the newest merged model."""
-    from models.card import find_card
-    from models.store import read_manifest
-
-    if checkpoint is not None:
-        provenance = checkpoint / "provenance.json"
-        base = card_name or (json.loads(provenance.read_text())["base_card"] if provenance.is_file() else None)
-        if base is None:
-            raise UserError(f"{checkpoint}: no provenance.json naming its base card; pass --model CARD too")
-        return Target(checkpoint, find_card(base), f"{base}@{checkpoint.name}")
-    if card_name is not None:
-        card = find_card(card_name)
-        manifest = read_manifest(card, settings.model_store)
-        if manifest is None:
-            raise UserError(f"{card.name}: not provisioned; run `make models CARD={card.name}`")
-        return Target(Path(manifest["checkpoint"]), card, card.name)
-    summaries = sorted((settings.runs_dir / "train").glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
-    if not summaries:
-        raise UserError(f"{settings.runs_dir / 'train'}: no finished training run; run `make train`, "
-                        "or name a model with --model / --checkpoint")
-    summary = json.loads(summaries[-1].read_text(encoding="utf-8"))
-    # summary paths are relative to the directory `make train` ran in: the repository root
-    merged = Path(summary["merged"])
-    if not (merged / "config.json").is_file():
-        raise UserError(f"{summaries[-1]}: merged model {merged} not found (run from the repository root, "
-                        "or pass --checkpoint DIR)")
-    return Target(merged.resolve(), find_card(summary["model"]), summary["merged_model"])
 
 
 def local_card(target: Target):
@@ -163,27 +123,14 @@ def parity(pairs: list[tuple[object, object]], min_agreement: float) -> dict:
 
 
 def _stream_one(client, model: str, messages: list[dict], max_tokens: int, usage_option: bool) -> dict:
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "stream": True, "n": 1, **SAMPLING}
-    if usage_option:
-        body["stream_options"] = {"include_usage": True}
     started = time.perf_counter()
     first, chunks, usage = None, 0, None
-    with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        if response.status_code != 200:
-            response.read()
-            raise UserError(f"{client.base_url}/v1/chat/completions: HTTP {response.status_code}: "
-                            f"{' '.join(response.text.split())[:200]}")
-        for line in response.iter_lines():
-            if not line.startswith("data:") or line.strip() == "data: [DONE]":
-                continue
-            event = json.loads(line[5:])
-            if event.get("usage"):
-                usage = event["usage"]
-            for choice in event.get("choices") or []:
-                if (choice.get("delta") or {}).get("content"):
-                    chunks += 1
-                    if first is None:
-                        first = time.perf_counter()
+    for kind, value in stream_chat(client, model, messages, max_tokens=max_tokens, usage_option=usage_option):
+        if kind == "usage":
+            usage = value
+        else:
+            chunks += 1
+            first = first if first is not None else time.perf_counter()
     ended = time.perf_counter()
     tokens = usage["completion_tokens"] if usage and usage.get("completion_tokens") is not None else chunks
     return {"ttft_s": (first or ended) - started, "latency_s": ended - started, "output_tokens": tokens}
@@ -275,13 +222,9 @@ def rescore(settings, target: Target, *, base_url: str, model_name: str, engine:
     record = {"model": target.label, "model_dir": str(target.model_dir), "engine": engine, "concurrency": concurrency,
               "base_url": base_url, "limit": limit, "sampling": SAMPLING, "parity": gate, "serving": figures,
               "served_runs": {r.task.name: r.run_id for r in served_runs}}
-    out_dir = out_dir or settings.runs_dir / "serve"
-    write_json_atomic(out_dir / f"rescore-{_slug(target.label)}.json", record)
+    path = settings.workspace.rescore_record(target.label)
+    write_json_atomic(out_dir / path.name if out_dir else path, record)
     return record
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
 def print_report(record: dict) -> None:
@@ -311,3 +254,37 @@ def print_report(record: dict) -> None:
               f"local {d['local_parsed']!r} {d['local'][:80]!r}")
     if len(gate["disagreements"]) > 20:
         print(f"  ... {len(gate['disagreements']) - 20} more in the JSON record")
+
+
+def rescore_command(settings, *, model: str | None = None, checkpoint: Path | None = None,
+                    base_url: str | None = None, served_model: str | None = None, engine: str = "auto",
+                    tasks: str | None = None, limit: int | None = None, concurrency: int | None = None,
+                    figure_concurrency: int = 4, batch_size: int = DEFAULT_BATCH_SIZE,
+                    min_agreement: float = 0.98) -> int:
+    """`selectune rescore` (`make rescore`): the server at --base-url, else the one `make serve`
+    started, else one started here for the duration (always stopped, on failure and Ctrl-C too)."""
+    from models.card import find_card
+    from serve.launcher import engine_for, launch, resolve_target, running
+
+    kw = dict(tasks=tasks.split(",") if tasks else None, limit=limit, concurrency=concurrency,
+              min_agreement=min_agreement, batch_size=batch_size, figure_concurrency=figure_concurrency)
+    current = running(settings.workspace.server_state)
+    if base_url:
+        target = resolve_target(settings, card_name=model, checkpoint=checkpoint)
+        record = rescore(settings, target, base_url=base_url, model_name=served_model or target.label,
+                         engine="external", **kw)
+    elif current is not None and not (model or checkpoint):
+        server, state = current
+        target = Target(Path(state["model_dir"]), find_card(state["base_card"]), state["model"])
+        print(f"rescore: using the server `make serve` started ({server.base_url}, {state['model']})")
+        record = rescore(settings, target, base_url=server.base_url, model_name=server.model_name,
+                         engine=state["engine"], **kw)
+    else:
+        target = resolve_target(settings, card_name=model, checkpoint=checkpoint)
+        chosen = engine_for(target.model_dir, engine)
+        with launch(chosen, settings.workspace.server_log(chosen.name)) as server:
+            print(f"rescore: started {chosen.name} for {target.label} at {server.base_url}")
+            record = rescore(settings, target, base_url=server.base_url, model_name=server.model_name,
+                             engine=chosen.name, **kw)
+    print_report(record)
+    return 0 if record["parity"]["passed"] else 1

@@ -106,7 +106,7 @@ def _settings(tmp_path, data_dir):
 
 def _target(model_dir):
     from models.card import find_card
-    from serve.rescore import Target
+    from serve.launcher import Target
 
     return Target(model_dir, find_card("qwen2.5-coder-0.5b-instruct"), f"tiny-{model_dir.name}")
 
@@ -224,7 +224,7 @@ def test_make_serve_runs_in_the_background_rescore_chat_then_stop(tiny, tmp_path
 
 
 def test_serve_defaults_to_the_newest_merged_model(tiny, tmp_path, shared_data):
-    from serve.rescore import resolve_target
+    from serve.launcher import resolve_target
 
     settings = _settings(tmp_path, shared_data)
     with pytest.raises(UserError, match="no finished training run"):

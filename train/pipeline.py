@@ -6,7 +6,7 @@
 Writes runs/train/<run>/: data/{train,val,test}.jsonl (the split), train_log.jsonl (losses,
 learning rate, samples and their flags), checkpoints/, adapter/, merged/ (with provenance.json)
 and summary.json (last, so a run without it is not complete). A rerun resumes training from the
-last checkpoint; a finished adapter or merged model is not redone.
+last checkpoint; the merge and the fact check run again.
 """
 
 from __future__ import annotations
@@ -19,22 +19,19 @@ from pathlib import Path
 from core.errors import UserError
 from core.files import sha256_file, write_json_atomic
 from core.settings import Settings
+from core.workspace import Workspace
 from train.recipe import Recipe
 
 
-def resolve_model(recipe: Recipe, override: str | None, runs_dir: Path) -> str:
+def resolve_model(recipe: Recipe, override: str | None, workspace: Workspace) -> str:
     if override:
         return override
     if recipe.model:
         return recipe.model
-    selection = runs_dir / "selection.json"
-    if not selection.is_file():
-        raise UserError(f"{selection}: not found; run `make select` first, or name a model "
-                        f"(--model, or `model:` in {recipe.path})")
-    winner = json.loads(selection.read_text(encoding="utf-8")).get("winner")
-    if not winner:
-        raise UserError(f"{selection}: has no winner; name a model with --model")
-    return winner
+    try:
+        return workspace.winner()
+    except UserError as exc:
+        raise UserError(f"{exc} (--model, or `model:` in {recipe.path})") from None
 
 
 def fact_comparison(base_card, merged_card, merged_dir: Path, settings: Settings, conn) -> dict:
@@ -67,10 +64,10 @@ def train_command(settings: Settings, recipe: Recipe, model_name: str | None, ru
     from train.merge import merge_adapter
     from train.trainer import run_training
 
-    card = find_card(resolve_model(recipe, model_name, settings.runs_dir))
+    card = find_card(resolve_model(recipe, model_name, settings.workspace))
     manifest = provision(card, settings.model_store)
-    run_dir = settings.runs_dir / "train" / (run_name or f"{recipe.name}-{card.name}")
-    summary_path = run_dir / "summary.json"
+    run_dir = settings.workspace.train_run(run_name or f"{recipe.name}-{card.name}")
+    summary_path = settings.workspace.train_summary(run_dir)
     print(f"train: {card.name} with {recipe.path} into {run_dir}")
     started = time.monotonic()
     result = run_training(recipe, manifest["checkpoint"], run_dir, settings.resolved_data_dir,
@@ -108,3 +105,11 @@ def train_command(settings: Settings, recipe: Recipe, model_name: str | None, ru
     write_json_atomic(summary_path, summary)
     print(f"wrote {summary_path}")
     return summary
+
+
+def train_entry(settings: Settings, *, recipe: Path, model: str | None = None, run_name: str | None = None) -> int:
+    """`selectune train` (`make train`): exits non-zero when the merge fails its parity check."""
+    from train.recipe import load_recipe
+
+    summary = train_command(settings, load_recipe(recipe), model, run_name)
+    return 0 if summary["parity"]["passed"] else 1
