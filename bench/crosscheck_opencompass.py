@@ -35,7 +35,7 @@ from models.card import find_card  # noqa: E402
 from models.store import read_manifest  # noqa: E402
 from core.settings import load_settings  # noqa: E402
 
-from eval_speed import body_and_head, matmul_peak_gflops  # noqa: E402  (bench/, the script's folder)
+from eval_speed import add_model_options, body_and_head, matmul_peak_gflops  # noqa: E402  (bench/, the script's folder)
 
 
 def needed_gflop(backend: HFBackend, items, outputs: dict[str, str], max_new_tokens: int,
@@ -83,11 +83,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds of both runs; the speed-up printed last is the median of the rounds'")
-    parser.add_argument("--no-prepack", action="store_true",
-                        help="run our fp32 linears through torch's default kernel (MKL's sgemm), as the "
-                             "reference tool does, instead of oneDNN with packed weights")
-    parser.add_argument("--cache-dir")
-    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    add_model_options(parser)
     args = parser.parse_args()
     settings = load_settings(cache_dir=args.cache_dir, data_dir=args.data_dir)
     card, task = find_card(args.model), find_task(args.task)

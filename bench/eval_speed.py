@@ -32,6 +32,16 @@ from models.store import read_manifest  # noqa: E402
 from core.settings import load_settings  # noqa: E402
 
 
+def add_model_options(parser) -> None:
+    """The options both reference-tool benches take: the kernel of our linears, and where the
+    model store and the public data are."""
+    parser.add_argument("--no-prepack", action="store_true",
+                        help="run our fp32 linears through torch's default kernel (MKL's sgemm), as the "
+                             "reference tool does, instead of oneDNN with packed weights")
+    parser.add_argument("--cache-dir")
+    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
     import torch
 
@@ -83,11 +93,7 @@ def main() -> int:
     parser.add_argument("--task", default="fewclue_bustm")
     parser.add_argument("--split", default="dev")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--no-prepack", action="store_true",
-                        help="run our fp32 linears through torch's default kernel (MKL's sgemm), as the "
-                             "reference tool does, instead of oneDNN with packed weights")
-    parser.add_argument("--cache-dir")
-    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    add_model_options(parser)
     args = parser.parse_args()
     settings = load_settings(cache_dir=args.cache_dir, data_dir=args.data_dir)
     card, task = find_card(args.model), find_task(args.task)

@@ -16,7 +16,7 @@ labelled positions (trl's fused head scores every position on a CPU, in tiles it
 the backward pass), and less kept for the backward pass (LoRA's dropout inside lora_A, the SiLU
 recomputed). Peak RSS includes what glibc's heap keeps of freed blocks: our worker sets glibc's
 thresholds and trims the heap after each pass (`train.cpu_memory.CpuAllocator`, as `make train`
-does); trl's runs with glibc's defaults, as a trl user's would (README, "Training").
+does); trl's runs with glibc's defaults, as a trl user's would (docs/training.md).
 """
 
 from __future__ import annotations

@@ -14,10 +14,10 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.artifacts import Selection, TrainSummary, read_artifact
 from core.errors import UserError
 
 
@@ -26,21 +26,32 @@ def slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
+LAYOUT = {
+    "results_db": "results.sqlite",
+    "selection": "selection.json",
+    "train_dir": "train",
+    "serve_dir": "serve",
+    "server_state": "serve/server.json",
+    "report_dir": "report",
+    "synth_root": "synth",
+}
+"""The fixed paths under the runs directory, as attributes of a Workspace."""
+
+
 @dataclass(frozen=True)
 class Workspace:
     root: Path
+    results_db: Path = field(init=False)
+    selection: Path = field(init=False)
+    train_dir: Path = field(init=False)
+    serve_dir: Path = field(init=False)
+    server_state: Path = field(init=False)
+    report_dir: Path = field(init=False)
+    synth_root: Path = field(init=False)
 
-    @property
-    def results_db(self) -> Path:
-        return self.root / "results.sqlite"
-
-    @property
-    def selection(self) -> Path:
-        return self.root / "selection.json"
-
-    @property
-    def train_dir(self) -> Path:
-        return self.root / "train"
+    def __post_init__(self) -> None:
+        for name, relative in LAYOUT.items():
+            object.__setattr__(self, name, self.root / relative)
 
     def train_run(self, name: str) -> Path:
         return self.train_dir / name
@@ -53,14 +64,6 @@ class Workspace:
         """Finished training runs' summaries, oldest first."""
         return sorted(self.train_dir.glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
 
-    @property
-    def serve_dir(self) -> Path:
-        return self.root / "serve"
-
-    @property
-    def server_state(self) -> Path:
-        return self.serve_dir / "server.json"
-
     def server_log(self, engine: str, role: str = "") -> Path:
         return self.serve_dir / f"{role + '-' if role else ''}{engine}.log"
 
@@ -71,16 +74,12 @@ class Workspace:
         """Every rescore record, oldest first."""
         return sorted(self.serve_dir.glob("rescore-*.json"), key=lambda p: p.stat().st_mtime)
 
-    @property
-    def report_dir(self) -> Path:
-        return self.root / "report"
-
     def synth_dir(self, recipe_name: str) -> Path:
-        return self.root / "synth" / recipe_name
+        return self.synth_root / recipe_name
 
     def read_selection(self) -> dict | None:
         """selection.json, or None before `make select` has written one."""
-        return read_json(self.selection) if self.selection.is_file() else None
+        return read_artifact(self.selection, Selection) if self.selection.is_file() else None
 
     def winner(self) -> str:
         """The selected model's name; a UserError naming the file when there is none."""
@@ -94,14 +93,5 @@ class Workspace:
     def newest_train_summary(self) -> tuple[Path, dict] | None:
         """(path, record) of the newest finished training run, or None."""
         summaries = self.train_summaries()
-        return (summaries[-1], read_json(summaries[-1])) if summaries else None
+        return (summaries[-1], read_artifact(summaries[-1], TrainSummary)) if summaries else None
 
-
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: cannot read: {' '.join(str(exc).split())}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data

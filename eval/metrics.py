@@ -21,3 +21,8 @@ HIGHER_IS_BETTER = {ACCURACY: True, ACCURACY_OPENCOMPASS: True, UNPARSABLE: Fals
                     HALLUCINATED_NUMBERS: False}
 
 KNOWN = set(HIGHER_IS_BETTER)
+
+
+def is_better(metric: str, diff: float) -> bool:
+    """Whether a difference a - b in `metric` favours a."""
+    return diff > 0 if HIGHER_IS_BETTER[metric] else diff < 0

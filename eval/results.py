@@ -13,41 +13,12 @@ import sqlite3
 import time
 from pathlib import Path
 
+from core.store import open_store
 from core.workspace import Workspace
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY,
-    task TEXT NOT NULL, split TEXT NOT NULL, mode TEXT NOT NULL, model TEXT NOT NULL,
-    meta_json TEXT NOT NULL,
-    n_items INTEGER NOT NULL,
-    started REAL NOT NULL,
-    finished REAL
-);
-CREATE TABLE IF NOT EXISTS items (
-    run_id TEXT NOT NULL REFERENCES runs(run_id),
-    item_id TEXT NOT NULL,
-    prompt TEXT NOT NULL,
-    output TEXT NOT NULL,
-    gold TEXT,
-    parsed TEXT,
-    scores_json TEXT NOT NULL,
-    latency_s REAL NOT NULL,
-    PRIMARY KEY (run_id, item_id)
-);
-CREATE TABLE IF NOT EXISTS judge_verdicts (
-    key TEXT PRIMARY KEY,
-    judge_model TEXT NOT NULL,
-    output TEXT NOT NULL
-);
-"""
 
 def open_results(runs_dir: Path) -> sqlite3.Connection:
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(Workspace(runs_dir).results_db, timeout=30.0)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.executescript(SCHEMA)
-    return conn
+    return open_store(Workspace(runs_dir).results_db)
 
 
 def ensure_run(conn: sqlite3.Connection, run_id: str, meta: dict, n_items: int) -> None:

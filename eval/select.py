@@ -131,13 +131,10 @@ def _against(best: Candidate, other: Candidate, entries) -> tuple[list[dict], li
     for k, (task, split, mode, metric) in enumerate(entries):
         a = [i["scores"][metric] for i in best.runs[k].items]
         b = [i["scores"][metric] for i in other.runs[k].items]
-        c = compare(a, b, binary=metric in M.BINARY)
-        better = c.diff > 0 if M.HIGHER_IS_BETTER[metric] else c.diff < 0
-        if better and c.p_value < ALPHA:
+        record = compare(a, b, binary=metric in M.BINARY).record(metric)
+        if record["better"] and record["p_value"] < ALPHA:
             worse.append(f"{task}-{split} {mode} {metric}")
-        out.append({"task": task, "split": split, "mode": mode, "metric": metric,
-                    "diff_best_minus_other": c.diff, "ci95": [c.low, c.high], "p_value": c.p_value,
-                    "test": c.test, "mde": c.mde, "n": len(a)})
+        out.append({"task": task, "split": split, "mode": mode, **record})
     return out, worse
 
 
@@ -190,7 +187,7 @@ def select_command(settings, *, models: str | None = None, full_fewclue: bool = 
                    train_budget_gib: float = 24.0, infer_budget_gib: float = 16.0,
                    batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto", dtype: str = "auto") -> int:
     """`selectune select` (`make select`): score, decide, print the evidence, write selection.json."""
-    from core.files import write_json_atomic
+    from core.artifacts import Selection, write_artifact
     from eval.judge import make_judge
     from eval.results import open_results
     from models.card import find_card, load_cards
@@ -213,7 +210,7 @@ def select_command(settings, *, models: str | None = None, full_fewclue: bool = 
     print()
     print_decision(record)
     out = settings.workspace.selection
-    write_json_atomic(out, record)
+    write_artifact(out, Selection, record)
     print(f"wrote {out}")
     return 0 if record["winner"] else 1
 
@@ -228,7 +225,7 @@ def print_decision(record: dict) -> None:
     for other, comps in record.get("comparisons_vs_best", {}).items():
         for comp in comps:
             print(f"  {record['best_mean_rank']} - {other} on {comp['task']}-{comp['split']} "
-                  f"{comp['mode']} {comp['metric']}: {comp['diff_best_minus_other']:+.3f} "
+                  f"{comp['mode']} {comp['metric']}: {comp['diff']:+.3f} "
                   f"[{comp['ci95'][0]:+.3f}, {comp['ci95'][1]:+.3f}], p={comp['p_value']:.3g} "
                   f"({comp['test']}; detectable at n={comp['n']}: {comp['mde']:.3f})")
     if "style_classifier_accuracy" in record:

@@ -34,6 +34,24 @@ class Comparison:
     test: str
     mde: float
     """Smallest |difference| this many paired items detects with 80% power."""
+    n: int = 0
+    """Paired items compared."""
+
+    @property
+    def significant(self) -> bool:
+        return self.p_value < ALPHA and self.diff != 0
+
+    def record(self, metric: str) -> dict:
+        """The one way a comparison of a against b in `metric` is written down (selection.json,
+        the training summary, the rescore record, the report), with its verdict for a."""
+        from eval.metrics import is_better
+
+        better = is_better(metric, self.diff)
+        verdict = ("no significant difference" if not self.significant else
+                   "significantly better" if better else "significantly worse")
+        return {"metric": metric, "diff": self.diff, "ci95": [self.low, self.high], "p_value": self.p_value,
+                "test": self.test, "mde": self.mde, "n": self.n, "significant": self.significant,
+                "better": better, "verdict": verdict}
 
 
 def bootstrap_mean(values, *, seed: int = 0, n_boot: int = N_BOOT) -> Estimate:
@@ -94,4 +112,4 @@ def compare(a, b, *, binary: bool, seed: int = 0) -> Comparison:
     test = "paired bootstrap"
     if binary:
         p, test = mcnemar_exact(a, b), "exact McNemar"
-    return Comparison(diff, low, high, p, test, minimum_detectable_effect(a, b, binary=binary))
+    return Comparison(diff, low, high, p, test, minimum_detectable_effect(a, b, binary=binary), len(a))

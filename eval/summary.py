@@ -56,9 +56,15 @@ def per_fact_recall(run: RunSummary) -> dict[str, float]:
     return {fact: sum(v) / len(v) for fact, v in sorted(hits.items())}
 
 
+def fmt_value(metric: str, value: float, decimals: int = 2) -> str:
+    """The one number format: percentage metrics as points with one decimal, others as they are
+    with `decimals`."""
+    return f"{value * 100:.1f}" if metric in PERCENT else f"{value:.{decimals}f}"
+
+
 def fmt(metric: str, e: Estimate) -> str:
-    scale = 100.0 if metric in PERCENT else 1.0
-    return f"{e.mean * scale:.1f} [{e.low * scale:.1f}, {e.high * scale:.1f}]"
+    """A table cell: the mean and its 95% CI."""
+    return f"{fmt_value(metric, e.mean, 1)} [{fmt_value(metric, e.low, 1)}, {fmt_value(metric, e.high, 1)}]"
 
 
 def render_table(cells: list[Cell], models: list[str]) -> str:

@@ -1,6 +1,6 @@
 """A task: one strictly validated YAML file under tasks/, and the items it yields.
 
-    python -m selectune tasks list
+    python -m selectune eval --task fewclue_bustm --model smollm2-135m-instruct --limit 8
 """
 
 from __future__ import annotations

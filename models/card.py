@@ -76,7 +76,7 @@ class ModelCard(NamedConfig):
     """`tokenizer`: the template shipped with the tokenizer (from GGUF metadata or the hub repo);
     `none`: a base model, prompted raw."""
     add_bos: bool
-    """Whether a BOS token must start every sequence (Gemma: loss 5.97 without, 2.47 with)."""
+    """Whether a BOS token must start every sequence (Gemma's loss is far higher without it)."""
     trust_remote_code: bool = False
     """Run the repository's own modelling code; allowed only for a hub card pinned to a commit."""
     default: bool = False

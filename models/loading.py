@@ -21,8 +21,8 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
-    """"auto": bfloat16 on a GPU that has it, float32 elsewhere (on the CPUs we measured, bf16
-    matrix products were 1.7-3x slower than fp32)."""
+    """"auto": bfloat16 on a GPU that has it, float32 elsewhere (the reference tools' cross-checks
+    run in fp32 on the CPU, and a run's dtype is part of its identity)."""
     import torch
 
     if dtype != "auto":

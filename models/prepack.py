@@ -2,10 +2,7 @@
 
 A linear layer calls MKL's sgemm, which packs its weight matrix into a blocked layout on every
 call. With many rows (a prompt) that cost is spread over much work; with 16 rows (a decode step)
-it is most of the work. On the 2-core AMD EPYC (AVX2) we develop on, a 16-row product with
-Qwen2.5-0.5B's LM head (896 x 151936) took 158-191 ms through sgemm and 61 ms through oneDNN with
-the weight packed ahead, and its 896 x 4864 MLP products 4.1 against 2.3 ms; at 960 rows both
-take the same time. This is the packing PyTorch's own compiler applies to frozen CPU linears
+it is most of the work (docs/benchmarks.md has the measurements). This is the packing PyTorch's own compiler applies to frozen CPU linears
 (`torch.ops.mkldnn._reorder_linear_weight` / `_linear_pointwise`), done here once at load so
 that eager transformers code runs it.
 
@@ -59,10 +56,9 @@ def prepack_linears(model: torch.nn.Module, rows: int) -> int:
     one packed copy of the matrix.
 
     transformers leaves the weights in the checkpoint's memory map, where every page packing
-    reads stays resident while the map lives: with both copies, loading Qwen2.5-0.5B peaked at
-    5.17 GiB RSS. So as soon as a weight that no other module shares is packed, its pages are
-    dropped from this process (they stay in the page cache for the next load), and the peak is
-    2.33 GiB, what the unpacked model reaches once a generate call has read it all."""
+    reads stays resident while the map lives, so the process would hold both copies. As soon as
+    a weight that no other module shares is packed, its pages are dropped from this process (they
+    stay in the page cache for the next load)."""
     targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
                if type(child) is torch.nn.Linear and child.weight.device.type == "cpu"
                and child.weight.dtype == torch.float32]

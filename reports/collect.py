@@ -20,11 +20,12 @@ from pathlib import Path
 
 from eval import metrics as M
 from eval.runner import RunSummary, git_revision
-from eval.stats import ALPHA, Estimate, bootstrap_mean, compare
-from eval.summary import PERCENT, metrics_of, primary_metric
+from eval.stats import Estimate, bootstrap_mean, compare
+from eval.summary import PERCENT, fmt_value, metrics_of, primary_metric
 from eval.task import find_task
 from core.errors import UserError
-from core.workspace import Workspace, read_json
+from core.artifacts import MergeProvenance, RescoreRecord, TrainSummary, read_artifact
+from core.workspace import Workspace
 
 
 @dataclass
@@ -86,10 +87,6 @@ def check_side_by_side(runs: list[Run], what: str) -> None:
                             "and not the same ones")
 
 
-def fmt_value(metric: str, value: float) -> str:
-    return f"{value * 100:.1f}" if metric in PERCENT else f"{value:.2f}"
-
-
 def fmt_ci(metric: str, low: float, high: float) -> str:
     return f"[{fmt_value(metric, low)}, {fmt_value(metric, high)}]"
 
@@ -102,12 +99,7 @@ def _estimate(metric: str, e: Estimate) -> dict:
 def _comparison(metric: str, a: list[float], b: list[float]) -> dict:
     """a - b with its paired CI and p-value, as the selection computes it."""
     c = compare(a, b, binary=metric in M.BINARY)
-    better = c.diff > 0 if M.HIGHER_IS_BETTER[metric] else c.diff < 0
-    significant = c.p_value < ALPHA and c.diff != 0
-    verdict = ("no significant difference" if not significant else
-               "significantly better" if better else "significantly worse")
-    return {"diff": c.diff, "low": c.low, "high": c.high, "p_value": c.p_value, "test": c.test, "mde": c.mde,
-            "significant": significant, "better": better, "verdict": verdict,
+    return {**c.record(metric), "low": c.low, "high": c.high,
             "diff_text": ("+" if c.diff >= 0 else "") + fmt_value(metric, c.diff),
             "ci": fmt_ci(metric, c.low, c.high), "mde_text": fmt_value(metric, c.mde)}
 
@@ -271,21 +263,29 @@ def _newest_base_runs(conn, model: str, splits: dict[str, str]) -> dict[str, Run
 
 def _flips(base: Run, after: Run) -> dict:
     """Items right before and wrong after, and the other way round."""
+    rows = item_flips(base, after)
+    if rows and rows[0]["flip"] == "na":
+        return {"defined": False, "up": [], "down": []}
+    keep = ("item_id", "prompt", "gold", "before", "after", "before_parsed", "after_parsed")
+    return {"defined": True, "up": [{k: r[k] for k in keep} for r in rows if r["flip"] == "up"],
+            "down": [{k: r[k] for k in keep} for r in rows if r["flip"] == "down"],
+            "metric": primary_metric(base.summary)}
+
+
+def item_flips(base: Run, after: Run) -> list[dict]:
+    """Every item of `base` beside the same item of `after`, and its flip: "up" (wrong, then
+    right), "down" (right, then wrong), "none", or "na" where the task has no notion of right."""
     by_id = {i["item_id"]: i for i in after.summary.items}
-    up, down = [], []
+    rows = []
     for item in base.summary.items:
         other = by_id[item["item_id"]]
         was, now = correct(base, item), correct(after, other)
-        if was is None:
-            return {"defined": False, "up": [], "down": []}
-        entry = {"item_id": item["item_id"], "prompt": item["prompt"], "gold": item["gold"],
-                 "before": item["output"], "after": other["output"],
-                 "before_parsed": item["parsed"], "after_parsed": other["parsed"]}
-        if not was and now:
-            up.append(entry)
-        elif was and not now:
-            down.append(entry)
-    return {"defined": True, "up": up, "down": down, "metric": primary_metric(base.summary)}
+        flip = ("na" if was is None else "up" if not was and now else "down" if was and not now else "none")
+        rows.append({"item_id": item["item_id"], "prompt": item["prompt"], "gold": item["gold"],
+                     "before": item["output"], "after": other["output"], "before_parsed": item["parsed"],
+                     "after_parsed": other["parsed"], "before_item": item, "after_item": other,
+                     "now": now, "flip": flip})
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,11 +295,11 @@ def newest_rescore(runs_dir: Path) -> dict | None:
     files = Workspace(runs_dir).rescore_records()
     if not files:
         return None
-    record = read_json(files[-1])
+    record = read_artifact(files[-1], RescoreRecord)
     record["_file"] = str(files[-1])
     provenance = Path(record.get("model_dir", "")) / "provenance.json"
     if "base_card" not in record and provenance.is_file():
-        record["base_card"] = read_json(provenance).get("base_card")
+        record["base_card"] = read_artifact(provenance, MergeProvenance).get("base_card")
     if not record.get("base_card"):
         raise UserError(f"{files[-1]}: cannot tell the base model of {record.get('model')} "
                         f"(no {provenance})")
@@ -316,7 +316,7 @@ def training_run(runs_dir: Path, rescore: dict | None) -> dict | None:
         for path in summaries:
             if Path(rescore.get("model_dir", "")).resolve() == (path.parent / "merged").resolve():
                 chosen = path
-    summary = read_json(chosen)
+    summary = read_artifact(chosen, TrainSummary)
     log = []
     log_path = chosen.parent / "train_log.jsonl"
     if log_path.is_file():
@@ -327,7 +327,7 @@ def training_run(runs_dir: Path, rescore: dict | None) -> dict | None:
                 except json.JSONDecodeError as exc:
                     raise UserError(f"{log_path}:{n}: not a JSON line: {exc}") from exc
     provenance_path = chosen.parent / "merged" / "provenance.json"
-    provenance = read_json(provenance_path) if provenance_path.is_file() else {}
+    provenance = read_artifact(provenance_path, MergeProvenance) if provenance_path.is_file() else {}
     return {"name": chosen.parent.name, "summary": summary, "provenance": provenance,
             "losses": [e for e in log if "loss" in e and "sample" not in e],
             "evals": [e for e in log if "eval_loss" in e],

@@ -151,21 +151,15 @@ def build_report(runs_dir: Path, out_dir: Path | None = None) -> list[Path]:
 
 
 def _sample_rows(task: dict) -> list[dict]:
-    from reports.collect import correct
+    from reports.collect import item_flips
 
-    base, merged = task["runs"]["base"], task["runs"]["merged"]
-    after = {i["item_id"]: i for i in merged.summary.items}
-    rows = []
     metric = task["rows"][0]["metric"] if task["rows"] else None
-    for item in base.summary.items:
-        other = after[item["item_id"]]
-        was, now = correct(base, item), correct(merged, other)
-        flip = "up" if was is False and now else "down" if was and now is False else "none"
-        rows.append({"item_id": item["item_id"], "prompt": item["prompt"], "gold": item["gold"],
-                     "before": item["output"], "after": other["output"],
-                     "before_score": item["scores"].get(metric), "after_score": other["scores"].get(metric),
-                     "correct": "na" if now is None else ("yes" if now else "no"), "flip": flip})
-    return rows
+    return [{"item_id": r["item_id"], "prompt": r["prompt"], "gold": r["gold"], "before": r["before"],
+             "after": r["after"], "before_score": r["before_item"]["scores"].get(metric),
+             "after_score": r["after_item"]["scores"].get(metric),
+             "correct": "na" if r["now"] is None else ("yes" if r["now"] else "no"),
+             "flip": "none" if r["flip"] == "na" else r["flip"]}
+            for r in item_flips(task["runs"]["base"], task["runs"]["merged"])]
 
 
 def _training_charts(train: dict) -> dict:

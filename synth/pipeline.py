@@ -19,6 +19,7 @@ import os
 import random
 from pathlib import Path
 
+from core.artifacts import SynthProvenance, write_artifact
 from core.errors import UserError
 from core.files import sha256_file, write_json_atomic, write_text_atomic
 from core.rows import BadLine, read_rows
@@ -271,7 +272,7 @@ class Run:
             "data": str(self.out_dir / "data.jsonl"),
             "data_sha256": hashlib.sha256(data.encode()).hexdigest(), "git_revision": git_revision(),
         }
-        write_json_atomic(self.out_dir / "provenance.json", provenance)
+        write_artifact(self.out_dir / "provenance.json", SynthProvenance, provenance)
         return provenance
 
 

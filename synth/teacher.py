@@ -14,16 +14,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS teacher_calls (
-    key TEXT PRIMARY KEY,
-    model TEXT NOT NULL,
-    request_json TEXT NOT NULL,
-    response TEXT NOT NULL,
-    usage_json TEXT NOT NULL,
-    time REAL NOT NULL
-);
-"""
+from core.store import migrate
 
 
 class BudgetExhausted(Exception):
@@ -54,7 +45,7 @@ class Teacher:
         self.label = label or backend.model
         self.conn = conn
         self.budget = budget
-        conn.executescript(SCHEMA)
+        migrate(conn)
 
     def ask(self, messages: list[dict], *, temperature: float, top_p: float, max_tokens: int, seed: int) -> str:
         sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed}

@@ -13,6 +13,7 @@ import json
 import sqlite3
 from pathlib import Path
 
+from core.artifacts import MergeProvenance, RescoreRecord, Selection, TrainSummary, write_artifact
 from eval.backends.fake import FakeBackend
 from eval.results import open_results
 from eval.runner import run_task
@@ -49,6 +50,22 @@ def _responder(items, system: str, evil: bool):
     return respond
 
 
+def build_in(folder: Path, *, evil: bool = False, votes: bool = False) -> Path:
+    """`build` into folder/runs from the public data beside the checkout (skips the test where
+    there is none); with `votes`, `add_votes` too. Returns the runs directory."""
+    import pytest
+
+    from tests.conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "fewclue").is_dir():
+        pytest.skip(f"public test data not found at {SHARED_DATA}")
+    runs = folder / "runs"
+    build(runs, SHARED_DATA, evil=evil)
+    if votes:
+        add_votes(runs)
+    return runs
+
+
 def build(runs_dir: Path, data_dir: Path, *, evil: bool = False) -> dict:
     """Write runs_dir/{results.sqlite, selection.json, train/..., serve/rescore-*.json}."""
     from serve.rescore import parity
@@ -67,23 +84,27 @@ def build(runs_dir: Path, data_dir: Path, *, evil: bool = False) -> dict:
     candidates = [Candidate(find_card(WINNER), score("base", WINNER)),
                   Candidate(find_card(OTHER), score("other", OTHER))]
     _table, record = selection_report(candidates, Budget())
-    (runs_dir / "selection.json").write_text(json.dumps(record, ensure_ascii=False, indent=1), encoding="utf-8")
+    write_artifact(runs_dir / "selection.json", Selection, record)
 
     local, served = score("merged", MERGED, "hf"), score("merged", MERGED, "openai")
     gate = parity(list(zip(served, local)), 0.98)
     train_dir = runs_dir / "train" / f"default-{WINNER}"
     (train_dir / "merged").mkdir(parents=True, exist_ok=True)
-    (train_dir / "merged" / "provenance.json").write_text(json.dumps({"base_card": WINNER}), encoding="utf-8")
+    parity_record = {"items": 8, "same_replies": 8, "max_abs_logit_diff": 0.0004, "tolerance": 0.001, "passed": True}
+    write_artifact(train_dir / "merged" / "provenance.json", MergeProvenance, {
+        "base_card": WINNER, "base_weights_sha256": "0" * 64, "adapter_config": {"r": 16},
+        "adapter_sha256": "1" * 64, "data_sha256": "2" * 64, "recipe": {"name": "default"},
+        "recipe_sha256": None, "final_train_loss": 0.9, "final_val_loss": 1.4, "steps": 40,
+        "parity": parity_record})
     fact = {"base": {"mean": 0.1, "low": 0.0, "high": 0.2, "n": 12},
             "merged": {"mean": 0.7, "low": 0.5, "high": 0.9, "n": 12},
-            "ci95": [0.3, 0.8], "diff_merged_minus_base": 0.6, "p_value": 0.002, "items": 12}
+            "ci95": [0.3, 0.8], "diff": 0.6, "p_value": 0.002, "items": 12}
     summary = {"model": WINNER, "recipe": "train/default.yaml", "steps": 40, "train_seconds": 100.0,
                "total_seconds": 130.0, "final_train_loss": 0.9, "final_val_loss": 1.4, "resumed_from": None,
                "merged_model": f"{WINNER}+default-{WINNER}", "fact": fact,
-               "parity": {"items": 8, "same_replies": 8, "max_abs_logit_diff": 0.0004, "tolerance": 0.001,
-                          "passed": True},
-               "cleaning": {"read": 50, "kept": 48, "duplicates_dropped": 2}}
-    (train_dir / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+               "parity": parity_record, "run_dir": str(train_dir), "adapter": str(train_dir / "adapter"),
+               "merged": str(train_dir / "merged"), "cleaning": {"read": 50, "kept": 48, "duplicates_dropped": 2}}
+    write_artifact(train_dir / "summary.json", TrainSummary, summary)
     log = [{"step": s, "loss": 3.0 / s ** 0.5, "learning_rate": 2e-4 * (1 - s / 41), "grad_norm": 1.0}
            for s in range(1, 41, 3)]
     log += [{"step": s, "eval_loss": 2.0 - s / 100} for s in (20, 40)]
@@ -102,8 +123,7 @@ def build(runs_dir: Path, data_dir: Path, *, evil: bool = False) -> dict:
                "model_dir": str(train_dir / "merged"), "sampling": {"temperature": 0.0, "top_p": 1.0, "seed": 0},
                "parity": gate, "serving": figures, "served_runs": {r.task.name: r.run_id for r in served},
                "limit": None}
-    (runs_dir / "serve").mkdir(exist_ok=True)
-    (runs_dir / "serve" / f"rescore-{MERGED.replace('@', '_')}.json").write_text(json.dumps(rescore), encoding="utf-8")
+    write_artifact(runs_dir / "serve" / f"rescore-{MERGED.replace('@', '_')}.json", RescoreRecord, rescore)
     if evil:  # dataset text: prompts and references as a hostile data file would carry them
         with sqlite3.connect(runs_dir / "results.sqlite") as db:
             db.execute("UPDATE items SET prompt = prompt || ?, gold = gold || ? WHERE CAST(item_id AS TEXT) != ''",

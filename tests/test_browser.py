@@ -44,11 +44,7 @@ def browser():
 
 @pytest.fixture
 def runs(tmp_path):
-    data = REPO.parent / "shared" / "data"
-    if not (data / "fewclue").is_dir():
-        pytest.skip(f"public test data not found at {data}")
-    runs = tmp_path / "runs"
-    report_fixture.build(runs, data, evil=True)
+    runs = report_fixture.build_in(tmp_path, evil=True)
     conn = review.open_review(runs / "results.sqlite")
     review.add_pairs(conn, review_systems(runs))
     conn.close()

@@ -96,23 +96,12 @@ def outline(path: Path) -> Outline:
 
 @pytest.fixture(scope="module")
 def fixture_runs(tmp_path_factory):
-    data = REPO.parent / "shared" / "data"
-    if not (data / "fewclue").is_dir():
-        pytest.skip(f"public test data not found at {data}")
-    runs = tmp_path_factory.mktemp("report") / "runs"
-    report_fixture.build(runs, data)
-    report_fixture.add_votes(runs)
-    return runs
+    return report_fixture.build_in(tmp_path_factory.mktemp("report"), votes=True)
 
 
 @pytest.fixture(scope="module")
 def evil_runs(tmp_path_factory):
-    data = REPO.parent / "shared" / "data"
-    if not (data / "fewclue").is_dir():
-        pytest.skip(f"public test data not found at {data}")
-    runs = tmp_path_factory.mktemp("evil") / "runs"
-    report_fixture.build(runs, data, evil=True)
-    report_fixture.add_votes(runs)
+    runs = report_fixture.build_in(tmp_path_factory.mktemp("evil"), evil=True, votes=True)
     return runs
 
 

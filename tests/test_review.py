@@ -16,17 +16,11 @@ from reports.review_server import create_app
 from selectune.cli import main
 from core.errors import UserError
 from tests import report_fixture
-from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    data = REPO.parent / "shared" / "data"
-    if not (data / "fewclue").is_dir():
-        pytest.skip(f"public test data not found at {data}")
-    runs = tmp_path_factory.mktemp("review") / "runs"
-    report_fixture.build(runs, data, evil=True)
-    return runs
+    return report_fixture.build_in(tmp_path_factory.mktemp("review"), evil=True)
 
 
 @pytest.fixture

@@ -224,6 +224,7 @@ def test_make_serve_runs_in_the_background_rescore_chat_then_stop(tiny, tmp_path
 
 
 def test_serve_defaults_to_the_newest_merged_model(tiny, tmp_path, shared_data):
+    from core.artifacts import TrainSummary, write_artifact
     from serve.launcher import resolve_target
 
     settings = _settings(tmp_path, shared_data)
@@ -232,10 +233,13 @@ def test_serve_defaults_to_the_newest_merged_model(tiny, tmp_path, shared_data):
     run = settings.runs_dir / "train" / "default-x"
     run.mkdir(parents=True)
     summary = {"model": "qwen2.5-coder-0.5b-instruct", "merged_model": "qwen2.5-coder-0.5b-instruct+default-x",
-               "merged": str(tmp_path / "gone")}
-    (run / "summary.json").write_text(json.dumps(summary))
+               "merged": str(tmp_path / "gone"), "recipe": "train/default.yaml", "run_dir": str(run),
+               "adapter": str(run / "adapter"), "steps": 1, "train_seconds": 1.0, "total_seconds": 2.0,
+               "resumed_from": None, "final_train_loss": None, "final_val_loss": None, "cleaning": {},
+               "parity": {"passed": True}, "fact": {}}
+    write_artifact(run / "summary.json", TrainSummary, summary)
     with pytest.raises(UserError, match="merged model .* not found"):
         resolve_target(settings)
-    (run / "summary.json").write_text(json.dumps({**summary, "merged": str(tiny[0])}))
+    write_artifact(run / "summary.json", TrainSummary, {**summary, "merged": str(tiny[0])})
     target = resolve_target(settings)
     assert target.model_dir == tiny[0] and target.label == "qwen2.5-coder-0.5b-instruct+default-x"

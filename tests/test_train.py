@@ -34,6 +34,13 @@ def recipe(data_path, **training) -> Recipe:
     })
 
 
+
+def provenance(**given) -> dict:
+    """What `make train` hands the merge to write beside the merged weights."""
+    return {"base_card": "tiny", "base_weights_sha256": None, "adapter_config": {}, "adapter_sha256": "0" * 64,
+            "data_sha256": "1" * 64, "recipe": {}, "recipe_sha256": None, "final_train_loss": None,
+            "final_val_loss": None, "steps": 1, **given}
+
 @pytest.fixture
 def setup(tmp_path):
     model = build_tiny_qwen2(tmp_path / "model", initializer_range=0.2)
@@ -215,18 +222,18 @@ def test_merge_matches_base_plus_adapter_and_loads(tmp_path, setup):
     result = run_training(recipe(data, max_steps=10), str(model), tmp_path / "run", tmp_path)
     prompts = [[{"role": "user", "content": f"问题{i}"}] for i in range(4)]
     parity = merge_adapter(str(model), result.adapter_dir, tmp_path / "run" / "merged", parity_prompts=prompts,
-                           max_new_tokens=8, tolerance=1e-3, provenance={"base_card": "tiny"})
+                           max_new_tokens=8, tolerance=1e-3, provenance=provenance(base_card="tiny"))
     assert parity.passed and parity.same_replies == 4 and parity.max_abs_logit_diff < 1e-4
     merged = tmp_path / "run" / "merged"
-    provenance = json.loads((merged / "provenance.json").read_text())
-    assert provenance["base_card"] == "tiny" and provenance["parity"]["passed"] is True
+    written = json.loads((merged / "provenance.json").read_text())
+    assert written["base_card"] == "tiny" and written["parity"]["passed"] is True and written["schema_version"] == 1
     assert list(merged.glob("*.safetensors")) and not list(merged.glob("*.bin"))
     AutoModelForCausalLM.from_pretrained(merged)
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), result.adapter_dir)
     # A tolerance nothing can meet (negative) fails the check and leaves no merged directory behind.
     with pytest.raises(UserError, match="merge parity failed"):
         merge_adapter(str(model), result.adapter_dir, tmp_path / "run" / "merged2", parity_prompts=prompts,
-                      max_new_tokens=8, tolerance=-1.0, provenance={})
+                      max_new_tokens=8, tolerance=-1.0, provenance=provenance())
     assert not (tmp_path / "run" / "merged2").exists()
 
 
@@ -244,7 +251,7 @@ def test_merge_parity_catches_a_merge_that_drops_the_adapter(tmp_path, setup, mo
     with pytest.raises(UserError, match="merge parity failed"):
         merge_adapter(str(model), result.adapter_dir, tmp_path / "run" / "merged",
                       parity_prompts=[[{"role": "user", "content": "问题1"}]], max_new_tokens=4,
-                      tolerance=1e-3, provenance={})
+                      tolerance=1e-3, provenance=provenance())
     assert not (tmp_path / "run" / "merged").exists()
 
 
@@ -308,7 +315,7 @@ def test_modules_to_save_trains_the_head_and_merges(tmp_path, setup):
     assert curve[-1] < 0.5 * curve[0]
     prompts = [[{"role": "user", "content": f"问题{i}"}] for i in range(3)]
     parity = merge_adapter(str(model), result.adapter_dir, tmp_path / "run" / "merged", parity_prompts=prompts,
-                           max_new_tokens=6, tolerance=1e-3, provenance={})
+                           max_new_tokens=6, tolerance=1e-3, provenance=provenance())
     assert parity.passed and parity.same_replies == 3
 
 
@@ -529,9 +536,10 @@ def test_train_command_end_to_end(tmp_path, setup, capsys):
     run = tmp_path / "runs" / "train" / "e2e-qwen2.5-1.5b-instruct"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["parity"]["passed"] and summary["fact"]["items"] == 60
+    assert summary["schema_version"] == 2 and summary["fact"]["metric"] == "fact_recall"
     assert {p.name for p in (run / "data").iterdir()} == {"train.jsonl", "val.jsonl", "test.jsonl"}
-    provenance = json.loads((run / "merged" / "provenance.json").read_text())
-    assert provenance["base_card"] == "qwen2.5-1.5b-instruct" and len(provenance["data_sha256"]) == 64
+    written = json.loads((run / "merged" / "provenance.json").read_text())
+    assert written["base_card"] == "qwen2.5-1.5b-instruct" and len(written["data_sha256"]) == 64
     samples = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if '"sample"' in line]
     assert [s["step"] for s in samples] == [2, 4]
 

@@ -53,7 +53,8 @@ def merge_adapter(base_checkpoint: str, adapter_dir: Path, out_dir: Path, *, par
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from core.files import staging_dir, write_json_atomic
+    from core.artifacts import MergeProvenance, write_artifact
+    from core.files import staging_dir
     from train.callbacks import generate
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # carries the chat template used in training
@@ -75,6 +76,6 @@ def merge_adapter(base_checkpoint: str, adapter_dir: Path, out_dir: Path, *, par
     with staging_dir(out_dir) as stage:
         merged.save_pretrained(stage, safe_serialization=True)
         tokenizer.save_pretrained(stage)
-        write_json_atomic(stage / "provenance.json", {**provenance, "parity": {**asdict(parity),
-                                                                              "passed": parity.passed}})
+        write_artifact(stage / "provenance.json", MergeProvenance,
+                       {**provenance, "parity": {**asdict(parity), "passed": parity.passed}})
     return parity

@@ -17,7 +17,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from core.errors import UserError
-from core.files import sha256_file, write_json_atomic
+from core.artifacts import TrainSummary, write_artifact
+from core.files import sha256_file
 from core.settings import Settings
 from core.workspace import Workspace
 from train.recipe import Recipe
@@ -53,8 +54,7 @@ def fact_comparison(base_card, merged_card, merged_dir: Path, settings: Settings
     comp = compare(out["merged"], out["base"], binary=False)
     return {"task": "fact", "split": "test", "items": len(items),
             "base": asdict(bootstrap_mean(out["base"])), "merged": asdict(bootstrap_mean(out["merged"])),
-            "diff_merged_minus_base": comp.diff, "ci95": [comp.low, comp.high], "p_value": comp.p_value,
-            "test": comp.test}
+            **comp.record(M.FACT_RECALL)}
 
 
 def train_command(settings: Settings, recipe: Recipe, model_name: str | None, run_name: str | None) -> dict:
@@ -93,7 +93,7 @@ def train_command(settings: Settings, recipe: Recipe, model_name: str | None, ru
                                           "add_bos": False})
     facts = fact_comparison(card, merged_card, merged_dir, settings, open_results(settings.runs_dir))
     print(f"fact recall on the test split ({facts['items']} items): base {facts['base']['mean']:.1%}, "
-          f"merged {facts['merged']['mean']:.1%}, difference {facts['diff_merged_minus_base']:+.1%} "
+          f"merged {facts['merged']['mean']:.1%}, difference {facts['diff']:+.1%} "
           f"[{facts['ci95'][0]:+.1%}, {facts['ci95'][1]:+.1%}], p={facts['p_value']:.3g}")
     summary = {"model": card.name, "merged_model": merged_card.name, "recipe": str(recipe.path),
                "run_dir": str(run_dir), "adapter": str(result.adapter_dir), "merged": str(merged_dir),
@@ -102,7 +102,7 @@ def train_command(settings: Settings, recipe: Recipe, model_name: str | None, ru
                "final_train_loss": result.final_train_loss, "final_val_loss": result.final_val_loss,
                "cleaning": {k: v for k, v in asdict(result.data.report).items() if k != "problems"},
                "parity": {**asdict(parity), "passed": parity.passed}, "fact": facts}
-    write_json_atomic(summary_path, summary)
+    write_artifact(summary_path, TrainSummary, summary)
     print(f"wrote {summary_path}")
     return summary
 

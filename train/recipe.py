@@ -70,8 +70,8 @@ class TrainingSpec(Strict):
     cpu_allocator: Literal["compact", "glibc"] = "compact"
     """On a CPU, both load the model with glibc's mmap threshold at 2 MB and trim the heap after
     every pass (`CpuAllocator`). `compact` keeps the 2 MB threshold while training (with huge
-    pages), so freed activations go back to the system: on bench-train in bf16 about 0.55 GB
-    less peak memory than `glibc` and 20-30% slower. `glibc` serves blocks up to 32 MB from the
+    pages), so freed activations go back to the system: less peak memory than `glibc`, and
+    slower (docs/training.md). `glibc` serves blocks up to 32 MB from the
     heap, where glibc's adaptive threshold ends up. No effect on a GPU's memory."""
     divergence_factor: float = Field(default=4.0, gt=1)
     """Stop when the training loss exceeds this many times its first logged value."""

@@ -195,8 +195,7 @@ def compute_dtype(recipe: Recipe):
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). There oneDNN's bf16
-    matrix products run about 3x as fast as fp32's (a 368x896 by 896x4864 product: 330 against
-    105-180 GFLOP/s on the 2-core AMD EPYC we develop on), and a QLoRA step about 1.5x; without
+    matrix products run several times as fast as fp32's (docs/benchmarks.md); without
     it bf16 is emulated and slower than fp32."""
 
     return any(getattr(torch.cpu, probe, lambda: False)()

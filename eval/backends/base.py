@@ -8,7 +8,7 @@ from typing import Protocol
 DEFAULT_BATCH_SIZE = 16
 """Rows a local model runs at once, and the unit of work a run commits. 16 rather than 8: on a
 2-core CPU a decode step costs nearly the same at 16 rows as at 8 (it reads every weight either
-way), and FewCLUE gen in batches of 16 took 61 s against 75 s in batches of 8 (README)."""
+way; docs/benchmarks.md)."""
 
 
 @dataclass(frozen=True)

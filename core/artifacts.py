@@ -1,0 +1,190 @@
+"""The JSON files selectune writes, each a typed schema with a `schema_version`, written and read
+through `write_artifact` and `read_artifact` only. docs/artifacts.md documents them key by key.
+
+A file of an older version is migrated when read (a file with no `schema_version` is version 1,
+as every file written before versions existed); a file of a newer version than this code knows
+is refused with one line rather than misread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from core.config import format_validation_error
+from core.errors import UserError
+from core.files import read_json, write_json_atomic
+
+
+class Artifact(BaseModel):
+    """Top-level keys are checked (an unknown or missing one is an error); nested records are
+    described in docs/artifacts.md."""
+
+    model_config = ConfigDict(extra="forbid")
+    VERSION: ClassVar[int] = 1
+    MIGRATIONS: ClassVar[dict[int, Callable[[dict], dict]]] = {}
+    """from_version -> a function that turns a record of that version into the next one."""
+
+    schema_version: int
+
+
+def _rename_comparison(record: dict, old: str) -> dict:
+    return {("diff" if k == old else k): v for k, v in record.items()}
+
+
+def _selection_v1(data: dict) -> dict:
+    comparisons = {model: [_rename_comparison(c, "diff_best_minus_other") for c in comps]
+                   for model, comps in data.get("comparisons_vs_best", {}).items()}
+    return {**data, "comparisons_vs_best": comparisons} if "comparisons_vs_best" in data else data
+
+
+class Selection(Artifact):
+    """runs/selection.json, written by `make select`."""
+
+    VERSION = 2
+    MIGRATIONS = {1: _selection_v1}
+    winner: str | None
+    best_mean_rank: str | None = None
+    tied_with_best: list[str] = []
+    reasons: list[str]
+    candidates: list[dict]
+    comparisons_vs_best: dict[str, list[dict]] = {}
+    rule: str
+    budget: dict[str, float]
+    cells: list[dict]
+    per_fact_recall: dict[str, dict[str, float]]
+    runs: dict[str, list[str]]
+    git_revision: str | None
+    created: str
+    style_classifier_accuracy: float | None = None
+
+
+def _train_summary_v1(data: dict) -> dict:
+    fact = data.get("fact")
+    return {**data, "fact": _rename_comparison(fact, "diff_merged_minus_base")} if fact else data
+
+
+class TrainSummary(Artifact):
+    """runs/train/<run>/summary.json, written last by `make train`."""
+
+    VERSION = 2
+    MIGRATIONS = {1: _train_summary_v1}
+    model: str
+    merged_model: str
+    recipe: str
+    run_dir: str
+    adapter: str
+    merged: str
+    steps: int
+    train_seconds: float
+    total_seconds: float
+    resumed_from: str | None
+    final_train_loss: float | None
+    final_val_loss: float | None
+    cleaning: dict[str, Any]
+    parity: dict[str, Any]
+    fact: dict[str, Any]
+
+
+class MergeProvenance(Artifact):
+    """runs/train/<run>/merged/provenance.json, beside the merged weights."""
+
+    base_card: str
+    base_weights_sha256: str | dict[str, str] | None
+    """One hash, or one per weights file (a checkpoint in several shards)."""
+    adapter_config: dict[str, Any]
+    adapter_sha256: str
+    data_sha256: str
+    recipe: dict[str, Any]
+    recipe_sha256: str | None
+    final_train_loss: float | None
+    final_val_loss: float | None
+    steps: int
+    parity: dict[str, Any]
+
+
+class RescoreRecord(Artifact):
+    """runs/serve/rescore-<model>.json, written by `make rescore`."""
+
+    model: str
+    model_dir: str
+    engine: str
+    concurrency: int
+    base_url: str
+    limit: int | None
+    sampling: dict[str, float | int]
+    parity: dict[str, Any]
+    serving: dict[str, dict[str, Any]]
+    served_runs: dict[str, str]
+
+
+class ServerState(Artifact):
+    """runs/serve/server.json: the server `make serve` started."""
+
+    pid: int
+    engine: str
+    base_url: str
+    host: str
+    port: int
+    model_name: str
+    log: str
+    argv: list[str]
+    model: str | None = None
+    model_dir: str | None = None
+    base_card: str | None = None
+
+
+class SynthProvenance(Artifact):
+    """runs/synth/<recipe>/provenance.json, written last by `make data-synth`."""
+
+    recipe: str
+    recipe_sha256: str | None
+    teacher: dict[str, Any]
+    templates_sha256: dict[str, str]
+    context_sha256: str | None
+    sampling: dict[str, dict[str, Any]]
+    seed: int
+    seeds_sha256: str
+    counts: dict[str, int]
+    removed: dict[str, Any]
+    budget: dict[str, Any]
+    stopped: str | None
+    complete: bool
+    format: str
+    data: str
+    data_sha256: str
+    git_revision: str | None
+
+
+def _validate(schema: type[Artifact], data: dict, where: Path | str) -> Artifact:
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(where, exc, data, schema)) from None
+
+
+def write_artifact(path: Path, schema: type[Artifact], record: dict) -> dict:
+    """Check `record` against `schema`, stamp its version, write it atomically; returns what was
+    written (the record's own keys, in its own nesting, plus `schema_version`)."""
+    stamped = {**record, "schema_version": schema.VERSION}
+    _validate(schema, stamped, path)
+    write_json_atomic(path, stamped)
+    return stamped
+
+
+def read_artifact(path: Path, schema: type[Artifact]) -> dict:
+    """The file as the current version of `schema` describes it, older versions migrated."""
+    data = read_json(path)
+    version = data.get("schema_version", 1)
+    if not isinstance(version, int) or version > schema.VERSION:
+        raise UserError(f"{path}: schema_version {version} is newer than this selectune reads "
+                        f"({schema.VERSION}); update selectune")
+    while version < schema.VERSION:
+        data = schema.MIGRATIONS.get(version, lambda d: d)(data)
+        version += 1
+    data = {**data, "schema_version": version}
+    _validate(schema, data, path)
+    return data

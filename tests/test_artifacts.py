@@ -1,0 +1,86 @@
+"""The JSON artifacts: stamped with their schema version when written, checked when read, and
+files written before versions existed (tests/golden/artifacts/, from main at 9cfaa4e) still load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from core.artifacts import RescoreRecord, Selection, TrainSummary, read_artifact, write_artifact
+from core.errors import UserError
+from tests.conftest import REPO
+
+GOLDEN = REPO / "tests" / "golden" / "artifacts"
+
+
+def test_a_selection_written_before_versions_loads_as_the_current_version():
+    path = GOLDEN / "selection-v1.json"
+    old = json.loads(path.read_text(encoding="utf-8"))
+    record = read_artifact(path, Selection)
+    assert "schema_version" not in old and record["schema_version"] == Selection.VERSION
+    assert record["winner"] == old["winner"] and record["cells"] == old["cells"]
+    for model, comps in old["comparisons_vs_best"].items():
+        for before, after in zip(comps, record["comparisons_vs_best"][model]):
+            assert after["diff"] == before["diff_best_minus_other"] and "diff_best_minus_other" not in after
+            assert {k: v for k, v in after.items() if k != "diff"} == {
+                k: v for k, v in before.items() if k != "diff_best_minus_other"}
+
+
+def test_a_training_summary_written_before_versions_loads_with_its_fact_comparison_renamed():
+    record = read_artifact(GOLDEN / "summary-v1.json", TrainSummary)
+    assert record["schema_version"] == 2 and record["fact"]["diff"] == pytest.approx(0.1667, abs=1e-4)
+    assert "diff_merged_minus_base" not in record["fact"]
+
+
+def test_a_written_artifact_carries_its_version_and_reads_back_the_same(tmp_path):
+    record = read_artifact(GOLDEN / "selection-v1.json", Selection)
+    path = tmp_path / "selection.json"
+    written = write_artifact(path, Selection, {k: v for k, v in record.items() if k != "schema_version"})
+    assert json.loads(path.read_text(encoding="utf-8"))["schema_version"] == 2
+    assert read_artifact(path, Selection) == written == record
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"schema_version": 3}, "schema_version 3 is newer than this selectune reads (2); update selectune"),
+    ({"colour": "red"}, "unknown key 'colour' (expected one of ["),
+    ({"winner": 7}, "key 'winner': Input should be a valid string"),
+])
+def test_a_bad_or_newer_file_is_refused_with_one_line(tmp_path, change, message):
+    record = json.loads((GOLDEN / "selection-v1.json").read_text(encoding="utf-8"))
+    path = tmp_path / "selection.json"
+    path.write_text(json.dumps({**record, **change}), encoding="utf-8")
+    with pytest.raises(UserError) as err:
+        read_artifact(path, Selection)
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_record_missing_a_key_is_not_written(tmp_path):
+    path = tmp_path / "rescore.json"
+    with pytest.raises(UserError, match="missing key 'served_runs'"):
+        write_artifact(path, RescoreRecord, {"model": "m", "model_dir": "d", "engine": "e", "concurrency": 1,
+                                             "base_url": "u", "limit": None, "sampling": {}, "parity": {},
+                                             "serving": {}})
+    assert not path.exists()
+
+
+def test_a_store_written_before_versions_opens_as_version_1_with_its_rows(tmp_path):
+    import sqlite3
+
+    from core.store import VERSION, open_store
+
+    path = tmp_path / "results.sqlite"
+    with sqlite3.connect(path) as old:  # as main at 9cfaa4e left it: the results tables, no version
+        old.execute("CREATE TABLE runs (run_id TEXT PRIMARY KEY, task TEXT NOT NULL, split TEXT NOT NULL, "
+                    "mode TEXT NOT NULL, model TEXT NOT NULL, meta_json TEXT NOT NULL, n_items INTEGER NOT NULL, "
+                    "started REAL NOT NULL, finished REAL)")
+        old.execute("INSERT INTO runs VALUES ('r1', 'fact', 'test', 'gen', 'm', '{}', 60, 1.0, 2.0)")
+    conn = open_store(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == VERSION == 1
+    assert conn.execute("SELECT run_id, n_items FROM runs").fetchall() == [("r1", 60)]
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"items", "judge_verdicts", "review_pairs", "review_votes", "teacher_calls"} <= tables
+    conn.execute("PRAGMA user_version = 9")
+    conn.close()
+    with pytest.raises(UserError, match=r"results.sqlite: store version 9 is newer than this selectune reads \(1\)"):
+        open_store(path)
