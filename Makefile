@@ -64,9 +64,10 @@ data: $(STAMP) ## download FewCLUE into the cache (checksum-verified), or verify
 	$(SELECTUNE) data
 
 # The main job sets up everything it reads first: models and data are no-ops once done.
+SUITE ?= suites/default.yaml
 SELECT_ARGS ?=
-select: models data ## score the candidates and pick the winner under a memory budget (SELECT_ARGS=...)
-	$(SELECTUNE) select $(SELECT_ARGS)
+select: models data ## score the candidates on SUITE and pick the winner under a memory budget (SELECT_ARGS=...)
+	$(SELECTUNE) select --suite $(SUITE) $(SELECT_ARGS)
 
 RECIPE ?= train/default.yaml
 TRAIN_ARGS ?=

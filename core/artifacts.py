@@ -60,6 +60,8 @@ class Selection(Artifact):
     git_revision: str | None
     created: str
     style_classifier_accuracy: float | None = None
+    suite: dict[str, str] | None = None
+    """The suite scored: `name`, `file`, `sha256` (absent before suites were files)."""
 
 
 def _train_summary_v1(data: dict) -> dict:

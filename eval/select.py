@@ -1,7 +1,7 @@
 """Score every candidate on the task suite and choose the winner the evidence supports.
 
-    make select                                     # default offline candidates, CPU suite
-    python -m selectune select --models smollm2-135m-instruct,gemma3-270m --full-fewclue
+    make select                                     # default offline candidates, suites/default.yaml
+    python -m selectune select --models smollm2-135m-instruct,gemma3-270m --suite suites/fewclue-test.yaml
 
 Rule: rank candidates on each suite entry's primary metric and take the best mean rank among
 those within the memory budget; candidates not significantly worse than it on any entry
@@ -22,18 +22,9 @@ from eval.backends.base import DEFAULT_BATCH_SIZE
 from eval.runner import RunSummary, git_revision, run_task
 from eval.stats import ALPHA, compare
 from eval.summary import Cell, cells_of, per_fact_recall, primary_metric, render_table
-from eval.task import find_task, load_items
+from eval.suite import DEFAULT_SUITE, SuiteEntry, load_suite
+from eval.task import TaskSpec, load_items
 from models.card import ModelCard
-
-DEV_SUITE = [("fewclue_bustm", "dev", "gen"), ("fewclue_bustm", "dev", "ppl"),
-             ("fewclue_ocnli_fc", "dev", "gen"), ("fewclue_ocnli_fc", "dev", "ppl"),
-             ("style", "test", "gen"), ("fact", "test", "gen")]
-
-
-def suite(full_fewclue: bool = False) -> list[tuple[str, str, str]]:
-    if not full_fewclue:
-        return DEV_SUITE
-    return [(t, "test" if t.startswith("fewclue") else s, m) for t, s, m in DEV_SUITE]
 
 
 @dataclass
@@ -60,7 +51,8 @@ class Candidate:
     items: int = 0
 
 
-def score_candidates(cards: list[ModelCard], entries, *, store: Path, data_dir: Path, conn,
+def score_candidates(cards: list[ModelCard], entries: list[tuple[TaskSpec, SuiteEntry]], *, store: Path,
+                     data_dir: Path, conn,
                      batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto", dtype: str = "auto",
                      judge=None) -> list[Candidate]:
     from tqdm import tqdm
@@ -72,10 +64,10 @@ def score_candidates(cards: list[ModelCard], entries, *, store: Path, data_dir: 
         cand = Candidate(card)
         # Lazy: a candidate whose items are all stored never loads its weights.
         backend = HFBackend(card, store, batch_size=batch_size, device=device, dtype=dtype, lazy=True)
-        for task_name, split, mode in entries:
-            task = find_task(task_name)
+        for task, entry in entries:
+            split, mode = entry.split, entry.mode
             items = load_items(task, split, data_dir)
-            with tqdm(total=len(items), desc=f"{card.name} {task_name}-{split} {mode}",
+            with tqdm(total=len(items), desc=f"{card.name} {task.name}-{split} {mode}",
                       unit="item", leave=False) as bar:
                 run = run_task(backend, task, split, mode, items, conn, chunk_size=batch_size,
                                data_dir=data_dir, progress=bar.update, judge=judge)
@@ -88,13 +80,17 @@ def score_candidates(cards: list[ModelCard], entries, *, store: Path, data_dir: 
     return candidates
 
 
-def decide(candidates: list[Candidate], budget: Budget) -> dict:
-    """The winner and the evidence, as the dict written to selection.json."""
+def decide(candidates: list[Candidate], budget: Budget, ranking: list[tuple[str | None, float]] | None = None) -> dict:
+    """The winner and the evidence, as the dict written to selection.json. `ranking`: per suite
+    entry, the metric that ranks it (None: the task's first) and its weight in the mean rank."""
     import numpy as np
     from scipy.stats import rankdata
 
     names = [c.card.name for c in candidates]
-    entries = [(r.task.name, r.split, r.mode, primary_metric(r)) for r in candidates[0].runs]
+    ranking = ranking or [(None, 1.0)] * len(candidates[0].runs)
+    entries = [(r.task.name, r.split, r.mode, metric or primary_metric(r))
+               for r, (metric, _) in zip(candidates[0].runs, ranking)]
+    weights = np.array([w for _, w in ranking])
     means = np.array([[np.mean([i["scores"][m] for i in c.runs[k].items]) for k, (*_, m) in enumerate(entries)]
                       for c in candidates])
     sign = np.array([1.0 if M.HIGHER_IS_BETTER[m] else -1.0 for *_, m in entries])
@@ -104,7 +100,9 @@ def decide(candidates: list[Candidate], budget: Budget) -> dict:
     mean_rank = np.full(len(candidates), np.nan)
     if eligible:
         ranks = np.column_stack([rankdata(-sign[k] * means[eligible, k]) for k in range(len(entries))])
-        mean_rank[eligible] = ranks.mean(axis=1)
+        # equal weights: the plain mean, to the last bit
+        mean_rank[eligible] = (ranks.mean(axis=1) if np.all(weights == weights[0])
+                               else (ranks * weights).sum(axis=1) / weights.sum())
     if not eligible:
         return {"winner": None, "reasons": ["no candidate fits the memory budget"],
                 "candidates": _rows(candidates, mean_rank, fits, {})}
@@ -163,10 +161,11 @@ def _reasons(names, best, winner, tied, mean_rank, worse, fits, candidates) -> l
     return out
 
 
-def selection_report(candidates: list[Candidate], budget: Budget, *, seed: int = 0) -> tuple[str, dict]:
+def selection_report(candidates: list[Candidate], budget: Budget, *, seed: int = 0,
+                     ranking: list[tuple[str | None, float]] | None = None) -> tuple[str, dict]:
     cells: list[Cell] = [cell for c in candidates for r in c.runs for cell in cells_of(r, seed)]
     table = render_table(cells, [c.card.name for c in candidates])
-    decision = decide(candidates, budget)
+    decision = decide(candidates, budget, ranking)
     record = {
         **decision,
         "rule": __doc__.split("Rule: ", 1)[1].split("Writes")[0].replace("\n", " ").strip(),
@@ -183,29 +182,34 @@ def selection_report(candidates: list[Candidate], budget: Budget, *, seed: int =
     return table, record
 
 
-def select_command(settings, *, models: str | None = None, full_fewclue: bool = False,
+def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT_SUITE,
                    train_budget_gib: float = 24.0, infer_budget_gib: float = 16.0,
                    batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto", dtype: str = "auto") -> int:
     """`selectune select` (`make select`): score, decide, print the evidence, write selection.json."""
     from core.artifacts import Selection, write_artifact
+    from core.files import sha256_file
     from eval.judge import make_judge
     from eval.results import open_results
     from models.card import find_card, load_cards
     from models.store import provision
 
+    spec, entries = load_suite(suite)  # every entry checked before any model runs
     cards = [find_card(n) for n in models.split(",")] if models else [
         c for c in load_cards().values() if c.default]
     judge = make_judge(settings)  # fails before any scoring when half-configured
     for card in cards:
         provision(card, settings.model_store)
-    candidates = score_candidates(cards, suite(full_fewclue), store=settings.model_store,
+    candidates = score_candidates(cards, entries, store=settings.model_store,
                                   data_dir=settings.resolved_data_dir, conn=open_results(settings.runs_dir),
                                   batch_size=batch_size, device=device, dtype=dtype, judge=judge)
-    table, record = selection_report(candidates, Budget(train_budget_gib, infer_budget_gib))
-    if any(r.task.scorer and "style" in r.task.scorer for c in candidates for r in c.runs):
+    table, record = selection_report(candidates, Budget(train_budget_gib, infer_budget_gib),
+                                     ranking=[(e.metric, e.weight) for _, e in entries])
+    record["suite"] = {"name": spec.name, "file": str(spec.path), "sha256": sha256_file(spec.path)}
+    styled = [task for task, _ in entries if task.scorer and task.scorer.startswith("eval.scorers.style:")]
+    if styled:
         from eval.scorers.style import style_classifier
 
-        _, record["style_classifier_accuracy"] = style_classifier(find_task("style"), settings.resolved_data_dir)
+        _, record["style_classifier_accuracy"] = style_classifier(styled[0], settings.resolved_data_dir)
     print(table)
     print()
     print_decision(record)

@@ -3,7 +3,7 @@
     python -m selectune models list | models provision [--card NAME ...] [--weights DIR]
     python -m selectune data [--check]
     python -m selectune eval --task NAME --model CARD [--split S --mode gen|ppl --limit N]
-    python -m selectune select [--models A,B] [--full-fewclue]
+    python -m selectune select [--models A,B] [--suite suites/fewclue-test.yaml]
     python -m selectune train [--recipe train/default.yaml] [--model CARD]
     python -m selectune serve [--model CARD | --checkpoint DIR] [--stop]
     python -m selectune rescore [--tasks fact --limit 20]
@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sel = command(sub, "select", "eval.select:select_command", "score the candidates on the suite and pick the winner")
     sel.add_argument("--models", help="comma-separated card names (default: the default offline set)")
-    sel.add_argument("--full-fewclue", action="store_true", help="FewCLUE test splits instead of dev")
+    sel.add_argument("--suite", type=Path, default=REPO / "suites" / "default.yaml",
+                     help="the selection suite: a YAML file of task, split, mode entries (default suites/default.yaml)")
     sel.add_argument("--train-budget-gib", type=float, default=24.0)
     sel.add_argument("--infer-budget-gib", type=float, default=16.0)
     sel.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE)

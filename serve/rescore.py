@@ -41,18 +41,20 @@ def local_card(target: Target):
     return target.card.model_copy(update={"name": target.label, "chat_template": "tokenizer"})
 
 
-def rescore_entries(tasks: list[str] | None) -> list[tuple[str, str]]:
-    from eval.select import DEV_SUITE
+def rescore_entries(tasks: list[str] | None, suite: Path | None = None) -> list[tuple[object, str]]:
+    """(task, split) of every suite entry, once each (a task in two modes is scored once, in gen)."""
+    from eval.suite import DEFAULT_SUITE, load_suite
 
-    seen: list[tuple[str, str]] = []
-    for task, split, _ in DEV_SUITE:
-        if (task, split) not in seen and (tasks is None or task in tasks):
-            seen.append((task, split))
+    _, entries = load_suite(suite or DEFAULT_SUITE)
+    seen: list[tuple[object, str]] = []
+    for task, entry in entries:
+        if (task.name, entry.split) not in [(t.name, s) for t, s in seen] and (tasks is None or task.name in tasks):
+            seen.append((task, entry.split))
     if tasks:
-        unknown = set(tasks) - {t for t, _ in seen}
+        unknown = set(tasks) - {t.name for t, _ in seen}
         if unknown:
             raise UserError(f"--tasks: not in the selection suite: {', '.join(sorted(unknown))} "
-                            f"(suite: {', '.join(t for t, _ in seen)})")
+                            f"(suite: {', '.join(dict.fromkeys(t.name for t, _ in entries))})")
     return seen
 
 
@@ -181,15 +183,14 @@ def rescore(settings, target: Target, *, base_url: str, model_name: str, engine:
     from eval.backends.hf import HFBackend
     from eval.results import open_results
     from eval.runner import run_task
-    from eval.task import find_task, load_items
     from core.artifacts import RescoreRecord, write_artifact
+    from eval.task import load_items
 
     conn = open_results(settings.runs_dir)
     data_dir = settings.resolved_data_dir
     entries = rescore_entries(tasks)
     work = []
-    for name, split in entries:
-        task = find_task(name)
+    for task, split in entries:
         items = load_items(task, split, data_dir)
         work.append((task, split, items[:limit] if limit else items))
 

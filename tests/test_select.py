@@ -50,3 +50,17 @@ def test_significantly_worse_is_not_tied(tmp_path):
     (comparison,) = record["comparisons_vs_best"]["smollm2-135m-instruct"]
     assert comparison["p_value"] < 0.001 and comparison["diff"] == 0.3 and comparison["verdict"] == "significantly better"
     assert "mini-dev" in table and "100.0 [100.0, 100.0]" in table
+
+
+def test_an_entry_can_rank_by_another_metric_and_weigh_more(tmp_path):
+    task, items = make_task(tmp_path, n=40)
+    conn = open_results(tmp_path / "runs")
+    a = _candidate("qwen2.5-coder-0.5b-instruct", set(range(10)), task, items, conn)
+    b = _candidate("smollm2-135m-instruct", set(range(5)), task, items, conn)
+    both = [Candidate(a.card, a.runs * 2), Candidate(b.card, b.runs * 2)]  # two entries of the same runs
+    ranks = {r["model"]: r["mean_rank"] for r in decide(both, Budget())["candidates"]}
+    assert ranks == {"qwen2.5-coder-0.5b-instruct": 2.0, "smollm2-135m-instruct": 1.0}
+    # ranked by the unparsable rate (lower is better: both 0, a tie) on the heavier entry
+    weighted = decide(both, Budget(), [(None, 1.0), ("unparsable", 3.0)])
+    ranks = {r["model"]: r["mean_rank"] for r in weighted["candidates"]}
+    assert ranks == {"qwen2.5-coder-0.5b-instruct": (2.0 + 3 * 1.5) / 4, "smollm2-135m-instruct": (1.0 + 3 * 1.5) / 4}

@@ -1,0 +1,76 @@
+"""A selection suite: one YAML file under suites/ naming what `make select` scores.
+
+    make select SUITE=suites/fewclue-test.yaml
+    python -m selectune select --suite suites/default.yaml
+
+Each entry names a task (by name, or by the path of its YAML file), a split, a mode, and
+optionally the metric that ranks candidates on it (default: the task's first metric) and its
+weight in the mean rank (default 1). Everything is checked when the suite loads, before any
+model runs: an unknown task, split, mode or metric is one line naming the suite and the entry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field
+
+from core.config import NamedConfig, Strict, load_named_yaml
+from core.errors import UserError
+from eval.task import Mode, TaskSpec, find_task, load_task
+
+SUITES_DIR = Path(__file__).resolve().parents[1] / "suites"
+DEFAULT_SUITE = SUITES_DIR / "default.yaml"
+
+
+class SuiteEntry(Strict):
+    task: str
+    """A task name (tasks/<name>.yaml), or the path of a task file, relative to the suite file."""
+    split: str
+    mode: Mode
+    metric: str | None = None
+    """The metric that ranks the candidates on this entry; default the task's first metric."""
+    weight: float = Field(default=1.0, gt=0)
+    """This entry's weight in the mean rank."""
+
+
+class Suite(NamedConfig):
+    home: ClassVar[Path] = SUITES_DIR
+    name: str
+    description: str = ""
+    entries: list[SuiteEntry] = Field(min_length=1)
+
+
+def resolve_task(spec: str, relative_to: Path) -> TaskSpec:
+    """A task named by name, or by a path relative to `relative_to` (or absolute)."""
+    if spec.endswith((".yaml", ".yml")) or "/" in spec:
+        path = Path(spec) if Path(spec).is_absolute() else relative_to / spec
+        if not path.is_file():
+            raise UserError(f"task file {path} does not exist")
+        return load_task(path)
+    return find_task(spec)
+
+
+def load_suite(path: Path) -> tuple[Suite, list[tuple[TaskSpec, SuiteEntry]]]:
+    """The suite and each entry's task, every entry checked against its task."""
+    if not path.is_file():
+        raise UserError(f"{path}: suite file not found (suites: {', '.join(sorted(p.name for p in SUITES_DIR.glob('*.yaml')))})")
+    suite = load_named_yaml(path, Suite, "suite")
+    out = []
+    for n, entry in enumerate(suite.entries):
+        where = f"{path}: entries.{n} ({entry.task} {entry.split} {entry.mode})"
+        try:
+            task = resolve_task(entry.task, path.parent)
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
+        if entry.split not in task.data.splits:
+            raise UserError(f"{where}: task '{task.name}' has no split '{entry.split}' "
+                            f"(splits: {', '.join(task.data.splits)})")
+        if entry.mode not in task.modes:
+            raise UserError(f"{where}: task '{task.name}' has no mode '{entry.mode}' (modes: {', '.join(task.modes)})")
+        if entry.metric is not None and entry.metric not in task.metrics:
+            raise UserError(f"{where}: task '{task.name}' does not compute metric '{entry.metric}' "
+                            f"(metrics: {', '.join(task.metrics)})")
+        out.append((task, entry))
+    return suite, out

@@ -1,0 +1,61 @@
+"""Selection suites: the shipped ones load, the default is the suite selection always ran, and a
+bad entry is one line naming the file and the entry before any model runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.errors import UserError
+from eval.suite import DEFAULT_SUITE, SUITES_DIR, load_suite
+
+GOOD = "name: s\nentries:\n  - {task: fewclue_bustm, split: dev, mode: gen}\n"
+
+
+@pytest.mark.parametrize("path", sorted(SUITES_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_suite_loads(path):
+    suite, entries = load_suite(path)
+    assert suite.name == path.stem and len(entries) == len(suite.entries) > 0
+
+
+def test_the_default_suite_is_the_one_selection_ran_before_suites_were_files():
+    _, entries = load_suite(DEFAULT_SUITE)
+    assert [(t.name, e.split, e.mode, e.metric, e.weight) for t, e in entries] == [
+        ("fewclue_bustm", "dev", "gen", None, 1.0), ("fewclue_bustm", "dev", "ppl", None, 1.0),
+        ("fewclue_ocnli_fc", "dev", "gen", None, 1.0), ("fewclue_ocnli_fc", "dev", "ppl", None, 1.0),
+        ("style", "test", "gen", None, 1.0), ("fact", "test", "gen", None, 1.0)]
+    _, test = load_suite(SUITES_DIR / "fewclue-test.yaml")
+    assert [(t.name, e.split) for t, e in test] == [(t.name, "test") for t, _ in entries]
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("{task: nope, split: dev, mode: gen}", "entries.0 (nope dev gen): unknown task 'nope' (known: "),
+    ("{task: ../no/such.yaml, split: dev, mode: gen}", "entries.0 (../no/such.yaml dev gen): task file "),
+    ("{task: fewclue_bustm, split: train_all, mode: gen}", "task 'fewclue_bustm' has no split 'train_all' (splits: "),
+    ("{task: style, split: test, mode: ppl}", "task 'style' has no mode 'ppl' (modes: gen)"),
+    ("{task: fact, split: test, mode: gen, metric: chrf}", "task 'fact' does not compute metric 'chrf' (metrics: "),
+    ("{task: fact, split: test, mode: beam}", "key 'entries.0.mode': Input should be 'gen' or 'ppl'"),
+    ("{task: fact, split: test, mode: gen, weigth: 2}", "unknown key 'entries.0.weigth'"),
+    ("{task: fact, split: test, mode: gen, weight: 0}", "key 'entries.0.weight': Input should be greater than 0"),
+])
+def test_a_bad_entry_is_one_line_naming_the_suite_and_the_entry(tmp_path, entry, message):
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: s\nentries:\n  - {entry}\n", encoding="utf-8")
+    with pytest.raises(UserError) as err:
+        load_suite(path)
+    text = str(err.value)
+    assert text.startswith(f"{path}: ") and message in text and "\n" not in text, text
+
+
+def test_a_task_can_be_named_by_its_file(tmp_path):
+    from tests.conftest import REPO
+
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: s\nentries:\n  - {{task: {REPO / 'tasks' / 'fact.yaml'}, split: test, mode: gen}}\n",
+                    encoding="utf-8")
+    _, [(task, entry)] = load_suite(path)
+    assert task.name == "fact" and task.path == REPO / "tasks" / "fact.yaml"
+
+
+def test_a_missing_suite_file_names_the_shipped_ones(tmp_path):
+    with pytest.raises(UserError, match=r"suite file not found \(suites: default.yaml, fewclue-test.yaml\)"):
+        load_suite(tmp_path / "nope.yaml")
