@@ -60,6 +60,8 @@ class Selection(Artifact):
     git_revision: str | None
     created: str
     style_classifier_accuracy: float | None = None
+    baselines: list[dict] = []
+    """Per choice entry: the majority label and its accuracy, chance, each candidate against the majority."""
     suite: dict[str, str] | None = None
     """The suite scored: `name`, `file`, `sha256` (absent before suites were files)."""
 

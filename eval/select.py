@@ -163,11 +163,18 @@ def _reasons(names, best, winner, tied, mean_rank, worse, fits, candidates) -> l
 
 def selection_report(candidates: list[Candidate], budget: Budget, *, seed: int = 0,
                      ranking: list[tuple[str | None, float]] | None = None) -> tuple[str, dict]:
+    from eval.baselines import BASELINE_COLUMNS, against_majority, baseline_cells, baseline_reasons
+
     cells: list[Cell] = [cell for c in candidates for r in c.runs for cell in cells_of(r, seed)]
-    table = render_table(cells, [c.card.name for c in candidates])
+    floor = [cell for r in candidates[0].runs for cell in baseline_cells(r, seed)]
+    table = render_table(cells + floor, [c.card.name for c in candidates] + (BASELINE_COLUMNS if floor else []))
     decision = decide(candidates, budget, ranking)
+    baselines = [b for k in range(len(candidates[0].runs))
+                 if (b := against_majority([c.runs[k] for c in candidates])) is not None]
     record = {
         **decision,
+        "reasons": decision["reasons"] + baseline_reasons(baselines),
+        "baselines": baselines,
         "rule": __doc__.split("Rule: ", 1)[1].split("Writes")[0].replace("\n", " ").strip(),
         "budget": {"train_gib": budget.train_gib, "infer_gib": budget.infer_gib},
         "cells": [{"task": c.task, "version": c.version, "split": c.split, "mode": c.mode,

@@ -64,3 +64,26 @@ def test_an_entry_can_rank_by_another_metric_and_weigh_more(tmp_path):
     weighted = decide(both, Budget(), [(None, 1.0), ("unparsable", 3.0)])
     ranks = {r["model"]: r["mean_rank"] for r in weighted["candidates"]}
     assert ranks == {"qwen2.5-coder-0.5b-instruct": (2.0 + 3 * 1.5) / 4, "smollm2-135m-instruct": (1.0 + 3 * 1.5) / 4}
+
+
+def test_choice_entries_get_majority_and_chance_rows_and_the_decision_says_when_none_beats_them(tmp_path):
+    from eval.baselines import baselines_of
+
+    task, items = make_task(tmp_path, n=40)  # gold alternates A (even ids) and B (odd ids)
+    conn = open_results(tmp_path / "runs")
+    good = _candidate("qwen2.5-coder-0.5b-instruct", set(), task, items, conn)  # 40/40
+    always_a = _candidate("smollm2-135m-instruct", set(range(1, 40, 2)), task, items, conn)  # says A: 20/40
+    found = baselines_of(good.runs[0])
+    assert found.letter == "A" and sum(found.majority) == 20 and found.chance == [0.5] * 40
+    table, record = selection_report([good, always_a], Budget())
+    assert "| majority" in table.splitlines()[0] and "| chance" in table.splitlines()[0]
+    assert "| 50.0 [50.0, 50.0]" in table  # chance: the same for every item
+    (entry,) = record["baselines"]
+    assert entry["majority_label"] == "A" and entry["majority"] == 0.5 and entry["chance"] == 0.5
+    assert entry["beaten_by"] == ["qwen2.5-coder-0.5b-instruct"]
+    assert entry["vs_majority"]["smollm2-135m-instruct"]["diff"] == 0.0
+    assert not any("majority label" in r for r in record["reasons"])
+    _, worse = selection_report([always_a], Budget())
+    assert worse["baselines"][0]["beaten_by"] == []
+    assert worse["reasons"][-1].startswith("No candidate is significantly better than answering the majority "
+                                           "label on mini-dev gen (always A: 50.0%)")
