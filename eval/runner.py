@@ -73,7 +73,13 @@ def score_output(task: TaskSpec, mode: Mode, item: Item, output: str,
         scores[M.ACCURACY] = float(parsed == item.gold)
         scores[M.ACCURACY_OPENCOMPASS] = float(first_capital(output) == item.gold)
         scores[M.UNPARSABLE] = float(parsed is None)
-    if scorer is not None:
+    generic = [m for m in task.metrics if m in M.GENERIC_TEXT]
+    if generic:
+        from eval.scorers.text import text_scores
+
+        scores.update(text_scores(generic, output, list(item.references) or [item.gold or ""],
+                                  steps=task.normalize, pattern=task.regex))
+    if scorer is not None:  # a task's own scorer has the last word on the metrics it computes
         scores.update(scorer(item, output))
     # Keep the task's metrics, and detail entries no metric list names (e.g. "fact:15GB").
     return parsed, {k: v for k, v in scores.items() if k in task.metrics or k not in M.KNOWN}

@@ -9,7 +9,7 @@ from eval import metrics as M
 from eval.runner import RunSummary
 from eval.stats import Estimate, bootstrap_mean
 
-PERCENT = M.BINARY | {M.FACT_RECALL}
+PERCENT = M.BINARY | {M.FACT_RECALL, M.TOKEN_F1, M.CHAR_F1, M.ROUGE_L}
 
 
 @dataclass(frozen=True)

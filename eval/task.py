@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -12,11 +13,12 @@ from typing import ClassVar, Literal
 import jinja2
 from pydantic import Field, model_validator
 
-from eval.metrics import KNOWN as KNOWN_METRICS
+from core.config import NamedConfig, Strict, load_named_yaml
 from core.errors import UserError
 from core.files import sha256_file
 from core.rows import BadLine, read_rows
-from core.config import NamedConfig, Strict, load_named_yaml
+from eval import metrics as M
+from eval.metrics import KNOWN as KNOWN_METRICS
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
 TASK_DATA_DIR = TASKS_DIR / "data"
@@ -86,7 +88,14 @@ class TaskSpec(NamedConfig):
     """Answer options for classification tasks (needed by `ppl` and the choice parser)."""
     label: LabelSpec | None = None
     reference_field: str | None = None
-    """Field holding the reference answer for open-ended tasks."""
+    """Field holding the reference answer for open-ended tasks: a string, or a list of them
+    (several references: each metric takes the best)."""
+    normalize: list[Literal["nfkc", "case", "punctuation", "whitespace", "numerals"]] = []
+    """Applied to reply and references before exact_match, contains, F1, ROUGE-L, BLEU and chrF:
+    NFKC, lower case, punctuation removed, whitespace collapsed, Chinese numerals before a unit
+    to digits (cn2an)."""
+    regex: str | None = None
+    """The pattern `regex_match` looks for in the reply (Python `re`)."""
     gen: GenSpec = GenSpec()
     parser: Literal["choice", "text"] = "text"
     metrics: list[str] = Field(min_length=1)
@@ -115,7 +124,26 @@ class TaskSpec(NamedConfig):
                    if m not in KNOWN_METRICS]
         if unknown:
             raise ValueError(f"unknown metric '{unknown[0]}' (known: {', '.join(sorted(KNOWN_METRICS))})")
+        for metric in self.metrics:
+            if why := self._cannot_compute(metric):
+                raise ValueError(f"task '{self.name}' cannot compute metric '{metric}': {why}")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex is not a valid pattern: {exc}") from None
         return self
+
+    def _cannot_compute(self, metric: str) -> str | None:
+        if metric in M.CHOICE and self.parser != "choice":
+            return "it needs `parser: choice` with choices and a label"
+        if metric in M.REFERENCE and self.reference_field is None:
+            return "it compares the reply with a reference: set reference_field"
+        if metric == M.REGEX_MATCH and self.regex is None:
+            return "it needs the pattern: set regex"
+        if metric in M.SCORER_ONLY and self.scorer is None:
+            return "it is computed by a task's own scorer (eval/scorers/): set scorer"
+        return None
 
 
 @dataclass(frozen=True)
@@ -125,8 +153,10 @@ class Item:
     user: str
     system: str | None
     gold: str | None
-    """The correct choice (classification) or the reference answer (open-ended)."""
+    """The correct choice (classification) or the (first) reference answer (open-ended)."""
     chat_turn_end: str = ""
+    references: tuple[str, ...] = ()
+    """Every reference answer of an open-ended item (`gold` is the first)."""
 
     def messages(self) -> list[dict]:
         """The turns a chat model reads (its template or a chat API adds the rest)."""
@@ -185,6 +215,8 @@ def load_items(task: TaskSpec, split: str, data_dir: Path) -> list[Item]:
         gold = _gold(task, row, path, n)
         if gold is _SKIP:
             continue
+        references = tuple(gold) if isinstance(gold, list) else (gold,) if task.reference_field else ()
+        gold = references[0] if isinstance(gold, list) else gold
         try:
             user = user_t.render(**row)
             system = system_t.render(**row) if system_t else None
@@ -193,7 +225,7 @@ def load_items(task: TaskSpec, split: str, data_dir: Path) -> list[Item]:
         if task.data.id_field and task.data.id_field not in row:
             raise UserError(f"{path}:{n}: missing id field '{task.data.id_field}'")
         item_id = str(row[task.data.id_field]) if task.data.id_field else str(n)
-        items.append(Item(item_id, row, user, system, gold, task.prompt.chat_turn_end))
+        items.append(Item(item_id, row, user, system, gold, task.prompt.chat_turn_end, references))
         if task.limit and len(items) >= task.limit:
             break
     if not items:
@@ -221,5 +253,11 @@ def _gold(task: TaskSpec, row: dict, path: Path, n: int):
     if task.reference_field is not None:
         if task.reference_field not in row:
             raise UserError(f"{path}:{n}: missing reference field '{task.reference_field}'")
-        return str(row[task.reference_field])
+        value = row[task.reference_field]
+        if isinstance(value, list):
+            if not value or not all(isinstance(v, str) for v in value):
+                raise UserError(f"{path}:{n}: reference field '{task.reference_field}' must be a string or "
+                                "a non-empty list of strings")
+            return list(value)
+        return str(value)
     return None

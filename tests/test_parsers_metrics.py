@@ -45,3 +45,12 @@ def test_style_classifier_generalises_to_replies_it_never_saw(shared_data):
                       .read_text(encoding="utf-8"))
     assert held_out >= 0.9
     assert clf.score([r["assistant"] for r in rows], [r["style"] for r in rows]) >= 0.85
+
+
+@pytest.mark.parametrize("case", _cases("text_metrics.json"), ids=lambda c: c["name"])
+def test_text_metric(case):
+    from eval.scorers.text import text_scores
+
+    got = text_scores([case["metric"]], case["reply"], case["references"], steps=case["normalize"],
+                      pattern=case.get("regex"))
+    assert got[case["metric"]] == pytest.approx(case["expected"], abs=1e-9)

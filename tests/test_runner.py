@@ -128,3 +128,31 @@ def test_kill_9_then_rerun_gives_identical_results(tmp_path):
 
     assert final(tmp_path / "killed") == final(tmp_path / "clean")
     assert len(final(tmp_path / "killed")) == 40
+
+
+def test_a_users_text_task_is_scored_with_any_text_metric_and_several_references(tmp_path):
+    from eval.summary import cells_of, render_table
+
+    spec = {"name": "rewrite", "version": 1, "description": "Rewrite politely.",
+            "data": {"root": "data", "format": "jsonl", "splits": {"test": "rewrite.jsonl"}, "id_field": "id"},
+            "default_split": "test", "prompt": {"user": "改写：{{ text }}"}, "modes": ["gen"],
+            "reference_field": "polite", "normalize": ["whitespace", "punctuation"], "regex": "请",
+            "metrics": ["chrf", "exact_match", "contains", "char_f1", "rouge_l", "bleu", "regex_match",
+                        "reply_length"]}
+    (tmp_path / "rewrite.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
+    rows = [{"id": 1, "text": "关门", "polite": ["请关门", "麻烦关一下门"]}, {"id": 2, "text": "走开", "polite": "请让一下"}]
+    (tmp_path / "rewrite.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                            encoding="utf-8")
+    task = load_task(tmp_path / "rewrite.yaml")
+    items = load_items(task, "test", tmp_path)
+    assert items[0].references == ("请关门", "麻烦关一下门") and items[0].gold == "请关门"
+    replies = {"改写：关门": "麻烦关一下门。", "改写：走开": "你走吧"}
+    run = run_task(FakeBackend(respond=lambda r: replies[r.messages[-1]["content"]]), task, "test", "gen", items,
+                   open_results(tmp_path / "runs"))
+    first, second = run.items
+    assert first["scores"]["exact_match"] == 1.0 and first["scores"]["contains"] == 1.0  # the second reference
+    assert first["scores"]["regex_match"] == 0.0 and first["scores"]["reply_length"] == 7.0
+    assert second["scores"]["exact_match"] == 0.0 and second["scores"]["char_f1"] == 0.0
+    assert set(first["scores"]) == set(spec["metrics"])
+    table = render_table(cells_of(run), [run.model])
+    assert all(f"| {m} " in table for m in spec["metrics"])

@@ -51,7 +51,16 @@ GOOD = {
 BAD_TASKS = [
     (edited(GOOD, colour="red"), "unknown key 'colour'"),
     (edited(GOOD, prompt__assistant="x"), "unknown key 'prompt.assistant'"),
-    (edited(GOOD, metrics=["bleu"]), "unknown metric 'bleu'"),
+    (edited(GOOD, metrics=["meteor"]), "unknown metric 'meteor'"),
+    # a metric the task cannot compute is a load-time error naming the task, the metric and why
+    (edited(GOOD, metrics=["bleu"]), "task 't' cannot compute metric 'bleu': it compares the reply with a "
+                                     "reference: set reference_field"),
+    (edited(GOOD, metrics=["regex_match"]), "task 't' cannot compute metric 'regex_match': it needs the pattern"),
+    (edited(GOOD, metrics=["fact_recall"]), "cannot compute metric 'fact_recall': it is computed by a task's own scorer"),
+    (edited(GOOD, parser="text", modes=["gen"], label=DELETE, choices=DELETE),
+     "task 't' cannot compute metric 'accuracy': it needs `parser: choice`"),
+    (edited(GOOD, regex="(unclosed", metrics=["regex_match"]), "regex is not a valid pattern"),
+    (edited(GOOD, normalize=["stemming"]), "key 'normalize.0'"),
     (edited(GOOD, default_split="test"), "default_split 'test' is not in data.splits"),
     (edited(GOOD, label__map={"0": "A", "1": "Z"}), "label.map values must all be choices"),
     (edited(GOOD, modes=["beam"]), "key 'modes.0'"),

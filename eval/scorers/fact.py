@@ -43,6 +43,11 @@ def _to_digits(match: re.Match) -> str:
         return match.group(0)
 
 
+def chinese_numerals_to_digits(text: str) -> str:
+    """Chinese numeral runs that count something (before a unit) as digits: 二十四小时 -> 24小时."""
+    return _CN_NUMBER.sub(_to_digits, text)
+
+
 def normalise(text: str) -> str:
     text = re.sub(r"\s+", "", unicodedata.normalize("NFKC", text).lower())
     text = _CN_NUMBER.sub(_to_digits, text)
