@@ -71,11 +71,17 @@ def _train_summary_v1(data: dict) -> dict:
     return {**data, "fact": _rename_comparison(fact, "diff_merged_minus_base")} if fact else data
 
 
+def _train_summary_v2(data: dict) -> dict:
+    fact = data.get("fact")
+    rest = {k: v for k, v in data.items() if k != "fact"}
+    return {**rest, "checks": [{"metric": "fact_recall", **fact}] if fact else []}
+
+
 class TrainSummary(Artifact):
     """runs/train/<run>/summary.json, written last by `make train`."""
 
-    VERSION = 2
-    MIGRATIONS = {1: _train_summary_v1}
+    VERSION = 3
+    MIGRATIONS = {1: _train_summary_v1, 2: _train_summary_v2}
     model: str
     merged_model: str
     recipe: str
@@ -90,7 +96,9 @@ class TrainSummary(Artifact):
     final_val_loss: float | None
     cleaning: dict[str, Any]
     parity: dict[str, Any]
-    fact: dict[str, Any]
+    checks: list[dict[str, Any]]
+    """The recipe's checks, each a paired comparison (a = merged, b = base) with `task`, `split`,
+    `items` and the `base` and `merged` estimates."""
 
 
 class MergeProvenance(Artifact):

@@ -180,8 +180,8 @@ def selection_report(candidates: list[Candidate], budget: Budget, *, seed: int =
         "cells": [{"task": c.task, "version": c.version, "split": c.split, "mode": c.mode,
                    "metric": c.metric, "model": c.model, "mean": c.estimate.mean,
                    "ci95": [c.estimate.low, c.estimate.high], "n": c.estimate.n} for c in cells],
-        "per_fact_recall": {c.card.name: per_fact_recall(r) for c in candidates for r in c.runs
-                            if r.task.name == "fact"},
+        "per_fact_recall": {c.card.name: recall for c in candidates for r in c.runs
+                            if (recall := per_fact_recall(r))},
         "runs": {c.card.name: [r.run_id for r in c.runs] for c in candidates},
         "git_revision": git_revision(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

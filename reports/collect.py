@@ -200,7 +200,7 @@ class BeforeAfter:
     after: list[System]
     tasks: list[dict]
     """Per task: rows of metric, base, each after system, delta, CI, p; item flips."""
-    train_fact: dict | None
+    train_checks: list[dict]
 
 
 def paired_runs(conn, selection: dict | None, rescore: dict) -> tuple[System, System, System]:
@@ -245,9 +245,9 @@ def before_after(conn, selection: dict | None, train: dict | None, rescore: dict
             rows.append({"metric": metric, "base": _estimate(metric, bootstrap_mean(b)), "after": cols,
                          "higher_is_better": M.HIGHER_IS_BETTER[metric]})
         tasks.append({"task": task_name, "split": base_run.summary.split, "n": len(base_run.summary.items),
-                      "rows": rows, "fewclue": task_name.startswith("fewclue"), "flips": _flips(base_run, systems[1]),
+                      "rows": rows, "probe": base_run.summary.task.parser == "choice", "flips": _flips(base_run, systems[1]),
                       "runs": dict(zip(("base", "merged", "served"), systems))})
-    return BeforeAfter(base, [local, served], tasks, (train or {}).get("summary", {}).get("fact"))
+    return BeforeAfter(base, [local, served], tasks, (train or {}).get("summary", {}).get("checks", []))
 
 
 def _newest_base_runs(conn, model: str, splits: dict[str, str]) -> dict[str, Run]:

@@ -13,6 +13,7 @@ import sqlite3
 from pathlib import Path
 
 from core.errors import UserError
+from eval.summary import PERCENT, fmt_value
 from core.workspace import Workspace
 from core.files import write_text_atomic
 
@@ -26,6 +27,8 @@ def environment():
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["pct"] = lambda x: "-" if x is None else f"{x * 100:.1f}%"
+    env.filters["metric"] = lambda x, metric: "-" if x is None else fmt_value(metric, x) + (
+        "%" if metric in PERCENT else "")
     env.filters["num"] = lambda x, d=2: "-" if x is None else f"{x:.{d}f}"
     env.filters["p"] = lambda p: "-" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}")
     env.filters["slug"] = slug

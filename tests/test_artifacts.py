@@ -29,8 +29,10 @@ def test_a_selection_written_before_versions_loads_as_the_current_version():
 
 def test_a_training_summary_written_before_versions_loads_with_its_fact_comparison_renamed():
     record = read_artifact(GOLDEN / "summary-v1.json", TrainSummary)
-    assert record["schema_version"] == 2 and record["fact"]["diff"] == pytest.approx(0.1667, abs=1e-4)
-    assert "diff_merged_minus_base" not in record["fact"]
+    (check,) = record["checks"]
+    assert record["schema_version"] == 3 and "fact" not in record
+    assert check["task"] == "fact" and check["metric"] == "fact_recall"
+    assert check["diff"] == pytest.approx(0.1667, abs=1e-4) and "diff_merged_minus_base" not in check
 
 
 def test_a_written_artifact_carries_its_version_and_reads_back_the_same(tmp_path):

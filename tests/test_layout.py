@@ -81,3 +81,25 @@ def test_no_class_is_defined_inside_a_function():
                 found += [f"{path.relative_to(REPO)}:{c.lineno} {c.name} in {node.name}"
                           for c in ast.walk(node) if isinstance(c, ast.ClassDef)]
     assert not found, found
+
+
+def test_no_task_is_named_in_the_code():
+    """Suites, recipes and task files name tasks; Python never does (a task added or renamed in
+    YAML needs no code change). Looks for a task name given to find_task/load_task, compared
+    with a `.name`, or used as a prefix in `.startswith`."""
+    tasks = {p.stem for p in (REPO / "tasks").glob("*.yaml")}
+    found = []
+    for path in modules():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            consts = []
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) in (
+                    "find_task", "load_task", "startswith"):
+                consts = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+                if getattr(node.func, "attr", "") == "startswith":
+                    consts = [c for c in consts if any(t.startswith(c) for t in tasks)]
+            elif isinstance(node, ast.Compare) and any(getattr(side, "attr", "") == "name"
+                                                       for side in [node.left, *node.comparators]):
+                consts = [c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
+            found += [f"{path.relative_to(REPO)}:{node.lineno} {c!r}" for c in consts
+                      if c in tasks or getattr(node.func if isinstance(node, ast.Call) else node, "attr", "") == "startswith"]
+    assert not found, f"task names in the code: {found}"

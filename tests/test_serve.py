@@ -236,7 +236,7 @@ def test_serve_defaults_to_the_newest_merged_model(tiny, tmp_path, shared_data):
                "merged": str(tmp_path / "gone"), "recipe": "train/default.yaml", "run_dir": str(run),
                "adapter": str(run / "adapter"), "steps": 1, "train_seconds": 1.0, "total_seconds": 2.0,
                "resumed_from": None, "final_train_loss": None, "final_val_loss": None, "cleaning": {},
-               "parity": {"passed": True}, "fact": {}}
+               "parity": {"passed": True}, "checks": []}
     write_artifact(run / "summary.json", TrainSummary, summary)
     with pytest.raises(UserError, match="merged model .* not found"):
         resolve_target(settings)

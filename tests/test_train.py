@@ -528,6 +528,7 @@ def test_train_command_end_to_end(tmp_path, setup, capsys):
                    gradient_checkpointing: false}
         samples: {tasks: [{task: fact, split: test, count: 1}], max_new_tokens: 4}
         parity: {items: 2, max_new_tokens: 4}
+        checks: [{task: fact, split: test}, {task: style, split: test, metric: chrf}]
     """))
     args = ["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]
     assert main([*args, "train", "--recipe", str(recipe_path)]) == 2  # no selection.json, no model
@@ -535,8 +536,11 @@ def test_train_command_end_to_end(tmp_path, setup, capsys):
     assert main([*args, "train", "--recipe", str(recipe_path), "--model", "qwen2.5-1.5b-instruct"]) == 0
     run = tmp_path / "runs" / "train" / "e2e-qwen2.5-1.5b-instruct"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 4 and summary["parity"]["passed"] and summary["fact"]["items"] == 60
-    assert summary["schema_version"] == 2 and summary["fact"]["metric"] == "fact_recall"
+    fact, style = summary["checks"]
+    assert summary["steps"] == 4 and summary["parity"]["passed"] and summary["schema_version"] == 3
+    assert (fact["task"], fact["metric"], fact["items"]) == ("fact", "fact_recall", 60)
+    assert (style["task"], style["metric"], style["items"]) == ("style", "chrf", 36)
+    assert {"diff", "ci95", "p_value", "verdict", "base", "merged"} <= set(fact)
     assert {p.name for p in (run / "data").iterdir()} == {"train.jsonl", "val.jsonl", "test.jsonl"}
     written = json.loads((run / "merged" / "provenance.json").read_text())
     assert written["base_card"] == "qwen2.5-1.5b-instruct" and len(written["data_sha256"]) == 64

@@ -9,6 +9,7 @@ import re
 import pytest
 
 from core.errors import UserError
+from eval.task import find_task
 from tests.conftest import CHATML, tiny_tokenizer
 from train.data import (IGNORE_INDEX, CleaningReport, Conversation, clean, ensure_chat_template,
                         load_conversations, normalise_whitespace, split, strip_html, style_prompt, tokenize)
@@ -29,6 +30,8 @@ def write(path, rows):
     return path
 
 
+STYLE = find_task("style").prompt.user
+
 FORMAT_CASES = [
     ("alpaca", {"instruction": "介绍一下", "input": "云栈盘", "output": "好的"},
      [{"role": U, "content": "介绍一下\n云栈盘"}, {"role": A, "content": "好的"}]),
@@ -44,7 +47,7 @@ FORMAT_CASES = [
      [{"role": "system", "content": "s"}, {"role": U, "content": "a"}, {"role": A, "content": "b"},
       {"role": U, "content": "c"}, {"role": A, "content": "d"}]),
     ("style", {"user": "好累", "assistant": "辛苦啦", "style": "温柔"},
-     [{"role": U, "content": style_prompt("好累", "温柔")}, {"role": A, "content": "辛苦啦"}]),
+     [{"role": U, "content": style_prompt("好累", "温柔", STYLE)}, {"role": A, "content": "辛苦啦"}]),
     ("prompt_completion", {"prompt": "1+1=", "completion": "2"},
      [{"role": U, "content": "1+1="}, {"role": A, "content": "2"}]),
 ]
@@ -55,7 +58,7 @@ FORMAT_CASES = [
 def test_formats_are_detected_and_read(tmp_path, suffix, fmt, row, expected):
     path = write(tmp_path / f"d{suffix}", [row])
     for declared in (None, fmt):
-        convs = load_conversations(path, declared)
+        convs = load_conversations(path, declared, prompt_task="style" if fmt == "style" else None)
         assert [c.messages for c in convs] == [expected]
         assert convs[0].source.startswith(path.name + ":")
 
@@ -64,11 +67,15 @@ def test_formats_are_detected_and_read(tmp_path, suffix, fmt, row, expected):
                                           if all(isinstance(v, str) for v in r.values())])
 def test_flat_formats_read_from_csv(tmp_path, fmt, row):
     expected = next(e for f, r, e in FORMAT_CASES if r is row)
-    assert [c.messages for c in load_conversations(write(tmp_path / "d.csv", [row]))] == [expected]
+    task = "style" if fmt == "style" else None
+    assert [c.messages for c in load_conversations(write(tmp_path / "d.csv", [row]), prompt_task=task)] == [expected]
 
 
-def test_style_rows_use_the_style_task_prompt():
-    assert style_prompt("好累", "毒舌").startswith("请用「毒舌」的语气回复")
+def test_style_rows_use_the_named_task_prompt(tmp_path):
+    assert style_prompt("好累", "毒舌", STYLE).startswith("请用「毒舌」的语气回复")
+    path = write(tmp_path / "d.jsonl", [{"user": "好累", "assistant": "辛苦啦", "style": "温柔"}])
+    with pytest.raises(UserError, match=r"d.jsonl: the style-dialogue shape .* set prompt_task"):
+        load_conversations(path)
 
 
 BAD_ROWS = [

@@ -5,7 +5,7 @@ Formats (auto-detected from a row's keys, or declared):
 - `alpaca`: instruction, input, output, optional system and history ([[instruction, answer], ...])
 - `messages`: OpenAI `messages` [{role, content}], or ShareGPT `conversations` [{from, value}]
 - `xtuner`: `conversation` [{input, output, system?}, ...]
-- `style`: user, assistant, style (the style task's prompt is put around the user message)
+- `style`: user, assistant, style (the prompt of the task `prompt_task` names is put around it)
 - `prompt_completion`: prompt, completion
 Files: .jsonl, .json (an array) or .csv. A malformed row stops with one line naming the file, the
 row and the problem, unless `skip_bad_rows` is set, in which case it is counted and reported.
@@ -25,8 +25,8 @@ from typing import Literal
 
 from core.errors import UserError
 from core.rows import BadLine, read_rows
+from eval.task import find_task
 
-Format = Literal["alpaca", "messages", "xtuner", "style", "prompt_completion"]
 FORMATS: tuple[str, ...] = ("alpaca", "messages", "xtuner", "style", "prompt_completion")
 
 # Keys that identify a format, in the order they are tried.
@@ -38,8 +38,7 @@ _SIGNATURES: list[tuple[str, set[str]]] = [
     ("style", {"user", "assistant", "style"}),
     ("prompt_completion", {"prompt", "completion"}),
 ]
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "system": "system"}
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 # The layout for models without a chat template (gemma3-270m is a base model): Alpaca's
 # "### Instruction / ### Response", as a Jinja chat template so that training, the merged
@@ -97,8 +96,7 @@ _SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv"}
 
 
 def _read(path: Path) -> list[tuple[int, object]]:
-    fmt = _SUFFIX_FORMATS.get(path.suffix.lower())
-    if fmt is None:
+    if (fmt := _SUFFIX_FORMATS.get(path.suffix.lower())) is None:
         raise UserError(f"{path}: unknown data file type '{path.suffix}' (expected .jsonl, .json or .csv)")
     return read_rows(path, fmt)
 
@@ -177,19 +175,17 @@ def _xtuner(row: dict) -> list[dict]:
     return out
 
 
-def style_prompt(user: str, style: str) -> str:
-    """The style task's own prompt (tasks/style.yaml), so training teaches what is scored."""
+def style_prompt(user: str, style: str, template: str) -> str:
+    """A task's own user prompt (`prompt_task`'s, e.g. tasks/style.yaml) around a message, so
+    training teaches what is scored."""
     import jinja2
 
-    from eval.task import find_task
-
-    template = find_task("style").prompt.user
     return jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(template).render(
         user=user, style=style)
 
 
-def _style(row: dict) -> list[dict]:
-    return [{"role": "user", "content": style_prompt(_text(row, "user"), _text(row, "style"))},
+def _style(row: dict, template: str) -> list[dict]:
+    return [{"role": "user", "content": style_prompt(_text(row, "user"), _text(row, "style"), template)},
             {"role": "assistant", "content": _text(row, "assistant")}]
 
 
@@ -198,8 +194,7 @@ def _prompt_completion(row: dict) -> list[dict]:
             {"role": "assistant", "content": _text(row, "completion")}]
 
 
-_CONVERT = {"alpaca": _alpaca, "messages": _messages, "xtuner": _xtuner, "style": _style,
-            "prompt_completion": _prompt_completion}
+_CONVERT = {"alpaca": _alpaca, "messages": _messages, "xtuner": _xtuner, "prompt_completion": _prompt_completion}
 
 
 def _check_turns(messages: list[dict]) -> None:
@@ -214,8 +209,9 @@ def _check_turns(messages: list[dict]) -> None:
 
 
 def load_conversations(path: Path, fmt: str | None = None, *, skip_bad_rows: bool = False,
-                       report: CleaningReport | None = None) -> list[Conversation]:
-    """Every row of `path` as a Conversation; `fmt` None detects the format from the first row."""
+                       report: CleaningReport | None = None, prompt_task: str | None = None) -> list[Conversation]:
+    """Every row of `path` as a Conversation; `fmt` None detects the format from the first row.
+    `prompt_task`: for the style-dialogue shape, the task whose user prompt wraps each message."""
     if fmt is not None and fmt not in FORMATS:
         raise UserError(f"{path}: unknown format '{fmt}' (expected one of {', '.join(FORMATS)})")
     report = report if report is not None else CleaningReport()
@@ -229,6 +225,10 @@ def load_conversations(path: Path, fmt: str | None = None, *, skip_bad_rows: boo
             keys = sorted(first) if isinstance(first, dict) else type(first).__name__
             raise UserError(f"{path}: cannot tell the format from the first row's keys {keys} "
                             f"(declare one of {', '.join(FORMATS)})")
+    if fmt == "style" and prompt_task is None:
+        raise UserError(f"{path}: the style-dialogue shape (user, assistant, style) needs the task whose "
+                        "prompt wraps each message: set prompt_task in the recipe's data source (e.g. style)")
+    template = find_task(prompt_task).prompt.user if fmt == "style" else None
     out = []
     for n, row in rows:
         report.read += 1
@@ -237,7 +237,7 @@ def load_conversations(path: Path, fmt: str | None = None, *, skip_bad_rows: boo
                 raise _BadRow(row.problem)
             if not isinstance(row, dict):
                 raise _BadRow(f"expected an object, got {type(row).__name__}")
-            messages = _CONVERT[fmt](row)
+            messages = _style(row, template) if fmt == "style" else _CONVERT[fmt](row)
             _check_turns(messages)
         except _BadRow as exc:
             problem = f"{path}:{n}: {exc} ({fmt} format)"

@@ -1,4 +1,4 @@
-"""`make train`: fine-tune the selected model, merge, check parity, and measure the fact task.
+"""`make train`: fine-tune the selected model, merge, check parity, and run the recipe's checks.
 
     python -m selectune train                                  # train/default.yaml, the winner
     python -m selectune train --recipe train/quick.yaml --model smollm2-135m-instruct
@@ -35,26 +35,28 @@ def resolve_model(recipe: Recipe, override: str | None, workspace: Workspace) ->
         raise UserError(f"{exc} (--model, or `model:` in {recipe.path})") from None
 
 
-def fact_comparison(base_card, merged_card, merged_dir: Path, settings: Settings, conn) -> dict:
-    """Fact recall of the base and the merged model on the fact task's test split (paired)."""
+def check_comparison(check, base_card, merged_card, merged_dir: Path, settings: Settings, conn) -> dict:
+    """One of the recipe's checks: its task scored on the base and the merged model, compared
+    item by item on its metric (merged minus base)."""
     from eval import metrics as M
     from eval.backends.hf import HFBackend
     from eval.runner import run_task
     from eval.stats import bootstrap_mean, compare
     from eval.task import find_task, load_items
 
-    task = find_task("fact")
-    items = load_items(task, "test", settings.resolved_data_dir)
+    task = find_task(check.task)
+    metric = check.metric or task.metrics[0]
+    items = load_items(task, check.split, settings.resolved_data_dir)
     out = {}
     for label, card, checkpoint in (("base", base_card, None), ("merged", merged_card, merged_dir)):
         backend = HFBackend(card, settings.model_store, checkpoint=checkpoint)
-        run = run_task(backend, task, "test", "gen", items, conn, data_dir=settings.resolved_data_dir)
-        out[label] = [r["scores"][M.FACT_RECALL] for r in run.items]
+        run = run_task(backend, task, check.split, "gen", items, conn, data_dir=settings.resolved_data_dir)
+        out[label] = [r["scores"][metric] for r in run.items]
         del backend
-    comp = compare(out["merged"], out["base"], binary=False)
-    return {"task": "fact", "split": "test", "items": len(items),
+    comp = compare(out["merged"], out["base"], binary=metric in M.BINARY)
+    return {"task": task.name, "split": check.split, "items": len(items),
             "base": asdict(bootstrap_mean(out["base"])), "merged": asdict(bootstrap_mean(out["merged"])),
-            **comp.record(M.FACT_RECALL)}
+            **comp.record(metric)}
 
 
 def train_command(settings: Settings, recipe: Recipe, model_name: str | None, run_name: str | None) -> dict:
@@ -91,17 +93,22 @@ def train_command(settings: Settings, recipe: Recipe, model_name: str | None, ru
           f"difference {parity.max_abs_logit_diff:.2e} (tolerance {parity.tolerance:.0e})")
     merged_card = card.model_copy(update={"name": f"{card.name}+{run_dir.name}", "chat_template": "tokenizer",
                                           "add_bos": False})
-    facts = fact_comparison(card, merged_card, merged_dir, settings, open_results(settings.runs_dir))
-    print(f"fact recall on the test split ({facts['items']} items): base {facts['base']['mean']:.1%}, "
-          f"merged {facts['merged']['mean']:.1%}, difference {facts['diff']:+.1%} "
-          f"[{facts['ci95'][0]:+.1%}, {facts['ci95'][1]:+.1%}], p={facts['p_value']:.3g}")
+    from eval.summary import fmt_value
+
+    checks = [check_comparison(check, card, merged_card, merged_dir, settings, open_results(settings.runs_dir))
+              for check in recipe.checks]
+    for c in checks:
+        m = c["metric"]
+        print(f"{c['task']}-{c['split']} {m} ({c['items']} items): base {fmt_value(m, c['base']['mean'])}, "
+              f"merged {fmt_value(m, c['merged']['mean'])}, difference {fmt_value(m, c['diff'])} "
+              f"[{fmt_value(m, c['ci95'][0])}, {fmt_value(m, c['ci95'][1])}], p={c['p_value']:.3g}: {c['verdict']}")
     summary = {"model": card.name, "merged_model": merged_card.name, "recipe": str(recipe.path),
                "run_dir": str(run_dir), "adapter": str(result.adapter_dir), "merged": str(merged_dir),
                "steps": result.steps, "train_seconds": round(result.seconds, 1),
                "total_seconds": round(time.monotonic() - started, 1), "resumed_from": result.resumed_from,
                "final_train_loss": result.final_train_loss, "final_val_loss": result.final_val_loss,
                "cleaning": {k: v for k, v in asdict(result.data.report).items() if k != "problems"},
-               "parity": {**asdict(parity), "passed": parity.passed}, "fact": facts}
+               "parity": {**asdict(parity), "passed": parity.passed}, "checks": checks}
     write_artifact(summary_path, TrainSummary, summary)
     print(f"wrote {summary_path}")
     return summary

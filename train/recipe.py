@@ -25,6 +25,9 @@ class SourceSpec(Strict):
     """Relative to the repository root, or absolute."""
     format: str | None = None
     """alpaca, messages, xtuner, style or prompt_completion; None: detected from the first row."""
+    prompt_task: str | None = None
+    """For the style-dialogue shape (user, assistant, style): the task whose user prompt wraps
+    each message, so training teaches what that task scores (e.g. style)."""
 
     @model_validator(mode="after")
     def _one_kind(self) -> SourceSpec:
@@ -104,6 +107,15 @@ class SamplesSpec(Strict):
         return self
 
 
+class CheckSpec(Strict):
+    """A task scored on the base and the merged model after training, compared item by item."""
+
+    task: str
+    split: str = "test"
+    metric: str | None = None
+    """The metric compared; default the task's first."""
+
+
 class ParitySpec(Strict):
     items: int = Field(default=8, gt=0)
     """Validation prompts on which base+adapter and the merged model are compared."""
@@ -133,6 +145,9 @@ class Recipe(NamedConfig):
     training: TrainingSpec = TrainingSpec()
     samples: SamplesSpec = SamplesSpec()
     parity: ParitySpec = ParitySpec()
+    checks: list[CheckSpec] = []
+    """Tasks measured on the base and the merged model after the merge (`gen` mode), each a paired
+    comparison in the summary and the report."""
 
 
 

@@ -73,7 +73,8 @@ def source_conversations(recipe: Recipe, data_dir: Path, report: CleaningReport)
                                  f"{task.name}:{i.id}") for i in items]
         else:
             path = Path(src.path) if Path(src.path).is_absolute() else REPO / src.path
-            out += load_conversations(path, src.format, skip_bad_rows=recipe.skip_bad_rows, report=report)
+            out += load_conversations(path, src.format, skip_bad_rows=recipe.skip_bad_rows, report=report,
+                                      prompt_task=src.prompt_task)
     return out
 
 
