@@ -176,9 +176,9 @@ def eval_command(settings, *, task: str, model: str, split: str | None = None, m
 
     from eval.judge import make_judge
     from eval.summary import cells_of, render_table
-    from eval.task import find_task, load_items
+    from eval.task import load_items, resolve_task
 
-    spec = find_task(task)
+    spec = resolve_task(task, Path.cwd())
     if limit:
         spec = spec.model_copy(update={"limit": limit})  # keeps the file path (a private attr)
     split = split or spec.default_split

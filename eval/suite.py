@@ -18,7 +18,7 @@ from pydantic import Field
 
 from core.config import NamedConfig, Strict, load_named_yaml
 from core.errors import UserError
-from eval.task import Mode, TaskSpec, find_task, load_task
+from eval.task import Mode, TaskSpec, resolve_task
 
 SUITES_DIR = Path(__file__).resolve().parents[1] / "suites"
 DEFAULT_SUITE = SUITES_DIR / "default.yaml"
@@ -40,16 +40,6 @@ class Suite(NamedConfig):
     name: str
     description: str = ""
     entries: list[SuiteEntry] = Field(min_length=1)
-
-
-def resolve_task(spec: str, relative_to: Path) -> TaskSpec:
-    """A task named by name, or by a path relative to `relative_to` (or absolute)."""
-    if spec.endswith((".yaml", ".yml")) or "/" in spec:
-        path = Path(spec) if Path(spec).is_absolute() else relative_to / spec
-        if not path.is_file():
-            raise UserError(f"task file {path} does not exist")
-        return load_task(path)
-    return find_task(spec)
 
 
 def load_suite(path: Path) -> tuple[Suite, list[tuple[TaskSpec, SuiteEntry]]]:

@@ -16,27 +16,41 @@ from pydantic import Field, model_validator
 from core.config import NamedConfig, Strict, load_named_yaml
 from core.errors import UserError
 from core.files import sha256_file
-from core.rows import BadLine, read_rows
 from eval import metrics as M
 from eval.metrics import KNOWN as KNOWN_METRICS
+from eval.sources import read_split
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
-TASK_DATA_DIR = TASKS_DIR / "data"
 
 Mode = Literal["gen", "ppl"]
 
 
 class DataSpec(Strict):
-    root: Literal["data", "tasks"] = "data"
-    """`data`: the data directory (DATA_DIR or the download); `tasks`: files shipped in tasks/data."""
-    format: Literal["jsonl", "json", "csv"]
+    """Where the rows come from (eval/sources.py reads them)."""
+
+    root: Literal["data", "tasks", "file"] = "data"
+    """`data`: the data directory (DATA_DIR or the download); `tasks`: files shipped in tasks/data;
+    `file`: next to the task file. An absolute path in `splits` is taken as it is."""
+    format: Literal["jsonl", "json", "csv", "parquet"] = "jsonl"
     """`jsonl` one object a line (FewCLUE's *.json files are this), `json` a top-level array."""
     splits: dict[str, str] = Field(min_length=1)
-    """Split name -> file path under the root."""
+    """Split name -> file path under the root; with `hub`, split name -> the hub dataset's split."""
+    hub: str | None = None
+    """A dataset on the Hugging Face hub (`org/name`), read with `datasets` at `revision`."""
+    revision: str | None = Field(default=None, pattern=r"^[0-9a-f]{40}$")
+    """The hub dataset's commit: a hub source must be pinned."""
+    columns: dict[str, str] = {}
+    """The data's column name -> the field name the prompt, label and ids use."""
     split_field: str | None = None
     """When set, a split keeps only the rows whose field equals the split name."""
     id_field: str | None = None
     """Field holding a unique item id; default: the row number in its file."""
+
+    @model_validator(mode="after")
+    def _pinned(self) -> DataSpec:
+        if self.hub is not None and self.revision is None:
+            raise ValueError("a hub dataset needs its revision (a 40-hex commit)")
+        return self
 
 
 class PromptSpec(Strict):
@@ -183,22 +197,10 @@ def find_task(name: str, tasks_dir: Path = TASKS_DIR) -> TaskSpec:
     return tasks[name]
 
 
-def _read_rows(path: Path, fmt: str) -> list[tuple[int, dict]]:
-    hint = "it ships with the repository" if TASK_DATA_DIR in path.parents else \
-        "run `make data`, or set DATA_DIR"
-    rows = read_rows(path, fmt, missing_hint=hint)
-    for n, row in rows:
-        if isinstance(row, BadLine):
-            raise UserError(f"{path}:{n}: {row.problem}")
-    return rows
-
-
 def load_items(task: TaskSpec, split: str, data_dir: Path) -> list[Item]:
     """The task's items for `split`, prompts rendered; every bad row stops with file and row."""
     if split not in task.data.splits:
         raise UserError(f"{task.path}: no split '{split}' (splits: {', '.join(task.data.splits)})")
-    root = data_dir if task.data.root == "data" else TASK_DATA_DIR
-    path = root / task.data.splits[split]
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                              autoescape=False)  # prompts are plain text for a model, not HTML
     try:
@@ -207,7 +209,8 @@ def load_items(task: TaskSpec, split: str, data_dir: Path) -> list[Item]:
     except jinja2.TemplateSyntaxError as exc:
         raise UserError(f"{task.path}: key 'prompt': bad Jinja template ({exc.message})") from None
     items = []
-    for n, row in _read_rows(path, task.data.format):
+    path, rows = read_split(task.data, split, data_dir, task.path)
+    for n, row in rows:
         if not isinstance(row, dict):
             raise UserError(f"{path}:{n}: expected an object with fields, got {type(row).__name__}")
         if task.data.split_field and row.get(task.data.split_field) != split:
@@ -236,6 +239,17 @@ def load_items(task: TaskSpec, split: str, data_dir: Path) -> list[Item]:
 
 
 _SKIP = object()
+
+
+def resolve_task(spec: str, relative_to: Path) -> TaskSpec:
+    """A task named by name (tasks/<name>.yaml), or by the path of its file: absolute, or relative
+    to `relative_to` (the suite file's folder; the working directory on the command line)."""
+    if spec.endswith((".yaml", ".yml")) or "/" in spec:
+        path = Path(spec) if Path(spec).is_absolute() else relative_to / spec
+        if not path.is_file():
+            raise UserError(f"task file {path} does not exist")
+        return load_task(path)
+    return find_task(spec)
 
 
 def _gold(task: TaskSpec, row: dict, path: Path, n: int):

@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--check", action="store_true", help="verify only, download nothing")
 
     ev = command(sub, "eval", "eval.runner:eval_command", "score one model on one task (resumable)")
-    ev.add_argument("--task", required=True)
+    ev.add_argument("--task", required=True, help="a task name (tasks/<name>.yaml) or the path of a task file")
     ev.add_argument("--model", required=True, help="card name")
     ev.add_argument("--split", help="default: the task's default_split")
     ev.add_argument("--mode", action="append", choices=["gen", "ppl"], help="default: the task's modes")
