@@ -31,22 +31,27 @@ def read_split(data, split: str, data_dir: Path, task_file: Path) -> tuple[str, 
     else:
         path = split_path(data, split, data_dir, task_file)
         where, rows = str(path), _file_rows(path, data.format)
-    return where, _renamed(rows, data.columns, where)
+    return where, rename_columns(rows, data.columns, where)
 
 
 def _file_rows(path: Path, fmt: str) -> list[tuple[int, object]]:
     if fmt == "parquet":
-        if not path.is_file():
-            raise UserError(f"{path}: data file not found")
-        from datasets import load_dataset
-
-        return list(enumerate(load_dataset("parquet", data_files=str(path), split="train"), start=1))
+        return read_parquet(path)
     hint = "it ships with the repository" if TASK_DATA_DIR in path.parents else "run `make data`, or set DATA_DIR"
     rows = read_rows(path, fmt, missing_hint=hint)
     for n, row in rows:
         if isinstance(row, BadLine):
             raise UserError(f"{path}:{n}: {row.problem}")
     return rows
+
+
+def read_parquet(path: Path) -> list[tuple[int, object]]:
+    """(row number from 1, row) of a parquet file, read with `datasets`."""
+    if not path.is_file():
+        raise UserError(f"{path}: data file not found")
+    from datasets import load_dataset
+
+    return list(enumerate(load_dataset("parquet", data_files=str(path), split="train"), start=1))
 
 
 def _hub_rows(data, split: str) -> list[tuple[int, object]]:
@@ -61,7 +66,7 @@ def _hub_rows(data, split: str) -> list[tuple[int, object]]:
     return list(enumerate(rows))
 
 
-def _renamed(rows: list[tuple[int, object]], columns: dict[str, str], where: str) -> list[tuple[int, object]]:
+def rename_columns(rows: list[tuple[int, object]], columns: dict[str, str], where: str) -> list[tuple[int, object]]:
     """Rows with the file's column names replaced by the task's field names (`columns`)."""
     if not columns:
         return rows

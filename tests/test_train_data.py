@@ -203,3 +203,18 @@ def test_overlong_rows_truncated_or_dropped():
     assert report.overlong_dropped == 1
     # Truncated before the first reply: nothing to learn, dropped.
     assert tokenize(tok, MULTI, 5, "truncate", report) is None
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_users_file_with_its_own_column_names(tmp_path, suffix):
+    import pandas as pd
+
+    rows = [{"问题": "免费版有多大？", "答案": "15GB", "备注": "x"}, {"问题": "能退款吗？", "答案": "7天内可以", "备注": "y"}]
+    path = tmp_path / f"qa{suffix}"
+    (pd.DataFrame(rows).to_csv(path, index=False) if suffix == ".csv" else pd.DataFrame(rows).to_parquet(path))
+    convs = load_conversations(path, columns={"问题": "prompt", "答案": "completion"})
+    assert [c.messages for c in convs] == [
+        [{"role": "user", "content": "免费版有多大？"}, {"role": "assistant", "content": "15GB"}],
+        [{"role": "user", "content": "能退款吗？"}, {"role": "assistant", "content": "7天内可以"}]]
+    with pytest.raises(UserError, match=r"qa\.\w+: column 'question' named in `columns` is not in the data"):
+        load_conversations(path, columns={"question": "prompt"})

@@ -7,8 +7,8 @@ Formats (auto-detected from a row's keys, or declared):
 - `xtuner`: `conversation` [{input, output, system?}, ...]
 - `style`: user, assistant, style (the prompt of the task `prompt_task` names is put around it)
 - `prompt_completion`: prompt, completion
-Files: .jsonl, .json (an array) or .csv. A malformed row stops with one line naming the file, the
-row and the problem, unless `skip_bad_rows` is set, in which case it is counted and reported.
+Files: .jsonl, .json (an array), .csv or .parquet, columns renamed by the source's `columns`. A bad
+row stops with one line naming file, row and problem; under `skip_bad_rows` it is counted instead.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Literal
 
 from core.errors import UserError
 from core.rows import BadLine, read_rows
+from eval.sources import read_parquet, rename_columns
 from eval.task import find_task
 
 FORMATS: tuple[str, ...] = ("alpaca", "messages", "xtuner", "style", "prompt_completion")
@@ -40,9 +41,8 @@ _SIGNATURES: list[tuple[str, set[str]]] = [
 ]
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
-# The layout for models without a chat template (gemma3-270m is a base model): Alpaca's
-# "### Instruction / ### Response", as a Jinja chat template so that training, the merged
-# checkpoint and serving all use one code path (apply_chat_template).
+# For models without a chat template (gemma3-270m): Alpaca's layout as a Jinja chat template, so
+# that training, the merged checkpoint and serving share one code path (apply_chat_template).
 ALPACA_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
     "{% if m['role'] == 'system' %}{{ m['content'] + '\\n\\n' }}"
@@ -92,13 +92,13 @@ class _BadRow(Exception):
 # Reading
 
 
-_SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv"}
+_SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def _read(path: Path) -> list[tuple[int, object]]:
+def _read(path: Path, columns: dict[str, str]) -> list[tuple[int, object]]:
     if (fmt := _SUFFIX_FORMATS.get(path.suffix.lower())) is None:
-        raise UserError(f"{path}: unknown data file type '{path.suffix}' (expected .jsonl, .json or .csv)")
-    return read_rows(path, fmt)
+        raise UserError(f"{path}: unknown data file type '{path.suffix}' (expected .jsonl, .json, .csv or .parquet)")
+    return rename_columns(read_parquet(path) if fmt == "parquet" else read_rows(path, fmt), columns, str(path))
 
 
 def detect_format(row: object) -> str | None:
@@ -209,13 +209,15 @@ def _check_turns(messages: list[dict]) -> None:
 
 
 def load_conversations(path: Path, fmt: str | None = None, *, skip_bad_rows: bool = False,
-                       report: CleaningReport | None = None, prompt_task: str | None = None) -> list[Conversation]:
+                       report: CleaningReport | None = None, prompt_task: str | None = None,
+                       columns: dict[str, str] | None = None) -> list[Conversation]:
     """Every row of `path` as a Conversation; `fmt` None detects the format from the first row.
-    `prompt_task`: for the style-dialogue shape, the task whose user prompt wraps each message."""
+    `prompt_task`: for the style-dialogue shape, the task whose user prompt wraps each message;
+    `columns`: the file's column names -> the format's (e.g. {问题: prompt, 答案: completion})."""
     if fmt is not None and fmt not in FORMATS:
         raise UserError(f"{path}: unknown format '{fmt}' (expected one of {', '.join(FORMATS)})")
     report = report if report is not None else CleaningReport()
-    rows = _read(path)
+    rows = _read(path, columns or {})
     if not rows:
         raise UserError(f"{path}: no rows")
     if fmt is None:
@@ -272,8 +274,7 @@ def strip_html(text: str) -> str:
     if not _TAG.search(text):
         return text
     parser = _TextOnly()
-    parser.feed(text)
-    parser.close()
+    parser.feed(text), parser.close()
     return html.unescape("".join(parser.parts))
 
 
@@ -289,8 +290,7 @@ def clean(conversations: list[Conversation], report: CleaningReport) -> list[Con
     """HTML stripped, whitespace normalised, empty and duplicate conversations dropped."""
     out, seen = [], set()
     for conv in conversations:
-        messages = []
-        stripped = False
+        messages, stripped = [], False
         for m in conv.messages:
             content = strip_html(m["content"])
             stripped |= content != m["content"]

@@ -25,6 +25,8 @@ class SourceSpec(Strict):
     """Relative to the repository root, or absolute."""
     format: str | None = None
     """alpaca, messages, xtuner, style or prompt_completion; None: detected from the first row."""
+    columns: dict[str, str] = {}
+    """The file's column names -> the format's field names (e.g. {问题: prompt, 答案: completion})."""
     prompt_task: str | None = None
     """For the style-dialogue shape (user, assistant, style): the task whose user prompt wraps
     each message, so training teaches what that task scores (e.g. style)."""

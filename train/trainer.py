@@ -74,7 +74,7 @@ def source_conversations(recipe: Recipe, data_dir: Path, report: CleaningReport)
         else:
             path = Path(src.path) if Path(src.path).is_absolute() else REPO / src.path
             out += load_conversations(path, src.format, skip_bad_rows=recipe.skip_bad_rows, report=report,
-                                      prompt_task=src.prompt_task)
+                                      prompt_task=src.prompt_task, columns=src.columns)
     return out
 
 
