@@ -2,7 +2,8 @@
 version (SQLite's `user_version`) says which of the migrations below it has had.
 
 Migration 1 creates what selectune wrote before versions existed, with CREATE TABLE IF NOT
-EXISTS, so a store from then opens as version 1 with its rows untouched. A store of a newer
+EXISTS, so a store from then opens as version 1 with its rows untouched; later migrations run in
+order. A store of a newer
 version than this code knows is refused with one line. The tables, by owner of their rows:
 results (runs, items, judge_verdicts: eval/results.py), review (review_pairs, review_votes:
 reports/review.py), synthesis (teacher_calls: synth/teacher.py); docs/artifacts.md describes them.
@@ -70,6 +71,8 @@ CREATE TABLE IF NOT EXISTS teacher_calls (
     time REAL NOT NULL
 );
 """,
+    # 2: where each run's task file was, so a task outside tasks/ can be found again by the report
+    "ALTER TABLE runs ADD COLUMN task_file TEXT;",
 ]
 VERSION = len(MIGRATIONS)
 

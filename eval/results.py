@@ -21,13 +21,18 @@ def open_results(runs_dir: Path) -> sqlite3.Connection:
     return open_store(Workspace(runs_dir).results_db)
 
 
-def ensure_run(conn: sqlite3.Connection, run_id: str, meta: dict, n_items: int) -> None:
+def ensure_run(conn: sqlite3.Connection, run_id: str, meta: dict, n_items: int, task_file: Path | None = None) -> None:
+    """Record a run once; `task_file` (not part of the run's identity) says where its task was read."""
     with conn:
         conn.execute(
-            "INSERT OR IGNORE INTO runs (run_id, task, split, mode, model, meta_json, n_items, started)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO runs (run_id, task, split, mode, model, meta_json, n_items, started, task_file)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (run_id, meta["task"], meta["split"], meta["mode"], meta["model"],
-             json.dumps(meta, ensure_ascii=False, sort_keys=True), n_items, time.time()))
+             json.dumps(meta, ensure_ascii=False, sort_keys=True), n_items, time.time(),
+             str(task_file.resolve()) if task_file else None))
+        if task_file is not None:
+            conn.execute("UPDATE runs SET task_file = ? WHERE run_id = ? AND task_file IS NULL",
+                         (str(task_file.resolve()), run_id))
 
 
 def done_item_ids(conn: sqlite3.Connection, run_id: str) -> set[str]:

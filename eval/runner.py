@@ -117,7 +117,7 @@ def run_task(backend, task: TaskSpec, split: str, mode: Mode, items: list[Item],
     # The id covers what determines outputs; versions and the git revision are recorded beside.
     run_id = sha256_text(json.dumps(meta, sort_keys=True))[:16]
     results.ensure_run(conn, run_id, {**meta, "versions": _versions(), "git_revision": git_revision()},
-                       len(items))
+                       len(items), task.path)
     done = results.done_item_ids(conn, run_id)
     by_id = {i.id: i for i in items}
     scorer = load_scorer(task, data_dir) if data_dir is not None else None

@@ -22,9 +22,10 @@ from eval import metrics as M
 from eval.runner import RunSummary, git_revision
 from eval.stats import Estimate, bootstrap_mean, compare
 from eval.summary import PERCENT, fmt_value, metrics_of, primary_metric
-from eval.task import find_task
+from eval.task import find_task, load_task
 from core.errors import UserError
 from core.artifacts import MergeProvenance, RescoreRecord, TrainSummary, read_artifact
+from core.store import open_store
 from core.workspace import Workspace
 
 
@@ -59,13 +60,13 @@ class Run:
 def load_run(conn: sqlite3.Connection, run_id: str, named_in: str) -> Run:
     from eval.results import run_items
 
-    row = conn.execute("SELECT task, split, mode, model, meta_json, finished FROM runs WHERE run_id = ?",
+    row = conn.execute("SELECT task, split, mode, model, meta_json, finished, task_file FROM runs WHERE run_id = ?",
                        (run_id,)).fetchone()
     if row is None:
         raise UserError(f"{named_in}: run {run_id} is not in the results store (was runs/results.sqlite replaced?)")
-    task_name, split, mode, model, meta_json, finished = row
-    try:
-        task = find_task(task_name)
+    task_name, split, mode, model, meta_json, finished, task_file = row
+    try:  # the file the run read, where it still is; else the task of that name under tasks/
+        task = load_task(Path(task_file)) if task_file and Path(task_file).is_file() else find_task(task_name)
     except UserError as exc:
         raise UserError(f"{named_in}: run {run_id} is of task '{task_name}', which has no task file now") from exc
     items = run_items(conn, run_id)
@@ -200,7 +201,6 @@ class BeforeAfter:
     after: list[System]
     tasks: list[dict]
     """Per task: rows of metric, base, each after system, delta, CI, p; item flips."""
-    train_checks: list[dict]
 
 
 def paired_runs(conn, selection: dict | None, rescore: dict) -> tuple[System, System, System]:
@@ -247,7 +247,7 @@ def before_after(conn, selection: dict | None, train: dict | None, rescore: dict
         tasks.append({"task": task_name, "split": base_run.summary.split, "n": len(base_run.summary.items),
                       "rows": rows, "probe": base_run.summary.task.parser == "choice", "flips": _flips(base_run, systems[1]),
                       "runs": dict(zip(("base", "merged", "served"), systems))})
-    return BeforeAfter(base, [local, served], tasks, (train or {}).get("summary", {}).get("checks", []))
+    return BeforeAfter(base, [local, served], tasks)
 
 
 def _newest_base_runs(conn, model: str, splits: dict[str, str]) -> dict[str, Run]:
@@ -366,6 +366,7 @@ def review_systems(runs_dir: Path, *, with_candidates: bool = False) -> dict[str
     rescore = newest_rescore(runs_dir)
     if rescore is None:
         raise UserError("review: nothing to compare yet; run `make train` and `make rescore` first")
+    open_store(db).close()  # a store written by an older selectune is migrated first
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         base, local, _served = paired_runs(conn, selection, rescore)

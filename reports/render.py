@@ -14,6 +14,7 @@ from pathlib import Path
 
 from core.errors import UserError
 from eval.summary import PERCENT, fmt_value
+from core.store import open_store
 from core.workspace import Workspace
 from core.files import write_text_atomic
 
@@ -109,6 +110,7 @@ def build_report(runs_dir: Path, out_dir: Path | None = None) -> list[Path]:
     if not db.is_file():
         raise UserError(f"{db}: no results store; run `make select` first")
     selection = workspace.read_selection()
+    open_store(db).close()  # a store written by an older selectune is migrated first
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         board = collect.leaderboard(conn, selection, str(workspace.selection)) if selection else None

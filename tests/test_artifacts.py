@@ -66,7 +66,7 @@ def test_a_record_missing_a_key_is_not_written(tmp_path):
     assert not path.exists()
 
 
-def test_a_store_written_before_versions_opens_as_version_1_with_its_rows(tmp_path):
+def test_a_store_written_before_versions_is_migrated_with_its_rows(tmp_path):
     import sqlite3
 
     from core.store import VERSION, open_store
@@ -78,11 +78,11 @@ def test_a_store_written_before_versions_opens_as_version_1_with_its_rows(tmp_pa
                     "started REAL NOT NULL, finished REAL)")
         old.execute("INSERT INTO runs VALUES ('r1', 'fact', 'test', 'gen', 'm', '{}', 60, 1.0, 2.0)")
     conn = open_store(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == VERSION == 1
-    assert conn.execute("SELECT run_id, n_items FROM runs").fetchall() == [("r1", 60)]
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == VERSION == 2
+    assert conn.execute("SELECT run_id, n_items, task_file FROM runs").fetchall() == [("r1", 60, None)]
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"items", "judge_verdicts", "review_pairs", "review_votes", "teacher_calls"} <= tables
     conn.execute("PRAGMA user_version = 9")
     conn.close()
-    with pytest.raises(UserError, match=r"results.sqlite: store version 9 is newer than this selectune reads \(1\)"):
+    with pytest.raises(UserError, match=r"results.sqlite: store version 9 is newer than this selectune reads \(2\)"):
         open_store(path)

@@ -127,12 +127,12 @@ class Samples(TrainerCallback):
 
 def sample_prompts(recipe: Recipe, data_dir: Path) -> list[tuple[list[dict], list[str]]]:
     """(conversation without the reply, facts it must contain) for every sample prompt."""
-    from eval.task import find_task, load_items
+    from eval.task import load_items, resolve_task
 
     out = [([{"role": "user", "content": p}], recipe.samples.facts[n] if recipe.samples.facts else [])
            for n, p in enumerate(recipe.samples.prompts)]
     for spec in recipe.samples.tasks:
-        for item in load_items(find_task(spec.task), spec.split, data_dir)[: spec.count]:
+        for item in load_items(resolve_task(spec.task, recipe.path.parent), spec.split, data_dir)[: spec.count]:
             out.append((item.messages(), list(item.fields.get("facts", []))))
     return out
 

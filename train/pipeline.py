@@ -35,16 +35,17 @@ def resolve_model(recipe: Recipe, override: str | None, workspace: Workspace) ->
         raise UserError(f"{exc} (--model, or `model:` in {recipe.path})") from None
 
 
-def check_comparison(check, base_card, merged_card, merged_dir: Path, settings: Settings, conn) -> dict:
+def check_comparison(check, recipe_dir: Path, base_card, merged_card, merged_dir: Path, settings: Settings,
+                     conn) -> dict:
     """One of the recipe's checks: its task scored on the base and the merged model, compared
     item by item on its metric (merged minus base)."""
     from eval import metrics as M
     from eval.backends.hf import HFBackend
     from eval.runner import run_task
     from eval.stats import bootstrap_mean, compare
-    from eval.task import find_task, load_items
+    from eval.task import load_items, resolve_task
 
-    task = find_task(check.task)
+    task = resolve_task(check.task, recipe_dir)
     metric = check.metric or task.metrics[0]
     items = load_items(task, check.split, settings.resolved_data_dir)
     out = {}
@@ -95,7 +96,7 @@ def train_command(settings: Settings, recipe: Recipe, model_name: str | None, ru
                                           "add_bos": False})
     from eval.summary import fmt_value
 
-    checks = [check_comparison(check, card, merged_card, merged_dir, settings, open_results(settings.runs_dir))
+    checks = [check_comparison(check, recipe.path.parent, card, merged_card, merged_dir, settings, open_results(settings.runs_dir))
               for check in recipe.checks]
     for c in checks:
         m = c["metric"]

@@ -22,7 +22,7 @@ class SourceSpec(Strict):
     task: str | None = None
     split: str = "train"
     path: str | None = None
-    """Relative to the repository root, or absolute."""
+    """Absolute, relative to the recipe file, or relative to the repository root (runs/...)."""
     format: str | None = None
     """alpaca, messages, xtuner, style or prompt_completion; None: detected from the first row."""
     columns: dict[str, str] = {}
@@ -113,6 +113,7 @@ class CheckSpec(Strict):
     """A task scored on the base and the merged model after training, compared item by item."""
 
     task: str
+    """A task name, or the path of a task file relative to the recipe."""
     split: str = "test"
     metric: str | None = None
     """The metric compared; default the task's first."""

@@ -58,13 +58,23 @@ def target_modules(recipe: Recipe, model_type: str) -> list[str]:
 # Data
 
 
+def data_path(given: str, recipe_file: Path) -> Path:
+    """A recipe's data file: absolute, next to the recipe, or relative to the repository root
+    (where `make data-synth` writes under runs/)."""
+    path = Path(given)
+    if path.is_absolute():
+        return path
+    beside = recipe_file.parent / path
+    return beside if beside.exists() else REPO / path
+
+
 def source_conversations(recipe: Recipe, data_dir: Path, report: CleaningReport) -> list[Conversation]:
-    from eval.task import find_task, load_items
+    from eval.task import load_items, resolve_task
 
     out: list[Conversation] = []
     for src in recipe.data:
         if src.task is not None:
-            task = find_task(src.task)
+            task = resolve_task(src.task, recipe.path.parent)
             if task.reference_field is None:
                 raise UserError(f"{recipe.path}: task '{src.task}' has no reference answers to train on")
             items = load_items(task, src.split, data_dir)
@@ -72,7 +82,7 @@ def source_conversations(recipe: Recipe, data_dir: Path, report: CleaningReport)
             out += [Conversation([*i.messages(), {"role": "assistant", "content": i.gold}],
                                  f"{task.name}:{i.id}") for i in items]
         else:
-            path = Path(src.path) if Path(src.path).is_absolute() else REPO / src.path
+            path = data_path(src.path, recipe.path)
             out += load_conversations(path, src.format, skip_bad_rows=recipe.skip_bad_rows, report=report,
                                       prompt_task=src.prompt_task, columns=src.columns)
     return out

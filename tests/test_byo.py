@@ -1,0 +1,51 @@
+"""docs/byo.md as a user runs it: its files written as the page shows them, then select, train and
+report through the command line, on a tiny model standing in for a hub card's weights."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from tests.conftest import REPO, build_tiny_qwen2
+
+PAGE = REPO / "docs" / "byo.md"
+CARD = "qwen2.5-1.5b-instruct"
+
+
+def page_files() -> dict[str, str]:
+    """Every block of the page announced by `<!-- file: PATH -->`, by its path."""
+    return dict(re.findall(r"<!-- file: (\S+) -->\n```\w*\n(.*?)```", PAGE.read_text(encoding="utf-8"), re.S))
+
+
+def test_the_page_names_its_four_files():
+    assert sorted(page_files()) == ["my/faq.csv", "my/faq.yaml", "my/suite.yaml", "my/train.yaml"]
+
+
+def test_a_users_csv_to_a_selection_a_fine_tune_and_a_report_with_yaml_only(tmp_path, capsys):
+    from models.card import find_card
+    from models.store import provision
+    from selectune.cli import main
+
+    for name, text in page_files().items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    provision(find_card(CARD), tmp_path / "cache" / "models",
+              weights=build_tiny_qwen2(tmp_path / "tiny", initializer_range=0.2))
+    args = ["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]
+    my = tmp_path / "my"
+
+    assert main([*args, "select", "--suite", str(my / "suite.yaml"), "--models", CARD]) == 0
+    out = capsys.readouterr().out
+    assert "faq-test" in out and "char_f1" in out and f"winner: {CARD}" in out
+    selection = json.loads((tmp_path / "runs" / "selection.json").read_text(encoding="utf-8"))
+    assert selection["suite"]["name"] == "suite" and {c["n"] for c in selection["cells"]} == {4}
+
+    assert main([*args, "train", "--recipe", str(my / "train.yaml")]) == 0
+    summary = json.loads((tmp_path / "runs" / "train" / f"train-{CARD}" / "summary.json").read_text())
+    (check,) = summary["checks"]
+    assert (check["task"], check["split"], check["metric"], check["items"]) == ("faq", "test", "char_f1", 4)
+    assert summary["cleaning"]["read"] == 6 and summary["parity"]["passed"]
+
+    assert main([*args, "report"]) == 0
+    index = (tmp_path / "runs" / "report" / "index.html").read_text(encoding="utf-8")
+    assert "char_f1 on faq-test" in index and (tmp_path / "runs" / "report" / "leaderboard.html").is_file()
