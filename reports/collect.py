@@ -201,6 +201,28 @@ class BeforeAfter:
     after: list[System]
     tasks: list[dict]
     """Per task: rows of metric, base, each after system, delta, CI, p; item flips."""
+    notes: list[str] = field(default_factory=list)
+    """What was left out or compared on fewer items, and why."""
+
+
+def aligned(runs: list[Run], what: str) -> tuple[list[Run] | None, str | None]:
+    """The runs cut to the items all of them scored (in the first run's order), with a note when
+    that is fewer than any of them has; None and the reason when they cannot be compared."""
+    from dataclasses import replace
+
+    if len({r.task_sha256 for r in runs}) > 1:
+        detail = "; ".join(f"{r.model} (run {r.run_id}) task hash {r.task_sha256[:12]}" for r in runs)
+        return None, f"{what}: left out, their task files differ ({detail}); score them again with the same task file"
+    shared = set.intersection(*({i["item_id"] for i in r.summary.items} for r in runs))
+    if not shared:
+        return None, f"{what}: left out, no item was scored by all of them"
+    counts = [len(r.summary.items) for r in runs]
+    if all(n == len(shared) for n in counts):
+        return runs, None
+    cut = [replace(r, summary=replace(r.summary, items=[i for i in r.summary.items if i["item_id"] in shared]))
+           for r in runs]
+    sizes = ", ".join(f"{r.model} {n}" for r, n in zip(runs, counts))
+    return cut, f"{what}: compared on the {len(shared)} items all of them scored ({sizes})"
 
 
 def paired_runs(conn, selection: dict | None, rescore: dict) -> tuple[System, System, System]:
@@ -221,9 +243,6 @@ def paired_runs(conn, selection: dict | None, rescore: dict) -> tuple[System, Sy
             base.runs[run.summary.task.name] = run
     if not base.runs:
         base.runs = _newest_base_runs(conn, base_card, {t: r.summary.split for t, r in local.runs.items()})
-    for task_name, base_run in base.runs.items():
-        check_side_by_side([base_run, local.runs[task_name], served.runs[task_name]],
-                           f"the base and fine-tuned {task_name} runs")
     return base, local, served
 
 
@@ -232,9 +251,16 @@ def before_after(conn, selection: dict | None, train: dict | None, rescore: dict
     if rescore is None:
         return None
     base, local, served = paired_runs(conn, selection, rescore)
-    tasks = []
-    for task_name, base_run in base.runs.items():
-        systems = [base_run, local.runs[task_name], served.runs[task_name]]
+    tasks, notes = [], []
+    for task_name in list(base.runs):
+        systems, note = aligned([base.runs[task_name], local.runs[task_name], served.runs[task_name]],
+                                f"{task_name}: the base and fine-tuned runs")
+        notes += [note] if note else []
+        if systems is None:
+            del base.runs[task_name]
+            continue
+        base.runs[task_name], local.runs[task_name], served.runs[task_name] = systems
+        base_run = systems[0]
         rows = []
         for metric in metrics_of(base_run.summary):
             if any(metric not in i["scores"] for r in systems[1:] for i in r.summary.items):
@@ -247,7 +273,7 @@ def before_after(conn, selection: dict | None, train: dict | None, rescore: dict
         tasks.append({"task": task_name, "split": base_run.summary.split, "n": len(base_run.summary.items),
                       "rows": rows, "probe": base_run.summary.task.parser == "choice", "flips": _flips(base_run, systems[1]),
                       "runs": dict(zip(("base", "merged", "served"), systems))})
-    return BeforeAfter(base, [local, served], tasks)
+    return BeforeAfter(base, [local, served], tasks, notes)
 
 
 def _newest_base_runs(conn, model: str, splits: dict[str, str]) -> dict[str, Run]:
