@@ -102,7 +102,7 @@ def line_chart(series: list[dict], width: int = 640, height: int = 240, log_y: b
 
 def build_report(runs_dir: Path, out_dir: Path | None = None) -> list[Path]:
     """Render every page; nothing is written unless everything could be gathered."""
-    from reports import collect, review
+    from reports import collect, review, runs
 
     workspace = Workspace(runs_dir)
     out_dir = out_dir or workspace.report_dir
@@ -114,8 +114,8 @@ def build_report(runs_dir: Path, out_dir: Path | None = None) -> list[Path]:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         board = collect.leaderboard(conn, selection, str(workspace.selection)) if selection else None
-        rescore = collect.newest_rescore(runs_dir)
-        train = collect.training_run(runs_dir, rescore)
+        rescore = runs.newest_rescore(runs_dir)
+        train = runs.training_run(runs_dir, rescore)
         ba = collect.before_after(conn, selection, train, rescore)
     finally:
         conn.close()
@@ -131,7 +131,7 @@ def build_report(runs_dir: Path, out_dir: Path | None = None) -> list[Path]:
     unique = {r.run_id: r for r in shown_runs}
     context = {
         "board": board, "ba": ba, "train": train, "rescore": rescore, "review": agg, "review_pairs": pairs,
-        "manifest": collect.manifest(list(unique.values())),
+        "manifest": runs.manifest(list(unique.values())),
         "charts": [errorbar_chart(c) for c in board.charts] if board else [],
         "training_charts": _training_charts(train) if train else {},
         "sample_tasks": [t["task"] for t in ba.tasks] if ba else [],

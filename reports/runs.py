@@ -1,0 +1,78 @@
+"""What the report reads besides the results store: the newest rescore record, the training run
+behind the served model, and the manifest of every run shown."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+from core.artifacts import MergeProvenance, RescoreRecord, TrainSummary, read_artifact
+from core.errors import UserError
+from core.workspace import Workspace
+from eval.runner import git_revision
+from reports.collect import Run
+
+
+def newest_rescore(runs_dir: Path) -> dict | None:
+    files = Workspace(runs_dir).rescore_records()
+    if not files:
+        return None
+    record = read_artifact(files[-1], RescoreRecord)
+    record["_file"] = str(files[-1])
+    provenance = Path(record.get("model_dir", "")) / "provenance.json"
+    if "base_card" not in record and provenance.is_file():
+        record["base_card"] = read_artifact(provenance, MergeProvenance).get("base_card")
+    if not record.get("base_card"):
+        raise UserError(f"{files[-1]}: cannot tell the base model of {record.get('model')} "
+                        f"(no {provenance})")
+    return record
+
+
+def training_run(runs_dir: Path, rescore: dict | None) -> dict | None:
+    """The training run behind the served model, else the newest one."""
+    summaries = Workspace(runs_dir).train_summaries()
+    if not summaries:
+        return None
+    chosen = summaries[-1]
+    if rescore:
+        for path in summaries:
+            if Path(rescore.get("model_dir", "")).resolve() == (path.parent / "merged").resolve():
+                chosen = path
+    summary = read_artifact(chosen, TrainSummary)
+    log = []
+    log_path = chosen.parent / "train_log.jsonl"
+    if log_path.is_file():
+        for n, line in enumerate(log_path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    log.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{log_path}:{n}: not a JSON line: {exc}") from exc
+    provenance_path = chosen.parent / "merged" / "provenance.json"
+    provenance = read_artifact(provenance_path, MergeProvenance) if provenance_path.is_file() else {}
+    return {"name": chosen.parent.name, "summary": summary, "provenance": provenance,
+            "losses": [e for e in log if "loss" in e and "sample" not in e],
+            "evals": [e for e in log if "eval_loss" in e],
+            "samples": [e for e in log if "sample" in e]}
+
+
+def manifest(runs: list[Run]) -> dict:
+    import jinja2
+
+    rows = []
+    for r in sorted(runs, key=lambda r: (r.model, r.entry)):
+        ident = r.meta.get("identity", {})
+        weights = ident.get("weights_sha256")
+        if isinstance(weights, dict):
+            weights = ",".join(f"{k}:{v[:12]}" for k, v in sorted(weights.items()))
+        rows.append({"run_id": r.run_id, "model": r.model, "task": r.entry[0], "split": r.entry[1], "mode": r.entry[2],
+                     "backend": ident.get("backend"), "task_sha256": r.task_sha256[:12],
+                     "data_sha256": (r.meta.get("data_sha256") or "")[:12],
+                     "prompt_sha256": (r.meta.get("prompt_sha256") or "")[:12],
+                     "chat_template_sha256": (ident.get("chat_template_sha256") or "")[:12],
+                     "weights": (weights or "")[:40], "versions": {**r.meta.get("versions", {}),
+                                                                   "transformers": ident.get("transformers")},
+                     "git": (r.meta.get("git_revision") or "")[:10], "n": len(r.summary.items)})
+    return {"runs": rows, "report_git": git_revision(), "python": platform.python_version(),
+            "jinja2": jinja2.__version__}
