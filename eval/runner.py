@@ -112,7 +112,9 @@ def run_task(backend, task: TaskSpec, split: str, mode: Mode, items: list[Item],
              conn, *, chunk_size: int = DEFAULT_BATCH_SIZE, seed: int = 0, data_dir: Path | None = None,
              progress: Callable[[int], None] | None = None, judge=None) -> RunSummary:
     """`judge`: an optional backend that scores replies for the task's `judge` metric."""
-    data_sha = sha256_text(json.dumps([[i.id, i.user, i.system, i.gold] for i in items], ensure_ascii=False))
+    # few-shot examples count only where a task has them, so runs of tasks without keep their ids
+    data_sha = sha256_text(json.dumps([[i.id, i.user, i.system, i.gold, *([i.shots] if i.shots else [])]
+                                       for i in items], ensure_ascii=False))
     meta = run_meta(task, split, mode, backend.identity, seed, chunk_size, data_sha)
     # The id covers what determines outputs; versions and the git revision are recorded beside.
     run_id = sha256_text(json.dumps(meta, sort_keys=True))[:16]

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -89,6 +89,15 @@ class JudgeSpec(Strict):
     max_tokens: int = Field(default=16, gt=0)
 
 
+class FewShotSpec(Strict):
+    """Examples shown before every item as earlier turns: `n` items of `split` (their prompt, and
+    the gold choice or first reference as the reply), drawn once with `seed`."""
+
+    split: str
+    n: int = Field(gt=0)
+    seed: int = 0
+
+
 class TaskSpec(NamedConfig):
     home: ClassVar[Path] = TASKS_DIR
     name: str
@@ -110,6 +119,7 @@ class TaskSpec(NamedConfig):
     to digits (cn2an)."""
     regex: str | None = None
     """The pattern `regex_match` looks for in the reply (Python `re`)."""
+    fewshot: FewShotSpec | None = None
     gen: GenSpec = GenSpec()
     parser: Literal["choice", "text"] = "text"
     metrics: list[str] = Field(min_length=1)
@@ -130,6 +140,8 @@ class TaskSpec(NamedConfig):
     def _consistent(self) -> TaskSpec:
         if self.default_split not in self.data.splits:
             raise ValueError(f"default_split '{self.default_split}' is not in data.splits")
+        if self.fewshot and self.fewshot.split not in self.data.splits:
+            raise ValueError(f"fewshot.split '{self.fewshot.split}' is not in data.splits")
         if ("ppl" in self.modes or self.parser == "choice") and not (self.choices and self.label):
             raise ValueError("ppl mode and the choice parser need both choices and label")
         if self.label and self.label.map and not set(self.label.map.values()) <= set(self.choices or []):
@@ -171,15 +183,20 @@ class Item:
     chat_turn_end: str = ""
     references: tuple[str, ...] = ()
     """Every reference answer of an open-ended item (`gold` is the first)."""
+    shots: tuple[tuple[str, str], ...] = ()
+    """Few-shot examples, (prompt, reply) each, shown before the item."""
 
     def messages(self) -> list[dict]:
         """The turns a chat model reads (its template or a chat API adds the rest)."""
         turns = [{"role": "system", "content": self.system}] if self.system else []
+        for user, reply in self.shots:
+            turns += [{"role": "user", "content": user + self.chat_turn_end}, {"role": "assistant", "content": reply}]
         return turns + [{"role": "user", "content": self.user + self.chat_turn_end}]
 
     def raw(self) -> str:
         """The text a base model without a chat template reads."""
-        return "\n\n".join(t for t in (self.system, self.user) if t)
+        shots = [f"{user}{reply}" for user, reply in self.shots]
+        return "\n\n".join(t for t in (self.system, *shots, self.user) if t)
 
 
 def load_task(path: Path) -> TaskSpec:
@@ -235,7 +252,23 @@ def load_items(task: TaskSpec, split: str, data_dir: Path) -> list[Item]:
         raise UserError(f"{path}: split '{split}' of task {task.name} has no items")
     if len({i.id for i in items}) != len(items):
         raise UserError(f"{path}: item ids in field '{task.data.id_field}' are not unique")
-    return items
+    if task.fewshot is None:
+        return items
+    return [replace(item, shots=fewshot_examples(task, split, data_dir)) for item in items]
+
+
+def fewshot_examples(task: TaskSpec, split: str, data_dir: Path) -> tuple[tuple[str, str], ...]:
+    """The task's few-shot examples, the same for every item, drawn from another split."""
+    import random
+
+    spec = task.fewshot
+    if spec.split == split:
+        raise UserError(f"{task.path}: key 'fewshot.split': the examples come from the split '{split}' being "
+                        "scored; draw them from another split")
+    pool = load_items(task.model_copy(update={"fewshot": None, "limit": None}), spec.split, data_dir)
+    if len(pool) < spec.n:
+        raise UserError(f"{task.path}: key 'fewshot.n': {spec.n} examples asked, split '{spec.split}' has {len(pool)}")
+    return tuple((i.user, i.gold or "") for i in random.Random(spec.seed).sample(pool, spec.n))
 
 
 _SKIP = object()

@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 
+import pytest
 import yaml
 
 from eval.backends.fake import FakeBackend
@@ -156,3 +157,36 @@ def test_a_users_text_task_is_scored_with_any_text_metric_and_several_references
     assert set(first["scores"]) == set(spec["metrics"])
     table = render_table(cells_of(run), [run.model])
     assert all(f"| {m} " in table for m in spec["metrics"])
+
+
+def test_fewshot_examples_come_from_another_split_the_same_for_every_item_and_enter_the_run_identity(tmp_path):
+    from core.errors import UserError
+
+    spec = {**TASK, "data": {**TASK["data"], "splits": {"dev": "mini.jsonl", "train": "shots.jsonl"}},
+            "fewshot": {"split": "train", "n": 2, "seed": 3}}
+    (tmp_path / "mini.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
+    (tmp_path / "mini.jsonl").write_text("".join(json.dumps({"id": i, "q": "x", "label": str(i % 2)}) + "\n"
+                                                 for i in range(4)), encoding="utf-8")
+    (tmp_path / "shots.jsonl").write_text("".join(json.dumps({"id": 100 + i, "q": "y", "label": "1"}) + "\n"
+                                                  for i in range(5)), encoding="utf-8")
+    task = load_task(tmp_path / "mini.yaml")
+    items = load_items(task, "dev", tmp_path)
+    assert len({i.shots for i in items}) == 1 and len(items[0].shots) == 2
+    assert items[0].shots == load_items(task, "dev", tmp_path)[0].shots  # seeded: drawn the same again
+    (user, reply), _ = items[0].shots
+    assert user.startswith("题目10") and reply == "B"
+    messages = items[0].messages()
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant", "user"]
+    assert messages[1]["content"] == "B" and messages[-1]["content"] == items[0].user
+    assert items[0].raw().count("题目") == 3
+    seen = []
+    backend = FakeBackend(respond=lambda r: seen.append(r.messages) or "B")
+    conn = open_results(tmp_path / "runs")
+    with_shots = run_task(backend, task, "dev", "gen", items, conn)
+    assert all(len(m) == 5 for m in seen)
+    without = load_items(task.model_copy(update={"fewshot": None}), "dev", tmp_path)
+    assert run_task(FakeBackend(respond=lambda r: "B"), task, "dev", "gen", without, conn).run_id != with_shots.run_id
+    with pytest.raises(UserError, match=r"key 'fewshot.split': the examples come from the split 'train' being scored"):
+        load_items(task, "train", tmp_path)
+    with pytest.raises(UserError, match=r"key 'fewshot.n': 9 examples asked, split 'train' has 5"):
+        load_items(task.model_copy(update={"fewshot": task.fewshot.model_copy(update={"n": 9})}), "dev", tmp_path)
