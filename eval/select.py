@@ -35,6 +35,8 @@ class Budget:
     """Serving in bf16 must fit in this (card estimate `memory_gib.bf16`)."""
 
     def check(self, card: ModelCard) -> list[str]:
+        if card.memory_gib is None:
+            return ["an endpoint: no weights here to fine-tune"]
         problems = []
         if card.memory_gib.qlora_train > self.train_gib:
             problems.append(f"QLoRA needs {card.memory_gib.qlora_train} GiB > {self.train_gib}")
@@ -46,7 +48,8 @@ class Budget:
 @dataclass
 class Candidate:
     card: ModelCard
-    runs: list[RunSummary] = field(default_factory=list)
+    runs: list[RunSummary | None] = field(default_factory=list)
+    """One per suite entry; None where the candidate cannot be scored (an endpoint's `ppl` entries)."""
     seconds: float = 0.0
     items: int = 0
 
@@ -59,16 +62,16 @@ def score_candidates(cards: list[ModelCard], entries: list[tuple[TaskSpec, Suite
     instead of the store's (a candidate given as a folder)."""
     from tqdm import tqdm
 
-    from eval.backends.hf import HFBackend
-
     candidates = []
     for card in cards:
         cand = Candidate(card)
-        # Lazy: a candidate whose items are all stored never loads its weights.
-        backend = HFBackend(card, store, batch_size=batch_size, device=device, dtype=dtype, lazy=True,
-                            checkpoint=(checkpoints or {}).get(card.name))
+        backend = _backend(card, store, batch_size=batch_size, device=device, dtype=dtype,
+                           checkpoint=(checkpoints or {}).get(card.name))
         for task, entry in entries:
             split, mode = entry.split, entry.mode
+            if card.is_endpoint and mode == "ppl":
+                cand.runs.append(None)  # no prompt log-probabilities over chat completions: n/a
+                continue
             items = load_items(task, split, data_dir)
             with tqdm(total=len(items), desc=f"{card.name} {task.name}-{split} {mode}",
                       unit="item", leave=False) as bar:
@@ -83,6 +86,19 @@ def score_candidates(cards: list[ModelCard], entries: list[tuple[TaskSpec, Suite
     return candidates
 
 
+def _backend(card: ModelCard, store: Path, *, checkpoint: Path | None, **options):
+    if card.is_endpoint:
+        from eval.backends.openai_http import OpenAIBackend
+        from models.endpoint import api_key
+
+        return OpenAIBackend(card.source.url, card.source.model, api_key=api_key(),
+                             identity={"model": card.name, "served_model": card.source.model})
+    from eval.backends.hf import HFBackend
+
+    # Lazy: a candidate whose items are all stored never loads its weights.
+    return HFBackend(card, store, lazy=True, checkpoint=checkpoint, **options)
+
+
 def decide(candidates: list[Candidate], budget: Budget, ranking: list[tuple[str | None, float]] | None = None) -> dict:
     """The winner and the evidence, as the dict written to selection.json. `ranking`: per suite
     entry, the metric that ranks it (None: the task's first) and its weight in the mean rank."""
@@ -90,12 +106,13 @@ def decide(candidates: list[Candidate], budget: Budget, ranking: list[tuple[str 
     from scipy.stats import rankdata
 
     names = [c.card.name for c in candidates]
-    ranking = ranking or [(None, 1.0)] * len(candidates[0].runs)
+    firsts = entry_runs(candidates)
+    ranking = ranking or [(None, 1.0)] * len(firsts)
     entries = [(r.task.name, r.split, r.mode, metric or primary_metric(r))
-               for r, (metric, _) in zip(candidates[0].runs, ranking)]
+               for r, (metric, _) in zip(firsts, ranking)]
     weights = np.array([w for _, w in ranking])
-    means = np.array([[np.mean([i["scores"][m] for i in c.runs[k].items]) for k, (*_, m) in enumerate(entries)]
-                      for c in candidates])
+    means = np.array([[np.mean([i["scores"][m] for i in c.runs[k].items]) if c.runs[k] else np.nan
+                       for k, (*_, m) in enumerate(entries)] for c in candidates])
     sign = np.array([1.0 if M.HIGHER_IS_BETTER[m] else -1.0 for *_, m in entries])
     fits = {c.card.name: budget.check(c.card) for c in candidates}
     eligible = [i for i, n in enumerate(names) if not fits[n]]
@@ -111,7 +128,7 @@ def decide(candidates: list[Candidate], budget: Budget, ranking: list[tuple[str 
                 "candidates": _rows(candidates, mean_rank, fits, {})}
     best = min(eligible, key=lambda i: (mean_rank[i], candidates[i].card.memory_gib.qlora_train))
     comparisons, worse = {}, {}
-    for i in eligible:
+    for i in eligible + [i for i, c in enumerate(candidates) if c.card.is_endpoint]:
         if i == best:
             continue
         comparisons[names[i]], worse[names[i]] = _against(candidates[best], candidates[i], entries)
@@ -127,9 +144,16 @@ def decide(candidates: list[Candidate], budget: Budget, ranking: list[tuple[str 
     }
 
 
+def entry_runs(candidates: list[Candidate]) -> list[RunSummary]:
+    """Each suite entry's first scored run: what every candidate's run of it shares."""
+    return [next(c.runs[k] for c in candidates if c.runs[k] is not None) for k in range(len(candidates[0].runs))]
+
+
 def _against(best: Candidate, other: Candidate, entries) -> tuple[list[dict], list[str]]:
     out, worse = [], []
     for k, (task, split, mode, metric) in enumerate(entries):
+        if other.runs[k] is None:
+            continue
         a = [i["scores"][metric] for i in best.runs[k].items]
         b = [i["scores"][metric] for i in other.runs[k].items]
         record = compare(a, b, binary=metric in M.BINARY).record(metric)
@@ -143,7 +167,8 @@ def _rows(candidates, mean_rank, fits, worse) -> list[dict]:
     import numpy as np
 
     return [{"model": c.card.name, "mean_rank": None if np.isnan(mean_rank[i]) else float(mean_rank[i]),
-             "memory_gib": c.card.memory_gib.model_dump(), "budget_problems": fits[c.card.name],
+             "memory_gib": c.card.memory_gib.model_dump() if c.card.memory_gib else None,
+             "budget_problems": fits[c.card.name],
              "significantly_worse_on": worse.get(c.card.name, []),
              "seconds": round(c.seconds, 1), "items_computed": c.items,
              "items_per_s": round(c.items / c.seconds, 2) if c.seconds and c.items else None}
@@ -152,10 +177,17 @@ def _rows(candidates, mean_rank, fits, worse) -> list[dict]:
 
 def _reasons(names, best, winner, tied, mean_rank, worse, fits, candidates) -> list[str]:
     out = [f"{names[best]} has the best mean rank ({mean_rank[best]:.2f}) among candidates within budget."]
-    for n, problems in fits.items():
-        if problems:
-            out.append(f"{n} is out of budget: {'; '.join(problems)}.")
+    for c in candidates:
+        if c.card.is_endpoint:
+            out.append(f"{c.card.name} is an endpoint: scored and compared for reference, not ranked (no weights "
+                       "here to fine-tune).")
+        elif problems := fits[c.card.name]:
+            out.append(f"{c.card.name} is out of budget: {'; '.join(problems)}.")
     for n, w in worse.items():
+        if candidates[names.index(n)].card.is_endpoint:
+            out.append(f"Against {names[best]}, the endpoint {n} is " + (
+                f"significantly worse on {', '.join(w)}." if w else "not significantly worse on any entry it has."))
+            continue
         out.append(f"{n} is significantly worse on {', '.join(w)}." if w else
                    f"{n} is not significantly worse on any task: tied with {names[best]}.")
     if winner != best:
@@ -168,12 +200,12 @@ def selection_report(candidates: list[Candidate], budget: Budget, *, seed: int =
                      ranking: list[tuple[str | None, float]] | None = None) -> tuple[str, dict]:
     from eval.baselines import BASELINE_COLUMNS, against_majority, baseline_cells, baseline_reasons
 
-    cells: list[Cell] = [cell for c in candidates for r in c.runs for cell in cells_of(r, seed)]
-    floor = [cell for r in candidates[0].runs for cell in baseline_cells(r, seed)]
+    cells: list[Cell] = [cell for c in candidates for r in c.runs if r for cell in cells_of(r, seed)]
+    floor = [cell for r in entry_runs(candidates) for cell in baseline_cells(r, seed)]
     table = render_table(cells + floor, [c.card.name for c in candidates] + (BASELINE_COLUMNS if floor else []))
     decision = decide(candidates, budget, ranking)
     baselines = [b for k in range(len(candidates[0].runs))
-                 if (b := against_majority([c.runs[k] for c in candidates])) is not None]
+                 if (b := against_majority([c.runs[k] for c in candidates if c.runs[k]])) is not None]
     record = {
         **decision,
         "reasons": decision["reasons"] + baseline_reasons(baselines),
@@ -184,8 +216,8 @@ def selection_report(candidates: list[Candidate], budget: Budget, *, seed: int =
                    "metric": c.metric, "model": c.model, "mean": c.estimate.mean,
                    "ci95": [c.estimate.low, c.estimate.high], "n": c.estimate.n} for c in cells],
         "per_fact_recall": {c.card.name: recall for c in candidates for r in c.runs
-                            if (recall := per_fact_recall(r))},
-        "runs": {c.card.name: [r.run_id for r in c.runs] for c in candidates},
+                            if r and (recall := per_fact_recall(r))},
+        "runs": {c.card.name: [r.run_id for r in c.runs if r] for c in candidates},
         "git_revision": git_revision(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -210,7 +242,7 @@ def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT
     cards, checkpoints = [c for c, _ in chosen], {c.name: path for c, path in chosen if path is not None}
     judge = make_judge(settings)  # fails before any scoring when half-configured
     for card in cards:
-        if card.name not in checkpoints:
+        if card.name not in checkpoints and not card.is_endpoint:
             provision(card, settings.model_store)
     candidates = score_candidates(cards, entries, store=settings.model_store,
                                   data_dir=settings.resolved_data_dir, conn=open_results(settings.runs_dir),
@@ -235,7 +267,8 @@ def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT
 
 def print_decision(record: dict) -> None:
     for c in record["candidates"]:
-        rank = "out of budget" if c["mean_rank"] is None else f"mean rank {c['mean_rank']:.2f}"
+        rank = (f"mean rank {c['mean_rank']:.2f}" if c["mean_rank"] is not None else
+                "not ranked: " + "; ".join(c["budget_problems"]))
         print(f"{c['model']}: {rank}, {c['seconds']} s, "
               f"{c['items_computed']} items computed ({c['items_per_s'] or '-'} items/s)")
     for reason in record["reasons"]:

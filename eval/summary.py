@@ -77,7 +77,7 @@ def render_table(cells: list[Cell], models: list[str]) -> str:
         row = [f"{task}-{split}", version, metric, mode]
         for m in models:
             c = lookup.get((task, version, metric, mode, split, m))
-            row.append(fmt(metric, c.estimate) if c else "-")
+            row.append(fmt(metric, c.estimate) if c else "n/a")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [" | ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]

@@ -52,6 +52,16 @@ class LocalSource(Strict):
     path: str
 
 
+class EndpointSource(Strict):
+    """An OpenAI-compatible server (`--models name=URL`): scored over HTTP in `gen` mode only, for
+    reference; it has no weights here to fine-tune or to fit in a memory budget."""
+
+    kind: Literal["endpoint"]
+    url: str
+    model: str
+    """The model id sent in each request (one the server lists at /v1/models)."""
+
+
 class License(Strict):
     id: str
     """SPDX-style identifier, or the vendor's licence name (e.g. `gemma`)."""
@@ -74,11 +84,11 @@ class ModelCard(NamedConfig):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")]
     """Must equal the file name without `.yaml`."""
     description: str
-    source: Annotated[PypiGgufSource | HubSource | LocalSource, Field(discriminator="kind")]
+    source: Annotated[PypiGgufSource | HubSource | LocalSource | EndpointSource, Field(discriminator="kind")]
     architecture: str
     """transformers `model_type` of the checkpoint (llama, qwen2, gemma3_text, ...)."""
-    parameters: int = Field(gt=0)
-    """Total parameter count, tied embeddings counted once."""
+    parameters: int | None = Field(default=None, gt=0)
+    """Total parameter count, tied embeddings counted once (None only for an endpoint)."""
     license: License
     chat_template: Literal["tokenizer", "none"]
     """`tokenizer`: the template shipped with the tokenizer (from GGUF metadata or the hub repo);
@@ -89,9 +99,18 @@ class ModelCard(NamedConfig):
     """Run the repository's own modelling code; allowed only for a hub card pinned to a commit."""
     default: bool = False
     """Part of the default offline set that `make models` provisions."""
-    memory_gib: MemoryGiB
+    memory_gib: MemoryGiB | None = None
+    """None only for an endpoint."""
 
+    @property
+    def is_endpoint(self) -> bool:
+        return isinstance(self.source, EndpointSource)
 
+    @model_validator(mode="after")
+    def _weights_have_size(self) -> ModelCard:
+        if not self.is_endpoint and (self.parameters is None or self.memory_gib is None):
+            raise ValueError("parameters and memory_gib are required (only an endpoint has neither)")
+        return self
 
     @model_validator(mode="after")
     def _remote_code_needs_pinned_hub(self) -> ModelCard:

@@ -80,12 +80,16 @@ def checkpoint_card(folder: Path) -> ModelCard:
 
 
 def resolve_candidates(names: list[str]) -> list[tuple[ModelCard, Path | None]]:
-    """(card, checkpoint directory or None) for each --models entry: a card name or a directory."""
+    """(card, checkpoint directory or None) for each --models entry: a card name, a directory or
+    `name=URL` (an OpenAI-compatible endpoint)."""
     from models.card import find_card
+    from models.endpoint import endpoint_card, is_endpoint
 
     out = []
     for entry in names:
-        if is_checkpoint(entry):
+        if is_endpoint(entry):
+            out.append((endpoint_card(entry), None))
+        elif is_checkpoint(entry):
             card = checkpoint_card(Path(entry))
             out.append((card, Path(card.source.path)))
         else:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eval import metrics as M
+from eval.baselines import BASELINE_COLUMNS, baseline_cells
 from eval.runner import RunSummary
 from eval.stats import Estimate, bootstrap_mean, compare
 from eval.summary import PERCENT, fmt_value, metrics_of, primary_metric
@@ -130,6 +131,8 @@ class Leaderboard:
     runs: list[Run]
     mde: list[str] = field(default_factory=list)
     """In words: the smallest gap each entry's sample size can detect."""
+    baselines: list[str] = field(default_factory=list)
+    """The baseline columns some row has (majority label, uniform chance: choice tasks only)."""
 
 
 def leaderboard(conn, selection: dict, named_in: str) -> Leaderboard:
@@ -145,8 +148,10 @@ def leaderboard(conn, selection: dict, named_in: str) -> Leaderboard:
         check_side_by_side(list(per_model.values()), f"the {'-'.join(entry[:2])} {entry[2]} runs of the candidates")
         some = next(iter(per_model.values()))
         metrics = metrics_of(some.summary)
+        floor = {(c.metric, c.model): _estimate(c.metric, c.estimate) for c in baseline_cells(some.summary)}
         for metric in metrics:
             cells = {m: _estimate(metric, bootstrap_mean(r.values(metric))) for m, r in per_model.items()}
+            cells.update({name: e for (m, name), e in floor.items() if m == metric})
             rows.append({"task": entry[0], "split": entry[1], "mode": entry[2], "metric": metric,
                          "version": some.task_sha256[:6], "cells": cells,
                          "primary": metric == metrics[0]})
@@ -171,8 +176,9 @@ def leaderboard(conn, selection: dict, named_in: str) -> Leaderboard:
         mde.append(f"{s['task']}-{s['split']} {s['mode']} {s['metric']}: with {s['n']} paired items, differences "
                    f"smaller than about {s['mde_text']}{unit} cannot be told apart from chance "
                    "(80% power, alpha 0.05); a candidate within that of the winner is not shown to be worse.")
+    shown = [b for b in BASELINE_COLUMNS if any(b in r["cells"] for r in rows)]
     return Leaderboard(models, winner, rows, significance, charts, selection,
-                       [r for model_runs in runs.values() for r in model_runs], mde)
+                       [r for model_runs in runs.values() for r in model_runs], mde, shown)
 
 
 def metrics_of_entry(by_entry: dict, key: tuple) -> str:

@@ -12,8 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class StubState:
-    def __init__(self, backend, *, fail_first: int = 0, logprobs: bool = True):
+    def __init__(self, backend, *, fail_first: int = 0, logprobs: bool = True, models: tuple[str, ...] = ("stub",)):
         self.backend = backend
+        self.models = models
         self.fail_first = fail_first
         self.logprobs = logprobs
         self.bodies: list[dict] = []
@@ -46,6 +47,11 @@ def make_handler(state: StubState):
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/v1/models":
+                return self._send(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in state.models]})
+            self._send(404, {"error": "no such route"})
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))

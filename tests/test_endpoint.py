@@ -1,0 +1,121 @@
+"""An OpenAI-compatible endpoint as a candidate (`--models name=URL`), over real loopback HTTP,
+beside a checkpoint directory, on a user's own choice task in both modes."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from core.errors import UserError
+from tests.conftest import build_tiny_qwen2
+from tests.openai_stub import StubState, serve
+
+TASK = """name: pairs
+version: 1
+description: Same meaning? A = no, B = yes.
+data: {root: file, format: jsonl, splits: {dev: pairs.jsonl}, id_field: id}
+default_split: dev
+prompt: {user: "{{ a }} / {{ b }}\\nA. no\\nB. yes\\nAnswer:"}
+modes: [gen, ppl]
+choices: [A, B]
+label: {field: label}
+gen: {max_new_tokens: 4}
+parser: choice
+metrics: [accuracy]
+"""
+SUITE = """name: suite
+entries:
+  - {task: pairs.yaml, split: dev, mode: gen}
+  - {task: pairs.yaml, split: dev, mode: ppl}
+"""
+
+
+@pytest.fixture
+def user_files(tmp_path):
+    rows = [{"id": k, "a": f"sentence {k}", "b": f"phrase {k % 3}", "label": "AB"[k % 2]} for k in range(6)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (tmp_path / "pairs.yaml").write_text(TASK, encoding="utf-8")
+    (tmp_path / "suite.yaml").write_text(SUITE, encoding="utf-8")
+    return tmp_path
+
+
+@pytest.fixture
+def endpoint(tmp_path):
+    from eval.backends.hf import HFBackend
+    from models.local import checkpoint_card
+
+    folder = build_tiny_qwen2(tmp_path / "served", initializer_range=0.2)
+    backend = HFBackend(checkpoint_card(folder), tmp_path / "store", batch_size=1, checkpoint=folder)
+    server, url = serve(StubState(backend, models=("served-model",)))
+    yield url
+    server.shutdown()
+
+
+def test_an_endpoint_is_scored_in_gen_beside_a_checkpoint_and_ppl_is_na(user_files, endpoint, capsys):
+    from selectune.cli import main
+
+    local = build_tiny_qwen2(user_files / "local-model", initializer_range=0.02)
+    args = ["--runs-dir", str(user_files / "runs"), "--cache-dir", str(user_files / "cache")]
+    code = main([*args, "select", "--suite", str(user_files / "suite.yaml"),
+                 "--models", f"{local},hosted={endpoint}/v1"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    ppl_row = next(line for line in out.splitlines() if line.startswith("pairs-dev") and "| ppl" in line)
+    assert ppl_row.split("|")[5].strip() == "n/a"  # the endpoint's column: never 0
+    selection = json.loads((user_files / "runs" / "selection.json").read_text(encoding="utf-8"))
+    rows = {c["model"]: c for c in selection["candidates"]}
+    assert selection["winner"] == "local-model"
+    assert rows["hosted"]["mean_rank"] is None and rows["hosted"]["memory_gib"] is None
+    assert rows["hosted"]["items_computed"] == 6 and len(selection["runs"]["hosted"]) == 1
+    (comparison,) = selection["comparisons_vs_best"]["hosted"]  # gen only, on the same 6 items
+    assert (comparison["mode"], comparison["n"]) == ("gen", 6)
+    assert any(r.startswith("hosted is an endpoint") for r in selection["reasons"])
+    with sqlite3.connect(user_files / "runs" / "results.sqlite") as db:
+        (meta,) = [json.loads(m) for (m,) in db.execute("SELECT meta_json FROM runs WHERE model = 'hosted'")]
+    assert meta["identity"]["served_model"] == "served-model" and meta["identity"]["backend"] == "openai"
+
+    assert main([*args, "report"]) == 0
+    page = (user_files / "runs" / "report" / "leaderboard.html").read_text(encoding="utf-8")
+    assert "n/a" in page and ">majority<" in page and 'id="against-majority"' in page
+
+
+def test_an_unreachable_endpoint_is_one_line_and_records_nothing(user_files, capsys):
+    from selectune.cli import main
+
+    runs = user_files / "runs"
+    code = main(["--runs-dir", str(runs), "--cache-dir", str(user_files / "cache"), "select",
+                 "--suite", str(user_files / "suite.yaml"), "--models", "hosted=http://127.0.0.1:9/v1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("selectune: error: --models http://127.0.0.1:9/v1: unreachable (ConnectError")
+    assert not (runs / "selection.json").exists() and not (runs / "results.sqlite").exists()
+
+
+@pytest.mark.parametrize(("entry", "served", "expected"), [
+    ("Bad=http://x", ("m",), "the name before '=' must be lower-case"),
+    ("mine=ftp://x", ("m",), "expected name=http://host:port/v1"),
+    ("mine={url}", ("a", "b"), "the server lists 2 models (a, b); name the candidate after the one to score"),
+])
+def test_endpoint_entries_that_cannot_be_used_say_why(entry, served, expected, tmp_path):
+    from models.endpoint import endpoint_card
+
+    server, url = serve(StubState(None, models=served))
+    try:
+        with pytest.raises(UserError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+            endpoint_card(entry.format(url=url))
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize(("name", "served", "model"), [("b", ("a", "b"), "b"), ("mine", ("only",), "only")])
+def test_the_model_id_sent_is_the_name_when_served_else_the_only_one(name, served, model):
+    from models.endpoint import endpoint_card
+
+    server, url = serve(StubState(None, models=served))
+    try:
+        card = endpoint_card(f"{name}={url}/v1/")
+    finally:
+        server.shutdown()
+    assert (card.name, card.source.model, card.source.url, card.memory_gib) == (name, model, url, None)
