@@ -25,6 +25,9 @@ class Settings(Strict):
     """An existing directory laid out like the download (fewclue/bustm/..., fewclue/ocnlifc/...).
     None means `cache_dir/data`, filled by `make data`."""
 
+    task_dirs: list[Path] = []
+    """Folders searched for `<name>.yaml` task files after tasks/ (lm-eval's `--include_path`)."""
+
     judge_url: str | None = None
     """Base URL of an OpenAI-compatible endpoint for the optional LLM-judge metrics."""
 
@@ -47,6 +50,14 @@ class Settings(Strict):
     @classmethod
     def _expand_home(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
+
+    @field_validator("task_dirs")
+    @classmethod
+    def _folders(cls, value: list[Path]) -> list[Path]:
+        for folder in value:
+            if not folder.expanduser().is_dir():
+                raise ValueError(f"{folder} is not a folder")
+        return [folder.expanduser().resolve() for folder in value]
 
 
 def load_settings(config: Path | None = None, **overrides: str | Path | None) -> Settings:

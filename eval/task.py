@@ -203,11 +203,27 @@ def load_task(path: Path) -> TaskSpec:
     return load_named_yaml(path, TaskSpec, "task")
 
 
-def load_tasks(tasks_dir: Path = TASKS_DIR) -> dict[str, TaskSpec]:
-    return {t.name: t for t in map(load_task, sorted(tasks_dir.glob("*.yaml")))}
+_EXTRA_TASK_DIRS: list[Path] = []
+"""Folders searched after tasks/: the settings' `task_dirs` (`--include-path`)."""
 
 
-def find_task(name: str, tasks_dir: Path = TASKS_DIR) -> TaskSpec:
+def include_task_dirs(folders: list[Path]) -> None:
+    _EXTRA_TASK_DIRS[:] = [Path(f) for f in folders]
+
+
+def load_tasks(tasks_dir: Path | None = None) -> dict[str, TaskSpec]:
+    """Every task by name: those of `tasks_dir`, or of tasks/ and the included folders. A name
+    found in two files is one line naming both."""
+    tasks: dict[str, TaskSpec] = {}
+    for folder in [tasks_dir] if tasks_dir else [TASKS_DIR, *_EXTRA_TASK_DIRS]:
+        for task in map(load_task, sorted(folder.glob("*.yaml"))):
+            if task.name in tasks:
+                raise UserError(f"{task.path}: task name '{task.name}' is already used by {tasks[task.name].path}")
+            tasks[task.name] = task
+    return tasks
+
+
+def find_task(name: str, tasks_dir: Path | None = None) -> TaskSpec:
     tasks = load_tasks(tasks_dir)
     if name not in tasks:
         raise UserError(f"unknown task '{name}' (known: {', '.join(sorted(tasks))})")

@@ -32,7 +32,7 @@ from core.settings import load_settings
 from eval.backends.base import DEFAULT_BATCH_SIZE
 
 REPO = Path(__file__).resolve().parents[1]
-GLOBAL_OPTIONS = ("config", "runs_dir", "cache_dir", "data_dir", "judge_url", "judge_model")
+GLOBAL_OPTIONS = ("config", "runs_dir", "cache_dir", "data_dir", "task_dirs", "judge_url", "judge_model")
 QUIET_WARNINGS = [
     # transformers' own deprecation inside peft and Trainer, at every `make train`
     (r".*`is_gradient_checkpointing` is deprecated.*", FutureWarning),
@@ -66,10 +66,12 @@ def device_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m selectune", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path,
-                        help="YAML file of settings (runs_dir, cache_dir, data_dir, judge_url, judge_model)")
+                        help="YAML file of settings (runs_dir, cache_dir, data_dir, task_dirs, judge_url, judge_model)")
     parser.add_argument("--runs-dir", help="where run output goes (default: runs/)")
     parser.add_argument("--cache-dir", help="model store and downloads (default: ~/.cache/selectune)")
     parser.add_argument("--data-dir", help="an existing data directory to use instead of downloading")
+    parser.add_argument("--include-path", dest="task_dirs", action="append", type=Path, metavar="DIR",
+                        help="a folder of task files searched after tasks/ (repeatable; settings key task_dirs)")
     parser.add_argument("--judge-url", help="OpenAI-compatible endpoint for the optional LLM-judge metrics")
     parser.add_argument("--judge-model", help="model name at --judge-url")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -194,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         options.pop(key, None)
     try:
         settings = load_settings(options.pop("config"), **{k: options.pop(k) for k in GLOBAL_OPTIONS[1:]})
+        if settings.task_dirs:
+            from eval.task import include_task_dirs
+
+            include_task_dirs(settings.task_dirs)
         return getattr(importlib.import_module(module), function)(settings, **options)
     except UserError as exc:
         print(f"selectune: error: {exc}", file=sys.stderr)

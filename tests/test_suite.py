@@ -3,11 +3,14 @@ bad entry is one line naming the file and the entry before any model runs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from core.errors import UserError
 from eval.suite import DEFAULT_SUITE, SUITES_DIR, load_suite
 
+REPO_TASKS = Path(__file__).resolve().parents[1] / "tasks"
 GOOD = "name: s\nentries:\n  - {task: fewclue_bustm, split: dev, mode: gen}\n"
 
 
@@ -59,3 +62,36 @@ def test_a_task_can_be_named_by_its_file(tmp_path):
 def test_a_missing_suite_file_names_the_shipped_ones(tmp_path):
     with pytest.raises(UserError, match=r"suite file not found \(suites: default.yaml, fewclue-test.yaml\)"):
         load_suite(tmp_path / "nope.yaml")
+
+
+def test_folders_named_in_the_settings_are_searched_for_task_names(tmp_path):
+    from core.settings import load_settings
+    from eval.task import include_task_dirs, load_tasks
+
+    mine = tmp_path / "my-tasks"
+    mine.mkdir()
+    fact = (REPO_TASKS / "fact.yaml").read_text(encoding="utf-8")
+    (mine / "faq2.yaml").write_text(fact.replace("name: fact", "name: faq2"), encoding="utf-8")
+    (tmp_path / "settings.yaml").write_text(f"task_dirs: [{mine}]\n", encoding="utf-8")
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: s\nentries:\n  - {task: faq2, split: test, mode: gen}\n", encoding="utf-8")
+    with pytest.raises(UserError, match="unknown task 'faq2'"):
+        load_suite(suite)
+    try:
+        include_task_dirs(load_settings(tmp_path / "settings.yaml").task_dirs)
+        _, [(task, _)] = load_suite(suite)
+        assert task.path == mine / "faq2.yaml" and {"fact", "faq2"} <= set(load_tasks())
+        (mine / "fact.yaml").write_text(fact, encoding="utf-8")
+        with pytest.raises(UserError, match=f"{mine / 'fact.yaml'}: task name 'fact' is already used by "):
+            load_tasks()
+    finally:
+        include_task_dirs([])
+
+
+def test_a_task_folder_that_does_not_exist_is_one_line(tmp_path):
+    from core.settings import load_settings
+
+    (tmp_path / "settings.yaml").write_text(f"task_dirs: [{tmp_path / 'nope'}]\n", encoding="utf-8")
+    with pytest.raises(UserError, match=f"key 'task_dirs': Value error, {tmp_path / 'nope'} is not a folder") as err:
+        load_settings(tmp_path / "settings.yaml")
+    assert "\n" not in str(err.value)
