@@ -60,8 +60,8 @@ models: $(STAMP) ## provision the default offline models (CARD=name for one, WEI
 cards: $(STAMP) ## list every model card with its status
 	$(SELECTUNE) models list
 
-data: $(STAMP) ## download FewCLUE into the cache (checksum-verified), or verify DATA_DIR
-	$(SELECTUNE) data
+data: $(STAMP) ## download FewCLUE (DATASET=riddles for the riddles) into the cache, checksum-verified, or verify DATA_DIR
+	$(SELECTUNE) data $(if $(DATASET),--dataset $(DATASET))
 
 # The main job sets up everything it reads first: models and data are no-ops once done.
 SUITE ?= suites/default.yaml

@@ -1,7 +1,9 @@
-"""Public benchmark data: FewCLUE bustm and ocnli_fc, downloaded from upstream and checksum-verified.
+"""Public benchmark data: FewCLUE bustm and ocnli_fc (and, on request, the riddles), downloaded
+from upstream and checksum-verified.
 
     python -m selectune data                      # download into <cache>/data, or verify
     python -m selectune --data-dir DIR data       # verify an existing directory, write nothing
+    python -m selectune data --dataset riddles    # the riddle workflow's data
 
 The local layout is `fewclue/bustm/<file>` and `fewclue/ocnlifc/<file>`, the upstream file names
 kept. Only the files OpenCompass evaluates on are fetched (dev_few_all, test_public), plus
@@ -47,6 +49,19 @@ FEWCLUE_FILES = [
 ]
 
 
+RIDDLES_REPO = "crawsome/riddles"
+RIDDLES_COMMIT = "9991af18658e7ad1407bf9471de1a7cace9c1c1f"
+RIDDLES_FILES = [DataFile("riddles/riddles.csv", "riddles.csv",
+                          "d95019877f1dffb6bbcf7be854c9ef8a52f6f4d10d5d051ba7c76871591c6dd1")]
+
+DATASETS = {
+    "fewclue": (FEWCLUE_FILES, FEWCLUE_BASE_URL),
+    "riddles": (RIDDLES_FILES, f"https://raw.githubusercontent.com/{RIDDLES_REPO}/{RIDDLES_COMMIT}"),
+}
+"""What `selectune data --dataset NAME` fetches: the files and the pinned upstream they come from.
+riddles: 386 English riddles with one-word answers (The Unlicense), for the riddle workflow."""
+
+
 def verify_data(data_dir: Path, files: list[DataFile] = FEWCLUE_FILES) -> None:
     """Raise on the first missing file or checksum mismatch, naming the file."""
     for f in files:
@@ -57,8 +72,7 @@ def verify_data(data_dir: Path, files: list[DataFile] = FEWCLUE_FILES) -> None:
                 f"holding {', '.join(sorted({str(Path(x.local).parent) for x in files}))}/")
         digest = sha256_file(path)
         if digest != f.sha256:
-            raise UserError(f"{path}: sha256 is {digest}, expected {f.sha256} "
-                            f"(upstream {FEWCLUE_REPO}@{FEWCLUE_COMMIT[:12]} datasets/{f.upstream})")
+            raise UserError(f"{path}: sha256 is {digest}, expected {f.sha256} (upstream file {f.upstream})")
 
 
 def fetch_data(data_dir: Path, files: list[DataFile] = FEWCLUE_FILES,
@@ -92,8 +106,7 @@ def _download(client, url: str, path: Path, sha256: str, local: str) -> None:
         tmp.unlink(missing_ok=True)
         raise UserError(
             f"{url}: download failed ({type(exc).__name__}: {' '.join(str(exc).split()[:12])}); "
-            f"offline? set DATA_DIR to a "
-            f"directory that already holds {local} and the other FewCLUE files") from exc
+            f"offline? set DATA_DIR to a directory that already holds {local}") from exc
     digest = sha256_file(tmp)
     if digest != sha256:
         tmp.unlink()
@@ -101,11 +114,14 @@ def _download(client, url: str, path: Path, sha256: str, local: str) -> None:
     os.replace(tmp, path)
 
 
-def data_command(settings, *, check: bool = False) -> int:
-    """`selectune data`: download FewCLUE into the cache and verify it, or verify DATA_DIR."""
+def data_command(settings, *, check: bool = False, dataset: list[str] | None = None) -> int:
+    """`selectune data`: download a dataset (default FewCLUE) into the cache and verify it, or
+    verify DATA_DIR."""
     data_dir = settings.resolved_data_dir
-    fetched = [] if settings.data_dir is not None or check else fetch_data(data_dir)
-    verify_data(data_dir)
-    print(f"data: {f'{len(fetched)} downloaded, ' if fetched else ''}{len(FEWCLUE_FILES)} files verified "
-          f"in {data_dir}")
+    for name in dataset or ["fewclue"]:
+        files, base_url = DATASETS[name]
+        fetched = [] if settings.data_dir is not None or check else fetch_data(data_dir, files, base_url)
+        verify_data(data_dir, files)
+        print(f"data: {name}: {f'{len(fetched)} downloaded, ' if fetched else ''}{len(files)} file{'s' * (len(files) != 1)} verified "
+              f"in {data_dir}")
     return 0

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +24,15 @@ from eval.sources import read_split
 TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
 
 Mode = Literal["gen", "ppl"]
+
+
+class HoldoutSpec(Strict):
+    """A split carved out of a file that has none: a seeded share of its rows, by item id."""
+
+    split: str
+    """The split that gets the share; every other split naming the same file gets the rest."""
+    fraction: float = Field(gt=0, lt=1)
+    seed: int = 0
 
 
 class DataSpec(Strict):
@@ -45,12 +55,28 @@ class DataSpec(Strict):
     """When set, a split keeps only the rows whose field equals the split name."""
     id_field: str | None = None
     """Field holding a unique item id; default: the row number in its file."""
+    holdout: HoldoutSpec | None = None
+    """e.g. {split: test, fraction: 0.25}: test gets a quarter of the file's rows, train the rest."""
 
     @model_validator(mode="after")
     def _pinned(self) -> DataSpec:
         if self.hub is not None and self.revision is None:
             raise ValueError("a hub dataset needs its revision (a 40-hex commit)")
+        if self.holdout is not None:
+            if self.holdout.split not in self.splits:
+                raise ValueError(f"holdout split '{self.holdout.split}' is not one of the splits ({', '.join(self.splits)})")
+            if len([s for s in self.splits.values() if s == self.splits[self.holdout.split]]) < 2:
+                raise ValueError(f"holdout split '{self.holdout.split}' shares its file with no other split")
         return self
+
+    def keeps(self, split: str, item_id: str) -> bool:
+        """Whether the holdout puts the item of this id into `split` (always, without one)."""
+        h = self.holdout
+        if h is None or self.splits[split] != self.splits[h.split]:
+            return True
+        digest = hashlib.sha256(f"{h.seed}:{item_id}".encode()).digest()
+        held = int.from_bytes(digest[:8], "big") / 2**64 < h.fraction
+        return held == (split == h.split)
 
 
 class PromptSpec(Strict):
@@ -248,6 +274,11 @@ def load_items(task: TaskSpec, split: str, data_dir: Path) -> list[Item]:
             raise UserError(f"{path}:{n}: expected an object with fields, got {type(row).__name__}")
         if task.data.split_field and row.get(task.data.split_field) != split:
             continue
+        if task.data.id_field and task.data.id_field not in row:
+            raise UserError(f"{path}:{n}: missing id field '{task.data.id_field}'")
+        item_id = str(row[task.data.id_field]) if task.data.id_field else str(n)
+        if not task.data.keeps(split, item_id):
+            continue
         gold = _gold(task, row, path, n)
         if gold is _SKIP:
             continue
@@ -258,9 +289,6 @@ def load_items(task: TaskSpec, split: str, data_dir: Path) -> list[Item]:
             system = system_t.render(**row) if system_t else None
         except jinja2.UndefinedError as exc:
             raise UserError(f"{path}:{n}: prompt needs a field the row lacks ({exc.message})") from None
-        if task.data.id_field and task.data.id_field not in row:
-            raise UserError(f"{path}:{n}: missing id field '{task.data.id_field}'")
-        item_id = str(row[task.data.id_field]) if task.data.id_field else str(n)
         items.append(Item(item_id, row, user, system, gold, task.prompt.chat_turn_end, references))
         if task.limit and len(items) >= task.limit:
             break

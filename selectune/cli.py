@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = command(sub, "data", "eval.data:data_command", "download FewCLUE (or verify DATA_DIR)")
     data.add_argument("--check", action="store_true", help="verify only, download nothing")
+    data.add_argument("--dataset", action="append", choices=["fewclue", "riddles"],
+                      help="what to fetch or verify (repeatable; default fewclue)")
 
     ev = command(sub, "eval", "eval.runner:eval_command", "score one model on one task (resumable)")
     ev.add_argument("--task", required=True, help="a task name (tasks/<name>.yaml) or the path of a task file")

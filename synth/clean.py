@@ -33,6 +33,10 @@ class CleanSpec:
     """Cosine similarity of character 1-2-gram vectors at or above which an item is a near duplicate."""
     leak_fraction: float = 0.8
     """An answer that copies, in one run, this share of a seed's answer leaks that answer."""
+    leak_min_chars: int = 1
+    """Seed answers shorter than this are not checked for leaks (a one-word riddle answer is no leak)."""
+    similarity: str = "chars"
+    """`chars`: character 1-2-grams (Chinese); `words`: word 1-2-grams (English and other spaced text)."""
     require_question: bool = False
     """Questions must end in a question mark (a teacher asked for questions may copy statements)."""
     numbers_from: str | None = None
@@ -85,12 +89,16 @@ def clean_questions(items: list[dict], seeds: list[dict], spec: CleanSpec, repor
     return _drop_near_duplicates(unique, seeds, spec, report)
 
 
-def similarities(a: list[str], b: list[str]):
-    """Cosine similarity of every text in a with every text in b (character 1-2-gram counts)."""
+def similarities(a: list[str], b: list[str], unit: str = "chars"):
+    """Cosine similarity of every text in a with every text in b (character or word 1-2-gram counts)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    vectorizer = TfidfVectorizer(analyzer="char", ngram_range=(1, 2), use_idf=False)
-    vectors = vectorizer.fit_transform([norm(t) or t for t in a + b])
+    if unit == "words":
+        vectorizer = TfidfVectorizer(analyzer="word", ngram_range=(1, 2), use_idf=False, lowercase=True)
+        vectors = vectorizer.fit_transform(a + b)
+    else:
+        vectorizer = TfidfVectorizer(analyzer="char", ngram_range=(1, 2), use_idf=False)
+        vectors = vectorizer.fit_transform([norm(t) or t for t in a + b])
     return (vectors[:len(a)] @ vectors[len(a):].T).toarray()  # rows are L2-normalised
 
 
@@ -98,7 +106,7 @@ def _drop_near_duplicates(items: list[dict], seeds: list[dict], spec: CleanSpec,
     if not items:
         return items
     texts = [s["question"] for s in seeds] + [i["question"] for i in items]
-    sims = similarities(texts, texts)
+    sims = similarities(texts, texts, spec.similarity)
     n_seeds = len(seeds)
     kept_rows: list[int] = list(range(n_seeds))
     out = []
@@ -131,7 +139,7 @@ def clean_answers(items: list[dict], seeds: list[dict], spec: CleanSpec, report:
     from eval.scorers.text import degenerate
 
     allowed = numbers(spec.numbers_from) if spec.numbers_from is not None else None
-    seed_answers = [s["answer"] for s in seeds if s.get("answer")]
+    seed_answers = [s["answer"] for s in seeds if len(s.get("answer") or "") >= spec.leak_min_chars]
     out = []
     for item in items:
         a, q = item["answer"], item["question"]

@@ -123,16 +123,24 @@ def parse_list(text: str) -> Parsed:
 FINAL = "最终答案："
 
 
-def parse_answer(text: str, *, step_by_step: bool = False) -> str:
+def parse_answer(text: str, *, step_by_step: bool = False, marker: str = FINAL, keep_reasoning: bool = False) -> str:
     """A reply as an answer: labels ("答：") and wrapping quotes removed; "" when nothing is left.
-    After step-by-step reasoning only what follows the last 最终答案： counts, and a reply
-    without that marker gives ""."""
+    After step-by-step reasoning only what follows the last `marker` counts (with
+    `keep_reasoning`, the reasoning too, up to the end of that line), and a reply without the
+    marker gives ""."""
     text = _FENCE.sub(lambda m: m.group(1), text).strip()
     if step_by_step:
-        text = text.replace("最终答案:", FINAL)
-        if FINAL not in text:
+        bare = marker.rstrip("：:")
+        text = re.sub(re.escape(bare) + r"\s*[：:]", marker, text)
+        if marker not in text:
             return ""
-        text = text.rsplit(FINAL, 1)[1]
+        head, tail = text.rsplit(marker, 1)
+        final = tail.strip().splitlines()[0].strip() if tail.strip() else ""
+        if not _clean(_ANSWER_LABEL.sub("", final)):
+            return ""
+        if keep_reasoning:
+            return _clean(f"{head.rstrip()}\n{marker} {final}".strip())
+        text = final
     return _clean(_ANSWER_LABEL.sub("", text))
 
 

@@ -31,14 +31,28 @@ from synth.teacher import BudgetExhausted, Teacher
 _FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv"}
 
 
-def load_seeds(recipe: SynthRecipe) -> list[dict]:
+def _seed_rows(recipe: SynthRecipe, data_dir: Path | None) -> tuple[str, list[tuple[int, object]]]:
     spec = recipe.seeds
+    if spec.task is not None:
+        from eval.task import load_items, resolve_task
+
+        task = resolve_task(spec.task, recipe.path.parent)
+        if data_dir is None:
+            raise UserError(f"{recipe.path}: seeds from task '{task.name}' need the data directory")
+        return f"task {task.name} split {spec.split}", [(k, i.fields) for k, i in enumerate(
+            load_items(task, spec.split, data_dir), start=1)]
     path = resolve(spec.path)
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise UserError(f"{path}: seeds come from .jsonl, .json or .csv")
+    return str(path), read_rows(path, fmt)
+
+
+def load_seeds(recipe: SynthRecipe, data_dir: Path | None = None) -> list[dict]:
+    spec = recipe.seeds
+    path, rows = _seed_rows(recipe, data_dir)
     seeds, seen = [], set()
-    for n, row in read_rows(path, fmt):
+    for n, row in rows:
         if isinstance(row, BadLine) or not isinstance(row, dict):
             raise UserError(f"{path}:{n}: {row.problem if isinstance(row, BadLine) else 'not an object'}")
         if any(str(row.get(k)) != v for k, v in spec.where.items()):
@@ -96,8 +110,8 @@ def _env():
 
 
 class Run:
-    def __init__(self, recipe: SynthRecipe, teacher: Teacher, out_dir: Path):
-        self.recipe, self.teacher, self.out_dir = recipe, teacher, out_dir
+    def __init__(self, recipe: SynthRecipe, teacher: Teacher, out_dir: Path, data_dir: Path | None = None):
+        self.recipe, self.teacher, self.out_dir, self.data_dir = recipe, teacher, out_dir, data_dir
         self.env = _env()
         self.counts: dict[str, int] = {}
         self.malformed: list[dict] = []
@@ -150,7 +164,8 @@ class Run:
     def answer(self, items: list[dict], seeds: list[dict], out: list[dict]) -> None:
         spec = self.recipe.answer
         for item in _progress(items, "answer"):
-            if item.get("answer") and not spec.styles:  # the teacher wrote one with the question
+            solution = item.get("answer") if not spec.styles else None  # the teacher wrote one with the question
+            if solution and not spec.step_by_step:
                 out.append(item)
                 self.count("answered")
                 continue
@@ -160,10 +175,17 @@ class Run:
             shots = rng.sample(pool, min(spec.shots, len(pool)))
             reply = self.ask("answer", spec.template, spec.sampling, self.recipe.seed, examples=shots,
                              question=item["question"], context=self.context_for(item["question"]), style=style,
-                             step_by_step=spec.step_by_step)
-            text = parse_answer(reply, step_by_step=spec.step_by_step)
+                             step_by_step=spec.step_by_step, solution=solution)
+            text = parse_answer(reply, step_by_step=spec.step_by_step, marker=spec.final_marker,
+                                keep_reasoning=spec.keep_reasoning)
             if not text:
-                self.bad("answer", "empty answer", reply, question=item["question"])
+                self.bad("answer", "empty answer" if not spec.step_by_step else
+                         f"no final line starting with {spec.final_marker!r}", reply, question=item["question"])
+                continue
+            final = text.rsplit(spec.final_marker, 1)[-1] if spec.step_by_step else text
+            if solution and C.norm(solution) not in C.norm(final):
+                self.bad("answer", f"the final answer does not contain the solution {solution!r}", reply,
+                         question=item["question"])
                 continue
             out.append({**item, "answer": text, **({"style": style} if style else {})})
             self.count("answered")
@@ -183,7 +205,7 @@ class Run:
                 continue
             first = self.env.get_template(self.recipe.answer.template).render(
                 examples=[], question=item["question"], context=self.context_for(item["question"]),
-                style=item.get("style"), step_by_step=False).strip()
+                style=item.get("style"), step_by_step=False, solution=None).strip()
             history = [{"role": "user", "content": first}, {"role": "assistant", "content": item["answer"]}]
             second = parse_answer(self.teacher.ask(
                 history + [{"role": "user", "content": follow}], temperature=self.recipe.answer.sampling.temperature,
@@ -199,7 +221,7 @@ class Run:
 
     def run(self) -> dict:
         recipe = self.recipe
-        seeds = load_seeds(recipe)
+        seeds = load_seeds(recipe, self.data_dir)
         self.count("seeds", len(seeds))
         spec = C.CleanSpec(**recipe.clean.model_dump(exclude={"check_numbers"}),
                            numbers_from=self.context if recipe.clean.check_numbers else None)
@@ -236,8 +258,9 @@ class Run:
                 out.append({"instruction": turns[-1][0], "input": "", "output": turns[-1][1],
                             "history": [list(t) for t in turns[:-1]]})
             else:
-                out.append({"messages": [m for q, a in turns for m in ({"role": "user", "content": q},
-                                                                          {"role": "assistant", "content": a})]})
+                system = [{"role": "system", "content": self.recipe.system}] if self.recipe.system else []
+                out.append({"messages": system + [m for q, a in turns for m in ({"role": "user", "content": q},
+                                                                                  {"role": "assistant", "content": a})]})
         return out
 
     def write(self, items: list[dict], seeds: list[dict]) -> dict:
@@ -314,7 +337,7 @@ def synth_command(settings, *, recipe: Path, base_url: str | None = None, teache
 
     def run(url: str, model: str, label: str) -> dict:
         backend = OpenAIBackend(url, model, api_key=api_key, concurrency=1, timeout_s=600.0, max_retries=3)
-        return Run(spec, Teacher(backend, conn, budget, label), out_dir).run()
+        return Run(spec, Teacher(backend, conn, budget, label), out_dir, settings.resolved_data_dir).run()
 
     url = base_url or spec.teacher.base_url
     if url:

@@ -13,8 +13,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class SeedSpec(Strict):
-    path: str
+    path: str | None = None
     """A .jsonl/.json/.csv file, relative to the repository root or absolute."""
+    task: str | None = None
+    """Or a task (name, or path relative to the recipe): the rows of its `split`, read as the task
+    reads them (data directory, `columns`, holdout), so seeds never come from the test split."""
+    split: str = "train"
     question: str = "question"
     answer: str = "answer"
     style: str | None = None
@@ -65,7 +69,13 @@ class AnswerSpec(Strict):
     styles: list[str] = Field(default_factory=list)
     """Reply styles drawn per item (style data); the shots then come from seeds of that style."""
     step_by_step: bool = False
-    """Ask the teacher to reason briefly first; only the line after 最终答案： is kept."""
+    """Ask the teacher to reason briefly first and end with a line starting with `final_marker`;
+    a reply without it is dropped. Only what follows the marker is kept, unless `keep_reasoning`.
+    An item whose answer the expand step already wrote (a riddle's solution) is answered with that
+    solution given, and dropped when the final answer does not contain it."""
+    final_marker: str = "最终答案："
+    keep_reasoning: bool = False
+    """Keep the reasoning and the final line (step-by-step answers to train on)."""
     sampling: SamplingSpec = SamplingSpec(temperature=0.3, top_p=1.0, max_tokens=160)
 
 
@@ -84,6 +94,9 @@ class CleanRecipe(Strict):
     min_cjk_ratio: float = Field(default=0.3, ge=0, le=1)
     near_duplicate: float = Field(default=0.75, gt=0, le=1)
     leak_fraction: float = Field(default=0.8, gt=0, le=1)
+    leak_min_chars: int = Field(default=1, ge=1)
+    similarity: Literal["chars", "words"] = "chars"
+    """Near duplicates by character 1-2-grams (Chinese) or word 1-2-grams (English)."""
     require_question: bool = False
     """New items must end in a question mark."""
     check_numbers: bool = False
@@ -107,7 +120,10 @@ class SynthRecipe(NamedConfig):
     clean: CleanRecipe = CleanRecipe()
     budget: BudgetSpec = BudgetSpec()
     format: Literal["messages", "alpaca", "style"] = "messages"
-    """The trainer's formats: messages, Alpaca (with history), or the style-dialogue shape."""
+    """The trainer's formats: messages (ChatML-style role/content turns), Alpaca (with history),
+    or the style-dialogue shape."""
+    system: str | None = None
+    """A system turn opening every conversation (messages format only)."""
     seed: int = 0
 
 
@@ -115,6 +131,10 @@ class SynthRecipe(NamedConfig):
     def _consistent(self) -> SynthRecipe:
         if self.format == "style" and (not self.answer.styles or self.converse.fraction):
             raise ValueError("format 'style' needs answer.styles and single-turn items (converse.fraction 0)")
+        if self.system is not None and self.format != "messages":
+            raise ValueError("system needs format 'messages'")
+        if (self.seeds.path is None) == (self.seeds.task is None):
+            raise ValueError("seeds name exactly one of 'path' or 'task'")
         return self
 
 

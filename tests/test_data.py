@@ -10,12 +10,21 @@ from pathlib import Path
 
 import pytest
 
-from eval.data import FEWCLUE_FILES, fetch_data, verify_data
+from eval.data import FEWCLUE_FILES, RIDDLES_FILES, fetch_data, verify_data
 from core.errors import UserError
 
 
 def test_shared_data_verifies_in_place(shared_data):
     verify_data(shared_data)
+    verify_data(shared_data, RIDDLES_FILES)
+
+
+def test_the_data_command_verifies_each_dataset_asked_for(shared_data, capsys):
+    from selectune.cli import main
+
+    assert main(["--data-dir", str(shared_data), "data", "--dataset", "fewclue", "--dataset", "riddles"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"data: fewclue: 6 files verified in {shared_data}",
+                                                    f"data: riddles: 1 file verified in {shared_data}"]
 
 
 def test_tampered_file_is_named(tmp_path, shared_data):

@@ -266,12 +266,12 @@ def test_cli_runs_against_an_endpoint_and_rejects_bad_recipes(tmp_path, teacher_
     assert "needs a model name" in capsys.readouterr().err
 
 
-def test_shipped_recipes_load_and_their_seeds_exist():
+def test_shipped_recipes_load_and_their_seeds_exist(shared_data):
     from synth.pipeline import load_seeds
 
     for path in sorted((REPO / "synth").glob("*.yaml")):
         recipe = load_synth_recipe(path)
-        seeds = load_seeds(recipe)
+        seeds = load_seeds(recipe, shared_data)
         assert len(seeds) == recipe.seeds.count == 30, path.name
         if recipe.seeds.distinct:
             assert len({s["question"] for s in seeds}) == 30

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -19,7 +20,31 @@ OC_OCNLI = "阅读文章：{sentence1}\n根据上文，回答如下问题：{sen
 
 def test_every_task_file_validates():
     paths = sorted(TASKS_DIR.glob("*.yaml"))
-    assert {load_task(p).name for p in paths} == {"fewclue_bustm", "fewclue_ocnli_fc", "style", "fact"}
+    assert {load_task(p).name for p in paths} == {"fewclue_bustm", "fewclue_ocnli_fc", "style", "fact", "riddles"}
+
+
+def test_a_holdout_splits_a_file_without_splits_by_item_id(shared_data):
+    task = load_tasks()["riddles"]
+    train, test = (load_items(task, split, shared_data) for split in ("train", "test"))
+    assert (len(train), len(test)) == (296, 90) and not {i.id for i in train} & {i.id for i in test}
+    assert test[0].fields["question"].startswith("Come up and let us go") and test[0].references == ("anchor",)
+    reseeded = task.model_copy(update={"data": task.data.model_copy(update={
+        "holdout": task.data.holdout.model_copy(update={"seed": 1})})})
+    assert {i.id for i in load_items(reseeded, "test", shared_data)} != {i.id for i in test}
+
+
+@pytest.mark.parametrize(("holdout", "message"), [
+    ("{split: dev, fraction: 0.2}", "holdout split 'dev' is not one of the splits (train, test)"),
+    ("{split: test, fraction: 1.5}", "key 'data.holdout.fraction': Input should be less than 1"),
+])
+def test_a_bad_holdout_is_one_line(tmp_path, holdout, message):
+    text = (TASKS_DIR / "riddles.yaml").read_text(encoding="utf-8")
+    path = tmp_path / "riddles.yaml"
+    path.write_text(text.replace("holdout: {split: test, fraction: 0.25, seed: 0}", f"holdout: {holdout}"),
+                    encoding="utf-8")
+    with pytest.raises(UserError, match=re.escape(message)) as err:
+        load_task(path)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize(("task", "template", "labels"), [

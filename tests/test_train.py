@@ -483,7 +483,7 @@ def test_shipped_recipes_load_and_bad_keys_are_one_line(tmp_path):
         load_recipe(bad)
     assert str(err.value).startswith(f"{bad}: unknown key 'training.lr' (expected one of ['batch_size', ")
     bad.write_text("name: bad\ndata: [{task: fact, path: x.jsonl}]\n")
-    with pytest.raises(UserError, match="exactly one of 'task' or 'path'"):
+    with pytest.raises(UserError, match="exactly one of 'task', 'path' or 'synth'"):
         load_recipe(bad)
     for value in ("weekly", "0"):
         bad.write_text(f"name: bad\ndata: [{{task: fact}}]\ntraining: {{eval_steps: {value}}}\n")

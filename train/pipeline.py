@@ -74,7 +74,7 @@ def train_command(settings: Settings, recipe: Recipe, model_name: str | None, ru
     print(f"train: {card.name} with {recipe.path} into {run_dir}")
     started = time.monotonic()
     result = run_training(recipe, manifest["checkpoint"], run_dir, settings.resolved_data_dir,
-                          trust_remote_code=card.trust_remote_code)
+                          trust_remote_code=card.trust_remote_code, synth_root=settings.workspace.synth_root)
     merged_dir = run_dir / "merged"
     prompts = [c.messages[:-1] for c in (result.data.split["val"] or result.data.split["train"])]
     prompts = prompts[: recipe.parity.items]

@@ -10,6 +10,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from core.errors import UserError
 from core.config import NamedConfig, Strict, load_named_yaml
 
 TRAIN_DIR = Path(__file__).resolve().parent
@@ -23,6 +24,9 @@ class SourceSpec(Strict):
     split: str = "train"
     path: str | None = None
     """Absolute, relative to the recipe file, or relative to the repository root (runs/...)."""
+    synth: str | None = None
+    """Or what `make data-synth` wrote for the synthesis recipe of this name (RUNS_DIR/synth/<name>/
+    data.jsonl, in the format its provenance records); refused while that run is incomplete."""
     format: str | None = None
     """alpaca, messages, xtuner, style or prompt_completion; None: detected from the first row."""
     columns: dict[str, str] = {}
@@ -33,8 +37,8 @@ class SourceSpec(Strict):
 
     @model_validator(mode="after")
     def _one_kind(self) -> SourceSpec:
-        if (self.task is None) == (self.path is None):
-            raise ValueError("a data source names exactly one of 'task' or 'path'")
+        if sum(x is not None for x in (self.task, self.path, self.synth)) != 1:
+            raise ValueError("a data source names exactly one of 'task', 'path' or 'synth'")
         return self
 
 
@@ -157,3 +161,29 @@ class Recipe(NamedConfig):
 
 def load_recipe(path: Path) -> Recipe:
     return load_named_yaml(path, Recipe, "recipe")
+
+
+def data_path(given: str, recipe_file: Path) -> Path:
+    """A recipe's data file: absolute, next to the recipe, or relative to the repository root
+    (where `make data-synth` writes under runs/)."""
+    path = Path(given)
+    if path.is_absolute():
+        return path
+    beside = recipe_file.parent / path
+    return beside if beside.exists() else TRAIN_DIR.parent / path
+
+
+def synth_output(name: str, synth_root: Path | None, recipe_file: Path) -> tuple[Path, str]:
+    """The data file and format a complete `make data-synth` run of that recipe name wrote."""
+    from core.artifacts import SynthProvenance, read_artifact
+
+    folder = (synth_root or Path("runs/synth")) / name
+    provenance = folder / "provenance.json"
+    if not provenance.is_file():
+        raise UserError(f"{recipe_file}: data source synth '{name}': {provenance} not found; run "
+                        f"`make data-synth SYNTH_RECIPE=...` for the recipe named {name} first")
+    record = read_artifact(provenance, SynthProvenance)
+    if not record["complete"]:
+        raise UserError(f"{recipe_file}: data source synth '{name}': that run stopped early ({record['stopped']}); "
+                        "rerun make data-synth to finish it")
+    return folder / "data.jsonl", record["format"]

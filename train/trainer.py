@@ -30,9 +30,8 @@ from train.cpu_memory import CpuAllocator
 from train.data import (CleaningReport, Conversation, Example, clean, data_sha256, ensure_chat_template,
                         load_conversations, save_split, split, tokenize)
 from train.kernels import fuse_lora_dropout, fuse_silu_mlps, label_only_loss
-from train.recipe import Recipe
+from train.recipe import Recipe, data_path, synth_output
 
-REPO = Path(__file__).resolve().parents[1]
 
 # Attention projections plus MLP, by model_type (LoRA's usual "all linear layers but the head").
 TARGET_MODULES = {
@@ -58,17 +57,8 @@ def target_modules(recipe: Recipe, model_type: str) -> list[str]:
 # Data
 
 
-def data_path(given: str, recipe_file: Path) -> Path:
-    """A recipe's data file: absolute, next to the recipe, or relative to the repository root
-    (where `make data-synth` writes under runs/)."""
-    path = Path(given)
-    if path.is_absolute():
-        return path
-    beside = recipe_file.parent / path
-    return beside if beside.exists() else REPO / path
-
-
-def source_conversations(recipe: Recipe, data_dir: Path, report: CleaningReport) -> list[Conversation]:
+def source_conversations(recipe: Recipe, data_dir: Path, report: CleaningReport,
+                         synth_root: Path | None = None) -> list[Conversation]:
     from eval.task import load_items, resolve_task
 
     out: list[Conversation] = []
@@ -82,8 +72,9 @@ def source_conversations(recipe: Recipe, data_dir: Path, report: CleaningReport)
             out += [Conversation([*i.messages(), {"role": "assistant", "content": i.gold}],
                                  f"{task.name}:{i.id}") for i in items]
         else:
-            path = data_path(src.path, recipe.path)
-            out += load_conversations(path, src.format, skip_bad_rows=recipe.skip_bad_rows, report=report,
+            path, fmt = (synth_output(src.synth, synth_root, recipe.path) if src.synth is not None
+                         else (data_path(src.path, recipe.path), src.format))
+            out += load_conversations(path, fmt, skip_bad_rows=recipe.skip_bad_rows, report=report,
                                       prompt_task=src.prompt_task, columns=src.columns)
     return out
 
@@ -97,10 +88,11 @@ class PreparedData:
     sha256: str
 
 
-def prepare_data(recipe: Recipe, tokenizer, data_dir: Path, run_dir: Path) -> PreparedData:
+def prepare_data(recipe: Recipe, tokenizer, data_dir: Path, run_dir: Path,
+                 synth_root: Path | None = None) -> PreparedData:
     """Read, clean, split (saved under run_dir/data) and tokenise; prints the cleaning report."""
     report = CleaningReport()
-    conversations = clean(source_conversations(recipe, data_dir, report), report)
+    conversations = clean(source_conversations(recipe, data_dir, report, synth_root), report)
     parts = split(conversations, recipe.split, recipe.seed)
     save_split(parts, run_dir / "data")
     examples = {}
@@ -331,7 +323,7 @@ def final_val_loss(trainer) -> float:
 
 
 def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path, *,
-                 trust_remote_code: bool = False) -> TrainResult:
+                 trust_remote_code: bool = False, synth_root: Path | None = None) -> TrainResult:
     """Train (or resume) the adapter into run_dir/adapter; logs in run_dir/train_log.jsonl."""
     from transformers import AutoTokenizer, set_seed
 
@@ -343,7 +335,7 @@ def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path,
         print("train: the base model has no chat template; using the Alpaca layout (saved with the adapter)")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    data = prepare_data(recipe, tokenizer, data_dir, run_dir)
+    data = prepare_data(recipe, tokenizer, data_dir, run_dir, synth_root)
     set_seed(recipe.seed)  # LoRA's A matrices are drawn before Trainer seeds anything
     if allocator:
         allocator.before_load()
