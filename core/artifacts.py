@@ -97,8 +97,9 @@ class TrainSummary(Artifact):
     cleaning: dict[str, Any]
     parity: dict[str, Any]
     checks: list[dict[str, Any]]
-    """The recipe's checks, each a paired comparison (a = merged, b = base) with `task`, `split`,
-    `items` and the `base` and `merged` estimates."""
+    """The recipe's checks and the suite's `check`/`forgetting` entries, each a paired comparison
+    (a = merged, b = base) with `task`, `split`, `items`, the `base` and `merged` estimates and
+    `role` (absent before suites had roles: a check)."""
 
 
 class MergeProvenance(Artifact):

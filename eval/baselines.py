@@ -35,7 +35,7 @@ class Baselines:
 def baselines_of(run: RunSummary) -> Baselines | None:
     """The baselines of a choice task's run, None for a free-text task."""
     choices = run.task.choices
-    if not choices or (run.task.parser != "choice" and run.mode != "ppl"):
+    if not choices or (run.task.parser != "choice" and run.mode != "ppl") or M.ACCURACY not in metrics_of(run):
         return None
     golds = [item["gold"] for item in run.items]
     counts = Counter(golds)

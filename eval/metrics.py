@@ -25,14 +25,20 @@ ROUGE_L = "rouge_l"
 BLEU = "bleu"
 """sacrebleu's sentence BLEU, its Chinese tokeniser where either side has Chinese characters."""
 
+CIRCULAR_ACCURACY = "circular_accuracy"
+"""1 when every rotation of the options is answered right (a suite entry with `circular: true`)."""
+LETTER_FOLLOWING = "letter_following"
+"""1 when every rotation got the same letter although the content under it moved."""
+
 BINARY = {ACCURACY, ACCURACY_OPENCOMPASS, UNPARSABLE, STYLE_ACCURACY, STYLE_JUDGE, EXACT_MATCH, CONTAINS,
-          REGEX_MATCH}
+          REGEX_MATCH, CIRCULAR_ACCURACY, LETTER_FOLLOWING}
 """Per-item 0/1 metrics: compared between models with exact McNemar tests."""
 
 HIGHER_IS_BETTER = {ACCURACY: True, ACCURACY_OPENCOMPASS: True, UNPARSABLE: False,
                     STYLE_ACCURACY: True, STYLE_JUDGE: True, CHRF: True, REPLY_LENGTH: True, FACT_RECALL: True,
                     HALLUCINATED_NUMBERS: False, EXACT_MATCH: True, CONTAINS: True, REGEX_MATCH: True,
-                    TOKEN_F1: True, CHAR_F1: True, ROUGE_L: True, BLEU: True}
+                    TOKEN_F1: True, CHAR_F1: True, ROUGE_L: True, BLEU: True,
+                    CIRCULAR_ACCURACY: True, LETTER_FOLLOWING: False}
 
 CHOICE = {ACCURACY, ACCURACY_OPENCOMPASS, UNPARSABLE}
 """Computed for tasks whose answer is one of their choices."""
@@ -42,6 +48,8 @@ GENERIC_TEXT = REFERENCE | {REGEX_MATCH, REPLY_LENGTH}
 """What eval/scorers/text.py computes for any text task."""
 SCORER_ONLY = {STYLE_ACCURACY, FACT_RECALL, HALLUCINATED_NUMBERS}
 """Computed only by a task's own scorer (style, fact)."""
+CIRCULAR = [CIRCULAR_ACCURACY, LETTER_FOLLOWING]
+"""Computed for a suite entry asked with `circular: true` (eval/circular.py), never named by a task."""
 
 KNOWN = set(HIGHER_IS_BETTER)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from eval import metrics as M
 from eval.backends.base import DEFAULT_BATCH_SIZE
+from eval.circular import SPLIT_SUFFIX, circular_summary, rotations
 from eval.runner import RunSummary, git_revision, run_task
 from eval.stats import ALPHA, compare
 from eval.summary import Cell, cells_of, per_fact_recall, primary_metric, render_table
@@ -73,10 +74,15 @@ def score_candidates(cards: list[ModelCard], entries: list[tuple[TaskSpec, Suite
                 cand.runs.append(None)  # no prompt log-probabilities over chat completions: n/a
                 continue
             items = load_items(task, split, data_dir)
-            with tqdm(total=len(items), desc=f"{card.name} {task.name}-{split} {mode}",
+            label = split
+            if entry.circular:
+                items, label = rotations(task, items), split + SPLIT_SUFFIX
+            with tqdm(total=len(items), desc=f"{card.name} {task.name}-{label} {mode}",
                       unit="item", leave=False) as bar:
-                run = run_task(backend, task, split, mode, items, conn, chunk_size=batch_size,
+                run = run_task(backend, task, label, mode, items, conn, chunk_size=batch_size,
                                data_dir=data_dir, progress=bar.update, judge=judge)
+            if entry.circular:
+                run = circular_summary(run, split)
             cand.runs.append(run)
             cand.seconds += run.seconds
             cand.items += run.computed

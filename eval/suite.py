@@ -12,12 +12,14 @@ model runs: an unknown task, split, mode or metric is one line naming the suite 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
 from core.config import NamedConfig, Strict, load_named_yaml
 from core.errors import UserError
+from eval import metrics as M
+from eval.circular import option_spans
 from eval.task import Mode, TaskSpec, resolve_task
 
 SUITES_DIR = Path(__file__).resolve().parents[1] / "suites"
@@ -33,6 +35,14 @@ class SuiteEntry(Strict):
     """The metric that ranks the candidates on this entry; default the task's first metric."""
     weight: float = Field(default=1.0, gt=0)
     """This entry's weight in the mean rank."""
+    roles: list[Literal["check", "forgetting", "review"]] = []
+    """What else the entry is for, after selection: `check`, scored on the base and the merged
+    model by `make train` (beside the recipe's checks); `forgetting`, the same, as a probe of what
+    fine-tuning must not lose; `review`, a task the blind review pages pair (default: every
+    free-text task)."""
+    circular: bool = False
+    """Ask a choice task once per rotation of its options (eval/circular.py); its metrics are then
+    circular_accuracy (ranks by default) and letter_following."""
 
 
 class Suite(NamedConfig):
@@ -59,8 +69,22 @@ def load_suite(path: Path) -> tuple[Suite, list[tuple[TaskSpec, SuiteEntry]]]:
                             f"(splits: {', '.join(task.data.splits)})")
         if entry.mode not in task.modes:
             raise UserError(f"{where}: task '{task.name}' has no mode '{entry.mode}' (modes: {', '.join(task.modes)})")
-        if entry.metric is not None and entry.metric not in task.metrics:
+        metrics = M.CIRCULAR if entry.circular else task.metrics
+        if entry.circular and option_spans(task, task.prompt.user) is None:
+            raise UserError(f"{where}: circular needs a choice task whose prompt has a line per option "
+                            f"({', '.join(f'{c}. ...' for c in task.choices or ['A'])}); task '{task.name}' has none")
+        if entry.metric is not None and entry.metric not in metrics:
             raise UserError(f"{where}: task '{task.name}' does not compute metric '{entry.metric}' "
-                            f"(metrics: {', '.join(task.metrics)})")
+                            f"{'when circular ' if entry.circular else ''}(metrics: {', '.join(metrics)})")
         out.append((task, entry))
     return suite, out
+
+
+def entries_with_role(selection: dict | None, role: str) -> list[tuple[TaskSpec, SuiteEntry]]:
+    """The entries of the suite the selection scored that have `role`; none when there was no
+    selection or its suite file is gone."""
+    suite = (selection or {}).get("suite") or {}
+    path = Path(suite["file"]) if suite.get("file") else None
+    if path is None or not path.is_file():
+        return []
+    return [(task, entry) for task, entry in load_suite(path)[1] if role in entry.roles]

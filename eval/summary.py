@@ -27,6 +27,8 @@ class Cell:
 
 def metrics_of(run: RunSummary) -> list[str]:
     """The run's metrics; the judge's only when every item has a verdict (a judge was configured)."""
+    if M.CIRCULAR_ACCURACY in run.task.metrics:  # a circular entry's summary (eval/circular.py)
+        return list(run.task.metrics)
     if run.mode == "ppl":
         return [M.ACCURACY]
     judged = [run.task.judge.metric] if run.task.judge else []

@@ -193,6 +193,8 @@ class TaskSpec(NamedConfig):
             return "it compares the reply with a reference: set reference_field"
         if metric == M.REGEX_MATCH and self.regex is None:
             return "it needs the pattern: set regex"
+        if metric in M.CIRCULAR:
+            return "it is computed for a suite entry with `circular: true`, not named by a task"
         if metric in M.SCORER_ONLY and self.scorer is None:
             return "it is computed by a task's own scorer (eval/scorers/): set scorer"
         return None

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from eval import metrics as M
 from eval.baselines import BASELINE_COLUMNS, baseline_cells
+from eval.suite import entries_with_role
 from eval.runner import RunSummary
 from eval.stats import Estimate, bootstrap_mean, compare
 from eval.summary import PERCENT, fmt_value, metrics_of, primary_metric
@@ -336,6 +337,9 @@ def review_systems(runs_dir: Path, *, with_candidates: bool = False) -> dict[str
     try:
         base, local, _served = paired_runs(conn, selection, rescore)
         free_text = [t for t, r in base.runs.items() if r.summary.task.parser != "choice"]
+        chosen = {task.name for task, _ in entries_with_role(selection, "review")}
+        if chosen:  # the suite names the tasks to review; otherwise every free-text task
+            free_text = [t for t in free_text if t in chosen]
         systems = {base.label: {t: base.runs[t] for t in free_text}, local.label: {t: local.runs[t] for t in free_text}}
         if with_candidates and selection:
             for model, ids in selection["runs"].items():

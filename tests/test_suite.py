@@ -3,6 +3,7 @@ bad entry is one line naming the file and the entry before any model runs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,7 @@ def test_a_task_can_be_named_by_its_file(tmp_path):
 
 
 def test_a_missing_suite_file_names_the_shipped_ones(tmp_path):
-    with pytest.raises(UserError, match=r"suite file not found \(suites: default.yaml, fewclue-test.yaml\)"):
+    with pytest.raises(UserError, match=r"suite file not found \(suites: default.yaml, fewclue-test.yaml, riddles.yaml\)"):
         load_suite(tmp_path / "nope.yaml")
 
 
@@ -95,3 +96,38 @@ def test_a_task_folder_that_does_not_exist_is_one_line(tmp_path):
     with pytest.raises(UserError, match=f"key 'task_dirs': Value error, {tmp_path / 'nope'} is not a folder") as err:
         load_settings(tmp_path / "settings.yaml")
     assert "\n" not in str(err.value)
+
+
+def test_suite_roles_add_checks_and_forgetting_probes_to_training_and_choose_review_tasks(tmp_path):
+    from core.settings import load_settings
+    from eval.suite import entries_with_role
+    from train.pipeline import all_checks
+    from train.recipe import load_recipe
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: s\nentries:\n"
+                     "  - {task: fewclue_bustm, split: dev, mode: gen, roles: [forgetting]}\n"
+                     "  - {task: fewclue_bustm, split: dev, mode: ppl, roles: [forgetting]}\n"
+                     "  - {task: style, split: test, mode: gen, roles: [check, review]}\n"
+                     "  - {task: fact, split: test, mode: gen, roles: [check]}\n", encoding="utf-8")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "selection.json").write_text(json.dumps({
+        "schema_version": 2, "winner": "m", "reasons": [], "candidates": [], "rule": "", "budget": {},
+        "cells": [], "per_fact_recall": {}, "runs": {}, "git_revision": None, "created": "",
+        "suite": {"name": "s", "file": str(suite), "sha256": ""}}), encoding="utf-8")
+    recipe = load_recipe(REPO_TASKS.parent / "train" / "default.yaml")  # checks fact test itself
+    checks = all_checks(recipe, load_settings(runs_dir=str(runs)))
+    assert [(Path(c.task).stem, c.split, role) for c, role in checks] == [
+        ("fact", "test", "check"), ("style", "test", "check"), ("fewclue_bustm", "dev", "forgetting")]
+    selection = json.loads((runs / "selection.json").read_text(encoding="utf-8"))
+    assert [t.name for t, _ in entries_with_role(selection, "review")] == ["style"]
+    suite.unlink()  # a suite file that is gone gives no roles, not an error
+    assert entries_with_role(selection, "review") == [] and len(all_checks(recipe, load_settings(runs_dir=str(runs)))) == 1
+
+
+def test_an_unknown_role_is_one_line(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nentries:\n  - {task: fact, split: test, mode: gen, roles: [judge]}\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"key 'entries.0.roles.0': Input should be 'check', 'forgetting' or 'review'"):
+        load_suite(path)

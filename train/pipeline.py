@@ -21,7 +21,7 @@ from core.artifacts import TrainSummary, write_artifact
 from core.files import sha256_file
 from core.settings import Settings
 from core.workspace import Workspace
-from train.recipe import Recipe
+from train.recipe import CheckSpec, Recipe
 
 
 def resolve_model(recipe: Recipe, override: str | None, workspace: Workspace) -> str:
@@ -60,6 +60,23 @@ def check_comparison(check, recipe_dir: Path, base_card, merged_card, merged_dir
             **comp.record(metric)}
 
 
+def all_checks(recipe: Recipe, settings: Settings) -> list[tuple[CheckSpec, str]]:
+    """The recipe's checks, then the `gen` entries of the selection's suite with the role `check`
+    or `forgetting` that the recipe does not already check."""
+    from eval.suite import entries_with_role
+    from eval.task import resolve_task
+
+    out = [(c, "check") for c in recipe.checks]
+    seen = {(resolve_task(c.task, recipe.path.parent).path, c.split) for c in recipe.checks}
+    selection = settings.workspace.read_selection()
+    for role in ("check", "forgetting"):
+        for task, entry in entries_with_role(selection, role):
+            if entry.mode == "gen" and not entry.circular and (task.path, entry.split) not in seen:
+                seen.add((task.path, entry.split))
+                out.append((CheckSpec(task=str(task.path), split=entry.split, metric=entry.metric), role))
+    return out
+
+
 def train_command(settings: Settings, recipe: Recipe, model_name: str | None, run_name: str | None) -> dict:
     from eval.results import open_results
     from models.card import find_card
@@ -96,11 +113,13 @@ def train_command(settings: Settings, recipe: Recipe, model_name: str | None, ru
                                           "add_bos": False})
     from eval.summary import fmt_value
 
-    checks = [check_comparison(check, recipe.path.parent, card, merged_card, merged_dir, settings, open_results(settings.runs_dir))
-              for check in recipe.checks]
+    checks = [{**check_comparison(check, recipe.path.parent, card, merged_card, merged_dir, settings,
+                                  open_results(settings.runs_dir)), "role": role}
+              for check, role in all_checks(recipe, settings)]
     for c in checks:
         m = c["metric"]
-        print(f"{c['task']}-{c['split']} {m} ({c['items']} items): base {fmt_value(m, c['base']['mean'])}, "
+        probe = "forgetting probe " if c["role"] == "forgetting" else ""
+        print(f"{probe}{c['task']}-{c['split']} {m} ({c['items']} items): base {fmt_value(m, c['base']['mean'])}, "
               f"merged {fmt_value(m, c['merged']['mean'])}, difference {fmt_value(m, c['diff'])} "
               f"[{fmt_value(m, c['ci95'][0])}, {fmt_value(m, c['ci95'][1])}], p={c['p_value']:.3g}: {c['verdict']}")
     summary = {"model": card.name, "merged_model": merged_card.name, "recipe": str(recipe.path),
