@@ -134,6 +134,8 @@ class Leaderboard:
     """In words: the smallest gap each entry's sample size can detect."""
     baselines: list[str] = field(default_factory=list)
     """The baseline columns some row has (majority label, uniform chance: choice tasks only)."""
+    notes: list[str] = field(default_factory=list)
+    """Entries compared on fewer items than some candidate scored, or left out, and why."""
 
 
 def leaderboard(conn, selection: dict, named_in: str) -> Leaderboard:
@@ -144,10 +146,14 @@ def leaderboard(conn, selection: dict, named_in: str) -> Leaderboard:
     for model, model_runs in runs.items():
         for run in model_runs:
             by_entry.setdefault(run.entry, {})[model] = run
-    rows, significance, charts = [], [], []
+    rows, significance, charts, notes = [], [], [], []
     for entry, per_model in by_entry.items():
-        check_side_by_side(list(per_model.values()), f"the {'-'.join(entry[:2])} {entry[2]} runs of the candidates")
-        some = next(iter(per_model.values()))
+        runs_of, note = aligned(list(per_model.values()), f"{'-'.join(entry[:2])} {entry[2]}")
+        notes += [note] if note else []
+        if runs_of is None:
+            continue
+        per_model = dict(zip(per_model, runs_of))
+        some = runs_of[0]
         metrics = metrics_of(some.summary)
         floor = {(c.metric, c.model): _estimate(c.metric, c.estimate) for c in baseline_cells(some.summary)}
         for metric in metrics:
@@ -179,7 +185,7 @@ def leaderboard(conn, selection: dict, named_in: str) -> Leaderboard:
                    "(80% power, alpha 0.05); a candidate within that of the winner is not shown to be worse.")
     shown = [b for b in BASELINE_COLUMNS if any(b in r["cells"] for r in rows)]
     return Leaderboard(models, winner, rows, significance, charts, selection,
-                       [r for model_runs in runs.values() for r in model_runs], mde, shown)
+                       [r for model_runs in runs.values() for r in model_runs], mde, shown, notes)
 
 
 def metrics_of_entry(by_entry: dict, key: tuple) -> str:

@@ -148,22 +148,25 @@ def test_untrusted_text_renders_inert_on_every_page(evil_runs):
     assert any(report_fixture.EVIL in t for t in outline(evil_runs / "report" / "serving.html").pre_texts)
 
 
-def test_refuses_runs_whose_task_hashes_differ(fixture_runs, tmp_path):
+def test_leaderboard_leaves_out_an_entry_it_cannot_compare_and_cuts_one_to_shared_items(fixture_runs, tmp_path):
     import shutil
 
     runs = tmp_path / "runs"
     shutil.copytree(fixture_runs, runs)
     shutil.rmtree(runs / "report", ignore_errors=True)
     selection = json.loads((runs / "selection.json").read_text(encoding="utf-8"))
-    other = selection["runs"][report_fixture.OTHER][1]  # its style run
+    other_bustm, other_style = selection["runs"][report_fixture.OTHER][:2]
     with sqlite3.connect(runs / "results.sqlite") as db:
-        meta = json.loads(db.execute("SELECT meta_json FROM runs WHERE run_id = ?", (other,)).fetchone()[0])
+        meta = json.loads(db.execute("SELECT meta_json FROM runs WHERE run_id = ?", (other_style,)).fetchone()[0])
         meta["task_sha256"] = "0" * 64
-        db.execute("UPDATE runs SET meta_json = ? WHERE run_id = ?", (json.dumps(meta), other))
-    with pytest.raises(UserError, match=r"refusing to put the style-test gen runs of the candidates side by side: "
-                                        r"their task files differ \(.*000000000000"):
-        build_report(runs)
-    assert not (runs / "report").exists()  # nothing half-written
+        db.execute("UPDATE runs SET meta_json = ? WHERE run_id = ?", (json.dumps(meta), other_style))
+        db.execute("DELETE FROM items WHERE run_id = ? AND item_id = (SELECT MIN(item_id) FROM items WHERE run_id = ?)",
+                   (other_bustm, other_bustm))
+    build_report(runs)  # never blank: what can be compared is
+    page = (runs / "report" / "leaderboard.html").read_text(encoding="utf-8")
+    assert re.search(r"style-test gen: left out, their task files differ \(.*000000000000", page)
+    assert re.search(r"fewclue_bustm-dev gen: compared on the 23 items all of them scored \(\S+ 24, \S+ 23\)", page)
+    assert "style-test" not in page.split('id="scores"')[1].split("</table>")[0]
 
 
 def test_before_after_compares_on_the_items_both_sides_scored_and_says_so(fixture_runs, tmp_path):
