@@ -35,11 +35,12 @@ class SuiteEntry(Strict):
     """The metric that ranks the candidates on this entry; default the task's first metric."""
     weight: float = Field(default=1.0, gt=0)
     """This entry's weight in the mean rank."""
-    roles: list[Literal["check", "forgetting", "review"]] = []
+    roles: list[Literal["check", "forgetting", "sample", "review"]] = []
     """What else the entry is for, after selection: `check`, scored on the base and the merged
     model by `make train` (beside the recipe's checks); `forgetting`, the same, as a probe of what
-    fine-tuning must not lose; `review`, a task the blind review pages pair (default: every
-    free-text task)."""
+    fine-tuning must not lose; `sample`, two of its items generated during training at every
+    sample step, with the under-fitting check where items list facts; `review`, a task the blind
+    review pages pair (default: every free-text task)."""
     circular: bool = False
     """Ask a choice task once per rotation of its options (eval/circular.py); its metrics are then
     circular_accuracy (ranks by default) and letter_following."""

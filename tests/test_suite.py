@@ -101,7 +101,7 @@ def test_a_task_folder_that_does_not_exist_is_one_line(tmp_path):
 def test_suite_roles_add_checks_and_forgetting_probes_to_training_and_choose_review_tasks(tmp_path):
     from core.settings import load_settings
     from eval.suite import entries_with_role
-    from train.pipeline import all_checks
+    from train.pipeline import all_checks, with_suite_samples
     from train.recipe import load_recipe
 
     suite = tmp_path / "s.yaml"
@@ -109,7 +109,8 @@ def test_suite_roles_add_checks_and_forgetting_probes_to_training_and_choose_rev
                      "  - {task: fewclue_bustm, split: dev, mode: gen, roles: [forgetting]}\n"
                      "  - {task: fewclue_bustm, split: dev, mode: ppl, roles: [forgetting]}\n"
                      "  - {task: style, split: test, mode: gen, roles: [check, review]}\n"
-                     "  - {task: fact, split: test, mode: gen, roles: [check]}\n", encoding="utf-8")
+                     "  - {task: fact, split: test, mode: gen, roles: [check, sample]}\n"
+                     "  - {task: style, split: test, mode: gen, roles: [sample]}\n", encoding="utf-8")
     runs = tmp_path / "runs"
     runs.mkdir()
     (runs / "selection.json").write_text(json.dumps({
@@ -120,6 +121,11 @@ def test_suite_roles_add_checks_and_forgetting_probes_to_training_and_choose_rev
     checks = all_checks(recipe, load_settings(runs_dir=str(runs)))
     assert [(Path(c.task).stem, c.split, role) for c, role in checks] == [
         ("fact", "test", "check"), ("style", "test", "check"), ("fewclue_bustm", "dev", "forgetting")]
+    riddles = load_recipe(REPO_TASKS.parent / "train" / "riddles.yaml")
+    sampled = with_suite_samples(riddles, load_settings(runs_dir=str(runs))).samples.tasks
+    assert [(Path(t.task).stem, t.split, t.count) for t in sampled] == [
+        ("riddles", "test", 2), ("fact", "test", 2), ("style", "test", 2)]
+    assert with_suite_samples(recipe, load_settings(runs_dir=str(runs))) is recipe  # samples both already
     selection = json.loads((runs / "selection.json").read_text(encoding="utf-8"))
     assert [t.name for t, _ in entries_with_role(selection, "review")] == ["style"]
     suite.unlink()  # a suite file that is gone gives no roles, not an error
@@ -129,5 +135,5 @@ def test_suite_roles_add_checks_and_forgetting_probes_to_training_and_choose_rev
 def test_an_unknown_role_is_one_line(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("name: s\nentries:\n  - {task: fact, split: test, mode: gen, roles: [judge]}\n", encoding="utf-8")
-    with pytest.raises(UserError, match=r"key 'entries.0.roles.0': Input should be 'check', 'forgetting' or 'review'"):
+    with pytest.raises(UserError, match=r"key 'entries.0.roles.0': Input should be 'check', 'forgetting', 'sample' or 'review'"):
         load_suite(path)

@@ -21,7 +21,7 @@ from core.artifacts import TrainSummary, write_artifact
 from core.files import sha256_file
 from core.settings import Settings
 from core.workspace import Workspace
-from train.recipe import CheckSpec, Recipe
+from train.recipe import CheckSpec, Recipe, SampleTaskSpec
 
 
 def resolve_model(recipe: Recipe, override: str | None, workspace: Workspace) -> str:
@@ -77,6 +77,24 @@ def all_checks(recipe: Recipe, settings: Settings) -> list[tuple[CheckSpec, str]
     return out
 
 
+def with_suite_samples(recipe: Recipe, settings: Settings) -> Recipe:
+    """The recipe with two items of each selection-suite entry with the role `sample` added to its
+    sample prompts (unless the recipe samples that task split already)."""
+    from eval.suite import entries_with_role
+    from eval.task import resolve_task
+
+    seen = {(resolve_task(t.task, recipe.path.parent).path, t.split) for t in recipe.samples.tasks}
+    extra = []
+    for task, entry in entries_with_role(settings.workspace.read_selection(), "sample"):
+        if (task.path, entry.split) not in seen:
+            seen.add((task.path, entry.split))
+            extra.append(SampleTaskSpec(task=str(task.path), split=entry.split, count=2))
+    if not extra:
+        return recipe
+    return recipe.model_copy(update={"samples": recipe.samples.model_copy(
+        update={"tasks": [*recipe.samples.tasks, *extra]})})
+
+
 def train_command(settings: Settings, recipe: Recipe, model_name: str | None, run_name: str | None) -> dict:
     from eval.results import open_results
     from models.card import find_card
@@ -84,6 +102,7 @@ def train_command(settings: Settings, recipe: Recipe, model_name: str | None, ru
     from train.merge import merge_adapter
     from train.trainer import run_training
 
+    recipe = with_suite_samples(recipe, settings)
     card = find_card(resolve_model(recipe, model_name, settings.workspace))
     manifest = provision(card, settings.model_store)
     run_dir = settings.workspace.train_run(run_name or f"{recipe.name}-{card.name}")
