@@ -58,9 +58,11 @@ class Candidate:
 def score_candidates(cards: list[ModelCard], entries: list[tuple[TaskSpec, SuiteEntry]], *, store: Path,
                      data_dir: Path, conn,
                      batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto", dtype: str = "auto",
-                     judge=None, checkpoints: dict[str, Path] | None = None) -> list[Candidate]:
+                     judge=None, checkpoints: dict[str, Path] | None = None,
+                     pilot: float | None = None) -> list[Candidate]:
     """Every card on every entry; `checkpoints`: card name -> a local checkpoint directory to load
-    instead of the store's (a candidate given as a folder)."""
+    instead of the store's (a candidate given as a folder); `pilot`: only that seeded share of
+    each entry's items (`--plan`)."""
     from tqdm import tqdm
 
     candidates = []
@@ -74,6 +76,10 @@ def score_candidates(cards: list[ModelCard], entries: list[tuple[TaskSpec, Suite
                 cand.runs.append(None)  # no prompt log-probabilities over chat completions: n/a
                 continue
             items = load_items(task, split, data_dir)
+            if pilot is not None:
+                from eval.plan import pilot_items
+
+                items = pilot_items(items, pilot)
             label = split
             if entry.circular:
                 items, label = rotations(task, items), split + SPLIT_SUFFIX
@@ -232,8 +238,10 @@ def selection_report(candidates: list[Candidate], budget: Budget, *, seed: int =
 
 def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT_SUITE,
                    train_budget_gib: float = 24.0, infer_budget_gib: float = 16.0,
-                   batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto", dtype: str = "auto") -> int:
-    """`selectune select` (`make select`): score, decide, print the evidence, write selection.json."""
+                   batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto", dtype: str = "auto",
+                   plan: bool = False, pilot: float = 0.2, detect: float | None = None, power: float = 0.8) -> int:
+    """`selectune select` (`make select`): score, decide, print the evidence, write selection.json;
+    with `plan`, score a pilot and print the items each entry needs instead (eval/plan.py)."""
     from core.artifacts import Selection, write_artifact
     from core.files import sha256_file
     from eval.judge import make_judge
@@ -253,7 +261,15 @@ def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT
     candidates = score_candidates(cards, entries, store=settings.model_store,
                                   data_dir=settings.resolved_data_dir, conn=open_results(settings.runs_dir),
                                   batch_size=batch_size, device=device, dtype=dtype, judge=judge,
-                                  checkpoints=checkpoints)
+                                  checkpoints=checkpoints, pilot=pilot if plan else None)
+    if plan:
+        from eval.plan import plan as plan_rows
+        from eval.plan import print_plan
+
+        metrics = [e.metric or primary_metric(r) for r, (_, e) in zip(entry_runs(candidates), entries)]
+        sizes = [len(load_items(task, e.split, settings.resolved_data_dir)) for task, e in entries]
+        print_plan(plan_rows(candidates, metrics, sizes, detect=detect, power=power), detect=detect, power=power)
+        return 0
     table, record = selection_report(candidates, Budget(train_budget_gib, infer_budget_gib),
                                      ranking=[(e.metric, e.weight) for _, e in entries])
     record["suite"] = {"name": spec.name, "file": str(spec.path), "sha256": sha256_file(spec.path)}

@@ -63,6 +63,13 @@ def device_options(parser: argparse.ArgumentParser) -> None:
                         help="default auto: bfloat16 on a GPU that has it, float32 elsewhere")
 
 
+def share(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m selectune", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path,
@@ -104,12 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     device_options(ev)
 
     sel = command(sub, "select", "eval.select:select_command", "score the candidates on the suite and pick the winner")
-    sel.add_argument("--models", help="comma-separated card names and checkpoint directories (default: the default offline set)")
+    sel.add_argument("--models", help="comma-separated card names, checkpoint directories and name=URL endpoints "
+                     "(default: the default offline set)")
     sel.add_argument("--suite", type=Path, default=REPO / "suites" / "default.yaml",
                      help="the selection suite: a YAML file of task, split, mode entries (default suites/default.yaml)")
     sel.add_argument("--train-budget-gib", type=float, default=24.0)
     sel.add_argument("--infer-budget-gib", type=float, default=16.0)
     sel.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE)
+    sel.add_argument("--plan", action="store_true",
+                     help="score a pilot share of each entry and print the items each needs; write no selection")
+    sel.add_argument("--pilot", type=share, default=0.2, help="the pilot's share of each entry's items (default 0.2)")
+    sel.add_argument("--detect", type=float, help="also plan for this difference, in the metric's units (0.05: 5 points)")
+    sel.add_argument("--power", type=share, default=0.8, help="power the plan aims at (default 0.8)")
     device_options(sel)
 
     tr = command(sub, "train", "train.pipeline:train_entry", "QLoRA-fine-tune a model, merge the adapter, check parity")
