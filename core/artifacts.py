@@ -64,6 +64,9 @@ class Selection(Artifact):
     """Per choice entry: the majority label and its accuracy, chance, each candidate against the majority."""
     suite: dict[str, str] | None = None
     """The suite scored: `name`, `file`, `sha256` (absent before suites were files)."""
+    sequential: list[dict] = []
+    """Per entry scored sequentially: `task`, `split`, `mode`, `size`, `items` per candidate,
+    `stopped` (candidate -> why it stopped early) and `reason` the entry stopped."""
 
 
 def _train_summary_v1(data: dict) -> dict:

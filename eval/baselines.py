@@ -47,8 +47,10 @@ def baseline_cells(run: RunSummary, seed: int = 0) -> list[Cell]:
     found = baselines_of(run)
     if found is None:
         return []
+    from eval.sequential import mean_sequence
+
     return [Cell(run.task.name, run.task.sha256[:6], run.split, run.mode, metric, name,
-                 bootstrap_mean(values, seed=seed), values)
+                 mean_sequence(values, metric) if run.sequential else bootstrap_mean(values, seed=seed), values)
             for metric in metrics_of(run) if metric in CHOICE_METRICS
             for name, values in ((MAJORITY, found.majority), (CHANCE, found.chance))]
 
@@ -56,12 +58,20 @@ def baseline_cells(run: RunSummary, seed: int = 0) -> list[Cell]:
 def against_majority(entry_runs: list[RunSummary]) -> dict | None:
     """One suite entry's runs (one per candidate): the majority baseline and each candidate's
     accuracy compared with it (exact McNemar), or None for a free-text entry."""
-    found = baselines_of(entry_runs[0])
+    first = max(entry_runs, key=lambda run: len(run.items))  # a sequential entry's runs may stop early
+    found = baselines_of(first)
     if found is None:
         return None
-    first = entry_runs[0]
-    vs = {run.model: compare([i["scores"][M.ACCURACY] for i in run.items], found.majority, binary=True,
-                             ).record(M.ACCURACY) for run in entry_runs}
+    vs = {}
+    for run in entry_runs:
+        acc = [i["scores"][M.ACCURACY] for i in run.items]
+        majority = [float(i["gold"] == found.letter) for i in run.items]
+        if run.sequential:
+            from eval.sequential import anytime_compare
+
+            vs[run.model] = anytime_compare(acc, majority, M.ACCURACY).record(M.ACCURACY)
+        else:
+            vs[run.model] = compare(acc, majority, binary=True).record(M.ACCURACY)
     return {"task": first.task.name, "split": first.split, "mode": first.mode, "n": len(found.majority),
             "majority_label": found.letter, "majority": sum(found.majority) / len(found.majority),
             "chance": found.chance[0] if found.chance else None, "vs_majority": vs,

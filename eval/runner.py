@@ -40,6 +40,9 @@ class RunSummary:
     seconds: float
     computed: int
     """Items computed by this call (0 when everything was already stored)."""
+    sequential: bool = False
+    """Scored by the sequential design (eval/sequential.py): `items` may be a prefix of the split,
+    and its intervals and tests must be the anytime-valid ones."""
 
 
 def git_revision() -> str | None:
@@ -110,12 +113,18 @@ def _versions() -> dict:
 
 def run_task(backend, task: TaskSpec, split: str, mode: Mode, items: list[Item],
              conn, *, chunk_size: int = DEFAULT_BATCH_SIZE, seed: int = 0, data_dir: Path | None = None,
-             progress: Callable[[int], None] | None = None, judge=None) -> RunSummary:
-    """`judge`: an optional backend that scores replies for the task's `judge` metric."""
+             progress: Callable[[int], None] | None = None, judge=None,
+             sequential: tuple[int, int] | None = None, upto: int | None = None) -> RunSummary:
+    """`judge`: an optional backend that scores replies for the task's `judge` metric.
+    `sequential` = (order seed, round size): items are taken in that seeded order, a round at a time
+    (each round's items length-sorted into chunks), and only the first `upto` are scored and
+    returned (eval/sequential.py); the run is finished once every item is stored."""
     # few-shot examples count only where a task has them, so runs of tasks without keep their ids
     data_sha = sha256_text(json.dumps([[i.id, i.user, i.system, i.gold, *([i.shots] if i.shots else [])]
                                        for i in items], ensure_ascii=False))
     meta = run_meta(task, split, mode, backend.identity, seed, chunk_size, data_sha)
+    if sequential is not None:  # another grouping into chunks: never the fixed design's run
+        meta["order"] = {"seed": sequential[0], "round": sequential[1]}
     # The id covers what determines outputs; versions and the git revision are recorded beside.
     run_id = sha256_text(json.dumps(meta, sort_keys=True))[:16]
     results.ensure_run(conn, run_id, {**meta, "versions": _versions(), "git_revision": git_revision()},
@@ -123,10 +132,10 @@ def run_task(backend, task: TaskSpec, split: str, mode: Mode, items: list[Item],
     done = results.done_item_ids(conn, run_id)
     by_id = {i.id: i for i in items}
     scorer = load_scorer(task, data_dir) if data_dir is not None else None
-    order = sorted(items, key=lambda i: (len(i.user), i.id))
+    chunks = (_fixed_chunks(items, chunk_size) if sequential is None else
+              _sequential_chunks(items, chunk_size, *sequential, upto or len(items)))
     started, computed = time.monotonic(), 0
-    for start in range(0, len(order), chunk_size):
-        chunk = order[start:start + chunk_size]
+    for chunk in chunks:
         todo = [i for i in chunk if i.id not in done]
         if todo:
             t0 = time.monotonic()
@@ -144,6 +153,9 @@ def run_task(backend, task: TaskSpec, split: str, mode: Mode, items: list[Item],
         if progress:
             progress(len(chunk))
     stored = results.run_items(conn, run_id)
+    if sequential is not None:
+        wanted = {i.id for chunk in chunks for i in chunk}
+        stored = [row for row in stored if row["item_id"] in wanted]
     rescored = []
     for row in stored:
         parsed, scores = score_output(task, mode, by_id[row["item_id"]], row["output"], scorer)
@@ -155,9 +167,33 @@ def run_task(backend, task: TaskSpec, split: str, mode: Mode, items: list[Item],
         for row, verdict in zip(rescored, verdicts):
             row["scores"][task.judge.metric] = verdict
     results.update_scores(conn, run_id, rescored)
-    results.finish_run(conn, run_id)
+    if len(rescored) == len(items):
+        results.finish_run(conn, run_id)
     return RunSummary(run_id, task, split, mode, backend.identity["model"], rescored,
                       time.monotonic() - started, computed)
+
+
+def _fixed_chunks(items: list[Item], size: int) -> list[list[Item]]:
+    order = sorted(items, key=lambda i: (len(i.user), i.id))
+    return [order[k:k + size] for k in range(0, len(order), size)]
+
+
+def sequential_order(items: list[Item], seed: int) -> list[Item]:
+    """The items in the seeded random order a sequential design scores them in."""
+    import random
+
+    order = sorted(items, key=lambda i: i.id)
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def _sequential_chunks(items: list[Item], size: int, seed: int, round_size: int, upto: int) -> list[list[Item]]:
+    order = sequential_order(items, seed)
+    out = []
+    for start in range(0, min(upto, len(order)), round_size):
+        block = sorted(order[start:start + round_size], key=lambda i: (len(i.user), i.id))
+        out += [block[k:k + size] for k in range(0, len(block), size)]
+    return out
 
 
 def _compute(backend, task: TaskSpec, mode: Mode, chunk: list[Item]) -> list[str]:

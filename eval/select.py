@@ -59,7 +59,7 @@ def score_candidates(cards: list[ModelCard], entries: list[tuple[TaskSpec, Suite
                      data_dir: Path, conn,
                      batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto", dtype: str = "auto",
                      judge=None, checkpoints: dict[str, Path] | None = None,
-                     pilot: float | None = None) -> list[Candidate]:
+                     pilot: float | None = None, skip: set[int] = frozenset()) -> list[Candidate]:
     """Every card on every entry; `checkpoints`: card name -> a local checkpoint directory to load
     instead of the store's (a candidate given as a folder); `pilot`: only that seeded share of
     each entry's items (`--plan`)."""
@@ -70,8 +70,11 @@ def score_candidates(cards: list[ModelCard], entries: list[tuple[TaskSpec, Suite
         cand = Candidate(card)
         backend = _backend(card, store, batch_size=batch_size, device=device, dtype=dtype,
                            checkpoint=(checkpoints or {}).get(card.name))
-        for task, entry in entries:
+        for k, (task, entry) in enumerate(entries):
             split, mode = entry.split, entry.mode
+            if k in skip:  # scored sequentially (eval/sequential.py)
+                cand.runs.append(None)
+                continue
             if card.is_endpoint and mode == "ppl":
                 cand.runs.append(None)  # no prompt log-probabilities over chat completions: n/a
                 continue
@@ -166,9 +169,14 @@ def _against(best: Candidate, other: Candidate, entries) -> tuple[list[dict], li
     for k, (task, split, mode, metric) in enumerate(entries):
         if other.runs[k] is None:
             continue
-        a = [i["scores"][metric] for i in best.runs[k].items]
-        b = [i["scores"][metric] for i in other.runs[k].items]
-        record = compare(a, b, binary=metric in M.BINARY).record(metric)
+        if best.runs[k].sequential:
+            from eval.sequential import anytime_compare, paired
+
+            record = anytime_compare(*paired(best.runs[k], other.runs[k], metric), metric).record(metric)
+        else:
+            a = [i["scores"][metric] for i in best.runs[k].items]
+            b = [i["scores"][metric] for i in other.runs[k].items]
+            record = compare(a, b, binary=metric in M.BINARY).record(metric)
         if record["better"] and record["p_value"] < ALPHA:
             worse.append(f"{task}-{split} {mode} {metric}")
         out.append({"task": task, "split": split, "mode": mode, **record})
@@ -239,7 +247,8 @@ def selection_report(candidates: list[Candidate], budget: Budget, *, seed: int =
 def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT_SUITE,
                    train_budget_gib: float = 24.0, infer_budget_gib: float = 16.0,
                    batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto", dtype: str = "auto",
-                   plan: bool = False, pilot: float = 0.2, detect: float | None = None, power: float = 0.8) -> int:
+                   plan: bool = False, pilot: float = 0.2, detect: float | None = None, power: float = 0.8,
+                   design: str = "auto") -> int:
     """`selectune select` (`make select`): score, decide, print the evidence, write selection.json;
     with `plan`, score a pilot and print the items each entry needs instead (eval/plan.py)."""
     from core.artifacts import Selection, write_artifact
@@ -258,21 +267,33 @@ def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT
     for card in cards:
         if card.name not in checkpoints and not card.is_endpoint:
             provision(card, settings.model_store)
+    from eval.sequential import sequential_entries
+
+    sizes = [len(load_items(task, e.split, settings.resolved_data_dir)) for task, e in entries]
+    chosen = set() if plan else sequential_entries(entries, sizes, design)
+    conn = open_results(settings.runs_dir)
     candidates = score_candidates(cards, entries, store=settings.model_store,
-                                  data_dir=settings.resolved_data_dir, conn=open_results(settings.runs_dir),
+                                  data_dir=settings.resolved_data_dir, conn=conn,
                                   batch_size=batch_size, device=device, dtype=dtype, judge=judge,
-                                  checkpoints=checkpoints, pilot=pilot if plan else None)
+                                  checkpoints=checkpoints, pilot=pilot if plan else None, skip=chosen)
+    states = {}
+    if chosen:
+        states = _score_sequentially(candidates, entries, chosen, settings, conn, checkpoints=checkpoints,
+                                     batch_size=batch_size, device=device, dtype=dtype, judge=judge)
     if plan:
         from eval.plan import plan as plan_rows
         from eval.plan import print_plan
 
         metrics = [e.metric or primary_metric(r) for r, (_, e) in zip(entry_runs(candidates), entries)]
-        sizes = [len(load_items(task, e.split, settings.resolved_data_dir)) for task, e in entries]
         print_plan(plan_rows(candidates, metrics, sizes, detect=detect, power=power), detect=detect, power=power)
         return 0
     table, record = selection_report(candidates, Budget(train_budget_gib, infer_budget_gib),
                                      ranking=[(e.metric, e.weight) for _, e in entries])
     record["suite"] = {"name": spec.name, "file": str(spec.path), "sha256": sha256_file(spec.path)}
+    record["sequential"] = [{"task": entries[k][0].name, "split": entries[k][1].split, "mode": entries[k][1].mode,
+                             "size": st.size, "reason": st.reason, "stopped": st.stopped,
+                             "items": {c.card.name: len(c.runs[k].items) for c in candidates if c.runs[k]}}
+                            for k, st in sorted(states.items())]
     styled = [task for task, _ in entries if task.scorer and task.scorer.startswith("eval.scorers.style:")]
     if styled:
         from eval.scorers.style import style_classifier
@@ -285,6 +306,27 @@ def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT
     write_artifact(out, Selection, record)
     print(f"wrote {out}")
     return 0 if record["winner"] else 1
+
+
+def _score_sequentially(candidates, entries, chosen, settings, conn, *, checkpoints, **options):
+    """Fill the chosen entries' runs of every candidate round by round (eval/sequential.py)."""
+    from eval.sequential import score_sequential
+
+    judge = options.pop("judge")
+    batch_size = options.pop("batch_size")
+    backends = {c.card.name: _backend(c.card, settings.model_store, checkpoint=(checkpoints or {}).get(c.card.name),
+                                      batch_size=batch_size, **options) for c in candidates}
+    runs, states, spent = score_sequential([c.card for c in candidates], entries, chosen, backends, conn,
+                                           data_dir=settings.resolved_data_dir, batch_size=batch_size, judge=judge)
+    for cand in candidates:
+        for k in chosen:
+            cand.runs[k] = runs.get((cand.card.name, k))
+        seconds, computed = spent.get(cand.card.name, (0.0, 0))
+        cand.seconds += seconds
+        cand.items += computed
+    del backends
+    gc.collect()
+    return states
 
 
 def print_decision(record: dict) -> None:
@@ -301,6 +343,11 @@ def print_decision(record: dict) -> None:
                   f"{comp['mode']} {comp['metric']}: {comp['diff']:+.3f} "
                   f"[{comp['ci95'][0]:+.3f}, {comp['ci95'][1]:+.3f}], p={comp['p_value']:.3g} "
                   f"({comp['test']}; detectable at n={comp['n']}: {comp['mde']:.3f})")
+    for entry in record.get("sequential", []):
+        print(f"sequential {entry['task']}-{entry['split']} {entry['mode']}: {entry['reason']}; items scored: "
+              + ", ".join(f"{m} {n}" for m, n in entry["items"].items()))
+        for model, why in entry["stopped"].items():
+            print(f"  {model}: {why}")
     if "style_classifier_accuracy" in record:
         print(f"style classifier: {record['style_classifier_accuracy']:.1%} on held-out references")
     print(f"winner: {record['winner']}")

@@ -23,6 +23,8 @@ class Cell:
     estimate: Estimate
     values: list[float]
     """Per-item values in item-id order (the pairing used by significance tests)."""
+    sequential: bool = False
+    """From a sequentially scored run: its interval is a confidence sequence, its n is shown."""
 
 
 def metrics_of(run: RunSummary) -> list[str]:
@@ -40,11 +42,18 @@ def primary_metric(run: RunSummary) -> str:
 
 
 def cells_of(run: RunSummary, seed: int = 0) -> list[Cell]:
+    """The run's cells; a sequential run's intervals are confidence sequences, and its metrics
+    without known bounds are left out (no interval of theirs would survive optional stopping)."""
+    from eval.sequential import can_be_sequential, mean_sequence
+
     out = []
     for metric in metrics_of(run):
         values = [item["scores"][metric] for item in run.items]
+        if run.sequential and not can_be_sequential(metric):
+            continue
+        estimate = mean_sequence(values, metric) if run.sequential else bootstrap_mean(values, seed=seed)
         out.append(Cell(run.task.name, run.task.sha256[:6], run.split, run.mode, metric, run.model,
-                        bootstrap_mean(values, seed=seed), values))
+                        estimate, values, run.sequential))
     return out
 
 
@@ -79,7 +88,7 @@ def render_table(cells: list[Cell], models: list[str]) -> str:
         row = [f"{task}-{split}", version, metric, mode]
         for m in models:
             c = lookup.get((task, version, metric, mode, split, m))
-            row.append(fmt(metric, c.estimate) if c else "n/a")
+            row.append((fmt(metric, c.estimate) + (f" n={c.estimate.n}" if c.sequential else "")) if c else "n/a")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [" | ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from eval import metrics as M
 from eval.baselines import BASELINE_COLUMNS, baseline_cells
+from eval.sequential import anytime_compare, can_be_sequential, mean_sequence, paired
 from eval.suite import entries_with_role
 from eval.runner import RunSummary
 from eval.stats import Estimate, bootstrap_mean, compare
@@ -70,7 +71,9 @@ def load_run(conn: sqlite3.Connection, run_id: str, named_in: str) -> Run:
     except UserError as exc:
         raise UserError(f"{named_in}: run {run_id} is of task '{task_name}', which has no task file now") from exc
     items = run_items(conn, run_id)
-    return Run(RunSummary(run_id, task, split, mode, model, items, 0.0, 0), json.loads(meta_json), finished is not None)
+    meta = json.loads(meta_json)
+    return Run(RunSummary(run_id, task, split, mode, model, items, 0.0, 0, sequential=bool(meta.get("order"))),
+               meta, finished is not None)
 
 
 def check_side_by_side(runs: list[Run], what: str) -> None:
@@ -97,9 +100,10 @@ def _estimate(metric: str, e: Estimate) -> dict:
             "ci": fmt_ci(metric, e.low, e.high)}
 
 
-def _comparison(metric: str, a: list[float], b: list[float]) -> dict:
-    """a - b with its paired CI and p-value, as the selection computes it."""
-    c = compare(a, b, binary=metric in M.BINARY)
+def _comparison(metric: str, a: list[float], b: list[float], sequential: bool = False) -> dict:
+    """a - b with its paired CI and p-value, as the selection computes it (anytime-valid ones for
+    a sequentially scored entry)."""
+    c = anytime_compare(a, b, metric) if sequential else compare(a, b, binary=metric in M.BINARY)
     return {**c.record(metric), "low": c.low, "high": c.high,
             "diff_text": ("+" if c.diff >= 0 else "") + fmt_value(metric, c.diff),
             "ci": fmt_ci(metric, c.low, c.high), "mde_text": fmt_value(metric, c.mde)}
@@ -148,16 +152,19 @@ def leaderboard(conn, selection: dict, named_in: str) -> Leaderboard:
             by_entry.setdefault(run.entry, {})[model] = run
     rows, significance, charts, notes = [], [], [], []
     for entry, per_model in by_entry.items():
-        runs_of, note = aligned(list(per_model.values()), f"{'-'.join(entry[:2])} {entry[2]}")
-        notes += [note] if note else []
-        if runs_of is None:
-            continue
-        per_model = dict(zip(per_model, runs_of))
-        some = runs_of[0]
-        metrics = metrics_of(some.summary)
+        sequential = any(r.summary.sequential for r in per_model.values())
+        if not sequential:  # a sequential entry's candidates stop at different items by design
+            runs_of, note = aligned(list(per_model.values()), f"{'-'.join(entry[:2])} {entry[2]}")
+            notes += [note] if note else []
+            if runs_of is None:
+                continue
+            per_model = dict(zip(per_model, runs_of))
+        some = max(per_model.values(), key=lambda r: len(r.summary.items))
+        metrics = [m for m in metrics_of(some.summary) if not sequential or can_be_sequential(m)]
         floor = {(c.metric, c.model): _estimate(c.metric, c.estimate) for c in baseline_cells(some.summary)}
         for metric in metrics:
-            cells = {m: _estimate(metric, bootstrap_mean(r.values(metric))) for m, r in per_model.items()}
+            cells = {m: _estimate(metric, mean_sequence(r.values(metric), metric) if sequential
+                                  else bootstrap_mean(r.values(metric))) for m, r in per_model.items()}
             cells.update({name: e for (m, name), e in floor.items() if m == metric})
             rows.append({"task": entry[0], "split": entry[1], "mode": entry[2], "metric": metric,
                          "version": some.task_sha256[:6], "cells": cells,
@@ -166,9 +173,9 @@ def leaderboard(conn, selection: dict, named_in: str) -> Leaderboard:
                 for m, r in per_model.items():
                     if m == winner:
                         continue
+                    a, b = paired(r.summary, per_model[winner].summary, metric)
                     significance.append({"task": entry[0], "split": entry[1], "mode": entry[2], "metric": metric,
-                                         "model": m, "n": len(r.summary.items),
-                                         **_comparison(metric, r.values(metric), per_model[winner].values(metric))})
+                                         "model": m, "n": len(a), **_comparison(metric, a, b, sequential)})
         primary = next(r for r in rows if r["primary"] and (r["task"], r["split"], r["mode"]) == entry)
         charts.append({"title": f"{entry[0]}-{entry[1]} {entry[2]} {primary['metric']}", "metric": primary["metric"],
                        "scale": 100.0 if primary["metric"] in PERCENT else 1.0,

@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--train-budget-gib", type=float, default=24.0)
     sel.add_argument("--infer-budget-gib", type=float, default=16.0)
     sel.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE)
+    sel.add_argument("--design", choices=["auto", "fixed", "sequential"], default="auto",
+                     help="auto (default): entries of 500 items or more are scored sequentially, stopping once "
+                          "settled; fixed: every item of every entry")
     sel.add_argument("--plan", action="store_true",
                      help="score a pilot share of each entry and print the items each needs; write no selection")
     sel.add_argument("--pilot", type=share, default=0.2, help="the pilot's share of each entry's items (default 0.2)")

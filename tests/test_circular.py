@@ -13,7 +13,6 @@ from eval.circular import circular_summary, option_spans, rotations
 from eval.runner import RunSummary
 from eval.suite import load_suite
 from eval.task import Item, find_task
-from tests.conftest import build_tiny_qwen2
 
 PROMPT = "阅读文章：天晴了\n问题：下雨了吗\nA. 对\nB. 错\nC. 可能\n请从“A”，“B”，“C”中进行选择。\n答："
 
@@ -84,22 +83,17 @@ def test_a_task_cannot_name_a_circular_metric(tmp_path):
 
 def test_a_circular_entry_is_scored_beside_the_plain_one(tmp_path, capsys):
     from selectune.cli import main
-    from tests.test_endpoint import TASK
+    from tests.test_endpoint import pairs_suite
 
-    rows = [{"id": k, "a": f"sentence {k}", "b": f"phrase {k % 3}", "label": "AB"[k % 2]} for k in range(6)]
-    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    (tmp_path / "pairs.yaml").write_text(TASK, encoding="utf-8")
-    (tmp_path / "suite.yaml").write_text("name: suite\nentries:\n  - {task: pairs.yaml, split: dev, mode: ppl}\n"
-                                         "  - {task: pairs.yaml, split: dev, mode: ppl, circular: true}\n",
-                                         encoding="utf-8")
-    model = build_tiny_qwen2(tmp_path / "tiny", initializer_range=0.2)
-    args = ["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]
-    assert main([*args, "select", "--suite", str(tmp_path / "suite.yaml"), "--models", str(model)]) == 0
+    args = pairs_suite(tmp_path, 6, "  - {task: pairs.yaml, split: dev, mode: ppl}\n"
+                                    "  - {task: pairs.yaml, split: dev, mode: ppl, circular: true}\n")
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert "circular_accuracy" in out and "letter_following" in out
     selection = json.loads((tmp_path / "runs" / "selection.json").read_text(encoding="utf-8"))
-    cells = {(c["metric"], c["split"]): c for c in selection["cells"]}
-    assert cells[("circular_accuracy", "dev")]["n"] == 6 and cells[("accuracy", "dev")]["n"] == 6
-    # an item right in every rotation is right in the plain order (rotation 0 is the plain prompt)
-    assert cells[("circular_accuracy", "dev")]["mean"] <= cells[("accuracy", "dev")]["mean"]
-    assert main([*args, "report"]) == 0
+    cells = {(c["model"], c["metric"]): c for c in selection["cells"]}
+    for model in ("a", "b"):
+        assert cells[(model, "circular_accuracy")]["n"] == 6 and cells[(model, "accuracy")]["n"] == 6
+        # an item right in every rotation is right in the plain order (rotation 0 is the plain prompt)
+        assert cells[(model, "circular_accuracy")]["mean"] <= cells[(model, "accuracy")]["mean"]
+    assert main([*args[:4], "report"]) == 0

@@ -32,6 +32,21 @@ entries:
 """
 
 
+def pairs_suite(folder, n: int, entries: str = "  - {task: pairs.yaml, split: dev, mode: ppl}\n") -> list[str]:
+    """A user's choice task of n rows, a suite of `entries` on it and two tiny checkpoints in
+    `folder`: the arguments `select` is given (suite, models, runs and cache directories)."""
+    from tests.conftest import build_tiny_qwen2
+
+    rows = [{"id": k, "a": f"sentence {k}", "b": f"phrase {k % 3}", "label": "AB"[k % 2]} for k in range(n)]
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (folder / "pairs.yaml").write_text(TASK, encoding="utf-8")
+    (folder / "suite.yaml").write_text(f"name: suite\nentries:\n{entries}", encoding="utf-8")
+    a = build_tiny_qwen2(folder / "a", initializer_range=0.2)
+    b = build_tiny_qwen2(folder / "b", initializer_range=0.02)
+    return ["--runs-dir", str(folder / "runs"), "--cache-dir", str(folder / "cache"), "select",
+            "--suite", str(folder / "suite.yaml"), "--models", f"{a},{b}"]
+
+
 @pytest.fixture
 def user_files(tmp_path):
     rows = [{"id": k, "a": f"sentence {k}", "b": f"phrase {k % 3}", "label": "AB"[k % 2]} for k in range(6)]

@@ -3,7 +3,6 @@ verdicts, and a pilot through the command line on tiny models."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -75,23 +74,14 @@ def test_plan_names_the_leader_and_says_when_a_split_cannot_separate():
 
 def test_plan_through_the_command_line_scores_a_pilot_and_writes_no_selection(tmp_path, capsys):
     from selectune.cli import main
-    from tests.conftest import build_tiny_qwen2
-    from tests.test_endpoint import TASK
+    from tests.test_endpoint import pairs_suite
 
-    rows = [{"id": k, "a": f"sentence {k}", "b": f"phrase {k % 3}", "label": "AB"[k % 2]} for k in range(40)]
-    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    (tmp_path / "pairs.yaml").write_text(TASK, encoding="utf-8")
-    (tmp_path / "suite.yaml").write_text("name: suite\nentries:\n  - {task: pairs.yaml, split: dev, mode: ppl}\n",
-                                         encoding="utf-8")
-    a = build_tiny_qwen2(tmp_path / "a", initializer_range=0.2)
-    b = build_tiny_qwen2(tmp_path / "b", initializer_range=0.02)
-    args = ["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]
-    assert main([*args, "select", "--suite", str(tmp_path / "suite.yaml"), "--models", f"{a},{b}",
-                 "--plan", "--pilot", "0.5", "--detect", "0.1"]) == 0
+    args = pairs_suite(tmp_path, 40)
+    assert main([*args, "--plan", "--pilot", "0.5", "--detect", "0.1"]) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("- pairs-dev ppl accuracy:"))
     assert "on 20 pilot items" in line and "split (40 items)" in line or "the split is large enough" in line
     assert not (tmp_path / "runs" / "selection.json").exists()
     with pytest.raises(SystemExit) as exit_:
-        main([*args, "select", "--suite", str(tmp_path / "suite.yaml"), "--plan", "--pilot", "1.5"])
+        main([*args, "--plan", "--pilot", "1.5"])
     assert exit_.value.code == 2 and "expected a share between 0 and 1, got 1.5" in capsys.readouterr().err

@@ -18,7 +18,6 @@ import pytest
 
 from reports.render import build_report
 from selectune.cli import main
-from core.errors import UserError
 from tests import report_fixture
 from tests.conftest import REPO
 
