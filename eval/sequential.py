@@ -168,7 +168,14 @@ def score_sequential(cards, entries, chosen: set[int], backends: dict, conn, *, 
               for k in chosen}
     runs: dict[tuple[str, int], object] = {}
     spent = {name: (0.0, 0) for name in names}
+    from tqdm import tqdm
+
+    bar = tqdm(desc="sequential rounds", unit="round", leave=False)
     while any(s.reason is None for s in states.values()):
+        bar.update(1)
+        bar.set_postfix_str(", ".join(f"{entries[k][0].name}-{entries[k][1].split} {entries[k][1].mode} "
+                                      f"{states[k].n}/{states[k].size}" for k in sorted(chosen)
+                                      if states[k].reason is None))
         for k in sorted(chosen):
             state = states[k]
             if state.reason is not None:
@@ -184,6 +191,7 @@ def score_sequential(cards, entries, chosen: set[int], backends: dict, conn, *, 
             look(state, {n: runs[(n, k)] for n in state.active}, metric)
             if state.reason is not None:
                 progress(f"select: {task.name}-{entry.split} {entry.mode}: {state.reason}")
+    bar.close()
     return runs, states, spent
 
 

@@ -42,7 +42,8 @@ def local_card(target: Target):
 
 
 def rescore_entries(tasks: list[str] | None, suite: Path | None = None) -> list[tuple[object, str]]:
-    """(task, split) of every suite entry, once each (a task in two modes is scored once, in gen)."""
+    """(task, split) of every suite entry, once each (a task in two modes is scored once, in gen);
+    `suite`: the selection's, else the default."""
     from eval.suite import DEFAULT_SUITE, load_suite
 
     _, entries = load_suite(suite or DEFAULT_SUITE)
@@ -56,6 +57,12 @@ def rescore_entries(tasks: list[str] | None, suite: Path | None = None) -> list[
             raise UserError(f"--tasks: not in the selection suite: {', '.join(sorted(unknown))} "
                             f"(suite: {', '.join(dict.fromkeys(t.name for t, _ in entries))})")
     return seen
+
+
+def selection_suite(settings) -> Path | None:
+    """The suite `make select` scored (its file, where it still is); None: the default suite."""
+    suite = ((settings.workspace.read_selection() or {}).get("suite") or {}).get("file")
+    return Path(suite) if suite and Path(suite).is_file() else None
 
 
 def served_backend(base_url: str, model_name: str, target: Target, engine: str, concurrency: int,
@@ -188,7 +195,7 @@ def rescore(settings, target: Target, *, base_url: str, model_name: str, engine:
 
     conn = open_results(settings.runs_dir)
     data_dir = settings.resolved_data_dir
-    entries = rescore_entries(tasks)
+    entries = rescore_entries(tasks, selection_suite(settings))
     work = []
     for task, split in entries:
         items = load_items(task, split, data_dir)

@@ -128,7 +128,13 @@ def test_suite_roles_add_checks_and_forgetting_probes_to_training_and_choose_rev
     assert with_suite_samples(recipe, load_settings(runs_dir=str(runs))) is recipe  # samples both already
     selection = json.loads((runs / "selection.json").read_text(encoding="utf-8"))
     assert [t.name for t, _ in entries_with_role(selection, "review")] == ["style"]
+    from serve.rescore import rescore_entries, selection_suite
+
+    settings = load_settings(runs_dir=str(runs))
+    assert [(t.name, split) for t, split in rescore_entries(None, selection_suite(settings))] == [
+        ("fewclue_bustm", "dev"), ("style", "test"), ("fact", "test")]  # the suite selection scored
     suite.unlink()  # a suite file that is gone gives no roles, not an error
+    assert selection_suite(settings) is None
     assert entries_with_role(selection, "review") == [] and len(all_checks(recipe, load_settings(runs_dir=str(runs)))) == 1
 
 
