@@ -207,7 +207,7 @@ def _compute(backend, task: TaskSpec, mode: Mode, chunk: list[Item]) -> list[str
 
 
 def eval_command(settings, *, task: str, model: str, split: str | None = None, mode: list[str] | None = None,
-                 limit: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE, base_url: str | None = None,
+                 limit: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE, base_url: list[str] | None = None,
                  device: str = "auto", dtype: str = "auto") -> int:
     """`selectune eval`: one model on one task, resumable; prints the table of each mode."""
     from tqdm import tqdm

@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=positive_int, help="score only the first N items")
     ev.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                     help="batch size (concurrency over HTTP)")
-    ev.add_argument("--base-url", help="score a served model through its OpenAI-compatible API (gen mode)")
+    ev.add_argument("--base-url", action="append",
+                    help="score a served model through its OpenAI-compatible API (gen mode); repeat it to spread "
+                         "the items over several servers of the same model")
     device_options(ev)
 
     sel = command(sub, "select", "eval.select:select_command", "score the candidates on the suite and pick the winner")

@@ -9,6 +9,7 @@ is refused with a clear error rather than scored wrongly.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,50 +21,64 @@ _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
 
 class OpenAIBackend:
-    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, concurrency: int = 4,
+    def __init__(self, base_url: str | list[str], model: str, *, api_key: str | None = None, concurrency: int = 4,
                  timeout_s: float = 120.0, max_retries: int = 5, seed: int = 0,
                  render: Callable[[list[dict], str | None], str] | None = None, identity: dict | None = None):
+        """`base_url`: one server, or several serving the same model: request k goes to server
+        k mod n, each with `concurrency` requests in flight (one run, each item stored once)."""
         import httpx
 
-        self.base_url = base_url.rstrip("/")
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        self.base_urls = [u.rstrip("/") for u in urls]
+        self.base_url = self.base_urls[0]
         self.model = model
         self.concurrency = concurrency
         self.max_retries = max_retries
         self.seed = seed
         self.render = render
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
-        self.identity = {"backend": "openai", "model": model, "base_url": self.base_url, **(identity or {})}
+        self.clients = [httpx.Client(base_url=u, headers=headers, timeout=timeout_s) for u in self.base_urls]
+        self.client = self.clients[0]
+        where = self.base_url if len(self.base_urls) == 1 else sorted(self.base_urls)
+        self.identity = {"backend": "openai", "model": model, "base_url": where, **(identity or {})}
+        self._local = threading.local()
 
     def _post(self, path: str, body: dict) -> dict:
         import httpx
 
+        server = getattr(self._local, "server", 0)
+        client, url = self.clients[server], self.base_urls[server]
         for attempt in range(self.max_retries + 1):
             try:
-                response = self.client.post(path, json=body)
+                response = client.post(path, json=body)
                 if response.status_code not in _RETRY_STATUS:
                     response.raise_for_status()
                     try:
                         return response.json()
                     except ValueError:
-                        raise UserError(f"{self.base_url}{path}: the reply is not JSON") from None
+                        raise UserError(f"{url}{path}: the reply is not JSON") from None
                 problem = f"HTTP {response.status_code}"
             except httpx.TransportError as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             except httpx.HTTPStatusError as exc:
                 text = " ".join(exc.response.text.split())[:200]
-                raise UserError(f"{self.base_url}{path}: HTTP {exc.response.status_code}: {text}") from None
+                raise UserError(f"{url}{path}: HTTP {exc.response.status_code}: {text}") from None
             if attempt == self.max_retries:
-                raise UserError(f"{self.base_url}{path}: gave up after {attempt + 1} tries ({problem})")
+                raise UserError(f"{url}{path}: gave up after {attempt + 1} tries ({problem})")
             delay = min(0.5 * 2**attempt, 30.0)
-            print(f"selectune: {self.base_url}{path}: {problem}; retrying in {delay:.1f} s "
+            print(f"selectune: {url}{path}: {problem}; retrying in {delay:.1f} s "
                   f"({attempt + 1}/{self.max_retries})", file=sys.stderr)
             time.sleep(delay)
         raise AssertionError("unreachable")
 
     def _map(self, fn, requests):
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(fn, requests))
+        def on_server(k_request):
+            k, request = k_request
+            self._local.server = k % len(self.clients)
+            return fn(request)
+
+        with ThreadPoolExecutor(max_workers=self.concurrency * len(self.clients)) as pool:
+            return list(pool.map(on_server, enumerate(requests)))
 
     def chat(self, messages: list[dict], *, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int | None = None, stop: list[str] | None = None) -> tuple[str, dict]:
