@@ -270,7 +270,7 @@ def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT
     from eval.sequential import sequential_entries
 
     sizes = [len(load_items(task, e.split, settings.resolved_data_dir)) for task, e in entries]
-    chosen = set() if plan else sequential_entries(entries, sizes, design)
+    chosen = set() if plan else sequential_entries(entries, sizes, design, len(cards))
     conn = open_results(settings.runs_dir)
     candidates = score_candidates(cards, entries, store=settings.model_store,
                                   data_dir=settings.resolved_data_dir, conn=conn,

@@ -140,9 +140,10 @@ def look(state: EntryState, runs: dict[str, object], metric: str, alpha: float =
         state.reason = f"all {state.size} items scored"
 
 
-def sequential_entries(entries, sizes: list[int], design: str) -> set[int]:
-    """The suite entries scored sequentially under `design` (auto, sequential or fixed)."""
-    if design == "fixed":
+def sequential_entries(entries, sizes: list[int], design: str, candidates: int = 2) -> set[int]:
+    """The suite entries scored sequentially under `design` (auto, sequential or fixed); none
+    for a single candidate, which has no ranking to settle."""
+    if design == "fixed" or candidates < 2:
         return set()
     out = set()
     for k, ((task, entry), size) in enumerate(zip(entries, sizes)):

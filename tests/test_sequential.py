@@ -196,3 +196,17 @@ def test_select_with_the_sequential_design_prints_items_per_cell_and_why_it_stop
     assert {c["test"] for comps in selection["comparisons_vs_best"].values() for c in comps} == {
         "anytime e-process (discordant pairs)"}
     assert main([*args[:4], "report"]) == 0
+
+
+def test_which_entries_are_sequential():
+    from eval.sequential import sequential_entries
+    from eval.suite import SUITES_DIR, load_suite
+
+    _, entries = load_suite(SUITES_DIR / "fewclue-test.yaml")
+    sizes = [1772, 1772, 2520, 2520, 36, 60]
+    assert sequential_entries(entries, sizes, "auto", 3) == {0, 1, 2, 3}  # the style and fact tests stay fixed
+    assert sequential_entries(entries, sizes, "sequential", 3) == {0, 1, 2, 3, 4, 5}
+    assert sequential_entries(entries, sizes, "fixed", 3) == set()
+    assert sequential_entries(entries, sizes, "auto", 1) == set()  # one candidate: nothing to settle
+    _, dev = load_suite(SUITES_DIR / "default.yaml")
+    assert sequential_entries(dev, [160, 160, 160, 160, 36, 60], "auto", 3) == set()  # the dev suite is unchanged
