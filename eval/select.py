@@ -160,8 +160,10 @@ def decide(candidates: list[Candidate], budget: Budget, ranking: list[tuple[str 
 
 
 def entry_runs(candidates: list[Candidate]) -> list[RunSummary]:
-    """Each suite entry's first scored run: what every candidate's run of it shares."""
-    return [next(c.runs[k] for c in candidates if c.runs[k] is not None) for k in range(len(candidates[0].runs))]
+    """Each suite entry's first run with the most items (a sequential entry's candidates stop at
+    different points; in the fixed design every run has them all)."""
+    return [max((c.runs[k] for c in candidates if c.runs[k] is not None), key=lambda r: len(r.items))
+            for k in range(len(candidates[0].runs))]
 
 
 def _against(best: Candidate, other: Candidate, entries) -> tuple[list[dict], list[str]]:

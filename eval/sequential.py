@@ -64,8 +64,10 @@ def mixture_radius(n: int, sigma: float, rho: float, alpha: float = ALPHA) -> fl
     return math.sqrt(2 * (v + rho) * math.log(math.sqrt((v + rho) / rho) / alpha)) / n
 
 
-def rho_for(sigma: float, n_opt: int = 256) -> float:
-    """The mixture's scale, tuned so the boundary is tightest near n_opt items."""
+def rho_for(sigma: float, n_opt: int = ROUND) -> float:
+    """The mixture's scale, fixed in advance so the boundary is tightest near n_opt items (one
+    round: the first look, where a stop is worth most; at 2,500 items the radius is within 4% of
+    one tuned for 256)."""
     return sigma ** 2 * n_opt
 
 

@@ -82,6 +82,8 @@ def test_the_bounds_match_their_formulas():
     # normal mixture: sqrt(2 (V + rho) log(sqrt((V + rho) / rho) / alpha)) / n, V = sigma^2 n
     assert mixture_radius(100, 1.0, 256.0, 0.05) == pytest.approx(
         math.sqrt(2 * 356 * math.log(math.sqrt(356 / 256) / 0.05)) / 100)
+    # a mean of 0/1 values at n = 64 (sigma 1/2, rho = sigma^2 * 64 = 16): 0.229
+    assert mixture_radius(64, 0.5, 16.0) == pytest.approx(math.sqrt(64 * math.log(math.sqrt(2) / 0.05)) / 64)
     e = mean_sequence([1.0] * 30 + [0.0] * 70, M.ACCURACY)
     assert (e.mean, e.n) == (0.3, 100) and 0.0 <= e.low < 0.3 < e.high <= 1.0
 
