@@ -60,6 +60,11 @@ def norm(text: str) -> str:
     return _PUNCT.sub("", unicodedata.normalize("NFKC", text).lower())
 
 
+def strip_article(text: str) -> str:
+    """An English answer without its leading article: "a light" and "light" name the same thing."""
+    return re.sub(r"^\s*(?:a|an|the)\s+", "", text, flags=re.I)
+
+
 def cjk_ratio(text: str) -> float:
     letters = [c for c in text if c.isalpha() or _CJK.match(c)]
     return sum(bool(_CJK.match(c)) for c in letters) / len(letters) if letters else 0.0

@@ -183,7 +183,7 @@ class Run:
                          f"no final line starting with {spec.final_marker!r}", reply, question=item["question"])
                 continue
             final = text.rsplit(spec.final_marker, 1)[-1] if spec.step_by_step else text
-            if solution and C.norm(solution) not in C.norm(final):
+            if solution and C.norm(C.strip_article(solution)) not in C.norm(final):
                 self.bad("answer", f"the final answer does not contain the solution {solution!r}", reply,
                          question=item["question"])
                 continue

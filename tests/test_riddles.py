@@ -106,6 +106,16 @@ def test_the_riddle_workflow_end_to_end(tmp_path, shared_data, teacher, capsys):
     assert "contains on riddles-test" in (runs / "report" / "index.html").read_text(encoding="utf-8")
 
 
+@pytest.mark.parametrize(("solution", "final", "kept"), [
+    ("a light", "light", True), ("light", "a light", True), ("The Moon", "the moon", True),
+    ("an echo", "echoes", True), ("a light", "a lamp", False), ("anchor", "a chain", False),
+])
+def test_the_solution_check_ignores_english_articles(solution, final, kept):
+    from synth.clean import norm, strip_article
+
+    assert (norm(strip_article(solution)) in norm(final)) == kept
+
+
 def test_seeds_come_from_the_train_split_only(shared_data):
     from eval.task import find_task, load_items
     from synth.pipeline import load_seeds
