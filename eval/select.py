@@ -261,6 +261,9 @@ def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT
     from models.local import resolve_candidates
     from models.store import provision
 
+    from models.loading import scoring_dtype
+
+    dtype = scoring_dtype(dtype, device)  # bf16 where the machine multiplies it natively
     spec, entries = load_suite(suite)  # every entry checked before any model runs
     chosen = resolve_candidates(models.split(",")) if models else [
         (c, None) for c in load_cards().values() if c.default]

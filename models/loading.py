@@ -32,6 +32,29 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "float32"
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). There oneDNN's bf16
+    matrix products run several times as fast as fp32's (docs/benchmarks.md); without
+    it bf16 is emulated and slower than fp32."""
+    import torch
+
+    return any(getattr(torch.cpu, probe, lambda: False)()
+               for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def scoring_dtype(dtype: str, device: str) -> str:
+    """What `select` and `eval` score in. "auto": bfloat16 on a GPU that has it and on a CPU that
+    multiplies it natively, float32 elsewhere. The backend's own "auto" (resolve_dtype) stays
+    float32 on every CPU: the cross-checks against the reference tools, the benchmarks, the
+    local side of re-scoring (the served model runs in fp32) and training's checks use it."""
+    if dtype != "auto":
+        return dtype
+    device = resolve_device(device)
+    if device == "cpu":
+        return "bfloat16" if cpu_has_bf16() else "float32"
+    return resolve_dtype(dtype, device)
+
+
 def load_model(card: ModelCard, store: Path, *, dtype: str = "auto", device: str = "auto",
                checkpoint: Path | None = None):
     """(model, tokenizer) from the store, or from `checkpoint` (e.g. a merged fine-tune of the

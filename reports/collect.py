@@ -252,6 +252,8 @@ def paired_runs(conn, selection: dict | None, rescore: dict) -> tuple[System, Sy
     local = System("merged", f"{rescore['model']} (local)")
     served = System("served", f"{rescore['model']} (served, {rescore['engine']})")
     for task in rescore["parity"]["tasks"]:
+        if task.get("mode", "gen") != "gen":  # before/after compares replies; `ppl` is in the parity table
+            continue
         local.runs[task["task"]] = load_run(conn, task["local_run"], named)
         served.runs[task["task"]] = load_run(conn, task["served_run"], named)
     base = System("base", f"{base_card} (base)")

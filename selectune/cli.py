@@ -60,7 +60,8 @@ def device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto",
                         help="where the local model runs: cpu, cuda, cuda:N (default auto: the GPU if any)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="default auto: bfloat16 on a GPU that has it, float32 elsewhere")
+                        help="default auto: bfloat16 on a GPU that has it and on a CPU that multiplies it "
+                             "natively (AVX512-BF16, AMX), float32 elsewhere")
 
 
 def share(text: str) -> float:
@@ -138,12 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv = command(sub, "serve", "serve.launcher:serve_command", "serve a model over an OpenAI-compatible API on 127.0.0.1")
     sv.add_argument("--model", help="card name (default: the newest merged model under runs/train/)")
     sv.add_argument("--checkpoint", type=Path, help="a checkpoint directory (e.g. runs/train/RUN/merged)")
-    sv.add_argument("--engine", choices=["auto", "transformers", "lmdeploy"], default="auto",
-                    help="auto: lmdeploy where CUDA and its environment exist, else transformers serve")
+    sv.add_argument("--engine", choices=["auto", "vllm", "transformers", "lmdeploy"], default="auto",
+                    help="auto: lmdeploy where CUDA and its environment exist, else vLLM where its environment "
+                         "exists (make vllm-venv), else transformers serve")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, help="default: a free port")
     sv.add_argument("--backend", choices=["turbomind", "pytorch"], default="turbomind", help="lmdeploy only")
-    sv.add_argument("--tp", type=positive_int, default=1, help="lmdeploy tensor parallelism")
+    sv.add_argument("--tp", type=positive_int, default=1, help="tensor parallelism (lmdeploy, vLLM)")
     sv.add_argument("--foreground", action="store_true", help="stay in the foreground until Ctrl-C")
     sv.add_argument("--stop", action="store_true", help="stop the server `serve` started")
 
@@ -153,11 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--checkpoint", type=Path, help="a checkpoint directory")
     rs.add_argument("--base-url", help="an already running server (else `serve`'s, else one started here)")
     rs.add_argument("--served-model", help="the model name that server expects")
-    rs.add_argument("--engine", choices=["auto", "transformers", "lmdeploy"], default="auto")
+    rs.add_argument("--engine", choices=["auto", "vllm", "transformers", "lmdeploy"], default="auto",
+                    help="the engine to start (as for serve); with --base-url, the engine that server runs "
+                         "(vllm: its prompt logprobs let `ppl` entries be re-scored too)")
     rs.add_argument("--tasks", help="comma-separated tasks of the selection suite (default: all)")
     rs.add_argument("--limit", type=positive_int, help="the first N items of each task")
     rs.add_argument("--concurrency", type=positive_int,
-                    help="parallel requests while scoring (default: 1 on the CPU engine, 8 for lmdeploy)")
+                    help="parallel requests while scoring (default: 4 for vLLM, 8 for lmdeploy, 1 for transformers)")
     rs.add_argument("--figure-concurrency", type=positive_int, default=4,
                     help="the N of the serving figures (measured at 1 and N)")
     rs.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,

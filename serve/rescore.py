@@ -4,12 +4,14 @@ measure the server.
     make serve && make rescore          # the last merged model, served on 127.0.0.1
     python -m selectune rescore --tasks fact --limit 20
 
-Every task of the selection suite is scored through the server in `gen` mode (neither lmdeploy
-nor `transformers serve` returns prompt logprobs), on the same items, into the same results
-store: an interrupted rescore resumes item by item. The local model (the same checkpoint, our
+Every entry of the selection suite is scored through the server on the same items, into the same
+results store (an interrupted rescore resumes item by item): in its own mode through vLLM, which
+returns prompt logprobs (the prompt is sent as the local tokenizer's ids, as lm-eval does), and in
+`gen` mode through lmdeploy and `transformers serve`, which return none. The local model (the same checkpoint, our
 HF backend) is scored on the same items, and the parity gate compares the two:
-- agreement of answers over the `gen` items >= min_agreement (default 98%): the parsed choice
-  on FewCLUE, the whole reply on free-text tasks (style, fact), and
+- agreement of answers >= min_agreement (default 98%): the parsed choice on choice tasks and
+  `ppl` entries (whose largest log-likelihood difference is recorded too), the whole reply on
+  free-text tasks (style, fact), and
 - for every metric, the paired 95% CI of served - local contains 0.
 A failure exits non-zero and lists the disagreeing items with both outputs and, on each side,
 the chat template and sampling hashes (template drift between training and serving is the
@@ -41,22 +43,31 @@ def local_card(target: Target):
     return target.card.model_copy(update={"name": target.label, "chat_template": "tokenizer"})
 
 
-def rescore_entries(tasks: list[str] | None, suite: Path | None = None) -> list[tuple[object, str]]:
-    """(task, split) of every suite entry, once each (a task in two modes is scored once, in gen);
-    `suite`: the selection's, else the default."""
+def rescore_entries(tasks: list[str] | None, suite: Path | None = None,
+                    logprobs: bool = False) -> list[tuple[object, str, str]]:
+    """(task, split, mode) of every suite entry, once each; `suite`: the selection's, else the
+    default. Through a server without prompt logprobs every task is scored once, in `gen`; through
+    one with them (vLLM) each entry keeps its mode."""
     from eval.suite import DEFAULT_SUITE, load_suite
 
     _, entries = load_suite(suite or DEFAULT_SUITE)
-    seen: list[tuple[object, str]] = []
+    seen: list[tuple[object, str, str]] = []
     for task, entry in entries:
-        if (task.name, entry.split) not in [(t.name, s) for t, s in seen] and (tasks is None or task.name in tasks):
-            seen.append((task, entry.split))
+        mode = entry.mode if logprobs else "gen"
+        key = (task.name, entry.split, mode)
+        if key not in [(t.name, s, m) for t, s, m in seen] and (tasks is None or task.name in tasks):
+            seen.append((task, entry.split, mode))
     if tasks:
-        unknown = set(tasks) - {t.name for t, _ in seen}
+        unknown = set(tasks) - {t.name for t, _, _ in seen}
         if unknown:
             raise UserError(f"--tasks: not in the selection suite: {', '.join(sorted(unknown))} "
                             f"(suite: {', '.join(dict.fromkeys(t.name for t, _ in entries))})")
     return seen
+
+
+def run_key(task_name: str, mode: str) -> str:
+    """The key of a served run in the record: the task's name for `gen`, `name:ppl` for `ppl`."""
+    return task_name if mode == "gen" else f"{task_name}:{mode}"
 
 
 def selection_suite(settings) -> Path | None:
@@ -66,7 +77,7 @@ def selection_suite(settings) -> Path | None:
 
 
 def served_backend(base_url: str, model_name: str, target: Target, engine: str, concurrency: int,
-                   local_identity: dict, max_retries: int = 5):
+                   local_identity: dict, max_retries: int = 5, split_ids=None):
     """The server as a backend. What it serves is the directory the local backend loaded: the
     weights and chat-template hashes are that directory's (hashed once, by the local backend)."""
     from eval.backends.openai_http import OpenAIBackend
@@ -80,7 +91,19 @@ def served_backend(base_url: str, model_name: str, target: Target, engine: str, 
         "sampling_sha256": sampling_sha256(),
     }
     return OpenAIBackend(base_url, model_name, concurrency=concurrency, seed=SAMPLING["seed"], identity=identity,
-                         max_retries=max_retries)
+                         max_retries=max_retries, split_ids=split_ids)
+
+
+def same_reply(served: str, local: str) -> bool:
+    """Whole replies equal up to surrounding space and a character cut at max_new_tokens: a
+    streaming detokenizer (vLLM's) holds back the incomplete bytes of the last character, a
+    whole-sequence decode (ours) writes U+FFFD for them."""
+    import re
+
+    def norm(text: str) -> str:
+        return re.sub(r"[\s\ufffd]+$", "", text.strip())
+
+    return norm(served) == norm(local)
 
 
 def parity(pairs: list[tuple[object, object]], min_agreement: float) -> dict:
@@ -94,14 +117,19 @@ def parity(pairs: list[tuple[object, object]], min_agreement: float) -> dict:
     for served, local in pairs:
         by_id = {i["item_id"]: i for i in local.items}
         same = 0
-        choice = served.task.parser == "choice"
+        choice = served.task.parser == "choice" or served.mode == "ppl"
+        # `ppl`: the largest difference of any choice's log-likelihood between the two sides
+        loglik_diff = max((abs(a - b) for s in served.items
+                           for a, b in zip(json.loads(s["output"]).values(),
+                                           json.loads(by_id[s["item_id"]]["output"]).values())),
+                          default=0.0) if served.mode == "ppl" else None
         for s in served.items:
             lo = by_id[s["item_id"]]
             # the parsed choice; a free-text task's answer is its whole reply
-            if (s["parsed"] == lo["parsed"]) if choice else (s["output"].strip() == lo["output"].strip()):
+            if (s["parsed"] == lo["parsed"]) if choice else same_reply(s["output"], lo["output"]):
                 same += 1
             else:
-                disagreements.append({"task": served.task.name, "item_id": s["item_id"],
+                disagreements.append({"task": served.task.name, "mode": served.mode, "item_id": s["item_id"],
                                       "served": s["output"], "local": lo["output"],
                                       "served_parsed": s["parsed"], "local_parsed": lo["parsed"]})
         agree, total = agree + same, total + len(served.items)
@@ -116,8 +144,9 @@ def parity(pairs: list[tuple[object, object]], min_agreement: float) -> dict:
             if not inside:
                 failures.append(f"{served.task.name} {metric}: served - local = {c.diff:+.4f}, "
                                 f"95% CI [{c.low:+.4f}, {c.high:+.4f}] excludes 0")
-        tasks.append({"task": served.task.name, "split": served.split, "items": len(served.items),
-                      "agreement": same / len(served.items), "metrics": metrics,
+        tasks.append({"task": served.task.name, "split": served.split, "mode": served.mode,
+                      "items": len(served.items), "agreement": same / len(served.items), "metrics": metrics,
+                      "max_abs_loglik_diff": loglik_diff,
                       "served_run": served.run_id, "local_run": local.run_id})
     agreement = agree / total if total else 1.0
     if agreement < min_agreement:
@@ -193,29 +222,34 @@ def rescore(settings, target: Target, *, base_url: str, model_name: str, engine:
     from core.artifacts import RescoreRecord, write_artifact
     from eval.task import load_items
 
+    from serve.launcher import LOGPROB_ENGINES
+
     conn = open_results(settings.runs_dir)
     data_dir = settings.resolved_data_dir
-    entries = rescore_entries(tasks, selection_suite(settings))
+    entries = rescore_entries(tasks, selection_suite(settings), logprobs=engine in LOGPROB_ENGINES)
     work = []
-    for task, split in entries:
+    for task, split, mode in entries:
         items = load_items(task, split, data_dir)
-        work.append((task, split, items[:limit] if limit else items))
+        work.append((task, split, mode, items[:limit] if limit else items))
 
     if concurrency is None:
         # `transformers serve` runs each request's generate() on the same 2..16 CPU cores: parallel
-        # requests only oversubscribe them. lmdeploy batches concurrent requests on the GPU.
-        concurrency = 8 if engine == "lmdeploy" else 1
+        # requests only oversubscribe them. lmdeploy and vLLM batch concurrent requests.
+        concurrency = {"lmdeploy": 8, "vllm": 4}.get(engine, 1)
     local = HFBackend(local_card(target), settings.model_store, batch_size=batch_size, checkpoint=target.model_dir)
-    served = served_backend(base_url, model_name, target, engine, concurrency, local.identity, max_retries)
+    served = served_backend(base_url, model_name, target, engine, concurrency, local.identity, max_retries,
+                            split_ids=local.split_ids)
     served_runs = []
-    for task, split, items in work:
-        with tqdm(total=len(items), desc=f"served {task.name}-{split} gen", unit="item", leave=False) as bar:
-            served_runs.append(run_task(served, task, split, "gen", items, conn, chunk_size=concurrency,
+    for task, split, mode, items in work:
+        with tqdm(total=len(items), desc=f"served {task.name}-{split} {mode}", unit="item", leave=False) as bar:
+            # gen: one request per item; ppl: one per choice, all of a chunk's sent at once
+            chunk = concurrency if mode == "gen" else max(1, concurrency // len(task.choices or [None]))
+            served_runs.append(run_task(served, task, split, mode, items, conn, chunk_size=chunk,
                                         data_dir=data_dir, progress=bar.update))
     local_runs = []
-    for task, split, items in work:
-        with tqdm(total=len(items), desc=f"local {task.name}-{split} gen", unit="item", leave=False) as bar:
-            local_runs.append(run_task(local, task, split, "gen", items, conn, chunk_size=batch_size,
+    for task, split, mode, items in work:
+        with tqdm(total=len(items), desc=f"local {task.name}-{split} {mode}", unit="item", leave=False) as bar:
+            local_runs.append(run_task(local, task, split, mode, items, conn, chunk_size=batch_size,
                                        data_dir=data_dir, progress=bar.update))
     gate = parity(list(zip(served_runs, local_runs)), min_agreement)
     gate["served_identity"] = {k: served.identity.get(k) for k in ("chat_template_sha256", "sampling_sha256",
@@ -223,12 +257,12 @@ def rescore(settings, target: Target, *, base_url: str, model_name: str, engine:
     gate["local_identity"] = {"chat_template_sha256": local.identity["chat_template_sha256"],
                               "sampling_sha256": sampling_sha256(),  # HFBackend: greedy, as pinned
                               "weights_sha256": local.identity["weights_sha256"]}
-    prompts = [i.messages() for _, _, items in work for i in items][:figure_requests]
+    prompts = [i.messages() for _, _, _, items in work for i in items][:figure_requests]
     figures = serving_figures(base_url, model_name, prompts, max_tokens=figure_max_tokens,
                               concurrency=figure_concurrency, usage_option=engine == "lmdeploy")
     record = {"model": target.label, "model_dir": str(target.model_dir), "engine": engine, "concurrency": concurrency,
               "base_url": base_url, "limit": limit, "sampling": SAMPLING, "parity": gate, "serving": figures,
-              "served_runs": {r.task.name: r.run_id for r in served_runs}}
+              "served_runs": {run_key(r.task.name, r.mode): r.run_id for r in served_runs}}
     path = settings.workspace.rescore_record(target.label)
     write_artifact(out_dir / path.name if out_dir else path, RescoreRecord, record)
     return record
@@ -240,7 +274,10 @@ def print_report(record: dict) -> None:
     for t in gate["tasks"]:
         cells = ", ".join(f"{m['metric']} {m['served']:.3f} vs {m['local']:.3f} "
                           f"(diff {m['diff']:+.3f} [{m['ci95'][0]:+.3f}, {m['ci95'][1]:+.3f}])" for m in t["metrics"])
-        print(f"  {t['task']}-{t['split']}: {t['items']} items, agreement {t['agreement']:.1%}; {cells}")
+        loglik = (f", max |log-likelihood difference| {t['max_abs_loglik_diff']:.2e}"
+                  if t.get("max_abs_loglik_diff") is not None else "")
+        print(f"  {t['task']}-{t['split']} {t.get('mode', 'gen')}: {t['items']} items, "
+              f"agreement {t['agreement']:.1%}{loglik}; {cells}")
     for level, f in record["serving"].items():
         print(f"  concurrency {level}: TTFT p50 {f['ttft_p50_s'] * 1000:.0f} ms, latency p50 {f['latency_p50_s']:.2f} s "
               f"p95 {f['latency_p95_s']:.2f} s, {f['output_tokens_per_s_per_request'] or '-'} tokens/s per request, "
@@ -279,7 +316,7 @@ def rescore_command(settings, *, model: str | None = None, checkpoint: Path | No
     if base_url:
         target = resolve_target(settings, card_name=model, checkpoint=checkpoint)
         record = rescore(settings, target, base_url=base_url, model_name=served_model or target.label,
-                         engine="external", **kw)
+                         engine="external" if engine == "auto" else engine, **kw)
     elif current is not None and not (model or checkpoint):
         server, state = current
         target = Target(Path(state["model_dir"]), find_card(state["base_card"]), state["model"])

@@ -14,6 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def scoring_in_fp32(monkeypatch):
+    """`select` and `eval` score in bf16 on CPUs that multiply it natively (models/loading.py):
+    in process, tests score in fp32 on every CPU kind, so their numbers do not depend on which
+    machine CI draws. tests/test_hf_backend.py checks the resolution itself."""
+    import models.loading as loading
+
+    monkeypatch.setattr(loading, "scoring_dtype",
+                        lambda dtype, device: loading.resolve_dtype(dtype, loading.resolve_device(device)))
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """`../shared/data`, read in place and never copied into the repository."""
@@ -91,15 +102,17 @@ def tiny_qwen2_dir(tmp_path) -> Path:
     return build_tiny_qwen2(tmp_path / "tiny-qwen2")
 
 
-def build_tiny_qwen2(out: Path, initializer_range: float = 0.02, rope_theta: float = 10000.0) -> Path:
+def build_tiny_qwen2(out: Path, initializer_range: float = 0.02, rope_theta: float = 10000.0,
+                     hidden_size: int = 32) -> Path:
     """At the default initialisation greedy replies are the same token over and over; a wider
-    one (e.g. 1.0) makes them depend on the prompt, for tests that compare replies."""
+    one (e.g. 1.0) makes them depend on the prompt, for tests that compare replies. vLLM's CPU
+    attention needs a head size of 32 or more: hidden_size=128 gives it one."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = tiny_tokenizer(eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.chat_template = CHATML
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          tie_word_embeddings=True, initializer_range=initializer_range,
                          rope_parameters={"rope_type": "default", "rope_theta": rope_theta})

@@ -198,3 +198,25 @@ def test_a_lazy_backend_loads_its_weights_only_when_an_item_needs_computing(tmp_
     assert gen.computed == len(items) and lazy._model is not None
     want = run_task(eager, task, "dev", "gen", items, open_results(tmp_path / "other"), chunk_size=4)
     assert unlatent(gen) == unlatent(want)
+
+
+@pytest.mark.parametrize("cuda, avx512_bf16, amx, asked, device, expected", [
+    (False, False, False, "auto", "auto", "float32"),    # AVX2 only: bf16 would be emulated
+    (False, True, False, "auto", "auto", "bfloat16"),    # AVX512-BF16
+    (False, False, True, "auto", "auto", "bfloat16"),    # AMX
+    (False, True, True, "float32", "auto", "float32"),   # asked for: kept
+    (True, False, False, "auto", "auto", "bfloat16"),    # a GPU with bf16
+    (True, False, False, "auto", "cpu", "float32"),      # the CPU asked for, without bf16
+    (True, True, False, "auto", "cpu", "bfloat16"),
+])
+def test_select_and_eval_score_in_bf16_where_the_machine_multiplies_it(
+        monkeypatch, cuda, avx512_bf16, amx, asked, device, expected):
+    import models.loading as loading
+
+    monkeypatch.undo()  # the autouse fixture pins fp32; here the real probe is under test
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert loading.scoring_dtype(asked, device) == expected
+    assert loading.resolve_dtype("auto", "cpu") == "float32"  # the backend's own default: fp32 on a CPU

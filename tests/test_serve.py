@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import sqlite3
+import sys
 import threading
 import time
 
@@ -16,13 +17,13 @@ from core.errors import UserError
 from tests.conftest import build_tiny_qwen2
 
 
-def printable_tiny_qwen2(out, initializer_range):
+def printable_tiny_qwen2(out, initializer_range, hidden_size=32):
     """A tiny random model that generates only tokens which decode to whole characters on their
     own. A random model otherwise emits loose UTF-8 bytes, which a streaming detokenizer (the
     server's) and a whole-sequence decode (ours) render differently: noise, not a parity finding."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    build_tiny_qwen2(out, initializer_range=initializer_range)
+    build_tiny_qwen2(out, initializer_range=initializer_range, hidden_size=hidden_size)
     tok = AutoTokenizer.from_pretrained(out)
     bad = [[i] for i in range(len(tok)) if "\ufffd" in tok.decode([i]) or i in tok.all_special_ids
            and i != tok.eos_token_id]
@@ -38,7 +39,7 @@ def tiny(tmp_path_factory):
     return printable_tiny_qwen2(root / "a", 1.0), printable_tiny_qwen2(root / "b", 0.5)
 
 
-def test_lmdeploy_command_follows_its_documentation(tmp_path):
+def test_lmdeploy_command_follows_its_documentation(tmp_path, monkeypatch):
     from serve.launcher import engine_for, lmdeploy_engine
 
     e = lmdeploy_engine(tmp_path, backend="pytorch", tp=2, port=23333, python="/opt/lmd/bin/python")
@@ -52,8 +53,14 @@ def test_lmdeploy_command_follows_its_documentation(tmp_path):
         lmdeploy_engine(tmp_path, backend="vllm")
     import torch
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available():  # no CUDA: vLLM where its venv exists, else transformers serve
+        monkeypatch.setenv("VLLM_PYTHON", str(tmp_path / "no-vllm" / "python"))
         assert engine_for(tmp_path).name == "transformers"
+        monkeypatch.setenv("VLLM_PYTHON", sys.executable)
+        vllm = engine_for(tmp_path)
+        assert vllm.name == "vllm" and vllm.argv[:4] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                                                          "--model"]
+        assert "--dtype" in vllm.argv and vllm.argv[vllm.argv.index("--dtype") + 1] == "float32"
 
 
 def test_lmdeploy_missing_environment_fails_fast(tmp_path):
@@ -202,7 +209,8 @@ def test_make_serve_runs_in_the_background_rescore_chat_then_stop(tiny, tmp_path
 
     base = ["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
             "--data-dir", str(shared_data)]
-    assert main([*base, "serve", "--checkpoint", str(tiny[0]), "--model", "qwen2.5-coder-0.5b-instruct"]) == 0
+    assert main([*base, "serve", "--checkpoint", str(tiny[0]), "--model", "qwen2.5-coder-0.5b-instruct",
+                 "--engine", "transformers"]) == 0  # vLLM's CPU attention cannot run a head size of 8
     state = tmp_path / "runs" / "serve" / "server.json"
     try:
         server, recorded = running(state)

@@ -131,8 +131,11 @@ def test_suite_roles_add_checks_and_forgetting_probes_to_training_and_choose_rev
     from serve.rescore import rescore_entries, selection_suite
 
     settings = load_settings(runs_dir=str(runs))
-    assert [(t.name, split) for t, split in rescore_entries(None, selection_suite(settings))] == [
-        ("fewclue_bustm", "dev"), ("style", "test"), ("fact", "test")]  # the suite selection scored
+    assert [(t.name, split, mode) for t, split, mode in rescore_entries(None, selection_suite(settings))] == [
+        ("fewclue_bustm", "dev", "gen"), ("style", "test", "gen"), ("fact", "test", "gen")]  # the suite selection scored
+    # through a server with prompt logprobs (vLLM) each entry keeps its mode
+    assert [(t.name, mode) for t, _, mode in rescore_entries(None, selection_suite(settings), logprobs=True)] == [
+        ("fewclue_bustm", "gen"), ("fewclue_bustm", "ppl"), ("style", "gen"), ("fact", "gen")]
     suite.unlink()  # a suite file that is gone gives no roles, not an error
     assert selection_suite(settings) is None
     assert entries_with_role(selection, "review") == [] and len(all_checks(recipe, load_settings(runs_dir=str(runs)))) == 1

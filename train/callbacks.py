@@ -30,6 +30,8 @@ class JsonlLog(TrainerCallback):
         self.log_path = log_path
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero:  # under `accelerate launch`, one writer
+            return
         append_jsonl(self.log_path, {"step": state.global_step, "epoch": state.epoch, "time": time.time(),
                                      **(logs or {})})
 
@@ -107,8 +109,11 @@ class Samples(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.sample(state.global_step, model)
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.main = state.is_world_process_zero  # under `accelerate launch`, one process samples
+
     def sample(self, step: int, model) -> None:
-        if not self.samples or step == self.last_step:
+        if not self.samples or step == self.last_step or not getattr(self, "main", True):
             return
         self.last_step = step
         replies = generate(model, self.tokenizer, [m for m, _ in self.samples], self.max_new_tokens)

@@ -38,9 +38,13 @@ def label_only_loss(model, inputs: dict, num_items_in_batch=None, chunk: int = L
     keep[:, :-1] = labels[:, 1:] != -100
     targets = labels[:, 1:][keep[:, :-1]]
     count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # Under `accelerate launch` the model comes wrapped in DistributedDataParallel, whose forward
+    # must run for its gradients to be all-reduced: the model's own forward, then.
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    inner = model.module if ddp else model
+    causal_lm = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     head = causal_lm.get_output_embeddings()
-    if not plain_head(causal_lm.config) or type(head) is not torch.nn.Linear:
+    if ddp or not plain_head(causal_lm.config) or type(head) is not torch.nn.Linear:
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                     logits_to_keep=keep, use_cache=False)
         logits = out.logits.reshape(-1, out.logits.shape[-1])

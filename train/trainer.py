@@ -27,6 +27,7 @@ from core.errors import UserError
 from core.files import write_text_atomic
 from train.callbacks import make_callbacks, sample_prompts
 from train.cpu_memory import CpuAllocator
+from models.loading import cpu_has_bf16
 from train.data import (CleaningReport, Conversation, Example, clean, data_sha256, ensure_chat_template,
                         load_conversations, save_split, split, tokenize)
 from train.kernels import fuse_lora_dropout, fuse_silu_mlps, label_only_loss
@@ -155,6 +156,10 @@ class ThinTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, _ = label_only_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every process's labels and DDP averages the gradients over
+            # processes: scale back up, as Trainer's own compute_loss does
+            loss = loss * self.accelerator.num_processes
         # Evaluation reads the loss only (prediction_loss_only): no logits are kept.
         return (loss, {}) if return_outputs else loss
 
@@ -162,9 +167,12 @@ class ThinTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy != "group_by_length":
             return super()._get_train_sampler(train_dataset)
+        # grouped by the global batch: under `accelerate launch` each process takes its share of
+        # it, so N processes see the batches one process would
         return SeededLengthGroupedSampler(
             [len(e.input_ids) for e in dataset.examples],
-            self.args.train_batch_size * self.args.gradient_accumulation_steps, self.args.seed)
+            self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size,
+            self.args.seed)
 
 
 class ExampleDataset:
@@ -194,15 +202,6 @@ def compute_dtype(recipe: Recipe):
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). There oneDNN's bf16
-    matrix products run several times as fast as fp32's (docs/benchmarks.md); without
-    it bf16 is emulated and slower than fp32."""
-
-    return any(getattr(torch.cpu, probe, lambda: False)()
-               for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def load_for_training(recipe: Recipe, checkpoint: str, trust_remote_code: bool):
@@ -368,8 +367,9 @@ def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path,
                         f"(lower training.learning_rate in {recipe.path} and rerun)")
     val_loss = final_val_loss(trainer) if data.val else None
     adapter_dir = run_dir / "adapter"
-    model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
+    if trainer.is_world_process_zero():  # under `accelerate launch`, the main process saves
+        model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
     history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return TrainResult(run_dir, adapter_dir, history[-1] if history else None, val_loss,
                        trainer.state.global_step, seconds, data, last)

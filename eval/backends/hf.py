@@ -167,15 +167,21 @@ class HFBackend:
                             out[req] = logprobs[b, idx, torch.tensor(cont, device=logprobs.device)].sum().item()
         return out
 
+    def split_ids(self, request: LoglikelihoodRequest) -> tuple[list[int], list[int]]:
+        """(context ids, continuation ids) as lm-eval splits them: encode the whole, cut at the
+        context (the continuation alone where the context's ids are not a prefix of the whole)."""
+        context = self.render(request.messages, request.raw)
+        ctx_ids = self._encode(context)
+        whole = self._encode(context + request.continuation)
+        cont = whole[len(ctx_ids):] if whole[: len(ctx_ids)] == ctx_ids else \
+            self.tokenizer(request.continuation, add_special_tokens=False).input_ids
+        return ctx_ids, cont
+
     def _rows(self, requests: list[LoglikelihoodRequest]) -> list[_Row]:
         """Split each context+continuation as lm-eval does (encode the whole, cut at the context)."""
         by_context: dict[tuple[int, ...], list[tuple[int, list[int]]]] = defaultdict(list)
         for i, r in enumerate(requests):
-            context = self.render(r.messages, r.raw)
-            ctx_ids = self._encode(context)
-            whole = self._encode(context + r.continuation)
-            cont = whole[len(ctx_ids):] if whole[: len(ctx_ids)] == ctx_ids else \
-                self.tokenizer(r.continuation, add_special_tokens=False).input_ids
+            ctx_ids, cont = self.split_ids(r)
             by_context[tuple(ctx_ids)].append((i, cont))
         rows = []
         for ctx, targets in by_context.items():

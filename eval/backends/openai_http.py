@@ -23,9 +23,13 @@ _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 class OpenAIBackend:
     def __init__(self, base_url: str | list[str], model: str, *, api_key: str | None = None, concurrency: int = 4,
                  timeout_s: float = 120.0, max_retries: int = 5, seed: int = 0,
-                 render: Callable[[list[dict], str | None], str] | None = None, identity: dict | None = None):
+                 render: Callable[[list[dict], str | None], str] | None = None, identity: dict | None = None,
+                 split_ids: Callable[[LoglikelihoodRequest], tuple[list[int], list[int]]] | None = None):
         """`base_url`: one server, or several serving the same model: request k goes to server
-        k mod n, each with `concurrency` requests in flight (one run, each item stored once)."""
+        k mod n, each with `concurrency` requests in flight (one run, each item stored once).
+        `split_ids`: the model's own tokenization of a log-likelihood request, (context ids,
+        continuation ids); with it the prompt is sent as token ids (lm-eval's tokenized requests),
+        so the served model scores exactly the tokens the local one does."""
         import httpx
 
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
@@ -36,6 +40,7 @@ class OpenAIBackend:
         self.max_retries = max_retries
         self.seed = seed
         self.render = render
+        self.split_ids = split_ids
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.clients = [httpx.Client(base_url=u, headers=headers, timeout=timeout_s) for u in self.base_urls]
         self.client = self.clients[0]
@@ -100,7 +105,19 @@ class OpenAIBackend:
     def generate(self, requests: list[GenRequest]) -> list[str]:
         return self._map(self._chat, requests)
 
+    def _loglikelihood_ids(self, request: LoglikelihoodRequest) -> float:
+        ctx, cont = self.split_ids(request)
+        body = {"model": self.model, "prompt": [*ctx, *cont], "max_tokens": 1, "temperature": 0.0,
+                "echo": True, "logprobs": 1, "seed": self.seed}
+        values = (self._post("/v1/completions", body)["choices"][0].get("logprobs") or {}).get("token_logprobs")
+        if not values or len(values) < len(ctx) + len(cont) or any(v is None for v in values[len(ctx):][:len(cont)]):
+            raise UserError(f"{self.base_url}: the server returns no prompt logprobs, so `ppl` mode "
+                            "cannot be scored through it; use `gen` mode")
+        return float(sum(values[len(ctx):len(ctx) + len(cont)]))
+
     def _loglikelihood(self, request: LoglikelihoodRequest) -> float:
+        if self.split_ids is not None:
+            return self._loglikelihood_ids(request)
         context = self.render(request.messages, request.raw)
         body = {"model": self.model, "prompt": context + request.continuation, "max_tokens": 1,
                 "temperature": 0.0, "echo": True, "logprobs": 1, "seed": self.seed}
@@ -121,7 +138,7 @@ class OpenAIBackend:
         return float(sum(v for off, v in zip(offsets, values) if len(context) <= off < end))
 
     def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[float]:
-        if self.render is None:
+        if self.render is None and self.split_ids is None:
             raise UserError(f"{self.base_url}: log-likelihood needs the model's prompt renderer "
                             "(its chat template); use `gen` mode")
         return self._map(self._loglikelihood, requests)
