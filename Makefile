@@ -91,14 +91,14 @@ train: models data ## QLoRA-fine-tune the winner, merge the adapter, check parit
 	$(SELECTUNE) train --recipe $(RECIPE) $(TRAIN_ARGS)
 
 SERVE_ARGS ?=
-serve: $(STAMP) ## serve the newest merged model on 127.0.0.1 in the background (SERVE_ARGS=--model CARD ...)
+serve: $(STAMP) $(VLLM_STAMP) ## serve the newest merged model on 127.0.0.1 in the background (SERVE_ARGS=--model CARD ...)
 	$(SELECTUNE) serve $(SERVE_ARGS)
 
 serve-stop: $(STAMP) ## stop the server `make serve` started
 	$(SELECTUNE) serve --stop
 
 RESCORE_ARGS ?=
-rescore: models data ## re-score the served model over HTTP on the selection items; parity gate (RESCORE_ARGS=)
+rescore: models data $(VLLM_STAMP) ## re-score the served model over HTTP on the selection items; parity gate (RESCORE_ARGS=)
 	$(SELECTUNE) rescore $(RESCORE_ARGS)
 
 chat: $(STAMP) ## chat in the terminal with the served model
@@ -109,7 +109,7 @@ report: $(STAMP) ## render the HTML report under runs/report/ (open runs/report/
 
 SYNTH_RECIPE ?= synth/fact.yaml
 SYNTH_ARGS ?=
-data-synth: models ## grow a seed set into training data with a teacher served here (SYNTH_RECIPE=, SYNTH_ARGS=)
+data-synth: models $(VLLM_STAMP) ## grow a seed set into training data with a teacher served here (SYNTH_RECIPE=, SYNTH_ARGS=)
 	$(SELECTUNE) data-synth --recipe $(SYNTH_RECIPE) $(SYNTH_ARGS)
 
 REVIEW_ARGS ?=
