@@ -66,7 +66,8 @@ class Selection(Artifact):
     """The suite scored: `name`, `file`, `sha256` (absent before suites were files)."""
     sequential: list[dict] = []
     """Per entry scored sequentially: `task`, `split`, `mode`, `size`, `items` per candidate,
-    `stopped` (candidate -> why it stopped early) and `reason` the entry stopped."""
+    `stopped` (candidate -> why it stopped early), `tied` (the candidates settled as equivalent,
+    the leader first; empty otherwise) and `reason` the entry stopped."""
 
 
 def _train_summary_v1(data: dict) -> dict:

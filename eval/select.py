@@ -250,7 +250,7 @@ def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT
                    train_budget_gib: float = 24.0, infer_budget_gib: float = 16.0,
                    batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto", dtype: str = "auto",
                    plan: bool = False, pilot: float = 0.2, detect: float | None = None, power: float = 0.8,
-                   design: str = "auto") -> int:
+                   design: str = "auto", tie_margin: float | None = None) -> int:
     """`selectune select` (`make select`): score, decide, print the evidence, write selection.json;
     with `plan`, score a pilot and print the items each entry needs instead (eval/plan.py)."""
     from core.artifacts import Selection, write_artifact
@@ -284,7 +284,8 @@ def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT
     states = {}
     if chosen:
         states = _score_sequentially(candidates, entries, chosen, settings, conn, checkpoints=checkpoints,
-                                     batch_size=batch_size, device=device, dtype=dtype, judge=judge)
+                                     batch_size=batch_size, device=device, dtype=dtype, judge=judge,
+                                     margin=tie_margin)
     if plan:
         from eval.plan import plan as plan_rows
         from eval.plan import print_plan
@@ -296,7 +297,7 @@ def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT
                                      ranking=[(e.metric, e.weight) for _, e in entries])
     record["suite"] = {"name": spec.name, "file": str(spec.path), "sha256": sha256_file(spec.path)}
     record["sequential"] = [{"task": entries[k][0].name, "split": entries[k][1].split, "mode": entries[k][1].mode,
-                             "size": st.size, "reason": st.reason, "stopped": st.stopped,
+                             "size": st.size, "reason": st.reason, "stopped": st.stopped, "tied": st.tied or [],
                              "items": {c.card.name: len(c.runs[k].items) for c in candidates if c.runs[k]}}
                             for k, st in sorted(states.items())]
     styled = [task for task, _ in entries if task.scorer and task.scorer.startswith("eval.scorers.style:")]
@@ -317,12 +318,16 @@ def _score_sequentially(candidates, entries, chosen, settings, conn, *, checkpoi
     """Fill the chosen entries' runs of every candidate round by round (eval/sequential.py)."""
     from eval.sequential import score_sequential
 
+    from eval.sequential import TIE_MARGIN
+
     judge = options.pop("judge")
     batch_size = options.pop("batch_size")
+    margin = options.pop("margin")
     backends = {c.card.name: _backend(c.card, settings.model_store, checkpoint=(checkpoints or {}).get(c.card.name),
                                       batch_size=batch_size, **options) for c in candidates}
     runs, states, spent = score_sequential([c.card for c in candidates], entries, chosen, backends, conn,
-                                           data_dir=settings.resolved_data_dir, batch_size=batch_size, judge=judge)
+                                           data_dir=settings.resolved_data_dir, batch_size=batch_size, judge=judge,
+                                           margin=TIE_MARGIN if margin is None else margin)
     for cand in candidates:
         for k in chosen:
             cand.runs[k] = runs.get((cand.card.name, k))

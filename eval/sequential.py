@@ -16,8 +16,12 @@ stops (Ville's inequality for a nonnegative martingale under the null):
   also gives the confidence sequence printed for the difference.
 
 A candidate whose anytime p-value (1 / e-value) falls under alpha stops being scored on that
-entry: it is significantly worse than the leader. An entry stops when one candidate is left or
-its items run out. Cell intervals are normal-mixture confidence sequences for a bounded mean,
+entry: it is significantly worse than the leader. An entry also stops, as a tie, when the
+confidence sequence of every remaining candidate's difference from the leader lies inside
+(-margin, +margin): the predictable plug-in empirical-Bernstein confidence sequence
+(Waudby-Smith & Ramdas 2024, Theorem 2), which narrows with the differences' variance, so pairs
+that rarely disagree settle in a few rounds. Otherwise an entry stops when one candidate is left
+or its items run out. Cell intervals are normal-mixture confidence sequences for a bounded mean,
 valid at the number of items each cell used. Entries of fewer than LARGE items, and metrics
 without known bounds (reply length), keep the fixed design.
 """
@@ -37,6 +41,8 @@ ROUND = 64
 LARGE = 500
 """Entries with at least this many items are scored sequentially under `--design auto`."""
 ORDER_SEED = 0
+TIE_MARGIN = 0.05
+"""Candidates whose difference is shown to be inside this share of the metric's range are tied."""
 
 BOUNDS = {metric: (0.0, 1.0) for metric in M.BINARY | {M.FACT_RECALL, M.TOKEN_F1, M.CHAR_F1, M.ROUGE_L}}
 BOUNDS.update({M.CHRF: (0.0, 100.0), M.BLEU: (0.0, 100.0)})
@@ -94,9 +100,26 @@ def anytime_compare(a, b, metric: str, alpha: float = ALPHA) -> Comparison:
     else:
         log_e, test = mixture_log_e(float(d.sum()), d.size, sigma, rho), "anytime normal mixture"
     p = float(min(1.0, math.exp(-log_e)))
-    r = mixture_radius(d.size, sigma, rho, alpha)
-    return Comparison(float(d.mean()), float(d.mean()) - r, float(d.mean()) + r, p, test,
+    low, high = bernstein_sequence((d + sigma) / (2 * sigma), alpha)  # d rescaled to [0, 1]
+    return Comparison(float(d.mean()), 2 * sigma * low - sigma, 2 * sigma * high - sigma, p, test,
                       minimum_detectable_effect(a, b, binary=metric in M.BINARY), int(d.size))
+
+
+def bernstein_sequence(x, alpha: float = ALPHA) -> tuple[float, float]:
+    """The (1 - alpha) predictable plug-in empirical-Bernstein confidence sequence for the mean of
+    values in [0, 1], at the last of them, intersected over every earlier prefix (Waudby-Smith &
+    Ramdas 2024, Theorem 2, with lambda capped at 1/2)."""
+    x = np.asarray(x, dtype=float)
+    t = np.arange(1, x.size + 1)
+    mu = (0.5 + np.cumsum(x)) / (t + 1)
+    var = (0.25 + np.cumsum((x - mu) ** 2)) / (t + 1)
+    mu_before, var_before = np.r_[0.5, mu[:-1]], np.r_[0.25, var[:-1]]
+    lam = np.minimum(np.sqrt(2 * math.log(2 / alpha) / (var_before * t * np.log1p(t))), 0.5)
+    psi = (-np.log1p(-lam) - lam) / 4
+    weight = np.cumsum(lam)
+    center = np.cumsum(lam * x) / weight
+    radius = (math.log(2 / alpha) + np.cumsum(4 * (x - mu_before) ** 2 * psi)) / weight
+    return float(np.max(np.maximum(center - radius, 0.0))), float(np.min(np.minimum(center + radius, 1.0)))
 
 
 def can_be_sequential(metric: str) -> bool:
@@ -113,7 +136,9 @@ class EntryState:
     stopped: dict[str, str] | None = None
     """Candidate -> why it stopped before the others (significantly worse than the leader)."""
     reason: str | None = None
-    """Why the entry stopped: one candidate left, or every item scored."""
+    """Why the entry stopped: one candidate left, the rest tied, or every item scored."""
+    tied: list[str] | None = None
+    """The candidates shown equivalent to the leader within the margin, the leader first."""
 
 
 def paired(run_a, run_b, metric: str) -> tuple[list[float], list[float]]:
@@ -123,11 +148,15 @@ def paired(run_a, run_b, metric: str) -> tuple[list[float], list[float]]:
     return [i["scores"][metric] for i in shared], [b[i["item_id"]] for i in shared]
 
 
-def look(state: EntryState, runs: dict[str, object], metric: str, alpha: float = ALPHA) -> None:
-    """After a round: drop the candidates significantly worse than the leader; settle the entry."""
+def look(state: EntryState, runs: dict[str, object], metric: str, alpha: float = ALPHA,
+         margin: float = TIE_MARGIN) -> None:
+    """After a round: drop the candidates significantly worse than the leader; settle the entry
+    when one is left or the rest are within `margin` (a share of the metric's range) of it."""
     sign = 1.0 if M.HIGHER_IS_BETTER[metric] else -1.0
     means = {name: float(np.mean([i["scores"][metric] for i in runs[name].items])) for name in state.active}
     leader = max(state.active, key=lambda name: sign * means[name])
+    lo, hi = BOUNDS[metric]
+    within = {}
     for name in list(state.active):
         if name == leader:
             continue
@@ -136,8 +165,14 @@ def look(state: EntryState, runs: dict[str, object], metric: str, alpha: float =
             state.active.remove(name)
             state.stopped[name] = (f"stopped after {state.n} items: significantly worse than {leader} "
                                    f"(anytime p = {comp.p_value:.2g})")
+        else:
+            within[name] = max(-comp.low, comp.high) < margin * (hi - lo)
     if len(state.active) == 1:
         state.reason = f"settled after {state.n} of {state.size} items: only {leader} left"
+    elif state.n < state.size and all(within.values()):
+        state.tied = [leader, *within]
+        state.reason = (f"settled after {state.n} of {state.size} items: {', '.join(state.tied)} tied "
+                        f"(every difference from {leader} within ±{margin * (hi - lo):g})")
     elif state.n >= state.size:
         state.reason = f"all {state.size} items scored"
 
@@ -158,7 +193,7 @@ def sequential_entries(entries, sizes: list[int], design: str, candidates: int =
 
 
 def score_sequential(cards, entries, chosen: set[int], backends: dict, conn, *, data_dir, batch_size: int,
-                     judge=None, progress=print) -> tuple[dict, dict[int, EntryState], dict[str, tuple[float, int]]]:
+                     judge=None, margin: float = TIE_MARGIN, progress=print) -> tuple[dict, dict[int, EntryState], dict[str, tuple[float, int]]]:
     """Score the chosen entries round by round: ({(card name, entry index): run}, states,
     {card name: (seconds, items computed)})."""
     from eval.runner import run_task
@@ -191,7 +226,7 @@ def score_sequential(cards, entries, chosen: set[int], backends: dict, conn, *, 
                 runs[(name, k)] = _mark(run)
                 spent[name] = (spent[name][0] + run.seconds, spent[name][1] + run.computed)
             metric = entry.metric or (M.ACCURACY if entry.mode == "ppl" else task.metrics[0])
-            look(state, {n: runs[(n, k)] for n in state.active}, metric)
+            look(state, {n: runs[(n, k)] for n in state.active}, metric, margin=margin)
             if state.reason is not None:
                 progress(f"select: {task.name}-{entry.split} {entry.mode}: {state.reason}")
     bar.close()

@@ -9,7 +9,7 @@
     python -m selectune rescore [--tasks fact --limit 20]
     python -m selectune chat
     python -m selectune report [--out DIR]
-    python -m selectune review [--with-candidates] [--export F.csv | --import F.json | --no-serve]
+    python -m selectune review [--with-candidates] [--invite A,B] [--export F.csv | --import F.json | --revoke A]
     python -m selectune data-synth [--recipe synth/fact.yaml] [--base-url URL --teacher-model NAME]
 
 Each entry is named as "module:function" and imported only when its command runs, so a command
@@ -71,6 +71,13 @@ def share(text: str) -> float:
     return value
 
 
+def margin(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a share from 0 up to 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m selectune", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path,
@@ -124,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--design", choices=["auto", "fixed", "sequential"], default="auto",
                      help="auto (default): entries of 500 items or more are scored sequentially, stopping once "
                           "settled; fixed: every item of every entry")
+    sel.add_argument("--tie-margin", type=margin,
+                     help="a sequential entry also stops when every candidate is shown within this share of "
+                          "the metric's range of the leader (default 0.05: 5 points of accuracy; 0: never)")
     sel.add_argument("--plan", action="store_true",
                      help="score a pilot share of each entry and print the items each needs; write no selection")
     sel.add_argument("--pilot", type=share, default=0.2, help="the pilot's share of each entry's items (default 0.2)")
@@ -178,7 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     rv = command(sub, "review", "reports.review_server:review_command",
                  "blind side-by-side review pages on 127.0.0.1; votes into the store")
-    rv.add_argument("--host", default="127.0.0.1")
+    rv.add_argument("--host", default="127.0.0.1", help="beyond 127.0.0.1 only with --allow-remote")
+    rv.add_argument("--allow-remote", action="store_true",
+                    help="let --host bind an address other machines reach (prints a warning)")
+    rv.add_argument("--invite", help="comma-separated reviewer names: print one link each (shown once)")
     rv.add_argument("--port", type=int, default=8765)
     rv.add_argument("--seed", type=int, default=0, help="draws which answer is shown on the left")
     rv.add_argument("--with-candidates", action="store_true",
@@ -187,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     what = rv.add_mutually_exclusive_group()
     what.add_argument("--export", dest="export_to", type=Path, help="write every vote to F.csv or F.json")
     what.add_argument("--import", dest="import_from", type=Path, help="merge votes from F.csv or F.json")
+    what.add_argument("--revoke", help="comma-separated reviewer names whose links stop working")
 
     ds = command(sub, "data-synth", "synth.pipeline:synth_command", "grow a seed set into training data with a teacher model")
     ds.add_argument("--recipe", type=Path, default=Path("synth/fact.yaml"))

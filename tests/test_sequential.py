@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from eval import metrics as M
-from eval.sequential import (EntryState, ROUND, anytime_compare, discordant_log_e, look, mean_sequence,
-                             mixture_radius, score_sequential)
+from eval.sequential import (EntryState, ROUND, TIE_MARGIN, anytime_compare, bernstein_sequence, discordant_log_e,
+                             look, mean_sequence, mixture_radius, score_sequential)
 from eval.stats import ALPHA, mcnemar_exact
 
 LOOKS = range(ROUND, 2001, ROUND)
@@ -94,6 +94,58 @@ def test_a_confidence_sequence_covers_the_truth_at_every_look():
         a = (np.random.default_rng(seed).random(2000) < 0.3).astype(float)
         misses += any(not mean_sequence(a[:t], M.ACCURACY).low <= 0.3 <= mean_sequence(a[:t], M.ACCURACY).high
                       for t in LOOKS)
+    assert misses / 300 <= ALPHA
+
+
+def paired_differences(p_win: float, p_loss: float, seed: int, n: int = 2000):
+    """Paired 0/1 values whose difference is +1 with p_win, -1 with p_loss, else 0."""
+    u = np.random.default_rng(seed).random(n)
+    a = ((u < p_win) | (u >= p_win + p_loss)).astype(float)
+    b = (u >= p_win).astype(float)
+    return a, b
+
+
+def ties_anytime(a, b) -> int | None:
+    margin = TIE_MARGIN
+    return next((t for t in LOOKS if -margin < anytime_compare(a[:t], b[:t], M.ACCURACY).low
+                 and anytime_compare(a[:t], b[:t], M.ACCURACY).high < margin), None)
+
+
+def test_a_gap_as_large_as_the_margin_is_called_a_tie_less_often_than_alpha():
+    # a true difference of exactly 5 points on rarely discordant pairs: the hardest case to rule out
+    reps, ties = 300, 0
+    for seed in range(reps):
+        ties += ties_anytime(*paired_differences(0.06, 0.01, seed)) is not None
+    assert ties / reps <= ALPHA
+
+
+def test_candidates_that_rarely_disagree_tie_within_a_few_rounds():
+    stops = [ties_anytime(*paired_differences(0.01, 0.01, seed)) or 2000 for seed in range(100)]
+    assert np.median(stops) <= 6 * ROUND
+
+
+def test_the_bernstein_sequence_follows_its_formula_and_covers_the_truth():
+    def by_hand(x, alpha=ALPHA):  # Waudby-Smith & Ramdas (2024), Theorem 2, term by term
+        lows, highs, s, s2, mu_prev, var_prev, lam_sum, lam_x, v_psi = [], [], 0.0, 0.0, 0.5, 0.25, 0, 0, 0
+        for t, xi in enumerate(x, start=1):
+            lam = min(math.sqrt(2 * math.log(2 / alpha) / (var_prev * t * math.log(1 + t))), 0.5)
+            v_psi += 4 * (xi - mu_prev) ** 2 * (-math.log(1 - lam) - lam) / 4
+            lam_sum, lam_x = lam_sum + lam, lam_x + lam * xi
+            s += xi
+            mu = (0.5 + s) / (t + 1)
+            s2 += (xi - mu) ** 2
+            mu_prev, var_prev = mu, (0.25 + s2) / (t + 1)
+            radius = (math.log(2 / alpha) + v_psi) / lam_sum
+            lows.append(max(lam_x / lam_sum - radius, 0.0))
+            highs.append(min(lam_x / lam_sum + radius, 1.0))
+        return max(lows), min(highs)
+
+    x = np.random.default_rng(7).random(300) ** 2
+    assert bernstein_sequence(x) == pytest.approx(by_hand(x))
+    misses = 0
+    for seed in range(300):
+        a = (np.random.default_rng(seed).random(2000) < 0.3).astype(float)
+        misses += any(not bernstein_sequence(a[:t])[0] <= 0.3 <= bernstein_sequence(a[:t])[1] for t in LOOKS)
     assert misses / 300 <= ALPHA
 
 
@@ -180,6 +232,27 @@ def test_look_settles_an_entry_when_one_candidate_is_left():
     state = EntryState(size=256, n=256, active=["a", "b"], stopped={})
     look(state, {"a": run([1.0, 0.0] * 128), "b": run([0.0, 1.0] * 128)}, M.ACCURACY)
     assert state.active == ["a", "b"] and state.reason == "all 256 items scored"
+
+
+@pytest.mark.parametrize("a, b, margin, reason", [
+    # never disagreeing: tied once the confidence sequence is inside +-5 points
+    ([1.0, 0.0] * 192, [1.0, 0.0] * 192, 0.05,
+     "settled after 384 of 1000 items: a, b tied (every difference from a within ±0.05)"),
+    ([1.0, 0.0] * 192, [1.0, 0.0] * 192, 0.0, None),           # margin 0: never a tie
+    ([1.0, 0.0] * 32, [1.0, 0.0] * 32, 0.05, None),            # 64 items cannot show +-5 points
+    ([1.0, 0.0] * 128, [0.0, 1.0] * 128, 0.05, None),          # equal means, always discordant
+])
+def test_look_settles_a_tie_only_inside_the_margin(a, b, margin, reason):
+    from eval.runner import RunSummary
+
+    def run(values):
+        return RunSummary("r", None, "dev", "gen", "m", [{"item_id": str(k), "scores": {M.ACCURACY: v}}
+                                                          for k, v in enumerate(values)], 0, 0)
+
+    state = EntryState(size=1000, n=len(a), active=["a", "b"], stopped={})
+    look(state, {"a": run(a), "b": run(b)}, M.ACCURACY, margin=margin)
+    assert state.reason == reason and state.active == ["a", "b"]
+    assert state.tied == (["a", "b"] if reason else None)
 
 
 def test_select_with_the_sequential_design_prints_items_per_cell_and_why_it_stopped(tmp_path, capsys):
