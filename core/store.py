@@ -5,8 +5,8 @@ Migration 1 creates what selectune wrote before versions existed, with CREATE TA
 EXISTS, so a store from then opens as version 1 with its rows untouched; later migrations run in
 order. A store of a newer
 version than this code knows is refused with one line. The tables, by owner of their rows:
-results (runs, items, judge_verdicts: eval/results.py), review (review_pairs, review_votes:
-reports/review.py), synthesis (teacher_calls: synth/teacher.py); docs/artifacts.md describes them.
+results (runs, items, judge_verdicts: eval/results.py), review (review_pairs, review_votes,
+review_invites: reports/review.py), synthesis (teacher_calls: synth/teacher.py); docs/artifacts.md describes them.
 """
 
 from __future__ import annotations
@@ -73,6 +73,13 @@ CREATE TABLE IF NOT EXISTS teacher_calls (
 """,
     # 2: where each run's task file was, so a task outside tasks/ can be found again by the report
     "ALTER TABLE runs ADD COLUMN task_file TEXT;",
+    # 3: review invitations: one unguessable link per reviewer, stored as the token's hash
+    """CREATE TABLE IF NOT EXISTS review_invites (
+    token_sha256 TEXT PRIMARY KEY,
+    reviewer TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL,
+    revoked REAL
+);""",
 ]
 VERSION = len(MIGRATIONS)
 

@@ -1,25 +1,28 @@
 """The review pages: a small FastAPI app over the pairs and votes in the results store.
 
-    make review                       # http://127.0.0.1:PORT/ ; Ctrl-C stops
+    make review                                  # prints your link on 127.0.0.1; Ctrl-C stops
+    make review REVIEW_ARGS="--invite ana,ben"   # one link per reviewer
+    make review REVIEW_ARGS="--revoke ben"
 
-A reviewer gives a name once; it is kept in a cookie signed with a secret drawn at start. Every
-vote is a JSON POST carrying a CSRF token derived from that secret and the name (a page from
-another origin can neither read it nor set the header), and is validated field by field. Each
+A reviewer opens the link of their invitation once (/invite/TOKEN); the token is then kept in an
+HTTP-only cookie and looked up in the store on every request, so a revoked one stops working at
+once. Names come from the invitations, never from a form. Every vote is a JSON POST carrying a
+CSRF token derived from a secret drawn at start and the invitation (a page from another origin can
+neither read it nor set the header), and is validated field by field. Each
 request writes through its own SQLite connection inside BEGIN IMMEDIATE, so concurrent votes are
 serialised by SQLite and none is lost. (Imported only by `review`: FastAPI is loaded at import.)
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
-import re
+import ipaddress
 import secrets
 from pathlib import Path
 from typing import Literal
 
-from fastapi import Cookie, FastAPI, Form, Header, HTTPException, Request
+from fastapi import Cookie, FastAPI, Header, HTTPException
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,7 +30,6 @@ from reports import review
 from reports.render import environment
 
 COOKIE = "selectune_reviewer"
-NAME = re.compile(r"^[\w .@-]{1,64}$")
 
 
 class Vote(BaseModel):
@@ -43,18 +45,15 @@ def create_app(db_path: Path, secret: bytes | None = None) -> FastAPI:
     env = environment()
     app = FastAPI(title="selectune review", docs_url=None, redoc_url=None, openapi_url=None)
 
-    def sign(purpose: str, name: str) -> str:
-        return hmac.new(secret, f"{purpose}\0{name}".encode(), hashlib.sha256).hexdigest()
+    def sign(purpose: str, token: str) -> str:
+        return hmac.new(secret, f"{purpose}\0{token}".encode(), hashlib.sha256).hexdigest()
 
-    def reviewer_of(cookie: str | None) -> str | None:
-        if not cookie or "." not in cookie:
-            return None
-        encoded, mac = cookie.rsplit(".", 1)
+    def reviewer_of(token: str | None) -> str | None:
+        conn = review.open_review(db_path)
         try:
-            name = base64.urlsafe_b64decode(encoded.encode()).decode()
-        except (ValueError, UnicodeDecodeError):
-            return None
-        return name if hmac.compare_digest(mac, sign("cookie", name)) else None
+            return review.reviewer_of(conn, token)
+        finally:
+            conn.close()
 
     def page(template: str, nonce: str, **context) -> HTMLResponse:
         html = env.get_template(template).render(nonce=nonce, **context)
@@ -79,19 +78,16 @@ def create_app(db_path: Path, secret: bytes | None = None) -> FastAPI:
         finally:
             conn.close()
         return page("review_vote.html", nonce, reviewer=name, pair=pair, done=done, total=total,
-                    csrf=sign("csrf", name))
+                    csrf=sign("csrf", selectune_reviewer))
 
-    @app.post("/start")
-    def start(request: Request, name: str = Form(...)):
-        origin = request.headers.get("origin")
-        if origin and origin.rstrip("/") != str(request.base_url).rstrip("/"):
-            raise HTTPException(403, "cross-origin form")
-        name = name.strip()
-        if not NAME.match(name):
-            raise HTTPException(422, "a name is 1-64 letters, digits, spaces or . @ - _")
+    @app.get("/invite/{token}")
+    def accept(token: str):
+        if reviewer_of(token) is None:
+            raise HTTPException(403, "no such invitation, or it was revoked")
         response = RedirectResponse("/", status_code=303)
-        value = base64.urlsafe_b64encode(name.encode()).decode() + "." + sign("cookie", name)
-        response.set_cookie(COOKIE, value, httponly=True, samesite="strict", max_age=30 * 24 * 3600)
+        # lax: the link arrives from a mail or a chat (another site); votes also need the CSRF header
+        response.set_cookie(COOKIE, token, httponly=True, samesite="lax", max_age=30 * 24 * 3600)
+        response.headers["Referrer-Policy"] = "no-referrer"
         return response
 
     @app.post("/vote")
@@ -99,8 +95,8 @@ def create_app(db_path: Path, secret: bytes | None = None) -> FastAPI:
              x_csrf_token: str | None = Header(default=None)):
         name = reviewer_of(selectune_reviewer)
         if name is None:
-            raise HTTPException(403, "no reviewer: open / and give your name first")
-        if not x_csrf_token or not hmac.compare_digest(x_csrf_token, sign("csrf", name)):
+            raise HTTPException(403, "no valid invitation: open the link you were given")
+        if not x_csrf_token or not hmac.compare_digest(x_csrf_token, sign("csrf", selectune_reviewer)):
             raise HTTPException(403, "missing or wrong CSRF token")
         conn = review.open_review(db_path)
         try:
@@ -117,22 +113,38 @@ def create_app(db_path: Path, secret: bytes | None = None) -> FastAPI:
     return app
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def serve(db_path: Path, host: str = "127.0.0.1", port: int = 8765) -> None:
     import uvicorn
 
     conn = review.open_review(db_path)
     total = review.pair_count(conn)
+    live = sum(i["revoked"] is None for i in review.invitations(conn))
     conn.close()
-    print(f"review: {total} pairs; open http://{host}:{port}/ (Ctrl-C stops)", flush=True)
+    print(f"review: {total} pairs, {live} live invitations; serving on http://{host}:{port}/ (Ctrl-C stops)",
+          flush=True)
     uvicorn.run(create_app(db_path), host=host, port=port, log_level="warning")
 
 
 def review_command(settings, *, host: str = "127.0.0.1", port: int = 8765, seed: int = 0,
                    with_candidates: bool = False, no_serve: bool = False, export_to: Path | None = None,
-                   import_from: Path | None = None) -> int:
-    """`selectune review` (`make review`): record the pairs, then serve the pages; or move votes."""
+                   import_from: Path | None = None, invite: str | None = None, revoke: str | None = None,
+                   allow_remote: bool = False) -> int:
+    """`selectune review` (`make review`): record the pairs, invite reviewers, then serve the
+    pages; or move votes, or revoke invitations."""
+    from core.errors import UserError
     from reports.collect import review_systems
 
+    if not is_loopback(host) and not allow_remote:
+        raise UserError(f"review: --host {host} is reachable from other machines; add --allow-remote to bind it")
     db = settings.workspace.results_db
     conn = review.open_review(db)
     try:
@@ -143,12 +155,42 @@ def review_command(settings, *, host: str = "127.0.0.1", port: int = 8765, seed:
             counts = review.import_votes(conn, import_from)
             print(f"review: {import_from}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
             return 0
+        if revoke:
+            names = [n.strip() for n in revoke.split(",") if n.strip()]
+            review.revoke(conn, names)
+            print(f"review: revoked {', '.join(names)}; their links no longer work")
+            return 0
+        names = [n.strip() for n in invite.split(",") if n.strip()] if invite else []
+        if not names and not no_serve and not any(i["revoked"] is None for i in review.invitations(conn)):
+            names = [_local_name()]  # the first `make review`: a link for whoever runs it
+        tokens = review.invite(conn, names) if names else {}
         systems = review_systems(settings.runs_dir, with_candidates=with_candidates)
         counts = review.add_pairs(conn, systems, seed=seed)
     finally:
         conn.close()
     print(f"review: systems {', '.join(systems)}; {counts['added']} new pairs, {counts['total']} in all "
           f"({counts['identical_skipped']} items with identical answers left out)")
+    shown = host if is_loopback(host) or host not in ("0.0.0.0", "::") else _hostname()
+    for name, token in tokens.items():
+        print(f"review: link for {name} (shown once; --revoke {name} to cancel): "
+              f"http://{shown}:{port}/invite/{token}")
+    if not is_loopback(host):
+        print(f"review: WARNING: binding {host}:{port}, reachable from other machines. Only invited links can "
+              "vote, but plain HTTP carries them unencrypted: beyond a trusted network put HTTPS in front.",
+              flush=True)
     if not no_serve:
         serve(db, host=host, port=port)
     return 0
+
+
+def _local_name() -> str:
+    import getpass
+
+    name = getpass.getuser()
+    return name if review.NAME.match(name) else "owner"
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()

@@ -61,12 +61,23 @@ def test_pairs_are_seeded_stable_and_skip_identical_answers(built, tmp_path):
 def _client(runs):
     from fastapi.testclient import TestClient
 
-    return TestClient(create_app(runs / "results.sqlite", secret=b"k" * 32), base_url="http://127.0.0.1")
+    client = TestClient(create_app(runs / "results.sqlite", secret=b"k" * 32), base_url="http://127.0.0.1")
+    client.runs = runs
+    return client
+
+
+def _invite(runs, *names):
+    conn = _conn(runs)
+    try:
+        return review.invite(conn, list(names))
+    finally:
+        conn.close()
 
 
 def _start(client, name="ana"):
-    r = client.post("/start", data={"name": name}, follow_redirects=False)
-    assert r.status_code == 303
+    token = _invite(client.runs, name)[name]
+    r = client.get(f"/invite/{token}", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/"
     page = client.get("/")
     csrf = page.text.split('data-csrf="')[1].split('"')[0]
     pair = page.text.split('data-pair="')[1].split('"')[0]
@@ -76,7 +87,7 @@ def _start(client, name="ana"):
 def test_vote_endpoint_guards_and_stores(runs):
     client = _client(runs)
     first = client.get("/")
-    assert 'action="/start"' in first.text
+    assert "open the link you were given" in first.text and "<form" not in first.text  # no name to type
     assert "script-src 'nonce-" in first.headers["content-security-policy"]
     page, csrf, pair = _start(client)
     assert "0 / " in page.text
@@ -86,16 +97,15 @@ def test_vote_endpoint_guards_and_stores(runs):
     stranger = _client(runs)
     assert stranger.post("/vote", json=vote, headers={"X-CSRF-Token": csrf}).status_code == 403  # no cookie
     forged = _client(runs)
-    forged.cookies.set("selectune_reviewer", "YW5h.0000")
+    forged.cookies.set("selectune_reviewer", "YW5h.0000")  # a guessed token
     assert forged.post("/vote", json=vote, headers={"X-CSRF-Token": csrf}).status_code == 403
+    assert forged.get("/invite/" + "A" * 32, follow_redirects=False).status_code == 403
     h = {"X-CSRF-Token": csrf}
     assert client.post("/vote", json={**vote, "vote": "maybe"}, headers=h).status_code == 422
     assert client.post("/vote", json={**vote, "extra": 1}, headers=h).status_code == 422
     assert client.post("/vote", json={**vote, "pair_id": "0" * 16}, headers=h).status_code == 404
     assert client.post("/vote", json={**vote, "comment": "x" * 2001}, headers=h).status_code == 422
-    assert client.post("/start", data={"name": "<script>"}, follow_redirects=False).status_code == 422
-    assert client.post("/start", data={"name": "eve"}, headers={"Origin": "http://evil.example"},
-                       follow_redirects=False).status_code == 403
+    assert client.post("/start", data={"name": "eve"}).status_code in (404, 405)  # names are never typed
     r = client.post("/vote", json={**vote, "comment": report_fixture.EVIL}, headers=h)
     assert r.status_code == 200 and r.json()["stored"] == "added" and r.json()["done"] == 1
     assert client.post("/vote", json={**vote, "comment": "again"}, headers=h).json()["stored"] == "duplicate"
@@ -109,6 +119,48 @@ def test_vote_endpoint_guards_and_stores(runs):
     assert client.get("/").text.split('data-pair="')[1].split('"')[0] != pair
     r = client.post("/vote", json={**vote, "vote": "tie", "vote_id": "v-000000002"}, headers=h)
     assert r.json()["stored"] == "replaced"
+
+
+def test_only_a_live_invitation_votes_and_a_revoked_one_stops_at_once(runs):
+    client = _client(runs)
+    _page, csrf, pair = _start(client, "ana")
+    vote = {"pair_id": pair, "vote": "left", "comment": "", "vote_id": "v-000000001"}
+    h = {"X-CSRF-Token": csrf}
+    assert client.post("/vote", json=vote, headers=h).status_code == 200
+    conn = _conn(runs)
+    stored_hash = conn.execute("SELECT token_sha256 FROM review_invites WHERE reviewer = 'ana'").fetchone()[0]
+    token = client.cookies.get("selectune_reviewer")
+    assert token not in stored_hash and len(token) >= 32  # the store keeps only the hash
+    with pytest.raises(UserError, match="ana already has a live invitation"):
+        review.invite(conn, ["ana"])
+    with pytest.raises(UserError, match="invitation name '<b>'"):
+        review.invite(conn, ["<b>"])
+    review.revoke(conn, ["ana"])
+    conn.close()
+    assert client.post("/vote", json={**vote, "vote_id": "v-000000002"}, headers=h).status_code == 403
+    assert "open the link you were given" in client.get("/").text
+    assert client.get(f"/invite/{token}", follow_redirects=False).status_code == 403
+    # a new invitation for the same name: a new link, and the old one stays dead
+    fresh = _client(runs)
+    _page, csrf2, _pair = _start(fresh, "ana")
+    assert fresh.cookies.get("selectune_reviewer") != token and csrf2 != csrf
+
+
+def test_review_binds_beyond_loopback_only_when_told_and_warns(runs, capsys):
+    args = ["--runs-dir", str(runs), "review", "--no-serve"]
+    assert main([*args, "--host", "0.0.0.0"]) == 2
+    assert "--host 0.0.0.0 is reachable from other machines; add --allow-remote" in capsys.readouterr().err
+    assert main([*args, "--host", "0.0.0.0", "--allow-remote", "--invite", "ana,ben"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: binding 0.0.0.0:8765, reachable from other machines" in out
+    links = [line.rsplit("/invite/", 1)[1] for line in out.splitlines() if "/invite/" in line]
+    assert len(links) == 2 and len(set(links)) == 2
+    conn = _conn(runs)
+    assert {review.reviewer_of(conn, t) for t in links} == {"ana", "ben"}
+    conn.close()
+    assert main([*args[:3], "--revoke", "ben"]) == 0
+    assert main([*args[:3], "--revoke", "ben"]) == 2
+    assert "no live invitation for 'ben'" in capsys.readouterr().err
 
 
 def test_vote_page_renders_hostile_text_inert(runs):
@@ -159,7 +211,7 @@ def test_concurrent_votes_none_lost_none_duplicated(runs):
         sessions = {}
         for name in reviewers:
             client = httpx.Client(base_url=url)
-            client.post("/start", data={"name": name})
+            client.get(f"/invite/{_invite(runs, name)[name]}")
             csrf = client.get("/").text.split('data-csrf="')[1].split('"')[0]
             sessions[name] = (client, csrf)
 
