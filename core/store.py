@@ -6,7 +6,7 @@ EXISTS, so a store from then opens as version 1 with its rows untouched; later m
 order. A store of a newer
 version than this code knows is refused with one line. The tables, by owner of their rows:
 results (runs, items, judge_verdicts: eval/results.py), review (review_pairs, review_votes,
-review_invites: reports/review.py), synthesis (teacher_calls: synth/teacher.py); docs/artifacts.md describes them.
+review_invites: reports/review.py; review_judgements: reports/pair_judge.py), synthesis (teacher_calls: synth/teacher.py); docs/artifacts.md describes them.
 """
 
 from __future__ import annotations
@@ -73,12 +73,21 @@ CREATE TABLE IF NOT EXISTS teacher_calls (
 """,
     # 2: where each run's task file was, so a task outside tasks/ can be found again by the report
     "ALTER TABLE runs ADD COLUMN task_file TEXT;",
-    # 3: review invitations: one unguessable link per reviewer, stored as the token's hash
+    # 3: review invitations (one unguessable link per reviewer, stored as the token's hash) and an
+    # LLM judge's verdicts on the review pairs, in both orders
     """CREATE TABLE IF NOT EXISTS review_invites (
     token_sha256 TEXT PRIMARY KEY,
     reviewer TEXT NOT NULL UNIQUE,
     created REAL NOT NULL,
     revoked REAL
+);
+CREATE TABLE IF NOT EXISTS review_judgements (
+    pair_id TEXT NOT NULL REFERENCES review_pairs(pair_id),
+    judge_model TEXT NOT NULL,
+    first_system TEXT NOT NULL,
+    verdict TEXT CHECK (verdict IN ('first', 'second', 'tie')),
+    output TEXT NOT NULL,
+    PRIMARY KEY (pair_id, judge_model, first_system)
 );""",
 ]
 VERSION = len(MIGRATIONS)

@@ -102,7 +102,7 @@ def line_chart(series: list[dict], width: int = 640, height: int = 240, log_y: b
 
 def build_report(runs_dir: Path, out_dir: Path | None = None) -> list[Path]:
     """Render every page; nothing is written unless everything could be gathered."""
-    from reports import collect, review, runs
+    from reports import collect, pair_judge, review, runs
 
     workspace = Workspace(runs_dir)
     out_dir = out_dir or workspace.report_dir
@@ -121,11 +121,15 @@ def build_report(runs_dir: Path, out_dir: Path | None = None) -> list[Path]:
         conn.close()
     rconn = review.open_review(db)
     try:
-        all_votes = review.votes(rconn)
+        all_votes = review.votes(rconn, outputs=True)
         pairs = review.pair_count(rconn)
+        judged = pair_judge.judgements(rconn)
+        systems = {pid: (a, b) for pid, a, b in rconn.execute("SELECT pair_id, system_a, system_b FROM review_pairs")}
     finally:
         rconn.close()
     agg = review.aggregate(all_votes) if all_votes else None
+    if agg:
+        agg["judges"] = [{"model": m, **pair_judge.agreement(all_votes, v, systems)} for m, v in judged.items()]
 
     shown_runs = [r for t in (ba.tasks if ba else []) for r in t["runs"].values()] + (board.runs if board else [])
     unique = {r.run_id: r for r in shown_runs}

@@ -4,9 +4,8 @@ Pairs and votes live in the results store (`runs/results.sqlite`) next to the it
 from. A pair is one item of a free-text task answered by two systems; which system is shown on
 the left is drawn per pair from the recorded seed. A vote carries an id made where it was cast,
 so a resent vote (a retry, an import of a file already merged) is stored once; a reviewer voting
-again on the same pair replaces their earlier vote. Reviewers are invited by name; each gets one
-link holding an unguessable token, of which the store keeps only the SHA-256, and a revoked token
-stops working at once.
+again on the same pair replaces their earlier vote. Reviewers come from
+invitations (reports/invites.py).
 """
 
 from __future__ import annotations
@@ -15,8 +14,6 @@ import csv
 import hashlib
 import json
 import random
-import re
-import secrets
 import sqlite3
 import time
 from itertools import combinations
@@ -30,61 +27,10 @@ VOTES = ("left", "right", "tie", "both_bad")
 EXPORT_FIELDS = ("vote_id", "pair_id", "task", "item_id", "system_a", "system_b", "left_system", "vote",
                  "reviewer", "comment", "time")
 MAX_COMMENT = 2000
-NAME = re.compile(r"^[\w .@-]{1,64}$")
 
 
 def open_review(db_path: Path) -> sqlite3.Connection:
     return open_store(db_path, autocommit=True)  # transactions are explicit (BEGIN IMMEDIATE)
-
-
-def _digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def invite(conn: sqlite3.Connection, names: list[str]) -> dict[str, str]:
-    """A new token for each name ({name: token}); the tokens are shown once, here. A name with a
-    live invitation is refused (revoke it first); a revoked one gets a new token."""
-    for name in names:
-        if not NAME.match(name):
-            raise UserError(f"review: invitation name {name!r}: expected 1-64 letters, digits, spaces or . @ - _")
-    tokens = {}
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for name in names:
-            row = conn.execute("SELECT revoked FROM review_invites WHERE reviewer = ?", (name,)).fetchone()
-            if row is not None and row[0] is None:
-                raise UserError(f"review: {name} already has a live invitation; --revoke {name} first for a new link")
-            tokens[name] = secrets.token_urlsafe(24)
-            conn.execute("DELETE FROM review_invites WHERE reviewer = ?", (name,))
-            conn.execute("INSERT INTO review_invites (token_sha256, reviewer, created) VALUES (?, ?, ?)",
-                         (_digest(tokens[name]), name, time.time()))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return tokens
-
-
-def revoke(conn: sqlite3.Connection, names: list[str]) -> None:
-    for name in names:
-        done = conn.execute("UPDATE review_invites SET revoked = ? WHERE reviewer = ? AND revoked IS NULL",
-                            (time.time(), name)).rowcount
-        if not done:
-            raise UserError(f"review: no live invitation for {name!r}")
-
-
-def reviewer_of(conn: sqlite3.Connection, token: str | None) -> str | None:
-    """The reviewer a token was issued to, or None (unknown, revoked or absent)."""
-    if not token or len(token) > 128:
-        return None
-    row = conn.execute("SELECT reviewer FROM review_invites WHERE token_sha256 = ? AND revoked IS NULL",
-                       (_digest(token),)).fetchone()
-    return row[0] if row else None
-
-
-def invitations(conn: sqlite3.Connection) -> list[dict]:
-    return [{"reviewer": r, "created": c, "revoked": v} for r, c, v in conn.execute(
-        "SELECT reviewer, created, revoked FROM review_invites ORDER BY created")]
 
 
 def pair_id(task: str, item_id: str, a: str, b: str) -> str:
@@ -189,11 +135,15 @@ def record_vote(conn, *, vote_id: str, pair: str, vote: str, reviewer: str, comm
     return "replaced" if earlier else "added"
 
 
-def votes(conn) -> list[dict]:
+def votes(conn, *, outputs: bool = False) -> list[dict]:
+    """Every vote in cast order; with `outputs`, also both answers (`output_a`, `output_b`), which
+    the style-controlled fit reads and an export leaves out."""
+    fields = EXPORT_FIELDS + (("output_a", "output_b") if outputs else ())
     cur = conn.execute(
         "SELECT v.vote_id, v.pair_id, p.task, p.item_id, p.system_a, p.system_b, v.left_system, v.vote, v.reviewer,"
-        " v.comment, v.time FROM review_votes v JOIN review_pairs p USING (pair_id) ORDER BY v.time, v.vote_id")
-    return [dict(zip(EXPORT_FIELDS, row)) for row in cur]
+        " v.comment, v.time" + (", p.output_a, p.output_b" if outputs else "")
+        + " FROM review_votes v JOIN review_pairs p USING (pair_id) ORDER BY v.time, v.vote_id")
+    return [dict(zip(fields, row)) for row in cur]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,8 +237,8 @@ def wilson(k: int, n: int) -> tuple[float, float]:
 
 
 def aggregate(all_votes: list[dict]) -> dict:
-    """Win/tie/loss per system pair with Wilson CIs, Bradley-Terry strengths for three or more
-    systems, and the position-bias check (how often the left answer wins decisive votes)."""
+    """Win/tie/loss per system pair with Wilson CIs, Bradley-Terry strengths plain and
+    style-controlled (when the votes carry the answers), and the position-bias check (how often the left answer wins decisive votes)."""
     from scipy.stats import binomtest
 
     pairs: dict[tuple[str, str], dict] = {}
@@ -317,20 +267,45 @@ def aggregate(all_votes: list[dict]) -> dict:
     systems = sorted({s for key in pairs for s in key})
     comments = [{k: v[k] for k in ("task", "item_id", "system_a", "system_b", "left_system", "vote", "reviewer",
                                     "comment")} for v in all_votes if v["comment"].strip()]
+    plain = bradley_terry(all_votes, systems) if len(systems) > 1 else None
+    styled = (bradley_terry(all_votes, systems, style=True)
+              if len(systems) > 1 and all("output_a" in v for v in all_votes) else None)
+    if styled and styled["estimable"]:
+        by_system = {r["system"]: r["log_strength"] for r in plain["rows"]} if plain["estimable"] else {}
+        for r in styled["rows"]:
+            r["plain"] = by_system.get(r["system"])
     return {"pairs": rows, "position": position, "systems": systems, "votes": len(all_votes), "comments": comments,
-            "reviewers": len({v["reviewer"] for v in all_votes}),
-            "bradley_terry": bradley_terry(all_votes, systems) if len(systems) > 2 else None}
+            "reviewers": len({v["reviewer"] for v in all_votes}), "bradley_terry": plain, "style_controlled": styled}
 
 
-def bradley_terry(all_votes: list[dict], systems: list[str]) -> dict:
+STYLE_FEATURES = ("length", "emoji", "punctuation")
+
+
+def style_counts(text: str) -> tuple[int, int, int]:
+    """An answer's style covariates: characters, emoji (the `emoji` package's count) and
+    punctuation marks (Unicode category P*, Chinese and ASCII alike)."""
+    import unicodedata
+
+    import emoji
+
+    return len(text), emoji.emoji_count(text), sum(unicodedata.category(ch).startswith("P") for ch in text)
+
+
+def bradley_terry(all_votes: list[dict], systems: list[str], *, style: bool = False) -> dict:
     """Bradley-Terry strengths as a logistic regression without intercept (a tie counts half a
     win each way; 'both bad' says nothing about order and is left out). The first system is the
-    reference with log-strength 0."""
+    reference with log-strength 0.
+
+    With `style`, as FastChat's style control: each vote also carries, per style feature, the
+    normalised difference (a - b) / (a + b) of the two answers' counts, divided by its root mean
+    square over the votes (not centred, so the fit does not depend on which system of a pair is
+    called a); the strengths are then those left once length, emoji and punctuation are
+    accounted for, and each feature's coefficient says how much it sways a vote."""
     import numpy as np
     import statsmodels.api as sm
 
     index = {s: k for k, s in enumerate(systems)}
-    x, y = [], []
+    x, y, diffs = [], [], []
     for v in all_votes:
         if v["vote"] == "both_bad":
             continue
@@ -341,8 +316,20 @@ def bradley_terry(all_votes: list[dict], systems: list[str]) -> dict:
         winner = {"left": v["left_system"], "right": right}.get(v["vote"])
         x.append(row[1:])
         y.append(0.5 if winner is None else float(winner == a))
-    if len(y) < len(systems):
-        return {"estimable": False, "why": f"{len(y)} ordered votes for {len(systems)} systems"}
+        if style:
+            fa, fb = np.array(style_counts(v["output_a"]), float), np.array(style_counts(v["output_b"]), float)
+            total = fa + fb
+            diffs.append(np.divide(fa - fb, total, out=np.zeros_like(total), where=total > 0))
+    features: list[str] = []
+    if style and diffs:
+        d = np.asarray(diffs)
+        rms = np.sqrt((d ** 2).mean(axis=0))
+        keep = rms > 0  # a feature equal in every pair says nothing
+        features = [f for f, k in zip(STYLE_FEATURES, keep) if k]
+        x = [np.concatenate([row, dv[keep] / rms[keep]]) for row, dv in zip(x, d)]
+    if len(y) < len(systems) + len(features):
+        return {"estimable": False, "why": f"{len(y)} ordered votes for {len(systems)} systems"
+                + (f" and {len(features)} style features" if features else "")}
     import warnings
 
     from statsmodels.tools.sm_exceptions import PerfectSeparationWarning
@@ -355,12 +342,18 @@ def bradley_terry(all_votes: list[dict], systems: list[str]) -> dict:
         return {"estimable": False, "why": "one system wins or loses every vote (perfect separation)"}
     except (ValueError, np.linalg.LinAlgError) as exc:  # e.g. systems never compared with the rest
         return {"estimable": False, "why": f"the fit failed: {exc}"}
-    params = np.concatenate([[0.0], fit.params])
-    ses = np.concatenate([[0.0], fit.bse])
-    if not np.all(np.isfinite(params)) or np.any(np.abs(params) > 20):
+    m = len(systems) - 1
+    params = np.concatenate([[0.0], fit.params[:m]])
+    ses = np.concatenate([[0.0], fit.bse[:m]])
+    if not np.all(np.isfinite(fit.params)) or np.any(np.abs(fit.params) > 20):
         return {"estimable": False, "why": "one system wins or loses every vote (perfect separation)"}
     strengths = np.exp(params) / np.exp(params).sum()
     order = np.argsort(-params)
-    return {"estimable": True, "reference": systems[0],
-            "rows": [{"system": systems[k], "log_strength": float(params[k]), "se": float(ses[k]),
-                      "share": float(strengths[k])} for k in order]}
+    out = {"estimable": True, "reference": systems[0],
+           "rows": [{"system": systems[k], "log_strength": float(params[k]), "se": float(ses[k]),
+                     "share": float(strengths[k])} for k in order]}
+    if style:
+        out["features"] = [{"feature": f, "coef": float(fit.params[m + j]), "se": float(fit.bse[m + j]),
+                            "p_value": float(fit.pvalues[m + j])} for j, f in enumerate(features)]
+        out["constant"] = [f for f in STYLE_FEATURES if f not in features]
+    return out

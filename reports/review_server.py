@@ -26,7 +26,7 @@ from fastapi import Cookie, FastAPI, Header, HTTPException
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from reports import review
+from reports import invites, review
 from reports.render import environment
 
 COOKIE = "selectune_reviewer"
@@ -51,7 +51,7 @@ def create_app(db_path: Path, secret: bytes | None = None) -> FastAPI:
     def reviewer_of(token: str | None) -> str | None:
         conn = review.open_review(db_path)
         try:
-            return review.reviewer_of(conn, token)
+            return invites.reviewer_of(conn, token)
         finally:
             conn.close()
 
@@ -127,7 +127,7 @@ def serve(db_path: Path, host: str = "127.0.0.1", port: int = 8765) -> None:
 
     conn = review.open_review(db_path)
     total = review.pair_count(conn)
-    live = sum(i["revoked"] is None for i in review.invitations(conn))
+    live = sum(i["revoked"] is None for i in invites.invitations(conn))
     conn.close()
     print(f"review: {total} pairs, {live} live invitations; serving on http://{host}:{port}/ (Ctrl-C stops)",
           flush=True)
@@ -137,7 +137,7 @@ def serve(db_path: Path, host: str = "127.0.0.1", port: int = 8765) -> None:
 def review_command(settings, *, host: str = "127.0.0.1", port: int = 8765, seed: int = 0,
                    with_candidates: bool = False, no_serve: bool = False, export_to: Path | None = None,
                    import_from: Path | None = None, invite: str | None = None, revoke: str | None = None,
-                   allow_remote: bool = False) -> int:
+                   allow_remote: bool = False, judge_pairs: bool = False) -> int:
     """`selectune review` (`make review`): record the pairs, invite reviewers, then serve the
     pages; or move votes, or revoke invitations."""
     from core.errors import UserError
@@ -145,6 +145,14 @@ def review_command(settings, *, host: str = "127.0.0.1", port: int = 8765, seed:
 
     if not is_loopback(host) and not allow_remote:
         raise UserError(f"review: --host {host} is reachable from other machines; add --allow-remote to bind it")
+    judge_backend = None
+    if judge_pairs:
+        from eval.judge import make_judge
+
+        judge_backend = make_judge(settings)
+        if judge_backend is None:
+            raise UserError("review --judge-pairs: no judge configured; set judge_url and judge_model "
+                            "(settings or --judge-url/--judge-model)")
     db = settings.workspace.results_db
     conn = review.open_review(db)
     try:
@@ -157,19 +165,25 @@ def review_command(settings, *, host: str = "127.0.0.1", port: int = 8765, seed:
             return 0
         if revoke:
             names = [n.strip() for n in revoke.split(",") if n.strip()]
-            review.revoke(conn, names)
+            invites.revoke(conn, names)
             print(f"review: revoked {', '.join(names)}; their links no longer work")
             return 0
         names = [n.strip() for n in invite.split(",") if n.strip()] if invite else []
-        if not names and not no_serve and not any(i["revoked"] is None for i in review.invitations(conn)):
+        if not names and not no_serve and not any(i["revoked"] is None for i in invites.invitations(conn)):
             names = [_local_name()]  # the first `make review`: a link for whoever runs it
-        tokens = review.invite(conn, names) if names else {}
+        tokens = invites.invite(conn, names) if names else {}
         systems = review_systems(settings.runs_dir, with_candidates=with_candidates)
         counts = review.add_pairs(conn, systems, seed=seed)
+        print(f"review: systems {', '.join(systems)}; {counts['added']} new pairs, {counts['total']} in all "
+              f"({counts['identical_skipped']} items with identical answers left out)")
+        if judge_backend is not None:
+            from reports import pair_judge
+
+            asked = pair_judge.judge_pairs(conn, judge_backend)
+            print(f"review: judge {asked['model']}: {asked['asked']} new verdicts (each pair in both orders); "
+                  "`make report` compares them with the votes")
     finally:
         conn.close()
-    print(f"review: systems {', '.join(systems)}; {counts['added']} new pairs, {counts['total']} in all "
-          f"({counts['identical_skipped']} items with identical answers left out)")
     shown = host if is_loopback(host) or host not in ("0.0.0.0", "::") else _hostname()
     for name, token in tokens.items():
         print(f"review: link for {name} (shown once; --revoke {name} to cancel): "
@@ -187,7 +201,7 @@ def _local_name() -> str:
     import getpass
 
     name = getpass.getuser()
-    return name if review.NAME.match(name) else "owner"
+    return name if invites.NAME.match(name) else "owner"
 
 
 def _hostname() -> str:

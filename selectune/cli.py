@@ -192,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("--allow-remote", action="store_true",
                     help="let --host bind an address other machines reach (prints a warning)")
     rv.add_argument("--invite", help="comma-separated reviewer names: print one link each (shown once)")
+    rv.add_argument("--judge-pairs", action="store_true",
+                    help="also ask the configured LLM judge about every pair, in both orders (cached)")
     rv.add_argument("--port", type=int, default=8765)
     rv.add_argument("--seed", type=int, default=0, help="draws which answer is shown on the left")
     rv.add_argument("--with-candidates", action="store_true",

@@ -81,7 +81,8 @@ def test_a_store_written_before_versions_is_migrated_with_its_rows(tmp_path):
     assert conn.execute("PRAGMA user_version").fetchone()[0] == VERSION == 3
     assert conn.execute("SELECT run_id, n_items, task_file FROM runs").fetchall() == [("r1", 60, None)]
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"items", "judge_verdicts", "review_pairs", "review_votes", "review_invites", "teacher_calls"} <= tables
+    assert {"items", "judge_verdicts", "review_pairs", "review_votes", "review_invites", "review_judgements",
+            "teacher_calls"} <= tables
     conn.execute("PRAGMA user_version = 9")
     conn.close()
     with pytest.raises(UserError, match=r"results.sqlite: store version 9 is newer than this selectune reads \(3\)"):

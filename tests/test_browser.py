@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from reports import review
+from reports import invites, review
 from reports.collect import review_systems
 from reports.render import build_report
 from reports.review_server import create_app
@@ -103,7 +103,7 @@ def test_vote_by_keyboard_reaches_the_store_and_the_report(browser, runs):
         page = _page(browser)
         page.goto(url + "/")
         page.screenshot(path=str(ARTIFACTS / "review-start.png"))
-        token = review.invite(review.open_review(db), ["tester"])["tester"]
+        token = invites.invite(review.open_review(db), ["tester"])["tester"]
         page.goto(f"{url}/invite/{token}")  # the link a reviewer is sent, opened from anywhere
         page.wait_for_selector("#pair")
         total = review.pair_count(review.open_review(db))

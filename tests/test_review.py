@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from reports import review
+from reports import invites, review
 from reports.collect import review_systems
 from reports.review_server import create_app
 from selectune.cli import main
@@ -69,7 +69,7 @@ def _client(runs):
 def _invite(runs, *names):
     conn = _conn(runs)
     try:
-        return review.invite(conn, list(names))
+        return invites.invite(conn, list(names))
     finally:
         conn.close()
 
@@ -132,10 +132,10 @@ def test_only_a_live_invitation_votes_and_a_revoked_one_stops_at_once(runs):
     token = client.cookies.get("selectune_reviewer")
     assert token not in stored_hash and len(token) >= 32  # the store keeps only the hash
     with pytest.raises(UserError, match="ana already has a live invitation"):
-        review.invite(conn, ["ana"])
+        invites.invite(conn, ["ana"])
     with pytest.raises(UserError, match="invitation name '<b>'"):
-        review.invite(conn, ["<b>"])
-    review.revoke(conn, ["ana"])
+        invites.invite(conn, ["<b>"])
+    invites.revoke(conn, ["ana"])
     conn.close()
     assert client.post("/vote", json={**vote, "vote_id": "v-000000002"}, headers=h).status_code == 403
     assert "open the link you were given" in client.get("/").text
@@ -156,7 +156,7 @@ def test_review_binds_beyond_loopback_only_when_told_and_warns(runs, capsys):
     links = [line.rsplit("/invite/", 1)[1] for line in out.splitlines() if "/invite/" in line]
     assert len(links) == 2 and len(set(links)) == 2
     conn = _conn(runs)
-    assert {review.reviewer_of(conn, t) for t in links} == {"ana", "ben"}
+    assert {invites.reviewer_of(conn, t) for t in links} == {"ana", "ben"}
     conn.close()
     assert main([*args[:3], "--revoke", "ben"]) == 0
     assert main([*args[:3], "--revoke", "ben"]) == 2
@@ -342,3 +342,42 @@ def test_bradley_terry_says_when_it_cannot_be_estimated():
              for s in ("B", "C") for _ in range(5)]
     bt = review.aggregate(votes)["bradley_terry"]
     assert bt == {"estimable": False, "why": "one system wins or loses every vote (perfect separation)"}
+
+
+def test_style_controlled_bradley_terry_against_a_hand_worked_fit():
+    def vote(left_a: bool, a_wins: bool, a_longer: bool):
+        a_text, b_text = ("xxxx", "xx") if a_longer else ("xx", "xxxx")
+        return {"system_a": "a", "system_b": "b", "left_system": "a" if left_a else "b",
+                "vote": "left" if a_wins == left_a else "right", "reviewer": "r", "comment": "",
+                "output_a": a_text, "output_b": b_text}
+
+    # a longer in 5 votes, winning 4; shorter in 5, winning 2. The length difference is
+    # (4 - 2) / 6 = +-1/3, scaled by its root mean square to +-1; emoji and punctuation are 0
+    # everywhere. The two-group logistic fit is saturated: a's advantage beta and the length
+    # coefficient gamma solve logit(0.8) = beta + gamma, logit(0.4) = beta - gamma, so beta =
+    # (log 4 + log 2/3) / 2 = 0.4904 and gamma = (log 4 - log 2/3) / 2 = 0.8959; b's log-strength
+    # relative to a is -beta. The plain fit: a wins 6 of 10, b's log-strength -logit(0.6) = -0.4055.
+    votes = ([vote(k % 2 == 0, k < 4, True) for k in range(5)] + [vote(k % 2 == 0, k < 2, False) for k in range(5)])
+    agg = review.aggregate(votes)
+    styled = agg["style_controlled"]
+    b = next(r for r in styled["rows"] if r["system"] == "b")
+    assert b["log_strength"] == pytest.approx(-0.4904, abs=1e-4)
+    assert b["plain"] == pytest.approx(-0.4055, abs=1e-4)
+    (length,) = styled["features"]
+    assert length["feature"] == "length" and length["coef"] == pytest.approx(0.8959, abs=1e-4)
+    assert styled["constant"] == ["emoji", "punctuation"]
+    # the fit does not depend on which system of a pair is stored as a
+    swapped = [{**v, "system_a": "b", "system_b": "a", "output_a": v["output_b"], "output_b": v["output_a"]}
+               for v in votes]
+    again = review.aggregate(swapped)["style_controlled"]
+    assert next(r for r in again["rows"] if r["system"] == "b")["log_strength"] == pytest.approx(-0.4904, abs=1e-4)
+
+
+@pytest.mark.parametrize("text, counts", [
+    ("", (0, 0, 0)),
+    ("好的，马上来！", (7, 0, 2)),
+    ("Sure! 😀👍🏻", (9, 2, 1)),
+    ("**bold** - list", (15, 0, 5)),
+])
+def test_style_counts(text, counts):
+    assert review.style_counts(text) == counts
