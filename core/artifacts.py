@@ -104,6 +104,9 @@ class TrainSummary(Artifact):
     """The recipe's checks and the suite's `check`/`forgetting` entries, each a paired comparison
     (a = merged, b = base) with `task`, `split`, `items`, the `base` and `merged` estimates and
     `role` (absent before suites had roles: a check)."""
+    contamination: dict[str, Any] | None = None
+    """The contamination gate: counts, thresholds, `flagged_items` per "task/split" and the
+    `worst` pairs side by side (absent before the gate existed)."""
 
 
 class MergeProvenance(Artifact):

@@ -152,6 +152,10 @@ class TaskSpec(NamedConfig):
     scorer: str | None = None
     """`module:function` returning extra per-item metrics, for task-specific scoring."""
     judge: JudgeSpec | None = None
+    contamination: list[str] | None = None
+    """The item fields the contamination gate compares with training data (train/contamination.py);
+    None: the fields the prompt reads and the reference. A task whose reference material overlaps
+    training by design (the fact task's answers) names only what must not (its questions)."""
     default_split: str
     limit: int | None = Field(default=None, gt=0)
     """Score only the first N items of a split (for quick looks; results record it)."""

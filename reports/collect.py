@@ -271,6 +271,7 @@ def before_after(conn, selection: dict | None, train: dict | None, rescore: dict
     if rescore is None:
         return None
     base, local, served = paired_runs(conn, selection, rescore)
+    gate = ((train or {}).get("summary") or {}).get("contamination")
     tasks, notes = [], []
     for task_name in list(base.runs):
         systems, note = aligned([base.runs[task_name], local.runs[task_name], served.runs[task_name]],
@@ -292,8 +293,29 @@ def before_after(conn, selection: dict | None, train: dict | None, rescore: dict
                          "higher_is_better": M.HIGHER_IS_BETTER[metric]})
         tasks.append({"task": task_name, "split": base_run.summary.split, "n": len(base_run.summary.items),
                       "rows": rows, "probe": base_run.summary.task.parser == "choice", "flips": _flips(base_run, systems[1]),
-                      "runs": dict(zip(("base", "merged", "served"), systems))})
+                      "runs": dict(zip(("base", "merged", "served"), systems)),
+                      "clean": _clean_subset(systems, rows, gate)})
     return BeforeAfter(base, [local, served], tasks, notes)
+
+
+def _clean_subset(systems: list[Run], rows: list[dict], gate: dict | None) -> dict | None:
+    """The same comparisons on the items no training conversation overlaps (the contamination
+    gate's `flagged_items`); None when the training run had no gate."""
+    if gate is None:
+        return None
+    base_run = systems[0]
+    flagged = set(gate.get("flagged_items", {}).get(f"{base_run.summary.task.name}/{base_run.summary.split}", []))
+    keep = [k for k, item in enumerate(base_run.summary.items) if item["item_id"] not in flagged]
+    out = {"flagged": len(base_run.summary.items) - len(keep), "n": len(keep), "rows": []}
+    if not out["flagged"] or not keep:
+        return out
+    for row in rows:
+        metric = row["metric"]
+        b = [base_run.values(metric)[k] for k in keep]
+        cols = [{**_estimate(metric, bootstrap_mean([after.values(metric)[k] for k in keep])),
+                 "vs_base": _comparison(metric, [after.values(metric)[k] for k in keep], b)} for after in systems[1:]]
+        out["rows"].append({**row, "base": _estimate(metric, bootstrap_mean(b)), "after": cols})
+    return out
 
 
 def _newest_base_runs(conn, model: str, splits: dict[str, str]) -> dict[str, Run]:

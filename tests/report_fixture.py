@@ -105,6 +105,15 @@ def build(runs_dir: Path, data_dir: Path, *, evil: bool = False) -> dict:
                "merged_model": f"{WINNER}+default-{WINNER}", "checks": [fact],
                "parity": parity_record, "run_dir": str(train_dir), "adapter": str(train_dir / "adapter"),
                "merged": str(train_dir / "merged"), "cleaning": {"read": 50, "kept": 48, "duplicates_dropped": 2}}
+    fact_ids = [i["item_id"] for i in next(r for r in local if r.task.name == "fact").items[:2]]
+    summary["contamination"] = {  # two fact items overlap the training data: the clean subset leaves them out
+        "conversations": 48, "eval_texts": 700, "duplicates": 1, "overlaps": 1, "allowed": True,
+        "thresholds": {"ngram": 8, "duplicate_containment": 0.8, "duplicate_cosine": 0.9,
+                       "overlap_containment": 0.5, "overlap_cosine": 0.7},
+        "flagged_items": {"fact/test": fact_ids},
+        "worst": [{"train": "mine.jsonl:3", "task": "fact", "split": "test", "item_id": fact_ids[0],
+                   "field": "question", "eval_text": "免费版有多大？" + (EVIL if evil else ""),
+                   "train_text": "user: 免费版有多大？" + (EVIL if evil else ""), "containment": 1.0, "cosine": 0.93}]}
     write_artifact(train_dir / "summary.json", TrainSummary, summary)
     log = [{"step": s, "loss": 3.0 / s ** 0.5, "learning_rate": 2e-4 * (1 - s / 41), "grad_norm": 1.0}
            for s in range(1, 41, 3)]

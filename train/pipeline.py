@@ -109,8 +109,12 @@ def train_command(settings: Settings, recipe: Recipe, model_name: str | None, ru
     summary_path = settings.workspace.train_summary(run_dir)
     print(f"train: {card.name} with {recipe.path} into {run_dir}")
     started = time.monotonic()
+    from train.contamination import evaluation_texts
+
+    texts = evaluation_texts(recipe, settings.workspace.read_selection(), settings.resolved_data_dir)
     result = run_training(recipe, manifest["checkpoint"], run_dir, settings.resolved_data_dir,
-                          trust_remote_code=card.trust_remote_code, synth_root=settings.workspace.synth_root)
+                          trust_remote_code=card.trust_remote_code, synth_root=settings.workspace.synth_root,
+                          eval_texts=texts)
     merged_dir = run_dir / "merged"
     prompts = [c.messages[:-1] for c in (result.data.split["val"] or result.data.split["train"])]
     prompts = prompts[: recipe.parity.items]
@@ -147,7 +151,8 @@ def train_command(settings: Settings, recipe: Recipe, model_name: str | None, ru
                "total_seconds": round(time.monotonic() - started, 1), "resumed_from": result.resumed_from,
                "final_train_loss": result.final_train_loss, "final_val_loss": result.final_val_loss,
                "cleaning": {k: v for k, v in asdict(result.data.report).items() if k != "problems"},
-               "parity": {**asdict(parity), "passed": parity.passed}, "checks": checks}
+               "parity": {**asdict(parity), "passed": parity.passed}, "checks": checks,
+               "contamination": result.data.contamination}
     write_artifact(summary_path, TrainSummary, summary)
     print(f"wrote {summary_path}")
     return summary

@@ -123,6 +123,19 @@ class CheckSpec(Strict):
     """The metric compared; default the task's first."""
 
 
+class ContaminationSpec(Strict):
+    """The contamination gate (train/contamination.py): shares of an evaluation field's n-grams
+    found in a training conversation (containment) and TF-IDF cosine; at `duplicate_*` the run
+    stops unless `allow`, at `overlap_*` the pair is reported and its item left out of the clean
+    subset."""
+
+    allow: bool = False
+    duplicate_containment: float = Field(default=0.8, gt=0, le=1)
+    duplicate_cosine: float = Field(default=0.9, gt=0, le=1)
+    overlap_containment: float = Field(default=0.5, gt=0, le=1)
+    overlap_cosine: float = Field(default=0.7, gt=0, le=1)
+
+
 class ParitySpec(Strict):
     items: int = Field(default=8, gt=0)
     """Validation prompts on which base+adapter and the merged model are compared."""
@@ -152,6 +165,7 @@ class Recipe(NamedConfig):
     training: TrainingSpec = TrainingSpec()
     samples: SamplesSpec = SamplesSpec()
     parity: ParitySpec = ParitySpec()
+    contamination: ContaminationSpec = ContaminationSpec()
     checks: list[CheckSpec] = []
     """Tasks measured on the base and the merged model after the merge (`gen` mode), each a paired
     comparison in the summary and the report."""

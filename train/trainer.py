@@ -87,13 +87,21 @@ class PreparedData:
     split: dict[str, list[Conversation]]
     report: CleaningReport
     sha256: str
+    contamination: dict | None = None
+    """The contamination gate's record (train/contamination.py); None when it was not run."""
 
 
 def prepare_data(recipe: Recipe, tokenizer, data_dir: Path, run_dir: Path,
-                 synth_root: Path | None = None) -> PreparedData:
-    """Read, clean, split (saved under run_dir/data) and tokenise; prints the cleaning report."""
+                 synth_root: Path | None = None, eval_texts: list | None = None) -> PreparedData:
+    """Read, clean, check against `eval_texts` (the contamination gate, which may stop the run),
+    split (saved under run_dir/data) and tokenise; prints the cleaning report."""
     report = CleaningReport()
     conversations = clean(source_conversations(recipe, data_dir, report, synth_root), report)
+    contamination = None
+    if eval_texts is not None:
+        from train.contamination import gate
+
+        contamination = gate(recipe, conversations, eval_texts)
     parts = split(conversations, recipe.split, recipe.seed)
     save_split(parts, run_dir / "data")
     examples = {}
@@ -107,7 +115,7 @@ def prepare_data(recipe: Recipe, tokenizer, data_dir: Path, run_dir: Path,
         print(f"data: skipped {problem}")
     if not examples["train"]:
         raise UserError(f"{recipe.path}: no training examples left after cleaning")
-    return PreparedData(examples["train"], examples["val"], parts, report, data_sha256(conversations))
+    return PreparedData(examples["train"], examples["val"], parts, report, data_sha256(conversations), contamination)
 
 
 class PadCollator:
@@ -322,7 +330,8 @@ def final_val_loss(trainer) -> float:
 
 
 def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path, *,
-                 trust_remote_code: bool = False, synth_root: Path | None = None) -> TrainResult:
+                 trust_remote_code: bool = False, synth_root: Path | None = None,
+                 eval_texts: list | None = None) -> TrainResult:
     """Train (or resume) the adapter into run_dir/adapter; logs in run_dir/train_log.jsonl."""
     from transformers import AutoTokenizer, set_seed
 
@@ -334,7 +343,7 @@ def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path,
         print("train: the base model has no chat template; using the Alpaca layout (saved with the adapter)")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    data = prepare_data(recipe, tokenizer, data_dir, run_dir, synth_root)
+    data = prepare_data(recipe, tokenizer, data_dir, run_dir, synth_root, eval_texts)
     set_seed(recipe.seed)  # LoRA's A matrices are drawn before Trainer seeds anything
     if allocator:
         allocator.before_load()
