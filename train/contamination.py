@@ -180,17 +180,15 @@ def stop_line(result: GateResult, recipe_path) -> str:
 
 
 def evaluation_texts(recipe, selection: dict | None, data_dir) -> list[EvalText]:
-    """The compared fields of every item of the selection's suite (the default suite without a
-    selection) and of the recipe's checks, each task split once."""
+    """The compared fields of every item of the suite the selection scored (none without a
+    selection, e.g. `train --model NAME`) and of the recipe's checks, each task split once."""
     from pathlib import Path
 
-    from eval.suite import SUITES_DIR, load_suite
+    from eval.suite import load_suite
     from eval.task import load_items, resolve_task
 
-    suite = Path(((selection or {}).get("suite") or {}).get("file") or SUITES_DIR / "default.yaml")
-    if not suite.is_file():
-        suite = SUITES_DIR / "default.yaml"
-    splits = [(task, entry.split) for task, entry in load_suite(suite)[1]]
+    suite = ((selection or {}).get("suite") or {}).get("file")
+    splits = [(task, entry.split) for task, entry in load_suite(Path(suite))[1]] if suite and Path(suite).is_file() else []
     splits += [(resolve_task(c.task, recipe.path.parent), c.split) for c in recipe.checks]
     out, seen = [], set()
     for task, split in splits:
