@@ -60,6 +60,9 @@ class Selection(Artifact):
     git_revision: str | None
     created: str
     style_classifier_accuracy: float | None = None
+    style_classifier_classes: dict[str, float] = {}
+    """Held-out accuracy per class of the style classifier: 温柔, 毒舌 and neither (absent before
+    it had a third class)."""
     baselines: list[dict] = []
     """Per choice entry: the majority label and its accuracy, chance, each candidate against the majority."""
     suite: dict[str, str] | None = None

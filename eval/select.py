@@ -302,9 +302,10 @@ def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT
                             for k, st in sorted(states.items())]
     styled = [task for task, _ in entries if task.scorer and task.scorer.startswith("eval.scorers.style:")]
     if styled:
-        from eval.scorers.style import style_classifier
+        from eval.scorers.style import style_classes, style_classifier
 
         _, record["style_classifier_accuracy"] = style_classifier(styled[0], settings.resolved_data_dir)
+        record["style_classifier_classes"] = style_classes(styled[0], settings.resolved_data_dir)
     print(table)
     print()
     print_decision(record)
@@ -359,5 +360,6 @@ def print_decision(record: dict) -> None:
         for model, why in entry["stopped"].items():
             print(f"  {model}: {why}")
     if "style_classifier_accuracy" in record:
-        print(f"style classifier: {record['style_classifier_accuracy']:.1%} on held-out references")
+        classes = ", ".join(f"{k} {v:.1%}" for k, v in record.get("style_classifier_classes", {}).items())
+        print(f"style classifier: {record['style_classifier_accuracy']:.1%} on held-out replies ({classes})")
     print(f"winner: {record['winner']}")

@@ -36,15 +36,43 @@ def test_option_texts_read_from_the_prompt():
 
 
 def test_style_classifier_generalises_to_replies_it_never_saw(shared_data):
-    """Trained on our 288 train references; checked on 4,000 GLM-3-turbo replies in ../shared/data."""
-    from eval.scorers.style import style_classifier
+    """Trained on our 288 train references and plain replies; checked on held-out references and
+    plain replies, and on 4,000 GLM-3-turbo replies in ../shared/data, every one in a style."""
+    from eval.scorers.style import NEITHER, predict, style_classes, style_classifier
     from eval.task import find_task
 
-    clf, held_out = style_classifier(find_task("style"), shared_data)
+    task = find_task("style")
+    clf, held_out = style_classifier(task, shared_data)
+    assert held_out >= 0.95 and min(style_classes(task, shared_data).values()) >= 0.9
     rows = json.loads((shared_data / "style/ismoyuai_emotion_dialogue_tuner/style_chat_data.json")
                       .read_text(encoding="utf-8"))
-    assert held_out >= 0.9
-    assert clf.score([r["assistant"] for r in rows], [r["style"] for r in rows]) >= 0.85
+    replies, styles = [r["assistant"] for r in rows], [r["style"] for r in rows]
+    predicted = predict(clf, replies)
+    assert sum(p == s for p, s in zip(predicted, styles)) / len(rows) >= 0.8
+    assert predicted.count(NEITHER) / len(rows) <= 0.15  # abstention costs at most this on other styled text
+    assert clf.score(replies, styles) >= 0.9  # the classes alone, before abstaining
+
+
+@pytest.mark.parametrize("reply, expected", [
+    # plain replies: no requested style (the issue's two, which the two-class scorer called 毒舌)
+    ("今天天气不错。", "neither"),
+    ("根据公司政策，远程办公每周最多两天。", "neither"),
+    ("作为一个AI助手，我无法回答这个问题。", "neither"),
+    ("我不知道。", "neither"),
+    ("The meeting has been moved to Thursday at 3 p.m.", "neither"),
+    ("1. 打开设置 2. 点击账号", "neither"),
+    ("A", "neither"),
+    ("Ω∑", "neither"),                                   # no character the classifier has seen
+    # replies in a style
+    ("辛苦啦，抱抱你，慢慢来就好，你已经做得很好了。", "温柔"),
+    ("你这脑子是装饰品吗？这么简单都不会，还好意思问？", "毒舌"),
+])
+def test_style_classifier_calls_plain_replies_neither(shared_data, reply, expected):
+    from eval.scorers.style import predict, style_classifier
+    from eval.task import find_task
+
+    clf, _ = style_classifier(find_task("style"), shared_data)
+    assert predict(clf, [reply]) == [expected]
 
 
 @pytest.mark.parametrize("case", _cases("text_metrics.json"), ids=lambda c: c["name"])
