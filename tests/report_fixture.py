@@ -90,7 +90,12 @@ def build(runs_dir: Path, data_dir: Path, *, evil: bool = False) -> dict:
     gate = parity(list(zip(served, local)), 0.98)
     train_dir = runs_dir / "train" / f"default-{WINNER}"
     (train_dir / "merged").mkdir(parents=True, exist_ok=True)
-    parity_record = {"items": 8, "same_replies": 8, "max_abs_logit_diff": 0.0004, "tolerance": 0.001, "passed": True}
+    parity_record = {"items": 8, "same_replies": 8, "max_abs_logit_diff": 0.0004, "tolerance": 0.001, "passed": True,
+                     "three_way": {"quantization": "nf4", "merge_base": "fp32",
+                                   "trained_vs_fp32_adapter": {"items": 8, "same_replies": 6, "top1_agreement": 0.97,
+                                                               "max_abs_logit_diff": 1.9},
+                                   "trained_vs_merged_fp32": {"items": 8, "same_replies": 6, "top1_agreement": 0.97,
+                                                              "max_abs_logit_diff": 1.9}}}
     write_artifact(train_dir / "merged" / "provenance.json", MergeProvenance, {
         "base_card": WINNER, "base_weights_sha256": "0" * 64, "adapter_config": {"r": 16},
         "adapter_sha256": "1" * 64, "data_sha256": "2" * 64, "recipe": {"name": "default"},

@@ -590,3 +590,36 @@ def test_cpu_allocator_loads_under_a_low_threshold_and_trims_after_every_pass(
     assert evaluations == 2  # at step 2 and at the end
     assert [c[1:] for c in libc.calls if c[0] == "mallopt"] == thresholds
     assert sum(c[0] == "malloc_trim" for c in libc.calls) == 1 + 3 * 2 + evaluations
+
+
+def test_three_way_parity_measures_what_training_optimised_against_both_merges(tmp_path, setup):
+    """NF4 base + adapter (what training optimised) against fp32 base + adapter and the merged
+    model, and the merge into the dequantised NF4 base, which is nearer to it than the fp32 merge."""
+    import torch
+
+    from train.merge import merge_adapter
+    from train.trainer import run_training
+
+    model, data = setup
+    r = recipe(data, max_steps=10, compute_dtype="fp32")
+    result = run_training(r, str(model), tmp_path / "run", tmp_path)
+    prompts = [[{"role": "user", "content": f"问题{i}"}] for i in range(4)]
+    parity = merge_adapter(str(model), result.adapter_dir, tmp_path / "run" / "merged", parity_prompts=prompts,
+                           max_new_tokens=8, tolerance=1e-3, provenance=provenance(),
+                           quantization="nf4", compute_dtype=torch.float32)
+    three = parity.three_way
+    assert parity.passed and three["merge_base"] == "fp32" and "trained_vs_merged_dequantized" not in three
+    nf4_vs_fp32 = three["trained_vs_fp32_adapter"]
+    assert nf4_vs_fp32["items"] == 4 and 0 < nf4_vs_fp32["max_abs_logit_diff"]  # the quantisation shift, measured
+    assert three["trained_vs_merged_fp32"]["max_abs_logit_diff"] == pytest.approx(
+        nf4_vs_fp32["max_abs_logit_diff"], abs=1e-3)
+    dq = merge_adapter(str(model), result.adapter_dir, tmp_path / "run" / "merged-dq", parity_prompts=prompts,
+                       max_new_tokens=8, tolerance=1e-3, provenance=provenance(),
+                       quantization="nf4", compute_dtype=torch.float32, merge_base="dequantized")
+    assert dq.passed
+    to_dq = dq.three_way["trained_vs_merged_dequantized"]
+    assert to_dq["max_abs_logit_diff"] < 0.1 * dq.three_way["trained_vs_merged_fp32"]["max_abs_logit_diff"]
+    assert to_dq["same_replies"] == 4
+    with pytest.raises(UserError, match="merge_base: dequantized needs a quantised base"):
+        merge_adapter(str(model), result.adapter_dir, tmp_path / "run" / "m3", parity_prompts=prompts,
+                      max_new_tokens=8, tolerance=1e-3, provenance=provenance(), merge_base="dequantized")

@@ -9,6 +9,15 @@ must be identical and the largest absolute logit difference under the recipe's t
 The base is loaded once: base+adapter generates its replies and logits first, then the same
 model is merged in place and generates again. Both generate the N prompts as one left-padded
 batch, so both see exactly the same inputs.
+
+Three-way parity: when training ran on a quantised base (NF4 or int8), the adapter was optimised
+against that base, not the fp32 one it is merged into. The quantised base + adapter (what
+training optimised) is then loaded too and compared with fp32 base + adapter and with the merged
+model: identical greedy replies, the share of prompt positions with the same top token, and the
+largest logit difference. Those are recorded, not gated: the quantisation shift is real, and
+this is where it is measured. With `merge_base: dequantized` the adapter is merged into the
+quantised base's dequantised weights instead; both merges are compared with what training
+optimised, and the dequantised one is written.
 """
 
 from __future__ import annotations
@@ -25,6 +34,9 @@ class Parity:
     same_replies: int
     max_abs_logit_diff: float
     tolerance: float
+    three_way: dict | None = None
+    """With a quantised training base: `agreement` records of what training optimised (the
+    quantised base + adapter) against fp32 base + adapter and against each merge."""
 
     @property
     def passed(self) -> bool:
@@ -44,11 +56,44 @@ def _prompt_logits(model, tokenizer, conversations: list[list[dict]]) -> list:
     return out
 
 
+def agreement(replies_a: list[str], logits_a: list, replies_b: list[str], logits_b: list) -> dict:
+    """How far two models' greedy replies and prompt logits on the same prompts agree."""
+    positions = same = 0
+    worst = 0.0
+    for a, b in zip(logits_a, logits_b):
+        positions += a.shape[1]
+        same += int((a.argmax(-1) == b.argmax(-1)).sum())
+        worst = max(worst, float((a - b).abs().max()))
+    return {"items": len(replies_a), "same_replies": sum(x == y for x, y in zip(replies_a, replies_b)),
+            "top1_agreement": same / positions if positions else 1.0, "max_abs_logit_diff": worst}
+
+
+def _quantised_base(base_checkpoint: str, quantization: str, compute_dtype, trust_remote_code: bool):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=compute_dtype) if quantization == "nf4"
+             else BitsAndBytesConfig(load_in_8bit=True))
+    model = AutoModelForCausalLM.from_pretrained(
+        base_checkpoint, dtype=compute_dtype, quantization_config=quant, use_safetensors=True,
+        device_map="auto" if torch.cuda.is_available() else "cpu", trust_remote_code=trust_remote_code)
+    for module in model.modules():  # the weights as training used them, not repacked for a CPU kernel
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def merge_adapter(base_checkpoint: str, adapter_dir: Path, out_dir: Path, *, parity_prompts: list[list[dict]],
                   max_new_tokens: int, tolerance: float, provenance: dict,
-                  trust_remote_code: bool = False) -> Parity:
+                  trust_remote_code: bool = False, quantization: str = "none", compute_dtype=None,
+                  merge_base: str = "fp32") -> Parity:
     """Write the merged checkpoint to out_dir (atomically: a staging dir renamed on success) and
-    return the parity check; a failed check raises, leaving no merged directory behind."""
+    return the parity check; a failed check raises, leaving no merged directory behind.
+    `quantization` and `compute_dtype`: how training loaded the base (three-way parity);
+    `merge_base`: fp32 (the checkpoint's weights) or dequantized (the quantised base's)."""
+    import gc
+
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -59,16 +104,42 @@ def merge_adapter(base_checkpoint: str, adapter_dir: Path, out_dir: Path, *, par
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # carries the chat template used in training
 
+    def run(model) -> tuple[list[str], list]:
+        return generate(model, tokenizer, parity_prompts, max_new_tokens), _prompt_logits(model, tokenizer,
+                                                                                          parity_prompts)
+
+    trained = None
+    if quantization != "none":
+        qbase = _quantised_base(base_checkpoint, quantization, compute_dtype or torch.float32, trust_remote_code)
+        trained = run(PeftModel.from_pretrained(qbase, adapter_dir).eval())
+        del qbase
+        gc.collect()
+    if merge_base == "dequantized" and quantization == "none":
+        raise UserError("merge_base: dequantized needs a quantised base (quantization: nf4 or int8)")
+
+    def merge(base) -> tuple:
+        model = PeftModel.from_pretrained(base, adapter_dir).eval()
+        unmerged = run(model)
+        merged = model.merge_and_unload().eval()
+        return unmerged, merged, run(merged)
+
     base = AutoModelForCausalLM.from_pretrained(base_checkpoint, dtype=torch.float32, use_safetensors=True,
                                                 trust_remote_code=trust_remote_code)
-    model = PeftModel.from_pretrained(base, adapter_dir).eval()
-    before = generate(model, tokenizer, parity_prompts, max_new_tokens)
-    reference = _prompt_logits(model, tokenizer, parity_prompts)
-    merged = model.merge_and_unload().eval()
-    after = generate(merged, tokenizer, parity_prompts, max_new_tokens)
-    worst = max((float((a - b).abs().max()) for a, b in
-                 zip(reference, _prompt_logits(merged, tokenizer, parity_prompts))), default=0.0)
-    parity = Parity(len(parity_prompts), sum(a == b for a, b in zip(before, after)), worst, tolerance)
+    unmerged, merged, after = merge(base)
+    three_way = None
+    if trained is not None:
+        three_way = {"quantization": quantization, "merge_base": merge_base,
+                     "trained_vs_fp32_adapter": agreement(*trained, *unmerged),
+                     "trained_vs_merged_fp32": agreement(*trained, *after)}
+    if merge_base == "dequantized":
+        dq = _quantised_base(base_checkpoint, quantization, torch.float32, trust_remote_code)
+        dq = dq.dequantize().to(torch.float32)
+        unmerged, merged, after = merge(dq)
+        three_way["trained_vs_merged_dequantized"] = agreement(*trained, *after)
+    before, reference = unmerged
+    worst = max((float((a - b).abs().max()) for a, b in zip(reference, after[1])), default=0.0)
+    parity = Parity(len(parity_prompts), sum(a == b for a, b in zip(before, after[0])), worst, tolerance,
+                    three_way)
     if not parity.passed:
         raise UserError(f"merge parity failed: {parity.same_replies}/{parity.items} identical replies, "
                         f"max logit difference {parity.max_abs_logit_diff:.2e} (tolerance {tolerance:.0e}); "

@@ -127,11 +127,19 @@ def train_command(settings: Settings, recipe: Recipe, model_name: str | None, ru
         "final_train_loss": result.final_train_loss, "final_val_loss": result.final_val_loss,
         "steps": result.steps,
     }
+    from train.trainer import compute_dtype
+
     parity = merge_adapter(manifest["checkpoint"], result.adapter_dir, merged_dir, parity_prompts=prompts,
                            max_new_tokens=recipe.parity.max_new_tokens, tolerance=recipe.parity.tolerance,
-                           provenance=provenance, trust_remote_code=card.trust_remote_code)
+                           provenance=provenance, trust_remote_code=card.trust_remote_code,
+                           quantization=recipe.quantization, compute_dtype=compute_dtype(recipe),
+                           merge_base=recipe.merge_base)
     print(f"merge: parity {parity.same_replies}/{parity.items} identical greedy replies, max logit "
           f"difference {parity.max_abs_logit_diff:.2e} (tolerance {parity.tolerance:.0e})")
+    for name, a in (parity.three_way or {}).items():
+        if isinstance(a, dict):
+            print(f"merge: {name.replace('_', ' ')}: {a['same_replies']}/{a['items']} identical replies, "
+                  f"top-1 agreement {a['top1_agreement']:.1%}, max logit difference {a['max_abs_logit_diff']:.2e}")
     merged_card = card.model_copy(update={"name": f"{card.name}+{run_dir.name}", "chat_template": "tokenizer",
                                           "add_bos": False})
     from eval.summary import fmt_value

@@ -165,6 +165,10 @@ class Recipe(NamedConfig):
     training: TrainingSpec = TrainingSpec()
     samples: SamplesSpec = SamplesSpec()
     parity: ParitySpec = ParitySpec()
+    merge_base: Literal["fp32", "dequantized"] = "fp32"
+    """What the adapter is merged into: the checkpoint's fp32 weights, or the quantised training
+    base's weights dequantised to fp32 (train/merge.py; both are compared with what training
+    optimised either way)."""
     contamination: ContaminationSpec = ContaminationSpec()
     checks: list[CheckSpec] = []
     """Tasks measured on the base and the merged model after the merge (`gen` mode), each a paired
