@@ -546,6 +546,15 @@ def test_train_command_end_to_end(tmp_path, setup, capsys):
     assert written["base_card"] == "qwen2.5-1.5b-instruct" and len(written["data_sha256"]) == 64
     samples = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if '"sample"' in line]
     assert [s["step"] for s in samples] == [2, 4]
+    assert summary["resumed_from"] is None and summary["contamination"]["duplicates"] == 0
+    # run again (as after a kill once training had finished): it resumes from the last checkpoint,
+    # trains no further step (Trainer alone would run a fifth) and writes the same adapter
+    first = adapter_weights(run / "adapter")
+    assert main([*args, "train", "--recipe", str(recipe_path), "--model", "qwen2.5-1.5b-instruct"]) == 0
+    again = json.loads((run / "summary.json").read_text())
+    assert again["resumed_from"].endswith("checkpoint-4") and again["steps"] == 4
+    assert adapter_weights(run / "adapter").keys() == first.keys()
+    assert all(bool((adapter_weights(run / "adapter")[k] == v).all()) for k, v in first.items())
 
 
 class _FakeLibc:

@@ -319,6 +319,13 @@ def _truncate_log(log_path: Path, step: int) -> None:
 
 
 
+def _finished(checkpoint: Path) -> bool:
+    import json
+
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    return state["global_step"] >= state["max_steps"] > 0
+
+
 def final_val_loss(trainer) -> float:
     """The val loss of the final weights: Trainer evaluates at the last step when the eval
     schedule is on (not again here: on the default job that is half a minute), else now."""
@@ -367,7 +374,16 @@ def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path,
                       eval_dataset=ExampleDataset(data.val) if data.val else None,
                       data_collator=PadCollator(tokenizer.pad_token_id), callbacks=callbacks)
     started = time.monotonic()
-    trainer.train(resume_from_checkpoint=str(last) if last else None)
+    if last and _finished(last):
+        # Trainer resumed at max_steps still runs one more step (it checks after a step, not
+        # before): load the finished checkpoint's weights and state instead.
+        from transformers.trainer_callback import TrainerState
+
+        print(f"train: {last} finished the schedule; nothing left to train")
+        trainer._load_from_checkpoint(str(last))
+        trainer.state = TrainerState.load_from_json(str(last / "trainer_state.json"))
+    else:
+        trainer.train(resume_from_checkpoint=str(last) if last else None)
     seconds = time.monotonic() - started
     if guard.problem:
         drop_checkpoints_from(checkpoints, guard.bad_step)
@@ -381,4 +397,4 @@ def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path,
         tokenizer.save_pretrained(adapter_dir)
     history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return TrainResult(run_dir, adapter_dir, history[-1] if history else None, val_loss,
-                       trainer.state.global_step, seconds, data, last)
+                       trainer.state.global_step, seconds, data, str(last) if last else None)
