@@ -99,6 +99,26 @@ class Command:
         self.name, self.args, self.artifacts = name, args, artifacts
 
 
+def stored(work: Path) -> str:
+    """What the workspace holds, to say where a kill landed: rows in the store's tables, the
+    training checkpoints and whether the merge was written."""
+    parts = []
+    db = work / "runs" / "results.sqlite"
+    if db.is_file():
+        conn = sqlite3.connect(db)
+        try:
+            for table in ("items", "teacher_calls"):
+                parts.append(f"{table} {conn.execute(f'SELECT COUNT(*) FROM {table}').fetchone()[0]}")
+        except sqlite3.Error:
+            pass
+        finally:
+            conn.close()
+    for run in (work / "runs" / "train").glob("*/"):
+        parts.append(f"{len(list((run / 'checkpoints').glob('checkpoint-*')))} checkpoints"
+                     + (", merged" if (run / "merged").is_dir() else ""))
+    return ", ".join(parts) or "nothing stored"
+
+
 def prepare(root: Path, teacher_url: str) -> tuple[Path, dict[str, Command]]:
     """The shared inputs and, per command, its base workspace and how to run and read it."""
     from models.card import find_card
@@ -231,13 +251,16 @@ def main(argv: list[str] | None = None) -> int:
                 work = root / f"{name}-{k}"
                 shutil.copytree(base, work)
                 at = rng.uniform(0.05, 0.95) * wall
+                before = stored(work)
                 killed, _ = run(cmd, work, kill_after=at, log=root / f"{name}-{k}.log")
                 left = leftover_servers(work)
+                at_kill = stored(work)
                 code, _ = run(cmd, work, log=root / f"{name}-{k}.log")
                 ok, why = same(name, reference, cmd.artifacts(work)) if code == 0 else (False, f"rerun exit {code}")
                 good += ok
                 mid += killed == -9
-                print(f"{name} kill {k + 1}: at {at:.1f} s of {wall:.1f} s ({'killed' if killed == -9 else 'done before'})"
+                print(f"{name} kill {k + 1}: at {at:.1f} s of {wall:.1f} s ({'killed' if killed == -9 else 'done before'}; "
+                      f"held {at_kill}{'' if at_kill != before else ', as at the start'})"
                       f"{f', {left} server process(es) left and stopped' if left else ''}; resume: {why}", flush=True)
             summary[name] = (good, args.kills, mid, wall)
             print(f"{name}: {good}/{args.kills} identical resumes ({mid} killed mid-run; uninterrupted {wall:.1f} s)",
