@@ -110,6 +110,10 @@ class TrainSummary(Artifact):
     contamination: dict[str, Any] | None = None
     """The contamination gate: counts, thresholds, `flagged_items` per "task/split" and the
     `worst` pairs side by side (absent before the gate existed)."""
+    checkpoint: dict[str, Any] | None = None
+    """Checkpoints chosen by evidence (train/checkpoints.py): `chosen_step`, `final_step`,
+    `reason`, `adapter`, the probe `curves` and the paired `comparisons` against the final step
+    (absent before it existed, or with no probe entries)."""
 
 
 class MergeProvenance(Artifact):
@@ -127,6 +131,8 @@ class MergeProvenance(Artifact):
     final_val_loss: float | None
     steps: int
     parity: dict[str, Any]
+    checkpoint_step: int | None = None
+    """The training step whose adapter was merged (absent before checkpoints were chosen)."""
 
 
 class RescoreRecord(Artifact):

@@ -139,7 +139,7 @@ def run_task(backend, task: TaskSpec, split: str, mode: Mode, items: list[Item],
         todo = [i for i in chunk if i.id not in done]
         if todo:
             t0 = time.monotonic()
-            outputs = _compute(backend, task, mode, chunk)
+            outputs = compute_outputs(backend, task, mode, chunk)
             latency = (time.monotonic() - t0) / len(chunk)
             rows = []
             for item, out in zip(chunk, outputs):
@@ -196,7 +196,19 @@ def _sequential_chunks(items: list[Item], size: int, seed: int, round_size: int,
     return out
 
 
-def _compute(backend, task: TaskSpec, mode: Mode, chunk: list[Item]) -> list[str]:
+def score_in_memory(backend, task: TaskSpec, mode: Mode, items: list[Item], scorer: Callable | None,
+                    *, chunk_size: int = DEFAULT_BATCH_SIZE) -> list[tuple[str, dict]]:
+    """(output, metrics) per item, in the items' order, chunked as run_task chunks them, with
+    nothing stored: for weights that exist only in memory (checkpoints evaluated while training)."""
+    out: dict[str, tuple[str, dict]] = {}
+    for chunk in _fixed_chunks(items, chunk_size):
+        for item, output in zip(chunk, compute_outputs(backend, task, mode, chunk)):
+            out[item.id] = (output, score_output(task, mode, item, output, scorer)[1])
+    return [out[i.id] for i in items]
+
+
+def compute_outputs(backend, task: TaskSpec, mode: Mode, chunk: list[Item]) -> list[str]:
+    """The raw outputs of one chunk: replies (`gen`) or each choice's log-likelihood as JSON (`ppl`)."""
     if mode == "gen":
         return backend.generate([GenRequest(i.messages(), task.gen.max_new_tokens, task.gen.stop, i.raw())
                                  for i in chunk])

@@ -175,8 +175,11 @@ def _training_charts(train: dict) -> dict:
     losses = [(e["step"], e["loss"]) for e in train["losses"] if isinstance(e.get("loss"), (int, float))]
     evals = [(e["step"], e["eval_loss"]) for e in train["evals"]]
     lrs = [(e["step"], e["learning_rate"]) for e in train["losses"] if "learning_rate" in e]
+    curves = ((train.get("summary") or {}).get("checkpoint") or {}).get("curves") or {}
     return {"loss": line_chart([{"name": "train loss", "points": losses}, {"name": "val loss", "points": evals}]),
-            "lr": line_chart([{"name": "learning rate", "points": lrs}], height=160)}
+            "lr": line_chart([{"name": "learning rate", "points": lrs}], height=160),
+            "probe": line_chart([{"name": key, "points": [(p["step"], p["mean"]) for p in points]}
+                                 for key, points in sorted(curves.items())])}
 
 
 def report_command(settings, *, out: Path | None = None) -> int:

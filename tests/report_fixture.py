@@ -95,7 +95,11 @@ def build(runs_dir: Path, data_dir: Path, *, evil: bool = False) -> dict:
                                    "trained_vs_fp32_adapter": {"items": 8, "same_replies": 6, "top1_agreement": 0.97,
                                                                "max_abs_logit_diff": 1.9},
                                    "trained_vs_merged_fp32": {"items": 8, "same_replies": 6, "top1_agreement": 0.97,
-                                                              "max_abs_logit_diff": 1.9}}}
+                                                              "max_abs_logit_diff": 1.9},
+                                   "tasks": {"trained_vs_merged_fp32": [
+                                       {"entry": "fact-test-gen", "items": 16, "same_outputs": 9, "mean_a": 0.5,
+                                        "mean_b": 0.44, "metric": "fact_recall", "diff": 0.06, "ci95": [-0.1, 0.2],
+                                        "p_value": 0.5, "verdict": "no significant difference"}]}}}
     write_artifact(train_dir / "merged" / "provenance.json", MergeProvenance, {
         "base_card": WINNER, "base_weights_sha256": "0" * 64, "adapter_config": {"r": 16},
         "adapter_sha256": "1" * 64, "data_sha256": "2" * 64, "recipe": {"name": "default"},
@@ -119,6 +123,14 @@ def build(runs_dir: Path, data_dir: Path, *, evil: bool = False) -> dict:
         "worst": [{"train": "mine.jsonl:3", "task": "fact", "split": "test", "item_id": fact_ids[0],
                    "field": "question", "eval_text": "免费版有多大？" + (EVIL if evil else ""),
                    "train_text": "user: 免费版有多大？" + (EVIL if evil else ""), "containment": 1.0, "cosine": 0.93}]}
+    from train.checkpoints import choose_checkpoint
+
+    def evaluation(step: int, hits: int) -> dict:  # 20 fact items, `hits` of them recalled
+        return {"step": step, "entries": {"fact-test-gen": {"metric": "fact_recall", "role": "check",
+                                                            "scores": [1.0] * hits + [0.0] * (20 - hits)}}}
+
+    summary["checkpoint"] = {**choose_checkpoint({20: evaluation(20, 8), 40: evaluation(40, 11)}, 40),
+                             "adapter": str(train_dir / "adapter")}
     write_artifact(train_dir / "summary.json", TrainSummary, summary)
     log = [{"step": s, "loss": 3.0 / s ** 0.5, "learning_rate": 2e-4 * (1 - s / 41), "grad_norm": 1.0}
            for s in range(1, 41, 3)]

@@ -98,7 +98,7 @@ def test_a_task_folder_that_does_not_exist_is_one_line(tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_suite_roles_add_checks_and_forgetting_probes_to_training_and_choose_review_tasks(tmp_path):
+def test_suite_roles_add_checks_and_forgetting_probes_to_training_and_choose_review_tasks(tmp_path, shared_data):
     from core.settings import load_settings
     from eval.suite import entries_with_role
     from train.pipeline import all_checks, with_suite_samples
@@ -119,8 +119,15 @@ def test_suite_roles_add_checks_and_forgetting_probes_to_training_and_choose_rev
         "suite": {"name": "s", "file": str(suite), "sha256": ""}}), encoding="utf-8")
     recipe = load_recipe(REPO_TASKS.parent / "train" / "default.yaml")  # checks fact test itself
     checks = all_checks(recipe, load_settings(runs_dir=str(runs)))
-    assert [(Path(c.task).stem, c.split, role) for c, role in checks] == [
-        ("fact", "test", "check"), ("style", "test", "check"), ("fewclue_bustm", "dev", "forgetting")]
+    assert [(Path(c.task).stem, c.split, c.mode, role) for c, role in checks] == [
+        ("fact", "test", "gen", "check"), ("style", "test", "gen", "check"),
+        ("fewclue_bustm", "dev", "gen", "forgetting"), ("fewclue_bustm", "dev", "ppl", "forgetting")]
+    from train.checkpoints import probe_entries  # the same entries, scored at every evaluation
+
+    probe = probe_entries(recipe, json.loads((runs / "selection.json").read_text()), shared_data)
+    assert [(e.key, e.role, len(e.items), e.complete) for e in probe] == [
+        ("fact-test-gen", "check", 60, True), ("style-test-gen", "check", 36, True),
+        ("fewclue_bustm-dev-gen", "forgetting", 64, False), ("fewclue_bustm-dev-ppl", "forgetting", 64, False)]
     riddles = load_recipe(REPO_TASKS.parent / "train" / "riddles.yaml")
     sampled = with_suite_samples(riddles, load_settings(runs_dir=str(runs))).samples.tasks
     assert [(Path(t.task).stem, t.split, t.count) for t in sampled] == [

@@ -49,6 +49,10 @@ def setup(tmp_path):
     return model, data
 
 
+def log_records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
 def losses(run_dir):
     records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in records if "loss" in r and "sample" not in r]
@@ -199,7 +203,7 @@ def test_kill_9_then_rerun_repeats_the_uninterrupted_run(tmp_path, setup):
 
 
 def test_a_checkpoint_cut_short_by_a_kill_is_not_resumed_from(tmp_path):
-    from train.trainer import last_complete_checkpoint
+    from train.resume import last_complete_checkpoint
 
     for step, state in [(10, "{}"), (15, "{}"), (20, None), (25, '{"trunc')]:
         path = tmp_path / f"checkpoint-{step}"
@@ -527,7 +531,8 @@ def test_train_command_end_to_end(tmp_path, setup, capsys):
         training: {max_steps: 4, batch_size: 8, eval_steps: 2, save_steps: 2, sample_steps: 2,
                    gradient_checkpointing: false}
         samples: {tasks: [{task: fact, split: test, count: 1}], max_new_tokens: 4}
-        parity: {items: 2, max_new_tokens: 4}
+        parity: {items: 2, max_new_tokens: 4, task_items: 3}
+        checkpoint_selection: {max_items: 6}
         checks: [{task: fact, split: test}, {task: style, split: test, metric: chrf}]
     """))
     args = ["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]
@@ -547,12 +552,28 @@ def test_train_command_end_to_end(tmp_path, setup, capsys):
     samples = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if '"sample"' in line]
     assert [s["step"] for s in samples] == [2, 4]
     assert summary["resumed_from"] is None and summary["contamination"]["duplicates"] == 0
+    # the checks scored at both evaluations (6 of each split, seeded), the final step then chosen
+    choice = summary["checkpoint"]
+    assert choice["final_step"] == 4 and choice["chosen_step"] in (2, 4) and choice["reason"]
+    assert sorted(choice["curves"]) == ["fact-test-gen", "style-test-gen"]
+    assert [p["step"] for p in choice["curves"]["fact-test-gen"]] == [2, 4]
+    assert {c["step"] for c in choice["comparisons"]} == {2}
+    assert [r["step"] for r in log_records(run) if "checkpoint_eval" in r] == [2, 4]
+    scores = json.loads((run / "checkpoint_evals" / "step-2" / "scores.json").read_text())
+    assert len(scores["entries"]["fact-test-gen"]["scores"]) == 6
+    assert written["checkpoint_step"] == choice["chosen_step"]
+    # three-way parity on the checks: fp32 base + adapter and its merge give the same outputs
+    tasks = summary["parity"]["three_way"]["tasks"]
+    assert set(tasks) == {"trained_vs_fp32_adapter", "trained_vs_merged_fp32", "fp32_adapter_vs_merged_fp32"}
+    assert [(r["entry"], r["items"], r["same_outputs"]) for r in tasks["fp32_adapter_vs_merged_fp32"]] == [
+        ("fact-test-gen", 3, 3), ("style-test-gen", 3, 3)]
     # run again (as after a kill once training had finished): it resumes from the last checkpoint,
     # trains no further step (Trainer alone would run a fifth) and writes the same adapter
     first = adapter_weights(run / "adapter")
     assert main([*args, "train", "--recipe", str(recipe_path), "--model", "qwen2.5-1.5b-instruct"]) == 0
     again = json.loads((run / "summary.json").read_text())
     assert again["resumed_from"].endswith("checkpoint-4") and again["steps"] == 4
+    assert again["checkpoint"] == summary["checkpoint"]  # the evaluations were kept, not repeated
     assert adapter_weights(run / "adapter").keys() == first.keys()
     assert all(bool((adapter_weights(run / "adapter")[k] == v).all()) for k, v in first.items())
 

@@ -130,6 +130,20 @@ class Samples(TrainerCallback):
                 print(f"train: step {step}, sample {n}: {flag}")
 
 
+class CheckpointEvals(TrainerCallback):
+    """Hands each evaluation's weights to the checkpoint evaluator (train/checkpoints.py)."""
+
+    def __init__(self, evaluator):
+        self.evaluator = evaluator
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.main = state.is_world_process_zero
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        if getattr(self, "main", True):
+            self.evaluator(state.global_step, model)
+
+
 def sample_prompts(recipe: Recipe, data_dir: Path) -> list[tuple[list[dict], list[str]]]:
     """(conversation without the reply, facts it must contain) for every sample prompt."""
     from eval.task import load_items, resolve_task

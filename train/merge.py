@@ -84,19 +84,52 @@ def _quantised_base(base_checkpoint: str, quantization: str, compute_dtype, trus
     return model
 
 
+def load_merge_base(base_checkpoint: str, merge_base: str, quantization: str, trust_remote_code: bool = False):
+    """The fp32 weights an adapter is merged into: the checkpoint's, or the quantised base's dequantised."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if merge_base == "dequantized":
+        if quantization == "none":
+            raise UserError("merge_base: dequantized needs a quantised base (quantization: nf4 or int8)")
+        return _quantised_base(base_checkpoint, quantization, torch.float32, trust_remote_code).dequantize().to(
+            torch.float32)
+    return AutoModelForCausalLM.from_pretrained(base_checkpoint, dtype=torch.float32, use_safetensors=True,
+                                                trust_remote_code=trust_remote_code)
+
+
+def task_agreement(a: dict, b: dict, metrics: dict[str, str]) -> list[dict]:
+    """Per probe entry, how two models' outputs on the same items agree: the share of identical
+    outputs and the paired difference in the entry's metric (a minus b)."""
+    from eval import metrics as M
+    from eval.stats import compare
+
+    out = []
+    for key, rows_a in a.items():
+        rows_b, metric = b[key], metrics[key]
+        comp = compare([s[metric] for _, s in rows_a], [s[metric] for _, s in rows_b], binary=metric in M.BINARY)
+        out.append({"entry": key, "items": len(rows_a), "same_outputs": sum(x == y for (x, _), (y, _) in
+                                                                              zip(rows_a, rows_b)),
+                    "mean_a": sum(s[metric] for _, s in rows_a) / max(1, len(rows_a)),
+                    "mean_b": sum(s[metric] for _, s in rows_b) / max(1, len(rows_b)), **comp.record(metric)})
+    return out
+
+
 def merge_adapter(base_checkpoint: str, adapter_dir: Path, out_dir: Path, *, parity_prompts: list[list[dict]],
                   max_new_tokens: int, tolerance: float, provenance: dict,
                   trust_remote_code: bool = False, quantization: str = "none", compute_dtype=None,
-                  merge_base: str = "fp32") -> Parity:
+                  merge_base: str = "fp32", task_scorer=None, task_metrics: dict | None = None) -> Parity:
     """Write the merged checkpoint to out_dir (atomically: a staging dir renamed on success) and
     return the parity check; a failed check raises, leaving no merged directory behind.
     `quantization` and `compute_dtype`: how training loaded the base (three-way parity);
-    `merge_base`: fp32 (the checkpoint's weights) or dequantized (the quantised base's)."""
+    `merge_base`: fp32 (the checkpoint's weights) or dequantized (the quantised base's).
+    `task_scorer(model, tokenizer)`: (output, metrics) per item of each probe entry (`task_metrics`:
+    entry -> metric), run on the three models for the three-way comparison on tasks."""
     import gc
 
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from core.artifacts import MergeProvenance, write_artifact
     from core.files import staging_dir
@@ -104,38 +137,45 @@ def merge_adapter(base_checkpoint: str, adapter_dir: Path, out_dir: Path, *, par
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # carries the chat template used in training
 
-    def run(model) -> tuple[list[str], list]:
+    tasks: dict[str, dict] = {}
+
+    def run(model, label: str | None = None) -> tuple[list[str], list]:
+        if label and task_scorer is not None:
+            tasks[label] = task_scorer(model, tokenizer)
         return generate(model, tokenizer, parity_prompts, max_new_tokens), _prompt_logits(model, tokenizer,
                                                                                           parity_prompts)
 
     trained = None
     if quantization != "none":
         qbase = _quantised_base(base_checkpoint, quantization, compute_dtype or torch.float32, trust_remote_code)
-        trained = run(PeftModel.from_pretrained(qbase, adapter_dir).eval())
+        trained = run(PeftModel.from_pretrained(qbase, adapter_dir).eval(), "trained")
         del qbase
         gc.collect()
     if merge_base == "dequantized" and quantization == "none":
         raise UserError("merge_base: dequantized needs a quantised base (quantization: nf4 or int8)")
 
-    def merge(base) -> tuple:
+    def merge(base, label: str) -> tuple:
         model = PeftModel.from_pretrained(base, adapter_dir).eval()
-        unmerged = run(model)
+        unmerged = run(model, f"{label}_adapter" if label == "fp32" else None)
         merged = model.merge_and_unload().eval()
-        return unmerged, merged, run(merged)
+        return unmerged, merged, run(merged, f"merged_{label}")
 
-    base = AutoModelForCausalLM.from_pretrained(base_checkpoint, dtype=torch.float32, use_safetensors=True,
-                                                trust_remote_code=trust_remote_code)
-    unmerged, merged, after = merge(base)
+    unmerged, merged, after = merge(load_merge_base(base_checkpoint, "fp32", quantization, trust_remote_code), "fp32")
     three_way = None
     if trained is not None:
         three_way = {"quantization": quantization, "merge_base": merge_base,
                      "trained_vs_fp32_adapter": agreement(*trained, *unmerged),
                      "trained_vs_merged_fp32": agreement(*trained, *after)}
     if merge_base == "dequantized":
-        dq = _quantised_base(base_checkpoint, quantization, torch.float32, trust_remote_code)
-        dq = dq.dequantize().to(torch.float32)
-        unmerged, merged, after = merge(dq)
+        unmerged, merged, after = merge(load_merge_base(base_checkpoint, merge_base, quantization,
+                                                        trust_remote_code), "dequantized")
         three_way["trained_vs_merged_dequantized"] = agreement(*trained, *after)
+    if three_way is not None and tasks:
+        pairs = [("trained", "fp32_adapter"), ("trained", "merged_fp32"), ("fp32_adapter", "merged_fp32")]
+        if "merged_dequantized" in tasks:
+            pairs += [("trained", "merged_dequantized"), ("merged_dequantized", "merged_fp32")]
+        three_way["tasks"] = {f"{a}_vs_{b}": task_agreement(tasks[a], tasks[b], task_metrics or {})
+                              for a, b in pairs}
     before, reference = unmerged
     worst = max((float((a - b).abs().max()) for a, b in zip(reference, after[1])), default=0.0)
     parity = Parity(len(parity_prompts), sum(a == b for a, b in zip(before, after[0])), worst, tolerance,

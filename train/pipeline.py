@@ -46,34 +46,35 @@ def check_comparison(check, recipe_dir: Path, base_card, merged_card, merged_dir
     from eval.task import load_items, resolve_task
 
     task = resolve_task(check.task, recipe_dir)
-    metric = check.metric or task.metrics[0]
+    metric = check.metric or ("accuracy" if check.mode == "ppl" else task.metrics[0])
     items = load_items(task, check.split, settings.resolved_data_dir)
     out = {}
     for label, card, checkpoint in (("base", base_card, None), ("merged", merged_card, merged_dir)):
         backend = HFBackend(card, settings.model_store, checkpoint=checkpoint)
-        run = run_task(backend, task, check.split, "gen", items, conn, data_dir=settings.resolved_data_dir)
+        run = run_task(backend, task, check.split, check.mode, items, conn, data_dir=settings.resolved_data_dir)
         out[label] = [r["scores"][metric] for r in run.items]
         del backend
     comp = compare(out["merged"], out["base"], binary=metric in M.BINARY)
-    return {"task": task.name, "split": check.split, "items": len(items),
+    return {"task": task.name, "split": check.split, "mode": check.mode, "items": len(items),
             "base": asdict(bootstrap_mean(out["base"])), "merged": asdict(bootstrap_mean(out["merged"])),
             **comp.record(metric)}
 
 
 def all_checks(recipe: Recipe, settings: Settings) -> list[tuple[CheckSpec, str]]:
-    """The recipe's checks, then the `gen` entries of the selection's suite with the role `check`
-    or `forgetting` that the recipe does not already check."""
+    """The recipe's checks, then the entries of the selection's suite with the role `check` or
+    `forgetting` (not circular) that the recipe does not already check."""
     from eval.suite import entries_with_role
     from eval.task import resolve_task
 
     out = [(c, "check") for c in recipe.checks]
-    seen = {(resolve_task(c.task, recipe.path.parent).path, c.split) for c in recipe.checks}
+    seen = {(resolve_task(c.task, recipe.path.parent).path, c.split, c.mode) for c in recipe.checks}
     selection = settings.workspace.read_selection()
     for role in ("check", "forgetting"):
         for task, entry in entries_with_role(selection, role):
-            if entry.mode == "gen" and not entry.circular and (task.path, entry.split) not in seen:
-                seen.add((task.path, entry.split))
-                out.append((CheckSpec(task=str(task.path), split=entry.split, metric=entry.metric), role))
+            if not entry.circular and (task.path, entry.split, entry.mode) not in seen:
+                seen.add((task.path, entry.split, entry.mode))
+                out.append((CheckSpec(task=str(task.path), split=entry.split, mode=entry.mode,
+                                      metric=entry.metric), role))
     return out
 
 
@@ -111,37 +112,55 @@ def train_command(settings: Settings, recipe: Recipe, model_name: str | None, ru
     started = time.monotonic()
     from train.contamination import evaluation_texts
 
-    texts = evaluation_texts(recipe, settings.workspace.read_selection(), settings.resolved_data_dir)
+    from train.checkpoints import probe_entries, score_entries
+
+    selection = settings.workspace.read_selection()
+    texts = evaluation_texts(recipe, selection, settings.resolved_data_dir)
+    merged_card = card.model_copy(update={"name": f"{card.name}+{run_dir.name}", "chat_template": "tokenizer",
+                                          "add_bos": False})
+    probe = probe_entries(recipe, selection, settings.resolved_data_dir)
     result = run_training(recipe, manifest["checkpoint"], run_dir, settings.resolved_data_dir,
                           trust_remote_code=card.trust_remote_code, synth_root=settings.workspace.synth_root,
-                          eval_texts=texts)
+                          eval_texts=texts, probe=probe if recipe.checkpoint_selection.enabled else None,
+                          probe_card=merged_card)
+    if (choice := result.checkpoint_choice) is not None:
+        print(f"checkpoint: merging step {choice['chosen_step']} of {choice['final_step']}: {choice['reason']}")
+    checked = [e for e in probe if e.role == "check"]
     merged_dir = run_dir / "merged"
     prompts = [c.messages[:-1] for c in (result.data.split["val"] or result.data.split["train"])]
     prompts = prompts[: recipe.parity.items]
     provenance = {
         "base_card": card.name, "base_weights_sha256": manifest.get("weights_sha256"),
         "adapter_config": json.loads((result.adapter_dir / "adapter_config.json").read_text(encoding="utf-8")),
-        "adapter_sha256": sha256_file(result.adapter_dir / "adapter_model.safetensors"),
+        "adapter_sha256": sha256_file((result.merge_adapter_dir or result.adapter_dir) / "adapter_model.safetensors"),
         "data_sha256": result.data.sha256, "recipe": recipe.model_dump(mode="json"),
         "recipe_sha256": sha256_file(recipe.path) if recipe.path.is_file() else None,
         "final_train_loss": result.final_train_loss, "final_val_loss": result.final_val_loss,
         "steps": result.steps,
+        "checkpoint_step": result.checkpoint_choice["chosen_step"] if result.checkpoint_choice else result.steps,
     }
     from train.trainer import compute_dtype
 
-    parity = merge_adapter(manifest["checkpoint"], result.adapter_dir, merged_dir, parity_prompts=prompts,
+    adapter = result.merge_adapter_dir or result.adapter_dir
+    n_tasks = recipe.parity.task_items
+    parity = merge_adapter(manifest["checkpoint"], adapter, merged_dir, parity_prompts=prompts,
                            max_new_tokens=recipe.parity.max_new_tokens, tolerance=recipe.parity.tolerance,
                            provenance=provenance, trust_remote_code=card.trust_remote_code,
                            quantization=recipe.quantization, compute_dtype=compute_dtype(recipe),
-                           merge_base=recipe.merge_base)
+                           merge_base=recipe.merge_base,
+                           task_scorer=(lambda model, tok: score_entries(model, tok, merged_card, checked,
+                                                                         settings.resolved_data_dir, n_tasks))
+                           if n_tasks and checked else None, task_metrics={e.key: e.metric for e in checked})
     print(f"merge: parity {parity.same_replies}/{parity.items} identical greedy replies, max logit "
           f"difference {parity.max_abs_logit_diff:.2e} (tolerance {parity.tolerance:.0e})")
     for name, a in (parity.three_way or {}).items():
-        if isinstance(a, dict):
+        if isinstance(a, dict) and name != "tasks":
             print(f"merge: {name.replace('_', ' ')}: {a['same_replies']}/{a['items']} identical replies, "
                   f"top-1 agreement {a['top1_agreement']:.1%}, max logit difference {a['max_abs_logit_diff']:.2e}")
-    merged_card = card.model_copy(update={"name": f"{card.name}+{run_dir.name}", "chat_template": "tokenizer",
-                                          "add_bos": False})
+    for name, rows in ((parity.three_way or {}).get("tasks") or {}).items():
+        for r in rows:
+            print(f"merge: {name.replace('_', ' ')} on {r['entry']} ({r['items']} items): {r['same_outputs']} "
+                  f"identical outputs, {r['metric']} difference {r['diff']:+.3f}, p={r['p_value']:.3g}")
     from eval.summary import fmt_value
 
     checks = [{**check_comparison(check, recipe.path.parent, card, merged_card, merged_dir, settings,
@@ -160,7 +179,7 @@ def train_command(settings: Settings, recipe: Recipe, model_name: str | None, ru
                "final_train_loss": result.final_train_loss, "final_val_loss": result.final_val_loss,
                "cleaning": {k: v for k, v in asdict(result.data.report).items() if k != "problems"},
                "parity": {**asdict(parity), "passed": parity.passed}, "checks": checks,
-               "contamination": result.data.contamination}
+               "contamination": result.data.contamination, "checkpoint": result.checkpoint_choice}
     write_artifact(summary_path, TrainSummary, summary)
     print(f"wrote {summary_path}")
     return summary

@@ -119,8 +119,9 @@ class CheckSpec(Strict):
     task: str
     """A task name, or the path of a task file relative to the recipe."""
     split: str = "test"
+    mode: Literal["gen", "ppl"] = "gen"
     metric: str | None = None
-    """The metric compared; default the task's first."""
+    """The metric compared; default the task's first (`accuracy` in ppl mode)."""
 
 
 class ContaminationSpec(Strict):
@@ -142,6 +143,19 @@ class ParitySpec(Strict):
     max_new_tokens: int = Field(default=32, gt=0)
     tolerance: float = Field(default=1e-3, gt=0)
     """Largest allowed absolute difference between their logits (fp32)."""
+    task_items: int = Field(default=16, ge=0)
+    """With a quantised base, the first this many items of each `check` probe entry are also
+    scored by the quantised base + adapter, fp32 base + adapter and the merge (three-way parity on
+    tasks: identical outputs, paired metric differences); 0: not."""
+
+
+class CheckpointSelectionSpec(Strict):
+    """Checkpoints chosen by evidence (train/checkpoints.py): the probe entries scored at every
+    evaluation, and the merged checkpoint chosen by a paired test against the final one."""
+
+    enabled: bool = True
+    max_items: int | None = Field(default=64, gt=0)
+    """Items per probe entry at each evaluation (a seeded sample of larger splits); None: all."""
 
 
 class Recipe(NamedConfig):
@@ -170,6 +184,7 @@ class Recipe(NamedConfig):
     base's weights dequantised to fp32 (train/merge.py; both are compared with what training
     optimised either way)."""
     contamination: ContaminationSpec = ContaminationSpec()
+    checkpoint_selection: CheckpointSelectionSpec = CheckpointSelectionSpec()
     checks: list[CheckSpec] = []
     """Tasks measured on the base and the merged model after the merge (`gen` mode), each a paired
     comparison in the summary and the report."""

@@ -14,8 +14,6 @@ Imported only when training runs.
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +22,6 @@ import torch
 from transformers import Trainer
 
 from core.errors import UserError
-from core.files import write_text_atomic
 from train.callbacks import make_callbacks, sample_prompts
 from train.cpu_memory import CpuAllocator
 from models.loading import cpu_has_bf16
@@ -32,6 +29,7 @@ from train.data import (CleaningReport, Conversation, Example, clean, data_sha25
                         load_conversations, save_split, split, tokenize)
 from train.kernels import fuse_lora_dropout, fuse_silu_mlps, label_only_loss
 from train.recipe import Recipe, data_path, synth_output
+from train.resume import drop_checkpoints_from, finished, last_complete_checkpoint, truncate_log
 
 
 # Attention projections plus MLP, by model_type (LoRA's usual "all linear layers but the head").
@@ -202,7 +200,6 @@ class ExampleDataset:
 
 
 def compute_dtype(recipe: Recipe):
-
     if recipe.compute_dtype == "bf16":
         return torch.bfloat16
     if recipe.compute_dtype == "fp32":
@@ -246,7 +243,6 @@ def load_for_training(recipe: Recipe, checkpoint: str, trust_remote_code: bool):
     return get_peft_model(model, config)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Training
 
@@ -261,6 +257,10 @@ class TrainResult:
     seconds: float
     data: PreparedData
     resumed_from: str | None
+    checkpoint_choice: dict | None = None
+    """train/checkpoints.py's record; None without probe entries."""
+    merge_adapter_dir: Path | None = None
+    """The chosen checkpoint's adapter (adapter_dir when the final one)."""
 
 
 def training_arguments(recipe: Recipe, out_dir: Path, *, evaluate: bool = True):
@@ -285,47 +285,6 @@ def training_arguments(recipe: Recipe, out_dir: Path, *, evaluate: bool = True):
         remove_unused_columns=False, dataloader_num_workers=0)
 
 
-def last_complete_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint whose trainer_state.json (Trainer writes it last) parses; newer ones
-    are what a kill during a save leaves behind, and are removed."""
-    if not folder.is_dir():
-        return None
-    found = sorted((p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
-                   key=lambda p: int(p.name[11:]), reverse=True)
-    for path in found:
-        try:
-            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-            return path
-        except (OSError, ValueError):
-            print(f"train: removing incomplete checkpoint {path}")
-            shutil.rmtree(path)
-    return None
-
-
-def drop_checkpoints_from(folder: Path, step: int) -> None:
-    """Remove the checkpoints saved at `step` or later: their weights are a run gone bad."""
-    for path in folder.glob("checkpoint-*"):
-        if path.is_dir() and path.name[11:].isdigit() and int(path.name[11:]) >= step:
-            shutil.rmtree(path)
-
-
-def _truncate_log(log_path: Path, step: int) -> None:
-    """Drop log records past the checkpoint being resumed: those steps run again."""
-    if not log_path.exists():
-        return
-    keep = [line for line in log_path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    write_text_atomic(log_path, "".join(line + "\n" for line in keep))
-
-
-
-def _finished(checkpoint: Path) -> bool:
-    import json
-
-    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
-    return state["global_step"] >= state["max_steps"] > 0
-
-
 def final_val_loss(trainer) -> float:
     """The val loss of the final weights: Trainer evaluates at the last step when the eval
     schedule is on (not again here: on the default job that is half a minute), else now."""
@@ -338,8 +297,9 @@ def final_val_loss(trainer) -> float:
 
 def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path, *,
                  trust_remote_code: bool = False, synth_root: Path | None = None,
-                 eval_texts: list | None = None) -> TrainResult:
-    """Train (or resume) the adapter into run_dir/adapter; logs in run_dir/train_log.jsonl."""
+                 eval_texts: list | None = None, probe: list | None = None, probe_card=None) -> TrainResult:
+    """Train (or resume) the adapter into run_dir/adapter; logs in run_dir/train_log.jsonl.
+    `probe`: entries scored at every evaluation (train/checkpoints.py), rendered as `probe_card`."""
     from transformers import AutoTokenizer, set_seed
 
     allocator = None if torch.cuda.is_available() else CpuAllocator(recipe.training.cpu_allocator)
@@ -364,17 +324,27 @@ def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path,
     log_path = run_dir / "train_log.jsonl"
     if last:
         print(f"train: resuming from {last}")
-        _truncate_log(log_path, int(last.name.rsplit("-", 1)[1]))
+        truncate_log(log_path, int(last.name.rsplit("-", 1)[1]))
     elif log_path.exists():
         log_path.unlink()  # no checkpoint to resume from: start the log afresh
     log, guard, sampler = make_callbacks(recipe, tokenizer, log_path, sample_prompts(recipe, data_dir))
     callbacks = [log, guard, sampler] + ([allocator.callback()] if allocator else [])
+    evaluator = None
+    if probe:
+        from train.callbacks import CheckpointEvals
+        from train.checkpoints import Evaluator
+        from train.merge import load_merge_base
+
+        evaluator = Evaluator(probe, tokenizer, probe_card, run_dir, data_dir, lambda: load_merge_base(
+            checkpoint, recipe.merge_base, recipe.quantization, trust_remote_code), log_path,
+            int(last.name.rsplit("-", 1)[1]) if last else None)
+        callbacks.append(CheckpointEvals(evaluator))
     trainer = ThinTrainer(model=model, args=training_arguments(recipe, checkpoints, evaluate=bool(data.val)),
                       train_dataset=ExampleDataset(data.train),
                       eval_dataset=ExampleDataset(data.val) if data.val else None,
                       data_collator=PadCollator(tokenizer.pad_token_id), callbacks=callbacks)
     started = time.monotonic()
-    if last and _finished(last):
+    if last and finished(last):
         # Trainer resumed at max_steps still runs one more step (it checks after a step, not
         # before): load the finished checkpoint's weights and state instead.
         from transformers.trainer_callback import TrainerState
@@ -395,6 +365,10 @@ def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path,
     if trainer.is_world_process_zero():  # under `accelerate launch`, the main process saves
         model.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
+    choice, chosen = None, adapter_dir
+    if evaluator and trainer.is_world_process_zero():
+        evaluator(trainer.state.global_step, model)  # when the last step had no evaluation
+        choice, chosen = evaluator.choose(trainer.state.global_step, adapter_dir)
     history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return TrainResult(run_dir, adapter_dir, history[-1] if history else None, val_loss,
-                       trainer.state.global_step, seconds, data, str(last) if last else None)
+                       trainer.state.global_step, seconds, data, str(last) if last else None, choice, chosen)

@@ -102,6 +102,24 @@ class HFBackend:
         if not lazy:
             self.model  # noqa: B018 (loads the weights)
 
+    @classmethod
+    def from_model(cls, card: ModelCard, model, tokenizer, *, batch_size: int = DEFAULT_BATCH_SIZE,
+                   name: str | None = None) -> HFBackend:
+        """A backend around weights already in memory (a checkpoint evaluated while training):
+        nothing is loaded, and its identity names no stored weights, so it is not for the
+        results store. `card` says how prompts are rendered (its chat_template and add_bos)."""
+        import transformers
+
+        self = cls.__new__(cls)
+        self.card, self.batch_size, self.tokenizer, self._model = card, batch_size, tokenizer, model
+        self.device = str(model.device)
+        self.identity = {"backend": "hf", "model": name or card.name, "weights_sha256": None,
+                         "in_memory": True, "dtype": str(model.dtype).removeprefix("torch."),
+                         "device": self.device, "transformers": transformers.__version__}
+        self._prefix_cache = None
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return self
+
     @property
     def model(self):
         """The weights, loaded on first use; with the linears packed when the identity says so."""

@@ -1,0 +1,219 @@
+"""Checkpoints chosen by evidence: the recipe's checks and the suite's `check` and `forgetting`
+entries scored at every evaluation during training, and the checkpoint that is merged chosen by
+a paired test against the final one.
+
+At each evaluation (`training.eval_steps`, and always at the end) the adapter is saved under
+run_dir/checkpoint_evals/step-N/adapter and merged in memory into the base it will be merged into
+after training (the recipe's `merge_base`), and that model, the one that would ship, scores the
+probe entries: greedy, left-padded batches as `make select` runs them (eval/runner.py). Per-item
+scores go to step-N/scores.json (written last: a step without it is not evaluated), the means to
+train_log.jsonl (the training page draws them as curves).
+
+The choice: every earlier evaluated step is compared with the final one on every `check` entry,
+item by item (exact McNemar for 0/1 metrics, paired bootstrap otherwise), the p-values
+Holm-adjusted over all those comparisons. A step is eligible when it is significantly better on
+at least one check entry after adjustment and significantly worse on none, nor on any
+`forgetting` entry (unadjusted, which keeps the final one more often). The eligible step with the
+largest mean gain over the check entries is merged; with none, the final one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.files import write_text_atomic
+
+EVALS_DIR = "checkpoint_evals"
+
+
+@dataclass
+class ProbeEntry:
+    """One task split scored at every checkpoint evaluation."""
+
+    key: str
+    task: object
+    """The TaskSpec."""
+    split: str
+    mode: str
+    metric: str
+    role: str
+    """check (chooses the checkpoint) or forgetting (may only veto one)."""
+    items: list
+    complete: bool
+    """Every item of the split (no max_items cut)."""
+
+
+def probe_entries(recipe, selection: dict | None, data_dir: Path) -> list[ProbeEntry]:
+    """The recipe's checks, then the selection suite's `check` and `forgetting` entries (any mode,
+    not circular), each split cut to `checkpoint_selection.max_items` items in a seeded order."""
+    from eval.runner import sequential_order
+    from eval.suite import entries_with_role
+    from eval.task import load_items, resolve_task
+
+    specs = [(resolve_task(c.task, recipe.path.parent), c.split, c.mode, c.metric, "check") for c in recipe.checks]
+    for role in ("check", "forgetting"):
+        specs += [(task, e.split, e.mode, e.metric, role) for task, e in entries_with_role(selection, role)
+                  if not e.circular]
+    out, seen = [], set()
+    limit = recipe.checkpoint_selection.max_items
+    for task, split, mode, metric, role in specs:
+        if (task.path, split, mode) in seen:
+            continue
+        seen.add((task.path, split, mode))
+        items = load_items(task, split, data_dir)
+        kept = items if limit is None or len(items) <= limit else sequential_order(items, recipe.seed)[:limit]
+        metric = metric or ("accuracy" if mode == "ppl" else task.metrics[0])
+        out.append(ProbeEntry(f"{task.name}-{split}-{mode}", task, split, mode, metric, role, kept,
+                              len(kept) == len(items)))
+    return out
+
+
+def score_entries(model, tokenizer, card, entries: list[ProbeEntry], data_dir: Path,
+                  limit: int | None = None) -> dict[str, list[tuple[str, dict]]]:
+    """(output, metrics) per item of every entry, for a model in memory (left in eval mode)."""
+    from eval.backends.hf import HFBackend
+    from eval.runner import load_scorer, score_in_memory
+
+    backend = HFBackend.from_model(card, model, tokenizer)
+    return {e.key: score_in_memory(backend, e.task, e.mode, e.items[:limit], load_scorer(e.task, data_dir))
+            for e in entries}
+
+
+def evaluated_steps(run_dir: Path) -> dict[int, dict]:
+    """step -> its scores.json record, for every finished checkpoint evaluation."""
+    out = {}
+    for path in sorted((run_dir / EVALS_DIR).glob("step-*/scores.json")):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        out[record["step"]] = record
+    return out
+
+
+def drop_evaluations_after(run_dir: Path, step: int) -> None:
+    """Remove the evaluations of steps after `step` (a resumed run trains them again)."""
+    for path in (run_dir / EVALS_DIR).glob("step-*"):
+        if path.name[5:].isdigit() and int(path.name[5:]) > step:
+            shutil.rmtree(path)
+
+
+def evaluate_checkpoint(step: int, model, tokenizer, card, entries: list[ProbeEntry], run_dir: Path,
+                        data_dir: Path, base_loader) -> dict:
+    """Save the adapter at `step`, merge it in memory into `base_loader()` and score the entries."""
+    import gc
+
+    from peft import PeftModel
+
+    from models import prepack
+
+    folder = run_dir / EVALS_DIR / f"step-{step}"
+    if folder.exists():
+        shutil.rmtree(folder)
+    adapter = folder / "adapter"
+    model.save_pretrained(adapter)
+    tokenizer.save_pretrained(adapter)
+    merged = PeftModel.from_pretrained(base_loader(), adapter).merge_and_unload().eval()
+    if prepack.available():
+        prepack.prepack_linears(merged, 16)
+    scored = score_entries(merged, tokenizer, card, entries, data_dir)
+    del merged
+    gc.collect()
+    record = {"step": step, "adapter": str(adapter),
+              "entries": {e.key: {"metric": e.metric, "role": e.role, "ids": [i.id for i in e.items],
+                                  "scores": [s[e.metric] for _, s in scored[e.key]],
+                                  "outputs": [o for o, _ in scored[e.key]]} for e in entries}}
+    write_text_atomic(folder / "scores.json", json.dumps(record, ensure_ascii=False))
+    return record
+
+
+def means(record: dict) -> dict[str, float]:
+    return {k: sum(v["scores"]) / len(v["scores"]) for k, v in record["entries"].items() if v["scores"]}
+
+
+def choose_checkpoint(evaluations: dict[int, dict], final_step: int) -> dict:
+    """The checkpoint to merge and why (the module docstring has the rule)."""
+    from statsmodels.stats.multitest import multipletests
+
+    from eval import metrics as M
+    from eval.stats import ALPHA, compare
+
+    curves = {}
+    for step in sorted(evaluations):
+        for key, mean in means(evaluations[step]).items():
+            curves.setdefault(key, []).append({"step": step, "mean": mean})
+    base = {"final_step": final_step, "curves": curves, "comparisons": []}
+    if final_step not in evaluations:
+        return {**base, "chosen_step": final_step, "reason": f"the final step ({final_step}) was not evaluated; it is merged"}
+    final = evaluations[final_step]["entries"]
+    comparisons = []
+    for step in sorted(s for s in evaluations if s != final_step):
+        for key, entry in evaluations[step]["entries"].items():
+            if key not in final or len(entry["scores"]) != len(final[key]["scores"]) or not entry["scores"]:
+                continue
+            comp = compare(entry["scores"], final[key]["scores"], binary=entry["metric"] in M.BINARY)
+            gain = comp.diff if M.HIGHER_IS_BETTER[entry["metric"]] else -comp.diff
+            comparisons.append({"step": step, "entry": key, "role": entry["role"], "gain": gain,
+                                **comp.record(entry["metric"])})
+    checks = [c for c in comparisons if c["role"] == "check"]
+    if checks:
+        adjusted = multipletests([c["p_value"] for c in checks], alpha=ALPHA, method="holm")[1]
+        for c, p in zip(checks, adjusted):
+            c["p_holm"] = float(p)
+    if not comparisons:
+        return {**base, "chosen_step": final_step,
+                "reason": f"only the final step ({final_step}) was evaluated; it is merged"}
+    eligible = []
+    for step in sorted({c["step"] for c in comparisons}):
+        mine = [c for c in comparisons if c["step"] == step]
+        wins = [c for c in mine if c["role"] == "check" and c["better"] and c["p_holm"] < ALPHA]
+        losses = [c for c in mine if c["significant"] and not c["better"]]
+        if wins and not losses:
+            gain = sum(c["gain"] for c in mine if c["role"] == "check") / max(1, sum(c["role"] == "check" for c in mine))
+            eligible.append((gain, step, wins))
+    base["comparisons"] = comparisons
+    if not eligible:
+        best = max(checks, key=lambda c: c["gain"], default=None)
+        detail = "" if best is None else (f"; the largest gain was step {best['step']} on {best['entry']}, "
+                                          f"{best['metric']} {best['diff']:+.3f} (Holm p={best['p_holm']:.3g})")
+        return {**base, "chosen_step": final_step,
+                "reason": f"the final step ({final_step}) is merged: no earlier checkpoint is significantly "
+                          f"better on the checks without being worse anywhere{detail}"}
+    gain, step, wins = max(eligible)
+    detail = ", ".join(f"{c['entry']} {c['metric']} {c['diff']:+.3f} (Holm p={c['p_holm']:.3g})" for c in wins)
+    return {**base, "chosen_step": step,
+            "reason": f"step {step} is merged instead of the final step ({final_step}): significantly better "
+                      f"on {detail}, and not significantly worse on any check or forgetting probe"}
+
+
+class Evaluator:
+    """The trainer's hook: evaluates each step once (a resumed run keeps the evaluations up to the
+    checkpoint it resumes from), logs the means, and finally chooses."""
+
+    def __init__(self, entries: list[ProbeEntry], tokenizer, card, run_dir: Path, data_dir: Path, base_loader,
+                 log_path: Path, resumed_step: int | None):
+        self.entries, self.tokenizer, self.card, self.run_dir = entries, tokenizer, card, run_dir
+        self.data_dir, self.base_loader, self.log_path = data_dir, base_loader, log_path
+        if resumed_step is None:
+            shutil.rmtree(run_dir / EVALS_DIR, ignore_errors=True)
+        else:
+            drop_evaluations_after(run_dir, resumed_step)
+
+    def __call__(self, step: int, model) -> None:
+        if step in evaluated_steps(self.run_dir):
+            return
+        from train.callbacks import append_jsonl
+
+        record = evaluate_checkpoint(step, model, self.tokenizer, self.card, self.entries, self.run_dir,
+                                     self.data_dir, self.base_loader)
+        found = means(record)
+        append_jsonl(self.log_path, {"step": step, "checkpoint_eval": found})
+        print(f"train: step {step} checkpoint evaluation: "
+              + ", ".join(f"{k} {record['entries'][k]['metric']} {v:.3f}" for k, v in found.items()))
+
+    def choose(self, final_step: int, final_adapter: Path) -> tuple[dict, Path]:
+        """(the choice record, the adapter to merge)."""
+        choice = choose_checkpoint(evaluated_steps(self.run_dir), final_step)
+        step = choice["chosen_step"]
+        adapter = final_adapter if step == final_step else self.run_dir / EVALS_DIR / f"step-{step}" / "adapter"
+        return {**choice, "adapter": str(adapter)}, adapter
