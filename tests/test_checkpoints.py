@@ -73,23 +73,52 @@ def test_the_record_has_curves_and_holm_adjusted_comparisons():
     assert probe["role"] == "forgetting" and "p_holm" not in probe and not probe["significant"]
 
 
-def test_a_planted_better_checkpoint_is_the_one_merged(tmp_path, monkeypatch):
-    """Through the real trainer: the evaluation at step 4 is made to recall every fact and the
-    final one (step 8) none, so step 4's adapter is chosen, and it differs from the final one."""
-    from safetensors.torch import load_file
-
+def planted_setup(tmp_path):
     from eval.task import Item
     from tests.conftest import build_tiny_qwen2
-    from tests.test_train import ROWS, recipe
-    from train import checkpoints
+    from tests.test_train import ROWS
     from train.checkpoints import ProbeEntry
-    from train.trainer import run_training
 
     model = build_tiny_qwen2(tmp_path / "model", initializer_range=0.2)
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS), encoding="utf-8")
     items = [Item(id=f"q{i}", fields={}, user=f"问题{i}", system=None, gold=f"答案是{i * 7}号") for i in range(12)]
-    probe = [ProbeEntry("planted-test-gen", None, "test", "gen", "fact_recall", "check", items, True)]
+    return model, data, [ProbeEntry("planted-test-gen", None, "test", "gen", "fact_recall", "check", items, True)]
+
+
+def test_evaluating_checkpoints_leaves_training_as_it_was(tmp_path, monkeypatch):
+    """Loading the base for each evaluation draws from torch's RNG; with LoRA dropout on, the
+    adapter trained with evaluations is still the one trained without them."""
+    from safetensors.torch import load_file
+
+    from tests.test_train import recipe
+    from train import checkpoints
+    from train.trainer import run_training
+
+    model, data, probe = planted_setup(tmp_path)
+    monkeypatch.setattr(checkpoints, "score_entries", lambda model, tok, card, entries, data_dir, limit=None: {
+        "planted-test-gen": [("out", {"fact_recall": 0.0}) for _ in probe[0].items]})
+    r = recipe(data, max_steps=8, eval_steps=4, save_steps=100, sample_steps=100, quantization="none",
+               lora_dropout=0.3).model_copy(update={"split": (0.75, 0.25, 0.0)})
+    plain = run_training(r, str(model), tmp_path / "plain", tmp_path)
+    probed = run_training(r, str(model), tmp_path / "probed", tmp_path, probe=probe)
+    assert plain.checkpoint_choice is None and probed.checkpoint_choice["chosen_step"] == 8
+    a = load_file(plain.adapter_dir / "adapter_model.safetensors")
+    b = load_file(probed.adapter_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+def test_a_planted_better_checkpoint_is_the_one_merged(tmp_path, monkeypatch):
+    """Through the real trainer: the evaluation at step 4 is made to recall every fact and the
+    final one (step 8) none, so step 4's adapter is chosen, and it differs from the final one."""
+    from safetensors.torch import load_file
+
+    from tests.test_train import recipe
+    from train import checkpoints
+    from train.trainer import run_training
+
+    model, data, probe = planted_setup(tmp_path)
+    items = probe[0].items
     scored_steps = []
 
     def planted(model, tokenizer, card, entries, data_dir, limit=None):

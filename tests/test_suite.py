@@ -127,7 +127,7 @@ def test_suite_roles_add_checks_and_forgetting_probes_to_training_and_choose_rev
     probe = probe_entries(recipe, json.loads((runs / "selection.json").read_text()), shared_data)
     assert [(e.key, e.role, len(e.items), e.complete) for e in probe] == [
         ("fact-test-gen", "check", 60, True), ("style-test-gen", "check", 36, True),
-        ("fewclue_bustm-dev-gen", "forgetting", 64, False), ("fewclue_bustm-dev-ppl", "forgetting", 64, False)]
+        ("fewclue_bustm-dev-gen", "forgetting", 60, False), ("fewclue_bustm-dev-ppl", "forgetting", 60, False)]
     riddles = load_recipe(REPO_TASKS.parent / "train" / "riddles.yaml")
     sampled = with_suite_samples(riddles, load_settings(runs_dir=str(runs))).samples.tasks
     assert [(Path(t.task).stem, t.split, t.count) for t in sampled] == [

@@ -532,7 +532,7 @@ def test_train_command_end_to_end(tmp_path, setup, capsys):
                    gradient_checkpointing: false}
         samples: {tasks: [{task: fact, split: test, count: 1}], max_new_tokens: 4}
         parity: {items: 2, max_new_tokens: 4, task_items: 3}
-        checkpoint_selection: {max_items: 6}
+        checkpoint_selection: {max_items: 40}
         checks: [{task: fact, split: test}, {task: style, split: test, metric: chrf}]
     """))
     args = ["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]
@@ -560,8 +560,25 @@ def test_train_command_end_to_end(tmp_path, setup, capsys):
     assert {c["step"] for c in choice["comparisons"]} == {2}
     assert [r["step"] for r in log_records(run) if "checkpoint_eval" in r] == [2, 4]
     scores = json.loads((run / "checkpoint_evals" / "step-2" / "scores.json").read_text())
-    assert len(scores["entries"]["fact-test-gen"]["scores"]) == 6
+    assert [len(scores["entries"][k]["scores"]) for k in ("fact-test-gen", "style-test-gen")] == [40, 36]
     assert written["checkpoint_step"] == choice["chosen_step"]
+    # the style check's 36 items were all scored at the merged step's evaluation, so the merged
+    # side is read from there; scoring the written merged checkpoint gives the same
+    assert [c["merged_scored_at"] for c in (fact, style)] == [
+        "merged checkpoint", f"checkpoint evaluation of step {choice['chosen_step']}"]
+    from core.settings import load_settings
+    from eval.results import open_results
+    from train.pipeline import check_comparison
+    from train.recipe import CheckSpec
+
+    settings = load_settings(runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"))
+    card = find_card("qwen2.5-1.5b-instruct")
+    merged_card = card.model_copy(update={"name": summary["merged_model"], "chat_template": "tokenizer",
+                                          "add_bos": False})
+    recomputed = check_comparison(CheckSpec(task="style", metric="chrf"), REPO / "tasks", card, merged_card,
+                                  run / "merged", settings, open_results(tmp_path / "runs"))
+    assert recomputed["merged_scored_at"] == "merged checkpoint"
+    assert (recomputed["merged"], recomputed["diff"]) == (style["merged"], style["diff"])
     # three-way parity on the checks: fp32 base + adapter and its merge give the same outputs
     tasks = summary["parity"]["three_way"]["tasks"]
     assert set(tasks) == {"trained_vs_fp32_adapter", "trained_vs_merged_fp32", "fp32_adapter_vs_merged_fp32"}

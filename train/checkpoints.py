@@ -113,10 +113,13 @@ def evaluate_checkpoint(step: int, model, tokenizer, card, entries: list[ProbeEn
     adapter = folder / "adapter"
     model.save_pretrained(adapter)
     tokenizer.save_pretrained(adapter)
-    merged = PeftModel.from_pretrained(base_loader(), adapter).merge_and_unload().eval()
-    if prepack.available():
-        prepack.prepack_linears(merged, 16)
-    scored = score_entries(merged, tokenizer, card, entries, data_dir)
+    import torch
+
+    with torch.random.fork_rng(devices=[]):  # loading draws from torch's RNG: training must not notice
+        merged = PeftModel.from_pretrained(base_loader(), adapter).merge_and_unload().eval()
+        if prepack.available():
+            prepack.prepack_linears(merged, 16)
+        scored = score_entries(merged, tokenizer, card, entries, data_dir)
     del merged
     gc.collect()
     record = {"step": step, "adapter": str(adapter),

@@ -36,9 +36,11 @@ def resolve_model(recipe: Recipe, override: str | None, workspace: Workspace) ->
 
 
 def check_comparison(check, recipe_dir: Path, base_card, merged_card, merged_dir: Path, settings: Settings,
-                     conn) -> dict:
+                     conn, evaluated: dict | None = None) -> dict:
     """One of the recipe's checks: its task scored on the base and the merged model, compared
-    item by item on its metric (merged minus base)."""
+    item by item on its metric (merged minus base). `evaluated`: the merged model's scores from the
+    checkpoint evaluation of the merged step ({"step", "ids", "scores"}), when it scored every item
+    of this check: the same weights, prompts and batches, so they are used, not computed again."""
     from eval import metrics as M
     from eval.backends.hf import HFBackend
     from eval.runner import run_task
@@ -48,16 +50,39 @@ def check_comparison(check, recipe_dir: Path, base_card, merged_card, merged_dir
     task = resolve_task(check.task, recipe_dir)
     metric = check.metric or ("accuracy" if check.mode == "ppl" else task.metrics[0])
     items = load_items(task, check.split, settings.resolved_data_dir)
-    out = {}
+    out, ids = {}, None
+    reuse = evaluated is not None and sorted(evaluated["ids"]) == sorted(i.id for i in items)
     for label, card, checkpoint in (("base", base_card, None), ("merged", merged_card, merged_dir)):
+        if label == "merged" and reuse:
+            by_id = dict(zip(evaluated["ids"], evaluated["scores"]))
+            out[label] = [by_id[i] for i in ids]
+            continue
         backend = HFBackend(card, settings.model_store, checkpoint=checkpoint)
         run = run_task(backend, task, check.split, check.mode, items, conn, data_dir=settings.resolved_data_dir)
-        out[label] = [r["scores"][metric] for r in run.items]
+        out[label], ids = [r["scores"][metric] for r in run.items], [r["item_id"] for r in run.items]
         del backend
     comp = compare(out["merged"], out["base"], binary=metric in M.BINARY)
     return {"task": task.name, "split": check.split, "mode": check.mode, "items": len(items),
             "base": asdict(bootstrap_mean(out["base"])), "merged": asdict(bootstrap_mean(out["merged"])),
-            **comp.record(metric)}
+            **comp.record(metric), "merged_scored_at": f"checkpoint evaluation of step {evaluated['step']}"
+            if reuse else "merged checkpoint"}
+
+
+def chosen_scores(result, check, recipe: Recipe) -> dict | None:
+    """The merged step's checkpoint-evaluation scores of `check` ({"step", "ids", "scores"}), if any."""
+    from eval.task import resolve_task
+    from train.checkpoints import evaluated_steps
+
+    choice = result.checkpoint_choice
+    if choice is None:
+        return None
+    record = evaluated_steps(Path(result.run_dir)).get(choice["chosen_step"])
+    task = resolve_task(check.task, recipe.path.parent)
+    entry = (record or {}).get("entries", {}).get(f"{task.name}-{check.split}-{check.mode}")
+    metric = check.metric or ("accuracy" if check.mode == "ppl" else task.metrics[0])
+    if entry is None or entry["metric"] != metric:
+        return None
+    return {"step": choice["chosen_step"], "ids": entry["ids"], "scores": entry["scores"]}
 
 
 def all_checks(recipe: Recipe, settings: Settings) -> list[tuple[CheckSpec, str]]:
@@ -164,8 +189,8 @@ def train_command(settings: Settings, recipe: Recipe, model_name: str | None, ru
     from eval.summary import fmt_value
 
     checks = [{**check_comparison(check, recipe.path.parent, card, merged_card, merged_dir, settings,
-                                  open_results(settings.runs_dir)), "role": role}
-              for check, role in all_checks(recipe, settings)]
+                                  open_results(settings.runs_dir), chosen_scores(result, check, recipe)),
+               "role": role} for check, role in all_checks(recipe, settings)]
     for c in checks:
         m = c["metric"]
         probe = "forgetting probe " if c["role"] == "forgetting" else ""

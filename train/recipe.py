@@ -143,7 +143,7 @@ class ParitySpec(Strict):
     max_new_tokens: int = Field(default=32, gt=0)
     tolerance: float = Field(default=1e-3, gt=0)
     """Largest allowed absolute difference between their logits (fp32)."""
-    task_items: int = Field(default=16, ge=0)
+    task_items: int = Field(default=8, ge=0)
     """With a quantised base, the first this many items of each `check` probe entry are also
     scored by the quantised base + adapter, fp32 base + adapter and the merge (three-way parity on
     tasks: identical outputs, paired metric differences); 0: not."""
@@ -154,7 +154,7 @@ class CheckpointSelectionSpec(Strict):
     evaluation, and the merged checkpoint chosen by a paired test against the final one."""
 
     enabled: bool = True
-    max_items: int | None = Field(default=64, gt=0)
+    max_items: int | None = Field(default=60, gt=0)
     """Items per probe entry at each evaluation (a seeded sample of larger splits); None: all."""
 
 
