@@ -139,3 +139,33 @@ def test_a_planted_better_checkpoint_is_the_one_merged(tmp_path, monkeypatch):
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [(rec["step"], rec["checkpoint_eval"]) for rec in log if "checkpoint_eval" in rec] == [
         (4, {"planted-test-gen": 1.0}), (8, {"planted-test-gen": 0.0})]
+
+
+def test_a_rerun_with_another_merge_base_scores_the_saved_checkpoints_again(tmp_path, monkeypatch):
+    """Evaluations record how they merged: rerun (training finished) with `merge_base:
+    dequantized`, every evaluated step is scored again from its saved adapter, none retrained;
+    a third run with the same recipe scores nothing."""
+    from tests.test_train import recipe
+    from train import checkpoints
+    from train.checkpoints import evaluated_steps
+    from train.trainer import run_training
+
+    model, data, probe = planted_setup(tmp_path)
+    calls = []
+
+    def scorer(model, tokenizer, card, entries, data_dir, limit=None):
+        calls.append(model.__class__.__name__)
+        return {"planted-test-gen": [("out", {"fact_recall": 0.5}) for _ in probe[0].items]}
+
+    monkeypatch.setattr(checkpoints, "score_entries", scorer)
+    r = recipe(data, max_steps=8, eval_steps=4, save_steps=4, sample_steps=100, compute_dtype="fp32")
+    r = r.model_copy(update={"split": (0.75, 0.25, 0.0)})
+    run_training(r, str(model), tmp_path / "run", tmp_path, probe=probe)
+    assert len(calls) == 2
+    dq = r.model_copy(update={"merge_base": "dequantized"})
+    result = run_training(dq, str(model), tmp_path / "run", tmp_path, probe=probe)
+    assert len(calls) == 4 and result.checkpoint_choice["chosen_step"] == 8
+    assert {s: rec["basis"]["merge_base"] for s, rec in evaluated_steps(tmp_path / "run").items()} == {
+        4: "dequantized", 8: "dequantized"}
+    run_training(dq, str(model), tmp_path / "run", tmp_path, probe=probe)
+    assert len(calls) == 4

@@ -82,13 +82,21 @@ def score_entries(model, tokenizer, card, entries: list[ProbeEntry], data_dir: P
             for e in entries}
 
 
-def evaluated_steps(run_dir: Path) -> dict[int, dict]:
-    """step -> its scores.json record, for every finished checkpoint evaluation."""
+def evaluated_steps(run_dir: Path, basis: dict | None = None) -> dict[int, dict]:
+    """step -> its scores.json record, for every finished checkpoint evaluation (made on `basis`,
+    when given: what else than the weights decides the scores)."""
     out = {}
     for path in sorted((run_dir / EVALS_DIR).glob("step-*/scores.json")):
         record = json.loads(path.read_text(encoding="utf-8"))
-        out[record["step"]] = record
+        if basis is None or record.get("basis") == basis:
+            out[record["step"]] = record
     return out
+
+
+def evaluation_basis(entries: list[ProbeEntry], merge: dict) -> dict:
+    """What decides an evaluation's scores besides the adapter: how it is merged (`merge`: the
+    recipe's merge_base and quantization) and each entry's metric and items."""
+    return {**merge, "entries": {e.key: [e.metric, [i.id for i in e.items]] for e in entries}}
 
 
 def drop_evaluations_after(run_dir: Path, step: int) -> None:
@@ -99,21 +107,23 @@ def drop_evaluations_after(run_dir: Path, step: int) -> None:
 
 
 def evaluate_checkpoint(step: int, model, tokenizer, card, entries: list[ProbeEntry], run_dir: Path,
-                        data_dir: Path, base_loader) -> dict:
-    """Save the adapter at `step`, merge it in memory into `base_loader()` and score the entries."""
+                        data_dir: Path, base_loader, basis: dict) -> dict:
+    """Save the adapter at `step` (model None: score the one saved there before), merge it in
+    memory into `base_loader()` and score the entries."""
     import gc
 
+    import torch
     from peft import PeftModel
 
     from models import prepack
 
     folder = run_dir / EVALS_DIR / f"step-{step}"
-    if folder.exists():
-        shutil.rmtree(folder)
     adapter = folder / "adapter"
-    model.save_pretrained(adapter)
-    tokenizer.save_pretrained(adapter)
-    import torch
+    (folder / "scores.json").unlink(missing_ok=True)
+    if model is not None:
+        shutil.rmtree(adapter, ignore_errors=True)
+        model.save_pretrained(adapter)
+        tokenizer.save_pretrained(adapter)
 
     with torch.random.fork_rng(devices=[]):  # loading draws from torch's RNG: training must not notice
         merged = PeftModel.from_pretrained(base_loader(), adapter).merge_and_unload().eval()
@@ -122,7 +132,7 @@ def evaluate_checkpoint(step: int, model, tokenizer, card, entries: list[ProbeEn
         scored = score_entries(merged, tokenizer, card, entries, data_dir)
     del merged
     gc.collect()
-    record = {"step": step, "adapter": str(adapter),
+    record = {"step": step, "adapter": str(adapter), "basis": basis,
               "entries": {e.key: {"metric": e.metric, "role": e.role, "ids": [i.id for i in e.items],
                                   "scores": [s[e.metric] for _, s in scored[e.key]],
                                   "outputs": [o for o, _ in scored[e.key]]} for e in entries}}
@@ -194,29 +204,36 @@ class Evaluator:
     checkpoint it resumes from), logs the means, and finally chooses."""
 
     def __init__(self, entries: list[ProbeEntry], tokenizer, card, run_dir: Path, data_dir: Path, base_loader,
-                 log_path: Path, resumed_step: int | None):
+                 log_path: Path, resumed_step: int | None, merge: dict):
         self.entries, self.tokenizer, self.card, self.run_dir = entries, tokenizer, card, run_dir
         self.data_dir, self.base_loader, self.log_path = data_dir, base_loader, log_path
+        self.basis = evaluation_basis(entries, merge)
         if resumed_step is None:
             shutil.rmtree(run_dir / EVALS_DIR, ignore_errors=True)
         else:
             drop_evaluations_after(run_dir, resumed_step)
 
-    def __call__(self, step: int, model) -> None:
-        if step in evaluated_steps(self.run_dir):
+    def __call__(self, step: int, model, log: bool = True) -> None:
+        if step in evaluated_steps(self.run_dir, self.basis):
             return
         from train.callbacks import append_jsonl
 
         record = evaluate_checkpoint(step, model, self.tokenizer, self.card, self.entries, self.run_dir,
-                                     self.data_dir, self.base_loader)
+                                     self.data_dir, self.base_loader, self.basis)
         found = means(record)
-        append_jsonl(self.log_path, {"step": step, "checkpoint_eval": found})
+        if log:
+            append_jsonl(self.log_path, {"step": step, "checkpoint_eval": found})
         print(f"train: step {step} checkpoint evaluation: "
               + ", ".join(f"{k} {record['entries'][k]['metric']} {v:.3f}" for k, v in found.items()))
 
     def choose(self, final_step: int, final_adapter: Path) -> tuple[dict, Path]:
-        """(the choice record, the adapter to merge)."""
-        choice = choose_checkpoint(evaluated_steps(self.run_dir), final_step)
+        """(the choice record, the adapter to merge). Evaluations a rerun with another recipe
+        made stale (another merge base, other probe items) are scored again from their adapters."""
+        for path in sorted((self.run_dir / EVALS_DIR).glob("step-*/adapter")):
+            step = int(path.parent.name[5:])
+            if step <= final_step and step not in evaluated_steps(self.run_dir, self.basis):
+                self(step, None, log=False)
+        choice = choose_checkpoint(evaluated_steps(self.run_dir, self.basis), final_step)
         step = choice["chosen_step"]
         adapter = final_adapter if step == final_step else self.run_dir / EVALS_DIR / f"step-{step}" / "adapter"
         return {**choice, "adapter": str(adapter)}, adapter

@@ -80,7 +80,7 @@ def chosen_scores(result, check, recipe: Recipe) -> dict | None:
     task = resolve_task(check.task, recipe.path.parent)
     entry = (record or {}).get("entries", {}).get(f"{task.name}-{check.split}-{check.mode}")
     metric = check.metric or ("accuracy" if check.mode == "ppl" else task.metrics[0])
-    if entry is None or entry["metric"] != metric:
+    if entry is None or entry["metric"] != metric or record["basis"]["merge_base"] != recipe.merge_base:
         return None
     return {"step": choice["chosen_step"], "ids": entry["ids"], "scores": entry["scores"]}
 

@@ -337,7 +337,8 @@ def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path,
 
         evaluator = Evaluator(probe, tokenizer, probe_card, run_dir, data_dir, lambda: load_merge_base(
             checkpoint, recipe.merge_base, recipe.quantization, trust_remote_code), log_path,
-            int(last.name.rsplit("-", 1)[1]) if last else None)
+            int(last.name.rsplit("-", 1)[1]) if last else None,
+            {"merge_base": recipe.merge_base, "quantization": recipe.quantization})
         callbacks.append(CheckpointEvals(evaluator))
     trainer = ThinTrainer(model=model, args=training_arguments(recipe, checkpoints, evaluate=bool(data.val)),
                       train_dataset=ExampleDataset(data.train),
