@@ -101,7 +101,7 @@ class Command:
 
 def stored(work: Path) -> str:
     """What the workspace holds, to say where a kill landed: rows in the store's tables, the
-    training checkpoints and whether the merge was written."""
+    training checkpoints and checkpoint evaluations, and whether the merge was written."""
     parts = []
     db = work / "runs" / "results.sqlite"
     if db.is_file():
@@ -114,7 +114,10 @@ def stored(work: Path) -> str:
         finally:
             conn.close()
     for run in (work / "runs" / "train").glob("*/"):
-        parts.append(f"{len(list((run / 'checkpoints').glob('checkpoint-*')))} checkpoints"
+        started = len(list((run / "checkpoint_evals").glob("step-*")))
+        done = len(list((run / "checkpoint_evals").glob("step-*/scores.json")))
+        parts.append(f"{len(list((run / 'checkpoints').glob('checkpoint-*')))} checkpoints, "
+                     f"{done} checkpoint evaluations" + (" and one under way" if started > done else "")
                      + (", merged" if (run / "merged").is_dir() else ""))
     return ", ".join(parts) or "nothing stored"
 
