@@ -21,6 +21,11 @@ PIP_ARGS ?=
 OC_VENV ?= .venv-opencompass
 OC_STAMP := $(OC_VENV)/.installed
 
+# Where models run: EXECUTOR=ray scores (and trains) on the Ray cluster at RAY_ADDRESS (docs/scale.md).
+EXECUTOR ?=
+RAY_ADDRESS ?=
+EXEC_ARGS := $(if $(EXECUTOR),--executor $(EXECUTOR)) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS))
+
 SELECTUNE := $(PY) -m selectune --runs-dir $(RUNS_DIR) $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) \
 	$(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
@@ -83,12 +88,12 @@ data: $(STAMP) ## download FewCLUE (DATASET=riddles for the riddles) into the ca
 SUITE ?= suites/default.yaml
 SELECT_ARGS ?=
 select: models data ## score the candidates on SUITE and pick the winner under a memory budget (SELECT_ARGS=...)
-	$(SELECTUNE) select --suite $(SUITE) $(SELECT_ARGS)
+	$(SELECTUNE) select --suite $(SUITE) $(EXEC_ARGS) $(SELECT_ARGS)
 
 RECIPE ?= train/default.yaml
 TRAIN_ARGS ?=
 train: models data ## QLoRA-fine-tune the winner, merge the adapter, check parity (RECIPE=, TRAIN_ARGS=)
-	$(SELECTUNE) train --recipe $(RECIPE) $(TRAIN_ARGS)
+	$(SELECTUNE) train --recipe $(RECIPE) $(EXEC_ARGS) $(TRAIN_ARGS)
 
 SERVE_ARGS ?=
 serve: $(STAMP) $(VLLM_STAMP) ## serve the newest merged model on 127.0.0.1 in the background (SERVE_ARGS=--model CARD ...)
@@ -99,7 +104,7 @@ serve-stop: $(STAMP) ## stop the server `make serve` started
 
 RESCORE_ARGS ?=
 rescore: models data $(VLLM_STAMP) ## re-score the served model over HTTP on the selection items; parity gate (RESCORE_ARGS=)
-	$(SELECTUNE) rescore $(RESCORE_ARGS)
+	$(SELECTUNE) rescore $(EXEC_ARGS) $(RESCORE_ARGS)
 
 chat: $(STAMP) ## chat in the terminal with the served model
 	$(SELECTUNE) chat

@@ -71,6 +71,9 @@ class Selection(Artifact):
     """Per entry scored sequentially: `task`, `split`, `mode`, `size`, `items` per candidate,
     `stopped` (candidate -> why it stopped early), `tied` (the candidates settled as equivalent,
     the leader first; empty otherwise) and `reason` the entry stopped."""
+    executor: dict = {"name": "local"}
+    """Where the models ran: `name` (local or ray); on Ray also `address` and `nodes` (model ->
+    the node its actor ran on)."""
 
 
 def _train_summary_v1(data: dict) -> dict:

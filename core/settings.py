@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -33,6 +34,16 @@ class Settings(Strict):
 
     judge_model: str | None = None
     """Model name to ask at judge_url."""
+
+    executor: Literal["local", "ray"] = "local"
+    """Where models run: `local` (this process, one at a time) or `ray` (a Ray cluster's actors,
+    in parallel; docs/scale.md)."""
+
+    ray_address: str | None = None
+    """HOST:PORT of the Ray cluster's head (else RAY_ADDRESS, else a one-node Ray started here)."""
+
+    cpus_per_model: int = Field(default=1, gt=0)
+    """CPUs each model's Ray actor asks of its node (its torch threads)."""
 
     @property
     def model_store(self) -> Path:

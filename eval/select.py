@@ -55,21 +55,17 @@ class Candidate:
     items: int = 0
 
 
-def score_candidates(cards: list[ModelCard], entries: list[tuple[TaskSpec, SuiteEntry]], *, store: Path,
-                     data_dir: Path, conn,
-                     batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto", dtype: str = "auto",
-                     judge=None, checkpoints: dict[str, Path] | None = None,
+def score_candidates(cards: list[ModelCard], entries: list[tuple[TaskSpec, SuiteEntry]], *, executor,
+                     data_dir: Path, batch_size: int = DEFAULT_BATCH_SIZE, judge=None,
                      pilot: float | None = None, skip: set[int] = frozenset()) -> list[Candidate]:
-    """Every card on every entry; `checkpoints`: card name -> a local checkpoint directory to load
-    instead of the store's (a candidate given as a folder); `pilot`: only that seeded share of
+    """Every card on every entry, through `executor` (eval/executor.py, opened on `cards`): one
+    card after another here, or all at once on a Ray cluster; `pilot`: only that seeded share of
     each entry's items (`--plan`)."""
     from tqdm import tqdm
 
-    candidates = []
-    for card in cards:
+    def one(card: ModelCard) -> Candidate:
         cand = Candidate(card)
-        backend = _backend(card, store, batch_size=batch_size, device=device, dtype=dtype,
-                           checkpoint=(checkpoints or {}).get(card.name))
+        backend, conn = executor.backend(card), executor.connection()
         for k, (task, entry) in enumerate(entries):
             split, mode = entry.split, entry.mode
             if k in skip:  # scored sequentially (eval/sequential.py)
@@ -95,10 +91,10 @@ def score_candidates(cards: list[ModelCard], entries: list[tuple[TaskSpec, Suite
             cand.runs.append(run)
             cand.seconds += run.seconds
             cand.items += run.computed
-        candidates.append(cand)
-        del backend
-        gc.collect()
-    return candidates
+        executor.done_with(backend)
+        return cand
+
+    return executor.map(one, cards)
 
 
 def _backend(card: ModelCard, store: Path, *, checkpoint: Path | None, **options):
@@ -255,6 +251,7 @@ def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT
     with `plan`, score a pilot and print the items each entry needs instead (eval/plan.py)."""
     from core.artifacts import Selection, write_artifact
     from core.files import sha256_file
+    from eval.executor import make_executor
     from eval.judge import make_judge
     from eval.results import open_results
     from models.card import load_cards
@@ -263,7 +260,7 @@ def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT
 
     from models.loading import scoring_dtype
 
-    dtype = scoring_dtype(dtype, device)  # bf16 where the machine multiplies it natively
+    raw_dtype, dtype = dtype, scoring_dtype(dtype, device)  # bf16 where the machine multiplies it natively
     spec, entries = load_suite(suite)  # every entry checked before any model runs
     chosen = resolve_candidates(models.split(",")) if models else [
         (c, None) for c in load_cards().values() if c.default]
@@ -277,15 +274,21 @@ def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT
     sizes = [len(load_items(task, e.split, settings.resolved_data_dir)) for task, e in entries]
     chosen = set() if plan else sequential_entries(entries, sizes, design, len(cards))
     conn = open_results(settings.runs_dir)
-    candidates = score_candidates(cards, entries, store=settings.model_store,
-                                  data_dir=settings.resolved_data_dir, conn=conn,
-                                  batch_size=batch_size, device=device, dtype=dtype, judge=judge,
-                                  checkpoints=checkpoints, pilot=pilot if plan else None, skip=chosen)
-    states = {}
-    if chosen:
-        states = _score_sequentially(candidates, entries, chosen, settings, conn, checkpoints=checkpoints,
-                                     batch_size=batch_size, device=device, dtype=dtype, judge=judge,
-                                     margin=tie_margin)
+    executor = make_executor(settings, conn)
+    try:
+        # On Ray each node resolves "auto" itself: its own CPU says whether bf16 is native there.
+        executor.open(cards, settings.model_store, checkpoints=checkpoints, batch_size=batch_size, device=device,
+                      dtype=raw_dtype if executor.name == "ray" else dtype,
+                      make=lambda card: _backend(card, settings.model_store, checkpoint=checkpoints.get(card.name),
+                                                 batch_size=batch_size, device=device, dtype=dtype))
+        candidates = score_candidates(cards, entries, executor=executor, data_dir=settings.resolved_data_dir,
+                                      batch_size=batch_size, judge=judge, pilot=pilot if plan else None, skip=chosen)
+        states = {}
+        if chosen:
+            states = _score_sequentially(candidates, entries, chosen, settings, executor, batch_size=batch_size,
+                                         judge=judge, margin=tie_margin)
+    finally:
+        executor.close()
     if plan:
         from eval.plan import plan as plan_rows
         from eval.plan import print_plan
@@ -295,6 +298,7 @@ def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT
         return 0
     table, record = selection_report(candidates, Budget(train_budget_gib, infer_budget_gib),
                                      ranking=[(e.metric, e.weight) for _, e in entries])
+    record["executor"] = executor.describe()
     record["suite"] = {"name": spec.name, "file": str(spec.path), "sha256": sha256_file(spec.path)}
     record["sequential"] = [{"task": entries[k][0].name, "split": entries[k][1].split, "mode": entries[k][1].mode,
                              "size": st.size, "reason": st.reason, "stopped": st.stopped, "tied": st.tied or [],
@@ -315,19 +319,14 @@ def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT
     return 0 if record["winner"] else 1
 
 
-def _score_sequentially(candidates, entries, chosen, settings, conn, *, checkpoints, **options):
+def _score_sequentially(candidates, entries, chosen, settings, executor, *, batch_size, judge, margin):
     """Fill the chosen entries' runs of every candidate round by round (eval/sequential.py)."""
-    from eval.sequential import score_sequential
+    from eval.sequential import TIE_MARGIN, score_sequential
 
-    from eval.sequential import TIE_MARGIN
-
-    judge = options.pop("judge")
-    batch_size = options.pop("batch_size")
-    margin = options.pop("margin")
-    backends = {c.card.name: _backend(c.card, settings.model_store, checkpoint=(checkpoints or {}).get(c.card.name),
-                                      batch_size=batch_size, **options) for c in candidates}
-    runs, states, spent = score_sequential([c.card for c in candidates], entries, chosen, backends, conn,
-                                           data_dir=settings.resolved_data_dir, batch_size=batch_size, judge=judge,
+    backends = {c.card.name: executor.backend(c.card) for c in candidates}
+    runs, states, spent = score_sequential([c.card for c in candidates], entries, chosen, backends,
+                                           executor.connection(), data_dir=settings.resolved_data_dir,
+                                           batch_size=batch_size, judge=judge, executor=executor,
                                            margin=TIE_MARGIN if margin is None else margin)
     for cand in candidates:
         for k in chosen:
@@ -335,6 +334,8 @@ def _score_sequentially(candidates, entries, chosen, settings, conn, *, checkpoi
         seconds, computed = spent.get(cand.card.name, (0.0, 0))
         cand.seconds += seconds
         cand.items += computed
+    for backend in backends.values():
+        executor.done_with(backend)
     del backends
     gc.collect()
     return states

@@ -193,9 +193,11 @@ def sequential_entries(entries, sizes: list[int], design: str, candidates: int =
 
 
 def score_sequential(cards, entries, chosen: set[int], backends: dict, conn, *, data_dir, batch_size: int,
-                     judge=None, margin: float = TIE_MARGIN, progress=print) -> tuple[dict, dict[int, EntryState], dict[str, tuple[float, int]]]:
+                     judge=None, margin: float = TIE_MARGIN, progress=print,
+                     executor=None) -> tuple[dict, dict[int, EntryState], dict[str, tuple[float, int]]]:
     """Score the chosen entries round by round: ({(card name, entry index): run}, states,
-    {card name: (seconds, items computed)})."""
+    {card name: (seconds, items computed)}). `executor` (eval/executor.py): scores a round's
+    candidates at once where it can, each thread through its own store connection."""
     from eval.runner import run_task
     from eval.task import load_items
 
@@ -220,9 +222,13 @@ def score_sequential(cards, entries, chosen: set[int], backends: dict, conn, *, 
                 continue
             task, entry = entries[k]
             state.n = min(state.n + ROUND, state.size)
-            for name in state.active:
-                run = run_task(backends[name], task, entry.split, entry.mode, items[k], conn, chunk_size=batch_size,
-                               data_dir=data_dir, judge=judge, sequential=(ORDER_SEED, ROUND), upto=state.n)
+
+            def one(name, task=task, entry=entry, k=k, upto=state.n):
+                return name, run_task(backends[name], task, entry.split, entry.mode, items[k],
+                                      executor.connection() if executor else conn, chunk_size=batch_size,
+                                      data_dir=data_dir, judge=judge, sequential=(ORDER_SEED, ROUND), upto=upto)
+
+            for name, run in (executor.map(one, list(state.active)) if executor else map(one, state.active)):
                 runs[(name, k)] = _mark(run)
                 spent[name] = (spent[name][0] + run.seconds, spent[name][1] + run.computed)
             metric = entry.metric or (M.ACCURACY if entry.mode == "ppl" else task.metrics[0])

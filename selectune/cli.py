@@ -33,6 +33,8 @@ from eval.backends.base import DEFAULT_BATCH_SIZE
 
 REPO = Path(__file__).resolve().parents[1]
 GLOBAL_OPTIONS = ("config", "runs_dir", "cache_dir", "data_dir", "task_dirs", "judge_url", "judge_model")
+EXECUTOR_OPTIONS = ("executor", "ray_address", "cpus_per_model")
+"""Settings keys that the commands which score or train also take as flags."""
 QUIET_WARNINGS = [
     # transformers' own deprecation inside peft and Trainer, at every `make train`
     (r".*`is_gradient_checkpointing` is deprecated.*", FutureWarning),
@@ -62,6 +64,16 @@ def device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="default auto: bfloat16 on a GPU that has it and on a CPU that multiplies it "
                              "natively (AVX512-BF16, AMX), float32 elsewhere")
+
+
+def executor_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--executor", choices=["local", "ray"],
+                        help="where models run: local (default: here, one at a time) or ray (a Ray cluster; "
+                             "docs/scale.md)")
+    parser.add_argument("--ray-address", help="HOST:PORT of the Ray cluster's head (default: RAY_ADDRESS, else a "
+                                              "one-node Ray started on this machine)")
+    parser.add_argument("--cpus-per-model", type=positive_int,
+                        help="CPUs each model's Ray actor asks of its node (default 1)")
 
 
 def share(text: str) -> float:
@@ -117,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="batch size (concurrency over HTTP)")
     ev.add_argument("--base-url", action="append",
                     help="score a served model through its OpenAI-compatible API (gen mode); repeat it to spread "
-                         "the items over several servers of the same model")
+                         "the items over several servers of the same model (one Ray actor per server)")
     device_options(ev)
+    executor_options(ev)
 
     sel = command(sub, "select", "eval.select:select_command", "score the candidates on the suite and pick the winner")
     sel.add_argument("--models", help="comma-separated card names, checkpoint directories and name=URL endpoints "
@@ -140,11 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--detect", type=float, help="also plan for this difference, in the metric's units (0.05: 5 points)")
     sel.add_argument("--power", type=share, default=0.8, help="power the plan aims at (default 0.8)")
     device_options(sel)
+    executor_options(sel)
 
     tr = command(sub, "train", "train.pipeline:train_entry", "QLoRA-fine-tune a model, merge the adapter, check parity")
     tr.add_argument("--recipe", type=Path, default=REPO / "train" / "default.yaml")
     tr.add_argument("--model", help="card name (default: the recipe's, else the winner in selection.json)")
     tr.add_argument("--run-name", help="run name under runs/train/ (default: <recipe>-<model>)")
+    executor_options(tr)
+    tr.add_argument("--workers", type=positive_int, default=1,
+                    help="with --executor ray: training processes (Ray Train's TorchTrainer, DDP)")
 
     sv = command(sub, "serve", "serve.launcher:serve_command", "serve a model over an OpenAI-compatible API on 127.0.0.1")
     sv.add_argument("--model", help="card name (default: the newest merged model under runs/train/)")
@@ -177,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                     help="the local model's batch size")
     rs.add_argument("--min-agreement", type=float, default=0.98)
+    executor_options(rs)
 
     ch = command(sub, "chat", "serve.chat:chat_command", "chat in the terminal with the served model")
     ch.add_argument("--base-url")
@@ -235,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("command", "action"):
         options.pop(key, None)
     try:
-        settings = load_settings(options.pop("config"), **{k: options.pop(k) for k in GLOBAL_OPTIONS[1:]})
+        settings = load_settings(options.pop("config"), **{k: options.pop(k) for k in GLOBAL_OPTIONS[1:]},
+                                 **{k: options.pop(k) for k in EXECUTOR_OPTIONS if k in options})
         if settings.task_dirs:
             from eval.task import include_task_dirs
 

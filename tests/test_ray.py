@@ -1,0 +1,170 @@
+"""The Ray executor on a real three-node Ray cluster (tests/ray_cluster.py, one CPU a node, each
+cluster in a loopback-only network namespace), tiny checkpoints built here as the candidates: the
+same rows and the same selection as the local executor, a node lost mid-run, a candidate no node
+can hold, an address nobody answers."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from eval.executor import GIB, Placement, fits
+from tests.ray_cluster import run_scenario
+
+TASK = """name: pairs
+version: 1
+description: Same meaning? A = no, B = yes.
+data: {root: file, format: jsonl, splits: {dev: dev.jsonl, test: test.jsonl}, id_field: id}
+default_split: dev
+prompt: {user: "{{ a }} / {{ b }}\\nA. no\\nB. yes\\nAnswer:"}
+modes: [gen, ppl]
+choices: [A, B]
+label: {field: label}
+gen: {max_new_tokens: 3}
+parser: choice
+metrics: [accuracy]
+"""
+# dev: the fixed design in both modes; test (520 items): scored sequentially, a round at a time
+SUITE = """name: suite
+entries:
+  - {task: pairs.yaml, split: dev, mode: gen}
+  - {task: pairs.yaml, split: dev, mode: ppl}
+  - {task: pairs.yaml, split: test, mode: ppl}
+"""
+
+
+def _rows(n: int, offset: int) -> str:
+    return "".join(json.dumps({"id": k, "a": f"sentence {k}", "b": f"phrase {k % 7}", "label": "AB"[k % 3 == 0]})
+                   + "\n" for k in range(offset, offset + n))
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory) -> Path:
+    from tests.conftest import build_tiny_qwen2
+
+    folder = tmp_path_factory.mktemp("ray-select")
+    (folder / "dev.jsonl").write_text(_rows(48, 0), encoding="utf-8")
+    (folder / "test.jsonl").write_text(_rows(520, 1000), encoding="utf-8")
+    (folder / "pairs.yaml").write_text(TASK, encoding="utf-8")
+    (folder / "suite.yaml").write_text(SUITE, encoding="utf-8")
+    build_tiny_qwen2(folder / "a", initializer_range=0.2)
+    build_tiny_qwen2(folder / "b", initializer_range=1.0)
+    return folder
+
+
+def select_args(folder: Path, runs: str, *extra: str) -> list[str]:
+    return ["--runs-dir", str(folder / runs), "--cache-dir", str(folder / "cache"), "select",
+            "--suite", str(folder / "suite.yaml"), "--models", f"{folder / 'a'},{folder / 'b'}",
+            "--dtype", "float32", "--batch-size", "8", *extra]
+
+
+@pytest.fixture(scope="module")
+def local(user) -> Path:
+    """The local executor's run, on one thread as each actor runs (a one-CPU node): a product's
+    sums split over another number of threads can differ in the last bit."""
+    import torch
+
+    from selectune.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(select_args(user, "local")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return user / "local"
+
+
+def stored(runs: Path) -> list[tuple]:
+    with sqlite3.connect(runs / "results.sqlite") as conn:
+        return conn.execute("SELECT run_id, item_id, prompt, output, gold, parsed, scores_json FROM items"
+                            " ORDER BY run_id, item_id").fetchall()
+
+
+TIMINGS = {"seconds", "items_per_s"}
+
+
+def decision(runs: Path) -> dict:
+    """selection.json less what depends on the clock and on where the models ran."""
+    record = json.loads((runs / "selection.json").read_text(encoding="utf-8"))
+    for key in ("created", "executor"):
+        record.pop(key)
+    record["candidates"] = [{k: v for k, v in c.items() if k not in TIMINGS} for c in record["candidates"]]
+    return record
+
+
+def test_selection_on_three_nodes_equals_the_local_executor_row_for_row(user, local):
+    result = run_scenario("select", user, select_args(user, "ray"))
+    assert result["code"] == 0, json.dumps(result)
+    assert stored(user / "ray") == stored(local)
+    assert decision(user / "ray") == decision(local)
+    assert decision(local)["sequential"], "the suite must exercise the sequential rounds too"
+    executor = json.loads((user / "ray" / "selection.json").read_text(encoding="utf-8"))["executor"]
+    assert executor["name"] == "ray" and set(executor["nodes"]) == {"a", "b"}
+    assert executor["address"].startswith("127.0.0.1:")
+
+
+def test_a_node_lost_mid_run_restarts_its_candidate_elsewhere_and_changes_nothing(user, local):
+    total = len(stored(local))
+    result = run_scenario("node-lost", user, select_args(user, "lost"), remove_after=40)
+    assert result["code"] == 0, json.dumps(result)
+    assert result["removed"], f"no worker node held an actor: {result}"
+    assert 40 <= result["stored_at_removal"] < total, result  # removed mid-run, not after it
+    assert stored(user / "lost") == stored(local)  # every item once, none lost
+    assert decision(user / "lost") == decision(local)
+
+
+def test_a_candidate_no_node_can_hold_is_one_line_before_anything_is_scored(user):
+    result = run_scenario("select", user, select_args(user, "nogpu", "--device", "cuda"))
+    assert result["code"] == 2
+    assert result["stderr_last"].startswith("selectune: error: the Ray cluster at 127.0.0.1:")
+    assert "cannot hold a needs 1 CPU, 0.01 GiB memory, 1 GPU; b needs 1 CPU" in result["stderr_last"]
+    assert result["stderr_last"].endswith("0 GPU")
+    runs = user / "nogpu"
+    assert not (runs / "selection.json").exists()
+    assert not (runs / "results.sqlite").exists() or stored(runs) == []
+
+
+def test_an_unreachable_address_is_one_line(user, capsys):
+    from selectune.cli import main
+
+    code = main([*select_args(user, "unreachable"), "--executor", "ray", "--ray-address", "127.0.0.1:9"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "selectune: error: cannot reach the Ray cluster at 127.0.0.1:9: Connection refused"]
+
+
+def test_a_malformed_address_is_one_line(user, capsys):
+    from selectune.cli import main
+
+    code = main([*select_args(user, "malformed"), "--executor", "ray", "--ray-address", "head-node"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == ("selectune: error: --ray-address head-node: expected HOST:PORT "
+                                               "of the cluster's head (ray start --head prints it)")
+
+
+@pytest.mark.parametrize("need, node, expected", [
+    (Placement(1, 0.5), {"CPU": 1, "memory": GIB}, True),
+    (Placement(2, 0.5), {"CPU": 1, "memory": GIB}, False),
+    (Placement(1, 2.0), {"CPU": 4, "memory": GIB}, False),
+    (Placement(1, 0.5, 1), {"CPU": 4, "memory": 8 * GIB}, False),
+    (Placement(1, 0.5, 1), {"CPU": 4, "memory": 8 * GIB, "GPU": 1}, True),
+    (Placement(1, 1.0), {"CPU": 1, "memory": GIB}, True),
+])
+def test_a_node_fits_a_model_only_with_every_resource_it_asks(need, node, expected):
+    assert fits(need, node) is expected
+
+
+def test_the_local_executor_is_the_default_and_imports_no_ray(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = ("import sys; from core.settings import load_settings; from eval.executor import make_executor; "
+            "e = make_executor(load_settings(), None); print(e.name, 'ray' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.stdout.split() == ["local", "False"], done.stderr
