@@ -83,6 +83,15 @@ class LocalExecutor:
     def map(self, fn, args: list) -> list:
         return [fn(a) for a in args]
 
+    def servers(self, urls: list[str], model: str, concurrency: int):
+        """The HTTP backend for one server; several are the Ray executor's."""
+        from eval.backends.openai_http import OpenAIBackend
+
+        if len(urls) > 1:
+            raise UserError(f"{len(urls)} --base-url: spreading one model over several servers runs on the Ray "
+                            "executor (--executor ray: one actor per server)")
+        return OpenAIBackend(urls[0], model, concurrency=concurrency)
+
     def describe(self) -> dict:
         return {"name": self.name}
 
@@ -135,9 +144,11 @@ class RayExecutor:
                             f"{largest.get('GPU', 0):g} GPU")
 
     def open(self, cards, store: Path, *, make, checkpoints: dict | None = None, batch_size: int,
-             device: str, dtype: str) -> None:
+             device: str, dtype: str, scoring: bool = True) -> None:
         """Start one actor per card (an endpoint's backend is made here with `make`), all at once,
-        after checking that the cluster can hold every one; wait until each has its model."""
+        after checking that the cluster can hold every one; wait until each has its model.
+        `scoring`: "auto" dtype means what select and eval score in on the actor's node
+        (models.loading.scoring_dtype), else the HF backend's own "auto" (float32 on a CPU)."""
         import ray
 
         checkpoints = checkpoints or {}
@@ -153,7 +164,8 @@ class RayExecutor:
                 memory=int(placements[card.name].memory_gib * GIB),
                 max_restarts=RESTARTS, max_task_retries=RESTARTS,
             ).remote(card, str(store), str(checkpoint) if checkpoint else None,
-                     {"batch_size": batch_size, "device": device, "dtype": dtype}, placements[card.name].cpus)
+                     {"batch_size": batch_size, "device": device, "dtype": dtype, "scoring": scoring},
+                     placements[card.name].cpus)
             self._actors.append(actor)
             self.backends[card.name] = RemoteBackend(actor, card.name)
         for card in remote:
@@ -161,6 +173,16 @@ class RayExecutor:
 
     def backend(self, card):
         return self.backends[card.name]
+
+    def servers(self, urls: list[str], model: str, concurrency: int):
+        """One model served at several URLs: an actor per server, each chunk's requests dealt
+        out among them (request k to server k mod n), one run in the store."""
+        import ray
+
+        actors = [ray.remote(HTTPWorker).options(num_cpus=0, max_restarts=RESTARTS, max_task_retries=RESTARTS)
+                  .remote(url, model, concurrency) for url in urls]
+        self._actors += actors
+        return ServerPool(actors, urls, model)
 
     def done_with(self, backend) -> None:
         pass  # kept for the sequential rounds; close() ends every actor
@@ -265,7 +287,7 @@ def _worker_backend(card, store: Path, checkpoint: Path | None, options: dict):
                             "same path on every node: a shared filesystem)")
     else:
         provision(card, store)  # verifies the card's sha256 pins
-    dtype = scoring_dtype(options["dtype"], options["device"])
+    dtype = scoring_dtype(options["dtype"], options["device"]) if options["scoring"] else options["dtype"]
     return HFBackend(card, store, batch_size=options["batch_size"], device=options["device"], dtype=dtype,
                      checkpoint=checkpoint, lazy=True)
 
@@ -325,6 +347,42 @@ class RemoteBackend:
 
     def loglikelihood(self, requests) -> list[float]:
         return self._call("loglikelihood", requests)
+
+
+class HTTPWorker:
+    """The actor for one OpenAI-compatible server: it sends a share of each chunk's requests."""
+
+    def __init__(self, url: str, model: str, concurrency: int):
+        from eval.backends.openai_http import OpenAIBackend
+
+        self.backend = OpenAIBackend(url, model, concurrency=concurrency)
+
+    def generate(self, requests) -> list[str]:
+        return self.backend.generate(requests)
+
+
+class ServerPool:
+    """The backend protocol over HTTPWorker actors, one per server of the same model (`gen` only:
+    scoring `ppl` needs the model's prompt renderer)."""
+
+    def __init__(self, actors: list, urls: list[str], model: str):
+        self.actors = actors
+        self.identity = {"backend": "openai", "model": model,
+                         "base_url": sorted(u.rstrip("/") for u in urls) if len(urls) > 1 else urls[0].rstrip("/")}
+
+    def generate(self, requests) -> list[str]:
+        import ray
+
+        n = len(self.actors)
+        parts = ray.get([actor.generate.remote(requests[k::n]) for k, actor in enumerate(self.actors)])
+        out: list[str] = [""] * len(requests)
+        for k, part in enumerate(parts):
+            out[k::n] = part
+        return out
+
+    def loglikelihood(self, requests):
+        raise UserError("several servers score `gen` mode only (the log-likelihood needs the model's prompt "
+                        "renderer); use --mode gen")
 
 
 def make_executor(settings, conn):

@@ -221,11 +221,9 @@ def compute_outputs(backend, task: TaskSpec, mode: Mode, chunk: list[Item]) -> l
 def eval_command(settings, *, task: str, model: str, split: str | None = None, mode: list[str] | None = None,
                  limit: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE, base_url: list[str] | None = None,
                  device: str = "auto", dtype: str = "auto") -> int:
-    """`selectune eval`: one model on one task, resumable; prints the table of each mode."""
-    from tqdm import tqdm
-
-    from eval.judge import make_judge
-    from eval.summary import cells_of, render_table
+    """`selectune eval`: one model on one task, resumable; prints the table of each mode. On the
+    Ray executor the model runs in an actor, or each `base_url` server is sent its share by one."""
+    from eval.executor import make_executor
     from eval.task import load_items, resolve_task
 
     spec = resolve_task(task, Path.cwd())
@@ -233,18 +231,35 @@ def eval_command(settings, *, task: str, model: str, split: str | None = None, m
         spec = spec.model_copy(update={"limit": limit})  # keeps the file path (a private attr)
     split = split or spec.default_split
     items = load_items(spec, split, settings.resolved_data_dir)
-    if base_url:
-        from eval.backends import backend_class
+    conn = results.open_results(settings.runs_dir)
+    executor = make_executor(settings, conn)
+    try:
+        return _eval(settings, executor, spec, split, items, model=model, mode=mode, batch_size=batch_size,
+                     base_url=base_url, device=device, dtype=dtype)
+    finally:
+        executor.close()
 
-        backend = backend_class("openai")(base_url, model, concurrency=batch_size)
+
+def _eval(settings, executor, spec, split, items, *, model, mode, batch_size, base_url, device, dtype) -> int:
+    from tqdm import tqdm
+
+    from eval.judge import make_judge
+    from eval.summary import cells_of, render_table
+
+    if base_url:
+        backend = executor.servers(base_url, model, concurrency=batch_size)
     else:
         from eval.backends.hf import HFBackend
         from models.card import find_card
         from models.loading import scoring_dtype
 
-        backend = HFBackend(find_card(model), settings.model_store, batch_size=batch_size,
-                            device=device, dtype=scoring_dtype(dtype, device), lazy=True)
-    conn = results.open_results(settings.runs_dir)
+        card = find_card(model)
+        executor.open([card], settings.model_store, batch_size=batch_size, device=device,
+                      dtype=dtype if executor.name == "ray" else scoring_dtype(dtype, device),
+                      make=lambda c: HFBackend(c, settings.model_store, batch_size=batch_size, device=device,
+                                               dtype=scoring_dtype(dtype, device), lazy=True))
+        backend = executor.backend(card)
+    conn = executor.connection()
     judge = make_judge(settings)
     for one in mode or spec.modes:
         with tqdm(total=len(items), desc=f"{spec.name}-{split} {one}", unit="item") as bar:

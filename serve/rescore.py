@@ -217,6 +217,7 @@ def rescore(settings, target: Target, *, base_url: str, model_name: str, engine:
     from tqdm import tqdm
 
     from eval.backends.hf import HFBackend
+    from eval.executor import make_executor
     from eval.results import open_results
     from eval.runner import run_task
     from core.artifacts import RescoreRecord, write_artifact
@@ -236,21 +237,36 @@ def rescore(settings, target: Target, *, base_url: str, model_name: str, engine:
         # `transformers serve` runs each request's generate() on the same 2..16 CPU cores: parallel
         # requests only oversubscribe them. lmdeploy and vLLM batch concurrent requests.
         concurrency = {"lmdeploy": 8, "vllm": 4}.get(engine, 1)
-    local = HFBackend(local_card(target), settings.model_store, batch_size=batch_size, checkpoint=target.model_dir)
+    # Here the tokenizer alone (identity, token ids for the server); the weights load on first use.
+    local = HFBackend(local_card(target), settings.model_store, batch_size=batch_size, checkpoint=target.model_dir,
+                      lazy=True)
     served = served_backend(base_url, model_name, target, engine, concurrency, local.identity, max_retries,
                             split_ids=local.split_ids)
-    served_runs = []
-    for task, split, mode, items in work:
-        with tqdm(total=len(items), desc=f"served {task.name}-{split} {mode}", unit="item", leave=False) as bar:
-            # gen: one request per item; ppl: one per choice, all of a chunk's sent at once
-            chunk = concurrency if mode == "gen" else max(1, concurrency // len(task.choices or [None]))
-            served_runs.append(run_task(served, task, split, mode, items, conn, chunk_size=chunk,
-                                        data_dir=data_dir, progress=bar.update))
-    local_runs = []
-    for task, split, mode, items in work:
-        with tqdm(total=len(items), desc=f"local {task.name}-{split} {mode}", unit="item", leave=False) as bar:
-            local_runs.append(run_task(local, task, split, mode, items, conn, chunk_size=batch_size,
-                                       data_dir=data_dir, progress=bar.update))
+    executor = make_executor(settings, conn)
+    try:
+        # On Ray the local side runs in an actor (the merged directory at the same path on its node)
+        # while the driver sends the served side's requests: the two sides at once.
+        executor.open([local.card], settings.model_store, checkpoints={local.card.name: target.model_dir},
+                      batch_size=batch_size, device="auto", dtype="auto", scoring=False, make=lambda card: local)
+        local_side = executor.backend(local.card)
+
+        def side(which: str) -> list:
+            runs = []
+            for task, split, mode, items in work:
+                with tqdm(total=len(items), desc=f"{which} {task.name}-{split} {mode}", unit="item",
+                          leave=False) as bar:
+                    if which == "served":  # gen: one request per item; ppl: one per choice, a chunk's at once
+                        backend = served
+                        chunk = concurrency if mode == "gen" else max(1, concurrency // len(task.choices or [None]))
+                    else:
+                        backend, chunk = local_side, batch_size
+                    runs.append(run_task(backend, task, split, mode, items, executor.connection(), chunk_size=chunk,
+                                         data_dir=data_dir, progress=bar.update))
+            return runs
+
+        served_runs, local_runs = executor.map(side, ["served", "local"])
+    finally:
+        executor.close()
     gate = parity(list(zip(served_runs, local_runs)), min_agreement)
     gate["served_identity"] = {k: served.identity.get(k) for k in ("chat_template_sha256", "sampling_sha256",
                                                                    "weights_sha256")}

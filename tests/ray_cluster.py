@@ -7,10 +7,12 @@ tests run this module as a script there:
 
     unshare -n sh -c 'ip link set lo up && exec python -m tests.ray_cluster SCENARIO FOLDER'
 
-SCENARIO is `select` (the selectune command line in FOLDER/args.json, with `--executor ray`
-against a cluster of ray_nodes.json's nodes) or `node-lost` (the same, removing a worker node that
-holds a candidate's actor once FOLDER/runs has stored `remove_after` items). It prints one JSON line:
-the command's exit code, its stderr's last line and what was removed when.
+SCENARIO is `command` (the selectune command line in FOLDER/args.json, with `--executor ray`
+against a cluster of `nodes` nodes), `node-lost` (the same, removing a worker node that holds a
+model's actor once the runs directory has stored `remove_after` items) or `servers` (the command
+twice with a `--base-url` for each of `servers` stub OpenAI servers started here, counting the
+requests each received). It prints one JSON line: the command's exit code, its stderr's last line,
+what was removed when, the requests per server.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def namespace_problem() -> str | None:
 
 
 def run_scenario(scenario: str, folder: Path, args: list[str], *, nodes: int = 3, cpus: int = 1,
-                 remove_after: int | None = None, timeout: int = 300) -> dict:
+                 remove_after: int | None = None, servers: int = 0, serve_checkpoint: Path | None = None,
+                 timeout: int = 300) -> dict:
     """Run SCENARIO in its own loopback namespace; its JSON result (pytest skips, or fails under
     CI=true, where no namespace can be made)."""
     import pytest
@@ -50,7 +53,8 @@ def run_scenario(scenario: str, folder: Path, args: list[str], *, nodes: int = 3
         if os.environ.get("CI"):
             pytest.fail(f"CI must run the Ray tests, but no loopback-only namespace: {problem}")
         pytest.skip(f"no loopback-only network namespace: {problem}")
-    (folder / "args.json").write_text(json.dumps({"args": args, "nodes": nodes, "cpus": cpus,
+    (folder / "args.json").write_text(json.dumps({"args": args, "nodes": nodes, "cpus": cpus, "servers": servers,
+                                                  "serve_checkpoint": str(serve_checkpoint or ""),
                                                   "remove_after": remove_after}), encoding="utf-8")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
@@ -87,6 +91,51 @@ def _remove_a_busy_worker(cluster, runs: Path, after: int, record: dict) -> None
     record["removed"] = None
 
 
+def _cli(args: list[str]) -> tuple[int, str]:
+    """The command line in this process: (exit code, the last line it wrote to stderr)."""
+    import contextlib
+    import io
+
+    from selectune.cli import main as cli
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli(args)
+    return code, (err.getvalue().strip().splitlines() or [""])[-1]
+
+
+def stub_state(checkpoint: str):
+    """A stub OpenAI server's state: a tiny checkpoint's replies, served as `served-model`, or
+    always "B" without one."""
+    from eval.backends.fake import FakeBackend
+    from tests.openai_stub import StubState
+
+    if not checkpoint:
+        return StubState(FakeBackend(respond=lambda r: "B"))
+    from eval.backends.hf import HFBackend
+    from models.local import checkpoint_card
+
+    backend = HFBackend(checkpoint_card(Path(checkpoint)), Path(checkpoint).parent / "store", batch_size=1,
+                        checkpoint=Path(checkpoint))
+    return StubState(backend, models=("served-model",))
+
+
+def _with_servers(n: int, checkpoint: str, args: list[str], record: dict) -> None:
+    from tests.openai_stub import serve
+
+    states = [stub_state(checkpoint) for _ in range(n)]
+    servers = [serve(state) for state in states]
+    try:
+        urls = [x for _, url in servers for x in ("--base-url", url)]
+        record["code"], record["stderr_last"] = _cli([*args, *urls])
+        record["requests"] = [len(s.bodies) for s in states]
+        record["rerun_code"], _ = _cli([*args, *urls])
+        record["requests_after_rerun"] = [len(s.bodies) for s in states]
+    finally:
+        for server, _ in servers:
+            server.shutdown()
+
+
 def main(scenario: str, folder: str) -> int:
     from ray.cluster_utils import Cluster
 
@@ -106,15 +155,10 @@ def main(scenario: str, folder: str) -> int:
         watcher = threading.Thread(target=_remove_a_busy_worker, args=(cluster, runs, spec["remove_after"], record),
                                    daemon=True)
         watcher.start()
-    import contextlib
-    import io
-
-    from selectune.cli import main as cli
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        record["code"] = cli(args)
-    record["stderr_last"] = (err.getvalue().strip().splitlines() or [""])[-1]
+    if scenario == "servers":
+        _with_servers(spec["servers"], spec["serve_checkpoint"], args, record)
+    else:
+        record["code"], record["stderr_last"] = _cli(args)
     if watcher is not None:
         watcher.join(timeout=1)
     record["seconds"] = round(time.monotonic() - started, 1)

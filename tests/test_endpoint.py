@@ -136,24 +136,13 @@ def test_the_model_id_sent_is_the_name_when_served_else_the_only_one(name, serve
     assert (card.name, card.source.model, card.source.url, card.memory_gib) == (name, model, url, None)
 
 
-def test_one_run_spread_over_two_servers_stores_each_item_once(user_files, capsys):
-    from eval.backends.fake import FakeBackend
+def test_several_servers_without_the_ray_executor_are_one_line(user_files, capsys):
     from selectune.cli import main
 
-    states = [StubState(FakeBackend(respond=lambda r: "B")) for _ in range(2)]
-    servers = [serve(state) for state in states]
-    try:
-        args = ["--runs-dir", str(user_files / "runs"), "--cache-dir", str(user_files / "cache"), "eval",
-                "--task", str(user_files / "pairs.yaml"), "--model", "m", "--mode", "gen",
-                *[x for _, url in servers for x in ("--base-url", url)]]
-        assert main(args) == 0
-        served = [len(s.bodies) for s in states]
-        assert served == [3, 3]  # 6 items, alternately
-        assert main(args) == 0 and [len(s.bodies) for s in states] == served  # stored: nothing asked again
-    finally:
-        for server, _ in servers:
-            server.shutdown()
-    with sqlite3.connect(user_files / "runs" / "results.sqlite") as db:
-        ((n_runs,),), ((n_items,),) = db.execute("SELECT COUNT(*) FROM runs"), db.execute("SELECT COUNT(*) FROM items")
-    assert (n_runs, n_items) == (1, 6)
-    assert "pairs-dev" in capsys.readouterr().out
+    args = ["--runs-dir", str(user_files / "runs"), "--cache-dir", str(user_files / "cache"), "eval",
+            "--task", str(user_files / "pairs.yaml"), "--model", "m", "--mode", "gen",
+            "--base-url", "http://127.0.0.1:9", "--base-url", "http://127.0.0.1:10"]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == (
+        "selectune: error: 2 --base-url: spreading one model over several servers runs on the Ray executor "
+        "(--executor ray: one actor per server)")

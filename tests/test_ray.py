@@ -97,7 +97,7 @@ def decision(runs: Path) -> dict:
 
 
 def test_selection_on_three_nodes_equals_the_local_executor_row_for_row(user, local):
-    result = run_scenario("select", user, select_args(user, "ray"))
+    result = run_scenario("command", user, select_args(user, "ray"))
     assert result["code"] == 0, json.dumps(result)
     assert stored(user / "ray") == stored(local)
     assert decision(user / "ray") == decision(local)
@@ -118,7 +118,7 @@ def test_a_node_lost_mid_run_restarts_its_candidate_elsewhere_and_changes_nothin
 
 
 def test_a_candidate_no_node_can_hold_is_one_line_before_anything_is_scored(user):
-    result = run_scenario("select", user, select_args(user, "nogpu", "--device", "cuda"))
+    result = run_scenario("command", user, select_args(user, "nogpu", "--device", "cuda"))
     assert result["code"] == 2
     assert result["stderr_last"].startswith("selectune: error: the Ray cluster at 127.0.0.1:")
     assert "cannot hold a needs 1 CPU, 0.01 GiB memory, 1 GPU; b needs 1 CPU" in result["stderr_last"]
@@ -168,3 +168,49 @@ def test_the_local_executor_is_the_default_and_imports_no_ray(tmp_path):
             "e = make_executor(load_settings(), None); print(e.name, 'ray' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert done.stdout.split() == ["local", "False"], done.stderr
+
+
+def test_one_model_on_two_servers_is_one_run_with_each_item_stored_once(user):
+    runs = user / "servers"
+    args = ["--runs-dir", str(runs), "--cache-dir", str(user / "cache"), "eval", "--task", str(user / "pairs.yaml"),
+            "--model", "m", "--mode", "gen", "--limit", "6"]
+    result = run_scenario("servers", user, args, servers=2)
+    assert (result["code"], result["rerun_code"]) == (0, 0), json.dumps(result)
+    assert result["requests"] == [3, 3]  # 6 items dealt out between the two servers' actors
+    assert result["requests_after_rerun"] == [3, 3]  # stored: nothing asked again
+    with sqlite3.connect(runs / "results.sqlite") as db:
+        ((n_runs,),), ((n_items,),) = db.execute("SELECT COUNT(*) FROM runs"), db.execute("SELECT COUNT(*) FROM items")
+    assert (n_runs, n_items) == (1, 6)
+
+
+def test_rescore_on_the_cluster_stores_what_the_local_executor_stores(user, local):
+    """The local side in an actor on the cluster, the served side from the driver, both at once."""
+    import shutil
+
+    import torch
+
+    from selectune.cli import main
+    from tests.openai_stub import serve
+    from tests.ray_cluster import stub_state
+
+    def args(runs: str) -> list[str]:
+        (user / runs).mkdir()
+        shutil.copy(local / "selection.json", user / runs / "selection.json")  # the suite rescore reads
+        return ["--runs-dir", str(user / runs), "--cache-dir", str(user / "cache"), "rescore", "--checkpoint",
+                str(user / "a"), "--model", "smollm2-135m-instruct", "--served-model", "served-model",
+                "--tasks", "pairs", "--limit", "6", "--concurrency", "1", "--figure-concurrency", "1"]
+
+    server, url = serve(stub_state(str(user / "a")))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*args("rescore-local"), "--base-url", url]) == 0
+    finally:
+        torch.set_num_threads(threads)
+        server.shutdown()
+    result = run_scenario("servers", user, args("rescore-ray"), servers=1, serve_checkpoint=user / "a")
+    assert (result["code"], result["rerun_code"]) == (0, 0), json.dumps(result)
+    assert stored(user / "rescore-ray") == stored(user / "rescore-local")
+    assert len(stored(user / "rescore-ray")) == 2 * 2 * 6  # served and local, dev and test, 6 items each
+    (record,) = (user / "rescore-ray" / "serve").glob("rescore-*.json")
+    assert json.loads(record.read_text(encoding="utf-8"))["parity"]["passed"]

@@ -9,7 +9,6 @@ is refused with a clear error rather than scored wrongly.
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,20 +20,17 @@ _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
 
 class OpenAIBackend:
-    def __init__(self, base_url: str | list[str], model: str, *, api_key: str | None = None, concurrency: int = 4,
+    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, concurrency: int = 4,
                  timeout_s: float = 120.0, max_retries: int = 5, seed: int = 0,
                  render: Callable[[list[dict], str | None], str] | None = None, identity: dict | None = None,
                  split_ids: Callable[[LoglikelihoodRequest], tuple[list[int], list[int]]] | None = None):
-        """`base_url`: one server, or several serving the same model: request k goes to server
-        k mod n, each with `concurrency` requests in flight (one run, each item stored once).
-        `split_ids`: the model's own tokenization of a log-likelihood request, (context ids,
+        """`base_url`: the server, with `concurrency` requests in flight (several servers of one
+        model: the Ray executor's pool, eval/executor.py). `split_ids`: the model's own tokenization of a log-likelihood request, (context ids,
         continuation ids); with it the prompt is sent as token ids (lm-eval's tokenized requests),
         so the served model scores exactly the tokens the local one does."""
         import httpx
 
-        urls = [base_url] if isinstance(base_url, str) else list(base_url)
-        self.base_urls = [u.rstrip("/") for u in urls]
-        self.base_url = self.base_urls[0]
+        self.base_url = base_url.rstrip("/")
         self.model = model
         self.concurrency = concurrency
         self.max_retries = max_retries
@@ -42,17 +38,13 @@ class OpenAIBackend:
         self.render = render
         self.split_ids = split_ids
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.clients = [httpx.Client(base_url=u, headers=headers, timeout=timeout_s) for u in self.base_urls]
-        self.client = self.clients[0]
-        where = self.base_url if len(self.base_urls) == 1 else sorted(self.base_urls)
-        self.identity = {"backend": "openai", "model": model, "base_url": where, **(identity or {})}
-        self._local = threading.local()
+        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
+        self.identity = {"backend": "openai", "model": model, "base_url": self.base_url, **(identity or {})}
 
     def _post(self, path: str, body: dict) -> dict:
         import httpx
 
-        server = getattr(self._local, "server", 0)
-        client, url = self.clients[server], self.base_urls[server]
+        client, url = self.client, self.base_url
         for attempt in range(self.max_retries + 1):
             try:
                 response = client.post(path, json=body)
@@ -77,13 +69,8 @@ class OpenAIBackend:
         raise AssertionError("unreachable")
 
     def _map(self, fn, requests):
-        def on_server(k_request):
-            k, request = k_request
-            self._local.server = k % len(self.clients)
-            return fn(request)
-
-        with ThreadPoolExecutor(max_workers=self.concurrency * len(self.clients)) as pool:
-            return list(pool.map(on_server, enumerate(requests)))
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(fn, requests))
 
     def chat(self, messages: list[dict], *, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int | None = None, stop: list[str] | None = None) -> tuple[str, dict]:
