@@ -11,7 +11,8 @@ SCENARIO is `command` (the selectune command line in FOLDER/args.json, with `--e
 against a cluster of `nodes` nodes), `node-lost` (the same, removing a worker node that holds a
 model's actor once the runs directory has stored `remove_after` items) or `servers` (the command
 twice with a `--base-url` for each of `servers` stub OpenAI servers started here, counting the
-requests each received). It prints one JSON line: the command's exit code, its stderr's last line,
+requests each received), or `call` (the function `call` names, "module:function", with the
+cluster's address and `kwargs`; its return value is recorded). It prints one JSON line: the command's exit code, its stderr's last line,
 what was removed when, the requests per server.
 """
 
@@ -43,7 +44,7 @@ def namespace_problem() -> str | None:
 
 def run_scenario(scenario: str, folder: Path, args: list[str], *, nodes: int = 3, cpus: int = 1,
                  remove_after: int | None = None, servers: int = 0, serve_checkpoint: Path | None = None,
-                 timeout: int = 300) -> dict:
+                 call: str | None = None, kwargs: dict | None = None, timeout: int = 300) -> dict:
     """Run SCENARIO in its own loopback namespace; its JSON result (pytest skips, or fails under
     CI=true, where no namespace can be made)."""
     import pytest
@@ -55,6 +56,7 @@ def run_scenario(scenario: str, folder: Path, args: list[str], *, nodes: int = 3
         pytest.skip(f"no loopback-only network namespace: {problem}")
     (folder / "args.json").write_text(json.dumps({"args": args, "nodes": nodes, "cpus": cpus, "servers": servers,
                                                   "serve_checkpoint": str(serve_checkpoint or ""),
+                                                  "call": call, "kwargs": kwargs or {},
                                                   "remove_after": remove_after}), encoding="utf-8")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
@@ -155,7 +157,12 @@ def main(scenario: str, folder: str) -> int:
         watcher = threading.Thread(target=_remove_a_busy_worker, args=(cluster, runs, spec["remove_after"], record),
                                    daemon=True)
         watcher.start()
-    if scenario == "servers":
+    if scenario == "call":
+        import importlib
+
+        module, _, function = spec["call"].partition(":")
+        record["value"] = getattr(importlib.import_module(module), function)(cluster.address, **spec["kwargs"])
+    elif scenario == "servers":
         _with_servers(spec["servers"], spec["serve_checkpoint"], args, record)
     else:
         record["code"], record["stderr_last"] = _cli(args)

@@ -214,3 +214,57 @@ def test_rescore_on_the_cluster_stores_what_the_local_executor_stores(user, loca
     assert len(stored(user / "rescore-ray")) == 2 * 2 * 6  # served and local, dev and test, 6 items each
     (record,) = (user / "rescore-ray" / "serve").glob("rescore-*.json")
     assert json.loads(record.read_text(encoding="utf-8"))["parity"]["passed"]
+
+
+def train_on_cluster(address: str, model: str, data: str, out: str, batch: int, workers: int) -> int:
+    """Run in the cluster's namespace (tests/ray_cluster.py `call`): the trainer under Ray Train."""
+    from core.settings import load_settings
+    from tests.test_train import recipe
+    from train.cluster import train_on_ray
+
+    r = recipe(Path(data), quantization="none", compute_dtype="fp32", max_steps=3, save_steps=1000,
+               sample_steps=2, batch_size=batch)
+    settings = load_settings(executor="ray", ray_address=address)
+    result = train_on_ray(settings, r, model, Path(out), Path(data).parent, workers=workers, memory_gib=0.5)
+    return result.steps
+
+
+def test_two_ray_train_workers_make_the_adapter_one_process_makes(tmp_path):
+    """As tests/test_train_ddp.py checks `accelerate launch`: 2 workers x 2 rows against one process
+    with the global batch of 4, within the tolerance that test explains."""
+    import torch
+
+    from tests.conftest import build_tiny_qwen2
+    from tests.test_train import ROWS, adapter_weights, recipe
+    from train.trainer import run_training
+
+    model = build_tiny_qwen2(tmp_path / "model", initializer_range=0.2)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS), encoding="utf-8")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_training(recipe(data, quantization="none", compute_dtype="fp32", max_steps=3, save_steps=1000,
+                            sample_steps=2, batch_size=4), str(model), tmp_path / "one", tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    result = run_scenario("call", tmp_path, [], call="tests.test_ray:train_on_cluster", kwargs={
+        "model": str(model), "data": str(data), "out": str(tmp_path / "two"), "batch": 2, "workers": 2})
+    assert result["value"] == 3
+    one, two = adapter_weights(tmp_path / "one" / "adapter"), adapter_weights(tmp_path / "two" / "adapter")
+    assert two.keys() == one.keys()
+    for key, value in one.items():
+        torch.testing.assert_close(two[key], value, rtol=1e-3, atol=5e-4, msg=lambda m, key=key: f"{key}: {m}")
+    records = [json.loads(line) for line in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r and "sample" not in r] == [1, 2, 3]  # one writer
+
+
+def test_several_training_workers_without_the_ray_executor_are_one_line(tmp_path, capsys):
+    from selectune.cli import main
+
+    code = main(["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"), "train",
+                 "--recipe", "train/quick.yaml", "--model", "smollm2-135m-instruct", "--workers", "2"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "selectune: error: --workers 2: several training workers run on the Ray executor (--executor ray; or "
+        "`accelerate launch`, docs/training.md)")

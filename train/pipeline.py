@@ -121,13 +121,17 @@ def with_suite_samples(recipe: Recipe, settings: Settings) -> Recipe:
         update={"tasks": [*recipe.samples.tasks, *extra]})})
 
 
-def train_command(settings: Settings, recipe: Recipe, model_name: str | None, run_name: str | None) -> dict:
+def train_command(settings: Settings, recipe: Recipe, model_name: str | None, run_name: str | None,
+                  workers: int = 1) -> dict:
     from eval.results import open_results
     from models.card import find_card
     from models.store import provision
     from train.merge import merge_adapter
     from train.trainer import run_training
 
+    if workers > 1 and settings.executor != "ray":
+        raise UserError(f"--workers {workers}: several training workers run on the Ray executor (--executor "
+                        "ray; or `accelerate launch`, docs/training.md)")
     recipe = with_suite_samples(recipe, settings)
     card = find_card(resolve_model(recipe, model_name, settings.workspace))
     manifest = provision(card, settings.model_store)
@@ -144,10 +148,16 @@ def train_command(settings: Settings, recipe: Recipe, model_name: str | None, ru
     merged_card = card.model_copy(update={"name": f"{card.name}+{run_dir.name}", "chat_template": "tokenizer",
                                           "add_bos": False})
     probe = probe_entries(recipe, selection, settings.resolved_data_dir)
-    result = run_training(recipe, manifest["checkpoint"], run_dir, settings.resolved_data_dir,
-                          trust_remote_code=card.trust_remote_code, synth_root=settings.workspace.synth_root,
-                          eval_texts=texts, probe=probe if recipe.checkpoint_selection.enabled else None,
-                          probe_card=merged_card)
+    options = dict(trust_remote_code=card.trust_remote_code, synth_root=settings.workspace.synth_root,
+                   eval_texts=texts, probe=probe if recipe.checkpoint_selection.enabled else None,
+                   probe_card=merged_card)
+    if settings.executor == "ray":
+        from train.cluster import train_on_ray
+
+        result = train_on_ray(settings, recipe, manifest["checkpoint"], run_dir, settings.resolved_data_dir,
+                              workers=workers, memory_gib=card.memory_gib.qlora_train, **options)
+    else:
+        result = run_training(recipe, manifest["checkpoint"], run_dir, settings.resolved_data_dir, **options)
     if (choice := result.checkpoint_choice) is not None:
         print(f"checkpoint: merging step {choice['chosen_step']} of {choice['final_step']}: {choice['reason']}")
     checked = [e for e in probe if e.role == "check"]
@@ -210,9 +220,11 @@ def train_command(settings: Settings, recipe: Recipe, model_name: str | None, ru
     return summary
 
 
-def train_entry(settings: Settings, *, recipe: Path, model: str | None = None, run_name: str | None = None) -> int:
-    """`selectune train` (`make train`): exits non-zero when the merge fails its parity check."""
+def train_entry(settings: Settings, *, recipe: Path, model: str | None = None, run_name: str | None = None,
+                workers: int = 1) -> int:
+    """`selectune train` (`make train`): exits non-zero when the merge fails its parity check.
+    `workers`: Ray Train workers on the Ray executor (train/cluster.py)."""
     from train.recipe import load_recipe
 
-    summary = train_command(settings, load_recipe(recipe), model, run_name)
+    summary = train_command(settings, load_recipe(recipe), model, run_name, workers)
     return 0 if summary["parity"]["passed"] else 1
