@@ -77,6 +77,9 @@ class LocalExecutor:
         del backend
         gc.collect()
 
+    def between_rounds(self, backend) -> None:
+        pass  # the sequential rounds keep every candidate's model loaded
+
     def connection(self):
         return self.conn
 
@@ -110,6 +113,7 @@ class RayExecutor:
         self._local = threading.local()
         self._actors: list = []
         self.backends: dict = {}
+        self.slots, self.keep = 1, True
 
     def connection(self):
         """This thread's own connection to the results store (SQLite connections are per thread)."""
@@ -118,12 +122,6 @@ class RayExecutor:
 
             self._local.conn = open_results(self.runs_dir)
         return self._local.conn
-
-    def map(self, fn, args: list) -> list:
-        if len(args) <= 1:
-            return [fn(a) for a in args]
-        with ThreadPoolExecutor(max_workers=len(args)) as pool:
-            return list(pool.map(fn, args))
 
     def placement(self, card, device: str, dtype: str) -> Placement:
         gpus = 1 if device.startswith("cuda") or (device == "auto" and _cluster_gpus() > 0) else 0
@@ -145,34 +143,74 @@ class RayExecutor:
 
     def open(self, cards, store: Path, *, make, checkpoints: dict | None = None, batch_size: int,
              device: str, dtype: str, scoring: bool = True) -> None:
-        """Start one actor per card (an endpoint's backend is made here with `make`), all at once,
-        after checking that the cluster can hold every one; wait until each has its model.
+        """Check that the cluster can hold every card's model (one line if not), then how many at
+        once: that many candidates are scored at a time. Where all fit, each actor starts once
+        and lives until close(); where not, an actor is ended when its candidate's turn (or a
+        sequential round) ends, to make room. An endpoint's backend is made here with `make`.
         `scoring`: "auto" dtype means what select and eval score in on the actor's node
         (models.loading.scoring_dtype), else the HF backend's own "auto" (float32 on a CPU)."""
-        import ray
-
         checkpoints = checkpoints or {}
-        local = [c for c in cards if c.is_endpoint]
         remote = [c for c in cards if not c.is_endpoint]
         placements = {c.name: self.placement(c, device, dtype) for c in remote}
         self.check_fits(placements)
-        self.backends = {c.name: make(c) for c in local}
+        self.slots = max(1, self.room(list(placements.values())))
+        self.keep = self.slots >= len(remote)
+        self.backends = {c.name: make(c) for c in cards if c.is_endpoint}
+        options = {"batch_size": batch_size, "device": device, "dtype": dtype, "scoring": scoring}
         for card in remote:
             checkpoint = checkpoints.get(card.name)
-            actor = ray.remote(ScoringWorker).options(
-                num_cpus=placements[card.name].cpus, num_gpus=placements[card.name].gpus,
-                memory=int(placements[card.name].memory_gib * GIB),
-                max_restarts=RESTARTS, max_task_retries=RESTARTS,
-            ).remote(card, str(store), str(checkpoint) if checkpoint else None,
-                     {"batch_size": batch_size, "device": device, "dtype": dtype, "scoring": scoring},
-                     placements[card.name].cpus)
-            self._actors.append(actor)
-            self.backends[card.name] = RemoteBackend(actor, card.name)
-        for card in remote:
-            self.backends[card.name].start(expected_weights(card, store, checkpoints.get(card.name)))
+            self.backends[card.name] = RemoteBackend(card, store, checkpoint, options, placements[card.name],
+                                                     expected_weights(card, store, checkpoint))
+        if self.keep:  # start every actor at once: models load in parallel
+            self.map(lambda b: b.ensure(), [b for b in self.backends.values() if isinstance(b, RemoteBackend)])
+
+    def room(self, placements: list[Placement]) -> int:
+        """How many of these models the alive nodes hold at once (first fit, largest first)."""
+        import ray
+
+        free = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+        placed = 0
+        for p in sorted(placements, key=lambda p: (-p.gpus, -p.memory_gib)):
+            for node in free:
+                if fits(p, node):
+                    node["CPU"] = node.get("CPU", 0) - p.cpus
+                    node["memory"] = node.get("memory", 0) - p.memory_gib * GIB
+                    node["GPU"] = node.get("GPU", 0) - p.gpus
+                    placed += 1
+                    break
+        return placed
 
     def backend(self, card):
         return self.backends[card.name]
+
+    def map(self, fn, args: list) -> list:
+        """fn over args, as many at once as the cluster holds models (threads of the driver)."""
+        workers = min(len(args), getattr(self, "slots", len(args)))
+        if workers <= 1:
+            return [fn(a) for a in args]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(fn, args))
+
+    def done_with(self, backend) -> None:
+        """A candidate's turn (or round) is over: end its actor unless every model fits at once."""
+        if isinstance(backend, RemoteBackend) and not self.keep:
+            backend.stop()
+
+    between_rounds = done_with
+
+    def describe(self) -> dict:
+        return {"name": self.name, "address": self.address,
+                "nodes": {name: b.node for name, b in self.backends.items() if isinstance(b, RemoteBackend)}}
+
+    def close(self) -> None:
+        for backend in self.backends.values():
+            if isinstance(backend, RemoteBackend):
+                backend.stop()
+        for actor in self._actors:
+            import ray
+
+            ray.kill(actor)
+        self._actors.clear()
 
     def servers(self, urls: list[str], model: str, concurrency: int):
         """One model served at several URLs: an actor per server, each chunk's requests dealt
@@ -183,20 +221,6 @@ class RayExecutor:
                   .remote(url, model, concurrency) for url in urls]
         self._actors += actors
         return ServerPool(actors, urls, model)
-
-    def done_with(self, backend) -> None:
-        pass  # kept for the sequential rounds; close() ends every actor
-
-    def describe(self) -> dict:
-        return {"name": self.name, "address": self.address,
-                "nodes": {name: b.node for name, b in self.backends.items() if isinstance(b, RemoteBackend)}}
-
-    def close(self) -> None:
-        import ray
-
-        for actor in self._actors:
-            ray.kill(actor)
-        self._actors.clear()
 
 
 def expected_weights(card, store: Path, checkpoint: Path | None) -> str | None:
@@ -293,26 +317,56 @@ def _worker_backend(card, store: Path, checkpoint: Path | None, options: dict):
 
 
 class RemoteBackend:
-    """The backend protocol on the driver, over a ScoringWorker actor."""
+    """The backend protocol on the driver, over a ScoringWorker actor started on first use."""
 
-    def __init__(self, actor, name: str):
-        self.actor, self.name = actor, name
-        self.identity: dict = {}
+    def __init__(self, card, store: Path, checkpoint: Path | None, options: dict, placement: Placement,
+                 weights: str | None):
+        self.card, self.name = card, card.name
+        self.store, self.checkpoint, self.options, self.placement, self.weights = (
+            store, checkpoint, options, placement, weights)
+        self.actor = None
+        self._identity: dict | None = None
         self._hash: str | None = None
         self.node: str | None = None
+        self._lock = threading.Lock()
 
-    def start(self, weights: str | None = None) -> RemoteBackend:
-        """Wait for the actor; one line if its model cannot run there or its weights are not the pin."""
+    @property
+    def identity(self) -> dict:
+        self.ensure()
+        return self._identity
+
+    def ensure(self) -> RemoteBackend:
+        """Start the actor if it is not running; one line if its model cannot run on the node it
+        got, its weights are not the pin, or it scores differently from the run's first actor."""
         import ray
 
-        identity, problem, self.node = ray.get(self.actor.setup.remote())
-        if problem:
-            raise UserError(problem)
-        if weights and identity.get("weights_sha256") != weights:
-            raise UserError(f"node {self.node}: {self.name}'s weights (sha256 {identity.get('weights_sha256')}) "
-                            f"differ from the pin here ({weights}); provision it again there")
-        self.identity, self._hash = identity, identity_hash(identity)
-        return self
+        with self._lock:
+            if self.actor is not None:
+                return self
+            p = self.placement
+            self.actor = ray.remote(ScoringWorker).options(
+                num_cpus=p.cpus, num_gpus=p.gpus, memory=int(p.memory_gib * GIB),
+                max_restarts=RESTARTS, max_task_retries=RESTARTS,
+            ).remote(self.card, str(self.store), str(self.checkpoint) if self.checkpoint else None, self.options, p.cpus)
+            identity, problem, self.node = ray.get(self.actor.setup.remote())
+            if problem:
+                raise UserError(problem)
+            if self.weights and identity.get("weights_sha256") != self.weights:
+                raise UserError(f"node {self.node}: {self.name}'s weights (sha256 {identity.get('weights_sha256')}) "
+                                f"differ from the pin here ({self.weights}); provision it again there")
+            if self._hash is not None and identity_hash(identity) != self._hash:
+                raise UserError(f"node {self.node}: {self.name} scores differently there (another dtype or device) "
+                                "from where its run started; rerun with --dtype and --device set")
+            self._identity, self._hash = identity, identity_hash(identity)
+            return self
+
+    def stop(self) -> None:
+        import ray
+
+        with self._lock:
+            if self.actor is not None:
+                ray.kill(self.actor)
+                self.actor = None
 
     def _call(self, method: str, requests):
         """The actor's outputs for `requests`. A call is a pure function of its requests, so one
@@ -326,7 +380,7 @@ class RemoteBackend:
         waited = 0.0
         while True:
             try:
-                got, outputs = ray.get(getattr(self.actor, method).remote(requests))
+                got, outputs = ray.get(getattr(self.ensure().actor, method).remote(requests))
                 break
             except ActorUnavailableError:
                 if waited >= UNAVAILABLE_S:

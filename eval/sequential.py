@@ -224,9 +224,12 @@ def score_sequential(cards, entries, chosen: set[int], backends: dict, conn, *, 
             state.n = min(state.n + ROUND, state.size)
 
             def one(name, task=task, entry=entry, k=k, upto=state.n):
-                return name, run_task(backends[name], task, entry.split, entry.mode, items[k],
-                                      executor.connection() if executor else conn, chunk_size=batch_size,
-                                      data_dir=data_dir, judge=judge, sequential=(ORDER_SEED, ROUND), upto=upto)
+                run = run_task(backends[name], task, entry.split, entry.mode, items[k],
+                               executor.connection() if executor else conn, chunk_size=batch_size,
+                               data_dir=data_dir, judge=judge, sequential=(ORDER_SEED, ROUND), upto=upto)
+                if executor:
+                    executor.between_rounds(backends[name])
+                return name, run
 
             for name, run in (executor.map(one, list(state.active)) if executor else map(one, state.active)):
                 runs[(name, k)] = _mark(run)

@@ -117,6 +117,15 @@ def test_a_node_lost_mid_run_restarts_its_candidate_elsewhere_and_changes_nothin
     assert decision(user / "lost") == decision(local)
 
 
+def test_more_candidates_than_the_cluster_holds_at_once_take_turns(user, local):
+    """One node of one CPU, two candidates: each actor is ended when its turn or round ends, so
+    the other can be placed (kept alive, the second would wait for the first for ever)."""
+    result = run_scenario("command", user, select_args(user, "turns"), nodes=1)
+    assert result["code"] == 0, json.dumps(result)
+    assert stored(user / "turns") == stored(local)
+    assert decision(user / "turns") == decision(local)
+
+
 def test_a_candidate_no_node_can_hold_is_one_line_before_anything_is_scored(user):
     result = run_scenario("command", user, select_args(user, "nogpu", "--device", "cuda"))
     assert result["code"] == 2
