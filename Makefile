@@ -30,7 +30,7 @@ SELECTUNE := $(PY) -m selectune --runs-dir $(RUNS_DIR) $(if $(CACHE_DIR),--cache
 	$(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 .PHONY: help setup opencompass-venv vllm-venv lmdeploy-venv browser models cards data select train serve serve-stop rescore chat report review data-synth test \
-	bench bench-eval bench-serve bench-train bench-kill crosscheck-opencompass clean
+	bench bench-eval bench-serve bench-train bench-ray bench-kill crosscheck-opencompass clean
 
 help: ## one line per target
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 10
@@ -151,6 +151,10 @@ bench-serve: $(STAMP) $(VLLM_STAMP) ## serving speed: vLLM's CPU engine vs trans
 
 bench-train: $(STAMP) ## our trainer vs trl's SFTTrainer: tokens/s and peak memory, same model and data (BENCH_ARGS="--repeats 3")
 	$(PY) bench/train_speed.py $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(BENCH_ARGS)
+
+bench-ray: $(STAMP) ## make select: local executor vs Ray clusters on this machine, ratios (loopback-only namespace; BENCH_ARGS=)
+	unshare -n sh -c 'ip link set lo up && exec $(PY) bench/ray_select.py $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) \
+		$(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(BENCH_ARGS)'
 
 KILLS ?= 10
 bench-kill: $(STAMP) ## kill harness: SIGKILL select, train, rescore, data-synth at random points, rerun, compare (KILLS=)

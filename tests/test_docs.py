@@ -66,3 +66,35 @@ def test_the_readme_is_a_guide_not_a_log():
     assert {p.name for p in (REPO / "docs").glob("*.md")} <= linked | {"benchmarks.md"}, "a doc no one links to"
     for name in linked:
         assert (REPO / "docs" / name).is_file(), f"README links to docs/{name}, which does not exist"
+
+
+def test_the_scale_page_commands_are_real():
+    """docs/scale.md's commands: each `python -m selectune` line parses, each `ray start` flag is
+    one that `ray start --help` lists, and each make variable is one the Makefile reads."""
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from selectune.cli import build_parser
+
+    text = (REPO / "docs" / "scale.md").read_text(encoding="utf-8")
+    lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in block.splitlines()]
+    ray = Path(sys.executable).parent / "ray"
+    ray_help = subprocess.run([str(ray), "start", "--help"], capture_output=True, text=True).stdout
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    seen = set()
+    for line in filter(None, lines):
+        words = shlex.split(line)
+        if line.startswith("python -m selectune"):
+            build_parser().parse_args(words[3:])  # exits (fails the test) on an unknown flag
+            seen.add("selectune")
+        elif line.startswith(".venv/bin/ray start"):
+            unknown = [f for f in re.findall(r"(--[a-z-]+)", line) if f not in ray_help]
+            assert not unknown, f"`ray start` has no {unknown}"
+            seen.add("ray")
+        elif words[0] == "make":
+            for name in (w.split("=")[0] for w in words[2:]):
+                assert re.search(rf"\$\({name}\)", makefile), f"the Makefile reads no {name}"
+            seen.add("make")
+    assert seen == {"selectune", "ray", "make"}

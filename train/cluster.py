@@ -52,7 +52,8 @@ def train_on_ray(settings, recipe, checkpoint: str, run_dir: Path, data_dir: Pat
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from eval.executor import connect, fits, Placement
+    from eval.actors import Placement
+    from eval.executor import connect, fits
 
     address = connect(settings.ray_address)
     use_gpu = ray.cluster_resources().get("GPU", 0) >= workers
