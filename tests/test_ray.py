@@ -277,3 +277,33 @@ def test_several_training_workers_without_the_ray_executor_are_one_line(tmp_path
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "selectune: error: --workers 2: several training workers run on the Ray executor (--executor ray; or "
         "`accelerate launch`, docs/training.md)")
+
+
+def refuse_other_weights(address: str, checkpoint: str) -> str:
+    """Run in the cluster's namespace: an actor whose weights are not the driver's pin."""
+    from core.errors import UserError
+    from eval.actors import Placement, RemoteBackend
+    from eval.executor import connect
+    from models.local import checkpoint_card
+
+    connect(address)
+    card = checkpoint_card(Path(checkpoint))
+    backend = RemoteBackend(card, Path(checkpoint).parent / "store", Path(checkpoint),
+                            {"batch_size": 2, "device": "cpu", "dtype": "float32", "scoring": True},
+                            Placement(1, 0.01), weights="0" * 64)
+    try:
+        backend.ensure()
+    except UserError as exc:
+        return str(exc)
+    finally:
+        backend.stop()
+    return "no error"
+
+
+def test_a_node_whose_weights_differ_from_the_pin_refuses_with_one_line(user):
+    result = run_scenario("call", user, [], nodes=1, call="tests.test_ray:refuse_other_weights",
+                          kwargs={"checkpoint": str(user / "a")})
+    message = result["value"]
+    assert message.startswith("node 127.0.0.1 (") and "\n" not in message, message
+    assert "): a's weights (sha256 " in message
+    assert message.endswith(f"differ from the pin here ({'0' * 64}); provision it again there")
