@@ -139,7 +139,7 @@ class TaskSpec(NamedConfig):
     reference_field: str | None = None
     """Field holding the reference answer for open-ended tasks: a string, or a list of them
     (several references: each metric takes the best)."""
-    normalize: list[Literal["nfkc", "case", "punctuation", "whitespace", "numerals"]] = []
+    normalize: list[Literal["nfkc", "case", "punctuation", "articles", "whitespace", "numerals"]] = []
     """Applied to reply and references before exact_match, contains, F1, ROUGE-L, BLEU and chrF:
     NFKC, lower case, punctuation removed, whitespace collapsed, Chinese numerals before a unit
     to digits (cn2an)."""

@@ -82,3 +82,47 @@ def test_text_metric(case):
     got = text_scores([case["metric"]], case["reply"], case["references"], steps=case["normalize"],
                       pattern=case.get("regex"))
     assert got[case["metric"]] == pytest.approx(case["expected"], abs=1e-9)
+
+
+SQUAD = ["case", "punctuation", "articles", "whitespace"]
+
+
+@pytest.mark.parametrize("reply, reference", [
+    ("The Eiffel Tower", "eiffel tower"),                 # articles and case
+    ("a cat and an owl", "the cat and owl"),             # a/an/the only as whole words
+    ("Theatre and Anne", "theatre anne"),                # ...never inside a word
+    ("$1,000", "1000"),                                  # ASCII punctuation that is a symbol ($)
+    ("price: $5 + tax", "5 tax"),                        # + and $ are ASCII punctuation too
+    ("Beyoncé's  album", "beyonces album"),
+    ("«Le Monde»", "le monde"),                          # Unicode punctuation
+    ("1990s", "the 1990s decade"),
+])
+def test_exact_match_and_token_f1_equal_the_official_squad_scorer(reply, reference):
+    """MLQA's official scorer in English (shipped by lm-eval) is SQuAD's normalisation with Unicode
+    punctuation removed as well: our metrics under SQUAD must equal it item by item."""
+    from lm_eval.tasks.mlqa.utils import exact_match_score, f1_score
+
+    from eval.scorers.text import text_scores
+
+    got = text_scores(["exact_match", "token_f1"], reply, [reference], steps=SQUAD)
+    assert got["exact_match"] == float(exact_match_score(reply, reference, "en"))
+    assert got["token_f1"] == pytest.approx(f1_score(reply, reference, "en"), abs=1e-12)
+
+
+def test_when_both_sides_normalise_to_nothing_token_f1_follows_squad_v2():
+    """SQuAD v2's scorer gives 1 when the answer and the reference are both empty after
+    normalisation (v1.1's and MLQA's give 0, having no such case): ours gives 1."""
+    from eval.scorers.text import text_scores
+
+    for reply, reference in [("an", "the"), ("the the the", "The."), ("", "a")]:
+        got = text_scores(["exact_match", "token_f1"], reply, [reference], steps=SQUAD)
+        assert got == {"exact_match": 1.0, "token_f1": 1.0}, (reply, reference)
+
+
+def test_without_articles_token_f1_differs_from_the_official_scorer():
+    from lm_eval.tasks.mlqa.utils import f1_score
+
+    from eval.scorers.text import text_scores
+
+    got = text_scores(["token_f1"], "the cat", ["a cat"], steps=["case", "punctuation", "whitespace"])
+    assert got["token_f1"] == 0.5 and f1_score("the cat", "a cat", "en") == 1.0

@@ -5,6 +5,7 @@ ROUGE-L, BLEU, chrF, length), with declared normalisation."""
 from __future__ import annotations
 
 import re
+import string
 import unicodedata
 from collections import Counter
 
@@ -30,8 +31,15 @@ def degenerate(reply: str) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Metrics any text task can name: the reply against one or more references.
 
-NORMALIZERS = ("nfkc", "case", "punctuation", "whitespace", "numerals")
-"""What `normalize:` in a task may list, applied in this order (to the reply and the references)."""
+NORMALIZERS = ("nfkc", "case", "punctuation", "articles", "whitespace", "numerals")
+"""What `normalize:` in a task may list, applied in this order (to the reply and the references).
+`[case, punctuation, articles, whitespace]` is the normalisation of SQuAD's and NQ-open's
+official scorers (lower-case, punctuation out, the English articles a/an/the out, whitespace
+collapsed); `punctuation` removes Unicode punctuation and ASCII's punctuation characters, as
+MLQA's official scorer does."""
+
+_PUNCTUATION = set(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 _UNITS = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W_]+", re.UNICODE)
@@ -43,7 +51,9 @@ def normalize(text: str, steps) -> str:
     if "case" in steps:
         text = text.lower()
     if "punctuation" in steps:
-        text = "".join(c for c in text if not unicodedata.category(c).startswith("P"))
+        text = "".join(c for c in text if c not in _PUNCTUATION and not unicodedata.category(c).startswith("P"))
+    if "articles" in steps:
+        text = _ARTICLES.sub(" ", text)
     if "whitespace" in steps:
         text = " ".join(text.split())
     if "numerals" in steps:
