@@ -188,8 +188,11 @@ class ServerPool:
 
     def __init__(self, actors: list, urls: list[str], model: str):
         self.actors = actors
+        from eval.backends.openai_http import greedy_sampling, sampling_sha256
+
         self.identity = {"backend": "openai", "model": model,
-                         "base_url": sorted(u.rstrip("/") for u in urls) if len(urls) > 1 else urls[0].rstrip("/")}
+                         "base_url": sorted(u.rstrip("/") for u in urls) if len(urls) > 1 else urls[0].rstrip("/"),
+                         "sampling_sha256": sampling_sha256(greedy_sampling(0))}  # what HTTPWorker sends
 
     def generate(self, requests) -> list[str]:
         import ray

@@ -28,14 +28,15 @@ from pathlib import Path
 
 from eval.backends.base import DEFAULT_BATCH_SIZE
 from core.errors import UserError
-from core.files import sha256_text
 from serve.launcher import Target
 from serve.stream import SAMPLING, stream_chat
 
 
 
 def sampling_sha256() -> str:
-    return sha256_text(json.dumps(SAMPLING, sort_keys=True))
+    from eval.backends.openai_http import sampling_sha256 as sha
+
+    return sha(SAMPLING)
 
 
 def local_card(target: Target):
@@ -88,9 +89,8 @@ def served_backend(base_url: str, model_name: str, target: Target, engine: str, 
         "base_url": f"served:{engine}",
         "weights_sha256": local_identity["weights_sha256"],
         "chat_template_sha256": local_identity["chat_template_sha256"],
-        "sampling_sha256": sampling_sha256(),
-    }
-    return OpenAIBackend(base_url, model_name, concurrency=concurrency, seed=SAMPLING["seed"], identity=identity,
+    }  # the backend adds the hash of the sampling parameters its requests send
+    return OpenAIBackend(base_url, model_name, concurrency=concurrency, sampling=SAMPLING, identity=identity,
                          max_retries=max_retries, split_ids=split_ids)
 
 

@@ -71,3 +71,34 @@ def test_server_without_logprobs_is_refused(local, server):
     _, url = server(logprobs=False)
     with pytest.raises(UserError, match="returns no prompt logprobs"):
         OpenAIBackend(url, "tiny", render=local.render).loglikelihood([LoglikelihoodRequest(MSGS[0], "A")])
+
+
+@pytest.mark.parametrize("sampling", [None, {"temperature": 0.0, "top_p": 1.0, "seed": 7},
+                                      {"temperature": 0.5, "top_p": 0.9, "seed": 0}])
+def test_the_identity_hashes_the_sampling_the_requests_send(local, server, sampling):
+    from eval.backends.openai_http import greedy_sampling, sampling_sha256
+
+    state, url = server()
+    client = OpenAIBackend(url, "tiny", sampling=sampling)
+    client.generate([GenRequest(MSGS[0], 2)])
+    client.render = local.render
+    client.loglikelihood([LoglikelihoodRequest(MSGS[0], "A")])
+    for body in state.bodies:
+        sent = {k: body[k] for k in ("temperature", "top_p", "seed")}
+        assert client.identity["sampling_sha256"] == sampling_sha256(sent)
+    default = OpenAIBackend(url, "tiny").identity["sampling_sha256"]
+    assert (client.identity["sampling_sha256"] == default) == (sampling in (None, greedy_sampling(0)))
+
+
+def test_the_served_run_identity_changes_with_a_sent_parameter(monkeypatch):
+    import serve.rescore as rescore
+    from serve.launcher import Target
+
+    target = Target(None, find_card("smollm2-135m-instruct"), "m")
+    local_identity = {"weights_sha256": "w", "chat_template_sha256": "c"}
+    before = rescore.served_backend("http://127.0.0.1:9", "m", target, "vllm", 1, local_identity)
+    assert before.identity["sampling_sha256"] == rescore.sampling_sha256()  # the local side's, as pinned
+    monkeypatch.setattr(rescore, "SAMPLING", {**rescore.SAMPLING, "top_p": 0.95})
+    after = rescore.served_backend("http://127.0.0.1:9", "m", target, "vllm", 1, local_identity)
+    assert after.sampling["top_p"] == 0.95
+    assert after.identity["sampling_sha256"] != before.identity["sampling_sha256"]

@@ -19,9 +19,23 @@ from core.errors import UserError
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
 
+def greedy_sampling(seed: int) -> dict:
+    """The sampling parameters every scoring request (generate, log-likelihood) sends."""
+    return {"temperature": 0.0, "top_p": 1.0, "seed": seed}
+
+
+def sampling_sha256(sampling: dict) -> str:
+    """The hash a run's identity records of the sampling parameters its requests send."""
+    import json
+
+    from core.files import sha256_text
+
+    return sha256_text(json.dumps(sampling, sort_keys=True))
+
+
 class OpenAIBackend:
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, concurrency: int = 4,
-                 timeout_s: float = 120.0, max_retries: int = 5, seed: int = 0,
+                 timeout_s: float = 120.0, max_retries: int = 5, seed: int = 0, sampling: dict | None = None,
                  render: Callable[[list[dict], str | None], str] | None = None, identity: dict | None = None,
                  split_ids: Callable[[LoglikelihoodRequest], tuple[list[int], list[int]]] | None = None):
         """`base_url`: the server, with `concurrency` requests in flight (several servers of one
@@ -39,7 +53,10 @@ class OpenAIBackend:
         self.split_ids = split_ids
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
-        self.identity = {"backend": "openai", "model": model, "base_url": self.base_url, **(identity or {})}
+        self.sampling = dict(sampling) if sampling is not None else greedy_sampling(seed)
+        # What the requests send, hashed here, so a run's identity changes with any sent value.
+        self.identity = {"backend": "openai", "model": model, "base_url": self.base_url, **(identity or {}),
+                         "sampling_sha256": sampling_sha256(self.sampling)}
 
     def _post(self, path: str, body: dict) -> dict:
         import httpx
@@ -87,15 +104,17 @@ class OpenAIBackend:
         return cut_at_stop(text, stop or []), reply.get("usage") or {}
 
     def _chat(self, request: GenRequest) -> str:
-        return self.chat(request.messages, max_tokens=request.max_new_tokens, stop=request.stop)[0]
+        return self.chat(request.messages, max_tokens=request.max_new_tokens, stop=request.stop,
+                         temperature=self.sampling["temperature"], top_p=self.sampling["top_p"],
+                         seed=self.sampling["seed"])[0]
 
     def generate(self, requests: list[GenRequest]) -> list[str]:
         return self._map(self._chat, requests)
 
     def _loglikelihood_ids(self, request: LoglikelihoodRequest) -> float:
         ctx, cont = self.split_ids(request)
-        body = {"model": self.model, "prompt": [*ctx, *cont], "max_tokens": 1, "temperature": 0.0,
-                "echo": True, "logprobs": 1, "seed": self.seed}
+        body = {"model": self.model, "prompt": [*ctx, *cont], "max_tokens": 1, "echo": True, "logprobs": 1,
+                **self.sampling}
         values = (self._post("/v1/completions", body)["choices"][0].get("logprobs") or {}).get("token_logprobs")
         if not values or len(values) < len(ctx) + len(cont) or any(v is None for v in values[len(ctx):][:len(cont)]):
             raise UserError(f"{self.base_url}: the server returns no prompt logprobs, so `ppl` mode "
@@ -106,8 +125,8 @@ class OpenAIBackend:
         if self.split_ids is not None:
             return self._loglikelihood_ids(request)
         context = self.render(request.messages, request.raw)
-        body = {"model": self.model, "prompt": context + request.continuation, "max_tokens": 1,
-                "temperature": 0.0, "echo": True, "logprobs": 1, "seed": self.seed}
+        body = {"model": self.model, "prompt": context + request.continuation, "max_tokens": 1, "echo": True,
+                "logprobs": 1, **self.sampling}
         choice = self._post("/v1/completions", body)["choices"][0]
         logprobs = choice.get("logprobs") or {}
         offsets, values = logprobs.get("text_offset"), logprobs.get("token_logprobs")
