@@ -245,7 +245,12 @@ def connect(address: str | None) -> str:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:
         raise UserError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
-    ray.init(address=address, **quiet)
+    try:
+        ray.init(address=address, **quiet)
+    except (ConnectionError, RuntimeError, ray.exceptions.RayError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot join the Ray cluster at {address}: {first} (a cluster with token authentication "
+                        "needs RAY_AUTH_MODE=token and its token here: docs/scale.md)") from None
     return address
 
 

@@ -307,3 +307,30 @@ def test_a_node_whose_weights_differ_from_the_pin_refuses_with_one_line(user):
     assert message.startswith("node 127.0.0.1 (") and "\n" not in message, message
     assert "): a's weights (sha256 " in message
     assert message.endswith(f"differ from the pin here ({'0' * 64}); provision it again there")
+
+
+def test_a_cluster_that_refuses_the_driver_is_one_line(monkeypatch):
+    """A head with token authentication refuses a driver without its token: ray.init raises
+    after its retries (seen with `ray start --head` and no RAY_AUTH_MODE here); one line."""
+    import socket
+
+    import ray
+
+    from core.errors import UserError
+    from eval.executor import connect
+
+    def refuse(**kwargs):
+        raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:{port}\nmore")
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    try:
+        with pytest.raises(UserError) as caught:
+            connect(f"127.0.0.1:{port}")
+    finally:
+        listener.close()
+    assert str(caught.value) == (
+        f"cannot join the Ray cluster at 127.0.0.1:{port}: Failed to connect to Ray cluster at 127.0.0.1:{{port}} "
+        "(a cluster with token authentication needs RAY_AUTH_MODE=token and its token here: docs/scale.md)")
