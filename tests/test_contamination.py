@@ -102,7 +102,7 @@ def test_a_planted_duplicate_stops_training_with_one_line_and_an_allowing_recipe
     assert len(err) == 1 and "training conversation " in err[0] and "mine.jsonl:1" in err[0]
     assert "duplicates evaluation item faq/test:9 (question: n-gram containment 100%" in err[0]
     assert "contamination.allow: true" in err[0]
-    assert not (tmp_path / "runs" / "train" / f"train-{CARD}" / "summary.json").exists()
+    assert not (tmp_path / "runs" / "train" / f"train-{CARD}").exists()  # a refused run leaves nothing
 
     (my / "train.yaml").write_text(recipe + "contamination: {allow: true}\n", encoding="utf-8")
     assert main([*args, "train", "--recipe", str(my / "train.yaml")]) == 0

@@ -151,13 +151,22 @@ def train_command(settings: Settings, recipe: Recipe, model_name: str | None, ru
     options = dict(trust_remote_code=card.trust_remote_code, synth_root=settings.workspace.synth_root,
                    eval_texts=texts, probe=probe if recipe.checkpoint_selection.enabled else None,
                    probe_card=merged_card)
-    if settings.executor == "ray":
-        from train.cluster import train_on_ray
+    fresh = not run_dir.exists()
+    try:
+        if settings.executor == "ray":
+            from train.cluster import train_on_ray
 
-        result = train_on_ray(settings, recipe, manifest["checkpoint"], run_dir, settings.resolved_data_dir,
-                              workers=workers, memory_gib=card.memory_gib.qlora_train, **options)
-    else:
-        result = run_training(recipe, manifest["checkpoint"], run_dir, settings.resolved_data_dir, **options)
+            result = train_on_ray(settings, recipe, manifest["checkpoint"], run_dir, settings.resolved_data_dir,
+                                  workers=workers, memory_gib=card.memory_gib.qlora_train, **options)
+        else:
+            result = run_training(recipe, manifest["checkpoint"], run_dir, settings.resolved_data_dir, **options)
+    except UserError:
+        # Refused before any checkpoint (bad data, contamination, an early divergence): leave nothing.
+        if fresh and not any(run_dir.glob("checkpoints/checkpoint-*")):
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     if (choice := result.checkpoint_choice) is not None:
         print(f"checkpoint: merging step {choice['chosen_step']} of {choice['final_step']}: {choice['reason']}")
     checked = [e for e in probe if e.role == "check"]
