@@ -60,6 +60,12 @@ class Workspace:
     def train_summary(run_dir: Path) -> Path:
         return run_dir / "summary.json"
 
+    @staticmethod
+    def merged_model(run_dir: Path) -> Path:
+        """A training run's merged checkpoint, found from the run's folder wherever the runs
+        directory is and whatever folder the command started in."""
+        return run_dir / "merged"
+
     def train_summaries(self) -> list[Path]:
         """Finished training runs' summaries, oldest first."""
         return sorted(self.train_dir.glob("*/summary.json"), key=lambda p: p.stat().st_mtime)

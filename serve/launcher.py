@@ -69,11 +69,9 @@ def resolve_target(settings, *, card_name: str | None = None, checkpoint: Path |
         raise UserError(f"{settings.workspace.train_dir}: no finished training run; run `make train`, "
                         "or name a model with --model / --checkpoint")
     path, summary = newest
-    # summary paths are relative to the directory `make train` ran in: the repository root
-    merged = Path(summary["merged"])
+    merged = settings.workspace.merged_model(path.parent)  # not summary["merged"]: that is as `make train` ran
     if not (merged / "config.json").is_file():
-        raise UserError(f"{path}: merged model {merged} not found (run from the repository root, "
-                        "or pass --checkpoint DIR)")
+        raise UserError(f"{path}: merged model {merged} not found (pass --checkpoint DIR)")
     return Target(merged.resolve(), find_card(summary["model"]), summary["merged_model"])
 
 

@@ -231,7 +231,7 @@ def test_make_serve_runs_in_the_background_rescore_chat_then_stop(tiny, tmp_path
     assert not state.exists() and not server.alive()
 
 
-def test_serve_defaults_to_the_newest_merged_model(tiny, tmp_path, shared_data):
+def test_serve_defaults_to_the_newest_merged_model(tiny, tmp_path, shared_data, monkeypatch):
     from core.artifacts import TrainSummary, write_artifact
     from serve.launcher import resolve_target
 
@@ -248,6 +248,13 @@ def test_serve_defaults_to_the_newest_merged_model(tiny, tmp_path, shared_data):
     write_artifact(run / "summary.json", TrainSummary, summary)
     with pytest.raises(UserError, match="merged model .* not found"):
         resolve_target(settings)
-    write_artifact(run / "summary.json", TrainSummary, {**summary, "merged": str(tiny[0])})
+    # As `make train` records it (relative to where it ran), read from another folder: the run's
+    # own merged/ is found through the runs directory.
+    import shutil
+
+    shutil.copytree(tiny[0], run / "merged")
+    write_artifact(run / "summary.json", TrainSummary, {**summary, "merged": "runs/train/default-x/merged"})
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     target = resolve_target(settings)
-    assert target.model_dir == tiny[0] and target.label == "qwen2.5-coder-0.5b-instruct+default-x"
+    assert target.model_dir == (run / "merged").resolve() and target.label == "qwen2.5-coder-0.5b-instruct+default-x"

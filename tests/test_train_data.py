@@ -218,3 +218,30 @@ def test_a_users_file_with_its_own_column_names(tmp_path, suffix):
         [{"role": "user", "content": "能退款吗？"}, {"role": "assistant", "content": "7天内可以"}]]
     with pytest.raises(UserError, match=r"qa\.\w+: column 'question' named in `columns` is not in the data"):
         load_conversations(path, columns={"question": "prompt"})
+
+
+def test_a_synth_source_is_read_from_the_runs_directory_given_wherever_the_command_starts(tmp_path, monkeypatch):
+    """`{synth: NAME}` reads RUNS_DIR/synth/NAME (a `--runs-dir` elsewhere), not ./runs/synth."""
+    from core.artifacts import SynthProvenance, write_artifact
+    from core.workspace import Workspace
+    from train.recipe import Recipe
+    from train.trainer import source_conversations
+
+    runs = tmp_path / "elsewhere" / "runs"
+    folder = Workspace(runs).synth_root / "fact"
+    folder.mkdir(parents=True)
+    rows = [{"messages": [{"role": "user", "content": f"问{k}"}, {"role": "assistant", "content": f"答{k}"}]}
+            for k in range(3)]
+    write(folder / "data.jsonl", rows)
+    write_artifact(folder / "provenance.json", SynthProvenance, {
+        "recipe": "synth/fact.yaml", "recipe_sha256": None, "teacher": {}, "templates_sha256": {},
+        "context_sha256": None, "sampling": {}, "seed": 0, "seeds_sha256": "0" * 64, "counts": {}, "removed": {},
+        "budget": {}, "stopped": None, "complete": True, "format": "messages", "data": "data.jsonl",
+        "data_sha256": "0" * 64, "git_revision": None})
+    recipe = Recipe.model_validate({"name": "s", "data": [{"synth": "fact"}]})
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    got = source_conversations(recipe, tmp_path, CleaningReport(), Workspace(runs).synth_root)
+    assert [c.messages[-1]["content"] for c in got] == ["答0", "答1", "答2"]
+    with pytest.raises(UserError, match="data source synth 'fact' is read from the runs directory"):
+        source_conversations(recipe, tmp_path, CleaningReport())

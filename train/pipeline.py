@@ -170,7 +170,7 @@ def train_command(settings: Settings, recipe: Recipe, model_name: str | None, ru
     if (choice := result.checkpoint_choice) is not None:
         print(f"checkpoint: merging step {choice['chosen_step']} of {choice['final_step']}: {choice['reason']}")
     checked = [e for e in probe if e.role == "check"]
-    merged_dir = run_dir / "merged"
+    merged_dir = settings.workspace.merged_model(run_dir)
     prompts = [c.messages[:-1] for c in (result.data.split["val"] or result.data.split["train"])]
     prompts = prompts[: recipe.parity.items]
     provenance = {

@@ -210,7 +210,10 @@ def synth_output(name: str, synth_root: Path | None, recipe_file: Path) -> tuple
     """The data file and format a complete `make data-synth` run of that recipe name wrote."""
     from core.artifacts import SynthProvenance, read_artifact
 
-    folder = (synth_root or Path("runs/synth")) / name
+    if synth_root is None:
+        raise UserError(f"{recipe_file}: data source synth '{name}' is read from the runs directory: train "
+                        "through `selectune train`, which names it")
+    folder = synth_root / name
     provenance = folder / "provenance.json"
     if not provenance.is_file():
         raise UserError(f"{recipe_file}: data source synth '{name}': {provenance} not found; run "
