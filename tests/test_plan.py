@@ -80,7 +80,9 @@ def test_plan_through_the_command_line_scores_a_pilot_and_writes_no_selection(tm
     assert main([*args, "--plan", "--pilot", "0.5", "--detect", "0.1"]) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("- pairs-dev ppl accuracy:"))
-    assert "on 20 pilot items" in line and "split (40 items)" in line or "the split is large enough" in line
+    assert line == ("- pairs-dev ppl accuracy: a - b = 0.0 on 20 pilot items (discordance 0.00): no gap or no "
+                    "variation in the pilot to plan from; the split (40 items) cannot separate them: it detects only "
+                    "gaps of about 22.1")
     assert not (tmp_path / "runs" / "selection.json").exists()
     with pytest.raises(SystemExit) as exit_:
         main([*args, "--plan", "--pilot", "1.5"])

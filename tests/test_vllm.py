@@ -98,5 +98,6 @@ def test_a_killed_rescore_stops_the_server_it_started(tmp_path, shared_data, sig
     while _server_pids(model_dir) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _server_pids(model_dir) == [], f"server left running after {sig.name}: {out[-500:]}"
-    assert proc.returncode == (128 + signal.SIGTERM if sig == signal.SIGTERM else 130) or proc.returncode != 0, out
+    # SIGTERM unwinds as sys.exit(128 + 15); Python ends an unhandled Ctrl-C by SIGINT itself
+    assert proc.returncode == (128 + signal.SIGTERM if sig == signal.SIGTERM else -signal.SIGINT), out
     assert log.stat().st_size > 0
