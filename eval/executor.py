@@ -225,7 +225,8 @@ def _cluster_gpus() -> float:
 
 def connect(address: str | None) -> str:
     """Join the cluster at `address` (host:port of its head), or start a one-node Ray on this
-    machine, bound to 127.0.0.1, when there is none; an unreachable address is one line."""
+    machine with 127.0.0.1 as its node address when there is none; an unreachable address, or a
+    cluster that refuses this driver, is one line."""
     import os
 
     import ray
