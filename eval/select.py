@@ -22,7 +22,7 @@ from eval.backends.base import DEFAULT_BATCH_SIZE
 from eval.circular import SPLIT_SUFFIX, circular_summary, rotations
 from eval.runner import RunSummary, git_revision, run_task
 from eval.stats import ALPHA, compare
-from eval.summary import Cell, cells_of, per_fact_recall, primary_metric, render_table
+from eval.summary import Cell, cells_of, comparison_text, per_fact_recall, primary_metric, render_table
 from eval.suite import DEFAULT_SUITE, SuiteEntry, load_suite
 from eval.task import TaskSpec, load_items
 from models.card import ModelCard
@@ -351,10 +351,10 @@ def print_decision(record: dict) -> None:
         print(f"- {reason}")
     for other, comps in record.get("comparisons_vs_best", {}).items():
         for comp in comps:
-            print(f"  {record['best_mean_rank']} - {other} on {comp['task']}-{comp['split']} "
-                  f"{comp['mode']} {comp['metric']}: {comp['diff']:+.3f} "
-                  f"[{comp['ci95'][0]:+.3f}, {comp['ci95'][1]:+.3f}], p={comp['p_value']:.3g} "
-                  f"({comp['test']}; detectable at n={comp['n']}: {comp['mde']:.3f})")
+            t = comparison_text(comp)
+            print(f"  {record['best_mean_rank']} - {other} on {comp['task']}-{comp['split']} {comp['mode']} "
+                  f"{comp['metric']}: {t['diff_text']} {t['ci']}, p {t['p_text']} ({comp['test']}; "
+                  f"detectable at n={comp['n']}: {t['mde_text']}): {comp['verdict']} for {record['best_mean_rank']}")
     for entry in record.get("sequential", []):
         print(f"sequential {entry['task']}-{entry['split']} {entry['mode']}: {entry['reason']}; items scored: "
               + ", ".join(f"{m} {n}" for m, n in entry["items"].items()))

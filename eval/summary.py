@@ -73,6 +73,27 @@ def fmt_value(metric: str, value: float, decimals: int = 2) -> str:
     return f"{value * 100:.1f}" if metric in PERCENT else f"{value:.{decimals}f}"
 
 
+def fmt_diff(metric: str, value: float) -> str:
+    """A difference, signed."""
+    return ("+" if value >= 0 else "") + fmt_value(metric, value)
+
+
+def fmt_ci(metric: str, low: float, high: float) -> str:
+    return f"[{fmt_value(metric, low)}, {fmt_value(metric, high)}]"
+
+
+def fmt_p(p: float | None) -> str:
+    return "-" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def comparison_text(record: dict) -> dict:
+    """A stored comparison (`Comparison.record`) in the one number format, for the terminal and the
+    pages alike."""
+    metric = record["metric"]
+    return {"diff_text": fmt_diff(metric, record["diff"]), "ci": fmt_ci(metric, *record["ci95"]),
+            "p_text": fmt_p(record["p_value"]), "mde_text": fmt_value(metric, record["mde"])}
+
+
 def fmt(metric: str, e: Estimate) -> str:
     """A table cell: the mean and its 95% CI."""
     return f"{fmt_value(metric, e.mean, 1)} [{fmt_value(metric, e.low, 1)}, {fmt_value(metric, e.high, 1)}]"

@@ -23,7 +23,7 @@ from eval.sequential import anytime_compare, can_be_sequential, mean_sequence, p
 from eval.suite import entries_with_role
 from eval.runner import RunSummary
 from eval.stats import Estimate, bootstrap_mean, compare
-from eval.summary import PERCENT, fmt_value, metrics_of, primary_metric
+from eval.summary import PERCENT, comparison_text, fmt_ci, fmt_diff, fmt_value, metrics_of, primary_metric
 from eval.task import find_task, load_task
 from core.errors import UserError
 from core.store import open_store
@@ -91,10 +91,6 @@ def check_side_by_side(runs: list[Run], what: str) -> None:
                             "and not the same ones")
 
 
-def fmt_ci(metric: str, low: float, high: float) -> str:
-    return f"[{fmt_value(metric, low)}, {fmt_value(metric, high)}]"
-
-
 def _estimate(metric: str, e: Estimate) -> dict:
     return {"mean": e.mean, "low": e.low, "high": e.high, "n": e.n, "text": fmt_value(metric, e.mean),
             "ci": fmt_ci(metric, e.low, e.high)}
@@ -105,7 +101,7 @@ def _comparison(metric: str, a: list[float], b: list[float], sequential: bool = 
     a sequentially scored entry)."""
     c = anytime_compare(a, b, metric) if sequential else compare(a, b, binary=metric in M.BINARY)
     return {**c.record(metric), "low": c.low, "high": c.high,
-            "diff_text": ("+" if c.diff >= 0 else "") + fmt_value(metric, c.diff),
+            "diff_text": fmt_diff(metric, c.diff),
             "ci": fmt_ci(metric, c.low, c.high), "mde_text": fmt_value(metric, c.mde)}
 
 
@@ -129,7 +125,8 @@ class Leaderboard:
     rows: list[dict]
     """One per (task, split, mode, metric): cells per model."""
     significance: list[dict]
-    """Each candidate against the winner on each entry's metrics."""
+    """The decision's comparisons (selection.json's `comparisons_vs_best`): the best mean rank
+    against each other candidate on each entry's ranked metric."""
     charts: list[dict]
     """One per entry's primary metric: per-model mean and CI, for the error-bar plot."""
     selection: dict
@@ -169,35 +166,28 @@ def leaderboard(conn, selection: dict, named_in: str) -> Leaderboard:
             rows.append({"task": entry[0], "split": entry[1], "mode": entry[2], "metric": metric,
                          "version": some.task_sha256[:6], "cells": cells,
                          "primary": metric == metrics[0]})
-            if winner in per_model:
-                for m, r in per_model.items():
-                    if m == winner:
-                        continue
-                    a, b = paired(r.summary, per_model[winner].summary, metric)
-                    significance.append({"task": entry[0], "split": entry[1], "mode": entry[2], "metric": metric,
-                                         "model": m, "n": len(a), **_comparison(metric, a, b, sequential)})
         primary = next(r for r in rows if r["primary"] and (r["task"], r["split"], r["mode"]) == entry)
         charts.append({"title": f"{entry[0]}-{entry[1]} {entry[2]} {primary['metric']}", "metric": primary["metric"],
                        "scale": 100.0 if primary["metric"] in PERCENT else 1.0,
                        "bars": [{"model": m, **cell} for m, cell in primary["cells"].items()]})
-    mde, seen = [], set()
-    for s in significance:
-        key = (s["task"], s["split"], s["mode"], s["metric"])
-        if key in seen or s["metric"] != metrics_of_entry(by_entry, key):
-            continue
-        seen.add(key)
-        unit = " points" if s["metric"] in PERCENT else ""
-        mde.append(f"{s['task']}-{s['split']} {s['mode']} {s['metric']}: with {s['n']} paired items, differences "
-                   f"smaller than about {s['mde_text']}{unit} cannot be told apart from chance "
-                   "(80% power, alpha 0.05); a candidate within that of the winner is not shown to be worse.")
+    best = selection.get("best_mean_rank")
+    for model, comps in selection.get("comparisons_vs_best", {}).items():
+        significance += [{"model": model, **c, **comparison_text(c),
+                          "candidate": _verdict_for_candidate(c)} for c in comps]
+    mde = [f"{s['task']}-{s['split']} {s['mode']} {s['metric']}: with {s['n']} paired items, differences "
+           f"smaller than about {s['mde_text']}{' points' if s['metric'] in PERCENT else ''} cannot be told "
+           f"apart from chance (80% power, alpha 0.05); a candidate within that of {best} is not shown to be worse."
+           for s in {(s["task"], s["split"], s["mode"]): s for s in reversed(significance)}.values()]
     shown = [b for b in BASELINE_COLUMNS if any(b in r["cells"] for r in rows)]
     return Leaderboard(models, winner, rows, significance, charts, selection,
                        [r for model_runs in runs.values() for r in model_runs], mde, shown, notes)
 
 
-def metrics_of_entry(by_entry: dict, key: tuple) -> str:
-    """The primary metric of the entry (task, split, mode) in key."""
-    return metrics_of(next(iter(by_entry[key[:3]].values())).summary)[0]
+def _verdict_for_candidate(record: dict) -> str:
+    """A comparison's verdict read from the other candidate's side (the record's is the best's)."""
+    if not record["significant"]:
+        return "not shown to differ"
+    return "significantly worse" if record["better"] else "significantly better"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -202,3 +202,35 @@ def test_report_without_a_store_is_one_line(tmp_path, capsys):
     assert main(["--runs-dir", str(tmp_path / "none"), "report"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no results store; run `make select` first" in err
+
+
+def test_the_leaderboard_shows_the_comparisons_that_decided_when_a_smaller_tied_model_wins(tmp_path):
+    """qwen 0.5b is best (40/40), smollm tied (36/40, McNemar p = 0.125) and smaller, so it wins; the
+    page must compare against the best mean rank, as the decision did, not against the winner."""
+    from core.artifacts import Selection, write_artifact
+    from core.workspace import Workspace
+    from eval.results import open_results
+    from eval.select import Budget, selection_report
+    from tests.test_select import _candidate
+    from tests.test_runner import make_task
+
+    task, items = make_task(tmp_path, n=40)
+    runs_dir = tmp_path / "runs"
+    conn = open_results(runs_dir)
+    candidates = [_candidate("qwen2.5-coder-0.5b-instruct", set(), task, items, conn),
+                  _candidate("smollm2-135m-instruct", {1, 2, 3, 4}, task, items, conn),
+                  _candidate("gemma3-270m", set(range(12)), task, items, conn)]
+    conn.close()
+    _, record = selection_report(candidates, Budget(train_gib=2.3, infer_gib=16))
+    assert (record["best_mean_rank"], record["winner"]) == ("qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct")
+    write_artifact(Workspace(runs_dir).selection, Selection, record)
+    build_report(runs_dir)
+    rows = [[td.strip() for td in re.findall(r"<td[^>]*>(.*?)</td>", tr)] for tr in re.findall(
+        r"<tr>(.*?)</tr>", (runs_dir / "report" / "leaderboard.html").read_text(encoding="utf-8")
+        .split('id="vs-best"')[1].split("</table>")[0])]
+    # best - candidate: +10.0 points on 4 discordant items (p 0.125), +30.0 on 12 (p < 0.001)
+    assert sorted((r[0], r[5], r[7], r[10]) for r in rows if r) == [
+        ("gemma3-270m", "+30.0", "&lt; 0.001", "significantly worse"),
+        ("smollm2-135m-instruct", "+10.0", "0.125", "not shown to differ")]
+    assert sorted((m, c["diff"], c["p_value"]) for m, cs in record["comparisons_vs_best"].items() for c in cs) == [
+        ("gemma3-270m", 0.3, pytest.approx(0.00048828125)), ("smollm2-135m-instruct", 0.1, 0.125)]
