@@ -6,7 +6,7 @@ EXISTS, so a store from then opens as version 1 with its rows untouched; later m
 order. A store of a newer
 version than this code knows is refused with one line. The tables, by owner of their rows:
 results (runs, items, judge_verdicts: eval/results.py), review (review_pairs, review_votes,
-review_invites: reports/review.py; review_judgements: reports/pair_judge.py), synthesis (teacher_calls: synth/teacher.py); docs/artifacts.md describes them.
+review_invites: reports/invites.py; review_judgements: reports/pair_judge.py), synthesis (teacher_calls: synth/teacher.py); docs/artifacts.md describes them.
 """
 
 from __future__ import annotations
@@ -103,6 +103,13 @@ def migrate(conn: sqlite3.Connection, where: Path | str = "the results store") -
         conn.executescript(MIGRATIONS[number])
         conn.execute(f"PRAGMA user_version = {number + 1}")
     return conn
+
+
+def open_read_only(path: Path) -> sqlite3.Connection:
+    """The store at `path` for reading: migrated first (a store written by an older selectune),
+    then opened read-only, so nothing a reader does can change it."""
+    open_store(path).close()
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
 
 
 def open_store(path: Path, *, autocommit: bool = False) -> sqlite3.Connection:

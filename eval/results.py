@@ -62,6 +62,18 @@ def finish_run(conn: sqlite3.Connection, run_id: str) -> None:
                      (time.time(), run_id))
 
 
+def run_row(conn: sqlite3.Connection, run_id: str) -> tuple | None:
+    """(task, split, mode, model, meta_json, finished, task_file) of a run, or None."""
+    return conn.execute("SELECT task, split, mode, model, meta_json, finished, task_file FROM runs WHERE run_id = ?",
+                        (run_id,)).fetchone()
+
+
+def newest_finished_run(conn: sqlite3.Connection, model: str, task: str, split: str, mode: str = "gen") -> str | None:
+    row = conn.execute("SELECT run_id FROM runs WHERE model = ? AND task = ? AND split = ? AND mode = ?"
+                       " AND finished IS NOT NULL ORDER BY finished DESC LIMIT 1", (model, task, split, mode)).fetchone()
+    return row[0] if row else None
+
+
 def run_items(conn: sqlite3.Connection, run_id: str) -> list[dict]:
     cur = conn.execute(
         "SELECT item_id, prompt, output, gold, parsed, scores_json, latency_s FROM items"

@@ -19,14 +19,14 @@ from pathlib import Path
 
 from eval import metrics as M
 from eval.baselines import BASELINE_COLUMNS, baseline_cells
-from eval.sequential import anytime_compare, can_be_sequential, mean_sequence, paired
+from eval.sequential import anytime_compare, can_be_sequential, mean_sequence
 from eval.suite import entries_with_role
 from eval.runner import RunSummary
 from eval.stats import Estimate, bootstrap_mean, compare
 from eval.summary import PERCENT, comparison_text, fmt_ci, fmt_diff, fmt_value, metrics_of, primary_metric
 from eval.task import find_task, load_task
 from core.errors import UserError
-from core.store import open_store
+from core.store import open_read_only
 from core.workspace import Workspace
 
 
@@ -59,10 +59,9 @@ class Run:
 
 
 def load_run(conn: sqlite3.Connection, run_id: str, named_in: str) -> Run:
-    from eval.results import run_items
+    from eval.results import run_items, run_row
 
-    row = conn.execute("SELECT task, split, mode, model, meta_json, finished, task_file FROM runs WHERE run_id = ?",
-                       (run_id,)).fetchone()
+    row = run_row(conn, run_id)
     if row is None:
         raise UserError(f"{named_in}: run {run_id} is not in the results store (was runs/results.sqlite replaced?)")
     task_name, split, mode, model, meta_json, finished, task_file = row
@@ -257,9 +256,10 @@ def paired_runs(conn, selection: dict | None, rescore: dict) -> tuple[System, Sy
 
 
 def before_after(conn, selection: dict | None, train: dict | None, rescore: dict | None) -> BeforeAfter | None:
-    """Base model against the merged model scored locally and through the server, per task."""
+    """Base model against the merged model scored locally and through the server, per task; before
+    a re-score, the training run's checks (base against the merged model, local)."""
     if rescore is None:
-        return None
+        return _training_checks(train)
     base, local, served = paired_runs(conn, selection, rescore)
     gate = ((train or {}).get("summary") or {}).get("contamination")
     tasks, notes = [], []
@@ -288,6 +288,26 @@ def before_after(conn, selection: dict | None, train: dict | None, rescore: dict
     return BeforeAfter(base, [local, served], tasks, notes)
 
 
+def _training_checks(train: dict | None) -> BeforeAfter | None:
+    """The training run's own checks, as `make train` recorded them: no items to flip, no served
+    column yet."""
+    summary = (train or {}).get("summary") or {}
+    if not summary.get("checks"):
+        return None
+    merged = System("merged", f"{summary['merged_model']} (local, scored by make train)")
+    tasks = []
+    for c in summary["checks"]:
+        metric = c["metric"]
+        after = {**_estimate(metric, Estimate(**c["merged"])),
+                 "vs_base": {**c, "diff_text": fmt_diff(metric, c["diff"]), "ci": fmt_ci(metric, *c["ci95"])}}
+        tasks.append({"task": c["task"], "split": c["split"], "n": c["items"], "mode": c.get("mode", "gen"),
+                      "probe": c.get("role") == "forgetting", "flips": {"defined": False}, "runs": {},
+                      "clean": None, "rows": [{"metric": metric, "base": _estimate(metric, Estimate(**c["base"])),
+                                               "after": [after], "higher_is_better": M.HIGHER_IS_BETTER[metric]}]})
+    return BeforeAfter(System("base", f"{summary['model']} (base)"), [merged], tasks, ["No re-score yet: these are "
+                       "the training run's checks; `make rescore` adds the served model and the item flips."])
+
+
 def _clean_subset(systems: list[Run], rows: list[dict], gate: dict | None) -> dict | None:
     """The same comparisons on the items no training conversation overlaps (the contamination
     gate's `flagged_items`); None when the training run had no gate."""
@@ -309,14 +329,10 @@ def _clean_subset(systems: list[Run], rows: list[dict], gate: dict | None) -> di
 
 
 def _newest_base_runs(conn, model: str, splits: dict[str, str]) -> dict[str, Run]:
-    out = {}
-    for task in splits:
-        row = conn.execute("SELECT run_id FROM runs WHERE model = ? AND task = ? AND split = ? AND mode = 'gen'"
-                           " AND finished IS NOT NULL ORDER BY finished DESC LIMIT 1",
-                           (model, task, splits[task])).fetchone()
-        if row:
-            out[task] = load_run(conn, row[0], "the results store")
-    return out
+    from eval.results import newest_finished_run
+
+    found = {task: newest_finished_run(conn, model, task, split) for task, split in splits.items()}
+    return {task: load_run(conn, run_id, "the results store") for task, run_id in found.items() if run_id}
 
 
 def _flips(base: Run, after: Run) -> dict:
@@ -359,8 +375,7 @@ def review_systems(runs_dir: Path, *, with_candidates: bool = False) -> dict[str
     rescore = newest_rescore(runs_dir)
     if rescore is None:
         raise UserError("review: nothing to compare yet; run `make train` and `make rescore` first")
-    open_store(db).close()  # a store written by an older selectune is migrated first
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn = open_read_only(db)
     try:
         base, local, _served = paired_runs(conn, selection, rescore)
         free_text = [t for t, r in base.runs.items() if r.summary.task.parser != "choice"]

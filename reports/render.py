@@ -9,12 +9,11 @@ and model text is untrusted: it only ever reaches a page through an autoescaped 
 from __future__ import annotations
 
 import re
-import sqlite3
 from pathlib import Path
 
 from core.errors import UserError
 from eval.summary import PERCENT, fmt_value
-from core.store import open_store
+from core.store import open_read_only
 from core.workspace import Workspace
 from core.files import write_text_atomic
 
@@ -110,8 +109,7 @@ def build_report(runs_dir: Path, out_dir: Path | None = None) -> list[Path]:
     if not db.is_file():
         raise UserError(f"{db}: no results store; run `make select` first")
     selection = workspace.read_selection()
-    open_store(db).close()  # a store written by an older selectune is migrated first
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn = open_read_only(db)
     try:
         board = collect.leaderboard(conn, selection, str(workspace.selection)) if selection else None
         rescore = runs.newest_rescore(runs_dir)
@@ -124,7 +122,7 @@ def build_report(runs_dir: Path, out_dir: Path | None = None) -> list[Path]:
         all_votes = review.votes(rconn, outputs=True)
         pairs = review.pair_count(rconn)
         judged = pair_judge.judgements(rconn)
-        systems = {pid: (a, b) for pid, a, b in rconn.execute("SELECT pair_id, system_a, system_b FROM review_pairs")}
+        systems = review.pair_systems(rconn)
     finally:
         rconn.close()
     agg = review.aggregate(all_votes) if all_votes else None
@@ -138,7 +136,7 @@ def build_report(runs_dir: Path, out_dir: Path | None = None) -> list[Path]:
         "manifest": runs.manifest(list(unique.values())),
         "charts": [errorbar_chart(c) for c in board.charts] if board else [],
         "training_charts": _training_charts(train) if train else {},
-        "sample_tasks": [t["task"] for t in ba.tasks] if ba else [],
+        "sample_tasks": [t["task"] for t in ba.tasks if t["runs"]] if ba else [],
         "flip_tasks": [t["task"] for t in ba.tasks if t["flips"]["defined"]] if ba else [],
     }
     env = environment()
@@ -148,7 +146,7 @@ def build_report(runs_dir: Path, out_dir: Path | None = None) -> list[Path]:
         path = out_dir / f"{name}.html"
         write_text_atomic(path, env.get_template(f"{name}.html").render(page=name, **context))
         written.append(path)
-    for task in ba.tasks if ba else []:
+    for task in [t for t in ba.tasks if t["runs"]] if ba else []:  # item pages need the items: after a re-score
         samples = _sample_rows(task)
         for template, stem, extra in (("flips.html", "flips", {}), ("samples.html", "samples", {"rows": samples})):
             if template == "flips.html" and not task["flips"]["defined"]:

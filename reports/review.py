@@ -85,6 +85,11 @@ def pair_count(conn) -> int:
     return conn.execute("SELECT COUNT(*) FROM review_pairs").fetchone()[0]
 
 
+def pair_systems(conn) -> dict[str, tuple[str, str]]:
+    """Each pair's two systems, by pair id."""
+    return {pid: (a, b) for pid, a, b in conn.execute("SELECT pair_id, system_a, system_b FROM review_pairs")}
+
+
 def next_pair(conn, reviewer: str) -> dict | None:
     """The first pair, in the recorded order, this reviewer has not voted on."""
     row = conn.execute(

@@ -108,7 +108,8 @@ def build(runs_dir: Path, data_dir: Path, *, evil: bool = False) -> dict:
     fact = {"base": {"mean": 0.1, "low": 0.0, "high": 0.2, "n": 12},
             "merged": {"mean": 0.7, "low": 0.5, "high": 0.9, "n": 12},
             "ci95": [0.3, 0.8], "diff": 0.6, "p_value": 0.002, "items": 12, "task": "fact", "split": "test",
-            "metric": "fact_recall", "verdict": "significantly better"}
+            "metric": "fact_recall", "verdict": "significantly better", "significant": True, "better": True,
+            "mode": "gen", "role": "check"}
     summary = {"model": WINNER, "recipe": "train/default.yaml", "steps": 40, "train_seconds": 100.0,
                "total_seconds": 130.0, "final_train_loss": 0.9, "final_val_loss": 1.4, "resumed_from": None,
                "merged_model": f"{WINNER}+default-{WINNER}", "checks": [fact],

@@ -234,3 +234,20 @@ def test_the_leaderboard_shows_the_comparisons_that_decided_when_a_smaller_tied_
         ("smollm2-135m-instruct", "+10.0", "0.125", "not shown to differ")]
     assert sorted((m, c["diff"], c["p_value"]) for m, cs in record["comparisons_vs_best"].items() for c in cs) == [
         ("gemma3-270m", 0.3, pytest.approx(0.00048828125)), ("smollm2-135m-instruct", 0.1, 0.125)]
+
+
+def test_before_after_shows_the_training_checks_before_any_rescore(fixture_runs, tmp_path):
+    import shutil
+
+    runs_dir = shutil.copytree(fixture_runs, tmp_path / "runs")
+    for record in (runs_dir / "serve").glob("rescore-*.json"):
+        record.unlink()
+    build_report(runs_dir)
+    page = runs_dir / "report" / "before_after.html"
+    html = page.read_text(encoding="utf-8")
+    assert "Nothing to compare yet" not in html and "FewCLUE" not in html
+    # the fixture's check: fact_recall 10.0 (base) -> 70.0 (merged), +60.0 [30.0, 80.0], p 0.002
+    row = re.findall(r"<td[^>]*>(.*?)</td>", html.split('class="before-after"')[1].split("</table>")[0], re.S)
+    assert [" ".join(re.sub(r"<[^>]+>", " ", c).split()) for c in row] == [
+        "fact_recall", "10.0 [0.0, 20.0]", "70.0 [50.0, 90.0]", "+60.0 [30.0, 80.0]", "0.002"]
+    assert "h2#task-fact: fact-test (12 items)" in outline(page).lines
