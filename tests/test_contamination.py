@@ -110,3 +110,23 @@ def test_a_planted_duplicate_stops_training_with_one_line_and_an_allowing_recipe
     summary = json.loads((tmp_path / "runs" / "train" / f"train-{CARD}" / "summary.json").read_text())
     gate = summary["contamination"]
     assert (gate["duplicates"], gate["allowed"], gate["flagged_items"]) == (1, True, {"faq/test": ["9"]})
+
+
+def test_without_a_selection_the_gate_compares_against_the_default_suite(tmp_path, capsys):
+    """No selection, no checks: `make rescore` and `make report` will score the default suite, so
+    the gate compares against it; FewCLUE's data is not in this data directory: named, passed over."""
+    from types import SimpleNamespace
+
+    from eval.task import find_task, load_items
+
+    recipe = SimpleNamespace(checks=[], path=tmp_path / "train.yaml")
+    texts = C.evaluation_texts(recipe, None, tmp_path / "no-data")
+    assert {(t.task, t.split) for t in texts} == {("style", "test"), ("fact", "test")}
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[1].strip() for line in out] == [
+        "fewclue_bustm-dev of the default suite not compared", "fewclue_ocnli_fc-dev of the default suite not compared"]
+    fact = load_items(find_task("fact"), "test", tmp_path)
+    conversations = [Conversation([{"role": "user", "content": fact[0].messages()[-1]["content"]},
+                                   {"role": "assistant", "content": fact[0].gold}], "mine.jsonl:1")]
+    result = C.check(conversations, texts, ContaminationSpec())
+    assert {(d.eval.task, d.eval.item_id) for d in result.duplicates} == {("fact", fact[0].id)}

@@ -180,21 +180,31 @@ def stop_line(result: GateResult, recipe_path) -> str:
 
 
 def evaluation_texts(recipe, selection: dict | None, data_dir) -> list[EvalText]:
-    """The compared fields of every item of the suite the selection scored (none without a
-    selection, e.g. `train --model NAME`) and of the recipe's checks, each task split once."""
+    """The compared fields of every item that will be scored, each task split once: the recipe's
+    checks and the suite the selection scored, else (no selection, e.g. `train --model NAME`) the
+    default suite, which `make rescore` and `make report` score then. A default-suite entry whose
+    data is not on disk cannot be scored either: it is named and passed over."""
     from pathlib import Path
 
-    from eval.suite import load_suite
+    from core.errors import UserError
+    from eval.suite import DEFAULT_SUITE, load_suite
     from eval.task import load_items, resolve_task
 
     suite = ((selection or {}).get("suite") or {}).get("file")
-    splits = [(task, entry.split) for task, entry in load_suite(Path(suite))[1]] if suite and Path(suite).is_file() else []
-    splits += [(resolve_task(c.task, recipe.path.parent), c.split) for c in recipe.checks]
+    fallback = not (suite and Path(suite).is_file())
+    splits = [(resolve_task(c.task, recipe.path.parent), c.split, False) for c in recipe.checks]
+    splits += [(task, entry.split, fallback) for task, entry in load_suite(DEFAULT_SUITE if fallback else Path(suite))[1]]
     out, seen = [], set()
-    for task, split in splits:
-        if (task.path, split) not in seen:
-            seen.add((task.path, split))
+    for task, split, optional in splits:
+        if (task.path, split) in seen:
+            continue
+        seen.add((task.path, split))
+        try:
             out += eval_texts(task, split, load_items(task, split, data_dir))
+        except UserError as exc:
+            if not optional:
+                raise
+            print(f"contamination: {task.name}-{split} of the default suite not compared: {exc}")
     return out
 
 
