@@ -89,6 +89,9 @@ CREATE TABLE IF NOT EXISTS review_judgements (
     output TEXT NOT NULL,
     PRIMARY KEY (pair_id, judge_model, first_system)
 );""",
+    # 4: the request each item's backend received (chat messages, and the generation settings or
+    # the scored continuations), as JSON; NULL on rows written before
+    "ALTER TABLE items ADD COLUMN request_json TEXT;",
 ]
 VERSION = len(MIGRATIONS)
 

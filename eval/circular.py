@@ -71,7 +71,8 @@ def circular_summary(run: RunSummary, split: str) -> RunSummary:
     for base, rows in sorted(groups.items()):
         rows.sort(key=lambda r: r["rotation"])
         letters = [r["parsed"] for r in rows]
-        items.append({"item_id": base, "prompt": rows[0]["prompt"], "output": rows[0]["output"],
+        items.append({"item_id": base, "prompt": rows[0]["prompt"], "request": rows[0].get("request"),
+                      "output": rows[0]["output"],
                       "gold": rows[0]["gold"], "parsed": letters, "scores": {
                           M.CIRCULAR_ACCURACY: float(all(r["scores"][M.ACCURACY] == 1.0 for r in rows)),
                           M.LETTER_FOLLOWING: float(len(rows) > 1 and letters[0] is not None

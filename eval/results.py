@@ -44,9 +44,10 @@ def add_items(conn: sqlite3.Connection, run_id: str, rows: list[dict]) -> None:
     with conn:
         conn.executemany(
             "INSERT OR IGNORE INTO items (run_id, item_id, prompt, output, gold, parsed, scores_json,"
-            " latency_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            " latency_s, request_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [(run_id, r["item_id"], r["prompt"], r["output"], r["gold"], r["parsed"],
-              json.dumps(r["scores"], sort_keys=True), r["latency_s"]) for r in rows])
+              json.dumps(r["scores"], sort_keys=True), r["latency_s"],
+              json.dumps(r["request"], ensure_ascii=False) if r.get("request") is not None else None) for r in rows])
 
 
 def update_scores(conn: sqlite3.Connection, run_id: str, rows: list[dict]) -> None:
@@ -76,10 +77,10 @@ def newest_finished_run(conn: sqlite3.Connection, model: str, task: str, split: 
 
 def run_items(conn: sqlite3.Connection, run_id: str) -> list[dict]:
     cur = conn.execute(
-        "SELECT item_id, prompt, output, gold, parsed, scores_json, latency_s FROM items"
+        "SELECT item_id, prompt, output, gold, parsed, scores_json, latency_s, request_json FROM items"
         " WHERE run_id = ? ORDER BY item_id", (run_id,))
-    return [{"item_id": i, "prompt": p, "output": o, "gold": g, "parsed": pa,
-             "scores": json.loads(s), "latency_s": lat} for i, p, o, g, pa, s, lat in cur]
+    return [{"item_id": i, "prompt": p, "output": o, "gold": g, "parsed": pa, "scores": json.loads(s),
+             "latency_s": lat, "request": json.loads(req) if req else None} for i, p, o, g, pa, s, lat, req in cur]
 
 
 def cached_verdicts(conn: sqlite3.Connection, keys: set[str]) -> dict[str, str]:

@@ -134,7 +134,7 @@ def run_task(backend, task: TaskSpec, split: str, mode: Mode, items: list[Item],
     scorer = load_scorer(task, data_dir) if data_dir is not None else None
     chunks = (_fixed_chunks(items, chunk_size) if sequential is None else
               _sequential_chunks(items, chunk_size, *sequential, upto or len(items)))
-    started, computed = time.monotonic(), 0
+    started, computed, fresh = time.monotonic(), 0, {}
     for chunk in chunks:
         todo = [i for i in chunk if i.id not in done]
         if todo:
@@ -147,8 +147,10 @@ def run_task(backend, task: TaskSpec, split: str, mode: Mode, items: list[Item],
                     continue
                 parsed, scores = score_output(task, mode, item, out, scorer)
                 rows.append({"item_id": item.id, "prompt": item.user, "output": out, "gold": item.gold,
-                             "parsed": parsed, "scores": scores, "latency_s": latency})
+                             "parsed": parsed, "scores": scores, "latency_s": latency,
+                             "request": request_record(task, mode, item)})
             results.add_items(conn, run_id, rows)
+            fresh.update((r["item_id"], r) for r in rows)
             computed += len(rows)
         if progress:
             progress(len(chunk))
@@ -157,8 +159,10 @@ def run_task(backend, task: TaskSpec, split: str, mode: Mode, items: list[Item],
         wanted = {i.id for chunk in chunks for i in chunk}
         stored = [row for row in stored if row["item_id"] in wanted]
     rescored = []
-    for row in stored:
-        parsed, scores = score_output(task, mode, by_id[row["item_id"]], row["output"], scorer)
+    for row in stored:  # items stored by an earlier run are scored again by this code; new ones were just scored
+        new = fresh.get(row["item_id"])
+        parsed, scores = ((new["parsed"], new["scores"]) if new else
+                          score_output(task, mode, by_id[row["item_id"]], row["output"], scorer))
         rescored.append({**row, "parsed": parsed, "scores": scores})
     if judge is not None and task.judge is not None and mode == "gen":
         from eval.judge import judge_scores
@@ -207,12 +211,21 @@ def score_in_memory(backend, task: TaskSpec, mode: Mode, items: list[Item], scor
     return [out[i.id] for i in items]
 
 
+def request_record(task: TaskSpec, mode: Mode, item: Item) -> dict:
+    """What the backend receives for `item`, as stored beside its output: the chat messages, and
+    the generation limits (`gen`) or the continuations scored (`ppl`). compute_outputs sends these."""
+    if mode == "gen":
+        return {"messages": item.messages(), "max_new_tokens": task.gen.max_new_tokens, "stop": list(task.gen.stop)}
+    return {"messages": item.messages(), "continuations": list(task.choices)}
+
+
 def compute_outputs(backend, task: TaskSpec, mode: Mode, chunk: list[Item]) -> list[str]:
     """The raw outputs of one chunk: replies (`gen`) or each choice's log-likelihood as JSON (`ppl`)."""
+    sent = [request_record(task, mode, i) for i in chunk]
     if mode == "gen":
-        return backend.generate([GenRequest(i.messages(), task.gen.max_new_tokens, task.gen.stop, i.raw())
-                                 for i in chunk])
-    requests = [LoglikelihoodRequest(i.messages(), c, i.raw()) for i in chunk for c in task.choices]
+        return backend.generate([GenRequest(r["messages"], r["max_new_tokens"], r["stop"], i.raw())
+                                 for r, i in zip(sent, chunk)])
+    requests = [LoglikelihoodRequest(r["messages"], c, i.raw()) for r, i in zip(sent, chunk) for c in r["continuations"]]
     lls = backend.loglikelihood(requests)
     k = len(task.choices)
     return [json.dumps(dict(zip(task.choices, lls[n * k:(n + 1) * k]))) for n in range(len(chunk))]

@@ -340,7 +340,7 @@ def _flips(base: Run, after: Run) -> dict:
     rows = item_flips(base, after)
     if rows and rows[0]["flip"] == "na":
         return {"defined": False, "up": [], "down": []}
-    keep = ("item_id", "prompt", "gold", "before", "after", "before_parsed", "after_parsed")
+    keep = ("item_id", "prompt", "request", "gold", "before", "after", "before_parsed", "after_parsed")
     return {"defined": True, "up": [{k: r[k] for k in keep} for r in rows if r["flip"] == "up"],
             "down": [{k: r[k] for k in keep} for r in rows if r["flip"] == "down"],
             "metric": primary_metric(base.summary)}
@@ -355,10 +355,10 @@ def item_flips(base: Run, after: Run) -> list[dict]:
         other = by_id[item["item_id"]]
         was, now = correct(base, item), correct(after, other)
         flip = ("na" if was is None else "up" if not was and now else "down" if was and not now else "none")
-        rows.append({"item_id": item["item_id"], "prompt": item["prompt"], "gold": item["gold"],
-                     "before": item["output"], "after": other["output"], "before_parsed": item["parsed"],
-                     "after_parsed": other["parsed"], "before_item": item, "after_item": other,
-                     "now": now, "flip": flip})
+        rows.append({"item_id": item["item_id"], "prompt": item["prompt"], "request": item.get("request"),
+                     "gold": item["gold"], "before": item["output"], "after": other["output"],
+                     "before_parsed": item["parsed"], "after_parsed": other["parsed"], "before_item": item,
+                     "after_item": other, "now": now, "flip": flip})
     return rows
 
 

@@ -154,8 +154,8 @@ def build(runs_dir: Path, data_dir: Path, *, evil: bool = False) -> dict:
     write_artifact(runs_dir / "serve" / f"rescore-{MERGED.replace('@', '_')}.json", RescoreRecord, rescore)
     if evil:  # dataset text: prompts and references as a hostile data file would carry them
         with sqlite3.connect(runs_dir / "results.sqlite") as db:
-            db.execute("UPDATE items SET prompt = prompt || ?, gold = gold || ? WHERE CAST(item_id AS TEXT) != ''",
-                       (EVIL, EVIL))
+            db.execute("UPDATE items SET prompt = prompt || ?, gold = gold || ?, request_json = replace(request_json, "
+                       "'\"}]', ?) WHERE CAST(item_id AS TEXT) != ''", (EVIL, EVIL, json.dumps(EVIL)[1:-1] + '"}]'))
     conn.close()
     return {"selection": record, "gate": gate}
 

@@ -77,13 +77,21 @@ def test_a_store_written_before_versions_is_migrated_with_its_rows(tmp_path):
                     "mode TEXT NOT NULL, model TEXT NOT NULL, meta_json TEXT NOT NULL, n_items INTEGER NOT NULL, "
                     "started REAL NOT NULL, finished REAL)")
         old.execute("INSERT INTO runs VALUES ('r1', 'fact', 'test', 'gen', 'm', '{}', 60, 1.0, 2.0)")
+        old.execute("CREATE TABLE items (run_id TEXT NOT NULL REFERENCES runs(run_id), item_id TEXT NOT NULL, "
+                    "prompt TEXT NOT NULL, output TEXT NOT NULL, gold TEXT, parsed TEXT, scores_json TEXT NOT NULL, "
+                    "latency_s REAL NOT NULL, PRIMARY KEY (run_id, item_id))")
+        old.execute("""INSERT INTO items VALUES ('r1', '7', 'q', 'a', 'g', NULL, '{"x": 1.0}', 0.5)""")
     conn = open_store(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == VERSION == 3
+    from eval.results import run_items
+
+    assert run_items(conn, "r1") == [{"item_id": "7", "prompt": "q", "output": "a", "gold": "g", "parsed": None,
+                                      "scores": {"x": 1.0}, "latency_s": 0.5, "request": None}]
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == VERSION == 4
     assert conn.execute("SELECT run_id, n_items, task_file FROM runs").fetchall() == [("r1", 60, None)]
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"items", "judge_verdicts", "review_pairs", "review_votes", "review_invites", "review_judgements",
             "teacher_calls"} <= tables
     conn.execute("PRAGMA user_version = 9")
     conn.close()
-    with pytest.raises(UserError, match=r"results.sqlite: store version 9 is newer than this selectune reads \(3\)"):
+    with pytest.raises(UserError, match=r"results.sqlite: store version 9 is newer than this selectune reads \(4\)"):
         open_store(path)

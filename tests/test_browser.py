@@ -74,9 +74,14 @@ def test_report_pages_render_inert_and_filter(browser, runs):
     assert page.dialogs == [] and errors == []
     # the hostile text is on the page as text
     page.goto((runs / "report" / "flips-fact.html").as_uri())
-    texts = page.locator("pre").all_inner_texts()  # the flips page's 40 texts, 24 of them carry the hostile text
+    texts = page.locator("td > pre").all_inner_texts()  # the flips page's 40 texts, 24 of them carry the hostile text
     assert len(texts) == 40 and sum(report_fixture.EVIL in t for t in texts) == 24
     assert report_fixture.EVIL in texts[0]
+    # what the model was sent, per item: the system and the user message, the hostile prompt among them as text
+    sent = page.locator("details.request pre").all_text_contents()  # closed: text, not shown
+    prompts = page.locator("tbody tr td:nth-child(2) > pre").all_text_contents()
+    assert len(sent) == 2 * len(prompts) == 20 and sent[1::2] == prompts
+    assert sum(report_fixture.EVIL in t for t in sent) == sum(report_fixture.EVIL in t for t in prompts) > 0
     # the samples filter shows exactly the rows it names; the flips are those of the flips page
     page.goto((runs / "report" / "flips-fewclue_bustm.html").as_uri())
     flips_listed = page.locator("table.flips tbody tr:not(:has(td[colspan]))").count()

@@ -190,3 +190,28 @@ def test_fewshot_examples_come_from_another_split_the_same_for_every_item_and_en
         load_items(task, "train", tmp_path)
     with pytest.raises(UserError, match=r"key 'fewshot.n': 9 examples asked, split 'train' has 5"):
         load_items(task.model_copy(update={"fewshot": task.fewshot.model_copy(update={"n": 9})}), "dev", tmp_path)
+
+
+
+@pytest.mark.parametrize("mode", ["gen", "ppl"])
+def test_each_item_stores_the_request_its_backend_received_and_is_scored_once(tmp_path, monkeypatch, mode):
+    import eval.runner as runner
+
+    task, items = make_task(tmp_path, n=6)
+    fake = FakeBackend(respond=reply_for if mode == "gen" else (lambda r: -1.0))
+    real, scored = runner.score_output, []
+    monkeypatch.setattr(runner, "score_output", lambda *a: scored.append(a[2].id) or real(*a))
+    run = run_task(fake, task, "dev", mode, items, open_results(tmp_path / "runs"), chunk_size=4)
+    assert sorted(scored) == sorted(i.id for i in items)  # once each, not once more after storing
+    stored = {r["item_id"]: r["request"] for r in run.items}
+    def item_of(call):
+        return call.messages[-1]["content"].split("：")[0][2:]
+
+    assert [stored[item_of(c)]["messages"] for c in fake.calls] == [c.messages for c in fake.calls]
+    if mode == "gen":
+        assert {(r["max_new_tokens"], tuple(r["stop"])) for r in stored.values()} == {
+            (task.gen.max_new_tokens, tuple(task.gen.stop))}
+    else:
+        assert sorted((item_of(c), c.continuation) for c in fake.calls) == sorted(
+            (k, c) for k, r in stored.items() for c in r["continuations"])
+    assert stored["3"]["messages"][-1]["content"] == "题目3：xxx\nA. 否\nB. 是\n答："
