@@ -70,13 +70,15 @@ def read_json(path: Path, work: Path):
 
 
 def stored_items(runs: Path, **where) -> list:
-    db = runs / "results.sqlite"
+    from core.workspace import Workspace
+    from eval.results import every_item
+
+    db = Workspace(runs).results_db
     if not db.is_file():
         return []
     conn = sqlite3.connect(db)
     try:
-        rows = conn.execute("SELECT r.task, r.split, r.mode, r.model, i.item_id, i.output, i.scores_json, "
-                            "r.finished IS NOT NULL FROM items i JOIN runs r USING (run_id)").fetchall()
+        rows = every_item(conn)
     finally:
         conn.close()
     keep = where.get("model_like")
@@ -102,23 +104,22 @@ class Command:
 def stored(work: Path) -> str:
     """What the workspace holds, to say where a kill landed: rows in the store's tables, the
     training checkpoints and checkpoint evaluations, and whether the merge was written."""
+    from core.store import row_counts
+    from core.workspace import TrainRun, Workspace
+
     parts = []
-    db = work / "runs" / "results.sqlite"
-    if db.is_file():
-        conn = sqlite3.connect(db)
+    workspace = Workspace(work / "runs")
+    if workspace.results_db.is_file():
         try:
-            for table in ("items", "teacher_calls"):
-                parts.append(f"{table} {conn.execute(f'SELECT COUNT(*) FROM {table}').fetchone()[0]}")
+            parts += [f"{t} {n}" for t, n in row_counts(workspace.results_db, ("items", "teacher_calls")).items()]
         except sqlite3.Error:
             pass
-        finally:
-            conn.close()
-    for run in (work / "runs" / "train").glob("*/"):
-        started = len(list((run / "checkpoint_evals").glob("step-*")))
-        done = len(list((run / "checkpoint_evals").glob("step-*/scores.json")))
-        parts.append(f"{len(list((run / 'checkpoints').glob('checkpoint-*')))} checkpoints, "
-                     f"{done} checkpoint evaluations" + (" and one under way" if started > done else "")
-                     + (", merged" if (run / "merged").is_dir() else ""))
+    for run in (TrainRun(d) for d in workspace.train_dir.glob("*/")):
+        steps = run.evaluation_steps()
+        done = sum(run.evaluation_scores(step).is_file() for step in steps)
+        parts.append(f"{len(list(run.checkpoints.glob('checkpoint-*')))} checkpoints, "
+                     f"{done} checkpoint evaluations" + (" and one under way" if len(steps) > done else "")
+                     + (", merged" if run.merged.is_dir() else ""))
     return ", ".join(parts) or "nothing stored"
 
 
@@ -126,9 +127,7 @@ def prepare(root: Path, teacher_url: str) -> tuple[Path, dict[str, Command]]:
     """The shared inputs and, per command, its base workspace and how to run and read it."""
     from models.card import find_card
     from models.store import provision
-    from tests.conftest import build_tiny_qwen2
-    from tests.test_byo import page_files
-    from tests.test_synth import write_recipe
+    from bench.fixtures import build_tiny_qwen2, page_files, write_synth_recipe
 
     for name, text in page_files().items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -137,26 +136,27 @@ def prepare(root: Path, teacher_url: str) -> tuple[Path, dict[str, Command]]:
     tiny = build_tiny_qwen2(root / "tiny", initializer_range=0.2)
     provision(find_card(CARD), root / "cache" / "models", weights=tiny)
     (root / "synth-inputs").mkdir(exist_ok=True)
-    synth_recipe = write_recipe(root / "synth-inputs")
+    synth_recipe = write_synth_recipe(root / "synth-inputs")
     py = [sys.executable, "-m", "selectune", "--runs-dir", "{W}/runs", "--cache-dir", str(root / "cache")]
 
+    from core.workspace import TrainRun, Workspace
+
     def select_artifacts(w: Path):
-        return {"selection": read_json(w / "runs" / "selection.json", w), "items": stored_items(w / "runs")}
+        return {"selection": read_json(Workspace(w / "runs").selection, w), "items": stored_items(w / "runs")}
 
     def train_artifacts(w: Path):
-        run = w / "runs" / "train" / f"train-{CARD}"
-        return {"summary": read_json(run / "summary.json", w),
-                "adapter": run / "adapter" / "adapter_model.safetensors"}
+        run = TrainRun(Workspace(w / "runs").train_run(f"train-{CARD}"))
+        return {"summary": read_json(run.summary, w), "adapter": run.adapter / "adapter_model.safetensors"}
 
     def rescore_artifacts(w: Path):
-        records = sorted((w / "runs" / "serve").glob("rescore-*.json"))
+        records = Workspace(w / "runs").rescore_records()
         return {"record": read_json(records[0], w) if records else None,
                 "items": stored_items(w / "runs")}
 
     def synth_artifacts(w: Path):
-        out = w / "runs" / "synth" / "mini"
-        return {name: (out / name).read_text(encoding="utf-8") if (out / name).is_file() else None
-                for name in ("data.jsonl", "report.json")}
+        out = Workspace(w / "runs").synth_output("mini")
+        return {path.name: path.read_text(encoding="utf-8") if path.is_file() else None
+                for path in (out.data, out.report)}
 
     commands = {
         "select": Command("select", [*py, "select", "--suite", str(root / "my" / "kill.yaml"), "--models",
@@ -228,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from eval.backends.fake import FakeBackend
-    from tests.openai_stub import StubState, serve
-    from tests.test_synth import teacher_reply
+    from bench.fixtures import teacher_reply
+    from bench.openai_stub import StubState, serve
 
     root = Path(args.work or tempfile.mkdtemp(prefix="kill-harness-")).resolve()
     root.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 CLOCK = {"created", "executor"}
 PER_CANDIDATE_CLOCK = {"seconds", "items_per_s"}
 
@@ -52,17 +53,19 @@ def start_cluster(nodes: int, cpus: int):
 
 
 def differences(runs: Path, local: Path) -> dict:
+    from core.workspace import Workspace
+    from eval.results import every_item
+
     def decision(folder: Path) -> dict:
-        record = json.loads((folder / "selection.json").read_text(encoding="utf-8"))
+        record = json.loads(Workspace(folder).selection.read_text(encoding="utf-8"))
         record["candidates"] = [{k: v for k, v in c.items() if k not in PER_CANDIDATE_CLOCK}
                                 for c in record["candidates"]]
         return {k: v for k, v in record.items() if k not in CLOCK}
 
     def outputs(folder: Path) -> dict:
-        with sqlite3.connect(folder / "results.sqlite") as conn:
-            return {(m, i): o for m, i, o in conn.execute(
-                "SELECT runs.model || ' ' || runs.task || '-' || runs.split || ' ' || runs.mode, item_id, output "
-                "FROM items JOIN runs USING (run_id)")}
+        with sqlite3.connect(Workspace(folder).results_db) as conn:
+            return {(f"{model} {task}-{split} {mode}", item): output
+                    for task, split, mode, model, item, output, *_ in every_item(conn)}
 
     a, b = decision(runs), decision(local)
     mine, theirs = outputs(runs), outputs(local)

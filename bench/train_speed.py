@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.settings import load_settings  # noqa: E402
+from core.workspace import TrainRun  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,7 +71,7 @@ def worker(engine: str, checkpoint: str, data_file: Path, out_dir: Path, args) -
 
         result = run_training(recipe, checkpoint, out_dir, out_dir)
         tokens = sum(len(e.input_ids) for e in result.data.train)
-        losses = [json.loads(line)["loss"] for line in (out_dir / "train_log.jsonl").read_text().splitlines()
+        losses = [json.loads(line)["loss"] for line in TrainRun(out_dir).log.read_text().splitlines()
                   if '"loss"' in line]
         seconds = result.seconds
     else:

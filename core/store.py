@@ -94,6 +94,8 @@ CREATE TABLE IF NOT EXISTS review_judgements (
     "ALTER TABLE items ADD COLUMN request_json TEXT;",
 ]
 VERSION = len(MIGRATIONS)
+TABLES = ("runs", "items", "judge_verdicts", "review_pairs", "review_votes", "review_invites", "review_judgements",
+          "teacher_calls")
 
 
 def migrate(conn: sqlite3.Connection, where: Path | str = "the results store") -> sqlite3.Connection:
@@ -106,6 +108,16 @@ def migrate(conn: sqlite3.Connection, where: Path | str = "the results store") -
         conn.executescript(MIGRATIONS[number])
         conn.execute(f"PRAGMA user_version = {number + 1}")
     return conn
+
+
+def row_counts(path: Path, tables: tuple[str, ...]) -> dict[str, int]:
+    """Rows in each of `tables` of the store at `path`, read as they are (no migration), for a
+    harness that looks at a store another process may be writing."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return {t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in tables if t in TABLES}
+    finally:
+        conn.close()
 
 
 def open_read_only(path: Path) -> sqlite3.Connection:

@@ -4,12 +4,14 @@
       results.sqlite                 results store: runs, items, judge verdicts, review, teacher calls
       selection.json                 `make select`'s decision and evidence
       train/<run>/summary.json       a finished training run (written last), beside its
-                  data/ train_log.jsonl checkpoints/ adapter/ merged/
+                  data/ train_log.jsonl checkpoints/ adapter/ merged/ checkpoint_evals/step-N/
+                  (TrainRun names them)
       serve/server.json              the server `make serve` started
       serve/<engine>.log             its log; teacher-<engine>.log for data-synth's teacher
       serve/rescore-<model>.json     `make rescore`'s parity gate and serving figures
       report/                        `make report`'s pages
-      synth/<recipe>/                `make data-synth`'s output
+      synth/<recipe>/                `make data-synth`'s output: data.jsonl malformed.jsonl
+                                     report.json provenance.json (SynthOutput names them)
 """
 
 from __future__ import annotations
@@ -38,6 +40,67 @@ LAYOUT = {
 """The fixed paths under the runs directory, as attributes of a Workspace."""
 
 
+def provenance(model_dir: Path) -> Path:
+    """The provenance record beside a merged checkpoint (wherever it is), or a synthesis output."""
+    return model_dir / "provenance.json"
+
+
+class _Folder:
+    """A folder whose fixed paths are named by its class's LAYOUT, as attributes."""
+
+    LAYOUT: dict[str, str] = {}
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        for name, relative in self.LAYOUT.items():
+            setattr(self, name, self.root / relative)
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other.root == self.root
+
+
+class TrainRun(_Folder):
+    """One training run's folder, runs/train/<run>/: the cleaned split as trained on (`data`), the
+    log, Trainer's checkpoints, the adapter, the merged model, the checkpoint evaluations (one
+    folder per step, train/checkpoints.py) and Ray Train's own storage on a cluster."""
+
+    LAYOUT = {"summary": "summary.json", "data": "data", "log": "train_log.jsonl", "checkpoints": "checkpoints",
+              "adapter": "adapter", "merged": "merged", "evaluations": "checkpoint_evals", "ray_storage": "ray"}
+    summary: Path
+    data: Path
+    log: Path
+    checkpoints: Path
+    adapter: Path
+    merged: Path
+    evaluations: Path
+    ray_storage: Path
+
+    def evaluation_steps(self) -> dict[int, Path]:
+        """step -> its evaluation folder, for every step with one, in step order."""
+        found = {int(p.name[5:]): p for p in self.evaluations.glob("step-*") if p.name[5:].isdigit()}
+        return dict(sorted(found.items()))
+
+    def evaluation(self, step: int) -> Path:
+        return self.evaluations / f"step-{step}"
+
+    def evaluation_adapter(self, step: int) -> Path:
+        return self.evaluation(step) / "adapter"
+
+    def evaluation_scores(self, step: int) -> Path:
+        return self.evaluation(step) / "scores.json"
+
+
+class SynthOutput(_Folder):
+    """One `make data-synth` output folder, runs/synth/<recipe>/."""
+
+    LAYOUT = {"data": "data.jsonl", "malformed": "malformed.jsonl", "report": "report.json",
+              "provenance": "provenance.json"}
+    data: Path
+    malformed: Path
+    report: Path
+    provenance: Path
+
+
 @dataclass(frozen=True)
 class Workspace:
     root: Path
@@ -58,17 +121,18 @@ class Workspace:
 
     @staticmethod
     def train_summary(run_dir: Path) -> Path:
-        return run_dir / "summary.json"
+        return TrainRun(run_dir).summary
 
     @staticmethod
     def merged_model(run_dir: Path) -> Path:
         """A training run's merged checkpoint, found from the run's folder wherever the runs
         directory is and whatever folder the command started in."""
-        return run_dir / "merged"
+        return TrainRun(run_dir).merged
 
     def train_summaries(self) -> list[Path]:
         """Finished training runs' summaries, oldest first."""
-        return sorted(self.train_dir.glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
+        summaries = (TrainRun(d).summary for d in self.train_dir.glob("*/"))
+        return sorted((p for p in summaries if p.is_file()), key=lambda p: p.stat().st_mtime)
 
     def server_log(self, engine: str, role: str = "") -> Path:
         return self.serve_dir / f"{role + '-' if role else ''}{engine}.log"
@@ -82,6 +146,9 @@ class Workspace:
 
     def synth_dir(self, recipe_name: str) -> Path:
         return self.synth_root / recipe_name
+
+    def synth_output(self, recipe_name: str) -> SynthOutput:
+        return SynthOutput(self.synth_dir(recipe_name))
 
     def read_selection(self) -> dict | None:
         """selection.json, or None before `make select` has written one."""

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from eval import metrics as M
-from eval.runner import RunSummary
+from eval.summary import RunSummary
 from eval.stats import ALPHA, bootstrap_mean, compare
 from eval.summary import Cell, metrics_of
 
@@ -47,7 +47,7 @@ def baseline_cells(run: RunSummary, seed: int = 0) -> list[Cell]:
     found = baselines_of(run)
     if found is None:
         return []
-    from eval.sequential import mean_sequence
+    from eval.anytime import mean_sequence
 
     return [Cell(run.task.name, run.task.sha256[:6], run.split, run.mode, metric, name,
                  mean_sequence(values, metric) if run.sequential else bootstrap_mean(values, seed=seed), values)
@@ -67,7 +67,7 @@ def against_majority(entry_runs: list[RunSummary]) -> dict | None:
         acc = [i["scores"][M.ACCURACY] for i in run.items]
         majority = [float(i["gold"] == found.letter) for i in run.items]
         if run.sequential:
-            from eval.sequential import anytime_compare
+            from eval.anytime import anytime_compare
 
             vs[run.model] = anytime_compare(acc, majority, M.ACCURACY).record(M.ACCURACY)
         else:

@@ -19,7 +19,7 @@ import re
 from dataclasses import replace
 
 from eval import metrics as M
-from eval.runner import RunSummary
+from eval.summary import RunSummary
 from eval.task import Item, TaskSpec
 
 SPLIT_SUFFIX = "@circular"

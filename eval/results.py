@@ -75,6 +75,13 @@ def newest_finished_run(conn: sqlite3.Connection, model: str, task: str, split: 
     return row[0] if row else None
 
 
+def every_item(conn: sqlite3.Connection) -> list[tuple]:
+    """Every stored item with its run: (task, split, mode, model, item_id, output, scores_json,
+    finished), for harnesses that compare two stores whole."""
+    return conn.execute("SELECT r.task, r.split, r.mode, r.model, i.item_id, i.output, i.scores_json, "
+                        "r.finished IS NOT NULL FROM items i JOIN runs r USING (run_id)").fetchall()
+
+
 def run_items(conn: sqlite3.Connection, run_id: str) -> list[dict]:
     cur = conn.execute(
         "SELECT item_id, prompt, output, gold, parsed, scores_json, latency_s, request_json FROM items"

@@ -15,34 +15,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from eval import metrics as M
 from eval import results
 from eval.backends.base import DEFAULT_BATCH_SIZE, GenRequest, LoglikelihoodRequest
 from eval.parsers import first_capital, option_texts, parse_choice
+from eval.summary import RunSummary
 from eval.task import Item, Mode, TaskSpec
 from core.files import sha256_text
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class RunSummary:
-    run_id: str
-    task: TaskSpec
-    split: str
-    mode: Mode
-    model: str
-    items: list[dict]
-    """Stored items in item-id order, each with its current `scores`."""
-    seconds: float
-    computed: int
-    """Items computed by this call (0 when everything was already stored)."""
-    sequential: bool = False
-    """Scored by the sequential design (eval/sequential.py): `items` may be a prefix of the split,
-    and its intervals and tests must be the anytime-valid ones."""
 
 
 def git_revision() -> str | None:

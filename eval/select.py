@@ -20,9 +20,10 @@ from pathlib import Path
 from eval import metrics as M
 from eval.backends.base import DEFAULT_BATCH_SIZE
 from eval.circular import SPLIT_SUFFIX, circular_summary, rotations
-from eval.runner import RunSummary, git_revision, run_task
+from eval.runner import git_revision, run_task
 from eval.stats import ALPHA, compare
-from eval.summary import Cell, cells_of, comparison_text, per_fact_recall, primary_metric, render_table
+from eval.summary import (Cell, RunSummary, cells_of, comparison_text, per_fact_recall, primary_metric,
+                          render_table)
 from eval.suite import DEFAULT_SUITE, SuiteEntry, load_suite
 from eval.task import TaskSpec, load_items
 from models.card import ModelCard
@@ -168,7 +169,7 @@ def _against(best: Candidate, other: Candidate, entries) -> tuple[list[dict], li
         if other.runs[k] is None:
             continue
         if best.runs[k].sequential:
-            from eval.sequential import anytime_compare, paired
+            from eval.anytime import anytime_compare, paired
 
             record = anytime_compare(*paired(best.runs[k], other.runs[k], metric), metric).record(metric)
         else:

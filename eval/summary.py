@@ -6,10 +6,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from eval import metrics as M
-from eval.runner import RunSummary
 from eval.stats import Estimate, bootstrap_mean
+from eval.task import Mode, TaskSpec
 
 PERCENT = M.BINARY | {M.FACT_RECALL, M.TOKEN_F1, M.CHAR_F1, M.ROUGE_L}
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    task: TaskSpec
+    split: str
+    mode: Mode
+    model: str
+    items: list[dict]
+    """Stored items in item-id order, each with its current `scores`."""
+    seconds: float
+    computed: int
+    """Items computed by this call (0 when everything was already stored)."""
+    sequential: bool = False
+    """Scored by the sequential design (eval/sequential.py): `items` may be a prefix of the split,
+    and its intervals and tests must be the anytime-valid ones."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +61,7 @@ def primary_metric(run: RunSummary) -> str:
 def cells_of(run: RunSummary, seed: int = 0) -> list[Cell]:
     """The run's cells; a sequential run's intervals are confidence sequences, and its metrics
     without known bounds are left out (no interval of theirs would survive optional stopping)."""
-    from eval.sequential import can_be_sequential, mean_sequence
+    from eval.anytime import can_be_sequential, mean_sequence
 
     out = []
     for metric in metrics_of(run):

@@ -1,1 +1,1 @@
-"""HTML reports and the blind side-by-side review server (issue 6)."""
+"""HTML reports and the blind side-by-side review server."""

@@ -19,15 +19,12 @@ from pathlib import Path
 
 from eval import metrics as M
 from eval.baselines import BASELINE_COLUMNS, baseline_cells
-from eval.sequential import anytime_compare, can_be_sequential, mean_sequence
-from eval.suite import entries_with_role
-from eval.runner import RunSummary
+from eval.anytime import anytime_compare, can_be_sequential, mean_sequence
+from eval.summary import RunSummary
 from eval.stats import Estimate, bootstrap_mean, compare
 from eval.summary import PERCENT, comparison_text, fmt_ci, fmt_diff, fmt_value, metrics_of, primary_metric
 from eval.task import find_task, load_task
 from core.errors import UserError
-from core.store import open_read_only
-from core.workspace import Workspace
 
 
 @dataclass
@@ -360,41 +357,3 @@ def item_flips(base: Run, after: Run) -> list[dict]:
                      "before_parsed": item["parsed"], "after_parsed": other["parsed"], "before_item": item,
                      "after_item": other, "now": now, "flip": flip})
     return rows
-
-
-def review_systems(runs_dir: Path, *, with_candidates: bool = False) -> dict[str, dict[str, Run]]:
-    """The systems a blind review compares on the free-text tasks: the base model and the merged
-    model (scored locally), plus the other selection candidates when asked."""
-    workspace = Workspace(runs_dir)
-    db = workspace.results_db
-    if not db.is_file():
-        raise UserError(f"{db}: no results store; run `make select` first")
-    selection = workspace.read_selection()
-    from reports.runs import newest_rescore
-
-    rescore = newest_rescore(runs_dir)
-    if rescore is None:
-        raise UserError("review: nothing to compare yet; run `make train` and `make rescore` first")
-    conn = open_read_only(db)
-    try:
-        base, local, _served = paired_runs(conn, selection, rescore)
-        free_text = [t for t, r in base.runs.items() if r.summary.task.parser != "choice"]
-        chosen = {task.name for task, _ in entries_with_role(selection, "review")}
-        if chosen:  # the suite names the tasks to review; otherwise every free-text task
-            free_text = [t for t in free_text if t in chosen]
-        systems = {base.label: {t: base.runs[t] for t in free_text}, local.label: {t: local.runs[t] for t in free_text}}
-        if with_candidates and selection:
-            for model, ids in selection["runs"].items():
-                if model == rescore["base_card"]:
-                    continue
-                for run_id in ids:
-                    run = load_run(conn, run_id, str(workspace.selection))
-                    if run.summary.mode == "gen" and run.summary.task.name in free_text:
-                        check_side_by_side([base.runs[run.summary.task.name], run],
-                                           f"the {run.summary.task.name} runs of {model} and the base model")
-                        systems.setdefault(model, {})[run.summary.task.name] = run
-    finally:
-        conn.close()
-    if not free_text:
-        raise UserError("review: the re-scored tasks include no free-text task (style, fact) to review")
-    return systems

@@ -45,12 +45,12 @@ def read_verdict(output: str) -> str | None:
 def judge_pairs(conn: sqlite3.Connection, judge, *, chunk: int = 16) -> dict:
     """Ask the judge about every recorded pair in both orders it has not answered yet."""
     from eval.backends.base import GenRequest
+    from reports.review import pairs_in_order
 
     model = judge.identity["model"]
     done = set(conn.execute("SELECT pair_id, first_system FROM review_judgements WHERE judge_model = ?", (model,)))
     todo = []
-    for pid, prompt, sa, sb, oa, ob in conn.execute(
-            "SELECT pair_id, prompt, system_a, system_b, output_a, output_b FROM review_pairs ORDER BY position"):
+    for pid, prompt, sa, sb, oa, ob in pairs_in_order(conn):
         for first, shown in ((sa, (oa, ob)), (sb, (ob, oa))):
             if (pid, first) not in done:
                 todo.append((pid, first, PROMPT.format(prompt=prompt, first=shown[0], second=shown[1])))

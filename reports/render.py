@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from core.errors import UserError
-from eval.summary import PERCENT, fmt_value
+from eval.summary import PERCENT, fmt_p, fmt_value
 from core.store import open_read_only
 from core.workspace import Workspace
 from core.files import write_text_atomic
@@ -30,7 +30,7 @@ def environment():
     env.filters["metric"] = lambda x, metric: "-" if x is None else fmt_value(metric, x) + (
         "%" if metric in PERCENT else "")
     env.filters["num"] = lambda x, d=2: "-" if x is None else f"{x:.{d}f}"
-    env.filters["p"] = lambda p: "-" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}")
+    env.filters["p"] = fmt_p
     env.filters["slug"] = slug
     return env
 

@@ -85,6 +85,12 @@ def pair_count(conn) -> int:
     return conn.execute("SELECT COUNT(*) FROM review_pairs").fetchone()[0]
 
 
+def pairs_in_order(conn) -> list[tuple]:
+    """Every pair as (pair_id, prompt, system_a, system_b, output_a, output_b), in review order."""
+    return conn.execute("SELECT pair_id, prompt, system_a, system_b, output_a, output_b FROM review_pairs"
+                        " ORDER BY position").fetchall()
+
+
 def pair_systems(conn) -> dict[str, tuple[str, str]]:
     """Each pair's two systems, by pair id."""
     return {pid: (a, b) for pid, a, b in conn.execute("SELECT pair_id, system_a, system_b FROM review_pairs")}

@@ -141,7 +141,7 @@ def review_command(settings, *, host: str = "127.0.0.1", port: int = 8765, seed:
     """`selectune review` (`make review`): record the pairs, invite reviewers, then serve the
     pages; or move votes, or revoke invitations."""
     from core.errors import UserError
-    from reports.collect import review_systems
+    from reports.runs import review_systems
 
     if not is_loopback(host) and not allow_remote:
         raise UserError(f"review: --host {host} is reachable from other machines; add --allow-remote to bind it")

@@ -1,5 +1,5 @@
 """What the report reads besides the results store: the newest rescore record, the training run
-behind the served model, and the manifest of every run shown."""
+behind the served model, the manifest of every run shown, and the systems a blind review compares."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from pathlib import Path
 
 from core.artifacts import MergeProvenance, RescoreRecord, TrainSummary, read_artifact
 from core.errors import UserError
-from core.workspace import Workspace
+from core.store import open_read_only
+from core.workspace import TrainRun, Workspace, provenance as provenance_of
 from eval.runner import git_revision
-from reports.collect import Run
+from eval.suite import entries_with_role
+from reports.collect import Run, check_side_by_side, load_run, paired_runs
 
 
 def newest_rescore(runs_dir: Path) -> dict | None:
@@ -20,7 +22,7 @@ def newest_rescore(runs_dir: Path) -> dict | None:
         return None
     record = read_artifact(files[-1], RescoreRecord)
     record["_file"] = str(files[-1])
-    provenance = Path(record.get("model_dir", "")) / "provenance.json"
+    provenance = provenance_of(Path(record.get("model_dir", "")))
     if "base_card" not in record and provenance.is_file():
         record["base_card"] = read_artifact(provenance, MergeProvenance).get("base_card")
     if not record.get("base_card"):
@@ -37,11 +39,12 @@ def training_run(runs_dir: Path, rescore: dict | None) -> dict | None:
     chosen = summaries[-1]
     if rescore:
         for path in summaries:
-            if Path(rescore.get("model_dir", "")).resolve() == (path.parent / "merged").resolve():
+            if Path(rescore.get("model_dir", "")).resolve() == TrainRun(path.parent).merged.resolve():
                 chosen = path
     summary = read_artifact(chosen, TrainSummary)
     log = []
-    log_path = chosen.parent / "train_log.jsonl"
+    run = TrainRun(chosen.parent)
+    log_path = run.log
     if log_path.is_file():
         for n, line in enumerate(log_path.read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
@@ -49,7 +52,7 @@ def training_run(runs_dir: Path, rescore: dict | None) -> dict | None:
                     log.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise UserError(f"{log_path}:{n}: not a JSON line: {exc}") from exc
-    provenance_path = chosen.parent / "merged" / "provenance.json"
+    provenance_path = provenance_of(run.merged)
     provenance = read_artifact(provenance_path, MergeProvenance) if provenance_path.is_file() else {}
     return {"name": chosen.parent.name, "summary": summary, "provenance": provenance,
             "losses": [e for e in log if "loss" in e and "sample" not in e],
@@ -76,3 +79,39 @@ def manifest(runs: list[Run]) -> dict:
                      "git": (r.meta.get("git_revision") or "")[:10], "n": len(r.summary.items)})
     return {"runs": rows, "report_git": git_revision(), "python": platform.python_version(),
             "jinja2": jinja2.__version__}
+
+
+def review_systems(runs_dir: Path, *, with_candidates: bool = False) -> dict[str, dict[str, Run]]:
+    """The systems a blind review compares on the free-text tasks: the base model and the merged
+    model (scored locally), plus the other selection candidates when asked."""
+    workspace = Workspace(runs_dir)
+    db = workspace.results_db
+    if not db.is_file():
+        raise UserError(f"{db}: no results store; run `make select` first")
+    selection = workspace.read_selection()
+    rescore = newest_rescore(runs_dir)
+    if rescore is None:
+        raise UserError("review: nothing to compare yet; run `make train` and `make rescore` first")
+    conn = open_read_only(db)
+    try:
+        base, local, _served = paired_runs(conn, selection, rescore)
+        free_text = [t for t, r in base.runs.items() if r.summary.task.parser != "choice"]
+        chosen = {task.name for task, _ in entries_with_role(selection, "review")}
+        if chosen:  # the suite names the tasks to review; otherwise every free-text task
+            free_text = [t for t in free_text if t in chosen]
+        systems = {base.label: {t: base.runs[t] for t in free_text}, local.label: {t: local.runs[t] for t in free_text}}
+        if with_candidates and selection:
+            for model, ids in selection["runs"].items():
+                if model == rescore["base_card"]:
+                    continue
+                for run_id in ids:
+                    run = load_run(conn, run_id, str(workspace.selection))
+                    if run.summary.mode == "gen" and run.summary.task.name in free_text:
+                        check_side_by_side([base.runs[run.summary.task.name], run],
+                                           f"the {run.summary.task.name} runs of {model} and the base model")
+                        systems.setdefault(model, {})[run.summary.task.name] = run
+    finally:
+        conn.close()
+    if not free_text:
+        raise UserError("review: the re-scored tasks include no free-text task (style, fact) to review")
+    return systems

@@ -53,7 +53,9 @@ def resolve_target(settings, *, card_name: str | None = None, checkpoint: Path |
     from models.store import read_manifest
 
     if checkpoint is not None:
-        provenance = checkpoint / "provenance.json"
+        from core.workspace import provenance as provenance_of
+
+        provenance = provenance_of(checkpoint)
         base = card_name or (read_artifact(provenance, MergeProvenance)["base_card"] if provenance.is_file() else None)
         if base is None:
             raise UserError(f"{checkpoint}: no provenance.json naming its base card; pass --model CARD too")

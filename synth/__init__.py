@@ -1,1 +1,1 @@
-"""`make data-synth`: grow a small seed set into training data with a teacher model (issue 7)."""
+"""`make data-synth`: grow a small seed set into training data with a teacher model."""

@@ -23,6 +23,7 @@ from core.artifacts import SynthProvenance, write_artifact
 from core.errors import UserError
 from core.files import sha256_file, write_json_atomic, write_text_atomic
 from core.rows import BadLine, read_rows
+from core.workspace import SynthOutput
 from synth import clean as C
 from synth.parse import parse_answer, parse_followup, parse_list
 from synth.recipe import SynthRecipe, resolve
@@ -268,14 +269,15 @@ class Run:
 
         rows = self.rows(items)
         self.counts["written"] = len(rows)
+        out = SynthOutput(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "provenance.json").unlink(missing_ok=True)  # absent until the rest is written
+        out.provenance.unlink(missing_ok=True)  # absent until the rest is written
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        write_text_atomic(self.out_dir / "data.jsonl", data)
-        write_text_atomic(self.out_dir / "malformed.jsonl",
+        write_text_atomic(out.data, data)
+        write_text_atomic(out.malformed,
                           "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in self.malformed))
         report = {"removed": self.report.removed, "examples": self.report.examples, "counts": self.counts}
-        write_json_atomic(self.out_dir / "report.json", report)
+        write_json_atomic(out.report, report)
         r = self.recipe
         templates = {t: sha256_file(resolve(t)) for t in {r.expand.template, r.answer.template, r.converse.template}}
         budget = self.teacher.budget
@@ -292,10 +294,10 @@ class Run:
             "budget": {"max_calls": budget.max_calls, "max_tokens": budget.max_tokens, "calls_made": budget.calls,
                        "tokens_used": budget.tokens, "answers_from_store": budget.cached},
             "stopped": self.stopped, "complete": self.stopped is None, "format": r.format,
-            "data": str(self.out_dir / "data.jsonl"),
+            "data": str(out.data),
             "data_sha256": hashlib.sha256(data.encode()).hexdigest(), "git_revision": git_revision(),
         }
-        write_artifact(self.out_dir / "provenance.json", SynthProvenance, provenance)
+        write_artifact(out.provenance, SynthProvenance, provenance)
         return provenance
 
 
@@ -353,5 +355,5 @@ def synth_command(settings, *, recipe: Path, base_url: str | None = None, teache
         with launch(engine, settings.workspace.server_log(engine.name, role="teacher")) as server:
             print(f"data-synth: teacher {target.label} on {engine.name} at {server.base_url}")
             provenance = run(server.base_url, server.model_name, target.label)
-    print_summary(provenance, out_dir / "report.json")
+    print_summary(provenance, SynthOutput(out_dir).report)
     return 0

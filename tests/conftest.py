@@ -99,49 +99,6 @@ def pypi_card(name: str, packages: list[str], files: list[str], sha256: str) -> 
 @pytest.fixture
 def tiny_qwen2_dir(tmp_path) -> Path:
     """A real qwen2 checkpoint with random weights and a 300-token BPE tokenizer, built here."""
+    from bench.fixtures import build_tiny_qwen2
+
     return build_tiny_qwen2(tmp_path / "tiny-qwen2")
-
-
-def build_tiny_qwen2(out: Path, initializer_range: float = 0.02, rope_theta: float = 10000.0,
-                     hidden_size: int = 32) -> Path:
-    """At the default initialisation greedy replies are the same token over and over; a wider
-    one (e.g. 1.0) makes them depend on the prompt, for tests that compare replies. vLLM's CPU
-    attention needs a head size of 32 or more: hidden_size=128 gives it one."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    tokenizer = tiny_tokenizer(eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = CHATML
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         tie_word_embeddings=True, initializer_range=initializer_range,
-                         rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
-    # As in real checkpoints (OpenCompass reads its stop words from here).
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def tiny_tokenizer(**special_tokens: str):
-    """A 300-token byte-level BPE tokenizer trained here on a few Chinese and English lines."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    corpus = ["语句一和语句二说的是否是一个意思", "hello world, the answer is B", "阅读文章 回答问题"] * 20
-    raw = Tokenizer(models.BPE(unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()  # as in real byte-level BPE tokenizers (Qwen, GPT-2)
-    raw.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", *special_tokens.values()],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", **special_tokens)
-
-
-CHATML = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)

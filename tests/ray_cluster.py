@@ -110,7 +110,7 @@ def stub_state(checkpoint: str):
     """A stub OpenAI server's state: a tiny checkpoint's replies, served as `served-model`, or
     always "B" without one."""
     from eval.backends.fake import FakeBackend
-    from tests.openai_stub import StubState
+    from bench.openai_stub import StubState
 
     if not checkpoint:
         return StubState(FakeBackend(respond=lambda r: "B"))
@@ -123,7 +123,7 @@ def stub_state(checkpoint: str):
 
 
 def _with_servers(n: int, checkpoint: str, args: list[str], record: dict) -> None:
-    from tests.openai_stub import serve
+    from bench.openai_stub import serve
 
     states = [stub_state(checkpoint) for _ in range(n)]
     servers = [serve(state) for state in states]

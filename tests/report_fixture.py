@@ -166,7 +166,7 @@ def add_votes(runs_dir: Path, n_votes: int = 30) -> list[dict]:
     import random
 
     from reports import review
-    from reports.collect import review_systems
+    from reports.runs import review_systems
 
     conn = review.open_review(runs_dir / "results.sqlite")
     review.add_pairs(conn, review_systems(runs_dir, with_candidates=True), seed=0)

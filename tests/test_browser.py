@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from reports import invites, review
-from reports.collect import review_systems
+from reports.runs import review_systems
 from reports.render import build_report
 from reports.review_server import create_app
 from tests import report_fixture

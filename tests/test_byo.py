@@ -4,17 +4,10 @@ report through the command line, on a tiny model standing in for a hub card's we
 from __future__ import annotations
 
 import json
-import re
 
-from tests.conftest import REPO, build_tiny_qwen2
+from bench.fixtures import build_tiny_qwen2, page_files
 
-PAGE = REPO / "docs" / "byo.md"
 CARD = "qwen2.5-1.5b-instruct"
-
-
-def page_files() -> dict[str, str]:
-    """Every block of the page announced by `<!-- file: PATH -->`, by its path."""
-    return dict(re.findall(r"<!-- file: (\S+) -->\n```\w*\n(.*?)```", PAGE.read_text(encoding="utf-8"), re.S))
 
 
 def test_the_page_names_its_four_files():

@@ -75,7 +75,7 @@ def test_the_record_has_curves_and_holm_adjusted_comparisons():
 
 def planted_setup(tmp_path):
     from eval.task import Item
-    from tests.conftest import build_tiny_qwen2
+    from bench.fixtures import build_tiny_qwen2
     from tests.test_train import ROWS
     from train.checkpoints import ProbeEntry
 

@@ -10,7 +10,7 @@ import pytest
 from core.errors import UserError
 from eval import metrics as M
 from eval.circular import circular_summary, option_spans, rotations
-from eval.runner import RunSummary
+from eval.summary import RunSummary
 from eval.suite import load_suite
 from eval.task import Item, find_task
 

@@ -79,8 +79,9 @@ def test_a_planted_duplicate_stops_training_with_one_line_and_an_allowing_recipe
     from models.card import find_card
     from models.store import provision
     from selectune.cli import main
-    from tests.conftest import build_tiny_qwen2
-    from tests.test_byo import CARD, page_files
+    from bench.fixtures import build_tiny_qwen2
+    from bench.fixtures import page_files
+    from tests.test_byo import CARD
 
     for name, text in page_files().items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 
 from models.convert import _require_bos
 from core.errors import UserError
-from tests.conftest import tiny_tokenizer
+from bench.fixtures import tiny_tokenizer
 
 
 def test_bos_is_switched_on_and_survives_saving(tmp_path):

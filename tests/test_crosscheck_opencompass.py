@@ -13,7 +13,7 @@ from eval.runner import run_task
 from eval.task import find_task, load_items
 from models.card import find_card
 from models.store import provision
-from tests.conftest import build_tiny_qwen2
+from bench.fixtures import build_tiny_qwen2
 
 pytestmark = pytest.mark.skipif(not (OC_VENV / "bin" / "opencompass").is_file(),
                                 reason="no OpenCompass venv (make opencompass-venv; make test builds it)")

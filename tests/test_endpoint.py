@@ -9,8 +9,8 @@ import sqlite3
 import pytest
 
 from core.errors import UserError
-from tests.conftest import build_tiny_qwen2
-from tests.openai_stub import StubState, serve
+from bench.fixtures import build_tiny_qwen2
+from bench.openai_stub import StubState, serve
 
 TASK = """name: pairs
 version: 1
@@ -35,7 +35,7 @@ entries:
 def pairs_suite(folder, n: int, entries: str = "  - {task: pairs.yaml, split: dev, mode: ppl}\n") -> list[str]:
     """A user's choice task of n rows, a suite of `entries` on it and two tiny checkpoints in
     `folder`: the arguments `select` is given (suite, models, runs and cache directories)."""
-    from tests.conftest import build_tiny_qwen2
+    from bench.fixtures import build_tiny_qwen2
 
     rows = [{"id": k, "a": f"sentence {k}", "b": f"phrase {k % 3}", "label": "AB"[k % 2]} for k in range(n)]
     (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

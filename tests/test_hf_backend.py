@@ -36,7 +36,7 @@ def _by_hand(backend, messages, continuation):
 
 def test_render_uses_the_chat_template(backend):
     assert backend.render(MSGS[1]) == "<|im_start|>user\nhello world<|im_end|>\n<|im_start|>assistant\n"
-    from tests.conftest import CHATML
+    from bench.fixtures import CHATML
 
     from core.files import sha256_text
 
@@ -84,7 +84,7 @@ def _alone(backend, messages, n):
 
 
 def test_shared_prefix_is_run_once_and_changes_no_reply(tmp_path):
-    from tests.conftest import build_tiny_qwen2
+    from bench.fixtures import build_tiny_qwen2
 
     card = find_card("qwen2.5-1.5b-instruct")
     provision(card, tmp_path / "store", weights=build_tiny_qwen2(tmp_path / "wide", initializer_range=1.0))
@@ -103,7 +103,7 @@ def test_shared_prefix_is_run_once_and_changes_no_reply(tmp_path):
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 def test_cpu_fp32_linears_are_prepacked_and_agree_with_torchs_own(tmp_path):
-    from tests.conftest import build_tiny_qwen2
+    from bench.fixtures import build_tiny_qwen2
 
     from models.prepack import KERNEL, PrepackedLinear
 

@@ -14,7 +14,7 @@ from eval.task import find_task, load_items
 from selectune.cli import main
 from core.errors import UserError
 from core.settings import load_settings
-from tests.openai_stub import StubState, serve
+from bench.openai_stub import StubState, serve
 
 LABELS = ["温柔", "毒舌"]
 

@@ -103,3 +103,127 @@ def test_no_task_is_named_in_the_code():
             found += [f"{path.relative_to(REPO)}:{node.lineno} {c!r}" for c in consts
                       if c in tasks or getattr(node.func if isinstance(node, ast.Call) else node, "attr", "") == "startswith"]
     assert not found, f"task names in the code: {found}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Owners that own: paths inside runs/, the store's tables, and no loops inside a floor. Each check
+# is a function of one file, run over the code and over a probe file that must fail it.
+
+WORKSPACE = REPO / "core" / "workspace.py"
+STORE = REPO / "core" / "store.py"
+TABLE_OWNERS = {"runs": "eval/results.py", "items": "eval/results.py", "judge_verdicts": "eval/results.py",
+                "review_pairs": "reports/review.py", "review_votes": "reports/review.py",
+                "review_invites": "reports/invites.py", "review_judgements": "reports/pair_judge.py",
+                "teacher_calls": "synth/teacher.py"}
+
+
+def run_names() -> set[str]:
+    """The names core/workspace.py joins onto paths under runs/ (file and folder names), less the
+    ones that are also folders of this repository (train/, serve/, synth/), which code may join
+    onto the repository's root, and `data`, the data cache's folder too."""
+    tree = ast.parse(WORKSPACE.read_text(encoding="utf-8"))
+    names = {n.right.value for n in ast.walk(tree) if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div)
+             and isinstance(n.right, ast.Constant) and isinstance(n.right.value, str)}
+    for layout in (n.value for n in ast.walk(tree) if isinstance(n, ast.Assign | ast.AnnAssign)
+                   and getattr(n.targets[0] if isinstance(n, ast.Assign) else n.target, "id", "") == "LAYOUT"
+                   and isinstance(n.value, ast.Dict)):
+        names |= {Path(v.value).name for v in layout.values}
+    return {n for n in names if not (REPO / n).is_dir()} - {"data"}
+
+
+def runs_paths_built(path: Path, names: set[str]) -> list[str]:
+    """`x / "adapter"`, or a glob for "*/summary.json": a path inside runs/ built by hand."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant)
+                and node.right.value in names):
+            found.append(f"{path.name}:{node.lineno} / {node.right.value!r}")
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("glob", "rglob"):
+            found += [f"{path.name}:{node.lineno} glob {a.value!r}" for a in node.args if isinstance(a, ast.Constant)
+                      and isinstance(a.value, str) and names & set(a.value.split("/"))]
+    return found
+
+
+def tables_queried(path: Path) -> set[str]:
+    """The store's tables that SQL in `path` names (FROM, INTO, UPDATE, JOIN, TABLE)."""
+    import re
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found |= set(re.findall(r"\b(?:FROM|INTO|UPDATE|JOIN|TABLE(?: IF NOT EXISTS)?)\s+(\w+)", node.value))
+    return found & set(TABLE_OWNERS)
+
+
+def foreign_sql(path: Path, as_module: str) -> list[str]:
+    return sorted(t for t in tables_queried(path) if as_module not in (TABLE_OWNERS[t], "core/store.py"))
+
+
+def test_paths_inside_runs_are_named_by_the_workspace_only():
+    names = run_names()
+    assert {"summary.json", "adapter", "scores.json", "provenance.json", "results.sqlite"} <= names
+    found = [f for p in modules() if p != WORKSPACE for f in runs_paths_built(p, names)]
+    assert not found, f"paths inside runs/ built outside core/workspace.py: {found}"
+
+
+def test_the_runs_path_check_fails_a_probe(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f(run_dir, root):\n    a = run_dir / 'adapter'\n    return a, root.glob('*/summary.json')\n")
+    assert runs_paths_built(probe, run_names()) == ["probe.py:2 / 'adapter'", "probe.py:3 glob '*/summary.json'"]
+
+
+def test_sql_names_a_table_only_in_the_module_that_owns_its_rows():
+    found = {str(p.relative_to(REPO)): bad for p in modules() if (bad := foreign_sql(p, str(p.relative_to(REPO))))}
+    assert not found, f"SQL on tables owned elsewhere (owners: {TABLE_OWNERS}): {found}"
+
+
+def test_the_sql_check_fails_a_probe(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text('def f(conn):\n    return conn.execute("SELECT run_id FROM runs WHERE model = ?", ("m",))\n')
+    assert foreign_sql(probe, "reports/collect.py") == ["runs"] and foreign_sql(probe, "eval/results.py") == []
+
+
+def imports_of_tests(path: Path) -> list[str]:
+    return sorted(n for n in imported(path) if n == "tests" or n.startswith("tests."))
+
+
+def test_no_product_or_bench_module_imports_a_test_module():
+    found = {str(p.relative_to(REPO)): bad for p in modules() if (bad := imports_of_tests(p))}
+    assert not found, f"modules importing tests: {found}"
+
+
+def test_the_tests_import_check_fails_a_probe(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    from tests.conftest import build_tiny_qwen2\n")
+    assert imports_of_tests(probe) == ["tests.conftest", "tests.conftest.build_tiny_qwen2"]
+
+
+def import_cycles(files: dict[str, Path]) -> list[list[str]]:
+    """The loops among `files` (module name -> path) through any import, lazy ones included."""
+    graph = {m: {n for n in imported(p) if n in files and n != m} for m, p in files.items()}
+    cycles, done = [], set()
+
+    def walk(node: str, trail: list[str]) -> None:
+        for nxt in sorted(graph[node]):
+            if nxt in trail:
+                loop = trail[trail.index(nxt):]
+                if frozenset(loop) not in done:
+                    done.add(frozenset(loop))
+                    cycles.append(loop)
+            elif len(trail) < len(graph):
+                walk(nxt, trail + [nxt])
+
+    for start in sorted(graph):
+        walk(start, [start])
+    return cycles
+
+
+def test_no_import_cycle_inside_a_floor():
+    files = {".".join(p.relative_to(REPO).with_suffix("").parts): p for p in modules()}
+    assert import_cycles(files) == []
+
+
+def test_the_cycle_check_fails_a_probe(tmp_path):
+    (tmp_path / "a.py").write_text("from b import thing\n")
+    (tmp_path / "b.py").write_text("def thing():\n    from a import other\n")
+    assert import_cycles({"a": tmp_path / "a.py", "b": tmp_path / "b.py"}) == [["a", "b"]]

@@ -10,7 +10,7 @@ from eval.backends.openai_http import OpenAIBackend
 from models.card import find_card
 from models.store import provision
 from core.errors import UserError
-from tests.openai_stub import StubState, serve
+from bench.openai_stub import StubState, serve
 
 MSGS = [[{"role": "user", "content": t}] for t in ["hello world", "语句一和语句二", "阅读文章 the answer is"]]
 

@@ -61,7 +61,7 @@ def longer_first(request) -> str:
 def test_review_judge_asks_each_pair_in_both_orders_once_and_the_report_shows_it(tmp_path, capsys):
     from eval.backends.fake import FakeBackend
     from selectune.cli import main
-    from tests.openai_stub import StubState, serve
+    from bench.openai_stub import StubState, serve
 
     runs = tmp_path / "runs"
     shutil.copytree(report_fixture.build_in(tmp_path / "built", evil=True), runs)

@@ -54,7 +54,7 @@ class _Cand:
 
 
 def test_plan_names_the_leader_and_says_when_a_split_cannot_separate():
-    from eval.runner import RunSummary
+    from eval.summary import RunSummary
     from eval.task import find_task
 
     task = find_task("style")

@@ -43,7 +43,7 @@ def _rows(n: int, offset: int) -> str:
 
 @pytest.fixture(scope="module")
 def user(tmp_path_factory) -> Path:
-    from tests.conftest import build_tiny_qwen2
+    from bench.fixtures import build_tiny_qwen2
 
     folder = tmp_path_factory.mktemp("ray-select")
     (folder / "dev.jsonl").write_text(_rows(48, 0), encoding="utf-8")
@@ -199,7 +199,7 @@ def test_rescore_on_the_cluster_stores_what_the_local_executor_stores(user, loca
     import torch
 
     from selectune.cli import main
-    from tests.openai_stub import serve
+    from bench.openai_stub import serve
     from tests.ray_cluster import stub_state
 
     def args(runs: str) -> list[str]:
@@ -243,7 +243,7 @@ def test_two_ray_train_workers_make_the_adapter_one_process_makes(tmp_path):
     with the global batch of 4, within the tolerance that test explains."""
     import torch
 
-    from tests.conftest import build_tiny_qwen2
+    from bench.fixtures import build_tiny_qwen2
     from tests.test_train import ROWS, adapter_weights, recipe
     from train.trainer import run_training
 

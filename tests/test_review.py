@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from reports import invites, review
-from reports.collect import review_systems
+from reports.runs import review_systems
 from reports.review_server import create_app
 from selectune.cli import main
 from core.errors import UserError

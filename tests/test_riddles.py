@@ -10,8 +10,9 @@ import re
 import pytest
 
 from eval.backends.fake import FakeBackend
-from tests.conftest import REPO, build_tiny_qwen2
-from tests.openai_stub import StubState, serve
+from bench.fixtures import build_tiny_qwen2
+from tests.conftest import REPO
+from bench.openai_stub import StubState, serve
 
 PAGE = REPO / "docs" / "riddles.md"
 CARD = "qwen2.5-1.5b-instruct"

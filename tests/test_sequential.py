@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from eval import metrics as M
-from eval.sequential import (EntryState, ROUND, TIE_MARGIN, anytime_compare, bernstein_sequence, discordant_log_e,
-                             look, mean_sequence, mixture_radius, score_sequential)
+from eval.anytime import ROUND, anytime_compare, bernstein_sequence, discordant_log_e, mean_sequence, mixture_radius
+from eval.sequential import EntryState, TIE_MARGIN, look, score_sequential
 from eval.stats import ALPHA, mcnemar_exact
 
 LOOKS = range(ROUND, 2001, ROUND)
@@ -220,7 +220,7 @@ def test_a_clearly_worse_candidate_stops_early_and_a_killed_run_resumes_to_the_s
 
 
 def test_look_settles_an_entry_when_one_candidate_is_left():
-    from eval.runner import RunSummary
+    from eval.summary import RunSummary
 
     def run(values):
         return RunSummary("r", None, "dev", "gen", "m", [{"item_id": str(k), "scores": {M.ACCURACY: v}}
@@ -243,7 +243,7 @@ def test_look_settles_an_entry_when_one_candidate_is_left():
     ([1.0, 0.0] * 128, [0.0, 1.0] * 128, 0.05, None),          # equal means, always discordant
 ])
 def test_look_settles_a_tie_only_inside_the_margin(a, b, margin, reason):
-    from eval.runner import RunSummary
+    from eval.summary import RunSummary
 
     def run(values):
         return RunSummary("r", None, "dev", "gen", "m", [{"item_id": str(k), "scores": {M.ACCURACY: v}}

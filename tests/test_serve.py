@@ -14,7 +14,7 @@ import time
 import pytest
 
 from core.errors import UserError
-from tests.conftest import build_tiny_qwen2
+from bench.fixtures import build_tiny_qwen2
 
 
 def printable_tiny_qwen2(out, initializer_range, hidden_size=32):

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from eval.backends.fake import FakeBackend
 from eval.backends.openai_http import OpenAIBackend
@@ -19,7 +18,8 @@ from synth.pipeline import Run
 from synth.recipe import load_synth_recipe
 from synth.teacher import Budget, Teacher
 from tests.conftest import REPO
-from tests.openai_stub import StubState, serve
+from bench.fixtures import SYNTH_SEEDS, teacher_reply, write_synth_recipe
+from bench.openai_stub import StubState, serve
 
 CASES = json.loads((REPO / "tests" / "cases" / "teacher_outputs.json").read_text(encoding="utf-8"))
 
@@ -56,7 +56,7 @@ def test_step_by_step_keeps_only_the_final_answer(tmp_path, teacher_server):
 
     state, url = teacher_server
     state.backend = FakeBackend(respond=reply)
-    recipe = write_recipe(tmp_path, answer={"template": "synth/prompts/answer_fact.jinja", "shots": 0,
+    recipe = write_synth_recipe(tmp_path, answer={"template": "synth/prompts/answer_fact.jinja", "shots": 0,
                                             "context": str(tmp_path / "company.md"), "step_by_step": True},
                           converse={"fraction": 0.0})
     prov = synthesize(recipe, tmp_path / "runs", url)
@@ -73,11 +73,6 @@ def test_parse_followup(text, question):
     assert parse_followup(text) == question
 
 
-SEEDS = [{"question": "云栈盘免费版有多少存储空间？", "answer": "云栈盘免费版为每个账号提供15GB存储空间。"},
-         {"question": "会员每月多少钱？", "answer": "会员每月29元。"},
-         {"question": "工作日客服几点上班？", "answer": "客服工作日早上9点上班。"}]
-
-
 def test_question_filters_remove_duplicates_near_duplicates_and_off_language():
     items = [{"question": q} for q in [
         "云栈盘免费版有多少存储空间?",        # the first seed but for punctuation: exact duplicate
@@ -91,7 +86,7 @@ def test_question_filters_remove_duplicates_near_duplicates_and_off_language():
         "注销账号后数据保留30天。",            # a statement, not a question
     ]]
     report = C.Report()
-    kept = C.clean_questions(items, SEEDS, C.CleanSpec(require_question=True), report)
+    kept = C.clean_questions(items, SYNTH_SEEDS, C.CleanSpec(require_question=True), report)
     assert [i["question"] for i in kept] == ["周末客服几点下班？", "注销账号后数据会保留多久？"]
     assert report.removed == {"exact_duplicate": 1, "near_duplicate": 3, "language": 1, "length": 1,
                               "not_a_question": 1}
@@ -111,7 +106,7 @@ def test_answer_filters_format_numbers_and_seed_leaks():
     ]
     report = C.Report()
     spec = C.CleanSpec(numbers_from="免费版15GB，会员每月29元。")
-    kept = C.clean_answers(items, SEEDS, spec, report)
+    kept = C.clean_answers(items, SYNTH_SEEDS, spec, report)
     assert [i["question"] for i in kept] == ["免费版多大？"]
     assert report.removed == {"answer_format": 5, "seed_leak": 1}
     whys = [e["why"] for e in report.examples["answer_format"]]
@@ -120,54 +115,6 @@ def test_answer_filters_format_numbers_and_seed_leaks():
 
 # ---------------------------------------------------------------------------------------------
 # The pipeline against a loopback teacher
-
-
-EXPAND_PROMPTS: dict[str, int] = {}
-
-
-def teacher_reply(request) -> str:
-    """A scripted teacher: lists (the first distinct expand prompt gets none), answers (one with
-    an invented number), follow-up questions in a persona, and second-turn answers. The same
-    prompt always gets the same reply."""
-    text = request.messages[-1]["content"]
-    if "请再写" in text:
-        kind = EXPAND_PROMPTS.setdefault(text, len(EXPAND_PROMPTS)) % 3
-        if kind == 0:
-            return "抱歉，我想不出来。"  # no list: malformed
-        if kind == 1:
-            return json.dumps(["周末客服几点下班？", "周末客服几点下班呢？", "注销账号后数据会保留多久？",
-                               "团队版最多几个人？"], ensure_ascii=False)
-        return "好的：\n1. 文件最大能上传多大？\n2. 团队版最多几个人？\n3. 会员可以退款吗？\n4. Is there a student discount?"
-    if text.startswith("你现在扮演"):
-        return "孩子：那要是忘了怎么办呀？"
-    if "请只根据上面的资料" in text:
-        q = text.rsplit("问：", 1)[1]
-        if "退款" in q:
-            return "会员可在7天内全额退款，之后按剩余天数退99元。"  # 99 is not in the context
-        return f"答：关于“{q.split('？')[0][:6]}”，请以公司资料为准，一般在24小时内处理。"
-    return "别担心，联系客服就好。"  # a second turn
-
-
-def write_recipe(tmp_path: Path, **changes) -> Path:
-    context = tmp_path / "company.md"
-    context.write_text("客服24小时内回复。会员每月29元，7天内可全额退款。", encoding="utf-8")
-    seeds = tmp_path / "seeds.jsonl"
-    seeds.write_text("".join(json.dumps({"question": s["question"], "answer": s["answer"], "split": "train"},
-                                        ensure_ascii=False) + "\n" for s in SEEDS), encoding="utf-8")
-    recipe = {
-        "name": "mini", "description": "test",
-        "seeds": {"path": str(seeds), "where": {"split": "train"}, "count": 3},
-        "expand": {"what": "客服问题", "rounds": 6, "shots": 2, "per_round": 4},
-        "answer": {"template": "synth/prompts/answer_fact.jinja", "context": str(context), "shots": 1},
-        "converse": {"fraction": 0.5},
-        "clean": {"check_numbers": True},
-        "budget": {"max_calls": 100},
-        "seed": 1,  # its rounds show at least three different pairs of seeds
-        **changes,
-    }
-    path = tmp_path / "mini.yaml"
-    path.write_text(yaml.safe_dump(recipe, allow_unicode=True), encoding="utf-8")
-    return path
 
 
 @pytest.fixture
@@ -189,7 +136,7 @@ def test_pipeline_writes_a_cleaned_file_the_trainer_reads(tmp_path, teacher_serv
     from train.data import load_conversations
 
     state, url = teacher_server
-    prov = synthesize(write_recipe(tmp_path), tmp_path / "runs", url)
+    prov = synthesize(write_synth_recipe(tmp_path), tmp_path / "runs", url)
     out = tmp_path / "runs" / "synth" / "mini"
     counts = prov["counts"]
     assert prov["complete"] and prov["stopped"] is None
@@ -214,7 +161,7 @@ def test_pipeline_writes_a_cleaned_file_the_trainer_reads(tmp_path, teacher_serv
 
 def test_budget_stop_then_resume_pays_for_no_call_twice(tmp_path, teacher_server):
     state, url = teacher_server
-    recipe = write_recipe(tmp_path)
+    recipe = write_synth_recipe(tmp_path)
     fresh = synthesize(recipe, tmp_path / "fresh", url)
     calls_needed = len(state.bodies)
     state.bodies.clear()
@@ -240,7 +187,7 @@ def test_budget_stop_then_resume_pays_for_no_call_twice(tmp_path, teacher_server
 
 def test_token_budget_stops_cleanly(tmp_path, teacher_server):
     _state, url = teacher_server
-    recipe = load_synth_recipe(write_recipe(tmp_path))
+    recipe = load_synth_recipe(write_synth_recipe(tmp_path))
     teacher = Teacher(OpenAIBackend(url, "teacher", concurrency=1), open_results(tmp_path / "runs"),
                       Budget(max_calls=None, max_tokens=500), "teacher")
     prov = Run(recipe, teacher, tmp_path / "out").run()
@@ -251,14 +198,14 @@ def test_token_budget_stops_cleanly(tmp_path, teacher_server):
 
 def test_cli_runs_against_an_endpoint_and_rejects_bad_recipes(tmp_path, teacher_server, capsys):
     _state, url = teacher_server
-    recipe = write_recipe(tmp_path)
+    recipe = write_synth_recipe(tmp_path)
     runs = tmp_path / "runs"
     assert main(["--runs-dir", str(runs), "data-synth", "--recipe", str(recipe), "--base-url", url,
                  "--teacher-model", "teacher"]) == 0
     out = capsys.readouterr().out
     assert "data-synth: 3 seeds ->" in out and "removed" in out and "teacher calls:" in out
     (tmp_path / "bad").mkdir()
-    bad = write_recipe(tmp_path / "bad", expand={"what": "x", "roundz": 2})
+    bad = write_synth_recipe(tmp_path / "bad", expand={"what": "x", "roundz": 2})
     assert main(["--runs-dir", str(runs), "data-synth", "--recipe", str(bad), "--base-url", url,
                  "--teacher-model", "teacher"]) == 2
     assert capsys.readouterr().err.strip().startswith(f"selectune: error: {bad}: unknown key 'expand.roundz' (expected one of [")

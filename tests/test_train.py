@@ -15,7 +15,8 @@ import time
 import pytest
 
 from core.errors import UserError
-from tests.conftest import REPO, build_tiny_qwen2
+from bench.fixtures import build_tiny_qwen2
+from tests.conftest import REPO
 from train.recipe import Recipe
 
 ROWS = [{"prompt": f"问题{i}", "completion": f"答案是{i * 7}号"} for i in range(8)]

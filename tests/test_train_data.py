@@ -10,7 +10,7 @@ import pytest
 
 from core.errors import UserError
 from eval.task import find_task
-from tests.conftest import CHATML, tiny_tokenizer
+from bench.fixtures import CHATML, tiny_tokenizer
 from train.data import (IGNORE_INDEX, CleaningReport, Conversation, clean, ensure_chat_template,
                         load_conversations, normalise_whitespace, split, strip_html, style_prompt, tokenize)
 

@@ -13,7 +13,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from tests.conftest import REPO, build_tiny_qwen2
+from bench.fixtures import build_tiny_qwen2
+from tests.conftest import REPO
 from tests.test_train import ROWS, adapter_weights
 
 SCRIPT = textwrap.dedent("""

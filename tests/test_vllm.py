@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from serve.launcher import vllm_python
-from tests.conftest import REPO, build_tiny_qwen2
+from bench.fixtures import build_tiny_qwen2
+from tests.conftest import REPO
 
 needs_vllm = pytest.mark.skipif(not Path(vllm_python()).exists(),
                                 reason="no vLLM venv (make vllm-venv; make test builds it)")

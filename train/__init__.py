@@ -1,1 +1,1 @@
-"""QLoRA fine-tuning and adapter merge: recipes (YAML) and the thin trainer (issue 4)."""
+"""QLoRA fine-tuning and adapter merge: recipes (YAML) and the thin trainer."""

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.files import write_text_atomic
+from core.workspace import TrainRun
 
-EVALS_DIR = "checkpoint_evals"
 
 
 @dataclass
@@ -85,8 +85,10 @@ def score_entries(model, tokenizer, card, entries: list[ProbeEntry], data_dir: P
 def evaluated_steps(run_dir: Path, basis: dict | None = None) -> dict[int, dict]:
     """step -> its scores.json record, for every finished checkpoint evaluation (made on `basis`,
     when given: what else than the weights decides the scores)."""
-    out = {}
-    for path in sorted((run_dir / EVALS_DIR).glob("step-*/scores.json")):
+    out, layout = {}, TrainRun(run_dir)
+    for path in (layout.evaluation_scores(step) for step in layout.evaluation_steps()):
+        if not path.is_file():
+            continue
         record = json.loads(path.read_text(encoding="utf-8"))
         if basis is None or record.get("basis") == basis:
             out[record["step"]] = record
@@ -101,8 +103,8 @@ def evaluation_basis(entries: list[ProbeEntry], merge: dict) -> dict:
 
 def drop_evaluations_after(run_dir: Path, step: int) -> None:
     """Remove the evaluations of steps after `step` (a resumed run trains them again)."""
-    for path in (run_dir / EVALS_DIR).glob("step-*"):
-        if path.name[5:].isdigit() and int(path.name[5:]) > step:
+    for later, path in TrainRun(run_dir).evaluation_steps().items():
+        if later > step:
             shutil.rmtree(path)
 
 
@@ -117,9 +119,9 @@ def evaluate_checkpoint(step: int, model, tokenizer, card, entries: list[ProbeEn
 
     from models import prepack
 
-    folder = run_dir / EVALS_DIR / f"step-{step}"
-    adapter = folder / "adapter"
-    (folder / "scores.json").unlink(missing_ok=True)
+    layout = TrainRun(run_dir)
+    adapter, scores_file = layout.evaluation_adapter(step), layout.evaluation_scores(step)
+    scores_file.unlink(missing_ok=True)
     if model is not None:
         shutil.rmtree(adapter, ignore_errors=True)
         model.save_pretrained(adapter)
@@ -136,7 +138,7 @@ def evaluate_checkpoint(step: int, model, tokenizer, card, entries: list[ProbeEn
               "entries": {e.key: {"metric": e.metric, "role": e.role, "ids": [i.id for i in e.items],
                                   "scores": [s[e.metric] for _, s in scored[e.key]],
                                   "outputs": [o for o, _ in scored[e.key]]} for e in entries}}
-    write_text_atomic(folder / "scores.json", json.dumps(record, ensure_ascii=False))
+    write_text_atomic(scores_file, json.dumps(record, ensure_ascii=False))
     return record
 
 
@@ -209,7 +211,7 @@ class Evaluator:
         self.data_dir, self.base_loader, self.log_path = data_dir, base_loader, log_path
         self.basis = evaluation_basis(entries, merge)
         if resumed_step is None:
-            shutil.rmtree(run_dir / EVALS_DIR, ignore_errors=True)
+            shutil.rmtree(TrainRun(run_dir).evaluations, ignore_errors=True)
         else:
             drop_evaluations_after(run_dir, resumed_step)
 
@@ -229,11 +231,12 @@ class Evaluator:
     def choose(self, final_step: int, final_adapter: Path) -> tuple[dict, Path]:
         """(the choice record, the adapter to merge). Evaluations a rerun with another recipe
         made stale (another merge base, other probe items) are scored again from their adapters."""
-        for path in sorted((self.run_dir / EVALS_DIR).glob("step-*/adapter")):
-            step = int(path.parent.name[5:])
-            if step <= final_step and step not in evaluated_steps(self.run_dir, self.basis):
+        layout = TrainRun(self.run_dir)
+        for step in layout.evaluation_steps():
+            if (layout.evaluation_adapter(step).is_dir() and step <= final_step
+                    and step not in evaluated_steps(self.run_dir, self.basis)):
                 self(step, None, log=False)
         choice = choose_checkpoint(evaluated_steps(self.run_dir, self.basis), final_step)
         step = choice["chosen_step"]
-        adapter = final_adapter if step == final_step else self.run_dir / EVALS_DIR / f"step-{step}" / "adapter"
+        adapter = final_adapter if step == final_step else layout.evaluation_adapter(step)
         return {**choice, "adapter": str(adapter)}, adapter

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from core.errors import UserError
+from core.workspace import TrainRun
 
 GIB = 1 << 30
 RESULT = "train_result.pkl"
@@ -71,7 +72,7 @@ def train_on_ray(settings, recipe, checkpoint: str, run_dir: Path, data_dir: Pat
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": need.cpus, "memory": int(need.memory_gib * GIB)}),
-        run_config=RunConfig(name=run_dir.name, storage_path=str((run_dir / "ray").resolve())),
+        run_config=RunConfig(name=run_dir.name, storage_path=str(TrainRun(run_dir).ray_storage.resolve())),
     )
     print(f"train: {workers} Ray Train worker(s) on {address} ({'NCCL, GPU' if use_gpu else 'gloo, CPU'})")
     try:

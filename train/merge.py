@@ -133,6 +133,7 @@ def merge_adapter(base_checkpoint: str, adapter_dir: Path, out_dir: Path, *, par
 
     from core.artifacts import MergeProvenance, write_artifact
     from core.files import staging_dir
+    from core.workspace import provenance as provenance_of
     from train.callbacks import generate
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # carries the chat template used in training
@@ -187,6 +188,6 @@ def merge_adapter(base_checkpoint: str, adapter_dir: Path, out_dir: Path, *, par
     with staging_dir(out_dir) as stage:
         merged.save_pretrained(stage, safe_serialization=True)
         tokenizer.save_pretrained(stage)
-        write_artifact(stage / "provenance.json", MergeProvenance,
+        write_artifact(provenance_of(stage), MergeProvenance,
                        {**provenance, "parity": {**asdict(parity), "passed": parity.passed}})
     return parity

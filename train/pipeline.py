@@ -20,7 +20,7 @@ from core.errors import UserError
 from core.artifacts import TrainSummary, write_artifact
 from core.files import sha256_file
 from core.settings import Settings
-from core.workspace import Workspace
+from core.workspace import TrainRun, Workspace
 from train.recipe import CheckSpec, Recipe, SampleTaskSpec
 
 
@@ -162,7 +162,7 @@ def train_command(settings: Settings, recipe: Recipe, model_name: str | None, ru
             result = run_training(recipe, manifest["checkpoint"], run_dir, settings.resolved_data_dir, **options)
     except UserError:
         # Refused before any checkpoint (bad data, contamination, an early divergence): leave nothing.
-        if fresh and not any(run_dir.glob("checkpoints/checkpoint-*")):
+        if fresh and not any(TrainRun(run_dir).checkpoints.glob("checkpoint-*")):
             import shutil
 
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -213,8 +213,10 @@ def synth_output(name: str, synth_root: Path | None, recipe_file: Path) -> tuple
     if synth_root is None:
         raise UserError(f"{recipe_file}: data source synth '{name}' is read from the runs directory: train "
                         "through `selectune train`, which names it")
-    folder = synth_root / name
-    provenance = folder / "provenance.json"
+    from core.workspace import SynthOutput
+
+    output = SynthOutput(synth_root / name)
+    provenance = output.provenance
     if not provenance.is_file():
         raise UserError(f"{recipe_file}: data source synth '{name}': {provenance} not found; run "
                         f"`make data-synth SYNTH_RECIPE=...` for the recipe named {name} first")
@@ -222,4 +224,4 @@ def synth_output(name: str, synth_root: Path | None, recipe_file: Path) -> tuple
     if not record["complete"]:
         raise UserError(f"{recipe_file}: data source synth '{name}': that run stopped early ({record['stopped']}); "
                         "rerun make data-synth to finish it")
-    return folder / "data.jsonl", record["format"]
+    return output.data, record["format"]

@@ -22,6 +22,7 @@ import torch
 from transformers import Trainer
 
 from core.errors import UserError
+from core.workspace import TrainRun
 from train.callbacks import make_callbacks, sample_prompts
 from train.cpu_memory import CpuAllocator
 from models.loading import cpu_has_bf16
@@ -101,7 +102,7 @@ def prepare_data(recipe: Recipe, tokenizer, data_dir: Path, run_dir: Path,
 
         contamination = gate(recipe, conversations, eval_texts)
     parts = split(conversations, recipe.split, recipe.seed)
-    save_split(parts, run_dir / "data")
+    save_split(parts, TrainRun(run_dir).data)
     examples = {}
     for name in ("train", "val"):
         tokenized = [tokenize(tokenizer, c, recipe.max_length, recipe.overlong, report) for c in parts[name]]
@@ -319,9 +320,9 @@ def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path,
         allocator.after_load()
     fuse_silu_mlps(model)
     fuse_lora_dropout(model)
-    checkpoints = run_dir / "checkpoints"
+    layout = TrainRun(run_dir)
+    checkpoints, log_path = layout.checkpoints, layout.log
     last = last_complete_checkpoint(checkpoints)
-    log_path = run_dir / "train_log.jsonl"
     if last:
         print(f"train: resuming from {last}")
         truncate_log(log_path, int(last.name.rsplit("-", 1)[1]))
@@ -362,7 +363,7 @@ def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path,
         raise UserError(f"{guard.problem}; stopped. Last good checkpoint: {kept or 'none yet'} "
                         f"(lower training.learning_rate in {recipe.path} and rerun)")
     val_loss = final_val_loss(trainer) if data.val else None
-    adapter_dir = run_dir / "adapter"
+    adapter_dir = layout.adapter
     if trainer.is_world_process_zero():  # under `accelerate launch`, the main process saves
         model.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
