@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval.backends.base import DEFAULT_BATCH_SIZE  # noqa: E402
+from eval.backends import make_backend  # noqa: E402
 from eval.backends.hf import HFBackend, shared_prefix_length  # noqa: E402
 from eval.opencompass_crosscheck import compare, run_opencompass, write_workdir  # noqa: E402
 from eval.results import open_results  # noqa: E402
@@ -103,7 +104,7 @@ def main() -> int:
     for n in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
-            backend = HFBackend(card, settings.model_store, batch_size=args.batch_size,
+            backend = make_backend("hf", card, settings.model_store, batch_size=args.batch_size,
                                 prepack=not args.no_prepack)
             loaded = time.perf_counter()
             ours = run_task(backend, task, args.split, "gen", items, open_results(Path(tmp)),

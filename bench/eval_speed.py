@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval.backends.base import LoglikelihoodRequest  # noqa: E402
-from eval.backends.hf import HFBackend  # noqa: E402
+from eval.backends import make_backend  # noqa: E402
 from eval.lm_eval_export import export_task, run_lm_eval  # noqa: E402
 from eval.results import open_results  # noqa: E402
 from eval.runner import run_task  # noqa: E402
@@ -64,7 +64,7 @@ def body_and_head(model) -> tuple[int, int]:
     return body, config.hidden_size * config.vocab_size
 
 
-def needed_gflop(backend: HFBackend, chunks: list[list[LoglikelihoodRequest]]) -> float:
+def needed_gflop(backend, chunks: list[list[LoglikelihoodRequest]]) -> float:
     """GFLOP of our work on the runner's chunks of requests: the body on every token once, except
     a context prefix shared by a batch, which runs once while it stays the same (the backend's
     prefix cache); the LM head where a score is read."""
@@ -106,7 +106,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        backend = HFBackend(card, settings.model_store, batch_size=args.batch_size, prepack=not args.no_prepack)
+        backend = make_backend("hf", card, settings.model_store, batch_size=args.batch_size, prepack=not args.no_prepack)
         ours = run_task(backend, task, args.split, "ppl", items, open_results(Path(tmp)),
                         chunk_size=args.batch_size)
         t_ours = time.perf_counter() - started

@@ -227,13 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="a folder to keep the workspaces in (default: a temporary one)")
     args = parser.parse_args(argv)
 
-    from eval.backends.fake import FakeBackend
     from bench.fixtures import teacher_reply
     from bench.openai_stub import StubState, serve
+    from eval.backends import make_backend
 
     root = Path(args.work or tempfile.mkdtemp(prefix="kill-harness-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    server, url = serve(StubState(FakeBackend(respond=teacher_reply)))
+    server, url = serve(StubState(make_backend("fake", respond=teacher_reply)))
     _tiny, commands = prepare(root, url)
     rng = random.Random(args.seed)
     base = root / "base"

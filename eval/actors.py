@@ -68,7 +68,7 @@ class ScoringWorker:
 
 
 def _worker_backend(card, store: Path, checkpoint: Path | None, options: dict):
-    from eval.backends.hf import HFBackend
+    from eval.backends import make_backend
     from models.loading import scoring_dtype
     from models.store import provision
 
@@ -79,7 +79,7 @@ def _worker_backend(card, store: Path, checkpoint: Path | None, options: dict):
     else:
         provision(card, store)  # verifies the card's sha256 pins
     dtype = scoring_dtype(options["dtype"], options["device"]) if options["scoring"] else options["dtype"]
-    return HFBackend(card, store, batch_size=options["batch_size"], device=options["device"], dtype=dtype,
+    return make_backend("hf", card, store, batch_size=options["batch_size"], device=options["device"], dtype=dtype,
                      checkpoint=checkpoint, lazy=True)
 
 
@@ -174,9 +174,9 @@ class HTTPWorker:
     """The actor for one OpenAI-compatible server: it sends a share of each chunk's requests."""
 
     def __init__(self, url: str, model: str, concurrency: int):
-        from eval.backends.openai_http import OpenAIBackend
+        from eval.backends import make_backend
 
-        self.backend = OpenAIBackend(url, model, concurrency=concurrency)
+        self.backend = make_backend("openai", url, model, concurrency=concurrency)
 
     def generate(self, requests) -> list[str]:
         return self.backend.generate(requests)

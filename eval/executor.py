@@ -65,12 +65,12 @@ class LocalExecutor:
 
     def servers(self, urls: list[str], model: str, concurrency: int):
         """The HTTP backend for one server; several are the Ray executor's."""
-        from eval.backends.openai_http import OpenAIBackend
+        from eval.backends import make_backend
 
         if len(urls) > 1:
             raise UserError(f"{len(urls)} --base-url: spreading one model over several servers runs on the Ray "
                             "executor (--executor ray: one actor per server)")
-        return OpenAIBackend(urls[0], model, concurrency=concurrency)
+        return make_backend("openai", urls[0], model, concurrency=concurrency)
 
     def describe(self) -> dict:
         return {"name": self.name}

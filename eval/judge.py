@@ -33,9 +33,9 @@ def make_judge(settings: Settings):
         return None
     if settings.judge_url is None or settings.judge_model is None:
         raise UserError("a judge needs both judge_url and judge_model (settings or --judge-url/--judge-model)")
-    from eval.backends.openai_http import OpenAIBackend
+    from eval.backends import make_backend
 
-    return OpenAIBackend(settings.judge_url, settings.judge_model, api_key=os.environ.get(API_KEY_ENV))
+    return make_backend("openai", settings.judge_url, settings.judge_model, api_key=os.environ.get(API_KEY_ENV))
 
 
 def verdict_label(output: str, labels: list[str]) -> str | None:

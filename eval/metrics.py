@@ -31,6 +31,12 @@ CIRCULAR_ACCURACY = "circular_accuracy"
 LETTER_FOLLOWING = "letter_following"
 """1 when every rotation got the same letter although the content under it moved."""
 
+
+def ranked_metric(task, mode: str, chosen: str | None = None) -> str:
+    """The one rule for the metric an entry (or a check) is ranked and compared by: the one it
+    names, else accuracy in `ppl` mode, else the task's first metric."""
+    return chosen or (ACCURACY if mode == "ppl" else task.metrics[0])
+
 BINARY = {ACCURACY, ACCURACY_OPENCOMPASS, UNPARSABLE, STYLE_ACCURACY, STYLE_JUDGE, EXACT_MATCH, CONTAINS,
           REGEX_MATCH, CIRCULAR_ACCURACY, LETTER_FOLLOWING}
 """Per-item 0/1 metrics: compared between models with exact McNemar tests."""

@@ -245,14 +245,14 @@ def _eval(settings, executor, spec, split, items, *, model, mode, batch_size, ba
     if base_url:
         backend = executor.servers(base_url, model, concurrency=batch_size)
     else:
-        from eval.backends.hf import HFBackend
+        from eval.backends import make_backend
         from models.card import find_card
         from models.loading import scoring_dtype
 
         card = find_card(model)
         executor.open([card], settings.model_store, batch_size=batch_size, device=device,
                       dtype=dtype if executor.name == "ray" else scoring_dtype(dtype, device),
-                      make=lambda c: HFBackend(c, settings.model_store, batch_size=batch_size, device=device,
+                      make=lambda c: make_backend("hf", c, settings.model_store, batch_size=batch_size, device=device,
                                                dtype=scoring_dtype(dtype, device), lazy=True))
         backend = executor.backend(card)
     conn = executor.connection()

@@ -22,8 +22,7 @@ from eval.backends.base import DEFAULT_BATCH_SIZE
 from eval.circular import SPLIT_SUFFIX, circular_summary, rotations
 from eval.runner import git_revision, run_task
 from eval.stats import ALPHA, compare
-from eval.summary import (Cell, RunSummary, cells_of, comparison_text, per_fact_recall, primary_metric,
-                          render_table)
+from eval.summary import (Cell, RunSummary, cells_of, comparison_text, per_fact_recall, render_table)
 from eval.suite import DEFAULT_SUITE, SuiteEntry, load_suite
 from eval.task import TaskSpec, load_items
 from models.card import ModelCard
@@ -56,12 +55,12 @@ class Candidate:
     items: int = 0
 
 
-def score_candidates(cards: list[ModelCard], entries: list[tuple[TaskSpec, SuiteEntry]], *, executor,
-                     data_dir: Path, batch_size: int = DEFAULT_BATCH_SIZE, judge=None,
+def score_candidates(cards: list[ModelCard], entries: list[tuple[TaskSpec, SuiteEntry]], entry_items: list[list],
+                     *, executor, data_dir: Path, batch_size: int = DEFAULT_BATCH_SIZE, judge=None,
                      pilot: float | None = None, skip: set[int] = frozenset()) -> list[Candidate]:
     """Every card on every entry, through `executor` (eval/executor.py, opened on `cards`): one
-    card after another here, or all at once on a Ray cluster; `pilot`: only that seeded share of
-    each entry's items (`--plan`)."""
+    card after another here, or all at once on a Ray cluster. `entry_items`: each entry's items,
+    loaded and rendered once for every candidate; `pilot`: only that seeded share of them (`--plan`)."""
     from tqdm import tqdm
 
     def one(card: ModelCard) -> Candidate:
@@ -75,7 +74,7 @@ def score_candidates(cards: list[ModelCard], entries: list[tuple[TaskSpec, Suite
             if card.is_endpoint and mode == "ppl":
                 cand.runs.append(None)  # no prompt log-probabilities over chat completions: n/a
                 continue
-            items = load_items(task, split, data_dir)
+            items = entry_items[k]
             if pilot is not None:
                 from eval.plan import pilot_items
 
@@ -100,15 +99,15 @@ def score_candidates(cards: list[ModelCard], entries: list[tuple[TaskSpec, Suite
 
 def _backend(card: ModelCard, store: Path, *, checkpoint: Path | None, **options):
     if card.is_endpoint:
-        from eval.backends.openai_http import OpenAIBackend
+        from eval.backends import make_backend
         from models.endpoint import api_key
 
-        return OpenAIBackend(card.source.url, card.source.model, api_key=api_key(),
+        return make_backend("openai", card.source.url, card.source.model, api_key=api_key(),
                              identity={"model": card.name, "served_model": card.source.model})
-    from eval.backends.hf import HFBackend
+    from eval.backends import make_backend
 
     # Lazy: a candidate whose items are all stored never loads its weights.
-    return HFBackend(card, store, lazy=True, checkpoint=checkpoint, **options)
+    return make_backend("hf", card, store, lazy=True, checkpoint=checkpoint, **options)
 
 
 def decide(candidates: list[Candidate], budget: Budget, ranking: list[tuple[str | None, float]] | None = None) -> dict:
@@ -120,7 +119,7 @@ def decide(candidates: list[Candidate], budget: Budget, ranking: list[tuple[str 
     names = [c.card.name for c in candidates]
     firsts = entry_runs(candidates)
     ranking = ranking or [(None, 1.0)] * len(firsts)
-    entries = [(r.task.name, r.split, r.mode, metric or primary_metric(r))
+    entries = [(r.task.name, r.split, r.mode, M.ranked_metric(r.task, r.mode, metric))
                for r, (metric, _) in zip(firsts, ranking)]
     weights = np.array([w for _, w in ranking])
     means = np.array([[np.mean([i["scores"][m] for i in c.runs[k].items]) if c.runs[k] else np.nan
@@ -244,7 +243,7 @@ def selection_report(candidates: list[Candidate], budget: Budget, *, seed: int =
 
 
 def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT_SUITE,
-                   train_budget_gib: float = 24.0, infer_budget_gib: float = 16.0,
+                   train_budget_gib: float | None = None, infer_budget_gib: float | None = None,
                    batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto", dtype: str = "auto",
                    plan: bool = False, pilot: float = 0.2, detect: float | None = None, power: float = 0.8,
                    design: str = "auto", tie_margin: float | None = None) -> int:
@@ -272,7 +271,8 @@ def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT
             provision(card, settings.model_store)
     from eval.sequential import sequential_entries
 
-    sizes = [len(load_items(task, e.split, settings.resolved_data_dir)) for task, e in entries]
+    entry_items = [load_items(task, e.split, settings.resolved_data_dir) for task, e in entries]
+    sizes = [len(items) for items in entry_items]
     chosen = set() if plan else sequential_entries(entries, sizes, design, len(cards))
     conn = open_results(settings.runs_dir)
     executor = make_executor(settings, conn)
@@ -282,22 +282,26 @@ def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT
                       dtype=raw_dtype if executor.name == "ray" else dtype,
                       make=lambda card: _backend(card, settings.model_store, checkpoint=checkpoints.get(card.name),
                                                  batch_size=batch_size, device=device, dtype=dtype))
-        candidates = score_candidates(cards, entries, executor=executor, data_dir=settings.resolved_data_dir,
+        candidates = score_candidates(cards, entries, entry_items, executor=executor,
+                                      data_dir=settings.resolved_data_dir,
                                       batch_size=batch_size, judge=judge, pilot=pilot if plan else None, skip=chosen)
         states = {}
         if chosen:
             states = _score_sequentially(candidates, entries, chosen, settings, executor, batch_size=batch_size,
-                                         judge=judge, margin=tie_margin)
+                                         judge=judge, margin=tie_margin,
+                                         items={k: entry_items[k] for k in chosen})
     finally:
         executor.close()
     if plan:
         from eval.plan import plan as plan_rows
         from eval.plan import print_plan
 
-        metrics = [e.metric or primary_metric(r) for r, (_, e) in zip(entry_runs(candidates), entries)]
+        metrics = [M.ranked_metric(r.task, r.mode, e.metric) for r, (_, e) in zip(entry_runs(candidates), entries)]
         print_plan(plan_rows(candidates, metrics, sizes, detect=detect, power=power), detect=detect, power=power)
         return 0
-    table, record = selection_report(candidates, Budget(train_budget_gib, infer_budget_gib),
+    budget = Budget(**{k: v for k, v in (("train_gib", train_budget_gib), ("infer_gib", infer_budget_gib))
+                       if v is not None})  # unset: Budget's defaults, written there only
+    table, record = selection_report(candidates, budget,
                                      ranking=[(e.metric, e.weight) for _, e in entries])
     record["executor"] = executor.describe()
     record["suite"] = {"name": spec.name, "file": str(spec.path), "sha256": sha256_file(spec.path)}
@@ -320,7 +324,7 @@ def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT
     return 0 if record["winner"] else 1
 
 
-def _score_sequentially(candidates, entries, chosen, settings, executor, *, batch_size, judge, margin):
+def _score_sequentially(candidates, entries, chosen, settings, executor, *, batch_size, judge, margin, items):
     """Fill the chosen entries' runs of every candidate round by round (eval/sequential.py)."""
     from eval.sequential import TIE_MARGIN, score_sequential
 
@@ -328,7 +332,7 @@ def _score_sequentially(candidates, entries, chosen, settings, executor, *, batc
     runs, states, spent = score_sequential([c.card for c in candidates], entries, chosen, backends,
                                            executor.connection(), data_dir=settings.resolved_data_dir,
                                            batch_size=batch_size, judge=judge, executor=executor,
-                                           margin=TIE_MARGIN if margin is None else margin)
+                                           margin=TIE_MARGIN if margin is None else margin, items=items)
     for cand in candidates:
         for k in chosen:
             cand.runs[k] = runs.get((cand.card.name, k))

@@ -94,7 +94,7 @@ def sequential_entries(entries, sizes: list[int], design: str, candidates: int =
         return set()
     out = set()
     for k, ((task, entry), size) in enumerate(zip(entries, sizes)):
-        metric = entry.metric or (M.ACCURACY if entry.mode == "ppl" else task.metrics[0])
+        metric = M.ranked_metric(task, entry.mode, entry.metric)
         if entry.circular or not can_be_sequential(metric):
             continue
         if design == "sequential" or size >= LARGE:
@@ -104,14 +104,16 @@ def sequential_entries(entries, sizes: list[int], design: str, candidates: int =
 
 def score_sequential(cards, entries, chosen: set[int], backends: dict, conn, *, data_dir, batch_size: int,
                      judge=None, margin: float = TIE_MARGIN, progress=print,
-                     executor=None) -> tuple[dict, dict[int, EntryState], dict[str, tuple[float, int]]]:
+                     executor=None, items: dict | None = None,
+                     ) -> tuple[dict, dict[int, EntryState], dict[str, tuple[float, int]]]:
     """Score the chosen entries round by round: ({(card name, entry index): run}, states,
     {card name: (seconds, items computed)}). `executor` (eval/executor.py): scores a round's
-    candidates at once where it can, each thread through its own store connection."""
+    candidates at once where it can, each thread through its own store connection. `items`: each
+    chosen entry's items, when the caller has loaded them already."""
     from eval.runner import run_task
     from eval.task import load_items
 
-    items = {k: load_items(entries[k][0], entries[k][1].split, data_dir) for k in chosen}
+    items = items or {k: load_items(entries[k][0], entries[k][1].split, data_dir) for k in chosen}
     names = [c.name for c in cards]
     states = {k: EntryState(len(items[k]), 0, [c.name for c in cards
                                                 if not (c.is_endpoint and entries[k][1].mode == "ppl")], {})
@@ -144,7 +146,7 @@ def score_sequential(cards, entries, chosen: set[int], backends: dict, conn, *, 
             for name, run in (executor.map(one, list(state.active)) if executor else map(one, state.active)):
                 runs[(name, k)] = _mark(run)
                 spent[name] = (spent[name][0] + run.seconds, spent[name][1] + run.computed)
-            metric = entry.metric or (M.ACCURACY if entry.mode == "ppl" else task.metrics[0])
+            metric = M.ranked_metric(task, entry.mode, entry.metric)
             look(state, {n: runs[(n, k)] for n in state.active}, metric, margin=margin)
             if state.reason is not None:
                 progress(f"select: {task.name}-{entry.split} {entry.mode}: {state.reason}")

@@ -81,6 +81,16 @@ def load_suite(path: Path) -> tuple[Suite, list[tuple[TaskSpec, SuiteEntry]]]:
     return suite, out
 
 
+def ranked_metrics(selection: dict | None) -> dict[tuple[str, str, str], str]:
+    """(task, split, mode) -> the metric each entry of the selection's suite is ranked by
+    (metrics.ranked_metric); empty when there was no selection or its suite file is gone."""
+    suite = (selection or {}).get("suite") or {}
+    path = Path(suite["file"]) if suite.get("file") else None
+    if path is None or not path.is_file():
+        return {}
+    return {(task.name, e.split, e.mode): M.ranked_metric(task, e.mode, e.metric) for task, e in load_suite(path)[1]}
+
+
 def entries_with_role(selection: dict | None, role: str) -> list[tuple[TaskSpec, SuiteEntry]]:
     """The entries of the suite the selection scored that have `role`; none when there was no
     selection or its suite file is gone."""

@@ -55,7 +55,8 @@ def metrics_of(run: RunSummary) -> list[str]:
 
 
 def primary_metric(run: RunSummary) -> str:
-    return metrics_of(run)[0]
+    """The run's first metric, the one it is ranked by unless its suite entry names another."""
+    return M.ranked_metric(run.task, run.mode)
 
 
 def cells_of(run: RunSummary, seed: int = 0) -> list[Cell]:

@@ -20,9 +20,10 @@ from pathlib import Path
 from eval import metrics as M
 from eval.baselines import BASELINE_COLUMNS, baseline_cells
 from eval.anytime import anytime_compare, can_be_sequential, mean_sequence
-from eval.summary import RunSummary
 from eval.stats import Estimate, bootstrap_mean, compare
-from eval.summary import PERCENT, comparison_text, fmt_ci, fmt_diff, fmt_value, metrics_of, primary_metric
+from eval.suite import ranked_metrics
+from eval.summary import (PERCENT, RunSummary, comparison_text, fmt_ci, fmt_diff, fmt_value, metrics_of,
+                          primary_metric)
 from eval.task import find_task, load_task
 from core.errors import UserError
 
@@ -139,6 +140,7 @@ def leaderboard(conn, selection: dict, named_in: str) -> Leaderboard:
     runs = {model: [load_run(conn, rid, named_in) for rid in ids] for model, ids in selection["runs"].items()}
     models = list(runs)
     winner = selection.get("winner")
+    ranked = ranked_metrics(selection)
     by_entry: dict[tuple, dict[str, Run]] = {}
     for model, model_runs in runs.items():
         for run in model_runs:
@@ -154,6 +156,7 @@ def leaderboard(conn, selection: dict, named_in: str) -> Leaderboard:
             per_model = dict(zip(per_model, runs_of))
         some = max(per_model.values(), key=lambda r: len(r.summary.items))
         metrics = [m for m in metrics_of(some.summary) if not sequential or can_be_sequential(m)]
+        metrics.sort(key=lambda m: m != ranked.get(entry))  # the metric the entry is ranked by first
         floor = {(c.metric, c.model): _estimate(c.metric, c.estimate) for c in baseline_cells(some.summary)}
         for metric in metrics:
             cells = {m: _estimate(metric, mean_sequence(r.values(metric), metric) if sequential

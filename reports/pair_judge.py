@@ -101,8 +101,9 @@ def agreement(all_votes: list[dict], verdicts: dict[str, dict[str, str | None]],
               pairs: dict[str, tuple[str, str]]) -> dict:
     """The judge against the human votes (each vote one rating; 'both bad' left out) and its
     position-swap audit over every pair it judged. `pairs`: {pair_id: (system_a, system_b)}."""
-    from scipy.stats import binomtest
     from sklearn.metrics import cohen_kappa_score, confusion_matrix
+
+    from reports.review import position_bias
 
     human, judge = [], []
     for v in all_votes:
@@ -134,7 +135,7 @@ def agreement(all_votes: list[dict], verdicts: dict[str, dict[str, str | None]],
             if r != "tie":
                 decisive += 1
                 first_wins += r == "first"
+    bias = position_bias(first_wins, decisive)
     out["position"] = {"pairs": both, "consistent": consistent, "unread": unread, "decisive": decisive,
-                       "first_wins": first_wins, "first_rate": first_wins / decisive if decisive else None,
-                       "p_value": float(binomtest(first_wins, decisive, 0.5).pvalue) if decisive else None}
+                       "first_wins": first_wins, "first_rate": bias["rate"], "p_value": bias["p_value"]}
     return out

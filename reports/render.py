@@ -8,13 +8,12 @@ and model text is untrusted: it only ever reaches a page through an autoescaped 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from core.errors import UserError
 from eval.summary import PERCENT, fmt_p, fmt_value
 from core.store import open_read_only
-from core.workspace import Workspace
+from core.workspace import Workspace, slug
 from core.files import write_text_atomic
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -35,8 +34,7 @@ def environment():
     return env
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "x"
+
 
 
 # ---------------------------------------------------------------------------------------------

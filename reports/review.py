@@ -247,11 +247,21 @@ def wilson(k: int, n: int) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def aggregate(all_votes: list[dict]) -> dict:
-    """Win/tie/loss per system pair with Wilson CIs, Bradley-Terry strengths plain and
-    style-controlled (when the votes carry the answers), and the position-bias check (how often the left answer wins decisive votes)."""
+def position_bias(first_wins: int, decisive: int) -> dict:
+    """The one position-bias test: the share of decisive verdicts won by the answer shown first
+    (left), its Wilson CI and the exact binomial p against 50%; None values with no decisive one."""
     from scipy.stats import binomtest
 
+    if not decisive:
+        return {"rate": None, "ci95": [None, None], "p_value": None}
+    return {"rate": first_wins / decisive, "ci95": list(wilson(first_wins, decisive)),
+            "p_value": float(binomtest(first_wins, decisive, 0.5).pvalue)}
+
+
+def aggregate(all_votes: list[dict]) -> dict:
+    """Win/tie/loss per system pair with Wilson CIs, Bradley-Terry strengths plain and
+    style-controlled (when the votes carry the answers), and the position-bias check (how often the
+    left answer wins decisive votes)."""
     pairs: dict[tuple[str, str], dict] = {}
     left_wins = decisive = 0
     for v in all_votes:
@@ -270,11 +280,7 @@ def aggregate(all_votes: list[dict]) -> dict:
         low, high = wilson(cell["wins_a"], n)
         rows.append({**cell, "votes": n + cell["ties"] + cell["both_bad"], "decisive": n,
                      "win_rate_a": cell["wins_a"] / n if n else None, "ci95": [low, high]})
-    position = None
-    if decisive:
-        low, high = wilson(left_wins, decisive)
-        position = {"left_wins": left_wins, "decisive": decisive, "rate": left_wins / decisive, "ci95": [low, high],
-                    "p_value": float(binomtest(left_wins, decisive, 0.5).pvalue)}
+    position = {"left_wins": left_wins, "decisive": decisive, **position_bias(left_wins, decisive)} if decisive else None
     systems = sorted({s for key in pairs for s in key})
     comments = [{k: v[k] for k in ("task", "item_id", "system_a", "system_b", "left_system", "vote", "reviewer",
                                     "comment")} for v in all_votes if v["comment"].strip()]

@@ -138,8 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: the default offline set)")
     sel.add_argument("--suite", type=Path, default=REPO / "suites" / "default.yaml",
                      help="the selection suite: a YAML file of task, split, mode entries (default suites/default.yaml)")
-    sel.add_argument("--train-budget-gib", type=float, default=24.0)
-    sel.add_argument("--infer-budget-gib", type=float, default=16.0)
+    sel.add_argument("--train-budget-gib", type=float,
+                     help="GiB QLoRA training must fit in (unset: eval.select.Budget's default)")
+    sel.add_argument("--infer-budget-gib", type=float,
+                     help="GiB bf16 serving must fit in (unset: eval.select.Budget's default)")
     sel.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE)
     sel.add_argument("--design", choices=["auto", "fixed", "sequential"], default="auto",
                      help="auto (default): entries of 500 items or more are scored sequentially, stopping once "

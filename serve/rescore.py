@@ -81,7 +81,7 @@ def served_backend(base_url: str, model_name: str, target: Target, engine: str, 
                    local_identity: dict, max_retries: int = 5, split_ids=None):
     """The server as a backend. What it serves is the directory the local backend loaded: the
     weights and chat-template hashes are that directory's (hashed once, by the local backend)."""
-    from eval.backends.openai_http import OpenAIBackend
+    from eval.backends import make_backend
 
     identity = {
         "model": target.label,
@@ -90,7 +90,7 @@ def served_backend(base_url: str, model_name: str, target: Target, engine: str, 
         "weights_sha256": local_identity["weights_sha256"],
         "chat_template_sha256": local_identity["chat_template_sha256"],
     }  # the backend adds the hash of the sampling parameters its requests send
-    return OpenAIBackend(base_url, model_name, concurrency=concurrency, sampling=SAMPLING, identity=identity,
+    return make_backend("openai", base_url, model_name, concurrency=concurrency, sampling=SAMPLING, identity=identity,
                          max_retries=max_retries, split_ids=split_ids)
 
 
@@ -216,7 +216,7 @@ def rescore(settings, target: Target, *, base_url: str, model_name: str, engine:
             batch_size: int = DEFAULT_BATCH_SIZE, max_retries: int = 5, out_dir: Path | None = None) -> dict:
     from tqdm import tqdm
 
-    from eval.backends.hf import HFBackend
+    from eval.backends import make_backend
     from eval.executor import make_executor
     from eval.results import open_results
     from eval.runner import run_task
@@ -238,7 +238,7 @@ def rescore(settings, target: Target, *, base_url: str, model_name: str, engine:
         # requests only oversubscribe them. lmdeploy and vLLM batch concurrent requests.
         concurrency = {"lmdeploy": 8, "vllm": 4}.get(engine, 1)
     # Here the tokenizer alone (identity, token ids for the server); the weights load on first use.
-    local = HFBackend(local_card(target), settings.model_store, batch_size=batch_size, checkpoint=target.model_dir,
+    local = make_backend("hf", local_card(target), settings.model_store, batch_size=batch_size, checkpoint=target.model_dir,
                       lazy=True)
     served = served_backend(base_url, model_name, target, engine, concurrency, local.identity, max_retries,
                             split_ids=local.split_ids)

@@ -326,7 +326,7 @@ def synth_command(settings, *, recipe: Path, base_url: str | None = None, teache
                   out: Path | None = None) -> int:
     """`selectune data-synth` (`make data-synth`): the teacher at --base-url (or the recipe's), else
     an offline card served here for the duration."""
-    from eval.backends.openai_http import OpenAIBackend
+    from eval.backends import make_backend
     from eval.results import open_results
     from synth.recipe import load_synth_recipe
     from synth.teacher import Budget, Teacher
@@ -338,7 +338,7 @@ def synth_command(settings, *, recipe: Path, base_url: str | None = None, teache
     api_key = os.environ.get(spec.teacher.api_key_env)
 
     def run(url: str, model: str, label: str) -> dict:
-        backend = OpenAIBackend(url, model, api_key=api_key, concurrency=1, timeout_s=600.0, max_retries=3)
+        backend = make_backend("openai", url, model, api_key=api_key, concurrency=1, timeout_s=600.0, max_retries=3)
         return Run(spec, Teacher(backend, conn, budget, label), out_dir, settings.resolved_data_dir).run()
 
     url = base_url or spec.teacher.base_url

@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from core.config import NamedConfig, Strict, load_named_yaml
+from synth.clean import CleanSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,16 +89,18 @@ class ConverseSpec(Strict):
 
 
 class CleanRecipe(Strict):
-    min_chars: int = 4
-    max_question_chars: int = 200
-    max_answer_chars: int = 400
-    min_cjk_ratio: float = Field(default=0.3, ge=0, le=1)
-    near_duplicate: float = Field(default=0.75, gt=0, le=1)
-    leak_fraction: float = Field(default=0.8, gt=0, le=1)
-    leak_min_chars: int = Field(default=1, ge=1)
-    similarity: Literal["chars", "words"] = "chars"
+    """The recipe's `clean:` keys; their defaults are synth.clean.CleanSpec's, written there only."""
+
+    min_chars: int = CleanSpec.min_chars
+    max_question_chars: int = CleanSpec.max_question_chars
+    max_answer_chars: int = CleanSpec.max_answer_chars
+    min_cjk_ratio: float = Field(default=CleanSpec.min_cjk_ratio, ge=0, le=1)
+    near_duplicate: float = Field(default=CleanSpec.near_duplicate, gt=0, le=1)
+    leak_fraction: float = Field(default=CleanSpec.leak_fraction, gt=0, le=1)
+    leak_min_chars: int = Field(default=CleanSpec.leak_min_chars, ge=1)
+    similarity: Literal["chars", "words"] = CleanSpec.similarity
     """Near duplicates by character 1-2-grams (Chinese) or word 1-2-grams (English)."""
-    require_question: bool = False
+    require_question: bool = CleanSpec.require_question
     """New items must end in a question mark."""
     check_numbers: bool = False
     """Every number in an answer must appear in the answer context."""

@@ -227,3 +227,23 @@ def test_the_cycle_check_fails_a_probe(tmp_path):
     (tmp_path / "a.py").write_text("from b import thing\n")
     (tmp_path / "b.py").write_text("def thing():\n    from a import other\n")
     assert import_cycles({"a": tmp_path / "a.py", "b": tmp_path / "b.py"}) == [["a", "b"]]
+
+
+def backends_built(path: Path) -> list[str]:
+    """Backend classes called directly: backends are made through eval.backends.make_backend."""
+    from eval.backends import REGISTRY
+
+    classes = {target.rpartition(":")[2] for target in REGISTRY.values()}
+    return [f"{path.name}:{n.lineno} {n.func.id}" for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in classes]
+
+
+def test_backends_are_made_through_the_registry_only():
+    found = [f for p in modules() if p.parent != REPO / "eval" / "backends" for f in backends_built(p)]
+    assert not found, f"backends built directly, not through eval.backends.make_backend: {found}"
+
+
+def test_the_backend_factory_check_fails_a_probe(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("from eval.backends.hf import HFBackend\n\ndef f(card, store):\n    return HFBackend(card, store)\n")
+    assert backends_built(probe) == ["probe.py:4 HFBackend"]

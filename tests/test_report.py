@@ -251,3 +251,28 @@ def test_before_after_shows_the_training_checks_before_any_rescore(fixture_runs,
     assert [" ".join(re.sub(r"<[^>]+>", " ", c).split()) for c in row] == [
         "fact_recall", "10.0 [0.0, 20.0]", "70.0 [50.0, 90.0]", "+60.0 [30.0, 80.0]", "0.002"]
     assert "h2#task-fact: fact-test (12 items)" in outline(page).lines
+
+
+def test_the_leaderboard_leads_each_entry_with_the_metric_its_suite_entry_ranks_by(fixture_runs, tmp_path):
+    """A suite entry that ranks style by chrf: the report's primary row and chart for style are
+    chrf's, as the decision's are (metrics.ranked_metric, the one rule)."""
+    from core.workspace import Workspace
+    from core.store import open_read_only
+    from reports.collect import leaderboard
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: suite\ndescription: d\nentries:\n  - {task: fewclue_bustm, split: dev, mode: gen}\n"
+                     "  - {task: style, split: test, mode: gen, metric: chrf}\n"
+                     "  - {task: fact, split: test, mode: gen}\n", encoding="utf-8")
+    selection = {**Workspace(fixture_runs).read_selection(), "suite": {"file": str(suite)}}
+    conn = open_read_only(Workspace(fixture_runs).results_db)
+    try:
+        before = leaderboard(conn, {k: v for k, v in selection.items() if k != "suite"}, "selection.json")
+        board = leaderboard(conn, selection, "selection.json")
+    finally:
+        conn.close()
+    primary = {r["task"]: r["metric"] for r in board.rows if r["primary"]}
+    assert primary == {"fewclue_bustm": "accuracy", "style": "chrf", "fact": "fact_recall"}
+    assert {r["task"]: r["metric"] for r in before.rows if r["primary"]}["style"] == "style_accuracy"
+    assert [c["title"] for c in board.charts] == ["fewclue_bustm-dev gen accuracy", "style-test gen chrf",
+                                                  "fact-test gen fact_recall"]

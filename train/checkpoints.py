@@ -49,6 +49,7 @@ class ProbeEntry:
 def probe_entries(recipe, selection: dict | None, data_dir: Path) -> list[ProbeEntry]:
     """The recipe's checks, then the selection suite's `check` and `forgetting` entries (any mode,
     not circular), each split cut to `checkpoint_selection.max_items` items in a seeded order."""
+    from eval.metrics import ranked_metric
     from eval.runner import sequential_order
     from eval.suite import entries_with_role
     from eval.task import load_items, resolve_task
@@ -65,7 +66,7 @@ def probe_entries(recipe, selection: dict | None, data_dir: Path) -> list[ProbeE
         seen.add((task.path, split, mode))
         items = load_items(task, split, data_dir)
         kept = items if limit is None or len(items) <= limit else sequential_order(items, recipe.seed)[:limit]
-        metric = metric or ("accuracy" if mode == "ppl" else task.metrics[0])
+        metric = ranked_metric(task, mode, metric)
         out.append(ProbeEntry(f"{task.name}-{split}-{mode}", task, split, mode, metric, role, kept,
                               len(kept) == len(items)))
     return out

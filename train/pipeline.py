@@ -42,13 +42,13 @@ def check_comparison(check, recipe_dir: Path, base_card, merged_card, merged_dir
     checkpoint evaluation of the merged step ({"step", "ids", "scores"}), when it scored every item
     of this check: the same weights, prompts and batches, so they are used, not computed again."""
     from eval import metrics as M
-    from eval.backends.hf import HFBackend
+    from eval.backends import make_backend
     from eval.runner import run_task
     from eval.stats import bootstrap_mean, compare
     from eval.task import load_items, resolve_task
 
     task = resolve_task(check.task, recipe_dir)
-    metric = check.metric or ("accuracy" if check.mode == "ppl" else task.metrics[0])
+    metric = M.ranked_metric(task, check.mode, check.metric)
     items = load_items(task, check.split, settings.resolved_data_dir)
     out, ids = {}, None
     reuse = evaluated is not None and sorted(evaluated["ids"]) == sorted(i.id for i in items)
@@ -57,7 +57,7 @@ def check_comparison(check, recipe_dir: Path, base_card, merged_card, merged_dir
             by_id = dict(zip(evaluated["ids"], evaluated["scores"]))
             out[label] = [by_id[i] for i in ids]
             continue
-        backend = HFBackend(card, settings.model_store, checkpoint=checkpoint)
+        backend = make_backend("hf", card, settings.model_store, checkpoint=checkpoint)
         run = run_task(backend, task, check.split, check.mode, items, conn, data_dir=settings.resolved_data_dir)
         out[label], ids = [r["scores"][metric] for r in run.items], [r["item_id"] for r in run.items]
         del backend
@@ -70,6 +70,7 @@ def check_comparison(check, recipe_dir: Path, base_card, merged_card, merged_dir
 
 def chosen_scores(result, check, recipe: Recipe) -> dict | None:
     """The merged step's checkpoint-evaluation scores of `check` ({"step", "ids", "scores"}), if any."""
+    from eval.metrics import ranked_metric
     from eval.task import resolve_task
     from train.checkpoints import evaluated_steps
 
@@ -79,7 +80,7 @@ def chosen_scores(result, check, recipe: Recipe) -> dict | None:
     record = evaluated_steps(Path(result.run_dir)).get(choice["chosen_step"])
     task = resolve_task(check.task, recipe.path.parent)
     entry = (record or {}).get("entries", {}).get(f"{task.name}-{check.split}-{check.mode}")
-    metric = check.metric or ("accuracy" if check.mode == "ppl" else task.metrics[0])
+    metric = ranked_metric(task, check.mode, check.metric)
     if entry is None or entry["metric"] != metric or record["basis"]["merge_base"] != recipe.merge_base:
         return None
     return {"step": choice["chosen_step"], "ids": entry["ids"], "scores": entry["scores"]}
