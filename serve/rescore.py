@@ -285,11 +285,14 @@ def rescore(settings, target: Target, *, base_url: str, model_name: str, engine:
 
 
 def print_report(record: dict) -> None:
+    from eval.summary import fmt_ci, fmt_diff, fmt_value
+
     gate = record["parity"]
     print(f"served {record['model']} ({record['engine']}) against the local model:")
     for t in gate["tasks"]:
-        cells = ", ".join(f"{m['metric']} {m['served']:.3f} vs {m['local']:.3f} "
-                          f"(diff {m['diff']:+.3f} [{m['ci95'][0]:+.3f}, {m['ci95'][1]:+.3f}])" for m in t["metrics"])
+        cells = ", ".join(f"{m['metric']} {fmt_value(m['metric'], m['served'])} vs "
+                          f"{fmt_value(m['metric'], m['local'])} (diff {fmt_diff(m['metric'], m['diff'])} "
+                          f"{fmt_ci(m['metric'], *m['ci95'])})" for m in t["metrics"])
         loglik = (f", max |log-likelihood difference| {t['max_abs_loglik_diff']:.2e}"
                   if t.get("max_abs_loglik_diff") is not None else "")
         print(f"  {t['task']}-{t['split']} {t.get('mode', 'gen')}: {t['items']} items, "

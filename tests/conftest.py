@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+# The trainer's tests share the `setup` fixture (a tiny checkpoint and a memorisable data set).
+pytest_plugins = ["tests.train_fixture"]
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

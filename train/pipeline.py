@@ -202,11 +202,13 @@ def train_command(settings: Settings, recipe: Recipe, model_name: str | None, ru
         if isinstance(a, dict) and name != "tasks":
             print(f"merge: {name.replace('_', ' ')}: {a['same_replies']}/{a['items']} identical replies, "
                   f"top-1 agreement {a['top1_agreement']:.1%}, max logit difference {a['max_abs_logit_diff']:.2e}")
+    from eval.summary import fmt_diff, fmt_p, fmt_value
+
     for name, rows in ((parity.three_way or {}).get("tasks") or {}).items():
         for r in rows:
             print(f"merge: {name.replace('_', ' ')} on {r['entry']} ({r['items']} items): {r['same_outputs']} "
-                  f"identical outputs, {r['metric']} difference {r['diff']:+.3f}, p={r['p_value']:.3g}")
-    from eval.summary import fmt_value
+                  f"identical outputs, {r['metric']} difference {fmt_diff(r['metric'], r['diff'])}, "
+                  f"p {fmt_p(r['p_value'])}")
 
     checks = [{**check_comparison(check, recipe.path.parent, card, merged_card, merged_dir, settings,
                                   open_results(settings.runs_dir), chosen_scores(result, check, recipe)),
