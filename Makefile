@@ -133,7 +133,7 @@ browser: ## install Debian's chromium and a CJK font for the browser tests (root
 	else echo "make browser: $(CHROMIUM) missing and not root: the browser tests will skip (CI fails)" >&2; fi
 
 test: $(STAMP) $(OC_STAMP) $(VLLM_STAMP) browser ## run the test suite (PYTEST_ARGS=... to pass options)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	SELECTUNE_DATA_DIR=$(DATA_DIR) $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) ## benchmarks: load time of the converted checkpoint vs GGUF
 	$(PY) bench/load_time.py $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR))

@@ -31,6 +31,7 @@ def environment():
     env.filters["num"] = lambda x, d=2: "-" if x is None else f"{x:.{d}f}"
     env.filters["p"] = fmt_p
     env.filters["slug"] = slug
+    env.globals["m"] = env.get_template("macros.html").module  # the pages' shared macros, as `m`
     return env
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import zipfile
 from pathlib import Path
 
@@ -28,12 +29,23 @@ def scoring_in_fp32(monkeypatch):
                         lambda dtype, device: loading.resolve_dtype(dtype, loading.resolve_device(device)))
 
 
+def public_data() -> Path:
+    """Where the public data is read in place, never copied into the repository: `../shared/data`
+    beside the checkout, else the folder `make data` filled (SELECTUNE_DATA_DIR, else the cache's
+    data/). The test skips, naming both places, where neither holds FewCLUE."""
+    from core.settings import Settings
+
+    named = os.environ.get("SELECTUNE_DATA_DIR")
+    places = [SHARED_DATA, Path(named) if named else Settings().resolved_data_dir]
+    for place in places:
+        if (place / "fewclue").is_dir():
+            return place
+    pytest.skip(f"public test data not found at {' or '.join(map(str, places))}: run `make data`")
+
+
 @pytest.fixture
 def shared_data() -> Path:
-    """`../shared/data`, read in place and never copied into the repository."""
-    if not (SHARED_DATA / "fewclue").is_dir():
-        pytest.skip(f"public test data not found at {SHARED_DATA}")
-    return SHARED_DATA
+    return public_data()
 
 
 def make_wheel(wheelhouse: Path, dist: str, version: str, files: dict[str, bytes]) -> Path:
@@ -105,3 +117,22 @@ def tiny_qwen2_dir(tmp_path) -> Path:
     from bench.fixtures import build_tiny_qwen2
 
     return build_tiny_qwen2(tmp_path / "tiny-qwen2")
+
+
+def scored_on_tiny_weights(tmp_path: Path, weights: Path, task_name: str, limit: int, mode: str, data_dir: Path):
+    """A hub card given a tiny checkpoint as its weights, scored through the real runner on the
+    first `limit` dev items of `task_name`, as the cross-checks compare it: (task, items, run)."""
+    from eval.backends import make_backend
+    from eval.results import open_results
+    from eval.runner import run_task
+    from eval.task import find_task, load_items
+    from models.card import find_card
+    from models.store import provision
+
+    card = find_card("qwen2.5-1.5b-instruct")
+    provision(card, tmp_path / "store", weights=weights)
+    task = find_task(task_name).model_copy(update={"limit": limit})
+    items = load_items(task, "dev", data_dir)
+    run = run_task(make_backend("hf", card, tmp_path / "store", batch_size=4), task, "dev", mode, items,
+                   open_results(tmp_path / "runs"), chunk_size=4)
+    return task, items, run

@@ -53,14 +53,11 @@ def _responder(items, system: str, evil: bool):
 def build_in(folder: Path, *, evil: bool = False, votes: bool = False) -> Path:
     """`build` into folder/runs from the public data beside the checkout (skips the test where
     there is none); with `votes`, `add_votes` too. Returns the runs directory."""
-    import pytest
 
-    from tests.conftest import SHARED_DATA
+    from tests.conftest import public_data
 
-    if not (SHARED_DATA / "fewclue").is_dir():
-        pytest.skip(f"public test data not found at {SHARED_DATA}")
     runs = folder / "runs"
-    build(runs, SHARED_DATA, evil=evil)
+    build(runs, public_data(), evil=evil)
     if votes:
         add_votes(runs)
     return runs

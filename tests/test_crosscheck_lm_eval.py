@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from eval.backends.hf import HFBackend
 from eval.lm_eval_export import export_task, run_lm_eval
-from eval.results import open_results
-from eval.runner import run_task
-from eval.task import find_task, load_items
-from models.card import find_card
-from models.store import provision
+from tests.conftest import scored_on_tiny_weights
 
 pytest.importorskip("lm_eval")
 
 
 @pytest.mark.parametrize("task_name", ["fewclue_bustm", "fewclue_ocnli_fc"])
 def test_ppl_accuracy_and_predictions_match_lm_eval(tmp_path, tiny_qwen2_dir, shared_data, task_name):
-    card = find_card("qwen2.5-1.5b-instruct")  # hub card, given the tiny checkpoint as weights
-    provision(card, tmp_path / "store", weights=tiny_qwen2_dir)
-    task = find_task(task_name).model_copy(update={"limit": 24})
-    items = load_items(task, "dev", shared_data)
-    ours = run_task(HFBackend(card, tmp_path / "store", batch_size=4), task, "dev", "ppl", items,
-                    open_results(tmp_path / "runs"), chunk_size=4)
+    task, items, ours = scored_on_tiny_weights(tmp_path, tiny_qwen2_dir, task_name, 24, "ppl", shared_data)
     name = export_task(task, "dev", items, tmp_path / "lm_eval_tasks", chat=True)
     theirs = run_lm_eval(str(tiny_qwen2_dir), name, tmp_path / "lm_eval_tasks", chat_template=True,
                          batch_size=4)

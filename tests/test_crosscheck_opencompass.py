@@ -5,15 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from eval.backends.hf import HFBackend
+from bench.fixtures import build_tiny_qwen2
 from eval.opencompass_crosscheck import OC_VENV, compare, run_opencompass, write_workdir
 from eval.parsers import first_capital
-from eval.results import open_results
-from eval.runner import run_task
-from eval.task import find_task, load_items
-from models.card import find_card
-from models.store import provision
-from bench.fixtures import build_tiny_qwen2
+from tests.conftest import scored_on_tiny_weights
 
 pytestmark = pytest.mark.skipif(not (OC_VENV / "bin" / "opencompass").is_file(),
                                 reason="no OpenCompass venv (make opencompass-venv; make test builds it)")
@@ -24,12 +19,7 @@ def test_opencompass_rule_column_matches_opencompass(tmp_path, shared_data, task
     # Wide initialisation: replies that differ from prompt to prompt (and odd Unicode capitals);
     # Qwen2.5's rope_theta, which transformers 4 would lose without the config rewrite.
     tiny_qwen2_dir = build_tiny_qwen2(tmp_path / "tiny-qwen2", initializer_range=1.0, rope_theta=1e6)
-    card = find_card("qwen2.5-1.5b-instruct")  # hub card, given the tiny checkpoint as weights
-    provision(card, tmp_path / "store", weights=tiny_qwen2_dir)
-    task = find_task(task_name).model_copy(update={"limit": 12})
-    items = load_items(task, "dev", shared_data)
-    ours = run_task(HFBackend(card, tmp_path / "store", batch_size=4), task, "dev", "gen", items,
-                    open_results(tmp_path / "runs"), chunk_size=4)
+    task, items, ours = scored_on_tiny_weights(tmp_path, tiny_qwen2_dir, task_name, 12, "gen", shared_data)
     order = {item.id: n for n, item in enumerate(items)}
     ours_in_file_order = sorted(ours.items, key=lambda r: order[r["item_id"]])
     workdir = tmp_path / "oc"
