@@ -191,6 +191,27 @@ class SynthProvenance(Artifact):
     git_revision: str | None
 
 
+class CheckpointScores(Artifact):
+    """runs/train/<run>/checkpoint_evals/step-N/scores.json, written last by a checkpoint
+    evaluation (train/checkpoints.py): a step without it is evaluated again."""
+
+    step: int
+    adapter: str
+    basis: dict[str, Any]
+    """What decides the scores besides the weights: the merge base, the quantization, and each
+    entry's metric and item ids."""
+    entries: dict[str, dict[str, Any]]
+    """Per entry key: `metric`, `role`, `ids`, `scores` and `outputs`, item by item."""
+
+
+class SynthReport(Artifact):
+    """runs/synth/<recipe>/report.json: what `make data-synth`'s filters removed, and why."""
+
+    removed: dict[str, int]
+    examples: dict[str, list[dict[str, Any]]]
+    counts: dict[str, int]
+
+
 def _validate(schema: type[Artifact], data: dict, where: Path | str) -> Artifact:
     try:
         return schema.model_validate(data)

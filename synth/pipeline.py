@@ -19,9 +19,9 @@ import os
 import random
 from pathlib import Path
 
-from core.artifacts import SynthProvenance, write_artifact
+from core.artifacts import SynthProvenance, SynthReport, write_artifact
 from core.errors import UserError
-from core.files import sha256_file, write_json_atomic, write_text_atomic
+from core.files import sha256_file, write_text_atomic
 from core.rows import BadLine, read_rows
 from core.workspace import SynthOutput
 from synth import clean as C
@@ -277,7 +277,7 @@ class Run:
         write_text_atomic(out.malformed,
                           "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in self.malformed))
         report = {"removed": self.report.removed, "examples": self.report.examples, "counts": self.counts}
-        write_json_atomic(out.report, report)
+        write_artifact(out.report, SynthReport, report)
         r = self.recipe
         templates = {t: sha256_file(resolve(t)) for t in {r.expand.template, r.answer.template, r.converse.template}}
         budget = self.teacher.budget

@@ -76,7 +76,7 @@ def test_the_record_has_curves_and_holm_adjusted_comparisons():
 def planted_setup(tmp_path):
     from eval.task import Item
     from bench.fixtures import build_tiny_qwen2
-    from tests.test_train import ROWS
+    from tests.train_fixture import ROWS
     from train.checkpoints import ProbeEntry
 
     model = build_tiny_qwen2(tmp_path / "model", initializer_range=0.2)
@@ -91,7 +91,7 @@ def test_evaluating_checkpoints_leaves_training_as_it_was(tmp_path, monkeypatch)
     adapter trained with evaluations is still the one trained without them."""
     from safetensors.torch import load_file
 
-    from tests.test_train import recipe
+    from tests.train_fixture import recipe
     from train import checkpoints
     from train.trainer import run_training
 
@@ -113,7 +113,7 @@ def test_a_planted_better_checkpoint_is_the_one_merged(tmp_path, monkeypatch):
     final one (step 8) none, so step 4's adapter is chosen, and it differs from the final one."""
     from safetensors.torch import load_file
 
-    from tests.test_train import recipe
+    from tests.train_fixture import recipe
     from train import checkpoints
     from train.trainer import run_training
 
@@ -145,7 +145,7 @@ def test_a_rerun_with_another_merge_base_scores_the_saved_checkpoints_again(tmp_
     """Evaluations record how they merged: rerun (training finished) with `merge_base:
     dequantized`, every evaluated step is scored again from its saved adapter, none retrained;
     a third run with the same recipe scores nothing."""
-    from tests.test_train import recipe
+    from tests.train_fixture import recipe
     from train import checkpoints
     from train.checkpoints import evaluated_steps
     from train.trainer import run_training

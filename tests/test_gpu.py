@@ -20,7 +20,7 @@ from eval.backends.hf import HFBackend  # noqa: E402
 from models.card import find_card  # noqa: E402
 from models.store import provision  # noqa: E402
 from bench.fixtures import build_tiny_qwen2  # noqa: E402
-from tests.test_train import ROWS, losses, recipe  # noqa: E402
+from tests.train_fixture import ROWS, losses, recipe  # noqa: E402
 
 PROMPTS = ["语句一和语句二说的是否是一个意思", "hello world", "阅读文章 回答问题 the answer is", "B", "the answer"]
 

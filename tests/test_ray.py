@@ -228,7 +228,7 @@ def test_rescore_on_the_cluster_stores_what_the_local_executor_stores(user, loca
 def train_on_cluster(address: str, model: str, data: str, out: str, batch: int, workers: int) -> int:
     """Run in the cluster's namespace (tests/ray_cluster.py `call`): the trainer under Ray Train."""
     from core.settings import load_settings
-    from tests.test_train import recipe
+    from tests.train_fixture import recipe
     from train.cluster import train_on_ray
 
     r = recipe(Path(data), quantization="none", compute_dtype="fp32", max_steps=3, save_steps=1000,
@@ -244,7 +244,7 @@ def test_two_ray_train_workers_make_the_adapter_one_process_makes(tmp_path):
     import torch
 
     from bench.fixtures import build_tiny_qwen2
-    from tests.test_train import ROWS, adapter_weights, recipe
+    from tests.train_fixture import ROWS, adapter_weights, recipe
     from train.trainer import run_training
 
     model = build_tiny_qwen2(tmp_path / "model", initializer_range=0.2)

@@ -15,13 +15,13 @@ from pathlib import Path
 
 from bench.fixtures import build_tiny_qwen2
 from tests.conftest import REPO
-from tests.test_train import ROWS, adapter_weights
+from tests.train_fixture import ROWS, adapter_weights
 
 SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {repo!r})
     from pathlib import Path
-    from tests.test_train import recipe
+    from tests.train_fixture import recipe
     from train.trainer import run_training
     r = recipe(Path({data!r}), quantization="none", compute_dtype="fp32", max_steps=3, save_steps=1000,
                sample_steps=2, batch_size=int(sys.argv[2]), learning_rate=float(sys.argv[3]))

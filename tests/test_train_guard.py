@@ -84,7 +84,7 @@ SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {repo!r})
     from pathlib import Path
-    from tests.test_train import recipe
+    from tests.train_fixture import recipe
     from train.trainer import run_training
     run_training(recipe(Path({data!r}), quantization="none", lora_dropout=0.1, max_steps=30, save_steps=5),
                  {model!r}, Path(sys.argv[1]), Path({data!r}).parent)

@@ -19,12 +19,11 @@ largest mean gain over the check entries is merged; with none, the final one.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.files import write_text_atomic
+from core.artifacts import CheckpointScores, read_artifact, write_artifact
 from core.workspace import TrainRun
 
 
@@ -90,7 +89,7 @@ def evaluated_steps(run_dir: Path, basis: dict | None = None) -> dict[int, dict]
     for path in (layout.evaluation_scores(step) for step in layout.evaluation_steps()):
         if not path.is_file():
             continue
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = read_artifact(path, CheckpointScores)
         if basis is None or record.get("basis") == basis:
             out[record["step"]] = record
     return out
@@ -139,7 +138,7 @@ def evaluate_checkpoint(step: int, model, tokenizer, card, entries: list[ProbeEn
               "entries": {e.key: {"metric": e.metric, "role": e.role, "ids": [i.id for i in e.items],
                                   "scores": [s[e.metric] for _, s in scored[e.key]],
                                   "outputs": [o for o, _ in scored[e.key]]} for e in entries}}
-    write_text_atomic(scores_file, json.dumps(record, ensure_ascii=False))
+    write_artifact(scores_file, CheckpointScores, record)
     return record
 
 
