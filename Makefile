@@ -132,7 +132,8 @@ browser: ## install Debian's chromium and a CJK font for the browser tests (root
 		|| { echo "make browser: apt-get install chromium failed" >&2; exit 1; }; \
 	else echo "make browser: $(CHROMIUM) missing and not root: the browser tests will skip (CI fails)" >&2; fi
 
-test: $(STAMP) $(OC_STAMP) $(VLLM_STAMP) browser ## run the test suite (PYTEST_ARGS=... to pass options)
+test: $(STAMP) $(OC_STAMP) $(VLLM_STAMP) browser ## lint with ruff, then run the test suite (PYTEST_ARGS=... to pass options)
+	$(PY) -m ruff check .
 	SELECTUNE_DATA_DIR=$(DATA_DIR) $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) ## benchmarks: load time of the converted checkpoint vs GGUF

@@ -106,7 +106,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        backend = make_backend("hf", card, settings.model_store, batch_size=args.batch_size, prepack=not args.no_prepack)
+        backend = make_backend("hf", card, settings.model_store, batch_size=args.batch_size,
+                               prepack=not args.no_prepack)
         ours = run_task(backend, task, args.split, "ppl", items, open_results(Path(tmp)),
                         chunk_size=args.batch_size)
         t_ours = time.perf_counter() - started

@@ -84,7 +84,8 @@ def teacher_reply(request) -> str:
         if kind == 1:
             return json.dumps(["周末客服几点下班？", "周末客服几点下班呢？", "注销账号后数据会保留多久？",
                                "团队版最多几个人？"], ensure_ascii=False)
-        return "好的：\n1. 文件最大能上传多大？\n2. 团队版最多几个人？\n3. 会员可以退款吗？\n4. Is there a student discount?"
+        return ("好的：\n1. 文件最大能上传多大？\n2. 团队版最多几个人？\n3. 会员可以退款吗？\n"
+                "4. Is there a student discount?")
     if text.startswith("你现在扮演"):
         return "孩子：那要是忘了怎么办呀？"
     if "请只根据上面的资料" in text:

@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
                 ok, why = same(name, reference, cmd.artifacts(work)) if code == 0 else (False, f"rerun exit {code}")
                 good += ok
                 mid += killed == -9
-                print(f"{name} kill {k + 1}: at {at:.1f} s of {wall:.1f} s ({'killed' if killed == -9 else 'done before'}; "
+                how = "killed" if killed == -9 else "done before"
+                print(f"{name} kill {k + 1}: at {at:.1f} s of {wall:.1f} s ({how}; "
                       f"held {at_kill}{'' if at_kill != before else ', as at the start'})"
                       f"{f', {left} server process(es) left and stopped' if left else ''}; resume: {why}", flush=True)
             summary[name] = (good, args.kills, mid, wall)

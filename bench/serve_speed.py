@@ -39,7 +39,8 @@ def cpu_line() -> str:
     fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
     flags = set(fields.get("Flags", "").split())
     wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return f"{fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs, flags {' '.join(wanted)}"
+    return (f"{fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs, "
+            f"flags {' '.join(wanted)}")
 
 
 def prompts(data_dir: str, count: int) -> list[list[dict]]:

@@ -6,7 +6,8 @@ EXISTS, so a store from then opens as version 1 with its rows untouched; later m
 order. A store of a newer
 version than this code knows is refused with one line. The tables, by owner of their rows:
 results (runs, items, judge_verdicts: eval/results.py), review (review_pairs, review_votes,
-review_invites: reports/invites.py; review_judgements: reports/pair_judge.py), synthesis (teacher_calls: synth/teacher.py); docs/artifacts.md describes them.
+review_invites: reports/invites.py; review_judgements: reports/pair_judge.py), synthesis
+(teacher_calls: synth/teacher.py); docs/artifacts.md describes them.
 """
 
 from __future__ import annotations

@@ -114,7 +114,8 @@ class RemoteBackend:
             self.actor = ray.remote(ScoringWorker).options(
                 num_cpus=p.cpus, num_gpus=p.gpus, memory=int(p.memory_gib * GIB),
                 max_restarts=RESTARTS, max_task_retries=RESTARTS,
-            ).remote(self.card, str(self.store), str(self.checkpoint) if self.checkpoint else None, self.options, p.cpus)
+            ).remote(self.card, str(self.store), str(self.checkpoint) if self.checkpoint else None, self.options,
+                     p.cpus)
             identity, problem, self.node = ray.get(self.actor.setup.remote())
             if problem:
                 raise UserError(problem)

@@ -122,6 +122,6 @@ def data_command(settings, *, check: bool = False, dataset: list[str] | None = N
         files, base_url = DATASETS[name]
         fetched = [] if settings.data_dir is not None or check else fetch_data(data_dir, files, base_url)
         verify_data(data_dir, files)
-        print(f"data: {name}: {f'{len(fetched)} downloaded, ' if fetched else ''}{len(files)} file{'s' * (len(files) != 1)} verified "
-              f"in {data_dir}")
+        downloaded = f"{len(fetched)} downloaded, " if fetched else ""
+        print(f"data: {name}: {downloaded}{len(files)} file{'s' * (len(files) != 1)} verified in {data_dir}")
     return 0

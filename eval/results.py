@@ -71,7 +71,8 @@ def run_row(conn: sqlite3.Connection, run_id: str) -> tuple | None:
 
 def newest_finished_run(conn: sqlite3.Connection, model: str, task: str, split: str, mode: str = "gen") -> str | None:
     row = conn.execute("SELECT run_id FROM runs WHERE model = ? AND task = ? AND split = ? AND mode = ?"
-                       " AND finished IS NOT NULL ORDER BY finished DESC LIMIT 1", (model, task, split, mode)).fetchone()
+                       " AND finished IS NOT NULL ORDER BY finished DESC LIMIT 1",
+                       (model, task, split, mode)).fetchone()
     return row[0] if row else None
 
 

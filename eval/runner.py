@@ -208,7 +208,8 @@ def compute_outputs(backend, task: TaskSpec, mode: Mode, chunk: list[Item]) -> l
     if mode == "gen":
         return backend.generate([GenRequest(r["messages"], r["max_new_tokens"], r["stop"], i.raw())
                                  for r, i in zip(sent, chunk)])
-    requests = [LoglikelihoodRequest(r["messages"], c, i.raw()) for r, i in zip(sent, chunk) for c in r["continuations"]]
+    requests = [LoglikelihoodRequest(r["messages"], c, i.raw())
+                for r, i in zip(sent, chunk) for c in r["continuations"]]
     lls = backend.loglikelihood(requests)
     k = len(task.choices)
     return [json.dumps(dict(zip(task.choices, lls[n * k:(n + 1) * k]))) for n in range(len(chunk))]

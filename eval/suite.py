@@ -56,7 +56,8 @@ class Suite(NamedConfig):
 def load_suite(path: Path) -> tuple[Suite, list[tuple[TaskSpec, SuiteEntry]]]:
     """The suite and each entry's task, every entry checked against its task."""
     if not path.is_file():
-        raise UserError(f"{path}: suite file not found (suites: {', '.join(sorted(p.name for p in SUITES_DIR.glob('*.yaml')))})")
+        known = ", ".join(sorted(p.name for p in SUITES_DIR.glob("*.yaml")))
+        raise UserError(f"{path}: suite file not found (suites: {known})")
     suite = load_named_yaml(path, Suite, "suite")
     out = []
     for n, entry in enumerate(suite.entries):

@@ -64,7 +64,8 @@ class DataSpec(Strict):
             raise ValueError("a hub dataset needs its revision (a 40-hex commit)")
         if self.holdout is not None:
             if self.holdout.split not in self.splits:
-                raise ValueError(f"holdout split '{self.holdout.split}' is not one of the splits ({', '.join(self.splits)})")
+                raise ValueError(f"holdout split '{self.holdout.split}' is not one of the splits "
+                                 f"({', '.join(self.splits)})")
             if len([s for s in self.splits.values() if s == self.splits[self.holdout.split]]) < 2:
                 raise ValueError(f"holdout split '{self.holdout.split}' shares its file with no other split")
         return self

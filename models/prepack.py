@@ -2,9 +2,9 @@
 
 A linear layer calls MKL's sgemm, which packs its weight matrix into a blocked layout on every
 call. With many rows (a prompt) that cost is spread over much work; with 16 rows (a decode step)
-it is most of the work (docs/benchmarks.md has the measurements). This is the packing PyTorch's own compiler applies to frozen CPU linears
-(`torch.ops.mkldnn._reorder_linear_weight` / `_linear_pointwise`), done here once at load so
-that eager transformers code runs it.
+it is most of the work (docs/benchmarks.md has the measurements). This is the packing PyTorch's
+own compiler applies to frozen CPU linears (`torch.ops.mkldnn._reorder_linear_weight` /
+`_linear_pointwise`), done here once at load so that eager transformers code runs it.
 
 The arithmetic is still fp32; only the order of the additions differs, so outputs differ from
 sgemm's in the last bits (about 1e-6 relative) and are deterministic and the same for a row

@@ -282,7 +282,8 @@ def before_after(conn, selection: dict | None, train: dict | None, rescore: dict
             rows.append({"metric": metric, "base": _estimate(metric, bootstrap_mean(b)), "after": cols,
                          "higher_is_better": M.HIGHER_IS_BETTER[metric]})
         tasks.append({"task": task_name, "split": base_run.summary.split, "n": len(base_run.summary.items),
-                      "rows": rows, "probe": base_run.summary.task.parser == "choice", "flips": _flips(base_run, systems[1]),
+                      "rows": rows, "probe": base_run.summary.task.parser == "choice",
+                      "flips": _flips(base_run, systems[1]),
                       "runs": dict(zip(("base", "merged", "served"), systems)),
                       "clean": _clean_subset(systems, rows, gate)})
     return BeforeAfter(base, [local, served], tasks, notes)

@@ -160,8 +160,8 @@ def _sample_rows(task: dict) -> list[dict]:
     from reports.collect import item_flips
 
     metric = task["rows"][0]["metric"] if task["rows"] else None
-    return [{"item_id": r["item_id"], "prompt": r["prompt"], "request": r["request"], "gold": r["gold"], "before": r["before"],
-             "after": r["after"], "before_score": r["before_item"]["scores"].get(metric),
+    return [{"item_id": r["item_id"], "prompt": r["prompt"], "request": r["request"], "gold": r["gold"],
+             "before": r["before"], "after": r["after"], "before_score": r["before_item"]["scores"].get(metric),
              "after_score": r["after_item"]["scores"].get(metric),
              "correct": "na" if r["now"] is None else ("yes" if r["now"] else "no"),
              "flip": "none" if r["flip"] == "na" else r["flip"]}

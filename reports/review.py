@@ -280,7 +280,8 @@ def aggregate(all_votes: list[dict]) -> dict:
         low, high = wilson(cell["wins_a"], n)
         rows.append({**cell, "votes": n + cell["ties"] + cell["both_bad"], "decisive": n,
                      "win_rate_a": cell["wins_a"] / n if n else None, "ci95": [low, high]})
-    position = {"left_wins": left_wins, "decisive": decisive, **position_bias(left_wins, decisive)} if decisive else None
+    position = ({"left_wins": left_wins, "decisive": decisive, **position_bias(left_wins, decisive)}
+                if decisive else None)
     systems = sorted({s for key in pairs for s in key})
     comments = [{k: v[k] for k in ("task", "item_id", "system_a", "system_b", "left_system", "vote", "reviewer",
                                     "comment")} for v in all_votes if v["comment"].strip()]

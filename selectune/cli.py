@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--plan", action="store_true",
                      help="score a pilot share of each entry and print the items each needs; write no selection")
     sel.add_argument("--pilot", type=share, default=0.2, help="the pilot's share of each entry's items (default 0.2)")
-    sel.add_argument("--detect", type=float, help="also plan for this difference, in the metric's units (0.05: 5 points)")
+    sel.add_argument("--detect", type=float,
+                     help="also plan for this difference, in the metric's units (0.05: 5 points)")
     sel.add_argument("--power", type=share, default=0.8, help="power the plan aims at (default 0.8)")
     device_options(sel)
     executor_options(sel)
@@ -165,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--workers", type=positive_int, default=1,
                     help="with --executor ray: training processes (Ray Train's TorchTrainer, DDP)")
 
-    sv = command(sub, "serve", "serve.launcher:serve_command", "serve a model over an OpenAI-compatible API on 127.0.0.1")
+    sv = command(sub, "serve", "serve.launcher:serve_command",
+                 "serve a model over an OpenAI-compatible API on 127.0.0.1")
     sv.add_argument("--model", help="card name (default: the newest merged model under runs/train/)")
     sv.add_argument("--checkpoint", type=Path, help="a checkpoint directory (e.g. runs/train/RUN/merged)")
     sv.add_argument("--engine", choices=["auto", "vllm", "transformers", "lmdeploy"], default="auto",
@@ -224,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--import", dest="import_from", type=Path, help="merge votes from F.csv or F.json")
     what.add_argument("--revoke", help="comma-separated reviewer names whose links stop working")
 
-    ds = command(sub, "data-synth", "synth.pipeline:synth_command", "grow a seed set into training data with a teacher model")
+    ds = command(sub, "data-synth", "synth.pipeline:synth_command",
+                 "grow a seed set into training data with a teacher model")
     ds.add_argument("--recipe", type=Path, default=Path("synth/fact.yaml"))
     ds.add_argument("--base-url", help="an OpenAI-compatible teacher (key from the recipe's api_key_env)")
     ds.add_argument("--teacher-model", help="the model name to ask at --base-url")

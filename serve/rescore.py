@@ -238,8 +238,8 @@ def rescore(settings, target: Target, *, base_url: str, model_name: str, engine:
         # requests only oversubscribe them. lmdeploy and vLLM batch concurrent requests.
         concurrency = {"lmdeploy": 8, "vllm": 4}.get(engine, 1)
     # Here the tokenizer alone (identity, token ids for the server); the weights load on first use.
-    local = make_backend("hf", local_card(target), settings.model_store, batch_size=batch_size, checkpoint=target.model_dir,
-                      lazy=True)
+    local = make_backend("hf", local_card(target), settings.model_store, batch_size=batch_size,
+                         checkpoint=target.model_dir, lazy=True)
     served = served_backend(base_url, model_name, target, engine, concurrency, local.identity, max_retries,
                             split_ids=local.split_ids)
     executor = make_executor(settings, conn)
@@ -298,7 +298,8 @@ def print_report(record: dict) -> None:
         print(f"  {t['task']}-{t['split']} {t.get('mode', 'gen')}: {t['items']} items, "
               f"agreement {t['agreement']:.1%}{loglik}; {cells}")
     for level, f in record["serving"].items():
-        print(f"  concurrency {level}: TTFT p50 {f['ttft_p50_s'] * 1000:.0f} ms, latency p50 {f['latency_p50_s']:.2f} s "
+        print(f"  concurrency {level}: TTFT p50 {f['ttft_p50_s'] * 1000:.0f} ms, "
+              f"latency p50 {f['latency_p50_s']:.2f} s "
               f"p95 {f['latency_p95_s']:.2f} s, {f['output_tokens_per_s_per_request'] or '-'} tokens/s per request, "
               f"throughput {f['throughput_output_tokens_per_s']} tokens/s ({f['throughput_requests_per_s']} req/s)")
     if gate["passed"]:

@@ -3,8 +3,9 @@
 Question filters run on what the expand step wrote: length, language, exact duplicates and near
 duplicates (cosine of character 1-2-gram count vectors, which suits Chinese: no word
 segmentation needed; without IDF weights, so two texts' similarity does not depend on the batch),
-both against the seeds and among the new items; optionally, that a question is one. Answer filters run once answers exist: format
-(empty, a refusal or meta-talk, a bare echo of the question, numbers the context does not hold)
+both against the seeds and among the new items; optionally, that a question is one. Answer
+filters run once answers exist: format (empty, a refusal or meta-talk, a bare echo of the
+question, numbers the context does not hold)
 and leaks (most of a seed's answer copied verbatim). A degenerate answer (a looping phrase) is
 caught by the trainer's own collapse check.
 """
@@ -18,7 +19,8 @@ from difflib import SequenceMatcher
 
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 _PUNCT = re.compile(r"[\W_]+", re.U)
-_META = re.compile(r"作为(?:一个)?(?:AI|人工智能|语言模型)|I'm an AI|as an AI|我无法|抱歉，我不能|以下是|示例\d|^\d+[.、]", re.I)
+_META = re.compile(r"作为(?:一个)?(?:AI|人工智能|语言模型)|I'm an AI|as an AI|我无法|抱歉，我不能|以下是"
+                   r"|示例\d|^\d+[.、]", re.I)
 EXAMPLES = 3
 
 

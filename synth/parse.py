@@ -15,8 +15,8 @@ _FENCE = re.compile(r"```[a-zA-Z]*\s*\n?(.*?)```", re.S)
 # "1." "1)" "1、" "1：" "(1)" "（1）" "第1条" "- " "* " "• " at the start of a line
 _MARKER = re.compile(r"^\s*(?:\d{1,3}\s*[.)）、．:：]|[(（]\d{1,3}[)）]|第\s*\d{1,3}\s*[条个题]\s*[:：.、]?|[-*•])\s*",
                      re.M)
-_QA = re.compile(r"^\s*(?:问题?|Q|question)\s*[:：]\s*(?P<q>.+?)\s*(?:\n|\s)\s*(?:答案?|回答|A|answer)\s*[:：]\s*(?P<a>.+)$",
-                 re.S | re.I)
+_QA = re.compile(r"^\s*(?:问题?|Q|question)\s*[:：]\s*(?P<q>.+?)\s*(?:\n|\s)\s*"
+                 r"(?:答案?|回答|A|answer)\s*[:：]\s*(?P<a>.+)$", re.S | re.I)
 _QUOTES = "\"'“”‘’「」『』"
 _LABEL = re.compile(r"^\s*(?:问题?|Q|question|用户|user)\s*[:：]\s*", re.I)
 _ANSWER_LABEL = re.compile(r"^\s*(?:答案?|回答|A|answer|回复|助手|assistant)\s*[:：]\s*", re.I)
@@ -33,7 +33,8 @@ class Parsed:
 
 
 def _clean(text: str) -> str:
-    text = " ".join(text.split()) if "\n" not in text.strip() else "\n".join(l.strip() for l in text.strip().splitlines())
+    lines = text.strip().splitlines()
+    text = " ".join(text.split()) if len(lines) < 2 else "\n".join(line.strip() for line in lines)
     return text.strip().strip(_QUOTES).strip()
 
 
@@ -148,7 +149,8 @@ def parse_followup(text: str) -> str:
     """The follow-up question a teacher wrote in a persona: its first non-empty line, labels and
     quotes removed."""
     for line in text.strip().splitlines():
-        line = _clean(re.sub(r"^\s*[^：:\s]{1,8}[：:]\s*", "", line) if re.match(r"^\s*[^：:\s]{1,8}[：:]", line) else line)
+        speaker = r"^\s*[^：:\s]{1,8}[：:]"
+        line = _clean(re.sub(speaker + r"\s*", "", line) if re.match(speaker, line) else line)
         if line:
             return line
     return ""

@@ -252,7 +252,8 @@ class Run:
         fmt = self.recipe.format
         out = []
         for i in items:
-            turns = [(i["question"], i["answer"])] + ([(i["followup"], i["followup_answer"])] if "followup" in i else [])
+            turns = [(i["question"], i["answer"])]
+            turns += [(i["followup"], i["followup_answer"])] if "followup" in i else []
             if fmt == "style":
                 out.append({"user": i["question"], "assistant": i["answer"], "style": i["style"]})
             elif fmt == "alpaca":
@@ -260,8 +261,9 @@ class Run:
                             "history": [list(t) for t in turns[:-1]]})
             else:
                 system = [{"role": "system", "content": self.recipe.system}] if self.recipe.system else []
-                out.append({"messages": system + [m for q, a in turns for m in ({"role": "user", "content": q},
-                                                                                  {"role": "assistant", "content": a})]})
+                chat = [m for q, a in turns
+                        for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+                out.append({"messages": system + chat})
         return out
 
     def write(self, items: list[dict], seeds: list[dict]) -> dict:

@@ -61,8 +61,8 @@ class Teacher:
                                         seed=seed)
         used = usage.get("total_tokens") or (sum(len(m["content"]) for m in messages) + len(text))
         with self.conn:
-            self.conn.execute("INSERT OR IGNORE INTO teacher_calls (key, model, request_json, response, usage_json, time)"
-                              " VALUES (?, ?, ?, ?, ?, ?)",
+            self.conn.execute("INSERT OR IGNORE INTO teacher_calls (key, model, request_json, response, usage_json,"
+                              " time) VALUES (?, ?, ?, ?, ?, ?)",
                               (key, self.label, blob, text, json.dumps(usage), time.time()))
         self.budget.calls += 1
         self.budget.tokens += int(used)

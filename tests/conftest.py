@@ -54,7 +54,8 @@ def make_wheel(wheelhouse: Path, dist: str, version: str, files: dict[str, bytes
     info = f"{name}-{version}.dist-info"
     contents = dict(files)
     contents[f"{info}/METADATA"] = f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n".encode()
-    contents[f"{info}/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: selectune-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    contents[f"{info}/WHEEL"] = (b"Wheel-Version: 1.0\nGenerator: selectune-tests\nRoot-Is-Purelib: true\n"
+                                 b"Tag: py3-none-any\n")
     record = []
     for path, data in contents.items():
         digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()

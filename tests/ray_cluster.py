@@ -12,8 +12,8 @@ against a cluster of `nodes` nodes), `node-lost` (the same, removing a worker no
 model's actor once the runs directory has stored `remove_after` items) or `servers` (the command
 twice with a `--base-url` for each of `servers` stub OpenAI servers started here, counting the
 requests each received), or `call` (the function `call` names, "module:function", with the
-cluster's address and `kwargs`; its return value is recorded). It prints one JSON line: the command's exit code, its stderr's last line,
-what was removed when, the requests per server.
+cluster's address and `kwargs`; its return value is recorded). It prints one JSON line: the
+command's exit code, its stderr's last line, what was removed when, the requests per server.
 """
 
 from __future__ import annotations

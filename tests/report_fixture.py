@@ -168,7 +168,8 @@ def add_votes(runs_dir: Path, n_votes: int = 30) -> list[dict]:
     conn = review.open_review(runs_dir / "results.sqlite")
     review.add_pairs(conn, review_systems(runs_dir, with_candidates=True), seed=0)
     rng = random.Random(7)
-    pairs = conn.execute("SELECT pair_id, left_system, system_a, system_b FROM review_pairs ORDER BY position").fetchall()
+    pairs = conn.execute("SELECT pair_id, left_system, system_a, system_b FROM review_pairs"
+                         " ORDER BY position").fetchall()
     for k, (pid, left, a, b) in enumerate(pairs[:n_votes]):
         merged_side = "left" if MERGED in left else "right" if MERGED in (a + b) else None
         vote = merged_side or rng.choice(["left", "right", "tie", "both_bad"])

@@ -33,8 +33,8 @@ def test_unknown_settings_key_is_one_line_and_exit_2(tmp_path):
     done = run_cli("--config", str(config), "models", "list", cache_dir=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        f"selectune: error: {config}: unknown key 'cahce_dir' (expected one of ['cache_dir', 'cpus_per_model', 'data_dir', 'executor', 'judge_model', 'judge_url', "
-        "'ray_address', 'runs_dir', 'task_dirs'])"]
+        f"selectune: error: {config}: unknown key 'cahce_dir' (expected one of ['cache_dir', 'cpus_per_model', "
+        "'data_dir', 'executor', 'judge_model', 'judge_url', 'ray_address', 'runs_dir', 'task_dirs'])"]
 
 
 def test_unknown_card_is_refused(tmp_path):

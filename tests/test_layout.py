@@ -101,7 +101,8 @@ def test_no_task_is_named_in_the_code():
                                                        for side in [node.left, *node.comparators]):
                 consts = [c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
             found += [f"{path.relative_to(REPO)}:{node.lineno} {c!r}" for c in consts
-                      if c in tasks or getattr(node.func if isinstance(node, ast.Call) else node, "attr", "") == "startswith"]
+                      if c in tasks
+                      or getattr(node.func if isinstance(node, ast.Call) else node, "attr", "") == "startswith"]
     assert not found, f"task names in the code: {found}"
 
 
@@ -245,5 +246,6 @@ def test_backends_are_made_through_the_registry_only():
 
 def test_the_backend_factory_check_fails_a_probe(tmp_path):
     probe = tmp_path / "probe.py"
-    probe.write_text("from eval.backends.hf import HFBackend\n\ndef f(card, store):\n    return HFBackend(card, store)\n")
+    probe.write_text("from eval.backends.hf import HFBackend\n\n"
+                     "def f(card, store):\n    return HFBackend(card, store)\n")
     assert backends_built(probe) == ["probe.py:4 HFBackend"]

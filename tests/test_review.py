@@ -48,7 +48,8 @@ def test_pairs_are_seeded_stable_and_skip_identical_answers(built, tmp_path):
         counts = review.add_pairs(conn, systems, seed=seed)
         # 12 style and 12 fact items; none answered identically by the two
         assert counts["added"] + counts["identical_skipped"] == 24 and counts["added"] > 0
-        sides.append(conn.execute("SELECT pair_id, left_system, position FROM review_pairs ORDER BY pair_id").fetchall())
+        sides.append(conn.execute("SELECT pair_id, left_system, position FROM review_pairs"
+                                  " ORDER BY pair_id").fetchall())
         again = review.add_pairs(conn, systems, seed=seed)
         assert again["added"] == 0 and again["total"] == counts["added"]
         conn.close()
@@ -276,7 +277,8 @@ def test_export_import_round_trip_and_merge(runs, tmp_path):
     ({"pair_id": "ffffffffffffffff"}, "row 2: pair 'ffffffffffffffff' is not among this store's review pairs "
                                       "(build them with `make review` on the same runs first)"),
     ({"left_system": "someone else"}, "row 2: systems or left side differ from the recorded pair "
-                                      "(qwen2.5-coder-0.5b-instruct (base) vs qwen2.5-coder-0.5b-instruct@merged (local), "
+                                      "(qwen2.5-coder-0.5b-instruct (base) vs "
+                                      "qwen2.5-coder-0.5b-instruct@merged (local), "
                                       "qwen2.5-coder-0.5b-instruct (base) on the left)"),
     ({"time": "yesterday"}, "row 2: 'time' must be seconds since the epoch, got 'yesterday'"),
     ({"reviewer": " "}, "row 2: 'reviewer' and 'vote_id' must not be empty"),

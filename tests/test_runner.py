@@ -141,7 +141,8 @@ def test_a_users_text_task_is_scored_with_any_text_metric_and_several_references
             "metrics": ["chrf", "exact_match", "contains", "char_f1", "rouge_l", "bleu", "regex_match",
                         "reply_length"]}
     (tmp_path / "rewrite.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
-    rows = [{"id": 1, "text": "关门", "polite": ["请关门", "麻烦关一下门"]}, {"id": 2, "text": "走开", "polite": "请让一下"}]
+    rows = [{"id": 1, "text": "关门", "polite": ["请关门", "麻烦关一下门"]},
+            {"id": 2, "text": "走开", "polite": "请让一下"}]
     (tmp_path / "rewrite.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                                             encoding="utf-8")
     task = load_task(tmp_path / "rewrite.yaml")

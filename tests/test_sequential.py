@@ -38,9 +38,10 @@ def test_under_the_null_the_anytime_test_rejects_less_than_alpha_while_peeking_m
     reps, anytime, peeking = 400, 0, 0
     for seed in range(reps):
         counts = discordant_counts(*simulate(0.6, 0.6, seed))
-        anytime += any(discordant_log_e(w, l) > math.log(1 / ALPHA) for w, l in counts)
+        anytime += any(discordant_log_e(w, lost) > math.log(1 / ALPHA) for w, lost in counts)
         # exact McNemar: the two-sided binomial test of the discordant pairs
-        peeking += any(min(1.0, 2 * binom.cdf(min(w, l), w + l, 0.5)) < ALPHA for w, l in counts if w + l)
+        peeking += any(min(1.0, 2 * binom.cdf(min(w, lost), w + lost, 0.5)) < ALPHA
+                       for w, lost in counts if w + lost)
     assert anytime / reps <= ALPHA          # valid however often it is looked at
     assert peeking / reps > 1.5 * ALPHA     # the fixed-design test, looked at every round, is not
 
@@ -49,10 +50,10 @@ def test_the_comparison_reports_the_e_process_and_the_exact_mcnemar_agrees_with_
     from scipy.stats import binom
 
     a, b = simulate(0.7, 0.5, 3, n=300)
-    w, l = int(np.sum(a[:ROUND] > b[:ROUND])), int(np.sum(a[:ROUND] < b[:ROUND]))
+    w, lost = int(np.sum(a[:ROUND] > b[:ROUND])), int(np.sum(a[:ROUND] < b[:ROUND]))
     comp = anytime_compare(a[:ROUND], b[:ROUND], M.ACCURACY)
-    assert comp.p_value == pytest.approx(min(1.0, math.exp(-discordant_log_e(w, l))))
-    assert mcnemar_exact(a[:ROUND], b[:ROUND]) == pytest.approx(min(1.0, 2 * binom.cdf(min(w, l), w + l, 0.5)))
+    assert comp.p_value == pytest.approx(min(1.0, math.exp(-discordant_log_e(w, lost))))
+    assert mcnemar_exact(a[:ROUND], b[:ROUND]) == pytest.approx(min(1.0, 2 * binom.cdf(min(w, lost), w + lost, 0.5)))
 
 
 def test_under_the_null_the_bounded_mean_test_rejects_less_than_alpha():

@@ -163,7 +163,8 @@ def test_rescore_through_the_server_passes_parity_and_survives_a_dead_server(tin
         for run_id in served:
             ids = [r[0] for r in conn.execute("SELECT item_id FROM items WHERE run_id = ?", (run_id,))]
             assert len(ids) == len(set(ids)) == 10
-        outputs = [r[0] for r in conn.execute("SELECT output FROM items WHERE run_id = ?", (record["served_runs"]["fact"],))]
+        served = record["served_runs"]["fact"]
+        outputs = [r[0] for r in conn.execute("SELECT output FROM items WHERE run_id = ?", (served,))]
         assert len(set(outputs)) >= 3 and all(outputs)  # replies that differ, compared in full
     for level in ("1", "2"):
         f = record["serving"][level]

@@ -11,7 +11,8 @@ import yaml
 from core.errors import UserError
 from eval.task import load_items, load_task, resolve_task
 
-QA = [{"问题": "云栈盘免费版有多大？", "答案": "15GB", "编号": "q1"}, {"问题": "支持退款吗？", "答案": "7天内可以", "编号": "q2"}]
+QA = [{"问题": "云栈盘免费版有多大？", "答案": "15GB", "编号": "q1"},
+      {"问题": "支持退款吗？", "答案": "7天内可以", "编号": "q2"}]
 
 
 def write_task(folder, data: dict, name: str = "faq"):
@@ -38,7 +39,8 @@ def test_a_users_file_next_to_the_task_with_its_own_column_names(tmp_path, fmt):
     task = load_task(write_task(tmp_path, {"root": "file", "format": fmt, "splits": {"test": data.name},
                                            "columns": COLUMNS, "id_field": "id"}))
     items = load_items(task, "test", tmp_path / "unused")
-    assert [(i.id, i.user, i.gold) for i in items] == [("q1", "云栈盘免费版有多大？", "15GB"), ("q2", "支持退款吗？", "7天内可以")]
+    assert [(i.id, i.user, i.gold) for i in items] == [("q1", "云栈盘免费版有多大？", "15GB"),
+                                                       ("q2", "支持退款吗？", "7天内可以")]
 
 
 def test_an_absolute_data_path_and_a_task_given_by_its_path(tmp_path):

@@ -61,7 +61,8 @@ def test_a_task_can_be_named_by_its_file(tmp_path):
 
 
 def test_a_missing_suite_file_names_the_shipped_ones(tmp_path):
-    with pytest.raises(UserError, match=r"suite file not found \(suites: default.yaml, fewclue-test.yaml, riddles.yaml\)"):
+    with pytest.raises(UserError,
+                       match=r"suite file not found \(suites: default.yaml, fewclue-test.yaml, riddles.yaml\)"):
         load_suite(tmp_path / "nope.yaml")
 
 
@@ -139,17 +140,19 @@ def test_suite_roles_add_checks_and_forgetting_probes_to_training_and_choose_rev
 
     settings = load_settings(runs_dir=str(runs))
     assert [(t.name, split, mode) for t, split, mode in rescore_entries(None, selection_suite(settings))] == [
-        ("fewclue_bustm", "dev", "gen"), ("style", "test", "gen"), ("fact", "test", "gen")]  # the suite selection scored
+        ("fewclue_bustm", "dev", "gen"), ("style", "test", "gen"), ("fact", "test", "gen")]  # the suite scored
     # through a server with prompt logprobs (vLLM) each entry keeps its mode
     assert [(t.name, mode) for t, _, mode in rescore_entries(None, selection_suite(settings), logprobs=True)] == [
         ("fewclue_bustm", "gen"), ("fewclue_bustm", "ppl"), ("style", "gen"), ("fact", "gen")]
     suite.unlink()  # a suite file that is gone gives no roles, not an error
     assert selection_suite(settings) is None
-    assert entries_with_role(selection, "review") == [] and len(all_checks(recipe, load_settings(runs_dir=str(runs)))) == 1
+    assert entries_with_role(selection, "review") == []
+    assert len(all_checks(recipe, load_settings(runs_dir=str(runs)))) == 1
 
 
 def test_an_unknown_role_is_one_line(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("name: s\nentries:\n  - {task: fact, split: test, mode: gen, roles: [judge]}\n", encoding="utf-8")
-    with pytest.raises(UserError, match=r"key 'entries.0.roles.0': Input should be 'check', 'forgetting', 'sample' or 'review'"):
+    with pytest.raises(UserError,
+                       match=r"key 'entries.0.roles.0': Input should be 'check', 'forgetting', 'sample' or 'review'"):
         load_suite(path)

@@ -66,7 +66,8 @@ def test_step_by_step_keeps_only_the_final_answer(tmp_path, teacher_server):
 
 
 @pytest.mark.parametrize("text, question", [
-    ("孩子：那为什么是15GB呀？\n（好奇地眨眼）", "那为什么是15GB呀？"), ("“为什么要提前24小时申请？”", "为什么要提前24小时申请？"),
+    ("孩子：那为什么是15GB呀？\n（好奇地眨眼）", "那为什么是15GB呀？"),
+    ("“为什么要提前24小时申请？”", "为什么要提前24小时申请？"),
     ("", ""),
 ])
 def test_parse_followup(text, question):
@@ -128,7 +129,8 @@ def teacher_server():
 def synthesize(recipe_path: Path, runs: Path, url: str, max_calls: int | None = None) -> dict:
     recipe = load_synth_recipe(recipe_path)
     budget = Budget(max_calls or recipe.budget.max_calls, recipe.budget.max_tokens)
-    teacher = Teacher(OpenAIBackend(url, "teacher", concurrency=1, max_retries=0), open_results(runs), budget, "teacher")
+    teacher = Teacher(OpenAIBackend(url, "teacher", concurrency=1, max_retries=0), open_results(runs), budget,
+                      "teacher")
     return Run(recipe, teacher, runs / "synth" / recipe.name).run()
 
 
@@ -208,7 +210,8 @@ def test_cli_runs_against_an_endpoint_and_rejects_bad_recipes(tmp_path, teacher_
     bad = write_synth_recipe(tmp_path / "bad", expand={"what": "x", "roundz": 2})
     assert main(["--runs-dir", str(runs), "data-synth", "--recipe", str(bad), "--base-url", url,
                  "--teacher-model", "teacher"]) == 2
-    assert capsys.readouterr().err.strip().startswith(f"selectune: error: {bad}: unknown key 'expand.roundz' (expected one of [")
+    assert capsys.readouterr().err.strip().startswith(
+        f"selectune: error: {bad}: unknown key 'expand.roundz' (expected one of [")
     assert main(["--runs-dir", str(runs), "data-synth", "--recipe", str(recipe), "--base-url", url]) == 2
     assert "needs a model name" in capsys.readouterr().err
 

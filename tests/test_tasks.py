@@ -14,8 +14,10 @@ from tests.conftest import DELETE, edited
 
 # OpenCompass's prompt strings (FewCLUE_bustm_gen_634f41, FewCLUE_ocnli_fc_gen_f97a97), which
 # our rendered prompts must reproduce byte for byte.
-OC_BUSTM = "语句一：“{sentence1}”\n语句二：“{sentence2}”\n请判断语句一和语句二说的是否是一个意思？\nA. 无关\nB. 相关\n请从“A”，“B”中进行选择。\n答："
-OC_OCNLI = "阅读文章：{sentence1}\n根据上文，回答如下问题：{sentence2}\nA. 对\nB. 错\nC. 可能\n请从“A”，“B”，“C”中进行选择。\n答："
+OC_BUSTM = ("语句一：“{sentence1}”\n语句二：“{sentence2}”\n请判断语句一和语句二说的是否是一个意思？\n"
+            "A. 无关\nB. 相关\n请从“A”，“B”中进行选择。\n答：")
+OC_OCNLI = ("阅读文章：{sentence1}\n根据上文，回答如下问题：{sentence2}\n"
+            "A. 对\nB. 错\nC. 可能\n请从“A”，“B”，“C”中进行选择。\n答：")
 
 
 def test_every_task_file_validates():
@@ -81,7 +83,8 @@ BAD_TASKS = [
     (edited(GOOD, metrics=["bleu"]), "task 't' cannot compute metric 'bleu': it compares the reply with a "
                                      "reference: set reference_field"),
     (edited(GOOD, metrics=["regex_match"]), "task 't' cannot compute metric 'regex_match': it needs the pattern"),
-    (edited(GOOD, metrics=["fact_recall"]), "cannot compute metric 'fact_recall': it is computed by a task's own scorer"),
+    (edited(GOOD, metrics=["fact_recall"]),
+     "cannot compute metric 'fact_recall': it is computed by a task's own scorer"),
     (edited(GOOD, parser="text", modes=["gen"], label=DELETE, choices=DELETE),
      "task 't' cannot compute metric 'accuracy': it needs `parser: choice`"),
     (edited(GOOD, regex="(unclosed", metrics=["regex_match"]), "regex is not a valid pattern"),

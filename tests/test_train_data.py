@@ -101,7 +101,8 @@ def test_bad_row_is_one_line_naming_file_and_row(tmp_path, bad, message):
 @pytest.mark.parametrize(("rows", "fmt", "problem"), [
     ([{"messages": [{"role": "assistant", "content": "x"}]}], "messages",
      "turns must alternate user, assistant, starting with user"),
-    ([{"messages": [{"role": "user", "content": "x"}]}], "messages", "the conversation must end with an assistant turn"),
+    ([{"messages": [{"role": "user", "content": "x"}]}], "messages",
+     "the conversation must end with an assistant turn"),
     ([{"messages": [{"role": "robot", "content": "x"}]}], "messages", "messages[0]: unknown role 'robot'"),
     ([{"conversation": [{"input": "a"}]}], "xtuner", "conversation[0]: missing field 'output'"),
 ])
@@ -209,7 +210,8 @@ def test_overlong_rows_truncated_or_dropped():
 def test_a_users_file_with_its_own_column_names(tmp_path, suffix):
     import pandas as pd
 
-    rows = [{"问题": "免费版有多大？", "答案": "15GB", "备注": "x"}, {"问题": "能退款吗？", "答案": "7天内可以", "备注": "y"}]
+    rows = [{"问题": "免费版有多大？", "答案": "15GB", "备注": "x"},
+            {"问题": "能退款吗？", "答案": "7天内可以", "备注": "y"}]
     path = tmp_path / f"qa{suffix}"
     (pd.DataFrame(rows).to_csv(path, index=False) if suffix == ".csv" else pd.DataFrame(rows).to_parquet(path))
     convs = load_conversations(path, columns={"问题": "prompt", "答案": "completion"})

@@ -159,7 +159,8 @@ def choose_checkpoint(evaluations: dict[int, dict], final_step: int) -> dict:
             curves.setdefault(key, []).append({"step": step, "mean": mean})
     base = {"final_step": final_step, "curves": curves, "comparisons": []}
     if final_step not in evaluations:
-        return {**base, "chosen_step": final_step, "reason": f"the final step ({final_step}) was not evaluated; it is merged"}
+        return {**base, "chosen_step": final_step,
+                "reason": f"the final step ({final_step}) was not evaluated; it is merged"}
     final = evaluations[final_step]["entries"]
     comparisons = []
     for step in sorted(s for s in evaluations if s != final_step):
@@ -184,7 +185,8 @@ def choose_checkpoint(evaluations: dict[int, dict], final_step: int) -> dict:
         wins = [c for c in mine if c["role"] == "check" and c["better"] and c["p_holm"] < ALPHA]
         losses = [c for c in mine if c["significant"] and not c["better"]]
         if wins and not losses:
-            gain = sum(c["gain"] for c in mine if c["role"] == "check") / max(1, sum(c["role"] == "check" for c in mine))
+            checks = [c["gain"] for c in mine if c["role"] == "check"]
+            gain = sum(checks) / max(1, len(checks))
             eligible.append((gain, step, wins))
     base["comparisons"] = comparisons
     if not eligible:

@@ -193,7 +193,8 @@ def evaluation_texts(recipe, selection: dict | None, data_dir) -> list[EvalText]
     suite = ((selection or {}).get("suite") or {}).get("file")
     fallback = not (suite and Path(suite).is_file())
     splits = [(resolve_task(c.task, recipe.path.parent), c.split, False) for c in recipe.checks]
-    splits += [(task, entry.split, fallback) for task, entry in load_suite(DEFAULT_SUITE if fallback else Path(suite))[1]]
+    suite_entries = load_suite(DEFAULT_SUITE if fallback else Path(suite))[1]
+    splits += [(task, entry.split, fallback) for task, entry in suite_entries]
     out, seen = [], set()
     for task, split, optional in splits:
         if (task.path, split) in seen:

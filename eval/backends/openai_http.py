@@ -39,9 +39,10 @@ class OpenAIBackend:
                  render: Callable[[list[dict], str | None], str] | None = None, identity: dict | None = None,
                  split_ids: Callable[[LoglikelihoodRequest], tuple[list[int], list[int]]] | None = None):
         """`base_url`: the server, with `concurrency` requests in flight (several servers of one
-        model: the Ray executor's pool, eval/executor.py). `split_ids`: the model's own tokenization of a log-likelihood request, (context ids,
-        continuation ids); with it the prompt is sent as token ids (lm-eval's tokenized requests),
-        so the served model scores exactly the tokens the local one does."""
+        model: the Ray executor's pool, eval/executor.py). `split_ids`: the model's own tokenization
+        of a log-likelihood request, (context ids, continuation ids); with it the prompt is sent as
+        token ids (lm-eval's tokenized requests), so the served model scores exactly the tokens the
+        local one does."""
         import httpx
 
         self.base_url = base_url.rstrip("/")
