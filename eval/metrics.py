@@ -34,8 +34,11 @@ LETTER_FOLLOWING = "letter_following"
 
 def ranked_metric(task, mode: str, chosen: str | None = None) -> str:
     """The one rule for the metric an entry (or a check) is ranked and compared by: the one it
-    names, else accuracy in `ppl` mode, else the task's first metric."""
-    return chosen or (ACCURACY if mode == "ppl" else task.metrics[0])
+    names, else a circular summary's own first metric (eval/circular.py, either mode), else accuracy
+    in `ppl` mode, else the task's first metric."""
+    if chosen:
+        return chosen
+    return ACCURACY if mode == "ppl" and CIRCULAR_ACCURACY not in task.metrics else task.metrics[0]
 
 BINARY = {ACCURACY, ACCURACY_OPENCOMPASS, UNPARSABLE, STYLE_ACCURACY, STYLE_JUDGE, EXACT_MATCH, CONTAINS,
           REGEX_MATCH, CIRCULAR_ACCURACY, LETTER_FOLLOWING}

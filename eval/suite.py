@@ -89,7 +89,11 @@ def ranked_metrics(selection: dict | None) -> dict[tuple[str, str, str], str]:
     path = Path(suite["file"]) if suite.get("file") else None
     if path is None or not path.is_file():
         return {}
-    return {(task.name, e.split, e.mode): M.ranked_metric(task, e.mode, e.metric) for task, e in load_suite(path)[1]}
+    out = {}
+    for task, e in load_suite(path)[1]:
+        chosen = e.metric or (M.CIRCULAR_ACCURACY if e.circular else None)  # a circular entry's summary
+        out[(task.name, e.split, e.mode)] = M.ranked_metric(task, e.mode, chosen)
+    return out
 
 
 def entries_with_role(selection: dict | None, role: str) -> list[tuple[TaskSpec, SuiteEntry]]:

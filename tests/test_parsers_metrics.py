@@ -126,3 +126,19 @@ def test_without_articles_token_f1_differs_from_the_official_scorer():
 
     got = text_scores(["token_f1"], "the cat", ["a cat"], steps=["case", "punctuation", "whitespace"])
     assert got["token_f1"] == 0.5 and f1_score("the cat", "a cat", "en") == 1.0
+
+
+@pytest.mark.parametrize("metrics, mode, chosen, expected", [
+    (["accuracy", "unparsable"], "gen", None, "accuracy"),
+    (["style_accuracy", "chrf"], "gen", None, "style_accuracy"),
+    (["style_accuracy", "chrf"], "gen", "chrf", "chrf"),
+    (["exact_match"], "ppl", None, "accuracy"),                               # ppl ranks by the likeliest choice
+    (["circular_accuracy", "letter_following"], "ppl", None, "circular_accuracy"),  # a circular summary
+    (["circular_accuracy", "letter_following"], "gen", None, "circular_accuracy"),
+])
+def test_the_one_rule_for_the_ranked_metric(metrics, mode, chosen, expected):
+    from types import SimpleNamespace
+
+    from eval.metrics import ranked_metric
+
+    assert ranked_metric(SimpleNamespace(metrics=metrics), mode, chosen) == expected
