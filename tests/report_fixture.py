@@ -1,6 +1,6 @@
 """A small but complete runs/ directory for the report and review tests.
 
-Real task files (fewclue_bustm from ../shared/data, style and fact from the project's own data),
+Real task files (fewclue_bustm from ../shared/data or tests/fixtures/data, style and fact from the project's own data),
 scored by fake backends through the real runner, selection, parity and file layouts: two
 candidates, a merged model scored locally and "served", a training run with its log. With
 `evil=True`, dataset and model text carries script tags, attribute-breaking quotes and
@@ -51,13 +51,13 @@ def _responder(items, system: str, evil: bool):
 
 
 def build_in(folder: Path, *, evil: bool = False, votes: bool = False) -> Path:
-    """`build` into folder/runs from the public data beside the checkout (skips the test where
-    there is none); with `votes`, `add_votes` too. Returns the runs directory."""
+    """`build` into folder/runs from the public data beside the checkout, else from the project's
+    fixtures of its shape; with `votes`, `add_votes` too. Returns the runs directory."""
 
-    from tests.conftest import public_data
+    from tests.conftest import FIXTURE_DATA, public_data
 
     runs = folder / "runs"
-    build(runs, public_data(), evil=evil)
+    build(runs, public_data(fallback=FIXTURE_DATA), evil=evil)
     if votes:
         add_votes(runs)
     return runs
