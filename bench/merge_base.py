@@ -25,21 +25,21 @@ from eval.stats import compare  # noqa: E402
 from eval.summary import comparison_text  # noqa: E402
 
 
-def merged_scores(workspace: Workspace, run: TrainRun, summary: dict, check: dict) -> dict[str, float]:
+def merged_scores(workspace: Workspace, run: TrainRun, summary: TrainSummary, check: dict) -> dict[str, float]:
     """item id -> the merged model's score on `check`: from the checkpoint evaluation it reused,
     else from the run `make train` stored."""
     metric = check["metric"]
     if check.get("merged_scored_at", "").startswith("checkpoint evaluation"):
-        step = summary["checkpoint"]["chosen_step"]
+        step = summary.checkpoint["chosen_step"]
         record = read_artifact(run.evaluation_scores(step), CheckpointScores)
-        entry = record["entries"][f"{check['task']}-{check['split']}-{check.get('mode', 'gen')}"]
+        entry = record.entries[f"{check['task']}-{check['split']}-{check.get('mode', 'gen')}"]
         return dict(zip(entry["ids"], entry["scores"]))
     conn = sqlite3.connect(workspace.results_db)
     try:
-        run_id = newest_finished_run(conn, summary["merged_model"], check["task"], check["split"],
+        run_id = newest_finished_run(conn, summary.merged_model, check["task"], check["split"],
                                      check.get("mode", "gen"))
         if run_id is None:
-            sys.exit(f"{run.root}: no stored run of {summary['merged_model']} on {check['task']}-{check['split']}")
+            sys.exit(f"{run.root}: no stored run of {summary.merged_model} on {check['task']}-{check['split']}")
         return {i["item_id"]: i["scores"][metric] for i in run_items(conn, run_id)}
     finally:
         conn.close()
@@ -54,13 +54,13 @@ def main(argv=None) -> int:
     workspace = Workspace(args.runs_dir)
     runs = {name: TrainRun(workspace.train_run(name)) for name in (args.a, args.b)}
     summaries = {name: read_artifact(run.summary, TrainSummary) for name, run in runs.items()}
-    bases = {name: s["recipe"] for name, s in summaries.items()}
+    bases = {name: s.recipe for name, s in summaries.items()}
     print(f"a = {args.a} ({bases[args.a]}), b = {args.b} ({bases[args.b]}); difference = b - a")
     better = {args.a: [], args.b: []}
     worse = {args.a: [], args.b: []}
-    for check in summaries[args.a]["checks"]:
+    for check in summaries[args.a].checks:
         key = (check["task"], check["split"], check.get("mode", "gen"))
-        other = next(c for c in summaries[args.b]["checks"] if (c["task"], c["split"], c.get("mode", "gen")) == key)
+        other = next(c for c in summaries[args.b].checks if (c["task"], c["split"], c.get("mode", "gen")) == key)
         a = merged_scores(workspace, runs[args.a], summaries[args.a], check)
         b = merged_scores(workspace, runs[args.b], summaries[args.b], other)
         ids = sorted(set(a) & set(b))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -74,6 +74,11 @@ class Selection(Artifact):
     executor: dict = {"name": "local"}
     """Where the models ran: `name` (local or ray); on Ray also `address` and `nodes` (model ->
     the node its actor ran on)."""
+
+    def suite_file(self) -> Path | None:
+        """The suite file scored, where it still is; None before suites were files or once it is gone."""
+        path = Path(self.suite["file"]) if self.suite and self.suite.get("file") else None
+        return path if path is not None and path.is_file() else None
 
 
 def _train_summary_v1(data: dict) -> dict:
@@ -212,24 +217,41 @@ class SynthReport(Artifact):
     counts: dict[str, int]
 
 
-def _validate(schema: type[Artifact], data: dict, where: Path | str) -> Artifact:
+class MachineCalibration(Artifact):
+    """CACHE_DIR/machine/<identity hash>.json: what `selectune machine` measured (models/machine.py)."""
+
+    identity: dict[str, Any]
+    """`cpu` (model name), `flags` (those of models.machine.FLAGS it has), `torch`, `threads`."""
+    matmul_gflops: dict[str, float]
+    """dtype -> GFLOP/s of a square matrix product; bfloat16 only where the CPU multiplies it natively."""
+    bandwidth_gbs: float
+    load_gbs: float
+    measured: str
+    seconds: float
+
+
+A = TypeVar("A", bound=Artifact)
+
+
+def _validate(schema: type[A], data: dict, where: Path | str) -> A:
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
         raise UserError(format_validation_error(where, exc, data, schema)) from None
 
 
-def write_artifact(path: Path, schema: type[Artifact], record: dict) -> dict:
-    """Check `record` against `schema`, stamp its version, write it atomically; returns what was
-    written (the record's own keys, in its own nesting, plus `schema_version`)."""
+def write_artifact(path: Path, schema: type[A], record: dict) -> A:
+    """Check `record` against `schema`, stamp its version, write it atomically (the record's own
+    keys, in its own nesting, plus `schema_version`); returns it as a `schema` object."""
     stamped = {**record, "schema_version": schema.VERSION}
-    _validate(schema, stamped, path)
+    typed = _validate(schema, stamped, path)
     write_json_atomic(path, stamped)
-    return stamped
+    return typed
 
 
-def read_artifact(path: Path, schema: type[Artifact]) -> dict:
-    """The file as the current version of `schema` describes it, older versions migrated."""
+def read_artifact(path: Path, schema: type[A]) -> A:
+    """The file as the current version of `schema` describes it (a `schema` object), older
+    versions migrated."""
     data = read_json(path)
     version = data.get("schema_version", 1)
     if not isinstance(version, int) or version > schema.VERSION:
@@ -238,6 +260,4 @@ def read_artifact(path: Path, schema: type[Artifact]) -> dict:
     while version < schema.VERSION:
         data = schema.MIGRATIONS.get(version, lambda d: d)(data)
         version += 1
-    data = {**data, "schema_version": version}
-    _validate(schema, data, path)
-    return data
+    return _validate(schema, {**data, "schema_version": version}, path)

@@ -150,7 +150,7 @@ class Workspace:
     def synth_output(self, recipe_name: str) -> SynthOutput:
         return SynthOutput(self.synth_dir(recipe_name))
 
-    def read_selection(self) -> dict | None:
+    def read_selection(self) -> Selection | None:
         """selection.json, or None before `make select` has written one."""
         return read_artifact(self.selection, Selection) if self.selection.is_file() else None
 
@@ -159,11 +159,11 @@ class Workspace:
         record = self.read_selection()
         if record is None:
             raise UserError(f"{self.selection}: not found; run `make select` first, or name a model")
-        if not record.get("winner"):
+        if not record.winner:
             raise UserError(f"{self.selection}: has no winner; name a model")
-        return record["winner"]
+        return record.winner
 
-    def newest_train_summary(self) -> tuple[Path, dict] | None:
+    def newest_train_summary(self) -> tuple[Path, TrainSummary] | None:
         """(path, record) of the newest finished training run, or None."""
         summaries = self.train_summaries()
         return (summaries[-1], read_artifact(summaries[-1], TrainSummary)) if summaries else None

@@ -12,7 +12,7 @@ model runs: an unknown task, split, mode or metric is one line naming the suite 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field
 
@@ -21,6 +21,9 @@ from core.errors import UserError
 from eval import metrics as M
 from eval.circular import option_spans
 from eval.task import Mode, TaskSpec, resolve_task
+
+if TYPE_CHECKING:
+    from core.artifacts import Selection
 
 SUITES_DIR = Path(__file__).resolve().parents[1] / "suites"
 DEFAULT_SUITE = SUITES_DIR / "default.yaml"
@@ -82,12 +85,11 @@ def load_suite(path: Path) -> tuple[Suite, list[tuple[TaskSpec, SuiteEntry]]]:
     return suite, out
 
 
-def ranked_metrics(selection: dict | None) -> dict[tuple[str, str, str], str]:
+def ranked_metrics(selection: Selection | None) -> dict[tuple[str, str, str], str]:
     """(task, split, mode) -> the metric each entry of the selection's suite is ranked by
     (metrics.ranked_metric); empty when there was no selection or its suite file is gone."""
-    suite = (selection or {}).get("suite") or {}
-    path = Path(suite["file"]) if suite.get("file") else None
-    if path is None or not path.is_file():
+    path = selection.suite_file() if selection else None
+    if path is None:
         return {}
     out = {}
     for task, e in load_suite(path)[1]:
@@ -96,11 +98,10 @@ def ranked_metrics(selection: dict | None) -> dict[tuple[str, str, str], str]:
     return out
 
 
-def entries_with_role(selection: dict | None, role: str) -> list[tuple[TaskSpec, SuiteEntry]]:
+def entries_with_role(selection: Selection | None, role: str) -> list[tuple[TaskSpec, SuiteEntry]]:
     """The entries of the suite the selection scored that have `role`; none when there was no
     selection or its suite file is gone."""
-    suite = (selection or {}).get("suite") or {}
-    path = Path(suite["file"]) if suite.get("file") else None
-    if path is None or not path.is_file():
+    path = selection.suite_file() if selection else None
+    if path is None:
         return []
     return [(task, entry) for task, entry in load_suite(path)[1] if role in entry.roles]

@@ -26,6 +26,8 @@ from eval.summary import (PERCENT, RunSummary, comparison_text, fmt_ci, fmt_diff
                           primary_metric)
 from eval.task import find_task, load_task
 from core.errors import UserError
+from core.artifacts import Selection
+from reports.records import Rescored, TrainingRun
 
 
 @dataclass
@@ -136,10 +138,10 @@ class Leaderboard:
     """Entries compared on fewer items than some candidate scored, or left out, and why."""
 
 
-def leaderboard(conn, selection: dict, named_in: str) -> Leaderboard:
-    runs = {model: [load_run(conn, rid, named_in) for rid in ids] for model, ids in selection["runs"].items()}
+def leaderboard(conn, selection: Selection, named_in: str) -> Leaderboard:
+    runs = {model: [load_run(conn, rid, named_in) for rid in ids] for model, ids in selection.runs.items()}
     models = list(runs)
-    winner = selection.get("winner")
+    winner = selection.winner
     ranked = ranked_metrics(selection)
     by_entry: dict[tuple, dict[str, Run]] = {}
     for model, model_runs in runs.items():
@@ -169,8 +171,8 @@ def leaderboard(conn, selection: dict, named_in: str) -> Leaderboard:
         charts.append({"title": f"{entry[0]}-{entry[1]} {entry[2]} {primary['metric']}", "metric": primary["metric"],
                        "scale": 100.0 if primary["metric"] in PERCENT else 1.0,
                        "bars": [{"model": m, **cell} for m, cell in primary["cells"].items()]})
-    best = selection.get("best_mean_rank")
-    for model, comps in selection.get("comparisons_vs_best", {}).items():
+    best = selection.best_mean_rank
+    for model, comps in selection.comparisons_vs_best.items():
         significance += [{"model": model, **c, **comparison_text(c),
                           "candidate": _verdict_for_candidate(c)} for c in comps]
     mde = [f"{s['task']}-{s['split']} {s['mode']} {s['metric']}: with {s['n']} paired items, differences "
@@ -232,21 +234,20 @@ def aligned(runs: list[Run], what: str) -> tuple[list[Run] | None, str | None]:
     return cut, f"{what}: compared on the {len(shared)} items all of them scored ({sizes})"
 
 
-def paired_runs(conn, selection: dict | None, rescore: dict) -> tuple[System, System, System]:
+def paired_runs(conn, selection: Selection | None, rescore: Rescored) -> tuple[System, System, System]:
     """The base model's, the local merged model's and the served model's run of each re-scored
     task: the merged ones from the rescore record, the base ones from the selection (else the
     newest finished run of the base card on the same task and split)."""
-    named = rescore["_file"]
-    base_card = rescore["base_card"]
-    local = System("merged", f"{rescore['model']} (local)")
-    served = System("served", f"{rescore['model']} (served, {rescore['engine']})")
-    for task in rescore["parity"]["tasks"]:
+    named, base_card, record = str(rescore.file), rescore.base_card, rescore.record
+    local = System("merged", f"{record.model} (local)")
+    served = System("served", f"{record.model} (served, {record.engine})")
+    for task in record.parity["tasks"]:
         if task.get("mode", "gen") != "gen":  # before/after compares replies; `ppl` is in the parity table
             continue
         local.runs[task["task"]] = load_run(conn, task["local_run"], named)
         served.runs[task["task"]] = load_run(conn, task["served_run"], named)
     base = System("base", f"{base_card} (base)")
-    for run_id in (selection or {}).get("runs", {}).get(base_card, []):
+    for run_id in (selection.runs.get(base_card, []) if selection else []):
         run = load_run(conn, run_id, "selection.json")
         if run.summary.mode == "gen" and run.summary.task.name in local.runs:
             base.runs[run.summary.task.name] = run
@@ -255,13 +256,14 @@ def paired_runs(conn, selection: dict | None, rescore: dict) -> tuple[System, Sy
     return base, local, served
 
 
-def before_after(conn, selection: dict | None, train: dict | None, rescore: dict | None) -> BeforeAfter | None:
+def before_after(conn, selection: Selection | None, train: TrainingRun | None,
+                 rescore: Rescored | None) -> BeforeAfter | None:
     """Base model against the merged model scored locally and through the server, per task; before
     a re-score, the training run's checks (base against the merged model, local)."""
     if rescore is None:
         return _training_checks(train)
     base, local, served = paired_runs(conn, selection, rescore)
-    gate = ((train or {}).get("summary") or {}).get("contamination")
+    gate = train.summary.contamination if train else None
     tasks, notes = [], []
     for task_name in list(base.runs):
         systems, note = aligned([base.runs[task_name], local.runs[task_name], served.runs[task_name]],
@@ -289,15 +291,15 @@ def before_after(conn, selection: dict | None, train: dict | None, rescore: dict
     return BeforeAfter(base, [local, served], tasks, notes)
 
 
-def _training_checks(train: dict | None) -> BeforeAfter | None:
+def _training_checks(train: TrainingRun | None) -> BeforeAfter | None:
     """The training run's own checks, as `make train` recorded them: no items to flip, no served
     column yet."""
-    summary = (train or {}).get("summary") or {}
-    if not summary.get("checks"):
+    if train is None or not train.summary.checks:
         return None
-    merged = System("merged", f"{summary['merged_model']} (local, scored by make train)")
+    summary = train.summary
+    merged = System("merged", f"{summary.merged_model} (local, scored by make train)")
     tasks = []
-    for c in summary["checks"]:
+    for c in summary.checks:
         metric = c["metric"]
         after = {**_estimate(metric, Estimate(**c["merged"])),
                  "vs_base": {**c, "diff_text": fmt_diff(metric, c["diff"]), "ci": fmt_ci(metric, *c["ci95"])}}
@@ -305,7 +307,7 @@ def _training_checks(train: dict | None) -> BeforeAfter | None:
                       "probe": c.get("role") == "forgetting", "flips": {"defined": False}, "runs": {},
                       "clean": None, "rows": [{"metric": metric, "base": _estimate(metric, Estimate(**c["base"])),
                                                "after": [after], "higher_is_better": M.HIGHER_IS_BETTER[metric]}]})
-    return BeforeAfter(System("base", f"{summary['model']} (base)"), [merged], tasks, ["No re-score yet: these are "
+    return BeforeAfter(System("base", f"{summary.model} (base)"), [merged], tasks, ["No re-score yet: these are "
                        "the training run's checks; `make rescore` adds the served model and the item flips."])
 
 

@@ -168,11 +168,11 @@ def _sample_rows(task: dict) -> list[dict]:
             for r in item_flips(task["runs"]["base"], task["runs"]["merged"])]
 
 
-def _training_charts(train: dict) -> dict:
-    losses = [(e["step"], e["loss"]) for e in train["losses"] if isinstance(e.get("loss"), (int, float))]
-    evals = [(e["step"], e["eval_loss"]) for e in train["evals"]]
-    lrs = [(e["step"], e["learning_rate"]) for e in train["losses"] if "learning_rate" in e]
-    curves = ((train.get("summary") or {}).get("checkpoint") or {}).get("curves") or {}
+def _training_charts(train) -> dict:
+    losses = [(e["step"], e["loss"]) for e in train.losses if isinstance(e.get("loss"), (int, float))]
+    evals = [(e["step"], e["eval_loss"]) for e in train.evals]
+    lrs = [(e["step"], e["learning_rate"]) for e in train.losses if "learning_rate" in e]
+    curves = (train.summary.checkpoint or {}).get("curves") or {}
     return {"loss": line_chart([{"name": "train loss", "points": losses}, {"name": "val loss", "points": evals}]),
             "lr": line_chart([{"name": "learning rate", "points": lrs}], height=160),
             "probe": line_chart([{"name": key, "points": [(p["step"], p["mean"]) for p in points]}

@@ -13,25 +13,22 @@ from core.store import open_read_only
 from core.workspace import TrainRun, Workspace, provenance as provenance_of
 from eval.runner import git_revision
 from eval.suite import entries_with_role
+from reports.records import Rescored, TrainingRun
 from reports.collect import Run, check_side_by_side, load_run, paired_runs
 
 
-def newest_rescore(runs_dir: Path) -> dict | None:
+def newest_rescore(runs_dir: Path) -> Rescored | None:
     files = Workspace(runs_dir).rescore_records()
     if not files:
         return None
     record = read_artifact(files[-1], RescoreRecord)
-    record["_file"] = str(files[-1])
-    provenance = provenance_of(Path(record.get("model_dir", "")))
-    if "base_card" not in record and provenance.is_file():
-        record["base_card"] = read_artifact(provenance, MergeProvenance).get("base_card")
-    if not record.get("base_card"):
-        raise UserError(f"{files[-1]}: cannot tell the base model of {record.get('model')} "
-                        f"(no {provenance})")
-    return record
+    provenance = provenance_of(Path(record.model_dir))
+    if not provenance.is_file():
+        raise UserError(f"{files[-1]}: cannot tell the base model of {record.model} (no {provenance})")
+    return Rescored(record, files[-1], read_artifact(provenance, MergeProvenance).base_card)
 
 
-def training_run(runs_dir: Path, rescore: dict | None) -> dict | None:
+def training_run(runs_dir: Path, rescore: Rescored | None) -> TrainingRun | None:
     """The training run behind the served model, else the newest one."""
     summaries = Workspace(runs_dir).train_summaries()
     if not summaries:
@@ -39,7 +36,7 @@ def training_run(runs_dir: Path, rescore: dict | None) -> dict | None:
     chosen = summaries[-1]
     if rescore:
         for path in summaries:
-            if Path(rescore.get("model_dir", "")).resolve() == TrainRun(path.parent).merged.resolve():
+            if Path(rescore.record.model_dir).resolve() == TrainRun(path.parent).merged.resolve():
                 chosen = path
     summary = read_artifact(chosen, TrainSummary)
     log = []
@@ -53,11 +50,10 @@ def training_run(runs_dir: Path, rescore: dict | None) -> dict | None:
                 except json.JSONDecodeError as exc:
                     raise UserError(f"{log_path}:{n}: not a JSON line: {exc}") from exc
     provenance_path = provenance_of(run.merged)
-    provenance = read_artifact(provenance_path, MergeProvenance) if provenance_path.is_file() else {}
-    return {"name": chosen.parent.name, "summary": summary, "provenance": provenance,
-            "losses": [e for e in log if "loss" in e and "sample" not in e],
-            "evals": [e for e in log if "eval_loss" in e],
-            "samples": [e for e in log if "sample" in e]}
+    provenance = read_artifact(provenance_path, MergeProvenance) if provenance_path.is_file() else None
+    return TrainingRun(chosen.parent.name, summary, provenance,
+                       losses=[e for e in log if "loss" in e and "sample" not in e],
+                       evals=[e for e in log if "eval_loss" in e], samples=[e for e in log if "sample" in e])
 
 
 def manifest(runs: list[Run]) -> dict:
@@ -101,8 +97,8 @@ def review_systems(runs_dir: Path, *, with_candidates: bool = False) -> dict[str
             free_text = [t for t in free_text if t in chosen]
         systems = {base.label: {t: base.runs[t] for t in free_text}, local.label: {t: local.runs[t] for t in free_text}}
         if with_candidates and selection:
-            for model, ids in selection["runs"].items():
-                if model == rescore["base_card"]:
+            for model, ids in selection.runs.items():
+                if model == rescore.base_card:
                     continue
                 for run_id in ids:
                     run = load_run(conn, run_id, str(workspace.selection))

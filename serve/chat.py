@@ -56,6 +56,6 @@ def chat_command(settings, *, base_url: str | None = None, served_model: str | N
     current = running(settings.workspace.server_state)
     if current is None:
         raise UserError("chat: no server running; `make serve` first (or pass --base-url)")
-    print(f"chat with {current[1].get('model')} at {current[0].base_url}; `reset` for a new conversation, "
+    print(f"chat with {current[1].model} at {current[0].base_url}; `reset` for a new conversation, "
           "`exit` to leave")
     return chat(current[0].base_url, current[0].model_name, max_tokens=max_tokens)

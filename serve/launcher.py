@@ -56,7 +56,7 @@ def resolve_target(settings, *, card_name: str | None = None, checkpoint: Path |
         from core.workspace import provenance as provenance_of
 
         provenance = provenance_of(checkpoint)
-        base = card_name or (read_artifact(provenance, MergeProvenance)["base_card"] if provenance.is_file() else None)
+        base = card_name or (read_artifact(provenance, MergeProvenance).base_card if provenance.is_file() else None)
         if base is None:
             raise UserError(f"{checkpoint}: no provenance.json naming its base card; pass --model CARD too")
         return Target(checkpoint, find_card(base), f"{base}@{checkpoint.name}")
@@ -71,10 +71,10 @@ def resolve_target(settings, *, card_name: str | None = None, checkpoint: Path |
         raise UserError(f"{settings.workspace.train_dir}: no finished training run; run `make train`, "
                         "or name a model with --model / --checkpoint")
     path, summary = newest
-    merged = settings.workspace.merged_model(path.parent)  # not summary["merged"]: that is as `make train` ran
+    merged = settings.workspace.merged_model(path.parent)  # not summary.merged: that is as `make train` ran
     if not (merged / "config.json").is_file():
         raise UserError(f"{path}: merged model {merged} not found (pass --checkpoint DIR)")
-    return Target(merged.resolve(), find_card(summary["model"]), summary["merged_model"])
+    return Target(merged.resolve(), find_card(summary.model), summary.merged_model)
 
 
 @dataclass
@@ -296,13 +296,13 @@ def save_state(path: Path, server: Server, **extra) -> None:
                              "argv": server.engine.argv, **extra})
 
 
-def running(path: Path) -> tuple[Server, dict] | None:
+def running(path: Path) -> tuple[Server, ServerState] | None:
     """The recorded server if its process is alive and healthy; a stale record is removed."""
     if not path.is_file():
         return None
     state = read_artifact(path, ServerState)
-    engine = Engine(state["engine"], state["argv"], state["model_name"], {}, state["host"], state["port"])
-    server = Server(engine, Path(state["log"]), state["pid"])
+    engine = Engine(state.engine, state.argv, state.model_name, {}, state.host, state.port)
+    server = Server(engine, Path(state.log), state.pid)
     if server.alive() and healthy(server.base_url):
         return server, state
     path.unlink()
@@ -322,10 +322,10 @@ def serve_command(settings, *, model: str | None = None, checkpoint: Path | None
             return 0
         current[0].stop()
         workspace.server_state.unlink(missing_ok=True)
-        print(f"serve: stopped {current[1]['engine']} server at {current[0].base_url} (pid {current[0].pid})")
+        print(f"serve: stopped {current[1].engine} server at {current[0].base_url} (pid {current[0].pid})")
         return 0
     if current is not None:
-        print(f"serve: already serving {current[1].get('model')} at {current[0].base_url} "
+        print(f"serve: already serving {current[1].model} at {current[0].base_url} "
               f"(pid {current[0].pid}); `make serve-stop` first to serve another")
         return 0
     target = resolve_target(settings, card_name=model, checkpoint=checkpoint)

@@ -73,8 +73,8 @@ def run_key(task_name: str, mode: str) -> str:
 
 def selection_suite(settings) -> Path | None:
     """The suite `make select` scored (its file, where it still is); None: the default suite."""
-    suite = ((settings.workspace.read_selection() or {}).get("suite") or {}).get("file")
-    return Path(suite) if suite and Path(suite).is_file() else None
+    selection = settings.workspace.read_selection()
+    return selection.suite_file() if selection else None
 
 
 def served_backend(base_url: str, model_name: str, target: Target, engine: str, concurrency: int,
@@ -339,10 +339,10 @@ def rescore_command(settings, *, model: str | None = None, checkpoint: Path | No
                          engine="external" if engine == "auto" else engine, **kw)
     elif current is not None and not (model or checkpoint):
         server, state = current
-        target = Target(Path(state["model_dir"]), find_card(state["base_card"]), state["model"])
-        print(f"rescore: using the server `make serve` started ({server.base_url}, {state['model']})")
+        target = Target(Path(state.model_dir), find_card(state.base_card), state.model)
+        print(f"rescore: using the server `make serve` started ({server.base_url}, {state.model})")
         record = rescore(settings, target, base_url=server.base_url, model_name=server.model_name,
-                         engine=state["engine"], **kw)
+                         engine=state.engine, **kw)
     else:
         target = resolve_target(settings, card_name=model, checkpoint=checkpoint)
         chosen = engine_for(target.model_dir, engine)

@@ -13,7 +13,7 @@ import json
 import sqlite3
 from pathlib import Path
 
-from core.artifacts import MergeProvenance, RescoreRecord, Selection, TrainSummary, write_artifact
+from core.artifacts import CheckpointScores, MergeProvenance, RescoreRecord, Selection, TrainSummary, write_artifact
 from eval.backends.fake import FakeBackend
 from eval.results import open_results
 from eval.runner import run_task
@@ -123,9 +123,9 @@ def build(runs_dir: Path, data_dir: Path, *, evil: bool = False) -> dict:
                    "train_text": "user: 免费版有多大？" + (EVIL if evil else ""), "containment": 1.0, "cosine": 0.93}]}
     from train.checkpoints import choose_checkpoint
 
-    def evaluation(step: int, hits: int) -> dict:  # 20 fact items, `hits` of them recalled
-        return {"step": step, "entries": {"fact-test-gen": {"metric": "fact_recall", "role": "check",
-                                                            "scores": [1.0] * hits + [0.0] * (20 - hits)}}}
+    def evaluation(step: int, hits: int) -> CheckpointScores:  # 20 fact items, `hits` of them recalled
+        return CheckpointScores(schema_version=1, step=step, adapter="", basis={}, entries={"fact-test-gen": {
+            "metric": "fact_recall", "role": "check", "scores": [1.0] * hits + [0.0] * (20 - hits)}})
 
     summary["checkpoint"] = {**choose_checkpoint({20: evaluation(20, 8), 40: evaluation(40, 11)}, 40),
                              "adapter": str(train_dir / "adapter")}

@@ -18,10 +18,11 @@ def test_a_selection_written_before_versions_loads_as_the_current_version():
     path = GOLDEN / "selection-v1.json"
     old = json.loads(path.read_text(encoding="utf-8"))
     record = read_artifact(path, Selection)
-    assert "schema_version" not in old and record["schema_version"] == Selection.VERSION
-    assert record["winner"] == old["winner"] and record["cells"] == old["cells"]
+    assert isinstance(record, Selection)
+    assert "schema_version" not in old and record.schema_version == Selection.VERSION
+    assert record.winner == old["winner"] and record.cells == old["cells"]
     for model, comps in old["comparisons_vs_best"].items():
-        for before, after in zip(comps, record["comparisons_vs_best"][model]):
+        for before, after in zip(comps, record.comparisons_vs_best[model]):
             assert after["diff"] == before["diff_best_minus_other"] and "diff_best_minus_other" not in after
             assert {k: v for k, v in after.items() if k != "diff"} == {
                 k: v for k, v in before.items() if k != "diff_best_minus_other"}
@@ -29,8 +30,8 @@ def test_a_selection_written_before_versions_loads_as_the_current_version():
 
 def test_a_training_summary_written_before_versions_loads_with_its_fact_comparison_renamed():
     record = read_artifact(GOLDEN / "summary-v1.json", TrainSummary)
-    (check,) = record["checks"]
-    assert record["schema_version"] == 3 and "fact" not in record
+    (check,) = record.checks
+    assert record.schema_version == 3 and "fact" not in record.model_dump()
     assert check["task"] == "fact" and check["metric"] == "fact_recall"
     assert check["diff"] == pytest.approx(0.1667, abs=1e-4) and "diff_merged_minus_base" not in check
 
@@ -38,7 +39,7 @@ def test_a_training_summary_written_before_versions_loads_with_its_fact_comparis
 def test_a_written_artifact_carries_its_version_and_reads_back_the_same(tmp_path):
     record = read_artifact(GOLDEN / "selection-v1.json", Selection)
     path = tmp_path / "selection.json"
-    written = write_artifact(path, Selection, {k: v for k, v in record.items() if k != "schema_version"})
+    written = write_artifact(path, Selection, record.model_dump(exclude={"schema_version"}))
     assert json.loads(path.read_text(encoding="utf-8"))["schema_version"] == 2
     assert read_artifact(path, Selection) == written == record
 

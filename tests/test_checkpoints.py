@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from core.artifacts import CheckpointScores
 from train.checkpoints import choose_checkpoint
 
 
@@ -16,8 +17,9 @@ def entry(hits: int, n: int = 40, *, metric: str = "fact_recall", role: str = "c
     return {"metric": metric, "role": role, "scores": [1.0 if first <= i < first + hits else 0.0 for i in range(n)]}
 
 
-def evaluations(**steps) -> dict[int, dict]:
-    return {int(k[1:]): {"step": int(k[1:]), "entries": v} for k, v in steps.items()}
+def evaluations(**steps) -> dict[int, CheckpointScores]:
+    return {int(k[1:]): CheckpointScores(schema_version=1, step=int(k[1:]), adapter="", basis={}, entries=v)
+            for k, v in steps.items()}
 
 
 CASES = [
@@ -166,7 +168,7 @@ def test_a_rerun_with_another_merge_base_scores_the_saved_checkpoints_again(tmp_
     dq = r.model_copy(update={"merge_base": "dequantized"})
     result = run_training(dq, str(model), tmp_path / "run", tmp_path, probe=probe)
     assert len(calls) == 4 and result.checkpoint_choice["chosen_step"] == 8
-    assert {s: rec["basis"]["merge_base"] for s, rec in evaluated_steps(tmp_path / "run").items()} == {
+    assert {s: rec.basis["merge_base"] for s, rec in evaluated_steps(tmp_path / "run").items()} == {
         4: "dequantized", 8: "dequantized"}
     run_training(dq, str(model), tmp_path / "run", tmp_path, probe=probe)
     assert len(calls) == 4

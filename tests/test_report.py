@@ -264,10 +264,10 @@ def test_the_leaderboard_leads_each_entry_with_the_metric_its_suite_entry_ranks_
     suite.write_text("name: suite\ndescription: d\nentries:\n  - {task: fewclue_bustm, split: dev, mode: gen}\n"
                      "  - {task: style, split: test, mode: gen, metric: chrf}\n"
                      "  - {task: fact, split: test, mode: gen}\n", encoding="utf-8")
-    selection = {**Workspace(fixture_runs).read_selection(), "suite": {"file": str(suite)}}
+    selection = Workspace(fixture_runs).read_selection().model_copy(update={"suite": {"file": str(suite)}})
     conn = open_read_only(Workspace(fixture_runs).results_db)
     try:
-        before = leaderboard(conn, {k: v for k, v in selection.items() if k != "suite"}, "selection.json")
+        before = leaderboard(conn, selection.model_copy(update={"suite": None}), "selection.json")
         board = leaderboard(conn, selection, "selection.json")
     finally:
         conn.close()

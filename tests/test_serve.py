@@ -215,7 +215,7 @@ def test_make_serve_runs_in_the_background_rescore_chat_then_stop(tiny, tmp_path
     state = tmp_path / "runs" / "serve" / "server.json"
     try:
         server, recorded = running(state)
-        assert recorded["model_dir"] == str(tiny[0]) and server.alive()
+        assert recorded.model_dir == str(tiny[0]) and server.alive()
         assert main([*base, "serve", "--model", "smollm2-135m-instruct"]) == 0  # already serving: says so
         assert "already serving" in capsys.readouterr().out
         # make rescore finds the server make serve left running

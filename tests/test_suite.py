@@ -101,6 +101,7 @@ def test_a_task_folder_that_does_not_exist_is_one_line(tmp_path):
 
 def test_suite_roles_add_checks_and_forgetting_probes_to_training_and_choose_review_tasks(tmp_path, shared_data):
     from core.settings import load_settings
+    from core.workspace import Workspace
     from eval.suite import entries_with_role
     from train.pipeline import all_checks, with_suite_samples
     from train.recipe import load_recipe
@@ -125,7 +126,8 @@ def test_suite_roles_add_checks_and_forgetting_probes_to_training_and_choose_rev
         ("fewclue_bustm", "dev", "gen", "forgetting"), ("fewclue_bustm", "dev", "ppl", "forgetting")]
     from train.checkpoints import probe_entries  # the same entries, scored at every evaluation
 
-    probe = probe_entries(recipe, json.loads((runs / "selection.json").read_text()), shared_data)
+    selection = Workspace(runs).read_selection()
+    probe = probe_entries(recipe, selection, shared_data)
     assert [(e.key, e.role, len(e.items), e.complete) for e in probe] == [
         ("fact-test-gen", "check", 60, True), ("style-test-gen", "check", 36, True),
         ("fewclue_bustm-dev-gen", "forgetting", 60, False), ("fewclue_bustm-dev-ppl", "forgetting", 60, False)]
@@ -134,7 +136,6 @@ def test_suite_roles_add_checks_and_forgetting_probes_to_training_and_choose_rev
     assert [(Path(t.task).stem, t.split, t.count) for t in sampled] == [
         ("riddles", "test", 2), ("fact", "test", 2), ("style", "test", 2)]
     assert with_suite_samples(recipe, load_settings(runs_dir=str(runs))) is recipe  # samples both already
-    selection = json.loads((runs / "selection.json").read_text(encoding="utf-8"))
     assert [t.name for t, _ in entries_with_role(selection, "review")] == ["style"]
     from serve.rescore import rescore_entries, selection_suite
 

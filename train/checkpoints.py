@@ -82,7 +82,7 @@ def score_entries(model, tokenizer, card, entries: list[ProbeEntry], data_dir: P
             for e in entries}
 
 
-def evaluated_steps(run_dir: Path, basis: dict | None = None) -> dict[int, dict]:
+def evaluated_steps(run_dir: Path, basis: dict | None = None) -> dict[int, CheckpointScores]:
     """step -> its scores.json record, for every finished checkpoint evaluation (made on `basis`,
     when given: what else than the weights decides the scores)."""
     out, layout = {}, TrainRun(run_dir)
@@ -90,8 +90,8 @@ def evaluated_steps(run_dir: Path, basis: dict | None = None) -> dict[int, dict]
         if not path.is_file():
             continue
         record = read_artifact(path, CheckpointScores)
-        if basis is None or record.get("basis") == basis:
-            out[record["step"]] = record
+        if basis is None or record.basis == basis:
+            out[record.step] = record
     return out
 
 
@@ -138,15 +138,14 @@ def evaluate_checkpoint(step: int, model, tokenizer, card, entries: list[ProbeEn
               "entries": {e.key: {"metric": e.metric, "role": e.role, "ids": [i.id for i in e.items],
                                   "scores": [s[e.metric] for _, s in scored[e.key]],
                                   "outputs": [o for o, _ in scored[e.key]]} for e in entries}}
-    write_artifact(scores_file, CheckpointScores, record)
-    return record
+    return write_artifact(scores_file, CheckpointScores, record)
 
 
-def means(record: dict) -> dict[str, float]:
-    return {k: sum(v["scores"]) / len(v["scores"]) for k, v in record["entries"].items() if v["scores"]}
+def means(record: CheckpointScores) -> dict[str, float]:
+    return {k: sum(v["scores"]) / len(v["scores"]) for k, v in record.entries.items() if v["scores"]}
 
 
-def choose_checkpoint(evaluations: dict[int, dict], final_step: int) -> dict:
+def choose_checkpoint(evaluations: dict[int, CheckpointScores], final_step: int) -> dict:
     """The checkpoint to merge and why (the module docstring has the rule)."""
     from statsmodels.stats.multitest import multipletests
 
@@ -161,10 +160,10 @@ def choose_checkpoint(evaluations: dict[int, dict], final_step: int) -> dict:
     if final_step not in evaluations:
         return {**base, "chosen_step": final_step,
                 "reason": f"the final step ({final_step}) was not evaluated; it is merged"}
-    final = evaluations[final_step]["entries"]
+    final = evaluations[final_step].entries
     comparisons = []
     for step in sorted(s for s in evaluations if s != final_step):
-        for key, entry in evaluations[step]["entries"].items():
+        for key, entry in evaluations[step].entries.items():
             if key not in final or len(entry["scores"]) != len(final[key]["scores"]) or not entry["scores"]:
                 continue
             comp = compare(entry["scores"], final[key]["scores"], binary=entry["metric"] in M.BINARY)
@@ -228,7 +227,7 @@ class Evaluator:
         if log:
             append_jsonl(self.log_path, {"step": step, "checkpoint_eval": found})
         print(f"train: step {step} checkpoint evaluation: "
-              + ", ".join(f"{k} {record['entries'][k]['metric']} {v:.3f}" for k, v in found.items()))
+              + ", ".join(f"{k} {record.entries[k]['metric']} {v:.3f}" for k, v in found.items()))
 
     def choose(self, final_step: int, final_adapter: Path) -> tuple[dict, Path]:
         """(the choice record, the adapter to merge). Evaluations a rerun with another recipe

@@ -179,21 +179,19 @@ def stop_line(result: GateResult, recipe_path) -> str:
             "in the recipe to train on it anyway")
 
 
-def evaluation_texts(recipe, selection: dict | None, data_dir) -> list[EvalText]:
+def evaluation_texts(recipe, selection, data_dir) -> list[EvalText]:
     """The compared fields of every item that will be scored, each task split once: the recipe's
     checks and the suite the selection scored, else (no selection, e.g. `train --model NAME`) the
     default suite, which `make rescore` and `make report` score then. A default-suite entry whose
     data is not on disk cannot be scored either: it is named and passed over."""
-    from pathlib import Path
-
     from core.errors import UserError
     from eval.suite import DEFAULT_SUITE, load_suite
     from eval.task import load_items, resolve_task
 
-    suite = ((selection or {}).get("suite") or {}).get("file")
-    fallback = not (suite and Path(suite).is_file())
+    suite = selection.suite_file() if selection else None
+    fallback = suite is None
     splits = [(resolve_task(c.task, recipe.path.parent), c.split, False) for c in recipe.checks]
-    suite_entries = load_suite(DEFAULT_SUITE if fallback else Path(suite))[1]
+    suite_entries = load_suite(DEFAULT_SUITE if fallback else suite)[1]
     splits += [(task, entry.split, fallback) for task, entry in suite_entries]
     out, seen = [], set()
     for task, split, optional in splits:

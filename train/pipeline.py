@@ -79,9 +79,9 @@ def chosen_scores(result, check, recipe: Recipe) -> dict | None:
         return None
     record = evaluated_steps(Path(result.run_dir)).get(choice["chosen_step"])
     task = resolve_task(check.task, recipe.path.parent)
-    entry = (record or {}).get("entries", {}).get(f"{task.name}-{check.split}-{check.mode}")
+    entry = record.entries.get(f"{task.name}-{check.split}-{check.mode}") if record else None
     metric = ranked_metric(task, check.mode, check.metric)
-    if entry is None or entry["metric"] != metric or record["basis"]["merge_base"] != recipe.merge_base:
+    if entry is None or entry["metric"] != metric or record.basis["merge_base"] != recipe.merge_base:
         return None
     return {"step": choice["chosen_step"], "ids": entry["ids"], "scores": entry["scores"]}
 

@@ -221,7 +221,7 @@ def synth_output(name: str, synth_root: Path | None, recipe_file: Path) -> tuple
         raise UserError(f"{recipe_file}: data source synth '{name}': {provenance} not found; run "
                         f"`make data-synth SYNTH_RECIPE=...` for the recipe named {name} first")
     record = read_artifact(provenance, SynthProvenance)
-    if not record["complete"]:
-        raise UserError(f"{recipe_file}: data source synth '{name}': that run stopped early ({record['stopped']}); "
+    if not record.complete:
+        raise UserError(f"{recipe_file}: data source synth '{name}': that run stopped early ({record.stopped}); "
                         "rerun make data-synth to finish it")
-    return output.data, record["format"]
+    return output.data, record.format
