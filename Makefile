@@ -29,7 +29,7 @@ EXEC_ARGS := $(if $(EXECUTOR),--executor $(EXECUTOR)) $(if $(RAY_ADDRESS),--ray-
 SELECTUNE := $(PY) -m selectune --runs-dir $(RUNS_DIR) $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) \
 	$(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
-.PHONY: help setup opencompass-venv vllm-venv lmdeploy-venv browser models cards data select train serve serve-stop rescore chat report review data-synth test \
+.PHONY: help setup opencompass-venv vllm-venv lmdeploy-venv browser models cards machine data select train serve serve-stop rescore chat report review data-synth test \
 	bench bench-eval bench-serve bench-train bench-ray bench-kill crosscheck-opencompass clean
 
 help: ## one line per target
@@ -80,6 +80,9 @@ models: $(STAMP) ## provision the default offline models (CARD=name for one, WEI
 
 cards: $(STAMP) ## list every model card with its status
 	$(SELECTUNE) models list
+
+machine: $(STAMP) ## measure this machine once (cached per CPU, flags and torch): matmul rates, bandwidth, each stage's dtype (MACHINE_ARGS=--again)
+	$(SELECTUNE) machine $(MACHINE_ARGS)
 
 data: $(STAMP) ## download FewCLUE (DATASET=riddles for the riddles) into the cache, checksum-verified, or verify DATA_DIR
 	$(SELECTUNE) data $(if $(DATASET),--dataset $(DATASET))

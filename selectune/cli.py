@@ -1,6 +1,7 @@
 """The selectune command line: it parses arguments and hands them to one entry per stage.
 
     python -m selectune models list | models provision [--card NAME ...] [--weights DIR]
+    python -m selectune machine [--again] [--json]
     python -m selectune data [--check]
     python -m selectune eval --task NAME --model CARD [--split S --mode gen|ppl --limit N]
     python -m selectune select [--models A,B] [--suite suites/fewclue-test.yaml]
@@ -113,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     prov.add_argument("--weights", type=Path, help="local checkpoint directory for a hub card")
     prov.add_argument("--pip-arg", action="append", default=[],
                       help="extra argument for pip (e.g. --pip-arg=--find-links=DIR)")
+
+    mc = command(sub, "machine", "models.machine:machine_command",
+                 "measure this machine once (cached per CPU, flags, torch): matmul rates, bandwidth, dtypes")
+    mc.add_argument("--again", action="store_true", help="measure again even if a calibration is cached")
+    mc.add_argument("--json", dest="json_output", action="store_true", help="machine-readable output")
 
     data = command(sub, "data", "eval.data:data_command", "download FewCLUE (or verify DATA_DIR)")
     data.add_argument("--check", action="store_true", help="verify only, download nothing")

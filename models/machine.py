@@ -1,0 +1,163 @@
+"""What this machine can do, measured: the matrix-product rate in each dtype it multiplies
+natively, memory bandwidth and the rate weights load at, plus the dtype each stage uses here and
+why. `python -m selectune machine` prints it; the cost estimates (eval/estimate.py) read it.
+
+A calibration takes a few seconds and is cached under the cache directory, one file per CPU
+model, CPU flags that matter, torch version and thread count: a change to any of them (another
+machine, a torch upgrade) measures again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+"""The CPU flags that decide how fast the stages run (`lscpu` names them the same way)."""
+MATMUL_N = 1024
+"""Square matrices of this size: large enough for oneDNN's blocked kernels, as a 0.5B-1.5B
+model's projections are, small enough to measure in well under a second."""
+SECONDS_PER_MEASUREMENT = 0.4
+
+
+def cpu_identity() -> dict:
+    """CPU model, the flags of FLAGS it has, the torch version and threads: the calibration's key."""
+    import torch
+
+    model, flags = platform.processor() or "unknown CPU", set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    return {"cpu": model, "flags": [f for f in FLAGS if f in flags], "torch": torch.__version__.split("+")[0],
+            "threads": torch.get_num_threads()}
+
+
+def calibration_path(cache_dir: Path, identity: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir / "machine" / f"{digest}.json"
+
+
+def _rate(work: float, step) -> float:
+    """work units per second of `step()`, run once to warm up, then for SECONDS_PER_MEASUREMENT."""
+    step()
+    count, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < SECONDS_PER_MEASUREMENT or count < 3:
+        step()
+        count += 1
+    return work * count / elapsed
+
+
+def matmul_gflops(dtype_name: str, n: int = MATMUL_N) -> float:
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    with torch.inference_mode():
+        return _rate(2 * n**3 / 1e9, lambda: torch.mm(a, b))
+
+
+def bandwidth_gbs(mib: int = 256) -> float:
+    """GB/s of a large copy, counting the bytes read and the bytes written."""
+    import torch
+
+    src = torch.ones(mib * 2**20 // 4)
+    dst = torch.empty_like(src)
+    return _rate(2 * src.numel() * 4 / 1e9, lambda: dst.copy_(src))
+
+
+def load_gbs(folder: Path, mib: int = 128) -> float:
+    """GB/s at which a safetensors file is read into tensors (from the page cache: a model file
+    read a second time, as every stage after provisioning reads it)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        path = Path(tmp) / "probe.safetensors"
+        save_file({"w": torch.ones(mib * 2**20 // 2, dtype=torch.bfloat16)}, str(path))
+        return _rate(mib * 2**20 / 1e9, lambda: load_file(str(path))["w"].clone())  # the file is mapped lazily
+
+
+def measure(cache_dir: Path) -> dict:
+    from models.loading import cpu_has_bf16
+
+    started = time.perf_counter()
+    dtypes = ["float32"] + (["bfloat16"] if cpu_has_bf16() else [])
+    record = {"identity": cpu_identity(), "matmul_gflops": {d: round(matmul_gflops(d), 1) for d in dtypes},
+              "bandwidth_gbs": round(bandwidth_gbs(), 2), "load_gbs": round(load_gbs(cache_dir / "machine"), 2),
+              "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {**record, "seconds": round(time.perf_counter() - started, 2)}
+
+
+def calibration(cache_dir: Path, *, again: bool = False) -> dict:
+    """This machine's calibration: the cached one for its identity, else measured now and cached."""
+    from core.artifacts import MachineCalibration, read_artifact, write_artifact
+
+    path = calibration_path(cache_dir, cpu_identity())
+    if path.is_file() and not again:
+        return read_artifact(path, MachineCalibration).model_dump()
+    return write_artifact(path, MachineCalibration, measure(cache_dir)).model_dump()
+
+
+def stage_dtypes(flags: list[str], cuda: bool = False) -> list[tuple[str, str, str]]:
+    """(stage, dtype, why) for each stage on this machine, by the rules the stages apply
+    (models.loading.scoring_dtype, train.trainer.compute_dtype)."""
+    if cuda:
+        native = ("bfloat16", "the GPU multiplies bf16")
+    elif "avx512_bf16" in flags or "amx_tile" in flags:
+        native = ("bfloat16", "the CPU multiplies bf16 natively: " + ", ".join(
+            f for f in ("avx512_bf16", "amx_tile") if f in flags))
+    else:
+        native = ("float32", "no native bf16 on this CPU: emulated bf16 multiplies slower than fp32")
+    return [("select scoring", *native),
+            ("train (QLoRA compute)", native[0], f"{native[1]}; the NF4 weights are dequantised to it"),
+            ("merge, parity and train's checks", "float32", "compared against the served model, which runs in fp32"),
+            ("re-score (local side), cross-checks", "float32", "as the reference tools and the server run")]
+
+
+def describe(record: dict) -> list[str]:
+    ident = record["identity"]
+    lines = [f"CPU: {ident['cpu']}; flags {' '.join(ident['flags']) or '(none of ' + ', '.join(FLAGS) + ')'}; "
+             f"torch {ident['torch']}, {ident['threads']} threads",
+             f"measured {record['measured']} in {record['seconds']} s"]
+    lines += [f"  matmul {dtype}: {rate:.0f} GFLOP/s" for dtype, rate in record["matmul_gflops"].items()]
+    if "bfloat16" not in record["matmul_gflops"]:
+        lines.append("  matmul bfloat16: not native here, not used")
+    lines += [f"  memory bandwidth: {record['bandwidth_gbs']:.1f} GB/s (copy, read + write)",
+              f"  weights load: {record['load_gbs']:.1f} GB/s (safetensors, from the page cache)", "dtypes:"]
+    cuda = False
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    except ImportError:
+        pass
+    lines += [f"  {stage}: {dtype}; {why}" for stage, dtype, why in stage_dtypes(ident["flags"], cuda)]
+    return lines
+
+
+def machine_command(settings, *, again: bool = False, json_output: bool = False) -> int:
+    """`selectune machine`: this machine's calibration (measured once per CPU, flags and torch)."""
+    path = calibration_path(settings.cache_dir, cpu_identity())
+    fresh = again or not path.is_file()
+    record = calibration(settings.cache_dir, again=again)
+    if json_output:
+        print(json.dumps(record, ensure_ascii=False, indent=2))
+        return 0
+    print("\n".join(describe(record)))
+    print(f"{'measured now' if fresh else 'cached'}: {path} (`--again` measures again)")
+    if os.environ.get("OMP_NUM_THREADS"):
+        print(f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} sets the threads measured")
+    return 0
