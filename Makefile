@@ -30,7 +30,7 @@ SELECTUNE := $(PY) -m selectune --runs-dir $(RUNS_DIR) $(if $(CACHE_DIR),--cache
 	$(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 .PHONY: help setup opencompass-venv vllm-venv lmdeploy-venv browser models cards machine data select train serve serve-stop rescore chat report review data-synth test \
-	bench bench-eval bench-serve bench-train bench-ray bench-kill crosscheck-opencompass clean
+	bench bench-eval bench-serve bench-train bench-estimate bench-ray bench-kill crosscheck-opencompass clean
 
 help: ## one line per target
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 10
@@ -155,6 +155,9 @@ bench-serve: $(STAMP) $(VLLM_STAMP) ## serving speed: vLLM's CPU engine vs trans
 
 bench-train: $(STAMP) ## our trainer vs trl's SFTTrainer: tokens/s and peak memory, same model and data (BENCH_ARGS="--repeats 3")
 	$(PY) bench/train_speed.py $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(BENCH_ARGS)
+
+bench-estimate: $(STAMP) ## the cost estimates against the finished runs in RUNS_DIR, run by run (after make select)
+	$(PY) bench/estimate_check.py --runs-dir $(RUNS_DIR) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR))
 
 bench-ray: $(STAMP) ## make select: local executor vs Ray clusters on this machine, ratios (loopback-only namespace; BENCH_ARGS=)
 	unshare -n sh -c 'ip link set lo up && exec $(PY) bench/ray_select.py $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) \

@@ -223,7 +223,10 @@ class MachineCalibration(Artifact):
     identity: dict[str, Any]
     """`cpu` (model name), `flags` (those of models.machine.FLAGS it has), `torch`, `threads`."""
     matmul_gflops: dict[str, float]
-    """dtype -> GFLOP/s of a square matrix product; bfloat16 only where the CPU multiplies it natively."""
+    """dtype -> GFLOP/s of a linear layer of 512 rows as the stages run it; bfloat16 only where the
+    CPU multiplies it natively."""
+    decode_gflops: dict[str, float]
+    """The same at a decoding step's 16 rows."""
     bandwidth_gbs: float
     load_gbs: float
     measured: str

@@ -76,6 +76,19 @@ def newest_finished_run(conn: sqlite3.Connection, model: str, task: str, split: 
     return row[0] if row else None
 
 
+def newest_model_run(conn: sqlite3.Connection, model: str, task: str, mode: str) -> str | None:
+    """The newest finished run of `model` on `task` in `mode`, any split."""
+    row = conn.execute("SELECT run_id FROM runs WHERE model = ? AND task = ? AND mode = ? AND finished IS NOT NULL"
+                       " ORDER BY finished DESC LIMIT 1", (model, task, mode)).fetchone()
+    return row[0] if row else None
+
+
+def finished_runs(conn: sqlite3.Connection) -> list[tuple]:
+    """(run_id, model, task, split, mode, meta_json, wall seconds) of every finished run, oldest first."""
+    return conn.execute("SELECT run_id, model, task, split, mode, meta_json, finished - started FROM runs "
+                        "WHERE finished IS NOT NULL ORDER BY started").fetchall()
+
+
 def every_item(conn: sqlite3.Connection) -> list[tuple]:
     """Every stored item with its run: (task, split, mode, model, item_id, output, scores_json,
     finished), for harnesses that compare two stores whole."""

@@ -94,6 +94,20 @@ def _versions() -> dict:
     return {"python": sys.version.split()[0], "torch": torch.__version__}
 
 
+def run_identity(backend, task: TaskSpec, split: str, mode: Mode, items: list[Item], *,
+                 chunk_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
+                 sequential: tuple[int, int] | None = None) -> tuple[str, dict]:
+    """(run id, meta): the id is the hash of what determines the outputs."""
+    # few-shot examples count only where a task has them, so runs of tasks without keep their ids
+    data_sha = sha256_text(json.dumps([[i.id, i.user, i.system, i.gold, *([i.shots] if i.shots else [])]
+                                       for i in items], ensure_ascii=False))
+    meta = run_meta(task, split, mode, backend.identity, seed, chunk_size, data_sha)
+    if sequential is not None:  # another grouping into chunks: never the fixed design's run
+        meta["order"] = {"seed": sequential[0], "round": sequential[1]}
+    # versions and the git revision are recorded beside, outside the id
+    return sha256_text(json.dumps(meta, sort_keys=True))[:16], meta
+
+
 def run_task(backend, task: TaskSpec, split: str, mode: Mode, items: list[Item],
              conn, *, chunk_size: int = DEFAULT_BATCH_SIZE, seed: int = 0, data_dir: Path | None = None,
              progress: Callable[[int], None] | None = None, judge=None,
@@ -102,20 +116,14 @@ def run_task(backend, task: TaskSpec, split: str, mode: Mode, items: list[Item],
     `sequential` = (order seed, round size): items are taken in that seeded order, a round at a time
     (each round's items length-sorted into chunks), and only the first `upto` are scored and
     returned (eval/sequential.py); the run is finished once every item is stored."""
-    # few-shot examples count only where a task has them, so runs of tasks without keep their ids
-    data_sha = sha256_text(json.dumps([[i.id, i.user, i.system, i.gold, *([i.shots] if i.shots else [])]
-                                       for i in items], ensure_ascii=False))
-    meta = run_meta(task, split, mode, backend.identity, seed, chunk_size, data_sha)
-    if sequential is not None:  # another grouping into chunks: never the fixed design's run
-        meta["order"] = {"seed": sequential[0], "round": sequential[1]}
-    # The id covers what determines outputs; versions and the git revision are recorded beside.
-    run_id = sha256_text(json.dumps(meta, sort_keys=True))[:16]
+    run_id, meta = run_identity(backend, task, split, mode, items, chunk_size=chunk_size, seed=seed,
+                                sequential=sequential)
     results.ensure_run(conn, run_id, {**meta, "versions": _versions(), "git_revision": git_revision()},
                        len(items), task.path)
     done = results.done_item_ids(conn, run_id)
     by_id = {i.id: i for i in items}
     scorer = load_scorer(task, data_dir) if data_dir is not None else None
-    chunks = (_fixed_chunks(items, chunk_size) if sequential is None else
+    chunks = (fixed_chunks(items, chunk_size) if sequential is None else
               _sequential_chunks(items, chunk_size, *sequential, upto or len(items)))
     started, computed, fresh = time.monotonic(), 0, {}
     for chunk in chunks:
@@ -160,7 +168,7 @@ def run_task(backend, task: TaskSpec, split: str, mode: Mode, items: list[Item],
                       time.monotonic() - started, computed)
 
 
-def _fixed_chunks(items: list[Item], size: int) -> list[list[Item]]:
+def fixed_chunks(items: list[Item], size: int) -> list[list[Item]]:
     order = sorted(items, key=lambda i: (len(i.user), i.id))
     return [order[k:k + size] for k in range(0, len(order), size)]
 
@@ -188,7 +196,7 @@ def score_in_memory(backend, task: TaskSpec, mode: Mode, items: list[Item], scor
     """(output, metrics) per item, in the items' order, chunked as run_task chunks them, with
     nothing stored: for weights that exist only in memory (checkpoints evaluated while training)."""
     out: dict[str, tuple[str, dict]] = {}
-    for chunk in _fixed_chunks(items, chunk_size):
+    for chunk in fixed_chunks(items, chunk_size):
         for item, output in zip(chunk, compute_outputs(backend, task, mode, chunk)):
             out[item.id] = (output, score_output(task, mode, item, output, scorer)[1])
     return [out[i.id] for i in items]
@@ -202,14 +210,19 @@ def request_record(task: TaskSpec, mode: Mode, item: Item) -> dict:
     return {"messages": item.messages(), "continuations": list(task.choices)}
 
 
-def compute_outputs(backend, task: TaskSpec, mode: Mode, chunk: list[Item]) -> list[str]:
-    """The raw outputs of one chunk: replies (`gen`) or each choice's log-likelihood as JSON (`ppl`)."""
+def backend_requests(task: TaskSpec, mode: Mode, chunk: list[Item]) -> list[GenRequest] | list[LoglikelihoodRequest]:
+    """What compute_outputs sends the backend for one chunk (built from request_record)."""
     sent = [request_record(task, mode, i) for i in chunk]
     if mode == "gen":
-        return backend.generate([GenRequest(r["messages"], r["max_new_tokens"], r["stop"], i.raw())
-                                 for r, i in zip(sent, chunk)])
-    requests = [LoglikelihoodRequest(r["messages"], c, i.raw())
-                for r, i in zip(sent, chunk) for c in r["continuations"]]
+        return [GenRequest(r["messages"], r["max_new_tokens"], r["stop"], i.raw()) for r, i in zip(sent, chunk)]
+    return [LoglikelihoodRequest(r["messages"], c, i.raw()) for r, i in zip(sent, chunk) for c in r["continuations"]]
+
+
+def compute_outputs(backend, task: TaskSpec, mode: Mode, chunk: list[Item]) -> list[str]:
+    """The raw outputs of one chunk: replies (`gen`) or each choice's log-likelihood as JSON (`ppl`)."""
+    requests = backend_requests(task, mode, chunk)
+    if mode == "gen":
+        return backend.generate(requests)
     lls = backend.loglikelihood(requests)
     k = len(task.choices)
     return [json.dumps(dict(zip(task.choices, lls[n * k:(n + 1) * k]))) for n in range(len(chunk))]

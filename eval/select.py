@@ -57,11 +57,17 @@ class Candidate:
 
 def score_candidates(cards: list[ModelCard], entries: list[tuple[TaskSpec, SuiteEntry]], entry_items: list[list],
                      *, executor, data_dir: Path, batch_size: int = DEFAULT_BATCH_SIZE, judge=None,
-                     pilot: float | None = None, skip: set[int] = frozenset()) -> list[Candidate]:
+                     pilot: float | None = None, skip: set[int] = frozenset(), estimate=None) -> list[Candidate]:
     """Every card on every entry, through `executor` (eval/executor.py, opened on `cards`): one
     card after another here, or all at once on a Ray cluster. `entry_items`: each entry's items,
-    loaded and rendered once for every candidate; `pilot`: only that seeded share of them (`--plan`)."""
+    loaded and rendered once for every candidate; `pilot`: only that seeded share of them (`--plan`);
+    `estimate` (eval/estimate.py): a second bar shows the time left for the whole command."""
+    from contextlib import nullcontext
+
     from tqdm import tqdm
+
+    overall = estimate.overall_bar() if estimate is not None else nullcontext()
+    per_item = estimate.per_item() if estimate is not None else {}
 
     def one(card: ModelCard) -> Candidate:
         cand = Candidate(card)
@@ -84,8 +90,13 @@ def score_candidates(cards: list[ModelCard], entries: list[tuple[TaskSpec, Suite
                 items, label = rotations(task, items), split + SPLIT_SUFFIX
             with tqdm(total=len(items), desc=f"{card.name} {task.name}-{label} {mode}",
                       unit="item", leave=False) as bar:
+                def progress(n: int, bar=bar, share=per_item.get((card.name, k), 0.0)) -> None:
+                    bar.update(n)
+                    if share:
+                        total.update(round(n * share, 1))
+
                 run = run_task(backend, task, label, mode, items, conn, chunk_size=batch_size,
-                               data_dir=data_dir, progress=bar.update, judge=judge)
+                               data_dir=data_dir, progress=progress, judge=judge)
             if entry.circular:
                 run = circular_summary(run, split)
             cand.runs.append(run)
@@ -94,7 +105,8 @@ def score_candidates(cards: list[ModelCard], entries: list[tuple[TaskSpec, Suite
         executor.done_with(backend)
         return cand
 
-    return executor.map(one, cards)
+    with overall as total:
+        return executor.map(one, cards)
 
 
 def _backend(card: ModelCard, store: Path, *, checkpoint: Path | None, **options):
@@ -246,9 +258,10 @@ def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT
                    train_budget_gib: float | None = None, infer_budget_gib: float | None = None,
                    batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto", dtype: str = "auto",
                    plan: bool = False, pilot: float = 0.2, detect: float | None = None, power: float = 0.8,
-                   design: str = "auto", tie_margin: float | None = None) -> int:
-    """`selectune select` (`make select`): score, decide, print the evidence, write selection.json;
-    with `plan`, score a pilot and print the items each entry needs instead (eval/plan.py)."""
+                   design: str = "auto", tie_margin: float | None = None, estimate: bool = False) -> int:
+    """`selectune select` (`make select`): print what it will cost here, score, decide, print the
+    evidence, write selection.json; with `plan`, score a pilot and print the items each entry needs
+    instead (eval/plan.py); with `estimate`, print the cost and stop."""
     from core.artifacts import Selection, write_artifact
     from core.files import sha256_file
     from eval.executor import make_executor
@@ -258,7 +271,7 @@ def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT
     from models.local import resolve_candidates
     from models.store import provision
 
-    from models.loading import scoring_dtype
+    from models.loading import resolve_device, scoring_dtype
 
     raw_dtype, dtype = dtype, scoring_dtype(dtype, device)  # bf16 where the machine multiplies it natively
     spec, entries = load_suite(suite)  # every entry checked before any model runs
@@ -267,13 +280,22 @@ def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT
     cards, checkpoints = [c for c, _ in chosen], {c.name: path for c, path in chosen if path is not None}
     judge = make_judge(settings)  # fails before any scoring when half-configured
     for card in cards:
-        if card.name not in checkpoints and not card.is_endpoint:
+        if card.name not in checkpoints and not card.is_endpoint and not estimate:
             provision(card, settings.model_store)
     from eval.sequential import sequential_entries
 
     entry_items = [load_items(task, e.split, settings.resolved_data_dir) for task, e in entries]
     sizes = [len(items) for items in entry_items]
     chosen = set() if plan else sequential_entries(entries, sizes, design, len(cards))
+    cost = None
+    if not plan and settings.executor == "local" and resolve_device(device) == "cpu":  # the CPU cost model
+        from eval.estimate import select_estimate
+
+        cost = select_estimate(settings, cards, checkpoints, entries, entry_items, batch_size=batch_size,
+                               dtype=dtype, sequential=chosen)
+        print("\n".join(cost.lines()), flush=True)
+    if estimate:
+        return 0
     conn = open_results(settings.runs_dir)
     executor = make_executor(settings, conn)
     try:
@@ -284,7 +306,8 @@ def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT
                                                  batch_size=batch_size, device=device, dtype=dtype))
         candidates = score_candidates(cards, entries, entry_items, executor=executor,
                                       data_dir=settings.resolved_data_dir,
-                                      batch_size=batch_size, judge=judge, pilot=pilot if plan else None, skip=chosen)
+                                      batch_size=batch_size, judge=judge, pilot=pilot if plan else None, skip=chosen,
+                                      estimate=cost)
         states = {}
         if chosen:
             states = _score_sequentially(candidates, entries, chosen, settings, executor, batch_size=batch_size,

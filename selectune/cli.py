@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--tie-margin", type=margin,
                      help="a sequential entry also stops when every candidate is shown within this share of "
                           "the metric's range of the leader (default 0.05: 5 points of accuracy; 0: never)")
+    sel.add_argument("--estimate", action="store_true",
+                     help="print what scoring will cost on this machine, entry by entry, and exit (docs/machine.md)")
     sel.add_argument("--plan", action="store_true",
                      help="score a pilot share of each entry and print the items each needs; write no selection")
     sel.add_argument("--pilot", type=share, default=0.2, help="the pilot's share of each entry's items (default 0.2)")

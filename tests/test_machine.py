@@ -34,7 +34,7 @@ def test_the_flags_read_here_agree_with_torchs_own_probe():
     assert dict((s, d) for s, d, _ in machine.stage_dtypes(flags))["select scoring"] == expected
 
 
-FAKE = {"matmul_gflops": {"float32": 100.0}, "bandwidth_gbs": 20.0, "load_gbs": 2.0,
+FAKE = {"matmul_gflops": {"float32": 100.0}, "decode_gflops": {"float32": 50.0}, "bandwidth_gbs": 20.0, "load_gbs": 2.0,
         "measured": "2026-12-07T00:00:00+00:00", "seconds": 2.0}
 
 
@@ -73,7 +73,8 @@ def test_the_real_calibration_of_this_cpu(tmp_path, capsys):
     assert set(record["matmul_gflops"]) == ({"float32", "bfloat16"} if cpu_has_bf16() else {"float32"})
     assert all(rate > 1 for rate in record["matmul_gflops"].values())
     assert record["bandwidth_gbs"] > 0.5 and record["load_gbs"] > 0.05 and record["seconds"] < 30
-    assert f"matmul float32: {record['matmul_gflops']['float32']:.0f} GFLOP/s" in printed
+    assert set(record["decode_gflops"]) == set(record["matmul_gflops"])
+    assert f"matmul float32: {record['matmul_gflops']['float32']:.0f} GFLOP/s; at a decoding step's 16 rows" in printed
     assert "measured now" in printed and list((tmp_path / "machine").iterdir()) == [
         machine.calibration_path(tmp_path, machine.cpu_identity())]
     assert main(["--cache-dir", str(tmp_path), "machine", "--json"]) == 0

@@ -34,6 +34,21 @@ from models.store import read_manifest
 from core.files import sha256_file, sha256_text
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One batch as the backend runs it."""
+
+    rows: int
+    tokens: int
+    """Tokens the batch's forward pass processes past the shared prefix: each row padded to the widest."""
+    kept: int
+    """Positions per row whose logits are computed (the continuation, or the next token)."""
+    max_new_tokens: int
+    """Generation only: the decoding steps at most (0 when scoring continuations)."""
+    prefix: tuple[int, ...] = ()
+    """The shared prefix, run once at batch 1 unless the batch before shared the same one."""
+
+
 @dataclass
 class _Row:
     ids: list[int]
@@ -234,6 +249,29 @@ class HFBackend:
                     new = generated[row, input_ids.shape[1]:][: key[1]].tolist()
                     replies[key] = self.tokenizer.decode(new, skip_special_tokens=True)
         return [cut_at_stop(replies[key], r.stop) for key, r in zip(keys, requests)]
+
+    def planned_batches(self, requests: list[GenRequest] | list[LoglikelihoodRequest]) -> list[Batch]:
+        """The batches `generate` or `loglikelihood` would run for `requests`, from the tokenizer
+        alone (no weights): the cost estimates (eval/estimate.py) count the work from these."""
+        if requests and isinstance(requests[0], GenRequest):
+            keys = list(dict.fromkeys((tuple(self._encode(self.render(r.messages, r.raw))), r.max_new_tokens)
+                                      for r in requests))
+            seqs, steps = [list(ids) for ids, _ in keys], [n for _, n in keys]
+            kept, contexts = [1] * len(seqs), seqs
+        else:  # as loglikelihood does: the prefix is shared among the contexts only
+            rows = self._rows(requests)
+            seqs, steps, kept = [r.ids for r in rows], [0] * len(rows), [r.tail + 1 for r in rows]
+            contexts = [r.ids[:len(r.ids) - r.tail] for r in rows]
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        out = []
+        for start in range(0, len(order), self.batch_size):
+            part = order[start:start + self.batch_size]
+            width = len(seqs[part[0]])
+            shared = shared_prefix_length([contexts[i] for i in part])
+            shared = shared if shared >= 2 else 0
+            out.append(Batch(len(part), len(part) * (width - shared), max(kept[i] for i in part),
+                             max(steps[i] for i in part), tuple(seqs[part[0]][:shared])))
+        return out
 
     def _prefixed_batch(self, seqs: list[list[int]], shared: int | None = None):
         """(input_ids, attention_mask, cache): the rows' first `shared` tokens (default: their

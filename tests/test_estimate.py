@@ -1,0 +1,125 @@
+"""Cost estimates: the arithmetic on fixed calibrations (table-driven), the batches planned from the
+tokenizer against the work the real backend runs on a tiny model, replies' lengths from the store,
+and `select --estimate` printing without scoring anything."""
+
+from __future__ import annotations
+
+import pytest
+
+from eval.backends.hf import Batch
+from eval.estimate import DECODE_EFFICIENCY, FORWARD_EFFICIENCY, LAYER_STEP_SECONDS, Shape, batch_seconds, fmt_duration
+from tests.conftest import FIXTURE_DATA, public_data
+
+SHAPE = Shape(body=100_000_000, head=10_000_000, weights=120_000_000, layers=10)
+
+
+@pytest.mark.parametrize("batch, steps, gflops, decode_gflops, bandwidth, expected", [
+    # a forward pass only: 2 x (body x tokens + head x rows x kept) FLOPs at the forward's share of the rate
+    (Batch(16, 1000, 1, 0), 0, 100.0, 50.0, 20.0, 2 * (1e11 + 1.6e8) / (100e9 * FORWARD_EFFICIENCY)),
+    # twice the rate, half the time
+    (Batch(16, 1000, 1, 0), 0, 200.0, 50.0, 20.0, 2 * (1e11 + 1.6e8) / (200e9 * FORWARD_EFFICIENCY)),
+    # decoding bound by its matrix products at the decoding rate: 10 steps of 16 rows
+    (Batch(16, 1000, 1, 32), 10, 100.0, 50.0, 1000.0, 2 * (1e11 + 1.6e8) / (100e9 * FORWARD_EFFICIENCY)
+     + 10 * (2 * 1.1e8 * 16 / (50e9 * DECODE_EFFICIENCY) + 10 * LAYER_STEP_SECONDS)),
+    # decoding bound by reading the weights (bf16: 2 bytes each) at the calibrated read rate
+    (Batch(1, 10, 1, 32), 10, 1000.0, 1000.0, 2.0, 2 * (1e9 + 1e7) / (1000e9 * FORWARD_EFFICIENCY)
+     + 10 * (1.2e8 * 2 / 2e9 + 10 * LAYER_STEP_SECONDS)),
+])
+def test_a_batchs_seconds_on_a_fixed_calibration(batch, steps, gflops, decode_gflops, bandwidth, expected):
+    assert batch_seconds(batch, steps, SHAPE, gflops, decode_gflops, bandwidth, 2) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("config, body, head", [
+    ({"hidden_size": 10, "vocab_size": 100, "num_hidden_layers": 2, "tie_word_embeddings": True}, 9000, 1000),
+    ({"hidden_size": 10, "vocab_size": 100, "num_hidden_layers": 2, "tie_word_embeddings": False}, 8000, 1000),
+    ({"text_config": {"hidden_size": 10, "vocab_size": 100, "num_hidden_layers": 2}}, 9000, 1000),  # nested
+])
+def test_the_shape_counts_the_embeddings_once_or_twice(config, body, head):
+    assert Shape.of(10_000, config) == Shape(body=body, head=head, weights=10_000, layers=2)
+
+
+@pytest.mark.parametrize("seconds, text", [(12.4, "12 s"), (89, "89 s"), (600, "10 min"), (7200, "2.0 h")])
+def test_durations_read_as_a_person_says_them(seconds, text):
+    assert fmt_duration(seconds) == text
+
+
+@pytest.fixture
+def tiny_backend(tmp_path, tiny_qwen2_dir):
+    from eval.backends import make_backend
+    from models.card import find_card
+    from models.store import provision
+
+    card = find_card("qwen2.5-1.5b-instruct")
+    provision(card, tmp_path / "store", weights=tiny_qwen2_dir)
+    return make_backend("hf", card, tmp_path / "store", batch_size=4)
+
+
+@pytest.mark.parametrize("mode", ["ppl", "gen"])
+def test_the_planned_batches_are_the_work_the_backend_runs(tiny_backend, mode):
+    """Every token the model's forward passes receive, counted by a hook, equals the planned
+    tokens plus one token per row at each decoding step after the first (a random model never
+    ends its reply early, so each batch decodes to max_new_tokens)."""
+    from eval.runner import backend_requests, compute_outputs, fixed_chunks
+    from eval.task import find_task, load_items
+
+    task = find_task("fewclue_bustm").model_copy(update={"gen": find_task("fewclue_bustm").gen.model_copy(
+        update={"max_new_tokens": 3, "stop": []})})
+    items = load_items(task, "dev", public_data(FIXTURE_DATA))[:10]
+    seen = []
+    tiny_backend.model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].numel()),
+                                                 with_kwargs=True)
+    planned = []
+    for chunk in fixed_chunks(items, 4):
+        planned += tiny_backend.planned_batches(backend_requests(task, mode, chunk))
+        compute_outputs(tiny_backend, task, mode, chunk)
+    decoded = sum(b.rows * (b.max_new_tokens - 1) for b in planned) if mode == "gen" else 0
+    prefixes = sum(len(b.prefix) for k, b in enumerate(planned) if b.prefix != (planned[k - 1].prefix if k else ()))
+    assert [b.max_new_tokens for b in planned] == [3 if mode == "gen" else 0] * len(planned)
+    assert prefixes > 0 and sum(seen) == sum(b.tokens for b in planned) + prefixes + decoded
+    assert sum(b.rows for b in planned) == 10 * (1 if mode == "gen" else 1)  # bustm's choices are one token
+
+
+def test_replies_seen_before_bound_the_decoding_and_the_estimate_says_when_they_were_not(tiny_backend, tmp_path):
+    from eval.backends.fake import FakeBackend
+    from eval.estimate import entry_cost
+    from eval.results import open_results
+    from eval.runner import run_task
+    from eval.task import find_task, load_items
+
+    task = find_task("fewclue_bustm")
+    items = load_items(task, "dev", public_data(FIXTURE_DATA))[:12]
+    calibration = {"matmul_gflops": {"float32": 100.0}, "decode_gflops": {"float32": 50.0}, "bandwidth_gbs": 20.0}
+    conn = open_results(tmp_path / "runs")
+    before = entry_cost(tiny_backend, SHAPE, task, "dev", "gen", items, calibration, "float32", chunk_size=4,
+                        conn=conn)
+    assert before.upper_bound and before.steps == 3 * task.gen.max_new_tokens
+    run_task(FakeBackend(respond=lambda r: "A", name=tiny_backend.card.name), task, "dev", "gen", items, conn)
+    after = entry_cost(tiny_backend, SHAPE, task, "test", "gen", items, calibration, "float32", chunk_size=4,
+                       conn=conn)  # any split of the task counts
+    reply = len(tiny_backend.tokenizer("A", add_special_tokens=False).input_ids) + 1
+    assert not after.upper_bound and after.steps == 3 * reply and after.seconds < before.seconds
+    assert after.tokens == before.tokens and after.items == 12
+
+
+def test_select_estimate_prints_the_cost_and_scores_nothing(tmp_path, tiny_qwen2_dir, capsys, monkeypatch):
+    from models import machine
+    from selectune.cli import main
+
+    monkeypatch.setattr(machine, "calibration", lambda cache_dir, again=False: {
+        "identity": {"cpu": "Test CPU", "flags": ["avx2"], "torch": "2.13.0", "threads": 2},
+        "matmul_gflops": {"float32": 100.0}, "decode_gflops": {"float32": 50.0}, "bandwidth_gbs": 20.0,
+        "load_gbs": 2.0})
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: suite\ndescription: d\nentries:\n  - {task: fewclue_bustm, split: dev, mode: gen}\n"
+                     "  - {task: fewclue_bustm, split: dev, mode: ppl}\n", encoding="utf-8")
+    runs = tmp_path / "runs"
+    assert main(["--runs-dir", str(runs), "--cache-dir", str(tmp_path / "cache"), "--data-dir",
+                 str(public_data(FIXTURE_DATA)), "select", "--models", str(tiny_qwen2_dir), "--suite", str(suite),
+                 "--device", "cpu", "--dtype", "float32", "--estimate"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("estimate for `make select` here (Test CPU, avx2; float32 at 100 GFLOP/s, measured by "
+                        "`make machine`):")
+    entries = [line.strip().split(":")[0] for line in lines if line.startswith("    ")]
+    assert entries == ["fewclue_bustm-dev gen", "fewclue_bustm-dev ppl"]
+    assert "at most" in lines[2] and "at most" not in lines[3] and lines[4].startswith("  total: at most ")
+    assert not (runs / "selection.json").exists()
