@@ -10,7 +10,7 @@ the replies whose text differs, both wall times end to end (model load included;
 OpenCompass also its CLI start-up, printed separately from its own inference timing), and the
 GFLOP/s our run achieved on the work it does (each prompt once, a prefix shared by a batch once,
 each reply token once, the LM head at the last prompt position and at every reply token) against
-this machine's fp32 matmul peak, and the work with every prompt run whole.
+this machine's calibrated fp32 rate (`make machine`), and the work with every prompt run whole.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from models.card import find_card  # noqa: E402
 from models.store import read_manifest  # noqa: E402
 from core.settings import load_settings  # noqa: E402
 
-from eval_speed import add_model_options, body_and_head, matmul_peak_gflops  # noqa: E402  (bench/, the script's folder)
+from eval_speed import add_model_options, body_and_head  # noqa: E402  (bench/, the script's folder)
 
 
 def needed_gflop(backend: HFBackend, items, outputs: dict[str, str], max_new_tokens: int,
@@ -138,9 +138,11 @@ def main() -> int:
     inference = statistics.median(r[2].infer_seconds / r[1] for r in rounds)
     print(f"  median speed-up {end_to_end:.2f}x end to end, {inference:.2f}x inference against inference")
     t_ours = statistics.median(r[0] for r in rounds)
-    peak = matmul_peak_gflops()
+    from models.machine import calibration
+
+    peak = calibration(settings.cache_dir)["matmul_gflops"]["float32"]
     print(f"  our work {gflop:.0f} GFLOP at {gflop / t_ours:.0f} GFLOP/s (median time) = "
-          f"{gflop / t_ours / peak:.0%} of this machine's fp32 matmul peak ({peak:.0f} GFLOP/s); "
+          f"{gflop / t_ours / peak:.0%} of this machine's calibrated fp32 rate (`make machine`: {peak:.0f} GFLOP/s); "
           f"{gflop_whole:.0f} GFLOP with every prompt run whole, as OpenCompass does")
     print(json.dumps(report))
     return 0 if all(r[3]["differing_first_capital"] == 0 and r[3]["gold_mismatches"] == 0 for r in rounds) else 1

@@ -6,7 +6,7 @@
 Both score the same items of the same task with the same converted checkpoint, each timed end
 to end (model load included). Prints items/s for each and their ratio, both accuracies, the
 number of items whose prediction differs (must be 0), and our achieved GFLOP/s against this
-machine's fp32 matmul peak measured here (counting only the FLOPs we need: the model body on
+machine's calibrated fp32 rate (`make machine`, models/machine.py) (counting only the FLOPs we need: the model body on
 every real token, a context prefix that a batch shares once, the LM head only where a score
 is read).
 """
@@ -40,17 +40,6 @@ def add_model_options(parser) -> None:
                              "reference tool does, instead of oneDNN with packed weights")
     parser.add_argument("--cache-dir")
     parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-
-
-def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    started = time.perf_counter()
-    for _ in range(repeats):
-        torch.mm(a, b)
-    return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
 def body_and_head(model) -> tuple[int, int]:
@@ -102,7 +91,9 @@ def main() -> int:
         print(f"bench-eval: {card.name} is not provisioned; run `make models`", file=sys.stderr)
         return 2
     items = load_items(task, args.split, settings.resolved_data_dir)
-    peak = matmul_peak_gflops()
+    from models.machine import calibration
+
+    peak = calibration(settings.cache_dir)["matmul_gflops"]["float32"]  # measured once, before the timed runs
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
@@ -132,7 +123,7 @@ def main() -> int:
     print(f"  lm-eval:   {t_theirs:6.1f} s  {n / t_theirs:6.2f} items/s  accuracy {theirs.accuracy:.4f}")
     print(f"  speed-up {t_theirs / t_ours:.2f}x; predictions that differ: {differ}")
     print(f"  our work {gflop:.0f} GFLOP at {gflop / t_ours:.0f} GFLOP/s = "
-          f"{gflop / t_ours / peak:.0%} of this machine's fp32 matmul peak ({peak:.0f} GFLOP/s)")
+          f"{gflop / t_ours / peak:.0%} of this machine's calibrated fp32 rate (`make machine`: {peak:.0f} GFLOP/s)")
     return 0 if differ == 0 else 1
 
 

@@ -193,6 +193,17 @@ def main() -> int:
             f"{a:.2f}x/{b:.2f}" for a, b in zip(speed, memory)) + ")")
         print(f"  {label} against trl, median of rounds: speed-up {statistics.median(speed):.2f}x "
               f"tokens/s; peak memory ratio {statistics.median(memory):.2f}{each}")
+    from eval.estimate import checkpoint_shape
+    from models.machine import calibration
+
+    body = checkpoint_shape(card, Path(manifest["checkpoint"])).body
+    rate = calibration(settings.cache_dir)["matmul_gflops"].get(dtype)
+    for label in rounds[-1]:
+        achieved = statistics.median(4 * body * r[label]["tokens"] / r[label]["seconds"] / 1e9 for r in rounds)
+        print(f"  {label}: {achieved:.0f} GFLOP/s of model work (4 x {body / 1e6:.0f}M body parameters per real "
+              "token: the forward pass and the activations' gradients; the frozen NF4 weights get none) = "
+              + (f"{achieved / rate:.0%} of this machine's calibrated {dtype} rate ({rate:.0f} GFLOP/s, `make machine`)"
+                 if rate else f"no calibrated {dtype} rate here"))
     for label, r in rounds[-1].items():
         print(f"  {label} loss: " + " ".join(f"{x:.3f}" for x in r["losses"]))
     return 0
