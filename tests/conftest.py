@@ -52,7 +52,15 @@ def public_data(fallback: Path | None = None) -> Path:
 
 @pytest.fixture
 def shared_data() -> Path:
+    """The public data itself: a test of its contents skips without it."""
     return public_data()
+
+
+@pytest.fixture
+def task_data() -> Path:
+    """The public data where it is, else the project's files of its shape (FIXTURE_DATA): for
+    tests that need FewCLUE's shape, not its contents."""
+    return public_data(FIXTURE_DATA)
 
 
 def make_wheel(wheelhouse: Path, dist: str, version: str, files: dict[str, bytes]) -> Path:

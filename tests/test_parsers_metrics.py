@@ -67,11 +67,11 @@ def test_style_classifier_generalises_to_replies_it_never_saw(shared_data):
     ("辛苦啦，抱抱你，慢慢来就好，你已经做得很好了。", "温柔"),
     ("你这脑子是装饰品吗？这么简单都不会，还好意思问？", "毒舌"),
 ])
-def test_style_classifier_calls_plain_replies_neither(shared_data, reply, expected):
+def test_style_classifier_calls_plain_replies_neither(task_data, reply, expected):
     from eval.scorers.style import predict, style_classifier
     from eval.task import find_task
 
-    clf, _ = style_classifier(find_task("style"), shared_data)
+    clf, _ = style_classifier(find_task("style"), task_data)
     assert predict(clf, [reply]) == [expected]
 
 

@@ -68,7 +68,7 @@ def test_chat_template_is_applied(provisioned):
     assert read_manifest(card, store)["chat_template_sha256"] == manifest["chat_template_sha256"]
 
 
-def test_smoke_eval_on_the_real_model(provisioned, shared_data, tmp_path):
+def test_smoke_eval_on_the_real_model(provisioned, task_data, tmp_path):
     """A few FewCLUE items through the real backend and store, in both modes."""
     import json
 
@@ -79,7 +79,7 @@ def test_smoke_eval_on_the_real_model(provisioned, shared_data, tmp_path):
 
     card, store, _ = provisioned
     task = find_task("fewclue_bustm").model_copy(update={"limit": 6})
-    items = load_items(task, "dev", shared_data)
+    items = load_items(task, "dev", task_data)
     backend = HFBackend(card, store, batch_size=3)
     conn = open_results(tmp_path)
     gen = run_task(backend, task, "dev", "gen", items, conn, chunk_size=3)

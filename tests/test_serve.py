@@ -118,11 +118,11 @@ def _target(model_dir):
     return Target(model_dir, find_card("qwen2.5-coder-0.5b-instruct"), f"tiny-{model_dir.name}")
 
 
-def test_rescore_through_the_server_passes_parity_and_survives_a_dead_server(tiny, tmp_path, shared_data):
+def test_rescore_through_the_server_passes_parity_and_survives_a_dead_server(tiny, tmp_path, task_data):
     from serve.launcher import launch, start, transformers_engine
     from serve.rescore import print_report, rescore
 
-    settings = _settings(tmp_path, shared_data)
+    settings = _settings(tmp_path, task_data)
     target = _target(tiny[0])
     kw = dict(tasks=["fewclue_bustm", "fact"], limit=10, concurrency=2, figure_requests=4, figure_concurrency=2,
               figure_max_tokens=8, max_retries=1)
@@ -180,11 +180,11 @@ def test_rescore_through_the_server_passes_parity_and_survives_a_dead_server(tin
     assert "parity gate: passed" in out.getvalue()
 
 
-def test_parity_gate_fails_on_another_model_and_names_the_items(tiny, tmp_path, shared_data):
+def test_parity_gate_fails_on_another_model_and_names_the_items(tiny, tmp_path, task_data):
     from serve.launcher import launch, transformers_engine
     from serve.rescore import print_report, rescore
 
-    settings = _settings(tmp_path, shared_data)
+    settings = _settings(tmp_path, task_data)
     # the server holds model b; the local side is model a
     with launch(transformers_engine(tiny[1]), tmp_path / "s.log") as server:
         record = rescore(settings, _target(tiny[0]), base_url=server.base_url, model_name=server.model_name,
@@ -203,13 +203,13 @@ def test_parity_gate_fails_on_another_model_and_names_the_items(tiny, tmp_path, 
     assert gate["disagreements"][0]["item_id"] in text
 
 
-def test_make_serve_runs_in_the_background_rescore_chat_then_stop(tiny, tmp_path, capsys, shared_data):
+def test_make_serve_runs_in_the_background_rescore_chat_then_stop(tiny, tmp_path, capsys, task_data):
     from selectune.cli import main
     from serve.chat import chat
     from serve.launcher import running
 
     base = ["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
-            "--data-dir", str(shared_data)]
+            "--data-dir", str(task_data)]
     assert main([*base, "serve", "--checkpoint", str(tiny[0]), "--model", "qwen2.5-coder-0.5b-instruct",
                  "--engine", "transformers"]) == 0  # vLLM's CPU attention cannot run a head size of 8
     state = tmp_path / "runs" / "serve" / "server.json"
@@ -232,11 +232,11 @@ def test_make_serve_runs_in_the_background_rescore_chat_then_stop(tiny, tmp_path
     assert not state.exists() and not server.alive()
 
 
-def test_serve_defaults_to_the_newest_merged_model(tiny, tmp_path, shared_data, monkeypatch):
+def test_serve_defaults_to_the_newest_merged_model(tiny, tmp_path, task_data, monkeypatch):
     from core.artifacts import TrainSummary, write_artifact
     from serve.launcher import resolve_target
 
-    settings = _settings(tmp_path, shared_data)
+    settings = _settings(tmp_path, task_data)
     with pytest.raises(UserError, match="no finished training run"):
         resolve_target(settings)
     run = settings.runs_dir / "train" / "default-x"

@@ -35,7 +35,7 @@ def _target(model_dir):
 
 
 @needs_vllm
-def test_vllm_serves_both_modes_with_parity_against_the_local_model(tmp_path, shared_data):
+def test_vllm_serves_both_modes_with_parity_against_the_local_model(tmp_path, task_data):
     from serve.launcher import engine_for, launch, vllm_engine
     from serve.rescore import rescore
 
@@ -43,7 +43,7 @@ def test_vllm_serves_both_modes_with_parity_against_the_local_model(tmp_path, sh
     # that differ from prompt to prompt.
     model_dir = build_tiny_qwen2(tmp_path / "tiny", initializer_range=1.0, hidden_size=128)
     assert engine_for(model_dir).name == "vllm"  # the CPU default where its venv exists
-    settings = _settings(tmp_path, shared_data)
+    settings = _settings(tmp_path, task_data)
     with launch(vllm_engine(model_dir), tmp_path / "vllm.log") as server:
         record = rescore(settings, _target(model_dir), base_url=server.base_url, model_name=server.model_name,
                          engine="vllm", tasks=["fewclue_bustm", "fact"], limit=12, figure_requests=4,
@@ -74,11 +74,11 @@ def _server_pids(model_dir: Path) -> list[int]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_killed_rescore_stops_the_server_it_started(tmp_path, shared_data, sig):
+def test_a_killed_rescore_stops_the_server_it_started(tmp_path, task_data, sig):
     """Ctrl-C or SIGTERM while re-scoring: the server started for it is gone afterwards."""
     model_dir = build_tiny_qwen2(tmp_path / "tiny", initializer_range=1.0)
     log = tmp_path / "runs" / "serve" / "transformers.log"
-    cmd = [sys.executable, "-m", "selectune", "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(shared_data),
+    cmd = [sys.executable, "-m", "selectune", "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(task_data),
            "--cache-dir", str(tmp_path / "cache"), "rescore", "--checkpoint", str(model_dir),
            "--model", "qwen2.5-coder-0.5b-instruct", "--engine", "transformers", "--tasks", "fact"]
     out_path = tmp_path / "rescore.out"
