@@ -295,6 +295,9 @@ def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT
                                dtype=dtype, sequential=chosen)
         print("\n".join(cost.lines()), flush=True)
     if estimate:
+        if cost is None:
+            print("select: no estimate: the cost model is for scoring on this machine's CPU with the local "
+                  "executor (docs/machine.md)")
         return 0
     conn = open_results(settings.runs_dir)
     executor = make_executor(settings, conn)

@@ -123,3 +123,16 @@ def test_select_estimate_prints_the_cost_and_scores_nothing(tmp_path, tiny_qwen2
     assert entries == ["fewclue_bustm-dev gen", "fewclue_bustm-dev ppl"]
     assert "at most" in lines[2] and "at most" not in lines[3] and lines[4].startswith("  total: at most ")
     assert not (runs / "selection.json").exists()
+
+
+def test_select_estimate_says_when_it_cannot_estimate(tmp_path, tiny_qwen2_dir, capsys):
+    """On the Ray executor (or a GPU) the CPU cost model does not apply: one line says so."""
+    from selectune.cli import main
+
+    assert main(["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"), "--data-dir",
+                 str(public_data(FIXTURE_DATA)), "select", "--models", str(tiny_qwen2_dir), "--executor", "ray",
+                 "--estimate"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "select: no estimate: the cost model is for scoring on this machine's CPU with the local executor "
+        "(docs/machine.md)"]
+    assert not (tmp_path / "runs").exists()
