@@ -169,6 +169,9 @@ class Estimate:
 
     def lines(self) -> list[str]:
         out = [f"estimate for {self.what} here ({self.machine}):"]
+        if not self.costs:
+            return out + ["  nothing to score: every item is in the results store"] + [
+                f"  note: {n}" for n in self.notes]
         for model in dict.fromkeys([c.model for c in self.costs] + list(self.loads)):
             out.append(f"  {model}: load {fmt_duration(self.loads.get(model, 0.0))}")
             out += [f"    {c.entry}: {c.items} items, {c.tokens} prompt tokens, {c.steps} decoding steps"

@@ -310,7 +310,7 @@ def select_command(settings, *, models: str | None = None, suite: Path = DEFAULT
         candidates = score_candidates(cards, entries, entry_items, executor=executor,
                                       data_dir=settings.resolved_data_dir,
                                       batch_size=batch_size, judge=judge, pilot=pilot if plan else None, skip=chosen,
-                                      estimate=cost)
+                                      estimate=cost if cost is not None and cost.costs else None)
         states = {}
         if chosen:
             states = _score_sequentially(candidates, entries, chosen, settings, executor, batch_size=batch_size,

@@ -113,9 +113,10 @@ def test_select_estimate_prints_the_cost_and_scores_nothing(tmp_path, tiny_qwen2
     suite.write_text("name: suite\ndescription: d\nentries:\n  - {task: fewclue_bustm, split: dev, mode: gen}\n"
                      "  - {task: fewclue_bustm, split: dev, mode: ppl}\n", encoding="utf-8")
     runs = tmp_path / "runs"
-    assert main(["--runs-dir", str(runs), "--cache-dir", str(tmp_path / "cache"), "--data-dir",
-                 str(public_data(FIXTURE_DATA)), "select", "--models", str(tiny_qwen2_dir), "--suite", str(suite),
-                 "--device", "cpu", "--dtype", "float32", "--estimate"]) == 0
+    args = ["--runs-dir", str(runs), "--cache-dir", str(tmp_path / "cache"), "--data-dir",
+            str(public_data(FIXTURE_DATA)), "select", "--models", str(tiny_qwen2_dir), "--suite", str(suite),
+            "--device", "cpu", "--dtype", "float32", "--estimate"]
+    assert main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == ("estimate for `make select` here (Test CPU, avx2; float32 at 100 GFLOP/s, measured by "
                         "`make machine`):")
@@ -123,6 +124,11 @@ def test_select_estimate_prints_the_cost_and_scores_nothing(tmp_path, tiny_qwen2
     assert entries == ["fewclue_bustm-dev gen", "fewclue_bustm-dev ppl"]
     assert "at most" in lines[2] and "at most" not in lines[3] and lines[4].startswith("  total: at most ")
     assert not (runs / "selection.json").exists()
+    # scored, then asked again: nothing is left, and the estimate says so
+    assert main([*args[:-1]]) == 0
+    capsys.readouterr()
+    assert main(args) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == ["  nothing to score: every item is in the results store"]
 
 
 def test_select_estimate_says_when_it_cannot_estimate(tmp_path, tiny_qwen2_dir, capsys):
