@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import os
 import zipfile
@@ -33,27 +34,58 @@ FIXTURE_DATA = REPO / "tests" / "fixtures" / "data"
 """Project-written files of the public data's shape (tests/fixtures/data/README.md)."""
 
 
-def public_data(fallback: Path | None = None) -> Path:
+def public_data(fallback: Path | None = None, needs: tuple[str, ...] = ("fewclue",)) -> Path:
     """Where the public data is read in place, never copied into the repository: `../shared/data`
     beside the checkout, else the folder `make data` filled (SELECTUNE_DATA_DIR, else the cache's
-    data/). Where neither holds FewCLUE, `fallback` (a test that needs only the data's shape),
-    else the test skips, naming both places."""
+    data/). Where neither holds the folders `needs` names, `fallback`, else the test skips, naming
+    both places."""
     from core.settings import Settings
 
     named = os.environ.get("SELECTUNE_DATA_DIR")
     places = [SHARED_DATA, Path(named) if named else Settings().resolved_data_dir]
     for place in places:
-        if (place / "fewclue").is_dir():
+        if all((place / part).is_dir() for part in needs):
             return place
     if fallback is not None:
         return fallback
     pytest.skip(f"public test data not found at {' or '.join(map(str, places))}: run `make data`")
 
 
+def is_fixture(data: Path) -> bool:
+    return data == FIXTURE_DATA
+
+
+RIDDLE_SPLITS = {"public": (296, 90, "Come up and let us go", "anchor"),
+                 "fixture": (36, 8, "I rise each morning", "sun")}
+"""The riddles' split by source: train and test sizes, the first test item's opening and answer."""
+
+
+def manifests(data: Path) -> dict[str, list]:
+    """The files each dataset of `selectune data` holds in `data`, with their checksums: the
+    pinned upstream ones for the public data, FIXTURE_DATA/SHA256SUMS for the project's files of
+    the same paths."""
+    from eval.data import DATASETS
+
+    if not is_fixture(data):
+        return {name: files for name, (files, _) in DATASETS.items()}
+    sums = dict(line.split()[::-1] for line in (FIXTURE_DATA / "SHA256SUMS").read_text().splitlines())
+    return {name: [dataclasses.replace(f, sha256=sums[f.local]) for f in files if f.local in sums]
+            for name, (files, _) in DATASETS.items()}
+
+
 @pytest.fixture
-def shared_data() -> Path:
-    """The public data itself: a test of its contents skips without it."""
-    return public_data()
+def shared_data(monkeypatch) -> Path:
+    """The public data (FewCLUE, the riddles, the style dialogues) where it is, else the project's
+    files of the same shape and paths, with `selectune data` checking them against their own
+    checksums. A test of contents reads its expected figures for the source it got."""
+    data = public_data(FIXTURE_DATA, needs=("fewclue", "riddles", "style"))
+    if is_fixture(data):
+        import eval.data
+
+        fixture = manifests(data)
+        monkeypatch.setattr(eval.data, "DATASETS", {name: (fixture[name], url)
+                                                    for name, (_, url) in eval.data.DATASETS.items()})
+    return data
 
 
 @pytest.fixture

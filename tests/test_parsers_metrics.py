@@ -9,6 +9,7 @@ import pytest
 
 from eval.parsers import first_capital, option_texts, parse_choice
 from eval.scorers.fact import fact_scores
+from tests.conftest import is_fixture
 
 CASES = Path(__file__).parent / "cases"
 
@@ -37,7 +38,8 @@ def test_option_texts_read_from_the_prompt():
 
 def test_style_classifier_generalises_to_replies_it_never_saw(shared_data):
     """Trained on our 288 train references and plain replies; checked on held-out references and
-    plain replies, and on 4,000 GLM-3-turbo replies in ../shared/data, every one in a style."""
+    plain replies, and on other writers' styled replies: 4,000 GLM-3-turbo ones in ../shared/data,
+    else the 24 of tests/fixtures/data written for the project."""
     from eval.scorers.style import NEITHER, predict, style_classes, style_classifier
     from eval.task import find_task
 
@@ -49,7 +51,10 @@ def test_style_classifier_generalises_to_replies_it_never_saw(shared_data):
     replies, styles = [r["assistant"] for r in rows], [r["style"] for r in rows]
     predicted = predict(clf, replies)
     assert sum(p == s for p, s in zip(predicted, styles)) / len(rows) >= 0.8
-    assert predicted.count(NEITHER) / len(rows) <= 0.15  # abstention costs at most this on other styled text
+    # Abstention costs at most this on other styled text (looser on the fixture's 24 replies, where
+    # one reply moves the rate by 4 points), and the opposite style is almost never given.
+    assert predicted.count(NEITHER) / len(rows) <= (0.2 if is_fixture(shared_data) else 0.15)
+    assert sum(p not in (s, NEITHER) for p, s in zip(predicted, styles)) / len(rows) <= 0.03
     assert clf.score(replies, styles) >= 0.9  # the classes alone, before abstaining
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from eval.backends.fake import FakeBackend
 from bench.fixtures import build_tiny_qwen2
-from tests.conftest import REPO
+from tests.conftest import REPO, RIDDLE_SPLITS, is_fixture
 from bench.openai_stub import StubState, serve
 
 PAGE = REPO / "docs" / "riddles.md"
@@ -76,8 +76,9 @@ def test_the_riddle_workflow_end_to_end(tmp_path, shared_data, teacher, capsys):
     assert main([*args, "data", "--dataset", "riddles"]) == 0
     assert main([*args, "select", "--suite", str(REPO / "suites" / "riddles.yaml"), "--models", CARD]) == 0
     selection = json.loads((runs / "selection.json").read_text(encoding="utf-8"))
+    n_test = RIDDLE_SPLITS["fixture" if is_fixture(shared_data) else "public"][1]
     assert [(c["task"], c["split"], c["metric"], c["n"]) for c in selection["cells"]][0] == ("riddles", "test",
-                                                                                               "contains", 90)
+                                                                                               "contains", n_test)
 
     assert main([*args, "data-synth", "--recipe", str(REPO / "synth" / "riddles.yaml"), "--base-url", teacher,
                  "--teacher-model", "teacher"]) == 0
@@ -100,7 +101,8 @@ def test_the_riddle_workflow_end_to_end(tmp_path, shared_data, teacher, capsys):
     assert main([*args, "train", "--recipe", str(REPO / "train" / "riddles.yaml")]) == 0
     summary = json.loads((runs / "train" / f"riddles-{CARD}" / "summary.json").read_text(encoding="utf-8"))
     (check,) = summary["checks"]
-    assert (check["task"], check["split"], check["metric"], check["items"]) == ("riddles", "test", "contains", 90)
+    assert (check["task"], check["split"], check["metric"], check["items"]) == ("riddles", "test", "contains",
+                                                                                 n_test)
     assert summary["cleaning"]["read"] == len(rows) and summary["parity"]["passed"]
 
     assert main([*args, "report"]) == 0
