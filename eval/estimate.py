@@ -64,6 +64,27 @@ class EntryCost:
     key: tuple[str, int] | None = None
     """(model, suite entry index), where the job is a selection."""
 
+    def line(self) -> str:
+        bound = " at most" if self.upper_bound else ""
+        return (f"{self.entry}: {self.items} items, {self.tokens} prompt tokens, {self.steps} decoding steps{bound}: "
+                f"{bound[1:] + ' ' if bound else ''}{fmt_duration(self.seconds)}")
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """A stage that is not scoring a task split (training, a merge): what it counts and its time."""
+
+    model: str
+    entry: str
+    detail: str
+    seconds: float
+    upper_bound: bool = False
+    key: None = None
+    items: int = 0
+
+    def line(self) -> str:
+        return f"{self.entry}: {self.detail}: {'at most ' if self.upper_bound else ''}{fmt_duration(self.seconds)}"
+
 
 def batch_seconds(batch, steps: int, shape: Shape, gflops: float, decode_gflops: float, bandwidth_gbs: float,
                   dtype_bytes: int) -> float:
@@ -140,7 +161,7 @@ class Estimate:
     what: str
     machine: str
     """The CPU, its flags, the dtype and the calibrated rate the estimate used."""
-    costs: list[EntryCost]
+    costs: list[EntryCost | StageCost]
     loads: dict[str, float]
     notes: list[str]
     faster: list[str]
@@ -174,9 +195,7 @@ class Estimate:
                 f"  note: {n}" for n in self.notes]
         for model in dict.fromkeys([c.model for c in self.costs] + list(self.loads)):
             out.append(f"  {model}: load {fmt_duration(self.loads.get(model, 0.0))}")
-            out += [f"    {c.entry}: {c.items} items, {c.tokens} prompt tokens, {c.steps} decoding steps"
-                    f"{' at most' if c.upper_bound else ''}: {'at most ' if c.upper_bound else ''}"
-                    f"{fmt_duration(c.seconds)}" for c in self.costs if c.model == model]
+            out += [f"    {c.line()}" for c in self.costs if c.model == model]
         total = fmt_duration(self.seconds)
         out.append(f"  total: at most {total} (replies not seen yet counted to max_new_tokens)" if self.upper_bound
                    else f"  total: about {total}")
@@ -245,5 +264,7 @@ def select_estimate(settings, cards, checkpoints, entries, entry_items, *, batch
 
 def machine_line(calibration: dict, dtype: str) -> str:
     ident, rates = calibration["identity"], calibration["matmul_gflops"]
-    return (f"{ident['cpu']}, {' '.join(ident['flags'])}; {dtype} at {rates.get(dtype, rates['float32']):.0f} "
-            "GFLOP/s, measured by `make machine`")
+    rated = dtype if dtype in rates else "float32"
+    return (f"{ident['cpu']}, {' '.join(ident['flags'])}; {dtype} at {rates[rated]:.0f} GFLOP/s"
+            f"{'' if rated == dtype else ' (the float32 rate: none measured for ' + dtype + ')'}, measured by "
+            "`make machine`")

@@ -166,10 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     device_options(sel)
     executor_options(sel)
 
-    tr = command(sub, "train", "train.pipeline:train_entry", "QLoRA-fine-tune a model, merge the adapter, check parity")
+    tr = command(sub, "train", "train.command:train_entry", "QLoRA-fine-tune a model, merge the adapter, check parity")
     tr.add_argument("--recipe", type=Path, default=REPO / "train" / "default.yaml")
     tr.add_argument("--model", help="card name (default: the recipe's, else the winner in selection.json)")
     tr.add_argument("--run-name", help="run name under runs/train/ (default: <recipe>-<model>)")
+    tr.add_argument("--estimate", action="store_true",
+                    help="print what the run will cost on this machine, stage by stage, and exit (docs/machine.md)")
     executor_options(tr)
     tr.add_argument("--workers", type=positive_int, default=1,
                     help="with --executor ray: training processes (Ray Train's TorchTrainer, DDP)")

@@ -230,13 +230,3 @@ def train_command(settings: Settings, recipe: Recipe, model_name: str | None, ru
     write_artifact(summary_path, TrainSummary, summary)
     print(f"wrote {summary_path}")
     return summary
-
-
-def train_entry(settings: Settings, *, recipe: Path, model: str | None = None, run_name: str | None = None,
-                workers: int = 1) -> int:
-    """`selectune train` (`make train`): exits non-zero when the merge fails its parity check.
-    `workers`: Ray Train workers on the Ray executor (train/cluster.py)."""
-    from train.recipe import load_recipe
-
-    summary = train_command(settings, load_recipe(recipe), model, run_name, workers)
-    return 0 if summary["parity"]["passed"] else 1
