@@ -142,6 +142,18 @@ def entry_cost(backend, shape: Shape, task, split: str, mode: str, items: list, 
                      mode == "gen" and known is None and replies is None)
 
 
+def pending(conn, backend, task, split: str, mode: str, items: list, chunk_size: int) -> list:
+    """The items a run of `backend` still has to score: the chunks with an item the results store
+    does not hold for the run's identity (the runner scores a chunk whole)."""
+    from eval.results import done_item_ids
+    from eval.runner import fixed_chunks, run_identity
+
+    if conn is None:
+        return items
+    done = done_item_ids(conn, run_identity(backend, task, split, mode, items, chunk_size=chunk_size)[0])
+    return [i for chunk in fixed_chunks(items, chunk_size) if any(i.id not in done for i in chunk) for i in chunk]
+
+
 def checkpoint_shape(card, checkpoint: Path) -> Shape:
     return Shape.of(card.parameters, json.loads((checkpoint / "config.json").read_text(encoding="utf-8")))
 
@@ -206,8 +218,6 @@ class Estimate:
 def select_estimate(settings, cards, checkpoints, entries, entry_items, *, batch_size: int, dtype: str,
                     sequential: set[int]) -> Estimate:
     """The cost of `make select` scoring what is not stored yet."""
-    from eval.results import done_item_ids
-    from eval.runner import fixed_chunks, run_identity
     from eval.backends import make_backend
     from models.machine import calibration as machine_calibration
     from models.store import read_manifest
@@ -239,11 +249,8 @@ def select_estimate(settings, cards, checkpoints, entries, entry_items, *, batch
                     from eval.circular import SPLIT_SUFFIX, rotations
 
                     items, split = rotations(task, items), entry.split + SPLIT_SUFFIX
-                if conn is not None and k not in sequential:
-                    run_id, _ = run_identity(backend, task, split, entry.mode, items, chunk_size=batch_size)
-                    done = done_item_ids(conn, run_id)
-                    items = [i for chunk in fixed_chunks(items, batch_size)
-                             if any(i.id not in done for i in chunk) for i in chunk]
+                if k not in sequential:
+                    items = pending(conn, backend, task, split, entry.mode, items, batch_size)
                 if items:
                     cost = entry_cost(backend, shape, task, split, entry.mode, items, calibration, dtype,
                                       chunk_size=batch_size, conn=conn)

@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                     help="the local model's batch size")
     rs.add_argument("--min-agreement", type=float, default=0.98)
+    rs.add_argument("--estimate", action="store_true",
+                    help="print what re-scoring will cost on this machine, entry by entry, and exit (docs/machine.md)")
     executor_options(rs)
 
     ch = command(sub, "chat", "serve.chat:chat_command", "chat in the terminal with the served model")

@@ -209,6 +209,24 @@ def serving_figures(base_url: str, model: str, conversations: list[list[dict]], 
 # The command
 
 
+def rescore_work(settings, tasks: list[str] | None, limit: int | None, engine: str) -> list:
+    """(task, split, mode, items) of every entry re-scored through `engine`."""
+    from eval.task import load_items
+    from serve.launcher import LOGPROB_ENGINES
+
+    work = []
+    for task, split, mode in rescore_entries(tasks, selection_suite(settings), logprobs=engine in LOGPROB_ENGINES):
+        items = load_items(task, split, settings.resolved_data_dir)
+        work.append((task, split, mode, items[:limit] if limit else items))
+    return work
+
+
+def default_concurrency(engine: str) -> int:
+    # `transformers serve` runs each request's generate() on the same 2..16 CPU cores: parallel
+    # requests only oversubscribe them. lmdeploy and vLLM batch concurrent requests.
+    return {"lmdeploy": 8, "vllm": 4}.get(engine, 1)
+
+
 def rescore(settings, target: Target, *, base_url: str, model_name: str, engine: str,
             tasks: list[str] | None = None, limit: int | None = None, concurrency: int | None = None,
             min_agreement: float = 0.98, figure_requests: int = 8, figure_max_tokens: int = 32,
@@ -221,22 +239,11 @@ def rescore(settings, target: Target, *, base_url: str, model_name: str, engine:
     from eval.results import open_results
     from eval.runner import run_task
     from core.artifacts import RescoreRecord, write_artifact
-    from eval.task import load_items
-
-    from serve.launcher import LOGPROB_ENGINES
 
     conn = open_results(settings.runs_dir)
     data_dir = settings.resolved_data_dir
-    entries = rescore_entries(tasks, selection_suite(settings), logprobs=engine in LOGPROB_ENGINES)
-    work = []
-    for task, split, mode in entries:
-        items = load_items(task, split, data_dir)
-        work.append((task, split, mode, items[:limit] if limit else items))
-
-    if concurrency is None:
-        # `transformers serve` runs each request's generate() on the same 2..16 CPU cores: parallel
-        # requests only oversubscribe them. lmdeploy and vLLM batch concurrent requests.
-        concurrency = {"lmdeploy": 8, "vllm": 4}.get(engine, 1)
+    work = rescore_work(settings, tasks, limit, engine)
+    concurrency = concurrency or default_concurrency(engine)
     # Here the tokenizer alone (identity, token ids for the server); the weights load on first use.
     local = make_backend("hf", local_card(target), settings.model_store, batch_size=batch_size,
                          checkpoint=target.model_dir, lazy=True)
@@ -324,9 +331,10 @@ def rescore_command(settings, *, model: str | None = None, checkpoint: Path | No
                     base_url: str | None = None, served_model: str | None = None, engine: str = "auto",
                     tasks: str | None = None, limit: int | None = None, concurrency: int | None = None,
                     figure_concurrency: int = 4, batch_size: int = DEFAULT_BATCH_SIZE,
-                    min_agreement: float = 0.98) -> int:
+                    min_agreement: float = 0.98, estimate: bool = False) -> int:
     """`selectune rescore` (`make rescore`): the server at --base-url, else the one `make serve`
-    started, else one started here for the duration (always stopped, on failure and Ctrl-C too)."""
+    started, else one started here for the duration (always stopped, on failure and Ctrl-C too).
+    What it will cost here is printed first (only that, with `estimate`)."""
     from models.card import find_card
     from serve.launcher import engine_for, launch, resolve_target, running
 
@@ -335,20 +343,50 @@ def rescore_command(settings, *, model: str | None = None, checkpoint: Path | No
     current = running(settings.workspace.server_state)
     if base_url:
         target = resolve_target(settings, card_name=model, checkpoint=checkpoint)
-        record = rescore(settings, target, base_url=base_url, model_name=served_model or target.label,
-                         engine="external" if engine == "auto" else engine, **kw)
+        chosen = "external" if engine == "auto" else engine
     elif current is not None and not (model or checkpoint):
         server, state = current
-        target = Target(Path(state.model_dir), find_card(state.base_card), state.model)
+        target, chosen = Target(Path(state.model_dir), find_card(state.base_card), state.model), state.engine
+    else:
+        target = resolve_target(settings, card_name=model, checkpoint=checkpoint)
+        chosen = engine_for(target.model_dir, engine)
+    if not print_estimate(settings, target, getattr(chosen, "name", chosen), kw, started_here=not (
+            base_url or current is not None and not (model or checkpoint)), only=estimate):
+        return 0
+    if base_url:
+        record = rescore(settings, target, base_url=base_url, model_name=served_model or target.label,
+                         engine=chosen, **kw)
+    elif current is not None and not (model or checkpoint):
         print(f"rescore: using the server `make serve` started ({server.base_url}, {state.model})")
         record = rescore(settings, target, base_url=server.base_url, model_name=server.model_name,
                          engine=state.engine, **kw)
     else:
-        target = resolve_target(settings, card_name=model, checkpoint=checkpoint)
-        chosen = engine_for(target.model_dir, engine)
         with launch(chosen, settings.workspace.server_log(chosen.name)) as server:
             print(f"rescore: started {chosen.name} for {target.label} at {server.base_url}")
             record = rescore(settings, target, base_url=server.base_url, model_name=server.model_name,
                              engine=chosen.name, **kw)
     print_report(record)
     return 0 if record["parity"]["passed"] else 1
+
+
+def print_estimate(settings, target, engine: str, kw: dict, *, started_here: bool, only: bool) -> bool:
+    """Print the cost here (serve/estimate.py); False when only that was asked for."""
+    from models.loading import resolve_device
+
+    if settings.executor == "local" and resolve_device("auto") == "cpu":  # the CPU cost model
+        from eval.backends import make_backend
+        from serve.estimate import rescore_estimate
+
+        concurrency = kw["concurrency"] or default_concurrency(engine)
+        local = make_backend("hf", local_card(target), settings.model_store, batch_size=kw["batch_size"],
+                             checkpoint=target.model_dir, lazy=True)
+        served = served_backend("http://127.0.0.1:0", target.label, target, engine, concurrency, local.identity,
+                                split_ids=local.split_ids)  # builds the run identity; sends nothing
+        cost = rescore_estimate(settings, local, served, target, engine,
+                                rescore_work(settings, kw["tasks"], kw["limit"], engine), concurrency=concurrency,
+                                batch_size=kw["batch_size"], started_here=started_here)
+        print("\n".join(cost.lines()), flush=True)
+    elif only:
+        print("rescore: no estimate: the cost model is for re-scoring on this machine's CPU with the local executor "
+              "(docs/machine.md)")
+    return not only

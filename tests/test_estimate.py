@@ -11,6 +11,10 @@ from eval.estimate import DECODE_EFFICIENCY, FORWARD_EFFICIENCY, LAYER_STEP_SECO
 from tests.conftest import FIXTURE_DATA, public_data
 
 SHAPE = Shape(body=100_000_000, head=10_000_000, weights=120_000_000, layers=10)
+FIXED = {"identity": {"cpu": "Test CPU", "flags": ["avx2"], "torch": "2.13.0", "threads": 2},
+         "matmul_gflops": {"float32": 100.0}, "decode_gflops": {"float32": 50.0}, "bandwidth_gbs": 20.0,
+         "load_gbs": 2.0}
+"""A calibration fixed for the tests, as `make machine` records one."""
 
 
 @pytest.mark.parametrize("batch, steps, gflops, decode_gflops, bandwidth, expected", [
@@ -105,10 +109,7 @@ def test_select_estimate_prints_the_cost_and_scores_nothing(tmp_path, tiny_qwen2
     from models import machine
     from selectune.cli import main
 
-    monkeypatch.setattr(machine, "calibration", lambda cache_dir, again=False: {
-        "identity": {"cpu": "Test CPU", "flags": ["avx2"], "torch": "2.13.0", "threads": 2},
-        "matmul_gflops": {"float32": 100.0}, "decode_gflops": {"float32": 50.0}, "bandwidth_gbs": 20.0,
-        "load_gbs": 2.0})
+    monkeypatch.setattr(machine, "calibration", lambda cache_dir, again=False: FIXED)
     suite = tmp_path / "suite.yaml"
     suite.write_text("name: suite\ndescription: d\nentries:\n  - {task: fewclue_bustm, split: dev, mode: gen}\n"
                      "  - {task: fewclue_bustm, split: dev, mode: ppl}\n", encoding="utf-8")
@@ -142,3 +143,37 @@ def test_select_estimate_says_when_it_cannot_estimate(tmp_path, tiny_qwen2_dir, 
         "select: no estimate: the cost model is for scoring on this machine's CPU with the local executor "
         "(docs/machine.md)"]
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("engine, modes", [("vllm", ["gen", "ppl"]), ("transformers", ["gen"])])
+def test_rescore_estimate_prints_both_sides_and_starts_no_server(tmp_path, tiny_qwen2_dir, monkeypatch, capsys,
+                                                                 engine, modes):
+    """Through vLLM each suite entry keeps its mode (prompt logprobs), through `transformers serve`
+    every task is re-scored in `gen`; the local side is counted as select counts it."""
+    from eval.estimate import FORWARD_EFFICIENCY, Shape
+    from models import machine
+    from models.card import find_card
+    from selectune.cli import main
+
+    monkeypatch.setattr(machine, "calibration", lambda cache_dir, again=False: FIXED)
+    monkeypatch.setenv("VLLM_PYTHON", str(tmp_path / "no-vllm" / "python"))
+    runs = tmp_path / "runs"
+    assert main(["--runs-dir", str(runs), "--cache-dir", str(tmp_path / "cache"), "--data-dir",
+                 str(public_data(FIXTURE_DATA)), "rescore", "--checkpoint", str(tiny_qwen2_dir), "--model",
+                 "qwen2.5-coder-0.5b-instruct", "--engine", engine, "--tasks", "fewclue_bustm", "--estimate"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("estimate for `make rescore` here (Test CPU, avx2; float32 at 100 GFLOP/s")
+    assert lines[1] == f"  served ({engine}): load {'2 min' if engine == 'vllm' else '20 s'}"
+    entries = [line.strip().split(":")[0] for line in lines if line.startswith("    ")]
+    assert entries == [*(f"fewclue_bustm-dev {m}" for m in modes), "serving figures",
+                       *(f"fewclue_bustm-dev {m}" for m in modes)]
+    if engine == "vllm":  # a request a choice, the head at every position
+        import json
+
+        (ppl,) = [line for line in lines if "logprobs at every position" in line]
+        tokens = int(ppl.split(" items, ")[1].split(" tokens")[0])
+        config = json.loads((tiny_qwen2_dir / "config.json").read_text())
+        shape = Shape.of(find_card("qwen2.5-coder-0.5b-instruct").parameters, config)
+        seconds = 2 * (shape.body + shape.head) * tokens / (100e9 * FORWARD_EFFICIENCY)
+        assert ppl.endswith(f": {fmt_duration(seconds)}")
+    assert not runs.exists() or not any(runs.rglob("*.json"))

@@ -68,7 +68,7 @@ def train_estimate(settings, recipe, model_name: str | None):
             f"{card.name}: not provisioned yet (`make models` converts it first); not estimated"], [])
     checkpoint = Path(manifest["checkpoint"])
     shape = checkpoint_shape(card, checkpoint)
-    backend = make_backend("hf", card, settings.model_store, lazy=True, device="cpu", dtype="float32")
+    backend = make_backend("hf", card, settings.model_store, lazy=True)  # fp32 on a CPU, as the checks score
     tokenizer = backend.tokenizer
     ensure_chat_template(tokenizer)
     data_dir = settings.resolved_data_dir
@@ -121,13 +121,16 @@ def train_estimate(settings, recipe, model_name: str | None):
 def _scoring(backend, shape, calibration, conn, task, split, mode, items, times, name, detail, load):
     from eval.estimate import StageCost, entry_cost
 
+    if not items:
+        return StageCost(backend.card.name, name, detail, 0.0)
     cost = entry_cost(backend, shape, task, split, mode, items, calibration, "float32", chunk_size=backend.batch_size,
                       conn=conn)
     return StageCost(backend.card.name, name, detail, times * (cost.seconds + load), cost.upper_bound)
 
 
 def _merge_and_checks(recipe, settings, card, backend, shape, calibration, conn, parts, probe, load) -> list:
-    from eval.estimate import StageCost
+    from eval.backends.base import DEFAULT_BATCH_SIZE
+    from eval.estimate import StageCost, pending
     from eval.task import load_items, resolve_task
     from train.pipeline import all_checks
 
@@ -145,7 +148,12 @@ def _merge_and_checks(recipe, settings, card, backend, shape, calibration, conn,
         task = resolve_task(check.task, recipe.path.parent)
         items = load_items(task, check.split, settings.resolved_data_dir)
         reused = any(e.complete and e.key == f"{task.name}-{check.split}-{check.mode}" for e in probe)
-        out.append(_scoring(backend, shape, calibration, conn, task, check.split, check.mode, items,
-                            1 if reused else 2, f"{role}: {task.name}-{check.split} {check.mode}",
-                            f"{len(items)} items on the base" + ("" if reused else " and the merged model"), load))
+        # the base side as check_comparison scores it (fp32, the runner's chunks): stored items are not
+        base = pending(conn, backend, task, check.split, check.mode, items, DEFAULT_BATCH_SIZE)
+        name = f"{role}: {task.name}-{check.split} {check.mode}"
+        out.append(_scoring(backend, shape, calibration, conn, task, check.split, check.mode, base, 1,
+                            f"{name}, base", f"{len(base)} of {len(items)} items not in the results store", load))
+        if not reused:
+            out.append(_scoring(backend, shape, calibration, conn, task, check.split, check.mode, items, 1,
+                                f"{name}, merged", f"{len(items)} items", load))
     return out
