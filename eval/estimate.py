@@ -99,6 +99,15 @@ def batch_seconds(batch, steps: int, shape: Shape, gflops: float, decode_gflops:
     return forward + steps * (max(compute, memory) + shape.layers * LAYER_STEP_SECONDS)
 
 
+def decode_seconds(prompt_tokens: int, new_tokens: int, shape: Shape, rates: tuple[float, float, float],
+                   dtype_bytes: int) -> float:
+    """One prompt generated greedily on its own (a batch of one); `rates`: (matmul GFLOP/s, at a
+    decoding step's rows, bandwidth GB/s)."""
+    from eval.backends.hf import Batch
+
+    return batch_seconds(Batch(1, prompt_tokens, 1, new_tokens, ()), new_tokens, shape, *rates, dtype_bytes)
+
+
 def load_seconds(shape: Shape, load_gbs: float, dtype_bytes: int) -> float:
     return LOAD_SECONDS + shape.weights * dtype_bytes / (load_gbs * 1e9)
 
@@ -203,8 +212,8 @@ class Estimate:
     def lines(self) -> list[str]:
         out = [f"estimate for {self.what} here ({self.machine}):"]
         if not self.costs:
-            return out + ["  nothing to score: every item is in the results store"] + [
-                f"  note: {n}" for n in self.notes]
+            return out + ([f"  note: {n}" for n in self.notes] if self.notes else
+                          ["  nothing to score: every item is in the results store"])
         for model in dict.fromkeys([c.model for c in self.costs] + list(self.loads)):
             out.append(f"  {model}: load {fmt_duration(self.loads.get(model, 0.0))}")
             out += [f"    {c.line()}" for c in self.costs if c.model == model]

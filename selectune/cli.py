@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--import", dest="import_from", type=Path, help="merge votes from F.csv or F.json")
     what.add_argument("--revoke", help="comma-separated reviewer names whose links stop working")
 
-    ds = command(sub, "data-synth", "synth.pipeline:synth_command",
+    ds = command(sub, "data-synth", "synth.command:synth_command",
                  "grow a seed set into training data with a teacher model")
     ds.add_argument("--recipe", type=Path, default=Path("synth/fact.yaml"))
     ds.add_argument("--base-url", help="an OpenAI-compatible teacher (key from the recipe's api_key_env)")
@@ -247,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--max-calls", type=positive_int, help="stop after this many new teacher calls")
     ds.add_argument("--max-tokens", type=positive_int, help="stop after this many teacher tokens")
     ds.add_argument("--out", type=Path, help="output directory (default RUNS_DIR/synth/<recipe name>)")
+    ds.add_argument("--estimate", action="store_true",
+                    help="print what the teacher's calls will cost on this machine, stage by stage, and exit "
+                         "(docs/machine.md)")
     return parser
 
 

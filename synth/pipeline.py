@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from pathlib import Path
 
@@ -102,7 +101,7 @@ def _rng(recipe: SynthRecipe, *parts: object) -> random.Random:
     return random.Random(f"{recipe.seed}:" + ":".join(map(str, parts)))
 
 
-def _env():
+def prompt_env():
     import jinja2
 
     # Prompts are plain text for a model: nothing to escape, but a missing variable is an error.
@@ -113,7 +112,7 @@ def _env():
 class Run:
     def __init__(self, recipe: SynthRecipe, teacher: Teacher, out_dir: Path, data_dir: Path | None = None):
         self.recipe, self.teacher, self.out_dir, self.data_dir = recipe, teacher, out_dir, data_dir
-        self.env = _env()
+        self.env = prompt_env()
         self.counts: dict[str, int] = {}
         self.malformed: list[dict] = []
         self.report = C.Report()
@@ -321,41 +320,3 @@ def print_summary(provenance: dict, report_path: Path) -> None:
         print(f"  stopped early: {provenance['stopped']}; rerun with a larger budget to continue "
               "(stored answers are reused)")
     print(f"  wrote {provenance['data']} ({provenance['format']}); report {report_path}")
-
-
-def synth_command(settings, *, recipe: Path, base_url: str | None = None, teacher_model: str | None = None,
-                  teacher: str | None = None, max_calls: int | None = None, max_tokens: int | None = None,
-                  out: Path | None = None) -> int:
-    """`selectune data-synth` (`make data-synth`): the teacher at --base-url (or the recipe's), else
-    an offline card served here for the duration."""
-    from eval.backends import make_backend
-    from eval.results import open_results
-    from synth.recipe import load_synth_recipe
-    from synth.teacher import Budget, Teacher
-
-    spec = load_synth_recipe(recipe)
-    out_dir = out or settings.workspace.synth_dir(spec.name)
-    budget = Budget(max_calls or spec.budget.max_calls, max_tokens or spec.budget.max_tokens)
-    conn = open_results(settings.runs_dir)
-    api_key = os.environ.get(spec.teacher.api_key_env)
-
-    def run(url: str, model: str, label: str) -> dict:
-        backend = make_backend("openai", url, model, api_key=api_key, concurrency=1, timeout_s=600.0, max_retries=3)
-        return Run(spec, Teacher(backend, conn, budget, label), out_dir, settings.resolved_data_dir).run()
-
-    url = base_url or spec.teacher.base_url
-    if url:
-        model = teacher_model or spec.teacher.model
-        if not model:
-            raise UserError(f"{recipe}: a teacher at {url} needs a model name (--teacher-model or teacher.model)")
-        provenance = run(url, model, model)
-    else:
-        from serve.launcher import engine_for, launch, resolve_target
-
-        target = resolve_target(settings, card_name=teacher or spec.teacher.card)
-        engine = engine_for(target.model_dir, "auto")
-        with launch(engine, settings.workspace.server_log(engine.name, role="teacher")) as server:
-            print(f"data-synth: teacher {target.label} on {engine.name} at {server.base_url}")
-            provenance = run(server.base_url, server.model_name, target.label)
-    print_summary(provenance, SynthOutput(out_dir).report)
-    return 0

@@ -177,3 +177,42 @@ def test_rescore_estimate_prints_both_sides_and_starts_no_server(tmp_path, tiny_
         seconds = 2 * (shape.body + shape.head) * tokens / (100e9 * FORWARD_EFFICIENCY)
         assert ppl.endswith(f": {fmt_duration(seconds)}")
     assert not runs.exists() or not any(runs.rglob("*.json"))
+
+
+@pytest.mark.parametrize("max_calls, calls", [
+    (None, {"expand": 6, "answer": 48, "follow-up": 28}),  # 6 rounds of 8 items; 30% get a follow-up and its answer
+    (150, {"expand": 6, "answer": 48, "follow-up": 28}),  # the shipped budget is not reached
+    (20, {"expand": 6, "answer": 14, "follow-up": 0}),  # the budget stops the run in the answer stage
+])
+def test_data_synth_counts_the_calls_each_stage_can_make(max_calls, calls):
+    from synth.estimate import stage_calls
+    from synth.recipe import load_synth_recipe
+    from tests.conftest import REPO
+
+    assert stage_calls(load_synth_recipe(REPO / "synth" / "riddles.yaml"), max_calls) == calls
+
+
+def test_data_synth_estimate_prints_every_stage_and_asks_nothing(tmp_path, tiny_qwen2_dir, monkeypatch, capsys,
+                                                                 shared_data):
+    from models import machine
+    from models.card import find_card
+    from models.store import provision
+    from selectune.cli import main
+    from tests.conftest import REPO
+
+    monkeypatch.setattr(machine, "calibration", lambda cache_dir, again=False: FIXED)
+    provision(find_card("qwen2.5-1.5b-instruct"), tmp_path / "cache" / "models", weights=tiny_qwen2_dir)
+    args = ["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"), "--data-dir",
+            str(shared_data), "data-synth", "--recipe", str(REPO / "synth" / "riddles.yaml"), "--estimate"]
+    assert main([*args, "--teacher", "qwen2.5-1.5b-instruct"]) == 0  # a hub card's weights are a tiny model here
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("estimate for `make data-synth` (riddles.yaml) here (Test CPU, avx2; float32")
+    stages = [line.strip().split(" calls")[0] for line in lines if line.startswith("    ")]
+    assert stages == ["expand: 6", "answer: 48", "follow-up: 28"]
+    assert "at most 700 reply tokens" in lines[2] and lines[-3].startswith("  total: at most ")
+    assert not (tmp_path / "runs" / "synth").exists()
+    # a teacher elsewhere: its time is its own, said in one note
+    assert main([*args, "--base-url", "http://127.0.0.1:9", "--teacher-model", "t"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == (
+        "  note: the teacher is a server elsewhere: its time is its own (at most 82 calls: expand 6, answer 48, "
+        "follow-up 28)")

@@ -35,19 +35,12 @@ def evaluation_rounds(recipe, steps: int, epochs: float) -> int:
     return steps // every + (steps % every != 0)
 
 
-def decode_seconds(prompt_tokens: int, new_tokens: int, shape, rates: tuple[float, float, float], dtype_bytes: int):
-    """One prompt generated greedily on its own (a batch of one)."""
-    from eval.estimate import batch_seconds
-    from eval.backends.hf import Batch
-
-    return batch_seconds(Batch(1, prompt_tokens, 1, new_tokens, ()), new_tokens, shape, *rates, dtype_bytes)
-
-
 def train_estimate(settings, recipe, model_name: str | None):
     """The cost of `make train` with `recipe` here, stage by stage (a resumed run is counted whole)."""
     from eval.backends import make_backend
     from core.store import open_read_only
-    from eval.estimate import DTYPE_BYTES, Estimate, StageCost, checkpoint_shape, load_seconds, machine_line
+    from eval.estimate import (DTYPE_BYTES, Estimate, StageCost, checkpoint_shape, decode_seconds, load_seconds,
+                               machine_line)
     from models.card import find_card
     from models.machine import calibration as machine_calibration
     from models.store import read_manifest
@@ -130,7 +123,7 @@ def _scoring(backend, shape, calibration, conn, task, split, mode, items, times,
 
 def _merge_and_checks(recipe, settings, card, backend, shape, calibration, conn, parts, probe, load) -> list:
     from eval.backends.base import DEFAULT_BATCH_SIZE
-    from eval.estimate import StageCost, pending
+    from eval.estimate import StageCost, decode_seconds, pending
     from eval.task import load_items, resolve_task
     from train.pipeline import all_checks
 

@@ -1,0 +1,56 @@
+"""`selectune data-synth` (`make data-synth`): the cost here first (synth/estimate.py), then the
+run (synth/pipeline.py) against the teacher."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from core.errors import UserError
+from core.workspace import SynthOutput
+from synth.pipeline import Run, print_summary
+
+
+def synth_command(settings, *, recipe: Path, base_url: str | None = None, teacher_model: str | None = None,
+                  teacher: str | None = None, max_calls: int | None = None, max_tokens: int | None = None,
+                  out: Path | None = None, estimate: bool = False) -> int:
+    """`selectune data-synth` (`make data-synth`): the teacher at --base-url (or the recipe's), else
+    an offline card served here for the duration. What it will cost here is printed first (only
+    that, with `estimate`)."""
+    from eval.backends import make_backend
+    from eval.results import open_results
+    from synth.recipe import load_synth_recipe
+    from synth.teacher import Budget, Teacher
+
+    spec = load_synth_recipe(recipe)
+    out_dir = out or settings.workspace.synth_dir(spec.name)
+    budget = Budget(max_calls or spec.budget.max_calls, max_tokens or spec.budget.max_tokens)
+    url = base_url or spec.teacher.base_url
+    from synth.estimate import synth_estimate
+
+    print("\n".join(synth_estimate(settings, spec, None if url else teacher or spec.teacher.card,
+                                   max_calls=budget.max_calls, served_here=not url).lines()), flush=True)
+    if estimate:
+        return 0
+    conn = open_results(settings.runs_dir)
+    api_key = os.environ.get(spec.teacher.api_key_env)
+
+    def run(url: str, model: str, label: str) -> dict:
+        backend = make_backend("openai", url, model, api_key=api_key, concurrency=1, timeout_s=600.0, max_retries=3)
+        return Run(spec, Teacher(backend, conn, budget, label), out_dir, settings.resolved_data_dir).run()
+
+    if url:
+        model = teacher_model or spec.teacher.model
+        if not model:
+            raise UserError(f"{recipe}: a teacher at {url} needs a model name (--teacher-model or teacher.model)")
+        provenance = run(url, model, model)
+    else:
+        from serve.launcher import engine_for, launch, resolve_target
+
+        target = resolve_target(settings, card_name=teacher or spec.teacher.card)
+        engine = engine_for(target.model_dir, "auto")
+        with launch(engine, settings.workspace.server_log(engine.name, role="teacher")) as server:
+            print(f"data-synth: teacher {target.label} on {engine.name} at {server.base_url}")
+            provenance = run(server.base_url, server.model_name, target.label)
+    print_summary(provenance, SynthOutput(out_dir).report)
+    return 0
