@@ -186,6 +186,8 @@ class Estimate:
     loads: dict[str, float]
     notes: list[str]
     faster: list[str]
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    """What the progress of the whole command is counted in besides items (training: steps, rounds)."""
 
     @property
     def seconds(self) -> float:
@@ -200,6 +202,10 @@ class Estimate:
         return tqdm(total=round(self.seconds, 1), desc=f"{self.what} in all", unit="s", position=1, leave=False,
                     bar_format="{desc}: {percentage:3.0f}% of the estimated work, {elapsed} so far, about "
                                "{remaining} left")
+
+    def stage_seconds(self, prefix: str) -> float:
+        """The estimate of the stages whose names start with `prefix`."""
+        return sum(c.seconds for c in self.costs if c.entry.startswith(prefix))
 
     def per_item(self) -> dict[tuple[str, int], float]:
         """(model, entry index) -> estimated seconds per item."""

@@ -203,8 +203,17 @@ def test_train_command_end_to_end(tmp_path, setup, capsys):
     card = find_card("qwen2.5-1.5b-instruct")
     merged_card = card.model_copy(update={"name": summary["merged_model"], "chat_template": "tokenizer",
                                           "add_bos": False})
+    # the reused side is stored as the merged model's run (`make rescore` finds it there)
+    from eval.results import newest_model_run, run_items
+
+    conn = open_results(tmp_path / "runs")
+    stored = run_items(conn, newest_model_run(conn, summary["merged_model"], "style", "gen"))
+    chosen = json.loads((run / "checkpoint_evals" / f"step-{choice['chosen_step']}" / "scores.json").read_text())
+    by_id = dict(zip(chosen["entries"]["style-test-gen"]["ids"], chosen["entries"]["style-test-gen"]["outputs"]))
+    assert {r["item_id"]: r["output"] for r in stored} == by_id
+    # a store without it scores the written merged checkpoint: the same
     recomputed = check_comparison(CheckSpec(task="style", metric="chrf"), REPO / "tasks", card, merged_card,
-                                  run / "merged", settings, open_results(tmp_path / "runs"))
+                                  run / "merged", settings, open_results(tmp_path / "fresh-store"))
     assert recomputed["merged_scored_at"] == "merged checkpoint"
     assert (recomputed["merged"], recomputed["diff"]) == (style["merged"], style["diff"])
     # three-way parity on the checks: fp32 base + adapter and its merge give the same outputs

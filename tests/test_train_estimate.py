@@ -98,3 +98,39 @@ def test_the_training_tokens_are_what_the_trainer_tokenises(tiny_card):
     assert f"{len(data.train)} conversations" in training.detail and f"{tokens} tokens in float32" in training.detail
     body = checkpoint_shape(card, Path(manifest["checkpoint"])).body
     assert training.seconds == pytest.approx(4 * body * tokens / (100e9 * TRAIN_EFFICIENCY))
+
+
+class Recorder:
+    """Stands for the whole command's progress bar: what it was advanced by, in estimated seconds."""
+
+    def __init__(self):
+        self.n, self.updates = 0.0, []
+
+    def update(self, seconds: float) -> None:
+        self.n += seconds
+        self.updates.append(seconds)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_the_whole_commands_bar_ends_at_the_estimate(tiny_card, monkeypatch, capsys):
+    """A real (tiny) `make train`: every stage advances the second bar by its estimate, so it ends
+    where the printed total does; the trainer's steps advance it one step's share at a time."""
+    from eval.estimate import Estimate
+    from selectune.cli import main
+
+    bars, quick = [], tiny_card / "quick.yaml"
+    quick.write_text((REPO / "train" / "quick.yaml").read_text(encoding="utf-8") + "compute_dtype: fp32\n",
+                     encoding="utf-8")
+    monkeypatch.setattr(Estimate, "overall_bar", lambda self: bars.append((self, Recorder())) or bars[-1][1])
+    assert main(["--runs-dir", str(tiny_card / "runs"), "--cache-dir", str(tiny_card / "cache"), "train", "--recipe",
+                 str(quick), "--model", CARD]) == 0
+    ((estimate, bar),) = bars
+    assert bar.n == pytest.approx(estimate.seconds)
+    per_step = estimate.stage_seconds("training") / 30
+    assert bar.updates.count(pytest.approx(per_step)) == 30  # quick.yaml: 30 steps
+    assert "total: at most" in capsys.readouterr().out

@@ -144,6 +144,20 @@ class CheckpointEvals(TrainerCallback):
             self.evaluator(state.global_step, model)
 
 
+class OverallProgress(TrainerCallback):
+    """Advances the whole command's progress bar (eval/estimate.py, `Estimate.overall_bar`) by each
+    step's and each evaluation round's share of the training stages' estimate."""
+
+    def __init__(self, bar, step_seconds: float, round_seconds: float):
+        self.bar, self.step_seconds, self.round_seconds = bar, step_seconds, round_seconds
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bar.update(self.step_seconds)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.bar.update(self.round_seconds)
+
+
 def sample_prompts(recipe: Recipe, data_dir: Path) -> list[tuple[list[dict], list[str]]]:
     """(conversation without the reply, facts it must contain) for every sample prompt."""
     from eval.task import load_items, resolve_task

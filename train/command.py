@@ -18,10 +18,12 @@ def train_entry(settings: Settings, *, recipe: Path, model: str | None = None, r
     recipe = load_recipe(recipe)
     import torch
 
+    cost = None
     if settings.executor == "local" and not torch.cuda.is_available():  # the CPU cost model
         from train.estimate import train_estimate
 
-        print("\n".join(train_estimate(settings, recipe, model).lines()), flush=True)
+        cost = train_estimate(settings, recipe, model)
+        print("\n".join(cost.lines()), flush=True)
     elif estimate:
         print("train: no estimate: the cost model is for training on this machine's CPU with the local executor "
               "(docs/machine.md)")
@@ -29,5 +31,5 @@ def train_entry(settings: Settings, *, recipe: Path, model: str | None = None, r
         return 0
     from train.pipeline import train_command
 
-    summary = train_command(settings, recipe, model, run_name, workers)
+    summary = train_command(settings, recipe, model, run_name, workers, cost if cost and cost.costs else None)
     return 0 if summary["parity"]["passed"] else 1

@@ -108,7 +108,8 @@ def train_estimate(settings, recipe, model_name: str | None):
             conn.close()
     faster = [] if recipe.name == "quick" else ["RECIPE=train/quick.yaml trains fewer steps for a first look"]
     return Estimate(what, machine_line(calibration, dtype), costs,
-                    {card.name: load_seconds(shape, calibration["load_gbs"], DTYPE_BYTES[dtype])}, [], faster)
+                    {card.name: load_seconds(shape, calibration["load_gbs"], DTYPE_BYTES[dtype])}, [], faster,
+                    {"steps": steps, "rounds": rounds})
 
 
 def _scoring(backend, shape, calibration, conn, task, split, mode, items, times, name, detail, load):

@@ -39,7 +39,7 @@ def check_comparison(check, recipe_dir: Path, base_card, merged_card, merged_dir
                      conn, evaluated: dict | None = None) -> dict:
     """One of the recipe's checks: its task scored on the base and the merged model, compared
     item by item on its metric (merged minus base). `evaluated`: the merged model's scores from the
-    checkpoint evaluation of the merged step ({"step", "ids", "scores"}), when it scored every item
+    checkpoint evaluation of the merged step ({"step", "ids", "scores", "outputs"}), when it scored every item
     of this check: the same weights, prompts and batches, so they are used, not computed again."""
     from eval import metrics as M
     from eval.backends import make_backend
@@ -50,17 +50,17 @@ def check_comparison(check, recipe_dir: Path, base_card, merged_card, merged_dir
     task = resolve_task(check.task, recipe_dir)
     metric = M.ranked_metric(task, check.mode, check.metric)
     items = load_items(task, check.split, settings.resolved_data_dir)
-    out, ids = {}, None
+    scored = {}
     reuse = evaluated is not None and sorted(evaluated["ids"]) == sorted(i.id for i in items)
     for label, card, checkpoint in (("base", base_card, None), ("merged", merged_card, merged_dir)):
-        if label == "merged" and reuse:
-            by_id = dict(zip(evaluated["ids"], evaluated["scores"]))
-            out[label] = [by_id[i] for i in ids]
-            continue
-        backend = make_backend("hf", card, settings.model_store, checkpoint=checkpoint)
-        run = run_task(backend, task, check.split, check.mode, items, conn, data_dir=settings.resolved_data_dir)
-        out[label], ids = [r["scores"][metric] for r in run.items], [r["item_id"] for r in run.items]
+        # the merged side reused is stored as the merged model's run, so `make rescore` finds it
+        known = dict(zip(evaluated["ids"], evaluated["outputs"])) if label == "merged" and reuse else None
+        backend = make_backend("hf", card, settings.model_store, checkpoint=checkpoint, lazy=True)
+        run = run_task(backend, task, check.split, check.mode, items, conn, data_dir=settings.resolved_data_dir,
+                       known=known)
+        scored[label] = {r["item_id"]: r["scores"][metric] for r in run.items}
         del backend
+    out = {label: [by_id[i] for i in scored["base"]] for label, by_id in scored.items()}  # paired item by item
     comp = compare(out["merged"], out["base"], binary=metric in M.BINARY)
     return {"task": task.name, "split": check.split, "mode": check.mode, "items": len(items),
             "base": asdict(bootstrap_mean(out["base"])), "merged": asdict(bootstrap_mean(out["merged"])),
@@ -69,7 +69,7 @@ def check_comparison(check, recipe_dir: Path, base_card, merged_card, merged_dir
 
 
 def chosen_scores(result, check, recipe: Recipe) -> dict | None:
-    """The merged step's checkpoint-evaluation scores of `check` ({"step", "ids", "scores"}), if any."""
+    """The merged step's checkpoint-evaluation scores of `check` ({"step", "ids", "scores", "outputs"}), if any."""
     from eval.metrics import ranked_metric
     from eval.task import resolve_task
     from train.checkpoints import evaluated_steps
@@ -83,7 +83,7 @@ def chosen_scores(result, check, recipe: Recipe) -> dict | None:
     metric = ranked_metric(task, check.mode, check.metric)
     if entry is None or entry["metric"] != metric or record.basis["merge_base"] != recipe.merge_base:
         return None
-    return {"step": choice["chosen_step"], "ids": entry["ids"], "scores": entry["scores"]}
+    return {"step": choice["chosen_step"], "ids": entry["ids"], "scores": entry["scores"], "outputs": entry["outputs"]}
 
 
 def all_checks(recipe: Recipe, settings: Settings) -> list[tuple[CheckSpec, str]]:
@@ -123,7 +123,16 @@ def with_suite_samples(recipe: Recipe, settings: Settings) -> Recipe:
 
 
 def train_command(settings: Settings, recipe: Recipe, model_name: str | None, run_name: str | None,
-                  workers: int = 1) -> dict:
+                  workers: int = 1, estimate=None) -> dict:
+    """`estimate` (train/estimate.py): a second progress bar shows the time left for the whole command."""
+    from contextlib import nullcontext
+
+    with estimate.overall_bar() if estimate is not None else nullcontext() as overall:
+        return _train(settings, recipe, model_name, run_name, workers, estimate, overall)
+
+
+def _train(settings: Settings, recipe: Recipe, model_name: str | None, run_name: str | None, workers: int,
+           estimate, overall) -> dict:
     from eval.results import open_results
     from models.card import find_card
     from models.store import provision
@@ -152,6 +161,15 @@ def train_command(settings: Settings, recipe: Recipe, model_name: str | None, ru
     options = dict(trust_remote_code=card.trust_remote_code, synth_root=settings.workspace.synth_root,
                    eval_texts=texts, probe=probe if recipe.checkpoint_selection.enabled else None,
                    probe_card=merged_card)
+    trained = 0.0  # the training stages' share of the estimate, which the trainer's steps advance
+    if overall is not None:
+        overall.update(sum(estimate.loads.values()))
+        from train.callbacks import OverallProgress
+
+        training = estimate.stage_seconds("training")
+        trained = training + estimate.stage_seconds("evaluations") + estimate.stage_seconds("checkpoint evaluations")
+        options["progress"] = OverallProgress(overall, training / estimate.counts["steps"],
+                                              (trained - training) / estimate.counts["rounds"])
     fresh = not run_dir.exists()
     try:
         if settings.executor == "ray":
@@ -168,6 +186,8 @@ def train_command(settings: Settings, recipe: Recipe, model_name: str | None, ru
 
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    if overall is not None:  # a resumed run trained part of it
+        overall.update(max(0.0, trained + sum(estimate.loads.values()) - overall.n))
     if (choice := result.checkpoint_choice) is not None:
         print(f"checkpoint: merging step {choice['chosen_step']} of {choice['final_step']}: {choice['reason']}")
     checked = [e for e in probe if e.role == "check"]
@@ -196,6 +216,8 @@ def train_command(settings: Settings, recipe: Recipe, model_name: str | None, ru
                            task_scorer=(lambda model, tok: score_entries(model, tok, merged_card, checked,
                                                                          settings.resolved_data_dir, n_tasks))
                            if n_tasks and checked else None, task_metrics={e.key: e.metric for e in checked})
+    if overall is not None:
+        overall.update(estimate.stage_seconds("merge"))
     print(f"merge: parity {parity.same_replies}/{parity.items} identical greedy replies, max logit "
           f"difference {parity.max_abs_logit_diff:.2e} (tolerance {parity.tolerance:.0e})")
     for name, a in (parity.three_way or {}).items():
@@ -210,9 +232,14 @@ def train_command(settings: Settings, recipe: Recipe, model_name: str | None, ru
                   f"identical outputs, {r['metric']} difference {fmt_diff(r['metric'], r['diff'])}, "
                   f"p {fmt_p(r['p_value'])}")
 
-    checks = [{**check_comparison(check, recipe.path.parent, card, merged_card, merged_dir, settings,
-                                  open_results(settings.runs_dir), chosen_scores(result, check, recipe)),
-               "role": role} for check, role in all_checks(recipe, settings)]
+    checks = []
+    for check, role in all_checks(recipe, settings):
+        checks.append({**check_comparison(check, recipe.path.parent, card, merged_card, merged_dir, settings,
+                                          open_results(settings.runs_dir), chosen_scores(result, check, recipe)),
+                       "role": role})
+        if overall is not None:
+            c = checks[-1]
+            overall.update(estimate.stage_seconds(f"{role}: {c['task']}-{c['split']} {c['mode']}"))
     for c in checks:
         m = c["metric"]
         probe = "forgetting probe " if c["role"] == "forgetting" else ""

@@ -298,9 +298,11 @@ def final_val_loss(trainer) -> float:
 
 def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path, *,
                  trust_remote_code: bool = False, synth_root: Path | None = None,
-                 eval_texts: list | None = None, probe: list | None = None, probe_card=None) -> TrainResult:
+                 eval_texts: list | None = None, probe: list | None = None, probe_card=None,
+                 progress=None) -> TrainResult:
     """Train (or resume) the adapter into run_dir/adapter; logs in run_dir/train_log.jsonl.
-    `probe`: entries scored at every evaluation (train/checkpoints.py), rendered as `probe_card`."""
+    `probe`: entries scored at every evaluation (train/checkpoints.py), rendered as `probe_card`.
+    `progress`: a callback that advances the whole command's progress bar."""
     from transformers import AutoTokenizer, set_seed
 
     allocator = None if torch.cuda.is_available() else CpuAllocator(recipe.training.cpu_allocator)
@@ -329,7 +331,8 @@ def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path,
     elif log_path.exists():
         log_path.unlink()  # no checkpoint to resume from: start the log afresh
     log, guard, sampler = make_callbacks(recipe, tokenizer, log_path, sample_prompts(recipe, data_dir))
-    callbacks = [log, guard, sampler] + ([allocator.callback()] if allocator else [])
+    callbacks = [log, guard, sampler] + ([allocator.callback()] if allocator else []) + (
+        [progress] if progress else [])
     evaluator = None
     if probe:
         from train.callbacks import CheckpointEvals
