@@ -32,14 +32,14 @@ def synth_estimate(settings, recipe, teacher_card: str | None, *, max_calls: int
     from models.store import read_manifest
     from synth.pipeline import load_context, load_seeds, prompt_env
 
-    calibration = machine_calibration(settings.cache_dir)
     what = f"`make data-synth` ({recipe.path.name})"
     calls = stage_calls(recipe, max_calls)
     summary = ", ".join(f"{stage} {n}" for stage, n in calls.items())
-    if teacher_card is None:
-        return Estimate(what, machine_line(calibration, "float32"), [], {}, [
+    if teacher_card is None:  # nothing runs on this machine's matrix units
+        return Estimate(what, "the teacher's server", [], {}, [
             f"the teacher is a server elsewhere: its time is its own (at most {sum(calls.values())} calls: "
             f"{summary})"], [])
+    calibration = machine_calibration(settings.cache_dir)
     card = find_card(teacher_card)
     manifest = read_manifest(card, settings.model_store)
     if manifest is None:

@@ -30,6 +30,19 @@ def scoring_in_fp32(monkeypatch):
                         lambda dtype, device: loading.resolve_dtype(dtype, loading.resolve_device(device)))
 
 
+@pytest.fixture(autouse=True)
+def one_calibration(request, monkeypatch, tmp_path_factory):
+    """`select`, `train`, `rescore` and `data-synth` print their cost from this machine's
+    calibration (models/machine.py), which each test's own cache dir would measure again, seconds
+    each time: the tests share one cache for it, but tests/test_machine.py, which tests the cache."""
+    if request.module.__name__.endswith("test_machine"):
+        return
+    import models.machine as machine
+
+    shared, path = tmp_path_factory.getbasetemp() / "machine-cache", machine.calibration_path
+    monkeypatch.setattr(machine, "calibration_path", lambda cache_dir, identity: path(shared, identity))
+
+
 FIXTURE_DATA = REPO / "tests" / "fixtures" / "data"
 """Project-written files of the public data's shape (tests/fixtures/data/README.md)."""
 
