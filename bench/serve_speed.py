@@ -28,7 +28,7 @@ from core.settings import load_settings  # noqa: E402
 from models.card import find_card  # noqa: E402
 from models.store import read_manifest  # noqa: E402
 from serve.launcher import launch, transformers_engine, vllm_engine  # noqa: E402
-from serve.rescore import serving_figures  # noqa: E402
+from serve.figures import serving_figures  # noqa: E402
 
 
 def cpu_line() -> str:

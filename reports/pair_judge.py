@@ -103,7 +103,7 @@ def agreement(all_votes: list[dict], verdicts: dict[str, dict[str, str | None]],
     position-swap audit over every pair it judged. `pairs`: {pair_id: (system_a, system_b)}."""
     from sklearn.metrics import cohen_kappa_score, confusion_matrix
 
-    from reports.review import position_bias
+    from reports.review_stats import position_bias
 
     human, judge = [], []
     for v in all_votes:

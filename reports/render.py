@@ -100,7 +100,7 @@ def line_chart(series: list[dict], width: int = 640, height: int = 240, log_y: b
 
 def build_report(runs_dir: Path, out_dir: Path | None = None) -> list[Path]:
     """Render every page; nothing is written unless everything could be gathered."""
-    from reports import collect, pair_judge, review, runs
+    from reports import before_after, collect, pair_judge, review, review_stats, runs
 
     workspace = Workspace(runs_dir)
     out_dir = out_dir or workspace.report_dir
@@ -113,7 +113,7 @@ def build_report(runs_dir: Path, out_dir: Path | None = None) -> list[Path]:
         board = collect.leaderboard(conn, selection, str(workspace.selection)) if selection else None
         rescore = runs.newest_rescore(runs_dir)
         train = runs.training_run(runs_dir, rescore)
-        ba = collect.before_after(conn, selection, train, rescore)
+        ba = before_after.before_after(conn, selection, train, rescore)
     finally:
         conn.close()
     rconn = review.open_review(db)
@@ -124,7 +124,7 @@ def build_report(runs_dir: Path, out_dir: Path | None = None) -> list[Path]:
         systems = review.pair_systems(rconn)
     finally:
         rconn.close()
-    agg = review.aggregate(all_votes) if all_votes else None
+    agg = review_stats.aggregate(all_votes) if all_votes else None
     if agg:
         agg["judges"] = [{"model": m, **pair_judge.agreement(all_votes, v, systems)} for m, v in judged.items()]
 
@@ -157,7 +157,7 @@ def build_report(runs_dir: Path, out_dir: Path | None = None) -> list[Path]:
 
 
 def _sample_rows(task: dict) -> list[dict]:
-    from reports.collect import item_flips
+    from reports.before_after import item_flips
 
     metric = task["rows"][0]["metric"] if task["rows"] else None
     return [{"item_id": r["item_id"], "prompt": r["prompt"], "request": r["request"], "gold": r["gold"],

@@ -14,7 +14,8 @@ from core.workspace import TrainRun, Workspace, provenance as provenance_of
 from eval.runner import git_revision
 from eval.suite import entries_with_role
 from reports.records import Rescored, TrainingRun
-from reports.collect import Run, check_side_by_side, load_run, paired_runs
+from reports.before_after import paired_runs
+from reports.collect import Run, check_side_by_side, load_run
 
 
 def newest_rescore(runs_dir: Path) -> Rescored | None:

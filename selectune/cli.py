@@ -145,9 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--suite", type=Path, default=REPO / "suites" / "default.yaml",
                      help="the selection suite: a YAML file of task, split, mode entries (default suites/default.yaml)")
     sel.add_argument("--train-budget-gib", type=float,
-                     help="GiB QLoRA training must fit in (unset: eval.select.Budget's default)")
+                     help="GiB QLoRA training must fit in (unset: eval.decision.Budget's default)")
     sel.add_argument("--infer-budget-gib", type=float,
-                     help="GiB bf16 serving must fit in (unset: eval.select.Budget's default)")
+                     help="GiB bf16 serving must fit in (unset: eval.decision.Budget's default)")
     sel.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE)
     sel.add_argument("--design", choices=["auto", "fixed", "sequential"], default="auto",
                      help="auto (default): entries of 500 items or more are scored sequentially, stopping once "
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--foreground", action="store_true", help="stay in the foreground until Ctrl-C")
     sv.add_argument("--stop", action="store_true", help="stop the server `serve` started")
 
-    rs = command(sub, "rescore", "serve.rescore:rescore_command",
+    rs = command(sub, "rescore", "serve.command:rescore_command",
                  "score the served model on the selection items; parity gate")
     rs.add_argument("--model", help="card name (default: what `serve` serves, else the newest merged model)")
     rs.add_argument("--checkpoint", type=Path, help="a checkpoint directory")

@@ -17,7 +17,7 @@ from core.artifacts import CheckpointScores, MergeProvenance, RescoreRecord, Sel
 from eval.backends.fake import FakeBackend
 from eval.results import open_results
 from eval.runner import run_task
-from eval.select import Budget, Candidate, selection_report
+from eval.decision import Budget, Candidate, selection_report
 from eval.task import find_task, load_items
 from models.card import find_card
 
@@ -65,7 +65,7 @@ def build_in(folder: Path, *, evil: bool = False, votes: bool = False) -> Path:
 
 def build(runs_dir: Path, data_dir: Path, *, evil: bool = False) -> dict:
     """Write runs_dir/{results.sqlite, selection.json, train/..., serve/rescore-*.json}."""
-    from serve.rescore import parity
+    from serve.parity import parity
 
     suite = _items(data_dir)
     conn = open_results(runs_dir)

@@ -210,7 +210,7 @@ def test_the_leaderboard_shows_the_comparisons_that_decided_when_a_smaller_tied_
     from core.artifacts import Selection, write_artifact
     from core.workspace import Workspace
     from eval.results import open_results
-    from eval.select import Budget, selection_report
+    from eval.decision import Budget, selection_report
     from tests.test_select import _candidate
     from tests.test_runner import make_task
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from reports import invites, review
+from reports import invites, review, review_stats
 from reports.runs import review_systems
 from reports.review_server import create_app
 from selectune.cli import main
@@ -325,7 +325,7 @@ def test_aggregation_against_known_values():
              + [vote("A", "B", "A", "tie"), vote("A", "B", "A", "both_bad")]
              + [vote("A", "C", "A", "left")] * 2 + [vote("A", "C", "C", "right")] * 2
              + [vote("A", "C", "C", "left")] * 2 + [vote("A", "C", "A", "right")] * 2)
-    agg = review.aggregate(votes)
+    agg = review_stats.aggregate(votes)
     ab = next(p for p in agg["pairs"] if p["b"] == "B")
     assert (ab["wins_a"], ab["wins_b"], ab["ties"], ab["both_bad"], ab["decisive"]) == (6, 2, 1, 1, 8)
     # Wilson 95% interval of 6/8 (statsmodels): [0.4093, 0.9285]
@@ -345,7 +345,7 @@ def test_aggregation_against_known_values():
 def test_bradley_terry_says_when_it_cannot_be_estimated():
     votes = [{"system_a": "A", "system_b": s, "left_system": "A", "vote": "left", "reviewer": "r", "comment": ""}
              for s in ("B", "C") for _ in range(5)]
-    bt = review.aggregate(votes)["bradley_terry"]
+    bt = review_stats.aggregate(votes)["bradley_terry"]
     assert bt == {"estimable": False, "why": "one system wins or loses every vote (perfect separation)"}
 
 
@@ -363,7 +363,7 @@ def test_style_controlled_bradley_terry_against_a_hand_worked_fit():
     # (log 4 + log 2/3) / 2 = 0.4904 and gamma = (log 4 - log 2/3) / 2 = 0.8959; b's log-strength
     # relative to a is -beta. The plain fit: a wins 6 of 10, b's log-strength -logit(0.6) = -0.4055.
     votes = ([vote(k % 2 == 0, k < 4, True) for k in range(5)] + [vote(k % 2 == 0, k < 2, False) for k in range(5)])
-    agg = review.aggregate(votes)
+    agg = review_stats.aggregate(votes)
     styled = agg["style_controlled"]
     b = next(r for r in styled["rows"] if r["system"] == "b")
     assert b["log_strength"] == pytest.approx(-0.4904, abs=1e-4)
@@ -374,7 +374,7 @@ def test_style_controlled_bradley_terry_against_a_hand_worked_fit():
     # the fit does not depend on which system of a pair is stored as a
     swapped = [{**v, "system_a": "b", "system_b": "a", "output_a": v["output_b"], "output_b": v["output_a"]}
                for v in votes]
-    again = review.aggregate(swapped)["style_controlled"]
+    again = review_stats.aggregate(swapped)["style_controlled"]
     assert next(r for r in again["rows"] if r["system"] == "b")["log_strength"] == pytest.approx(-0.4904, abs=1e-4)
 
 
@@ -385,4 +385,4 @@ def test_style_controlled_bradley_terry_against_a_hand_worked_fit():
     ("**bold** - list", (15, 0, 5)),
 ])
 def test_style_counts(text, counts):
-    assert review.style_counts(text) == counts
+    assert review_stats.style_counts(text) == counts

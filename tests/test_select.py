@@ -5,7 +5,7 @@ from __future__ import annotations
 from eval.backends.fake import FakeBackend
 from eval.results import open_results
 from eval.runner import run_task
-from eval.select import Budget, Candidate, decide, selection_report
+from eval.decision import Budget, Candidate, decide, selection_report
 from models.card import find_card
 from tests.test_runner import make_task
 

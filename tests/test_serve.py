@@ -120,7 +120,8 @@ def _target(model_dir):
 
 def test_rescore_through_the_server_passes_parity_and_survives_a_dead_server(tiny, tmp_path, task_data):
     from serve.launcher import launch, start, transformers_engine
-    from serve.rescore import print_report, rescore
+    from serve.command import print_report
+    from serve.rescore import rescore
 
     settings = _settings(tmp_path, task_data)
     target = _target(tiny[0])
@@ -182,7 +183,8 @@ def test_rescore_through_the_server_passes_parity_and_survives_a_dead_server(tin
 
 def test_parity_gate_fails_on_another_model_and_names_the_items(tiny, tmp_path, task_data):
     from serve.launcher import launch, transformers_engine
-    from serve.rescore import print_report, rescore
+    from serve.command import print_report
+    from serve.rescore import rescore
 
     settings = _settings(tmp_path, task_data)
     # the server holds model b; the local side is model a
