@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.settings import load_settings  # noqa: E402
 from models.card import find_card  # noqa: E402
 from models.store import read_manifest  # noqa: E402
-from serve.launcher import launch, transformers_engine, vllm_engine  # noqa: E402
+from serve.engines import transformers_engine, vllm_engine  # noqa: E402
+from serve.launcher import launch  # noqa: E402
 from serve.figures import serving_figures  # noqa: E402
 
 

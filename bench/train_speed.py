@@ -139,7 +139,7 @@ def main() -> int:
     from models.store import read_manifest
     from train.data import CleaningReport, clean, save_split, split
     from train.recipe import load_recipe
-    from train.trainer import source_conversations
+    from train.prepare import source_conversations
 
     settings = load_settings(cache_dir=args.cache_dir, data_dir=args.data_dir)
     card = find_card(args.model)

@@ -56,7 +56,8 @@ def rescore_command(settings, *, model: str | None = None, checkpoint: Path | No
     started, else one started here for the duration (always stopped, on failure and Ctrl-C too).
     What it will cost here is printed first (only that, with `estimate`)."""
     from models.card import find_card
-    from serve.launcher import engine_for, launch, resolve_target, running
+    from serve.engines import engine_for
+    from serve.launcher import launch, resolve_target, running
 
     kw = dict(tasks=tasks.split(",") if tasks else None, limit=limit, concurrency=concurrency,
               min_agreement=min_agreement, batch_size=batch_size, figure_concurrency=figure_concurrency)

@@ -95,7 +95,7 @@ def served_backend(base_url: str, model_name: str, target: Target, engine: str, 
 def rescore_work(settings, tasks: list[str] | None, limit: int | None, engine: str) -> list:
     """(task, split, mode, items) of every entry re-scored through `engine`."""
     from eval.task import load_items
-    from serve.launcher import LOGPROB_ENGINES
+    from serve.engines import LOGPROB_ENGINES
 
     work = []
     for task, split, mode in rescore_entries(tasks, selection_suite(settings), logprobs=engine in LOGPROB_ENGINES):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from core.errors import UserError
 from core.workspace import SynthOutput
-from synth.pipeline import Run, print_summary
+from synth.pipeline import Run
 
 
 def synth_command(settings, *, recipe: Path, base_url: str | None = None, teacher_model: str | None = None,
@@ -45,7 +45,8 @@ def synth_command(settings, *, recipe: Path, base_url: str | None = None, teache
             raise UserError(f"{recipe}: a teacher at {url} needs a model name (--teacher-model or teacher.model)")
         provenance = run(url, model, model)
     else:
-        from serve.launcher import engine_for, launch, resolve_target
+        from serve.engines import engine_for
+        from serve.launcher import launch, resolve_target
 
         target = resolve_target(settings, card_name=teacher or spec.teacher.card)
         engine = engine_for(target.model_dir, "auto")
@@ -54,3 +55,23 @@ def synth_command(settings, *, recipe: Path, base_url: str | None = None, teache
             provenance = run(server.base_url, server.model_name, target.label)
     print_summary(provenance, SynthOutput(out_dir).report)
     return 0
+
+
+def print_summary(provenance: dict, report_path: Path) -> None:
+    c = provenance["counts"]
+    print(f"data-synth: {c.get('seeds', 0)} seeds -> {c.get('expanded', 0)} new items -> "
+          f"{c.get('after_question_filters', 0)} after question filters -> {c.get('answered', 0)} answered -> "
+          f"{c.get('after_answer_filters', 0)} after answer filters -> {c.get('written', 0)} written "
+          f"({c.get('conversations', 0)} two-turn)")
+    for reason, n in sorted(provenance["removed"].items()):
+        print(f"  removed {n:4d}  {reason}")
+    malformed = {k[len('malformed_'):]: v for k, v in c.items() if k.startswith("malformed_")}
+    if malformed:
+        print("  malformed teacher answers skipped: " + ", ".join(f"{k} {v}" for k, v in malformed.items()))
+    b = provenance["budget"]
+    print(f"  teacher calls: {b['calls_made']} made, {b['answers_from_store']} answered from the store; "
+          f"{b['tokens_used']} tokens")
+    if provenance["stopped"]:
+        print(f"  stopped early: {provenance['stopped']}; rerun with a larger budget to continue "
+              "(stored answers are reused)")
+    print(f"  wrote {provenance['data']} ({provenance['format']}); report {report_path}")

@@ -30,7 +30,7 @@ def synth_estimate(settings, recipe, teacher_card: str | None, *, max_calls: int
     from models.card import find_card
     from models.machine import calibration as machine_calibration
     from models.store import read_manifest
-    from synth.pipeline import load_context, load_seeds, prompt_env
+    from synth.inputs import load_context, load_seeds, prompt_env
 
     what = f"`make data-synth` ({recipe.path.name})"
     calls = stage_calls(recipe, max_calls)

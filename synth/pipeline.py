@@ -19,76 +19,13 @@ import random
 from pathlib import Path
 
 from core.artifacts import SynthProvenance, SynthReport, write_artifact
-from core.errors import UserError
 from core.files import sha256_file, write_text_atomic
-from core.rows import BadLine, read_rows
 from core.workspace import SynthOutput
 from synth import clean as C
 from synth.parse import parse_answer, parse_followup, parse_list
+from synth.inputs import load_context, load_seeds, prompt_env
 from synth.recipe import SynthRecipe, resolve
 from synth.teacher import BudgetExhausted, Teacher
-
-_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv"}
-
-
-def _seed_rows(recipe: SynthRecipe, data_dir: Path | None) -> tuple[str, list[tuple[int, object]]]:
-    spec = recipe.seeds
-    if spec.task is not None:
-        from eval.task import load_items, resolve_task
-
-        task = resolve_task(spec.task, recipe.path.parent)
-        if data_dir is None:
-            raise UserError(f"{recipe.path}: seeds from task '{task.name}' need the data directory")
-        return f"task {task.name} split {spec.split}", [(k, i.fields) for k, i in enumerate(
-            load_items(task, spec.split, data_dir), start=1)]
-    path = resolve(spec.path)
-    fmt = _FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise UserError(f"{path}: seeds come from .jsonl, .json or .csv")
-    return str(path), read_rows(path, fmt)
-
-
-def load_seeds(recipe: SynthRecipe, data_dir: Path | None = None) -> list[dict]:
-    spec = recipe.seeds
-    path, rows = _seed_rows(recipe, data_dir)
-    seeds, seen = [], set()
-    for n, row in rows:
-        if isinstance(row, BadLine) or not isinstance(row, dict):
-            raise UserError(f"{path}:{n}: {row.problem if isinstance(row, BadLine) else 'not an object'}")
-        if any(str(row.get(k)) != v for k, v in spec.where.items()):
-            continue
-        for key in (spec.question, spec.answer, *([spec.style] if spec.style else [])):
-            if not isinstance(row.get(key), str) or not row[key].strip():
-                raise UserError(f"{path}:{n}: field '{key}' must be non-empty text")
-        if spec.distinct:
-            if row.get(spec.distinct) in seen:
-                continue
-            seen.add(row.get(spec.distinct))
-        seeds.append({"question": row[spec.question].strip(), "answer": row[spec.answer].strip(),
-                      **({"style": row[spec.style]} if spec.style else {})})
-    random.Random(recipe.seed).shuffle(seeds)
-    if not seeds:
-        raise UserError(f"{path}: no seed rows match {spec.where}")
-    return seeds[:spec.count]
-
-
-def load_context(recipe: SynthRecipe) -> str | None:
-    spec = recipe.answer
-    if spec.context is None:
-        return None
-    path = resolve(spec.context)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read the answer context: {exc}") from exc
-    if spec.context_pattern:
-        import re
-
-        pattern = re.compile(spec.context_pattern)
-        text = "\n".join(m.group(1).strip() for line in text.splitlines() if (m := pattern.search(line)))
-        if not text:
-            raise UserError(f"{recipe.path}: answer.context_pattern matches no line of {path}")
-    return text
 
 
 def _progress(iterable, stage: str):
@@ -99,14 +36,6 @@ def _progress(iterable, stage: str):
 
 def _rng(recipe: SynthRecipe, *parts: object) -> random.Random:
     return random.Random(f"{recipe.seed}:" + ":".join(map(str, parts)))
-
-
-def prompt_env():
-    import jinja2
-
-    # Prompts are plain text for a model: nothing to escape, but a missing variable is an error.
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(resolve("."))), autoescape=False,
-                              undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
 
 
 class Run:
@@ -300,23 +229,3 @@ class Run:
         }
         write_artifact(out.provenance, SynthProvenance, provenance)
         return provenance
-
-
-def print_summary(provenance: dict, report_path: Path) -> None:
-    c = provenance["counts"]
-    print(f"data-synth: {c.get('seeds', 0)} seeds -> {c.get('expanded', 0)} new items -> "
-          f"{c.get('after_question_filters', 0)} after question filters -> {c.get('answered', 0)} answered -> "
-          f"{c.get('after_answer_filters', 0)} after answer filters -> {c.get('written', 0)} written "
-          f"({c.get('conversations', 0)} two-turn)")
-    for reason, n in sorted(provenance["removed"].items()):
-        print(f"  removed {n:4d}  {reason}")
-    malformed = {k[len('malformed_'):]: v for k, v in c.items() if k.startswith("malformed_")}
-    if malformed:
-        print("  malformed teacher answers skipped: " + ", ".join(f"{k} {v}" for k, v in malformed.items()))
-    b = provenance["budget"]
-    print(f"  teacher calls: {b['calls_made']} made, {b['answers_from_store']} answered from the store; "
-          f"{b['tokens_used']} tokens")
-    if provenance["stopped"]:
-        print(f"  stopped early: {provenance['stopped']}; rerun with a larger budget to continue "
-              "(stored answers are reused)")
-    print(f"  wrote {provenance['data']} ({provenance['format']}); report {report_path}")

@@ -25,7 +25,7 @@ def make_targets() -> set[str]:
 def commands() -> dict[str, set[str]]:
     import argparse
 
-    from selectune.cli import build_parser
+    from selectune.parser import build_parser
 
     out = {}
     for action in build_parser()._actions:
@@ -76,7 +76,7 @@ def test_the_scale_page_commands_are_real():
     import sys
     from pathlib import Path
 
-    from selectune.cli import build_parser
+    from selectune.parser import build_parser
 
     text = (REPO / "docs" / "scale.md").read_text(encoding="utf-8")
     lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in block.splitlines()]

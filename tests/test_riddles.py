@@ -121,7 +121,7 @@ def test_the_solution_check_ignores_english_articles(solution, final, kept):
 
 def test_seeds_come_from_the_train_split_only(shared_data):
     from eval.task import find_task, load_items
-    from synth.pipeline import load_seeds
+    from synth.inputs import load_seeds
     from synth.recipe import load_synth_recipe
 
     seeds = load_seeds(load_synth_recipe(REPO / "synth" / "riddles.yaml"), shared_data)

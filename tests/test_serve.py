@@ -40,7 +40,7 @@ def tiny(tmp_path_factory):
 
 
 def test_lmdeploy_command_follows_its_documentation(tmp_path, monkeypatch):
-    from serve.launcher import engine_for, lmdeploy_engine
+    from serve.engines import engine_for, lmdeploy_engine
 
     e = lmdeploy_engine(tmp_path, backend="pytorch", tp=2, port=23333, python="/opt/lmd/bin/python")
     assert e.argv == ["/opt/lmd/bin/python", "-m", "lmdeploy", "serve", "api_server", str(tmp_path),
@@ -64,7 +64,8 @@ def test_lmdeploy_command_follows_its_documentation(tmp_path, monkeypatch):
 
 
 def test_lmdeploy_missing_environment_fails_fast(tmp_path):
-    from serve.launcher import lmdeploy_engine, start
+    from serve.engines import lmdeploy_engine
+    from serve.launcher import start
 
     with pytest.raises(UserError, match="not found.*own environment"):
         start(lmdeploy_engine(tmp_path, python=str(tmp_path / "nope" / "python")), tmp_path / "log")
@@ -72,7 +73,8 @@ def test_lmdeploy_missing_environment_fails_fast(tmp_path):
 
 @pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="lmdeploy needs CUDA")
 def test_lmdeploy_serves_on_a_gpu(tiny, tmp_path):
-    from serve.launcher import launch, lmdeploy_engine
+    from serve.engines import lmdeploy_engine
+    from serve.launcher import launch
 
     with launch(lmdeploy_engine(tiny[0], backend="pytorch"), tmp_path / "log") as server:
         assert server.alive()
@@ -81,7 +83,8 @@ def test_lmdeploy_serves_on_a_gpu(tiny, tmp_path):
 def test_server_starts_answers_and_stops_and_fails_fast(tiny, tmp_path):
     import httpx
 
-    from serve.launcher import launch, start, transformers_engine
+    from serve.engines import transformers_engine
+    from serve.launcher import launch, start
 
     engine = transformers_engine(tiny[0])
     with launch(engine, tmp_path / "serve.log") as server:
@@ -119,7 +122,8 @@ def _target(model_dir):
 
 
 def test_rescore_through_the_server_passes_parity_and_survives_a_dead_server(tiny, tmp_path, task_data):
-    from serve.launcher import launch, start, transformers_engine
+    from serve.engines import transformers_engine
+    from serve.launcher import launch, start
     from serve.command import print_report
     from serve.rescore import rescore
 
@@ -182,7 +186,8 @@ def test_rescore_through_the_server_passes_parity_and_survives_a_dead_server(tin
 
 
 def test_parity_gate_fails_on_another_model_and_names_the_items(tiny, tmp_path, task_data):
-    from serve.launcher import launch, transformers_engine
+    from serve.engines import transformers_engine
+    from serve.launcher import launch
     from serve.command import print_report
     from serve.rescore import rescore
 

@@ -104,7 +104,7 @@ def test_suite_roles_add_checks_and_forgetting_probes_to_training_and_choose_rev
     from core.workspace import Workspace
     from eval.task import find_task, load_items
     from eval.suite import entries_with_role
-    from train.pipeline import all_checks, with_suite_samples
+    from train.checks import all_checks, with_suite_samples
     from train.recipe import load_recipe
 
     suite = tmp_path / "s.yaml"

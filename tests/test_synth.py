@@ -217,7 +217,7 @@ def test_cli_runs_against_an_endpoint_and_rejects_bad_recipes(tmp_path, teacher_
 
 
 def test_shipped_recipes_load_and_their_seeds_exist(shared_data):
-    from synth.pipeline import load_seeds
+    from synth.inputs import load_seeds
 
     for path in sorted((REPO / "synth").glob("*.yaml")):
         recipe = load_synth_recipe(path)

@@ -196,7 +196,7 @@ def test_train_command_end_to_end(tmp_path, setup, capsys):
         "merged checkpoint", f"checkpoint evaluation of step {choice['chosen_step']}"]
     from core.settings import load_settings
     from eval.results import open_results
-    from train.pipeline import check_comparison
+    from train.checks import check_comparison
     from train.recipe import CheckSpec
 
     settings = load_settings(runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"))

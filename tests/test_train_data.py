@@ -11,8 +11,9 @@ import pytest
 from core.errors import UserError
 from eval.task import find_task
 from bench.fixtures import CHATML, tiny_tokenizer
-from train.data import (IGNORE_INDEX, CleaningReport, Conversation, clean, ensure_chat_template,
-                        load_conversations, normalise_whitespace, split, strip_html, style_prompt, tokenize)
+from train.data import (CleaningReport, Conversation, clean, load_conversations, normalise_whitespace, split,
+                        strip_html, style_prompt)
+from train.prepare import IGNORE_INDEX, ensure_chat_template, tokenize
 
 U, A = "user", "assistant"
 
@@ -227,7 +228,7 @@ def test_a_synth_source_is_read_from_the_runs_directory_given_wherever_the_comma
     from core.artifacts import SynthProvenance, write_artifact
     from core.workspace import Workspace
     from train.recipe import Recipe
-    from train.trainer import source_conversations
+    from train.prepare import source_conversations
 
     runs = tmp_path / "elsewhere" / "runs"
     folder = Workspace(runs).synth_root / "fact"

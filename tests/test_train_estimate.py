@@ -82,7 +82,7 @@ def test_the_training_tokens_are_what_the_trainer_tokenises(tiny_card):
     from models.store import read_manifest
     from train.estimate import TRAIN_EFFICIENCY, train_estimate
     from train.recipe import load_recipe
-    from train.trainer import prepare_data
+    from train.prepare import prepare_data
 
     settings = Settings(runs_dir=tiny_card / "runs", cache_dir=tiny_card / "cache")
     spec = load_recipe(REPO / "train" / "quick.yaml").model_copy(update={"compute_dtype": "fp32"})

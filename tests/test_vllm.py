@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from serve.launcher import vllm_python
+from serve.engines import vllm_python
 from bench.fixtures import build_tiny_qwen2
 from tests.conftest import REPO
 
@@ -36,7 +36,8 @@ def _target(model_dir):
 
 @needs_vllm
 def test_vllm_serves_both_modes_with_parity_against_the_local_model(tmp_path, task_data):
-    from serve.launcher import engine_for, launch, vllm_engine
+    from serve.engines import engine_for, vllm_engine
+    from serve.launcher import launch
     from serve.rescore import rescore
 
     # vLLM's CPU attention wants a head size of 32 or more; a wide initialisation gives replies

@@ -1,5 +1,5 @@
-"""Training data: read what users bring, clean it with a printed report, split it, and turn each
-conversation into token ids whose labels cover the assistant's tokens only.
+"""Training data: read what users bring, clean it with a printed report and split it
+(train/prepare.py turns each conversation into token ids).
 
 Formats (auto-detected from a row's keys, or declared):
 - `alpaca`: instruction, input, output, optional system and history ([[instruction, answer], ...])
@@ -21,7 +21,6 @@ import re
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Literal
 
 from core.errors import UserError
 from core.rows import BadLine, read_rows
@@ -40,17 +39,6 @@ _SIGNATURES: list[tuple[str, set[str]]] = [
     ("prompt_completion", {"prompt", "completion"}),
 ]
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-# For models without a chat template (gemma3-270m): Alpaca's layout as a Jinja chat template, so
-# that training, the merged checkpoint and serving share one code path (apply_chat_template).
-ALPACA_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{{ m['content'] + '\\n\\n' }}"
-    "{% elif m['role'] == 'user' %}{{ '### Instruction:\\n' + m['content'] + '\\n\\n### Response:\\n' }}"
-    "{% else %}{{ m['content'] + eos_token + '\\n\\n' }}{% endif %}"
-    "{% endfor %}"
-)
-"""A user turn ends with "### Response:\n", so the generation prompt needs nothing more."""
 
 
 @dataclass(frozen=True)
@@ -337,64 +325,3 @@ def save_split(parts: dict[str, list[Conversation]], out_dir: Path) -> None:
     for name, convs in parts.items():
         write_text_atomic(out_dir / f"{name}.jsonl", "".join(
             json.dumps({"messages": c.messages, "source": c.source}, ensure_ascii=False) + "\n" for c in convs))
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenising with assistant-only labels
-
-IGNORE_INDEX = -100
-
-
-@dataclass(frozen=True)
-class Example:
-    input_ids: list[int]
-    labels: list[int]
-    """input_ids where the model must learn the token (assistant replies and their end-of-turn
-    marks), IGNORE_INDEX elsewhere."""
-    source: str
-
-
-def ensure_chat_template(tokenizer) -> bool:
-    """Give a tokenizer without a chat template the Alpaca layout; True when it was added."""
-    if tokenizer.chat_template:
-        return False
-    tokenizer.chat_template = ALPACA_CHAT_TEMPLATE
-    return True
-
-
-def _assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of each assistant reply (with the
-    template's end-of-turn text), found by rendering growing prefixes of the conversation."""
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not (full.startswith(upto) and upto.startswith(before)):
-            raise UserError("the chat template does not render a conversation as a growing prefix; "
-                            "assistant tokens cannot be located")
-        spans.append((len(before), len(upto)))
-    return full, spans
-
-
-def tokenize(tokenizer, conv: Conversation, max_length: int, overlong: Literal["truncate", "drop"],
-             report: CleaningReport) -> Example | None:
-    text, spans = _assistant_spans(tokenizer, conv.messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = []
-    for tok, (start, end) in zip(enc.input_ids, enc.offset_mapping):
-        inside = any(s <= start and end <= e and end > start for s, e in spans)
-        labels.append(tok if inside else IGNORE_INDEX)
-    ids = list(enc.input_ids)
-    if len(ids) > max_length:
-        if overlong == "drop":
-            report.overlong_dropped += 1
-            return None
-        ids, labels = ids[:max_length], labels[:max_length]
-        report.overlong_truncated += 1
-    if all(label == IGNORE_INDEX for label in labels):
-        report.overlong_dropped += 1  # truncation left no reply to learn from
-        return None
-    return Example(ids, labels, conv.source)

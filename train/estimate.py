@@ -46,9 +46,11 @@ def train_estimate(settings, recipe, model_name: str | None):
     from models.store import read_manifest
     from train.callbacks import sample_prompts
     from train.checkpoints import probe_entries
-    from train.data import CleaningReport, clean, ensure_chat_template, split, tokenize
-    from train.pipeline import resolve_model, with_suite_samples
-    from train.trainer import compute_dtype, source_conversations
+    from train.data import CleaningReport, clean, split
+    from train.prepare import ensure_chat_template, source_conversations, tokenize
+    from train.checks import with_suite_samples
+    from train.pipeline import resolve_model
+    from train.trainer import compute_dtype
 
     recipe = with_suite_samples(recipe, settings)
     card = find_card(resolve_model(recipe, model_name, settings.workspace))
@@ -126,7 +128,7 @@ def _merge_and_checks(recipe, settings, card, backend, shape, calibration, conn,
     from eval.backends.base import DEFAULT_BATCH_SIZE
     from eval.estimate import StageCost, decode_seconds, pending
     from eval.task import load_items, resolve_task
-    from train.pipeline import all_checks
+    from train.checks import all_checks
 
     tokenizer = backend.tokenizer
     fp32 = (calibration["matmul_gflops"]["float32"], calibration["decode_gflops"]["float32"],

@@ -225,3 +225,23 @@ def synth_output(name: str, synth_root: Path | None, recipe_file: Path) -> tuple
         raise UserError(f"{recipe_file}: data source synth '{name}': that run stopped early ({record.stopped}); "
                         "rerun make data-synth to finish it")
     return output.data, record.format
+
+
+# Attention projections plus MLP, by model_type (LoRA's usual "all linear layers but the head").
+TARGET_MODULES = {
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma3_text": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+    "internlm2": ["wqkv", "wo", "w1", "w2", "w3"],
+}
+
+
+def target_modules(recipe: Recipe, model_type: str) -> list[str]:
+    if recipe.lora.target_modules:
+        return list(recipe.lora.target_modules)
+    if model_type not in TARGET_MODULES:
+        raise UserError(f"{recipe.path}: no default LoRA target modules for model_type '{model_type}'; "
+                        f"set lora.target_modules (known: {', '.join(sorted(TARGET_MODULES))})")
+    return TARGET_MODULES[model_type]

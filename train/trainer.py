@@ -4,7 +4,8 @@
 
 The optimiser loop, checkpointing, resume (same data order: the sampler is seeded and Trainer
 skips the batches already seen) and `accelerate launch` on several GPUs are transformers'. Ours:
-- the data (train/data.py): read, clean with a report, split, template, assistant-only labels;
+- the data (train/data.py, train/prepare.py): read, clean with a report, split, template,
+  assistant-only labels;
 - the model: NF4 with double quantisation (or 8-bit, or none), prepare_model_for_kbit_training,
   LoRA on the architecture's attention and MLP projections;
 - a padding collator, length-grouped batches, the label-only loss (train/kernels.py);
@@ -26,95 +27,10 @@ from core.workspace import TrainRun
 from train.callbacks import make_callbacks, sample_prompts
 from train.cpu_memory import CpuAllocator
 from models.loading import cpu_has_bf16
-from train.data import (CleaningReport, Conversation, Example, clean, data_sha256, ensure_chat_template,
-                        load_conversations, save_split, split, tokenize)
+from train.prepare import Example, PreparedData, ensure_chat_template, prepare_data
 from train.kernels import fuse_lora_dropout, fuse_silu_mlps, label_only_loss
-from train.recipe import Recipe, data_path, synth_output
+from train.recipe import Recipe, target_modules
 from train.resume import drop_checkpoints_from, finished, last_complete_checkpoint, truncate_log
-
-
-# Attention projections plus MLP, by model_type (LoRA's usual "all linear layers but the head").
-TARGET_MODULES = {
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gemma3_text": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
-    "internlm2": ["wqkv", "wo", "w1", "w2", "w3"],
-}
-
-
-def target_modules(recipe: Recipe, model_type: str) -> list[str]:
-    if recipe.lora.target_modules:
-        return list(recipe.lora.target_modules)
-    if model_type not in TARGET_MODULES:
-        raise UserError(f"{recipe.path}: no default LoRA target modules for model_type '{model_type}'; "
-                        f"set lora.target_modules (known: {', '.join(sorted(TARGET_MODULES))})")
-    return TARGET_MODULES[model_type]
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-
-
-def source_conversations(recipe: Recipe, data_dir: Path, report: CleaningReport,
-                         synth_root: Path | None = None) -> list[Conversation]:
-    from eval.task import load_items, resolve_task
-
-    out: list[Conversation] = []
-    for src in recipe.data:
-        if src.task is not None:
-            task = resolve_task(src.task, recipe.path.parent)
-            if task.reference_field is None:
-                raise UserError(f"{recipe.path}: task '{src.task}' has no reference answers to train on")
-            items = load_items(task, src.split, data_dir)
-            report.read += len(items)
-            out += [Conversation([*i.messages(), {"role": "assistant", "content": i.gold}],
-                                 f"{task.name}:{i.id}") for i in items]
-        else:
-            path, fmt = (synth_output(src.synth, synth_root, recipe.path) if src.synth is not None
-                         else (data_path(src.path, recipe.path), src.format))
-            out += load_conversations(path, fmt, skip_bad_rows=recipe.skip_bad_rows, report=report,
-                                      prompt_task=src.prompt_task, columns=src.columns)
-    return out
-
-
-@dataclass
-class PreparedData:
-    train: list[Example]
-    val: list[Example]
-    split: dict[str, list[Conversation]]
-    report: CleaningReport
-    sha256: str
-    contamination: dict | None = None
-    """The contamination gate's record (train/contamination.py); None when it was not run."""
-
-
-def prepare_data(recipe: Recipe, tokenizer, data_dir: Path, run_dir: Path,
-                 synth_root: Path | None = None, eval_texts: list | None = None) -> PreparedData:
-    """Read, clean, check against `eval_texts` (the contamination gate, which may stop the run),
-    split (saved under run_dir/data) and tokenise; prints the cleaning report."""
-    report = CleaningReport()
-    conversations = clean(source_conversations(recipe, data_dir, report, synth_root), report)
-    contamination = None
-    if eval_texts is not None:
-        from train.contamination import gate
-
-        contamination = gate(recipe, conversations, eval_texts)
-    parts = split(conversations, recipe.split, recipe.seed)
-    save_split(parts, TrainRun(run_dir).data)
-    examples = {}
-    for name in ("train", "val"):
-        tokenized = [tokenize(tokenizer, c, recipe.max_length, recipe.overlong, report) for c in parts[name]]
-        examples[name] = [e for e in tokenized if e is not None]
-    report.kept = sum(len(v) for v in parts.values()) - report.overlong_dropped
-    for line in report.lines():
-        print(f"data: {line}")
-    for problem in report.problems:
-        print(f"data: skipped {problem}")
-    if not examples["train"]:
-        raise UserError(f"{recipe.path}: no training examples left after cleaning")
-    return PreparedData(examples["train"], examples["val"], parts, report, data_sha256(conversations), contamination)
 
 
 class PadCollator:
