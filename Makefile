@@ -149,6 +149,7 @@ test-setup: ## everything `make test` needs, the venvs and the browser installed
 	$(MAKE) --no-print-directory $(LINKED)
 
 test: test-setup ## lint with ruff, then run the test suite (PYTEST_ARGS=... to pass options)
+	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
 	SELECTUNE_DATA_DIR=$(DATA_DIR) $(PY) -m pytest $(PYTEST_ARGS)
 

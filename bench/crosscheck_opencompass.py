@@ -39,8 +39,9 @@ from core.settings import load_settings  # noqa: E402
 from eval_speed import add_model_options, body_and_head  # noqa: E402  (bench/, the script's folder)
 
 
-def needed_gflop(backend: HFBackend, items, outputs: dict[str, str], max_new_tokens: int,
-                 batch_size: int) -> tuple[float, float]:
+def needed_gflop(
+    backend: HFBackend, items, outputs: dict[str, str], max_new_tokens: int, batch_size: int
+) -> tuple[float, float]:
     """(GFLOP our run does, GFLOP with every prompt run whole). The runner's chunks; in each, a
     prompt asked twice is generated once, as the backend does. Prompt tokens go through the body
     once, except a prefix shared by a batch, which runs once while it stays the same; reply
@@ -57,7 +58,7 @@ def needed_gflop(backend: HFBackend, items, outputs: dict[str, str], max_new_tok
     prompt = full = replies = replies_all = generated = 0
     last = None
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         unique = {tuple(backend._encode(backend.render(i.messages(), i.raw()))): i for i in reversed(chunk)}
         seqs = list(unique)
         full += sum(len(backend._encode(backend.render(i.messages(), i.raw()))) for i in chunk)
@@ -82,15 +83,21 @@ def main() -> int:
     parser.add_argument("--split", default="dev")
     parser.add_argument("--limit", type=int)
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="rounds of both runs; the speed-up printed last is the median of the rounds'")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds of both runs; the speed-up printed last is the median of the rounds'",
+    )
     add_model_options(parser)
     args = parser.parse_args()
     settings = load_settings(cache_dir=args.cache_dir, data_dir=args.data_dir)
     card, task = find_card(args.model), find_task(args.task)
     if card.chat_template != "tokenizer":
-        print(f"crosscheck: {card.name} has no chat template; this check drives OpenCompass's chat "
-              "model class", file=sys.stderr)
+        print(
+            f"crosscheck: {card.name} has no chat template; this check drives OpenCompass's chat model class",
+            file=sys.stderr,
+        )
         return 2
     manifest = read_manifest(card, settings.model_store)
     if manifest is None:
@@ -104,36 +111,56 @@ def main() -> int:
     for n in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
-            backend = make_backend("hf", card, settings.model_store, batch_size=args.batch_size,
-                                prepack=not args.no_prepack)
+            backend = make_backend(
+                "hf", card, settings.model_store, batch_size=args.batch_size, prepack=not args.no_prepack
+            )
             loaded = time.perf_counter()
-            ours = run_task(backend, task, args.split, "gen", items, open_results(Path(tmp)),
-                            chunk_size=args.batch_size)
+            ours = run_task(
+                backend, task, args.split, "gen", items, open_results(Path(tmp)), chunk_size=args.batch_size
+            )
             t_ours = time.perf_counter() - started
             t_ours_infer = time.perf_counter() - loaded
             backend_kernel = backend.identity["linear_kernel"]
-            gflop, gflop_whole = needed_gflop(backend, items, {r["item_id"]: r["output"] for r in ours.items},
-                                              task.gen.max_new_tokens, args.batch_size)
+            gflop, gflop_whole = needed_gflop(
+                backend,
+                items,
+                {r["item_id"]: r["output"] for r in ours.items},
+                task.gen.max_new_tokens,
+                args.batch_size,
+            )
             del backend
             workdir = Path(tmp) / "oc"
-            abbr = write_workdir(workdir, settings.resolved_data_dir, Path(manifest["checkpoint"]), args.task,
-                                 args.split, limit=args.limit, batch_size=args.batch_size,
-                                 max_out_len=task.gen.max_new_tokens)
+            abbr = write_workdir(
+                workdir,
+                settings.resolved_data_dir,
+                Path(manifest["checkpoint"]),
+                args.task,
+                args.split,
+                limit=args.limit,
+                batch_size=args.batch_size,
+                max_out_len=task.gen.max_new_tokens,
+            )
             theirs = run_opencompass(workdir, abbr)
         order = {item.id: n for n, item in enumerate(items)}
         report = compare(sorted(ours.items, key=lambda r: order[r["item_id"]]), theirs)
         rounds.append((t_ours, t_ours_infer, theirs, report))
     n = report["items"]
-    print(f"{card.name} on {task.name}-{args.split} gen, {n} items, batch {args.batch_size}, "
-          f"{args.repeats} round(s) (each: ours, then OpenCompass); our linears: {backend_kernel}")
+    print(
+        f"{card.name} on {task.name}-{args.split} gen, {n} items, batch {args.batch_size}, "
+        f"{args.repeats} round(s) (each: ours, then OpenCompass); our linears: {backend_kernel}"
+    )
     for k, (t_ours, t_ours_infer, theirs, report) in enumerate(rounds, 1):
-        print(f"  round {k}: selectune {t_ours:6.1f} s ({t_ours_infer:.1f} s without its model load), "
-              f"first-capital accuracy {report['selectune_accuracy_opencompass']:.4f}; OpenCompass "
-              f"{theirs.seconds:6.1f} s (inference alone {theirs.infer_seconds:.1f} s), accuracy "
-              f"{theirs.accuracy:.4f}; {theirs.seconds / t_ours:.2f}x end to end, "
-              f"{theirs.infer_seconds / t_ours_infer:.2f}x inference against inference")
-        print(f"    first-capital predictions that differ: {report['differing_first_capital']}; replies "
-              f"whose text differs: {report['differing_text']}; gold mismatches: {report['gold_mismatches']}")
+        print(
+            f"  round {k}: selectune {t_ours:6.1f} s ({t_ours_infer:.1f} s without its model load), "
+            f"first-capital accuracy {report['selectune_accuracy_opencompass']:.4f}; OpenCompass "
+            f"{theirs.seconds:6.1f} s (inference alone {theirs.infer_seconds:.1f} s), accuracy "
+            f"{theirs.accuracy:.4f}; {theirs.seconds / t_ours:.2f}x end to end, "
+            f"{theirs.infer_seconds / t_ours_infer:.2f}x inference against inference"
+        )
+        print(
+            f"    first-capital predictions that differ: {report['differing_first_capital']}; replies "
+            f"whose text differs: {report['differing_text']}; gold mismatches: {report['gold_mismatches']}"
+        )
     end_to_end = statistics.median(r[2].seconds / r[0] for r in rounds)
     inference = statistics.median(r[2].infer_seconds / r[1] for r in rounds)
     print(f"  median speed-up {end_to_end:.2f}x end to end, {inference:.2f}x inference against inference")
@@ -141,11 +168,15 @@ def main() -> int:
     from models.machine import calibration
 
     peak = calibration(settings.cache_dir)["matmul_gflops"]["float32"]
-    print(f"  our work {gflop:.0f} GFLOP at {gflop / t_ours:.0f} GFLOP/s (median time) = "
-          f"{gflop / t_ours / peak:.0%} of this machine's calibrated fp32 rate (`make machine`: {peak:.0f} GFLOP/s); "
-          f"{gflop_whole:.0f} GFLOP with every prompt run whole, as OpenCompass does")
+    print(
+        f"  our work {gflop:.0f} GFLOP at {gflop / t_ours:.0f} GFLOP/s (median time) = "
+        f"{gflop / t_ours / peak:.0%} of this machine's calibrated fp32 rate (`make machine`: {peak:.0f} GFLOP/s); "
+        f"{gflop_whole:.0f} GFLOP with every prompt run whole, as OpenCompass does"
+    )
     print(json.dumps(report))
-    return 0 if all(r[3]["differing_first_capital"] == 0 and r[3]["gold_mismatches"] == 0 for r in rounds) else 1
+    return (
+        0 if all(r[3]["differing_first_capital"] == 0 and r[3]["gold_mismatches"] == 0 for r in rounds) else 1
+    )
 
 
 if __name__ == "__main__":

@@ -46,29 +46,48 @@ def main(argv=None) -> int:
     for run_id, model, task_name, split, mode, meta, seconds in rows:
         meta = json.loads(meta)
         manifest = read_manifest(card := find_card(model), settings.model_store) if "+" not in model else None
-        if manifest is None or meta.get("order"):  # merged fine-tunes and sequential rounds: not estimated here
+        if manifest is None or meta.get(
+            "order"
+        ):  # merged fine-tunes and sequential rounds: not estimated here
             continue
         dtype = meta["identity"]["dtype"]
-        backend = make_backend("hf", card, settings.model_store, lazy=True, batch_size=meta["chunk_size"],
-                               device="cpu", dtype=dtype)
+        backend = make_backend(
+            "hf",
+            card,
+            settings.model_store,
+            lazy=True,
+            batch_size=meta["chunk_size"],
+            device="cpu",
+            dtype=dtype,
+        )
         shape = E.checkpoint_shape(card, Path(manifest["checkpoint"]))
         task = find_task(task_name)
         items = load_items(task, split, settings.resolved_data_dir)
         replies = {i["item_id"]: i["output"] for i in run_items(conn, run_id)}
         kw = dict(chunk_size=meta["chunk_size"])
-        exact = E.entry_cost(backend, shape, task, split, mode, items, calibration, dtype, replies=replies, **kw)
-        before = E.entry_cost(backend, shape, task, split, mode, items, calibration, dtype, conn=conn_history, **kw)
-        load = 0.0 if model in loaded else E.load_seconds(shape, calibration["load_gbs"], E.DTYPE_BYTES[dtype])
+        exact = E.entry_cost(
+            backend, shape, task, split, mode, items, calibration, dtype, replies=replies, **kw
+        )
+        before = E.entry_cost(
+            backend, shape, task, split, mode, items, calibration, dtype, conn=conn_history, **kw
+        )
+        load = (
+            0.0 if model in loaded else E.load_seconds(shape, calibration["load_gbs"], E.DTYPE_BYTES[dtype])
+        )
         loaded.add(model)
         estimated, upper = exact.seconds + load, before.seconds + load
         totals = [totals[0] + seconds, totals[1] + estimated, totals[2] + upper]
-        print(f"{model[:28] + ' ' + exact.entry:58} {seconds:8.1f}s {estimated:8.1f}s {estimated / seconds:6.2f} "
-              f"{upper:7.1f}s {upper / seconds:6.2f}")
+        print(
+            f"{model[:28] + ' ' + exact.entry:58} {seconds:8.1f}s {estimated:8.1f}s {estimated / seconds:6.2f} "
+            f"{upper:7.1f}s {upper / seconds:6.2f}"
+        )
     conn.close()
     if dtype is None:
         sys.exit(f"{settings.workspace.results_db}: no finished run of a provisioned card to check")
-    print(f"{'all runs':58} {totals[0]:8.1f}s {totals[1]:8.1f}s {totals[1] / totals[0]:6.2f} "
-          f"{totals[2]:7.1f}s {totals[2] / totals[0]:6.2f}")
+    print(
+        f"{'all runs':58} {totals[0]:8.1f}s {totals[1]:8.1f}s {totals[1] / totals[0]:6.2f} "
+        f"{totals[2]:7.1f}s {totals[2] / totals[0]:6.2f}"
+    )
     print(f"calibration: {E.machine_line(calibration, dtype)}")
     return 0
 

@@ -35,9 +35,12 @@ from core.settings import load_settings  # noqa: E402
 def add_model_options(parser) -> None:
     """The options both reference-tool benches take: the kernel of our linears, and where the
     model store and the public data are."""
-    parser.add_argument("--no-prepack", action="store_true",
-                        help="run our fp32 linears through torch's default kernel (MKL's sgemm), as the "
-                             "reference tool does, instead of oneDNN with packed weights")
+    parser.add_argument(
+        "--no-prepack",
+        action="store_true",
+        help="run our fp32 linears through torch's default kernel (MKL's sgemm), as the "
+        "reference tool does, instead of oneDNN with packed weights",
+    )
     parser.add_argument("--cache-dir")
     parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -48,8 +51,11 @@ def body_and_head(model) -> tuple[int, int]:
     config = model.config
     skip = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
     body = sum(p.numel() for m in model.modules() if id(m) not in skip for p in m.parameters(recurse=False))
-    body += sum(m.in_features * m.out_features + (m.bias.numel() if m.bias is not None else 0)
-                for m in model.modules() if hasattr(m, "packed") and id(m) not in skip)
+    body += sum(
+        m.in_features * m.out_features + (m.bias.numel() if m.bias is not None else 0)
+        for m in model.modules()
+        if hasattr(m, "packed") and id(m) not in skip
+    )
     return body, config.hidden_size * config.vocab_size
 
 
@@ -65,8 +71,8 @@ def needed_gflop(backend, chunks: list[list[LoglikelihoodRequest]]) -> float:
     for requests in chunks:
         rows = sorted(backend._rows(requests), key=lambda r: -len(r.ids))
         for start in range(0, len(rows), backend.batch_size):
-            batch = rows[start:start + backend.batch_size]
-            shared = shared_prefix_length([r.ids[:len(r.ids) - r.tail] for r in batch])
+            batch = rows[start : start + backend.batch_size]
+            shared = shared_prefix_length([r.ids[: len(r.ids) - r.tail] for r in batch])
             shared = shared if shared >= 2 else 0
             tokens += sum(len(r.ids) - shared for r in batch)
             if shared and tuple(batch[0].ids[:shared]) != last:
@@ -97,33 +103,51 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        backend = make_backend("hf", card, settings.model_store, batch_size=args.batch_size,
-                               prepack=not args.no_prepack)
-        ours = run_task(backend, task, args.split, "ppl", items, open_results(Path(tmp)),
-                        chunk_size=args.batch_size)
+        backend = make_backend(
+            "hf", card, settings.model_store, batch_size=args.batch_size, prepack=not args.no_prepack
+        )
+        ours = run_task(
+            backend, task, args.split, "ppl", items, open_results(Path(tmp)), chunk_size=args.batch_size
+        )
         t_ours = time.perf_counter() - started
         kernel = backend.identity["linear_kernel"]
         order = sorted(items, key=lambda i: (len(i.user), i.id))  # the runner's chunks
-        chunks = [[LoglikelihoodRequest(i.messages(), c, i.raw()) for i in order[k:k + args.batch_size]
-                   for c in task.choices] for k in range(0, len(order), args.batch_size)]
+        chunks = [
+            [
+                LoglikelihoodRequest(i.messages(), c, i.raw())
+                for i in order[k : k + args.batch_size]
+                for c in task.choices
+            ]
+            for k in range(0, len(order), args.batch_size)
+        ]
         gflop = needed_gflop(backend, chunks)
         del backend
-        name = export_task(task, args.split, items, Path(tmp) / "lm_eval",
-                           chat=card.chat_template == "tokenizer")
+        name = export_task(
+            task, args.split, items, Path(tmp) / "lm_eval", chat=card.chat_template == "tokenizer"
+        )
         started = time.perf_counter()
-        theirs = run_lm_eval(manifest["checkpoint"], name, Path(tmp) / "lm_eval",
-                             chat_template=card.chat_template == "tokenizer", batch_size=args.batch_size)
+        theirs = run_lm_eval(
+            manifest["checkpoint"],
+            name,
+            Path(tmp) / "lm_eval",
+            chat_template=card.chat_template == "tokenizer",
+            batch_size=args.batch_size,
+        )
         t_theirs = time.perf_counter() - started
 
     acc = sum(r["scores"]["accuracy"] for r in ours.items) / len(ours.items)
     differ = sum(theirs.predictions[r["item_id"]] != r["parsed"] for r in ours.items)
     n = len(items)
-    print(f"{card.name} on {task.name}-{args.split} ppl, {n} items, batch {args.batch_size}; our linears: {kernel}")
+    print(
+        f"{card.name} on {task.name}-{args.split} ppl, {n} items, batch {args.batch_size}; our linears: {kernel}"
+    )
     print(f"  selectune: {t_ours:6.1f} s  {n / t_ours:6.2f} items/s  accuracy {acc:.4f}")
     print(f"  lm-eval:   {t_theirs:6.1f} s  {n / t_theirs:6.2f} items/s  accuracy {theirs.accuracy:.4f}")
     print(f"  speed-up {t_theirs / t_ours:.2f}x; predictions that differ: {differ}")
-    print(f"  our work {gflop:.0f} GFLOP at {gflop / t_ours:.0f} GFLOP/s = "
-          f"{gflop / t_ours / peak:.0%} of this machine's calibrated fp32 rate (`make machine`: {peak:.0f} GFLOP/s)")
+    print(
+        f"  our work {gflop:.0f} GFLOP at {gflop / t_ours:.0f} GFLOP/s = "
+        f"{gflop / t_ours / peak:.0%} of this machine's calibrated fp32 rate (`make machine`: {peak:.0f} GFLOP/s)"
+    )
     return 0 if differ == 0 else 1
 
 

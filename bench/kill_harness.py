@@ -40,9 +40,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 CARD = "qwen2.5-1.5b-instruct"
-VOLATILE = {"created", "git_revision", "seconds", "items_computed", "items_per_s", "train_seconds",
-            "total_seconds", "resumed_from", "serving", "started", "finished", "time", "elapsed_s",
-            "versions", "wall_s", "base_url"}
+VOLATILE = {
+    "created",
+    "git_revision",
+    "seconds",
+    "items_computed",
+    "items_per_s",
+    "train_seconds",
+    "total_seconds",
+    "resumed_from",
+    "serving",
+    "started",
+    "finished",
+    "time",
+    "elapsed_s",
+    "versions",
+    "wall_s",
+    "base_url",
+}
 SUITE = """name: kill
 description: the kill harness's suite
 entries:
@@ -111,15 +126,20 @@ def stored(work: Path) -> str:
     workspace = Workspace(work / "runs")
     if workspace.results_db.is_file():
         try:
-            parts += [f"{t} {n}" for t, n in row_counts(workspace.results_db, ("items", "teacher_calls")).items()]
+            parts += [
+                f"{t} {n}" for t, n in row_counts(workspace.results_db, ("items", "teacher_calls")).items()
+            ]
         except sqlite3.Error:
             pass
     for run in (TrainRun(d) for d in workspace.train_dir.glob("*/")):
         steps = run.evaluation_steps()
         done = sum(run.evaluation_scores(step).is_file() for step in steps)
-        parts.append(f"{len(list(run.checkpoints.glob('checkpoint-*')))} checkpoints, "
-                     f"{done} checkpoint evaluations" + (" and one under way" if len(steps) > done else "")
-                     + (", merged" if run.merged.is_dir() else ""))
+        parts.append(
+            f"{len(list(run.checkpoints.glob('checkpoint-*')))} checkpoints, "
+            f"{done} checkpoint evaluations"
+            + (" and one under way" if len(steps) > done else "")
+            + (", merged" if run.merged.is_dir() else "")
+        )
     return ", ".join(parts) or "nothing stored"
 
 
@@ -150,33 +170,81 @@ def prepare(root: Path, teacher_url: str) -> tuple[Path, dict[str, Command]]:
 
     def rescore_artifacts(w: Path):
         records = Workspace(w / "runs").rescore_records()
-        return {"record": read_json(records[0], w) if records else None,
-                "items": stored_items(w / "runs")}
+        return {"record": read_json(records[0], w) if records else None, "items": stored_items(w / "runs")}
 
     def synth_artifacts(w: Path):
         out = Workspace(w / "runs").synth_output("mini")
-        return {path.name: path.read_text(encoding="utf-8") if path.is_file() else None
-                for path in (out.data, out.report)}
+        return {
+            path.name: path.read_text(encoding="utf-8") if path.is_file() else None
+            for path in (out.data, out.report)
+        }
 
     commands = {
-        "select": Command("select", [*py, "select", "--suite", str(root / "my" / "kill.yaml"), "--models",
-                                     f"{CARD},{tiny}", "--design", "fixed"], select_artifacts),
-        "train": Command("train", [*py, "train", "--recipe", str(root / "my" / "train.yaml"), "--model", CARD],
-                         train_artifacts),
-        "rescore": Command("rescore", [*py, "rescore", "--engine", "transformers", "--tasks", "fact", "--limit",
-                                       "12", "--figure-concurrency", "1", "--min-agreement", "0.5"], rescore_artifacts),
-        "data-synth": Command("data-synth", [*py, "data-synth", "--recipe", str(synth_recipe), "--base-url",
-                                             teacher_url, "--teacher-model", "teacher"], synth_artifacts),
+        "select": Command(
+            "select",
+            [
+                *py,
+                "select",
+                "--suite",
+                str(root / "my" / "kill.yaml"),
+                "--models",
+                f"{CARD},{tiny}",
+                "--design",
+                "fixed",
+            ],
+            select_artifacts,
+        ),
+        "train": Command(
+            "train",
+            [*py, "train", "--recipe", str(root / "my" / "train.yaml"), "--model", CARD],
+            train_artifacts,
+        ),
+        "rescore": Command(
+            "rescore",
+            [
+                *py,
+                "rescore",
+                "--engine",
+                "transformers",
+                "--tasks",
+                "fact",
+                "--limit",
+                "12",
+                "--figure-concurrency",
+                "1",
+                "--min-agreement",
+                "0.5",
+            ],
+            rescore_artifacts,
+        ),
+        "data-synth": Command(
+            "data-synth",
+            [
+                *py,
+                "data-synth",
+                "--recipe",
+                str(synth_recipe),
+                "--base-url",
+                teacher_url,
+                "--teacher-model",
+                "teacher",
+            ],
+            synth_artifacts,
+        ),
     }
     return tiny, commands
 
 
-def run(cmd: Command, work: Path, *, kill_after: float | None = None, log: Path | None = None) -> tuple[int, float]:
+def run(
+    cmd: Command, work: Path, *, kill_after: float | None = None, log: Path | None = None
+) -> tuple[int, float]:
     args = [a.replace("{W}", str(work)) for a in cmd.args]
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
     out = open(log or os.devnull, "a", encoding="utf-8")
     started = time.monotonic()
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         if kill_after is None:
             return proc.wait(), time.monotonic() - started
@@ -214,7 +282,9 @@ def same(name: str, a: dict, b: dict) -> tuple[bool, str]:
     if name == "train":
         diff = adapter_diff(a["adapter"], b["adapter"])
         ok = a["summary"] == b["summary"] and a["summary"] is not None and diff <= 1e-4
-        return ok, f"adapter max |diff| {diff:.1e}" + ("" if a["summary"] == b["summary"] else "; summary differs")
+        return ok, f"adapter max |diff| {diff:.1e}" + (
+            "" if a["summary"] == b["summary"] else "; summary differs"
+        )
     ok = a == b and all(v is not None for v in a.values())
     return ok, "identical" if ok else "differs: " + ", ".join(k for k in a if a[k] != b.get(k))
 
@@ -224,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--commands", default="select,train,rescore,data-synth")
-    parser.add_argument("--work", type=Path, help="a folder to keep the workspaces in (default: a temporary one)")
+    parser.add_argument(
+        "--work", type=Path, help="a folder to keep the workspaces in (default: a temporary one)"
+    )
     args = parser.parse_args(argv)
 
     from bench.fixtures import teacher_reply
@@ -259,16 +331,23 @@ def main(argv: list[str] | None = None) -> int:
                 left = leftover_servers(work)
                 at_kill = stored(work)
                 code, _ = run(cmd, work, log=root / f"{name}-{k}.log")
-                ok, why = same(name, reference, cmd.artifacts(work)) if code == 0 else (False, f"rerun exit {code}")
+                ok, why = (
+                    same(name, reference, cmd.artifacts(work)) if code == 0 else (False, f"rerun exit {code}")
+                )
                 good += ok
                 mid += killed == -9
                 how = "killed" if killed == -9 else "done before"
-                print(f"{name} kill {k + 1}: at {at:.1f} s of {wall:.1f} s ({how}; "
-                      f"held {at_kill}{'' if at_kill != before else ', as at the start'})"
-                      f"{f', {left} server process(es) left and stopped' if left else ''}; resume: {why}", flush=True)
+                print(
+                    f"{name} kill {k + 1}: at {at:.1f} s of {wall:.1f} s ({how}; "
+                    f"held {at_kill}{'' if at_kill != before else ', as at the start'})"
+                    f"{f', {left} server process(es) left and stopped' if left else ''}; resume: {why}",
+                    flush=True,
+                )
             summary[name] = (good, args.kills, mid, wall)
-            print(f"{name}: {good}/{args.kills} identical resumes ({mid} killed mid-run; uninterrupted {wall:.1f} s)",
-                  flush=True)
+            print(
+                f"{name}: {good}/{args.kills} identical resumes ({mid} killed mid-run; uninterrupted {wall:.1f} s)",
+                flush=True,
+            )
             if name == "train":  # rescore serves this run's merged model
                 shutil.rmtree(base)
                 shutil.copytree(ref, base)

@@ -41,9 +41,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     store = load_settings(cache_dir=args.cache_dir).model_store
-    cards = [c for c in load_cards().values()
-             if (args.card is None or c.name in args.card) and c.source.kind == "pypi-gguf"
-             and read_manifest(c, store) is not None]
+    cards = [
+        c
+        for c in load_cards().values()
+        if (args.card is None or c.name in args.card)
+        and c.source.kind == "pypi-gguf"
+        and read_manifest(c, store) is not None
+    ]
     if not cards:
         print("bench: no provisioned GGUF card; run `make models` first", file=sys.stderr)
         return 2

@@ -25,7 +25,9 @@ from eval.stats import compare  # noqa: E402
 from eval.summary import comparison_text  # noqa: E402
 
 
-def merged_scores(workspace: Workspace, run: TrainRun, summary: TrainSummary, check: dict) -> dict[str, float]:
+def merged_scores(
+    workspace: Workspace, run: TrainRun, summary: TrainSummary, check: dict
+) -> dict[str, float]:
     """item id -> the merged model's score on `check`: from the checkpoint evaluation it reused,
     else from the run `make train` stored."""
     metric = check["metric"]
@@ -36,10 +38,13 @@ def merged_scores(workspace: Workspace, run: TrainRun, summary: TrainSummary, ch
         return dict(zip(entry["ids"], entry["scores"]))
     conn = sqlite3.connect(workspace.results_db)
     try:
-        run_id = newest_finished_run(conn, summary.merged_model, check["task"], check["split"],
-                                     check.get("mode", "gen"))
+        run_id = newest_finished_run(
+            conn, summary.merged_model, check["task"], check["split"], check.get("mode", "gen")
+        )
         if run_id is None:
-            sys.exit(f"{run.root}: no stored run of {summary.merged_model} on {check['task']}-{check['split']}")
+            sys.exit(
+                f"{run.root}: no stored run of {summary.merged_model} on {check['task']}-{check['split']}"
+            )
         return {i["item_id"]: i["scores"][metric] for i in run_items(conn, run_id)}
     finally:
         conn.close()
@@ -60,7 +65,9 @@ def main(argv=None) -> int:
     worse = {args.a: [], args.b: []}
     for check in summaries[args.a].checks:
         key = (check["task"], check["split"], check.get("mode", "gen"))
-        other = next(c for c in summaries[args.b].checks if (c["task"], c["split"], c.get("mode", "gen")) == key)
+        other = next(
+            c for c in summaries[args.b].checks if (c["task"], c["split"], c.get("mode", "gen")) == key
+        )
         a = merged_scores(workspace, runs[args.a], summaries[args.a], check)
         b = merged_scores(workspace, runs[args.b], summaries[args.b], other)
         ids = sorted(set(a) & set(b))
@@ -69,13 +76,17 @@ def main(argv=None) -> int:
         t = comparison_text(c)
         role = check.get("role", "check")
         mean_a, mean_b = (sum(x[i] for i in ids) / len(ids) for x in (a, b))
-        print(f"{key[0]}-{key[1]} {key[2]} {metric} ({role}, {len(ids)} items): a {mean_a:.4f}, b {mean_b:.4f}, "
-              f"b - a {t['diff_text']} {t['ci']}, p {t['p_text']} ({c['test']}): {c['verdict']} for b")
+        print(
+            f"{key[0]}-{key[1]} {key[2]} {metric} ({role}, {len(ids)} items): a {mean_a:.4f}, b {mean_b:.4f}, "
+            f"b - a {t['diff_text']} {t['ci']}, p {t['p_text']} ({c['test']}): {c['verdict']} for b"
+        )
         if c["significant"]:
             (better if c["better"] else worse)[args.b].append((role, key))
             (worse if c["better"] else better)[args.a].append((role, key))
     winners = [n for n in (args.a, args.b) if any(r == "check" for r, _ in better[n]) and not worse[n]]
-    print(f"wins: {winners[0] if winners else 'neither (no significant difference on a check without a loss)'}")
+    print(
+        f"wins: {winners[0] if winners else 'neither (no significant difference on a check without a loss)'}"
+    )
     return 0
 
 

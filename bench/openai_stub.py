@@ -14,7 +14,9 @@ from eval.backends.base import GenRequest
 
 
 class StubState:
-    def __init__(self, backend, *, fail_first: int = 0, logprobs: bool = True, models: tuple[str, ...] = ("stub",)):
+    def __init__(
+        self, backend, *, fail_first: int = 0, logprobs: bool = True, models: tuple[str, ...] = ("stub",)
+    ):
         self.backend = backend
         self.models = models
         self.fail_first = fail_first
@@ -31,8 +33,11 @@ class StubState:
         with torch.no_grad():
             logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
         values = [None] + [logprobs[i - 1, ids[i]].item() for i in range(1, len(ids))]
-        return {"text_offset": [s for s, _ in enc.offset_mapping] + [len(prompt)],
-                "token_logprobs": values + [-1.0], "tokens": [tok.decode([i]) for i in ids] + ["x"]}
+        return {
+            "text_offset": [s for s, _ in enc.offset_mapping] + [len(prompt)],
+            "token_logprobs": values + [-1.0],
+            "tokens": [tok.decode([i]) for i in ids] + ["x"],
+        }
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -52,7 +57,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         state = self.server.state
         if self.path == "/v1/models":
-            return self._send(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in state.models]})
+            return self._send(
+                200, {"object": "list", "data": [{"id": m, "object": "model"} for m in state.models]}
+            )
         self._send(404, {"error": "no such route"})
 
     def do_POST(self):

@@ -32,8 +32,23 @@ PER_CANDIDATE_CLOCK = {"seconds", "items_per_s"}
 
 def run_select(runs: Path, suite: str, extra: list[str], settings: list[str]) -> float:
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "selectune", "--runs-dir", str(runs), *settings, "select",
-                           "--suite", suite, *extra], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "selectune",
+            "--runs-dir",
+            str(runs),
+            *settings,
+            "select",
+            "--suite",
+            suite,
+            *extra,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     seconds = time.monotonic() - started
     if done.returncode != 0:
         sys.exit(f"select failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
@@ -44,8 +59,10 @@ def run_select(runs: Path, suite: str, extra: list[str], settings: list[str]) ->
 def start_cluster(nodes: int, cpus: int):
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": cpus, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": cpus, "node_ip_address": "127.0.0.1", "include_dashboard": False},
+    )
     for _ in range(nodes - 1):
         cluster.add_node(num_cpus=cpus, node_ip_address="127.0.0.1")
     cluster.wait_for_nodes()
@@ -58,22 +75,29 @@ def differences(runs: Path, local: Path) -> dict:
 
     def decision(folder: Path) -> dict:
         record = json.loads(Workspace(folder).selection.read_text(encoding="utf-8"))
-        record["candidates"] = [{k: v for k, v in c.items() if k not in PER_CANDIDATE_CLOCK}
-                                for c in record["candidates"]]
+        record["candidates"] = [
+            {k: v for k, v in c.items() if k not in PER_CANDIDATE_CLOCK} for c in record["candidates"]
+        ]
         return {k: v for k, v in record.items() if k not in CLOCK}
 
     def outputs(folder: Path) -> dict:
         with sqlite3.connect(Workspace(folder).results_db) as conn:
-            return {(f"{model} {task}-{split} {mode}", item): output
-                    for task, split, mode, model, item, output, *_ in every_item(conn)}
+            return {
+                (f"{model} {task}-{split} {mode}", item): output
+                for task, split, mode, model, item, output, *_ in every_item(conn)
+            }
 
     a, b = decision(runs), decision(local)
     mine, theirs = outputs(runs), outputs(local)
     differing = sorted({k[0] for k in theirs if mine.get(k) != theirs[k]})
-    return {"keys_differing": sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)),
-            "winner": a["winner"], "local_winner": b["winner"],
-            "outputs_differing": sum(mine.get(k) != v for k, v in theirs.items()), "outputs": len(theirs),
-            "entries_with_differences": differing}
+    return {
+        "keys_differing": sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)),
+        "winner": a["winner"],
+        "local_winner": b["winner"],
+        "outputs_differing": sum(mine.get(k) != v for k, v in theirs.items()),
+        "outputs": len(theirs),
+        "entries_with_differences": differing,
+    }
 
 
 def main() -> int:
@@ -95,7 +119,9 @@ def main() -> int:
         runs.mkdir(parents=True)
         extra = args.select_args.split()
         if layout == "local":
-            rows.append({"layout": layout, "start_s": 0.0, "wall_s": run_select(runs, args.suite, extra, settings)})
+            rows.append(
+                {"layout": layout, "start_s": 0.0, "wall_s": run_select(runs, args.suite, extra, settings)}
+            )
             continue
         shape, _, per_model = layout.partition(":")
         nodes, cpus = (int(x) for x in shape.split("x"))
@@ -103,8 +129,20 @@ def main() -> int:
         cluster = start_cluster(nodes, cpus)
         start_s = time.monotonic() - started
         try:
-            wall = run_select(runs, args.suite, [*extra, "--executor", "ray", "--ray-address", cluster.address,
-                                                 "--cpus-per-model", per_model or "1"], settings)
+            wall = run_select(
+                runs,
+                args.suite,
+                [
+                    *extra,
+                    "--executor",
+                    "ray",
+                    "--ray-address",
+                    cluster.address,
+                    "--cpus-per-model",
+                    per_model or "1",
+                ],
+                settings,
+            )
         finally:
             cluster.shutdown()
         rows.append({"layout": layout, "start_s": start_s, "wall_s": wall})

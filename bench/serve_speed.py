@@ -40,8 +40,10 @@ def cpu_line() -> str:
     fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
     flags = set(fields.get("Flags", "").split())
     wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return (f"{fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs, "
-            f"flags {' '.join(wanted)}")
+    return (
+        f"{fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs, "
+        f"flags {' '.join(wanted)}"
+    )
 
 
 def prompts(data_dir: str, count: int) -> list[list[dict]]:
@@ -68,8 +70,13 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--cache-dir")
     parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    parser.add_argument("--vllm-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="an environment variable for vLLM, e.g. VLLM_CPU_NUM_OF_RESERVED_CPU=0")
+    parser.add_argument(
+        "--vllm-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an environment variable for vLLM, e.g. VLLM_CPU_NUM_OF_RESERVED_CPU=0",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
@@ -81,8 +88,10 @@ def main() -> int:
             sys.exit(f"bench-serve: {args.model} is not provisioned; run `make models CARD={args.model}`")
         checkpoint = Path(manifest["checkpoint"])
     conversations = prompts(str(settings.resolved_data_dir), args.requests)
-    print(f"bench-serve: {checkpoint} in fp32, {len(conversations)} requests of {args.max_tokens} tokens, "
-          f"concurrency 1 and {args.concurrency}; {cpu_line()}")
+    print(
+        f"bench-serve: {checkpoint} in fp32, {len(conversations)} requests of {args.max_tokens} tokens, "
+        f"concurrency 1 and {args.concurrency}; {cpu_line()}"
+    )
     builders = {"vllm": vllm_engine, "transformers": transformers_engine}
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,15 +102,22 @@ def main() -> int:
             started = time.perf_counter()
             with launch(engine, Path(tmp) / f"{name}.log", timeout_s=900) as server:
                 start_s = time.perf_counter() - started
-                figures = serving_figures(server.base_url, server.model_name, conversations,
-                                          max_tokens=args.max_tokens, concurrency=args.concurrency,
-                                          usage_option=name == "vllm")
+                figures = serving_figures(
+                    server.base_url,
+                    server.model_name,
+                    conversations,
+                    max_tokens=args.max_tokens,
+                    concurrency=args.concurrency,
+                    usage_option=name == "vllm",
+                )
             results[name] = {"start_s": round(start_s, 1), "levels": figures}
             print(f"{name}: started in {start_s:.0f} s")
             for level, f in figures.items():
-                print(f"  concurrency {level}: TTFT p50 {f['ttft_p50_s'] * 1000:.0f} ms, latency p50 "
-                      f"{f['latency_p50_s']:.2f} s p95 {f['latency_p95_s']:.2f} s, {f['output_tokens']} tokens, "
-                      f"throughput {f['throughput_output_tokens_per_s']:.1f} tokens/s")
+                print(
+                    f"  concurrency {level}: TTFT p50 {f['ttft_p50_s'] * 1000:.0f} ms, latency p50 "
+                    f"{f['latency_p50_s']:.2f} s p95 {f['latency_p95_s']:.2f} s, {f['output_tokens']} tokens, "
+                    f"throughput {f['throughput_output_tokens_per_s']:.1f} tokens/s"
+                )
     high = str(args.concurrency)
     print("ratios:")
     for name, r in results.items():
@@ -109,10 +125,15 @@ def main() -> int:
         print(f"  {name}: throughput at concurrency {high} / at 1 = {many / one:.2f}x")
     if {"vllm", "transformers"} <= set(results):
         for level in ("1", high):
-            v, t = (results[n]["levels"][level]["throughput_output_tokens_per_s"] for n in ("vllm", "transformers"))
+            v, t = (
+                results[n]["levels"][level]["throughput_output_tokens_per_s"]
+                for n in ("vllm", "transformers")
+            )
             print(f"  vllm / transformers at concurrency {level}: {v / t:.2f}x")
     if args.json:
-        args.json.write_text(json.dumps({"cpu": cpu_line(), "checkpoint": str(checkpoint), **results}, indent=2))
+        args.json.write_text(
+            json.dumps({"cpu": cpu_line(), "checkpoint": str(checkpoint), **results}, indent=2)
+        )
     return 0
 
 

@@ -51,10 +51,15 @@ def bench_recipe(data_file: Path, args):
     from train.recipe import Recipe, load_recipe
 
     base = load_recipe(REPO / "train" / "default.yaml").model_dump(mode="json")
-    base.update(name="bench", data=[{"path": str(data_file)}], split=[1.0, 0.0, 0.0],
-                samples={"prompts": [], "tasks": []})
-    base["training"].update(epochs=1, max_steps=None, logging_steps=1,
-                            eval_steps=10**6, save_steps=10**6, sample_steps=10**6)
+    base.update(
+        name="bench",
+        data=[{"path": str(data_file)}],
+        split=[1.0, 0.0, 0.0],
+        samples={"prompts": [], "tasks": []},
+    )
+    base["training"].update(
+        epochs=1, max_steps=None, logging_steps=1, eval_steps=10**6, save_steps=10**6, sample_steps=10**6
+    )
     if args.batch_size:
         base["training"]["batch_size"] = args.batch_size
     if args.grad_accum:
@@ -71,8 +76,11 @@ def worker(engine: str, checkpoint: str, data_file: Path, out_dir: Path, args) -
 
         result = run_training(recipe, checkpoint, out_dir, out_dir)
         tokens = sum(len(e.input_ids) for e in result.data.train)
-        losses = [json.loads(line)["loss"] for line in TrainRun(out_dir).log.read_text().splitlines()
-                  if '"loss"' in line]
+        losses = [
+            json.loads(line)["loss"]
+            for line in TrainRun(out_dir).log.read_text().splitlines()
+            if '"loss"' in line
+        ]
         seconds = result.seconds
     else:
         from datasets import Dataset
@@ -87,17 +95,30 @@ def worker(engine: str, checkpoint: str, data_file: Path, out_dir: Path, args) -
         data = Dataset.from_list([{"prompt": c.messages[:-1], "completion": c.messages[-1:]} for c in convs])
         t = recipe.training
         config = SFTConfig(
-            output_dir=str(out_dir), per_device_train_batch_size=t.batch_size, num_train_epochs=1,
+            output_dir=str(out_dir),
+            per_device_train_batch_size=t.batch_size,
+            num_train_epochs=1,
             gradient_accumulation_steps=t.grad_accum,
-            learning_rate=t.learning_rate, lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_ratio,
-            weight_decay=t.weight_decay, logging_steps=1, save_strategy="no", eval_strategy="no",
-            report_to=[], use_cpu=True, max_length=recipe.max_length, packing=False,
-            completion_only_loss=True, seed=recipe.seed,
+            learning_rate=t.learning_rate,
+            lr_scheduler_type=t.scheduler,
+            warmup_steps=t.warmup_ratio,
+            weight_decay=t.weight_decay,
+            logging_steps=1,
+            save_strategy="no",
+            eval_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            max_length=recipe.max_length,
+            packing=False,
+            completion_only_loss=True,
+            seed=recipe.seed,
             # load_for_training set up the recipe's checkpointing on the model, as for ours
             gradient_checkpointing=False,
             # SFTConfig defaults to bf16 autocast; compute in the recipe's dtype, as ours does
             bf16=str(compute_dtype(recipe)) == "torch.bfloat16",
-            data_seed=recipe.seed, dataloader_num_workers=0)
+            data_seed=recipe.seed,
+            dataloader_num_workers=0,
+        )
         from transformers import set_seed
 
         set_seed(recipe.seed)
@@ -108,8 +129,13 @@ def worker(engine: str, checkpoint: str, data_file: Path, out_dir: Path, args) -
         trainer.train()
         seconds = time.monotonic() - started
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"engine": engine, "seconds": seconds, "tokens": tokens, "losses": losses,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return {
+        "engine": engine,
+        "seconds": seconds,
+        "tokens": tokens,
+        "losses": losses,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
 
 
 def main() -> int:
@@ -118,10 +144,17 @@ def main() -> int:
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--batch-size", type=int, help="rows per pass (default: the default recipe's)")
     parser.add_argument("--grad-accum", type=int, help="passes per optimizer step (default: the recipe's)")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="rounds of the runs; ratios are paired within a round, then the median")
-    parser.add_argument("--allocators", default=",".join(ALLOCATORS),
-                        help="our runs' training.cpu_allocator settings, comma-separated (default: all)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds of the runs; ratios are paired within a round, then the median",
+    )
+    parser.add_argument(
+        "--allocators",
+        default=",".join(ALLOCATORS),
+        help="our runs' training.cpu_allocator settings, comma-separated (default: all)",
+    )
     parser.add_argument("--cpu-allocator", choices=ALLOCATORS, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
@@ -145,17 +178,25 @@ def main() -> int:
     card = find_card(args.model)
     manifest = read_manifest(card, settings.model_store)
     if manifest is None:
-        print(f"bench-train: {card.name} is not provisioned; run `make models CARD={card.name}`", file=sys.stderr)
+        print(
+            f"bench-train: {card.name} is not provisioned; run `make models CARD={card.name}`",
+            file=sys.stderr,
+        )
         return 2
     recipe = bench_recipe(Path("unused.jsonl"), args)
     plan = runs([a for a in args.allocators.split(",") if a])
     if any(a not in ALLOCATORS for _, _, a in plan[:-1]):
-        print(f"bench-train: --allocators takes {', '.join(ALLOCATORS)}; got {args.allocators}", file=sys.stderr)
+        print(
+            f"bench-train: --allocators takes {', '.join(ALLOCATORS)}; got {args.allocators}", file=sys.stderr
+        )
         return 2
     default = load_recipe(REPO / "train" / "default.yaml")
     report = CleaningReport()
-    train = split(clean(source_conversations(default, settings.resolved_data_dir, report), report),
-                  default.split, default.seed)["train"][: args.examples]
+    train = split(
+        clean(source_conversations(default, settings.resolved_data_dir, report), report),
+        default.split,
+        default.seed,
+    )["train"][: args.examples]
     rounds: list[dict[str, dict]] = []
     with tempfile.TemporaryDirectory() as tmp:
         save_split({"bench": train}, Path(tmp))
@@ -163,10 +204,22 @@ def main() -> int:
             results = {}
             for label, engine, allocator in plan:
                 out = Path(tmp) / f"{label}-{n}"
-                cmd = [sys.executable, __file__, "--worker", engine, "--checkpoint", manifest["checkpoint"],
-                       "--data-file", str(Path(tmp) / "bench.jsonl"), "--out", str(out),
-                       "--batch-size", str(recipe.training.batch_size),
-                       "--grad-accum", str(recipe.training.grad_accum)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    engine,
+                    "--checkpoint",
+                    manifest["checkpoint"],
+                    "--data-file",
+                    str(Path(tmp) / "bench.jsonl"),
+                    "--out",
+                    str(out),
+                    "--batch-size",
+                    str(recipe.training.batch_size),
+                    "--grad-accum",
+                    str(recipe.training.grad_accum),
+                ]
                 if allocator:
                     cmd += ["--cpu-allocator", allocator]
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -176,34 +229,52 @@ def main() -> int:
 
     t = recipe.training
     dtype = str(compute_dtype(recipe)).removeprefix("torch.")
-    print(f"{card.name}: {len(train)} conversations, 1 epoch, batch {t.batch_size} x {t.grad_accum} "
-          f"accumulated ({t.batch_size * t.grad_accum} per step), "
-          f"max length {recipe.max_length}, NF4 + LoRA r={recipe.lora.r}, compute {dtype} for both; "
-          f"{args.repeats} round(s), "
-          "each engine in a fresh process")
+    print(
+        f"{card.name}: {len(train)} conversations, 1 epoch, batch {t.batch_size} x {t.grad_accum} "
+        f"accumulated ({t.batch_size * t.grad_accum} per step), "
+        f"max length {recipe.max_length}, NF4 + LoRA r={recipe.lora.r}, compute {dtype} for both; "
+        f"{args.repeats} round(s), "
+        "each engine in a fresh process"
+    )
     for n, results in enumerate(rounds, 1):
         for label, r in results.items():
-            print(f"  round {n} {label:19s}: {r['seconds']:7.1f} s  {r['tokens']} tokens  "
-                  f"{r['tokens'] / r['seconds']:7.1f} tokens/s  peak RSS {r['peak_rss_gib']:.2f} GiB")
+            print(
+                f"  round {n} {label:19s}: {r['seconds']:7.1f} s  {r['tokens']} tokens  "
+                f"{r['tokens'] / r['seconds']:7.1f} tokens/s  peak RSS {r['peak_rss_gib']:.2f} GiB"
+            )
     for label, _, _ in plan[:-1]:
-        speed = [(r[label]["tokens"] / r[label]["seconds"]) / (r["trl"]["tokens"] / r["trl"]["seconds"])
-                 for r in rounds]
+        speed = [
+            (r[label]["tokens"] / r[label]["seconds"]) / (r["trl"]["tokens"] / r["trl"]["seconds"])
+            for r in rounds
+        ]
         memory = [r[label]["peak_rss_gib"] / r["trl"]["peak_rss_gib"] for r in rounds]
-        each = "" if len(rounds) == 1 else (" (rounds: " + ", ".join(
-            f"{a:.2f}x/{b:.2f}" for a, b in zip(speed, memory)) + ")")
-        print(f"  {label} against trl, median of rounds: speed-up {statistics.median(speed):.2f}x "
-              f"tokens/s; peak memory ratio {statistics.median(memory):.2f}{each}")
+        each = (
+            ""
+            if len(rounds) == 1
+            else (" (rounds: " + ", ".join(f"{a:.2f}x/{b:.2f}" for a, b in zip(speed, memory)) + ")")
+        )
+        print(
+            f"  {label} against trl, median of rounds: speed-up {statistics.median(speed):.2f}x "
+            f"tokens/s; peak memory ratio {statistics.median(memory):.2f}{each}"
+        )
     from eval.estimate import checkpoint_shape
     from models.machine import calibration
 
     body = checkpoint_shape(card, Path(manifest["checkpoint"])).body
     rate = calibration(settings.cache_dir)["matmul_gflops"].get(dtype)
     for label in rounds[-1]:
-        achieved = statistics.median(4 * body * r[label]["tokens"] / r[label]["seconds"] / 1e9 for r in rounds)
-        print(f"  {label}: {achieved:.0f} GFLOP/s of model work (4 x {body / 1e6:.0f}M body parameters per real "
-              "token: the forward pass and the activations' gradients; the frozen NF4 weights get none) = "
-              + (f"{achieved / rate:.0%} of this machine's calibrated {dtype} rate ({rate:.0f} GFLOP/s, `make machine`)"
-                 if rate else f"no calibrated {dtype} rate here"))
+        achieved = statistics.median(
+            4 * body * r[label]["tokens"] / r[label]["seconds"] / 1e9 for r in rounds
+        )
+        print(
+            f"  {label}: {achieved:.0f} GFLOP/s of model work (4 x {body / 1e6:.0f}M body parameters per real "
+            "token: the forward pass and the activations' gradients; the frozen NF4 weights get none) = "
+            + (
+                f"{achieved / rate:.0%} of this machine's calibrated {dtype} rate ({rate:.0f} GFLOP/s, `make machine`)"
+                if rate
+                else f"no calibrated {dtype} rate here"
+            )
+        )
     for label, r in rounds[-1].items():
         print(f"  {label} loss: " + " ".join(f"{x:.3f}" for x in r["losses"]))
     return 0

@@ -36,8 +36,10 @@ def _rename_comparison(record: dict, old: str) -> dict:
 
 
 def _selection_v1(data: dict) -> dict:
-    comparisons = {model: [_rename_comparison(c, "diff_best_minus_other") for c in comps]
-                   for model, comps in data.get("comparisons_vs_best", {}).items()}
+    comparisons = {
+        model: [_rename_comparison(c, "diff_best_minus_other") for c in comps]
+        for model, comps in data.get("comparisons_vs_best", {}).items()
+    }
     return {**data, "comparisons_vs_best": comparisons} if "comparisons_vs_best" in data else data
 
 
@@ -258,8 +260,10 @@ def read_artifact(path: Path, schema: type[A]) -> A:
     data = read_json(path)
     version = data.get("schema_version", 1)
     if not isinstance(version, int) or version > schema.VERSION:
-        raise UserError(f"{path}: schema_version {version} is newer than this selectune reads "
-                        f"({schema.VERSION}); update selectune")
+        raise UserError(
+            f"{path}: schema_version {version} is newer than this selectune reads "
+            f"({schema.VERSION}); update selectune"
+        )
     while version < schema.VERSION:
         data = schema.MIGRATIONS.get(version, lambda d: d)(data)
         version += 1

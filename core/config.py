@@ -45,8 +45,13 @@ def _key_of(raw: object, loc: tuple) -> str:
         if isinstance(node, dict) and part not in node and part in node.values():
             continue
         parts.append(str(part))
-        node = node.get(part) if isinstance(node, dict) else (
-            node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else None)
+        node = (
+            node.get(part)
+            if isinstance(node, dict)
+            else (
+                node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else None
+            )
+        )
     return ".".join(parts) or "(top level)"
 
 
@@ -62,21 +67,33 @@ def _fields_at(model: type[BaseModel], raw: object, loc: tuple) -> list[str] | N
         node = node.get(part) if isinstance(node, dict) else None
         if field is None:
             return None
-        options = [a for a in (field.annotation, *typing.get_args(field.annotation))
-                   if isinstance(a, type) and issubclass(a, BaseModel)]
-        options += [b for a in typing.get_args(field.annotation) for b in typing.get_args(a)
-                    if isinstance(b, type) and issubclass(b, BaseModel)]
+        options = [
+            a
+            for a in (field.annotation, *typing.get_args(field.annotation))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        options += [
+            b
+            for a in typing.get_args(field.annotation)
+            for b in typing.get_args(a)
+            if isinstance(b, type) and issubclass(b, BaseModel)
+        ]
         # a discriminated union: the member whose literal tag the mapping carries
-        fitting = [o for o in options if not isinstance(node, dict) or all(
-            k in node or not f.is_required() for k, f in o.model_fields.items())]
+        fitting = [
+            o
+            for o in options
+            if not isinstance(node, dict)
+            or all(k in node or not f.is_required() for k, f in o.model_fields.items())
+        ]
         if len(fitting or options) != 1:
             return None
         cls = (fitting or options)[0]
     return sorted(cls.model_fields)
 
 
-def format_validation_error(path: Path | str, exc: ValidationError, raw: object = None,
-                            model: type[BaseModel] | None = None) -> str:
+def format_validation_error(
+    path: Path | str, exc: ValidationError, raw: object = None, model: type[BaseModel] | None = None
+) -> str:
     err = exc.errors()[0]
     key = _key_of(raw, err["loc"])
     if err["type"] == "extra_forbidden":

@@ -95,16 +95,26 @@ CREATE TABLE IF NOT EXISTS review_judgements (
     "ALTER TABLE items ADD COLUMN request_json TEXT;",
 ]
 VERSION = len(MIGRATIONS)
-TABLES = ("runs", "items", "judge_verdicts", "review_pairs", "review_votes", "review_invites", "review_judgements",
-          "teacher_calls")
+TABLES = (
+    "runs",
+    "items",
+    "judge_verdicts",
+    "review_pairs",
+    "review_votes",
+    "review_invites",
+    "review_judgements",
+    "teacher_calls",
+)
 
 
 def migrate(conn: sqlite3.Connection, where: Path | str = "the results store") -> sqlite3.Connection:
     """Bring an open store to VERSION; returns the connection."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > VERSION:
-        raise UserError(f"{where}: store version {version} is newer than this selectune reads ({VERSION}); "
-                        "update selectune")
+        raise UserError(
+            f"{where}: store version {version} is newer than this selectune reads ({VERSION}); "
+            "update selectune"
+        )
     for number in range(version, VERSION):
         conn.executescript(MIGRATIONS[number])
         conn.execute(f"PRAGMA user_version = {number + 1}")

@@ -1,17 +1,17 @@
 """The runs directory's layout: every path under it is named here and nowhere else.
 
-    runs/
-      results.sqlite                 results store: runs, items, judge verdicts, review, teacher calls
-      selection.json                 `make select`'s decision and evidence
-      train/<run>/summary.json       a finished training run (written last), beside its
-                  data/ train_log.jsonl checkpoints/ adapter/ merged/ checkpoint_evals/step-N/
-                  (TrainRun names them)
-      serve/server.json              the server `make serve` started
-      serve/<engine>.log             its log; teacher-<engine>.log for data-synth's teacher
-      serve/rescore-<model>.json     `make rescore`'s parity gate and serving figures
-      report/                        `make report`'s pages
-      synth/<recipe>/                `make data-synth`'s output: data.jsonl malformed.jsonl
-                                     report.json provenance.json (SynthOutput names them)
+runs/
+  results.sqlite                 results store: runs, items, judge verdicts, review, teacher calls
+  selection.json                 `make select`'s decision and evidence
+  train/<run>/summary.json       a finished training run (written last), beside its
+              data/ train_log.jsonl checkpoints/ adapter/ merged/ checkpoint_evals/step-N/
+              (TrainRun names them)
+  serve/server.json              the server `make serve` started
+  serve/<engine>.log             its log; teacher-<engine>.log for data-synth's teacher
+  serve/rescore-<model>.json     `make rescore`'s parity gate and serving figures
+  report/                        `make report`'s pages
+  synth/<recipe>/                `make data-synth`'s output: data.jsonl malformed.jsonl
+                                 report.json provenance.json (SynthOutput names them)
 """
 
 from __future__ import annotations
@@ -64,8 +64,16 @@ class TrainRun(_Folder):
     log, Trainer's checkpoints, the adapter, the merged model, the checkpoint evaluations (one
     folder per step, train/checkpoints.py) and Ray Train's own storage on a cluster."""
 
-    LAYOUT = {"summary": "summary.json", "data": "data", "log": "train_log.jsonl", "checkpoints": "checkpoints",
-              "adapter": "adapter", "merged": "merged", "evaluations": "checkpoint_evals", "ray_storage": "ray"}
+    LAYOUT = {
+        "summary": "summary.json",
+        "data": "data",
+        "log": "train_log.jsonl",
+        "checkpoints": "checkpoints",
+        "adapter": "adapter",
+        "merged": "merged",
+        "evaluations": "checkpoint_evals",
+        "ray_storage": "ray",
+    }
     summary: Path
     data: Path
     log: Path
@@ -93,8 +101,12 @@ class TrainRun(_Folder):
 class SynthOutput(_Folder):
     """One `make data-synth` output folder, runs/synth/<recipe>/."""
 
-    LAYOUT = {"data": "data.jsonl", "malformed": "malformed.jsonl", "report": "report.json",
-              "provenance": "provenance.json"}
+    LAYOUT = {
+        "data": "data.jsonl",
+        "malformed": "malformed.jsonl",
+        "report": "report.json",
+        "provenance": "provenance.json",
+    }
     data: Path
     malformed: Path
     report: Path
@@ -167,4 +179,3 @@ class Workspace:
         """(path, record) of the newest finished training run, or None."""
         summaries = self.train_summaries()
         return (summaries[-1], read_artifact(summaries[-1], TrainSummary)) if summaries else None
-

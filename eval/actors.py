@@ -21,6 +21,7 @@ RESTARTS = 3
 UNAVAILABLE_S = 120.0
 """How long a call waits for an actor that Ray is restarting (on another node) before giving up."""
 
+
 @dataclass(frozen=True)
 class Placement:
     """What one model asks of a node."""
@@ -30,7 +31,9 @@ class Placement:
     gpus: int = 0
 
     def text(self) -> str:
-        return f"{self.cpus} CPU, {self.memory_gib:g} GiB memory" + (f", {self.gpus} GPU" if self.gpus else "")
+        return f"{self.cpus} CPU, {self.memory_gib:g} GiB memory" + (
+            f", {self.gpus} GPU" if self.gpus else ""
+        )
 
 
 def identity_hash(identity: dict) -> str:
@@ -51,7 +54,9 @@ class ScoringWorker:
         self.node = ray.util.get_node_ip_address() + " (" + ray.get_runtime_context().get_node_id()[:8] + ")"
         self.problem, self.backend = None, None
         try:
-            self.backend = _worker_backend(card, Path(store), Path(checkpoint) if checkpoint else None, options)
+            self.backend = _worker_backend(
+                card, Path(store), Path(checkpoint) if checkpoint else None, options
+            )
         except UserError as exc:
             self.problem = f"node {self.node}: {card.name}: {exc}"
         self.identity_hash = identity_hash(self.backend.identity) if self.backend else None
@@ -74,23 +79,45 @@ def _worker_backend(card, store: Path, checkpoint: Path | None, options: dict):
 
     if checkpoint is not None:
         if not (checkpoint / "config.json").is_file():
-            raise UserError(f"checkpoint {checkpoint} is not on this node (a checkpoint candidate must be at the "
-                            "same path on every node: a shared filesystem)")
+            raise UserError(
+                f"checkpoint {checkpoint} is not on this node (a checkpoint candidate must be at the "
+                "same path on every node: a shared filesystem)"
+            )
     else:
         provision(card, store)  # verifies the card's sha256 pins
     dtype = scoring_dtype(options["dtype"], options["device"]) if options["scoring"] else options["dtype"]
-    return make_backend("hf", card, store, batch_size=options["batch_size"], device=options["device"], dtype=dtype,
-                     checkpoint=checkpoint, lazy=True)
+    return make_backend(
+        "hf",
+        card,
+        store,
+        batch_size=options["batch_size"],
+        device=options["device"],
+        dtype=dtype,
+        checkpoint=checkpoint,
+        lazy=True,
+    )
 
 
 class RemoteBackend:
     """The backend protocol on the driver, over a ScoringWorker actor started on first use."""
 
-    def __init__(self, card, store: Path, checkpoint: Path | None, options: dict, placement: Placement,
-                 weights: str | None):
+    def __init__(
+        self,
+        card,
+        store: Path,
+        checkpoint: Path | None,
+        options: dict,
+        placement: Placement,
+        weights: str | None,
+    ):
         self.card, self.name = card, card.name
         self.store, self.checkpoint, self.options, self.placement, self.weights = (
-            store, checkpoint, options, placement, weights)
+            store,
+            checkpoint,
+            options,
+            placement,
+            weights,
+        )
         self.actor = None
         self._identity: dict | None = None
         self._hash: str | None = None
@@ -111,20 +138,36 @@ class RemoteBackend:
             if self.actor is not None:
                 return self
             p = self.placement
-            self.actor = ray.remote(ScoringWorker).options(
-                num_cpus=p.cpus, num_gpus=p.gpus, memory=int(p.memory_gib * GIB),
-                max_restarts=RESTARTS, max_task_retries=RESTARTS,
-            ).remote(self.card, str(self.store), str(self.checkpoint) if self.checkpoint else None, self.options,
-                     p.cpus)
+            self.actor = (
+                ray.remote(ScoringWorker)
+                .options(
+                    num_cpus=p.cpus,
+                    num_gpus=p.gpus,
+                    memory=int(p.memory_gib * GIB),
+                    max_restarts=RESTARTS,
+                    max_task_retries=RESTARTS,
+                )
+                .remote(
+                    self.card,
+                    str(self.store),
+                    str(self.checkpoint) if self.checkpoint else None,
+                    self.options,
+                    p.cpus,
+                )
+            )
             identity, problem, self.node = ray.get(self.actor.setup.remote())
             if problem:
                 raise UserError(problem)
             if self.weights and identity.get("weights_sha256") != self.weights:
-                raise UserError(f"node {self.node}: {self.name}'s weights (sha256 {identity.get('weights_sha256')}) "
-                                f"differ from the pin here ({self.weights}); provision it again there")
+                raise UserError(
+                    f"node {self.node}: {self.name}'s weights (sha256 {identity.get('weights_sha256')}) "
+                    f"differ from the pin here ({self.weights}); provision it again there"
+                )
             if self._hash is not None and identity_hash(identity) != self._hash:
-                raise UserError(f"node {self.node}: {self.name} scores differently there (another dtype or device) "
-                                "from where its run started; rerun with --dtype and --device set")
+                raise UserError(
+                    f"node {self.node}: {self.name} scores differently there (another dtype or device) "
+                    "from where its run started; rerun with --dtype and --device set"
+                )
             self._identity, self._hash = identity, identity_hash(identity)
             return self
 
@@ -152,16 +195,22 @@ class RemoteBackend:
                 break
             except ActorUnavailableError:
                 if waited >= UNAVAILABLE_S:
-                    raise UserError(f"{self.name}: its Ray actor has been unavailable for {waited:.0f} s; rerun to "
-                                    "resume from the stored results") from None
+                    raise UserError(
+                        f"{self.name}: its Ray actor has been unavailable for {waited:.0f} s; rerun to "
+                        "resume from the stored results"
+                    ) from None
                 time.sleep(1.0)
                 waited += 1.0
             except RayActorError as exc:
-                raise UserError(f"{self.name}: its Ray actor was lost more than {RESTARTS} times "
-                                f"({type(exc).__name__}); rerun to resume from the stored results") from None
+                raise UserError(
+                    f"{self.name}: its Ray actor was lost more than {RESTARTS} times "
+                    f"({type(exc).__name__}); rerun to resume from the stored results"
+                ) from None
         if got != self._hash:
-            raise UserError(f"{self.name}: restarted on a node that scores it differently (identity {got}, "
-                            f"the run's {self._hash}); rerun to score it again there")
+            raise UserError(
+                f"{self.name}: restarted on a node that scores it differently (identity {got}, "
+                f"the run's {self._hash}); rerun to score it again there"
+            )
         return outputs
 
     def generate(self, requests) -> list[str]:
@@ -191,9 +240,12 @@ class ServerPool:
         self.actors = actors
         from eval.backends.openai_http import greedy_sampling, sampling_sha256
 
-        self.identity = {"backend": "openai", "model": model,
-                         "base_url": sorted(u.rstrip("/") for u in urls) if len(urls) > 1 else urls[0].rstrip("/"),
-                         "sampling_sha256": sampling_sha256(greedy_sampling(0))}  # what HTTPWorker sends
+        self.identity = {
+            "backend": "openai",
+            "model": model,
+            "base_url": sorted(u.rstrip("/") for u in urls) if len(urls) > 1 else urls[0].rstrip("/"),
+            "sampling_sha256": sampling_sha256(greedy_sampling(0)),
+        }  # what HTTPWorker sends
 
     def generate(self, requests) -> list[str]:
         import ray
@@ -206,5 +258,7 @@ class ServerPool:
         return out
 
     def loglikelihood(self, requests):
-        raise UserError("several servers score `gen` mode only (the log-likelihood needs the model's prompt "
-                        "renderer); use --mode gen")
+        raise UserError(
+            "several servers score `gen` mode only (the log-likelihood needs the model's prompt "
+            "renderer); use --mode gen"
+        )

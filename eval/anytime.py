@@ -32,13 +32,13 @@ def discordant_log_e(wins: int, losses: int) -> float:
 def mixture_log_e(total: float, n: int, sigma: float, rho: float) -> float:
     """log of the two-sided normal-mixture martingale of a sum of n sigma-sub-Gaussian
     differences: sqrt(rho / (V + rho)) exp(S^2 / (2 (V + rho))), V = sigma^2 n."""
-    v = sigma ** 2 * n
-    return 0.5 * math.log(rho / (v + rho)) + total ** 2 / (2 * (v + rho))
+    v = sigma**2 * n
+    return 0.5 * math.log(rho / (v + rho)) + total**2 / (2 * (v + rho))
 
 
 def mixture_radius(n: int, sigma: float, rho: float, alpha: float = ALPHA) -> float:
     """Half-width, on the mean, of the (1 - alpha) normal-mixture confidence sequence at n."""
-    v = sigma ** 2 * n
+    v = sigma**2 * n
     return math.sqrt(2 * (v + rho) * math.log(math.sqrt((v + rho) / rho) / alpha)) / n
 
 
@@ -46,7 +46,7 @@ def rho_for(sigma: float, n_opt: int = ROUND) -> float:
     """The mixture's scale, fixed in advance so the boundary is tightest near n_opt items (one
     round: the first look, where a stop is worth most; at 2,500 items the radius is within 4% of
     one tuned for 256)."""
-    return sigma ** 2 * n_opt
+    return sigma**2 * n_opt
 
 
 def mean_sequence(values, metric: str, alpha: float = ALPHA) -> Estimate:
@@ -73,8 +73,15 @@ def anytime_compare(a, b, metric: str, alpha: float = ALPHA) -> Comparison:
         log_e, test = mixture_log_e(float(d.sum()), d.size, sigma, rho), "anytime normal mixture"
     p = float(min(1.0, math.exp(-log_e)))
     low, high = bernstein_sequence((d + sigma) / (2 * sigma), alpha)  # d rescaled to [0, 1]
-    return Comparison(float(d.mean()), 2 * sigma * low - sigma, 2 * sigma * high - sigma, p, test,
-                      minimum_detectable_effect(a, b, binary=metric in M.BINARY), int(d.size))
+    return Comparison(
+        float(d.mean()),
+        2 * sigma * low - sigma,
+        2 * sigma * high - sigma,
+        p,
+        test,
+        minimum_detectable_effect(a, b, binary=metric in M.BINARY),
+        int(d.size),
+    )
 
 
 def bernstein_sequence(x, alpha: float = ALPHA) -> tuple[float, float]:
@@ -96,7 +103,6 @@ def bernstein_sequence(x, alpha: float = ALPHA) -> tuple[float, float]:
 
 def can_be_sequential(metric: str) -> bool:
     return metric in BOUNDS
-
 
 
 def paired(run_a, run_b, metric: str) -> tuple[list[float], list[float]]:

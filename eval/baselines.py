@@ -35,7 +35,11 @@ class Baselines:
 def baselines_of(run: RunSummary) -> Baselines | None:
     """The baselines of a choice task's run, None for a free-text task."""
     choices = run.task.choices
-    if not choices or (run.task.parser != "choice" and run.mode != "ppl") or M.ACCURACY not in metrics_of(run):
+    if (
+        not choices
+        or (run.task.parser != "choice" and run.mode != "ppl")
+        or M.ACCURACY not in metrics_of(run)
+    ):
         return None
     golds = [item["gold"] for item in run.items]
     counts = Counter(golds)
@@ -49,10 +53,21 @@ def baseline_cells(run: RunSummary, seed: int = 0) -> list[Cell]:
         return []
     from eval.anytime import mean_sequence
 
-    return [Cell(run.task.name, run.task.sha256[:6], run.split, run.mode, metric, name,
-                 mean_sequence(values, metric) if run.sequential else bootstrap_mean(values, seed=seed), values)
-            for metric in metrics_of(run) if metric in CHOICE_METRICS
-            for name, values in ((MAJORITY, found.majority), (CHANCE, found.chance))]
+    return [
+        Cell(
+            run.task.name,
+            run.task.sha256[:6],
+            run.split,
+            run.mode,
+            metric,
+            name,
+            mean_sequence(values, metric) if run.sequential else bootstrap_mean(values, seed=seed),
+            values,
+        )
+        for metric in metrics_of(run)
+        if metric in CHOICE_METRICS
+        for name, values in ((MAJORITY, found.majority), (CHANCE, found.chance))
+    ]
 
 
 def against_majority(entry_runs: list[RunSummary]) -> dict | None:
@@ -72,17 +87,29 @@ def against_majority(entry_runs: list[RunSummary]) -> dict | None:
             vs[run.model] = anytime_compare(acc, majority, M.ACCURACY).record(M.ACCURACY)
         else:
             vs[run.model] = compare(acc, majority, binary=True).record(M.ACCURACY)
-    return {"task": first.task.name, "split": first.split, "mode": first.mode, "n": len(found.majority),
-            "majority_label": found.letter, "majority": sum(found.majority) / len(found.majority),
-            "chance": found.chance[0] if found.chance else None, "vs_majority": vs,
-            "beaten_by": [m for m, c in vs.items() if c["better"] and c["p_value"] < ALPHA]}
+    return {
+        "task": first.task.name,
+        "split": first.split,
+        "mode": first.mode,
+        "n": len(found.majority),
+        "majority_label": found.letter,
+        "majority": sum(found.majority) / len(found.majority),
+        "chance": found.chance[0] if found.chance else None,
+        "vs_majority": vs,
+        "beaten_by": [m for m, c in vs.items() if c["better"] and c["p_value"] < ALPHA],
+    }
 
 
 def baseline_reasons(entries: list[dict]) -> list[str]:
     """The decision's sentence about the baselines: the entries where no candidate beats the majority."""
-    unbeaten = [f"{e['task']}-{e['split']} {e['mode']} (always {e['majority_label']}: {e['majority']:.1%})"
-                for e in entries if not e["beaten_by"]]
+    unbeaten = [
+        f"{e['task']}-{e['split']} {e['mode']} (always {e['majority_label']}: {e['majority']:.1%})"
+        for e in entries
+        if not e["beaten_by"]
+    ]
     if not unbeaten:
         return []
-    return [f"No candidate is significantly better than answering the majority label on {', '.join(unbeaten)}: "
-            "there the ranking shows which model follows the answer format, not which one solves the task."]
+    return [
+        f"No candidate is significantly better than answering the majority label on {', '.join(unbeaten)}: "
+        "there the ranking shows which model follows the answer format, not which one solves the task."
+    ]

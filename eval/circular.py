@@ -49,14 +49,18 @@ def rotations(task: TaskSpec, items: list[Item]) -> list[Item]:
     for item in items:
         spans = option_spans(task, item.user)
         if spans is None:
-            raise UserError(f"{task.path}: item {item.id}: the prompt has no line per option "
-                            f"({', '.join(f'{c}. ...' for c in choices)}), so its options cannot be rotated")
+            raise UserError(
+                f"{task.path}: item {item.id}: the prompt has no line per option "
+                f"({', '.join(f'{c}. ...' for c in choices)}), so its options cannot be rotated"
+            )
         texts = [item.user[a:b] for a, b in spans]
         for k in range(len(choices)):
             user = item.user
             for i, (a, b) in sorted(enumerate(spans), key=lambda s: -s[1][0]):
                 user = user[:a] + texts[(i + k) % len(choices)] + user[b:]
-            gold = choices[(choices.index(item.gold) - k) % len(choices)] if item.gold in choices else item.gold
+            gold = (
+                choices[(choices.index(item.gold) - k) % len(choices)] if item.gold in choices else item.gold
+            )
             out.append(replace(item, id=f"{item.id}@{k}", user=user, gold=gold))
     return out
 
@@ -71,11 +75,21 @@ def circular_summary(run: RunSummary, split: str) -> RunSummary:
     for base, rows in sorted(groups.items()):
         rows.sort(key=lambda r: r["rotation"])
         letters = [r["parsed"] for r in rows]
-        items.append({"item_id": base, "prompt": rows[0]["prompt"], "request": rows[0].get("request"),
-                      "output": rows[0]["output"],
-                      "gold": rows[0]["gold"], "parsed": letters, "scores": {
-                          M.CIRCULAR_ACCURACY: float(all(r["scores"][M.ACCURACY] == 1.0 for r in rows)),
-                          M.LETTER_FOLLOWING: float(len(rows) > 1 and letters[0] is not None
-                                                    and len(set(letters)) == 1)}})
+        items.append(
+            {
+                "item_id": base,
+                "prompt": rows[0]["prompt"],
+                "request": rows[0].get("request"),
+                "output": rows[0]["output"],
+                "gold": rows[0]["gold"],
+                "parsed": letters,
+                "scores": {
+                    M.CIRCULAR_ACCURACY: float(all(r["scores"][M.ACCURACY] == 1.0 for r in rows)),
+                    M.LETTER_FOLLOWING: float(
+                        len(rows) > 1 and letters[0] is not None and len(set(letters)) == 1
+                    ),
+                },
+            }
+        )
     task = run.task.model_copy(update={"metrics": [M.CIRCULAR_ACCURACY, M.LETTER_FOLLOWING]})
     return RunSummary(run.run_id, task, split, run.mode, run.model, items, run.seconds, run.computed)

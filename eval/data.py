@@ -34,25 +34,48 @@ class DataFile:
 
 
 FEWCLUE_FILES = [
-    DataFile("fewclue/bustm/train_few_all.json", "bustm/train_few_all.json",
-             "2afb8f94aed370d07b2e69ae63af1592f224ea2e093a7ff8fa7aff2ec860192e"),
-    DataFile("fewclue/bustm/dev_few_all.json", "bustm/dev_few_all.json",
-             "64969aad594d5222f0e0e1a53ceeb1b2c473ac3d7349a999c3e06e7c601aa860"),
-    DataFile("fewclue/bustm/test_public.json", "bustm/test_public.json",
-             "85329a99b1854da74ef9a42dd343e6819e015832c1d91726bcfc6046e042def5"),
-    DataFile("fewclue/ocnlifc/train_few_all.json", "ocnli/train_few_all.json",
-             "8101ebe3004bd7a3d3755e774f59c85676a54092145926a4429b064da9059bb4"),
-    DataFile("fewclue/ocnlifc/dev_few_all.json", "ocnli/dev_few_all.json",
-             "a2aa50aae711ebc6453c9c034eeb3cd67c1e6f2074abd52a9fa7d0c1f91f2c7a"),
-    DataFile("fewclue/ocnlifc/test_public.json", "ocnli/test_public.json",
-             "c495116fec5f9fca429e280d62d080367837dda4346736498daa97ac549fac57"),
+    DataFile(
+        "fewclue/bustm/train_few_all.json",
+        "bustm/train_few_all.json",
+        "2afb8f94aed370d07b2e69ae63af1592f224ea2e093a7ff8fa7aff2ec860192e",
+    ),
+    DataFile(
+        "fewclue/bustm/dev_few_all.json",
+        "bustm/dev_few_all.json",
+        "64969aad594d5222f0e0e1a53ceeb1b2c473ac3d7349a999c3e06e7c601aa860",
+    ),
+    DataFile(
+        "fewclue/bustm/test_public.json",
+        "bustm/test_public.json",
+        "85329a99b1854da74ef9a42dd343e6819e015832c1d91726bcfc6046e042def5",
+    ),
+    DataFile(
+        "fewclue/ocnlifc/train_few_all.json",
+        "ocnli/train_few_all.json",
+        "8101ebe3004bd7a3d3755e774f59c85676a54092145926a4429b064da9059bb4",
+    ),
+    DataFile(
+        "fewclue/ocnlifc/dev_few_all.json",
+        "ocnli/dev_few_all.json",
+        "a2aa50aae711ebc6453c9c034eeb3cd67c1e6f2074abd52a9fa7d0c1f91f2c7a",
+    ),
+    DataFile(
+        "fewclue/ocnlifc/test_public.json",
+        "ocnli/test_public.json",
+        "c495116fec5f9fca429e280d62d080367837dda4346736498daa97ac549fac57",
+    ),
 ]
 
 
 RIDDLES_REPO = "crawsome/riddles"
 RIDDLES_COMMIT = "9991af18658e7ad1407bf9471de1a7cace9c1c1f"
-RIDDLES_FILES = [DataFile("riddles/riddles.csv", "riddles.csv",
-                          "d95019877f1dffb6bbcf7be854c9ef8a52f6f4d10d5d051ba7c76871591c6dd1")]
+RIDDLES_FILES = [
+    DataFile(
+        "riddles/riddles.csv",
+        "riddles.csv",
+        "d95019877f1dffb6bbcf7be854c9ef8a52f6f4d10d5d051ba7c76871591c6dd1",
+    )
+]
 
 DATASETS = {
     "fewclue": (FEWCLUE_FILES, FEWCLUE_BASE_URL),
@@ -69,14 +92,16 @@ def verify_data(data_dir: Path, files: list[DataFile] = FEWCLUE_FILES) -> None:
         if not path.is_file():
             raise UserError(
                 f"{path}: missing; run `make data` to download it, or set DATA_DIR to a directory "
-                f"holding {', '.join(sorted({str(Path(x.local).parent) for x in files}))}/")
+                f"holding {', '.join(sorted({str(Path(x.local).parent) for x in files}))}/"
+            )
         digest = sha256_file(path)
         if digest != f.sha256:
             raise UserError(f"{path}: sha256 is {digest}, expected {f.sha256} (upstream file {f.upstream})")
 
 
-def fetch_data(data_dir: Path, files: list[DataFile] = FEWCLUE_FILES,
-               base_url: str = FEWCLUE_BASE_URL) -> list[str]:
+def fetch_data(
+    data_dir: Path, files: list[DataFile] = FEWCLUE_FILES, base_url: str = FEWCLUE_BASE_URL
+) -> list[str]:
     """Download every file that is missing or corrupt; returns the local paths fetched."""
     import httpx
 
@@ -106,7 +131,8 @@ def _download(client, url: str, path: Path, sha256: str, local: str) -> None:
         tmp.unlink(missing_ok=True)
         raise UserError(
             f"{url}: download failed ({type(exc).__name__}: {' '.join(str(exc).split()[:12])}); "
-            f"offline? set DATA_DIR to a directory that already holds {local}") from exc
+            f"offline? set DATA_DIR to a directory that already holds {local}"
+        ) from exc
     digest = sha256_file(tmp)
     if digest != sha256:
         tmp.unlink()

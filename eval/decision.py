@@ -46,7 +46,9 @@ class Candidate:
     items: int = 0
 
 
-def decide(candidates: list[Candidate], budget: Budget, ranking: list[tuple[str | None, float]] | None = None) -> dict:
+def decide(
+    candidates: list[Candidate], budget: Budget, ranking: list[tuple[str | None, float]] | None = None
+) -> dict:
     """The winner and the evidence, as the dict written to selection.json. `ranking`: per suite
     entry, the metric that ranks it (None: the task's first) and its weight in the mean rank."""
     import numpy as np
@@ -55,11 +57,20 @@ def decide(candidates: list[Candidate], budget: Budget, ranking: list[tuple[str 
     names = [c.card.name for c in candidates]
     firsts = entry_runs(candidates)
     ranking = ranking or [(None, 1.0)] * len(firsts)
-    entries = [(r.task.name, r.split, r.mode, M.ranked_metric(r.task, r.mode, metric))
-               for r, (metric, _) in zip(firsts, ranking)]
+    entries = [
+        (r.task.name, r.split, r.mode, M.ranked_metric(r.task, r.mode, metric))
+        for r, (metric, _) in zip(firsts, ranking)
+    ]
     weights = np.array([w for _, w in ranking])
-    means = np.array([[np.mean([i["scores"][m] for i in c.runs[k].items]) if c.runs[k] else np.nan
-                       for k, (*_, m) in enumerate(entries)] for c in candidates])
+    means = np.array(
+        [
+            [
+                np.mean([i["scores"][m] for i in c.runs[k].items]) if c.runs[k] else np.nan
+                for k, (*_, m) in enumerate(entries)
+            ]
+            for c in candidates
+        ]
+    )
     sign = np.array([1.0 if M.HIGHER_IS_BETTER[m] else -1.0 for *_, m in entries])
     fits = {c.card.name: budget.check(c.card) for c in candidates}
     eligible = [i for i, n in enumerate(names) if not fits[n]]
@@ -68,11 +79,17 @@ def decide(candidates: list[Candidate], budget: Budget, ranking: list[tuple[str 
     if eligible:
         ranks = np.column_stack([rankdata(-sign[k] * means[eligible, k]) for k in range(len(entries))])
         # equal weights: the plain mean, to the last bit
-        mean_rank[eligible] = (ranks.mean(axis=1) if np.all(weights == weights[0])
-                               else (ranks * weights).sum(axis=1) / weights.sum())
+        mean_rank[eligible] = (
+            ranks.mean(axis=1)
+            if np.all(weights == weights[0])
+            else (ranks * weights).sum(axis=1) / weights.sum()
+        )
     if not eligible:
-        return {"winner": None, "reasons": ["no candidate fits the memory budget"],
-                "candidates": _rows(candidates, mean_rank, fits, {})}
+        return {
+            "winner": None,
+            "reasons": ["no candidate fits the memory budget"],
+            "candidates": _rows(candidates, mean_rank, fits, {}),
+        }
     best = min(eligible, key=lambda i: (mean_rank[i], candidates[i].card.memory_gib.qlora_train))
     comparisons, worse = {}, {}
     for i in eligible + [i for i, c in enumerate(candidates) if c.card.is_endpoint]:
@@ -94,8 +111,10 @@ def decide(candidates: list[Candidate], budget: Budget, ranking: list[tuple[str 
 def entry_runs(candidates: list[Candidate]) -> list[RunSummary]:
     """Each suite entry's first run with the most items (a sequential entry's candidates stop at
     different points; in the fixed design every run has them all)."""
-    return [max((c.runs[k] for c in candidates if c.runs[k] is not None), key=lambda r: len(r.items))
-            for k in range(len(candidates[0].runs))]
+    return [
+        max((c.runs[k] for c in candidates if c.runs[k] is not None), key=lambda r: len(r.items))
+        for k in range(len(candidates[0].runs))
+    ]
 
 
 def _against(best: Candidate, other: Candidate, entries) -> tuple[list[dict], list[str]]:
@@ -120,57 +139,98 @@ def _against(best: Candidate, other: Candidate, entries) -> tuple[list[dict], li
 def _rows(candidates, mean_rank, fits, worse) -> list[dict]:
     import numpy as np
 
-    return [{"model": c.card.name, "mean_rank": None if np.isnan(mean_rank[i]) else float(mean_rank[i]),
-             "memory_gib": c.card.memory_gib.model_dump() if c.card.memory_gib else None,
-             "budget_problems": fits[c.card.name],
-             "significantly_worse_on": worse.get(c.card.name, []),
-             "seconds": round(c.seconds, 1), "items_computed": c.items,
-             "items_per_s": round(c.items / c.seconds, 2) if c.seconds and c.items else None}
-            for i, c in enumerate(candidates)]
+    return [
+        {
+            "model": c.card.name,
+            "mean_rank": None if np.isnan(mean_rank[i]) else float(mean_rank[i]),
+            "memory_gib": c.card.memory_gib.model_dump() if c.card.memory_gib else None,
+            "budget_problems": fits[c.card.name],
+            "significantly_worse_on": worse.get(c.card.name, []),
+            "seconds": round(c.seconds, 1),
+            "items_computed": c.items,
+            "items_per_s": round(c.items / c.seconds, 2) if c.seconds and c.items else None,
+        }
+        for i, c in enumerate(candidates)
+    ]
 
 
 def _reasons(names, best, winner, tied, mean_rank, worse, fits, candidates) -> list[str]:
     out = [f"{names[best]} has the best mean rank ({mean_rank[best]:.2f}) among candidates within budget."]
     for c in candidates:
         if c.card.is_endpoint:
-            out.append(f"{c.card.name} is an endpoint: scored and compared for reference, not ranked (no weights "
-                       "here to fine-tune).")
+            out.append(
+                f"{c.card.name} is an endpoint: scored and compared for reference, not ranked (no weights "
+                "here to fine-tune)."
+            )
         elif problems := fits[c.card.name]:
             out.append(f"{c.card.name} is out of budget: {'; '.join(problems)}.")
     for n, w in worse.items():
         if candidates[names.index(n)].card.is_endpoint:
-            out.append(f"Against {names[best]}, the endpoint {n} is " + (
-                f"significantly worse on {', '.join(w)}." if w else "not significantly worse on any entry it has."))
+            out.append(
+                f"Against {names[best]}, the endpoint {n} is "
+                + (
+                    f"significantly worse on {', '.join(w)}."
+                    if w
+                    else "not significantly worse on any entry it has."
+                )
+            )
             continue
-        out.append(f"{n} is significantly worse on {', '.join(w)}." if w else
-                   f"{n} is not significantly worse on any task: tied with {names[best]}.")
+        out.append(
+            f"{n} is significantly worse on {', '.join(w)}."
+            if w
+            else f"{n} is not significantly worse on any task: tied with {names[best]}."
+        )
     if winner != best:
-        out.append(f"{names[winner]} wins the tie on memory "
-                   f"({candidates[winner].card.memory_gib.qlora_train} GiB for QLoRA).")
+        out.append(
+            f"{names[winner]} wins the tie on memory "
+            f"({candidates[winner].card.memory_gib.qlora_train} GiB for QLoRA)."
+        )
     return out
 
 
-def selection_report(candidates: list[Candidate], budget: Budget, *, seed: int = 0,
-                     ranking: list[tuple[str | None, float]] | None = None) -> tuple[str, dict]:
+def selection_report(
+    candidates: list[Candidate],
+    budget: Budget,
+    *,
+    seed: int = 0,
+    ranking: list[tuple[str | None, float]] | None = None,
+) -> tuple[str, dict]:
     from eval.baselines import BASELINE_COLUMNS, against_majority, baseline_cells, baseline_reasons
 
     cells: list[Cell] = [cell for c in candidates for r in c.runs if r for cell in cells_of(r, seed)]
     floor = [cell for r in entry_runs(candidates) for cell in baseline_cells(r, seed)]
-    table = render_table(cells + floor, [c.card.name for c in candidates] + (BASELINE_COLUMNS if floor else []))
+    table = render_table(
+        cells + floor, [c.card.name for c in candidates] + (BASELINE_COLUMNS if floor else [])
+    )
     decision = decide(candidates, budget, ranking)
-    baselines = [b for k in range(len(candidates[0].runs))
-                 if (b := against_majority([c.runs[k] for c in candidates if c.runs[k]])) is not None]
+    baselines = [
+        b
+        for k in range(len(candidates[0].runs))
+        if (b := against_majority([c.runs[k] for c in candidates if c.runs[k]])) is not None
+    ]
     record = {
         **decision,
         "reasons": decision["reasons"] + baseline_reasons(baselines),
         "baselines": baselines,
         "rule": __doc__.split("Rule: ", 1)[1].replace("\n", " ").strip(),
         "budget": {"train_gib": budget.train_gib, "infer_gib": budget.infer_gib},
-        "cells": [{"task": c.task, "version": c.version, "split": c.split, "mode": c.mode,
-                   "metric": c.metric, "model": c.model, "mean": c.estimate.mean,
-                   "ci95": [c.estimate.low, c.estimate.high], "n": c.estimate.n} for c in cells],
-        "per_fact_recall": {c.card.name: recall for c in candidates for r in c.runs
-                            if r and (recall := per_fact_recall(r))},
+        "cells": [
+            {
+                "task": c.task,
+                "version": c.version,
+                "split": c.split,
+                "mode": c.mode,
+                "metric": c.metric,
+                "model": c.model,
+                "mean": c.estimate.mean,
+                "ci95": [c.estimate.low, c.estimate.high],
+                "n": c.estimate.n,
+            }
+            for c in cells
+        ],
+        "per_fact_recall": {
+            c.card.name: recall for c in candidates for r in c.runs if r and (recall := per_fact_recall(r))
+        },
         "runs": {c.card.name: [r.run_id for r in c.runs if r] for c in candidates},
         "git_revision": git_revision(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -47,8 +47,12 @@ class Shape:
         text = config.get("text_config", config)
         head = text["hidden_size"] * text["vocab_size"]
         tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", True))
-        return cls(body=parameters - head * (1 if tied else 2), head=head, weights=parameters,
-                   layers=text["num_hidden_layers"])
+        return cls(
+            body=parameters - head * (1 if tied else 2),
+            head=head,
+            weights=parameters,
+            layers=text["num_hidden_layers"],
+        )
 
 
 @dataclass(frozen=True)
@@ -66,8 +70,10 @@ class EntryCost:
 
     def line(self) -> str:
         bound = " at most" if self.upper_bound else ""
-        return (f"{self.entry}: {self.items} items, {self.tokens} prompt tokens, {self.steps} decoding steps{bound}: "
-                f"{bound[1:] + ' ' if bound else ''}{fmt_duration(self.seconds)}")
+        return (
+            f"{self.entry}: {self.items} items, {self.tokens} prompt tokens, {self.steps} decoding steps{bound}: "
+            f"{bound[1:] + ' ' if bound else ''}{fmt_duration(self.seconds)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -86,8 +92,15 @@ class StageCost:
         return f"{self.entry}: {self.detail}: {'at most ' if self.upper_bound else ''}{fmt_duration(self.seconds)}"
 
 
-def batch_seconds(batch, steps: int, shape: Shape, gflops: float, decode_gflops: float, bandwidth_gbs: float,
-                  dtype_bytes: int) -> float:
+def batch_seconds(
+    batch,
+    steps: int,
+    shape: Shape,
+    gflops: float,
+    decode_gflops: float,
+    bandwidth_gbs: float,
+    dtype_bytes: int,
+) -> float:
     """One batch: the forward pass over its tokens at `gflops`, then `steps` decoding steps (each
     as slow as its matrix products at `decode_gflops` or its weight reads, whichever is slower)."""
     flops = 2 * (shape.body * batch.tokens + shape.head * batch.rows * batch.kept)
@@ -99,8 +112,9 @@ def batch_seconds(batch, steps: int, shape: Shape, gflops: float, decode_gflops:
     return forward + steps * (max(compute, memory) + shape.layers * LAYER_STEP_SECONDS)
 
 
-def decode_seconds(prompt_tokens: int, new_tokens: int, shape: Shape, rates: tuple[float, float, float],
-                   dtype_bytes: int) -> float:
+def decode_seconds(
+    prompt_tokens: int, new_tokens: int, shape: Shape, rates: tuple[float, float, float], dtype_bytes: int
+) -> float:
     """One prompt generated greedily on its own (a batch of one); `rates`: (matmul GFLOP/s, at a
     decoding step's rows, bandwidth GB/s)."""
     from eval.backends.hf import Batch
@@ -119,13 +133,26 @@ def reply_tokens(conn, tokenizer, model: str, task: str, mode: str) -> int | Non
 
     if conn is None or mode != "gen" or (run_id := newest_model_run(conn, model, task, mode)) is None:
         return None
-    lengths = sorted(len(tokenizer(i["output"], add_special_tokens=False).input_ids) + 1
-                     for i in run_items(conn, run_id))
+    lengths = sorted(
+        len(tokenizer(i["output"], add_special_tokens=False).input_ids) + 1 for i in run_items(conn, run_id)
+    )
     return lengths[min(len(lengths) - 1, int(REPLY_QUANTILE * len(lengths)))] if lengths else None
 
 
-def entry_cost(backend, shape: Shape, task, split: str, mode: str, items: list, calibration: dict, dtype: str,
-               *, chunk_size: int, conn=None, replies: dict[str, str] | None = None) -> EntryCost:
+def entry_cost(
+    backend,
+    shape: Shape,
+    task,
+    split: str,
+    mode: str,
+    items: list,
+    calibration: dict,
+    dtype: str,
+    *,
+    chunk_size: int,
+    conn=None,
+    replies: dict[str, str] | None = None,
+) -> EntryCost:
     """The cost of scoring `items` of `task` in `mode` with `backend` (its tokenizer only).
     `replies` (item id -> reply), where known, give each batch's decoding steps exactly: the
     check of the cost model against finished runs (bench/estimate_check.py)."""
@@ -138,17 +165,27 @@ def entry_cost(backend, shape: Shape, task, split: str, mode: str, items: list, 
     for chunk in fixed_chunks(items, chunk_size):
         longest = known
         if replies is not None and mode == "gen":
-            longest = max(len(backend.tokenizer(replies[i.id], add_special_tokens=False).input_ids) + 1 for i in chunk)
+            longest = max(
+                len(backend.tokenizer(replies[i.id], add_special_tokens=False).input_ids) + 1 for i in chunk
+            )
         for b in backend.planned_batches(backend_requests(task, mode, chunk)):
             n = min(b.max_new_tokens, longest) if longest is not None else b.max_new_tokens
             if b.prefix != last_prefix:  # the backend keeps the last prefix's cache
                 b = dataclasses.replace(b, tokens=b.tokens + len(b.prefix))
                 last_prefix = b.prefix
             steps, tokens = steps + n, tokens + b.tokens
-            seconds += batch_seconds(b, n, shape, gflops, decode_gflops, calibration["bandwidth_gbs"],
-                                     DTYPE_BYTES[dtype])
-    return EntryCost(backend.card.name, f"{task.name}-{split} {mode}", len(items), tokens, steps, seconds,
-                     mode == "gen" and known is None and replies is None)
+            seconds += batch_seconds(
+                b, n, shape, gflops, decode_gflops, calibration["bandwidth_gbs"], DTYPE_BYTES[dtype]
+            )
+    return EntryCost(
+        backend.card.name,
+        f"{task.name}-{split} {mode}",
+        len(items),
+        tokens,
+        steps,
+        seconds,
+        mode == "gen" and known is None and replies is None,
+    )
 
 
 def pending(conn, backend, task, split: str, mode: str, items: list, chunk_size: int) -> list:
@@ -160,7 +197,9 @@ def pending(conn, backend, task, split: str, mode: str, items: list, chunk_size:
     if conn is None:
         return items
     done = done_item_ids(conn, run_identity(backend, task, split, mode, items, chunk_size=chunk_size)[0])
-    return [i for chunk in fixed_chunks(items, chunk_size) if any(i.id not in done for i in chunk) for i in chunk]
+    return [
+        i for chunk in fixed_chunks(items, chunk_size) if any(i.id not in done for i in chunk) for i in chunk
+    ]
 
 
 def checkpoint_shape(card, checkpoint: Path) -> Shape:
@@ -199,9 +238,15 @@ class Estimate:
         left at the speed measured so far."""
         from tqdm import tqdm
 
-        return tqdm(total=round(self.seconds, 1), desc=f"{self.what} in all", unit="s", position=1, leave=False,
-                    bar_format="{desc}: {percentage:3.0f}% of the estimated work, {elapsed} so far, about "
-                               "{remaining} left")
+        return tqdm(
+            total=round(self.seconds, 1),
+            desc=f"{self.what} in all",
+            unit="s",
+            position=1,
+            leave=False,
+            bar_format="{desc}: {percentage:3.0f}% of the estimated work, {elapsed} so far, about "
+            "{remaining} left",
+        )
 
     def stage_seconds(self, prefix: str) -> float:
         """The estimate of the stages whose names start with `prefix`."""
@@ -218,20 +263,27 @@ class Estimate:
     def lines(self) -> list[str]:
         out = [f"estimate for {self.what} here ({self.machine}):"]
         if not self.costs:
-            return out + ([f"  note: {n}" for n in self.notes] if self.notes else
-                          ["  nothing to score: every item is in the results store"])
+            return out + (
+                [f"  note: {n}" for n in self.notes]
+                if self.notes
+                else ["  nothing to score: every item is in the results store"]
+            )
         for model in dict.fromkeys([c.model for c in self.costs] + list(self.loads)):
             out.append(f"  {model}: load {fmt_duration(self.loads.get(model, 0.0))}")
             out += [f"    {c.line()}" for c in self.costs if c.model == model]
         total = fmt_duration(self.seconds)
-        out.append(f"  total: at most {total} (replies not seen yet counted to max_new_tokens)" if self.upper_bound
-                   else f"  total: about {total}")
+        out.append(
+            f"  total: at most {total} (replies not seen yet counted to max_new_tokens)"
+            if self.upper_bound
+            else f"  total: about {total}"
+        )
         out += [f"  note: {n}" for n in self.notes] + [f"  faster: {f}" for f in self.faster]
         return out
 
 
-def select_estimate(settings, cards, checkpoints, entries, entry_items, *, batch_size: int, dtype: str,
-                    sequential: set[int]) -> Estimate:
+def select_estimate(
+    settings, cards, checkpoints, entries, entry_items, *, batch_size: int, dtype: str, sequential: set[int]
+) -> Estimate:
     """The cost of `make select` scoring what is not stored yet."""
     from eval.backends import make_backend
     from models.machine import calibration as machine_calibration
@@ -253,10 +305,20 @@ def select_estimate(settings, cards, checkpoints, entries, entry_items, *, batch
             checkpoint = checkpoints.get(card.name)
             manifest = None if checkpoint else read_manifest(card, settings.model_store)
             if checkpoint is None and manifest is None:
-                notes.append(f"{card.name}: not provisioned yet (`make models` converts it first); not estimated")
+                notes.append(
+                    f"{card.name}: not provisioned yet (`make models` converts it first); not estimated"
+                )
                 continue
-            backend = make_backend("hf", card, settings.model_store, lazy=True, checkpoint=checkpoint,
-                                   batch_size=batch_size, device="cpu", dtype=dtype)
+            backend = make_backend(
+                "hf",
+                card,
+                settings.model_store,
+                lazy=True,
+                checkpoint=checkpoint,
+                batch_size=batch_size,
+                device="cpu",
+                dtype=dtype,
+            )
             shape = checkpoint_shape(card, checkpoint or Path(manifest["checkpoint"]))
             for k, ((task, entry), items) in enumerate(zip(entries, entry_items)):
                 split = entry.split
@@ -267,8 +329,18 @@ def select_estimate(settings, cards, checkpoints, entries, entry_items, *, batch
                 if k not in sequential:
                     items = pending(conn, backend, task, split, entry.mode, items, batch_size)
                 if items:
-                    cost = entry_cost(backend, shape, task, split, entry.mode, items, calibration, dtype,
-                                      chunk_size=batch_size, conn=conn)
+                    cost = entry_cost(
+                        backend,
+                        shape,
+                        task,
+                        split,
+                        entry.mode,
+                        items,
+                        calibration,
+                        dtype,
+                        chunk_size=batch_size,
+                        conn=conn,
+                    )
                     costs.append(dataclasses.replace(cost, key=(card.name, k)))
             if any(c.model == card.name for c in costs):
                 loads[card.name] = load_seconds(shape, calibration["load_gbs"], DTYPE_BYTES[dtype])
@@ -276,9 +348,14 @@ def select_estimate(settings, cards, checkpoints, entries, entry_items, *, batch
         if conn is not None:
             conn.close()
     if sequential:
-        notes.append("entries scored sequentially stop once the evidence settles: their items are counted whole")
-    faster = [] if sequential or max(map(len, entry_items), default=0) < 500 else [
-        "SELECT_ARGS=--design sequential stops large splits once the answer is settled"]
+        notes.append(
+            "entries scored sequentially stop once the evidence settles: their items are counted whole"
+        )
+    faster = (
+        []
+        if sequential or max(map(len, entry_items), default=0) < 500
+        else ["SELECT_ARGS=--design sequential stops large splits once the answer is settled"]
+    )
     if len(cards) > 2:
         faster.append("SELECT_ARGS=--models A,B scores fewer candidates")
     return Estimate("`make select`", machine_line(calibration, dtype), costs, loads, notes, faster)
@@ -287,6 +364,8 @@ def select_estimate(settings, cards, checkpoints, entries, entry_items, *, batch
 def machine_line(calibration: dict, dtype: str) -> str:
     ident, rates = calibration["identity"], calibration["matmul_gflops"]
     rated = dtype if dtype in rates else "float32"
-    return (f"{ident['cpu']}, {' '.join(ident['flags'])}; {dtype} at {rates[rated]:.0f} GFLOP/s"
-            f"{'' if rated == dtype else ' (the float32 rate: none measured for ' + dtype + ')'}, measured by "
-            "`make machine`")
+    return (
+        f"{ident['cpu']}, {' '.join(ident['flags'])}; {dtype} at {rates[rated]:.0f} GFLOP/s"
+        f"{'' if rated == dtype else ' (the float32 rate: none measured for ' + dtype + ')'}, measured by "
+        "`make machine`"
+    )

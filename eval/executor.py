@@ -68,8 +68,10 @@ class LocalExecutor:
         from eval.backends import make_backend
 
         if len(urls) > 1:
-            raise UserError(f"{len(urls)} --base-url: spreading one model over several servers runs on the Ray "
-                            "executor (--executor ray: one actor per server)")
+            raise UserError(
+                f"{len(urls)} --base-url: spreading one model over several servers runs on the Ray "
+                "executor (--executor ray: one actor per server)"
+            )
         return make_backend("openai", urls[0], model, concurrency=concurrency)
 
     def describe(self) -> dict:
@@ -110,16 +112,33 @@ class RayExecutor:
         import ray
 
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        problems = [f"{name} needs {p.text()}" for name, p in needs.items()
-                    if not any(fits(p, node) for node in nodes)]
+        problems = [
+            f"{name} needs {p.text()}"
+            for name, p in needs.items()
+            if not any(fits(p, node) for node in nodes)
+        ]
         if problems:
-            largest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("memory", 0), r.get("CPU", 0)), default={})
-            raise UserError(f"the Ray cluster at {self.address} cannot hold {'; '.join(problems)}: its largest node "
-                            f"has {largest.get('CPU', 0):g} CPU, {largest.get('memory', 0) / GIB:.1f} GiB memory, "
-                            f"{largest.get('GPU', 0):g} GPU")
+            largest = max(
+                nodes, key=lambda r: (r.get("GPU", 0), r.get("memory", 0), r.get("CPU", 0)), default={}
+            )
+            raise UserError(
+                f"the Ray cluster at {self.address} cannot hold {'; '.join(problems)}: its largest node "
+                f"has {largest.get('CPU', 0):g} CPU, {largest.get('memory', 0) / GIB:.1f} GiB memory, "
+                f"{largest.get('GPU', 0):g} GPU"
+            )
 
-    def open(self, cards, store: Path, *, make, checkpoints: dict | None = None, batch_size: int,
-             device: str, dtype: str, scoring: bool = True) -> None:
+    def open(
+        self,
+        cards,
+        store: Path,
+        *,
+        make,
+        checkpoints: dict | None = None,
+        batch_size: int,
+        device: str,
+        dtype: str,
+        scoring: bool = True,
+    ) -> None:
         """Check that the cluster can hold every card's model (one line if not), then how many at
         once: that many candidates are scored at a time. Where all fit, each actor starts once
         and lives until close(); where not, an actor is ended when its candidate's turn (or a
@@ -136,10 +155,18 @@ class RayExecutor:
         options = {"batch_size": batch_size, "device": device, "dtype": dtype, "scoring": scoring}
         for card in remote:
             checkpoint = checkpoints.get(card.name)
-            self.backends[card.name] = RemoteBackend(card, store, checkpoint, options, placements[card.name],
-                                                     expected_weights(card, store, checkpoint))
+            self.backends[card.name] = RemoteBackend(
+                card,
+                store,
+                checkpoint,
+                options,
+                placements[card.name],
+                expected_weights(card, store, checkpoint),
+            )
         if self.keep:  # start every actor at once: models load in parallel
-            self.map(lambda b: b.ensure(), [b for b in self.backends.values() if isinstance(b, RemoteBackend)])
+            self.map(
+                lambda b: b.ensure(), [b for b in self.backends.values() if isinstance(b, RemoteBackend)]
+            )
 
     def room(self, placements: list[Placement]) -> int:
         """How many of these models the alive nodes hold at once (first fit, largest first)."""
@@ -176,8 +203,11 @@ class RayExecutor:
     between_rounds = done_with
 
     def describe(self) -> dict:
-        return {"name": self.name, "address": self.address,
-                "nodes": {name: b.node for name, b in self.backends.items() if isinstance(b, RemoteBackend)}}
+        return {
+            "name": self.name,
+            "address": self.address,
+            "nodes": {name: b.node for name, b in self.backends.items() if isinstance(b, RemoteBackend)},
+        }
 
     def close(self) -> None:
         for backend in self.backends.values():
@@ -194,8 +224,12 @@ class RayExecutor:
         out among them (request k to server k mod n), one run in the store."""
         import ray
 
-        actors = [ray.remote(HTTPWorker).options(num_cpus=0, max_restarts=RESTARTS, max_task_retries=RESTARTS)
-                  .remote(url, model, concurrency) for url in urls]
+        actors = [
+            ray.remote(HTTPWorker)
+            .options(num_cpus=0, max_restarts=RESTARTS, max_task_retries=RESTARTS)
+            .remote(url, model, concurrency)
+            for url in urls
+        ]
         self._actors += actors
         return ServerPool(actors, urls, model)
 
@@ -213,8 +247,11 @@ def expected_weights(card, store: Path, checkpoint: Path | None) -> str | None:
 
 
 def fits(p: Placement, resources: dict) -> bool:
-    return (resources.get("CPU", 0) >= p.cpus and resources.get("memory", 0) >= p.memory_gib * GIB
-            and resources.get("GPU", 0) >= p.gpus)
+    return (
+        resources.get("CPU", 0) >= p.cpus
+        and resources.get("memory", 0) >= p.memory_gib * GIB
+        and resources.get("GPU", 0) >= p.gpus
+    )
 
 
 def _cluster_gpus() -> float:
@@ -240,8 +277,9 @@ def connect(address: str | None) -> str:
         return ray.get_runtime_context().gcs_address
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
-        raise UserError(f"--ray-address {address}: expected HOST:PORT of the cluster's head (ray start --head "
-                        "prints it)")
+        raise UserError(
+            f"--ray-address {address}: expected HOST:PORT of the cluster's head (ray start --head prints it)"
+        )
     try:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:
@@ -250,8 +288,10 @@ def connect(address: str | None) -> str:
         ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, ray.exceptions.RayError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"cannot join the Ray cluster at {address}: {first} (a cluster with token authentication "
-                        "needs RAY_AUTH_MODE=token and its token here: docs/scale.md)") from None
+        raise UserError(
+            f"cannot join the Ray cluster at {address}: {first} (a cluster with token authentication "
+            "needs RAY_AUTH_MODE=token and its token here: docs/scale.md)"
+        ) from None
     return address
 
 

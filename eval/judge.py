@@ -32,10 +32,14 @@ def make_judge(settings: Settings):
     if settings.judge_url is None and settings.judge_model is None:
         return None
     if settings.judge_url is None or settings.judge_model is None:
-        raise UserError("a judge needs both judge_url and judge_model (settings or --judge-url/--judge-model)")
+        raise UserError(
+            "a judge needs both judge_url and judge_model (settings or --judge-url/--judge-model)"
+        )
     from eval.backends import make_backend
 
-    return make_backend("openai", settings.judge_url, settings.judge_model, api_key=os.environ.get(API_KEY_ENV))
+    return make_backend(
+        "openai", settings.judge_url, settings.judge_model, api_key=os.environ.get(API_KEY_ENV)
+    )
 
 
 def verdict_label(output: str, labels: list[str]) -> str | None:
@@ -57,10 +61,13 @@ def judge_scores(conn, judge, task: TaskSpec, pairs: list[tuple[Item, str]]) -> 
     cached = results.cached_verdicts(conn, set(keys))
     todo = sorted({k: p for k, p in zip(keys, prompts) if k not in cached}.items())
     if todo:
-        outputs = judge.generate([GenRequest([{"role": "user", "content": p}], spec.max_tokens)
-                                  for _, p in todo])
+        outputs = judge.generate(
+            [GenRequest([{"role": "user", "content": p}], spec.max_tokens) for _, p in todo]
+        )
         fresh = {k: out for (k, _), out in zip(todo, outputs)}
         results.add_verdicts(conn, judge.identity["model"], fresh)
         cached.update(fresh)
-    return [float(verdict_label(cached[k], spec.labels) == str(item.fields[spec.expected_field]))
-            for k, (item, _) in zip(keys, pairs)]
+    return [
+        float(verdict_label(cached[k], spec.labels) == str(item.fields[spec.expected_field]))
+        for k, (item, _) in zip(keys, pairs)
+    ]

@@ -60,15 +60,21 @@ def export_task(task: TaskSpec, split: str, items: list[Item], out_dir: Path, *,
     return name
 
 
-def run_lm_eval(checkpoint: str, task_name: str, task_dir: Path, *, chat_template: bool,
-                batch_size: int = 8) -> LmEvalResult:
+def run_lm_eval(
+    checkpoint: str, task_name: str, task_dir: Path, *, chat_template: bool, batch_size: int = 8
+) -> LmEvalResult:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     out = simple_evaluate(
-        model="hf", model_args={"pretrained": checkpoint, "dtype": "float32", "device": "cpu"},
-        tasks=[task_name], task_manager=TaskManager(include_path=str(task_dir)),
-        apply_chat_template=chat_template, log_samples=True, batch_size=batch_size)
+        model="hf",
+        model_args={"pretrained": checkpoint, "dtype": "float32", "device": "cpu"},
+        tasks=[task_name],
+        task_manager=TaskManager(include_path=str(task_dir)),
+        apply_chat_template=chat_template,
+        log_samples=True,
+        batch_size=batch_size,
+    )
     predictions, lls = {}, {}
     for sample in out["samples"][task_name]:
         doc = sample["doc"]

@@ -40,15 +40,41 @@ def ranked_metric(task, mode: str, chosen: str | None = None) -> str:
         return chosen
     return ACCURACY if mode == "ppl" and CIRCULAR_ACCURACY not in task.metrics else task.metrics[0]
 
-BINARY = {ACCURACY, ACCURACY_OPENCOMPASS, UNPARSABLE, STYLE_ACCURACY, STYLE_JUDGE, EXACT_MATCH, CONTAINS,
-          REGEX_MATCH, CIRCULAR_ACCURACY, LETTER_FOLLOWING}
+
+BINARY = {
+    ACCURACY,
+    ACCURACY_OPENCOMPASS,
+    UNPARSABLE,
+    STYLE_ACCURACY,
+    STYLE_JUDGE,
+    EXACT_MATCH,
+    CONTAINS,
+    REGEX_MATCH,
+    CIRCULAR_ACCURACY,
+    LETTER_FOLLOWING,
+}
 """Per-item 0/1 metrics: compared between models with exact McNemar tests."""
 
-HIGHER_IS_BETTER = {ACCURACY: True, ACCURACY_OPENCOMPASS: True, UNPARSABLE: False,
-                    STYLE_ACCURACY: True, STYLE_JUDGE: True, CHRF: True, REPLY_LENGTH: True, FACT_RECALL: True,
-                    HALLUCINATED_NUMBERS: False, EXACT_MATCH: True, CONTAINS: True, REGEX_MATCH: True,
-                    TOKEN_F1: True, CHAR_F1: True, ROUGE_L: True, BLEU: True,
-                    CIRCULAR_ACCURACY: True, LETTER_FOLLOWING: False}
+HIGHER_IS_BETTER = {
+    ACCURACY: True,
+    ACCURACY_OPENCOMPASS: True,
+    UNPARSABLE: False,
+    STYLE_ACCURACY: True,
+    STYLE_JUDGE: True,
+    CHRF: True,
+    REPLY_LENGTH: True,
+    FACT_RECALL: True,
+    HALLUCINATED_NUMBERS: False,
+    EXACT_MATCH: True,
+    CONTAINS: True,
+    REGEX_MATCH: True,
+    TOKEN_F1: True,
+    CHAR_F1: True,
+    ROUGE_L: True,
+    BLEU: True,
+    CIRCULAR_ACCURACY: True,
+    LETTER_FOLLOWING: False,
+}
 
 CHOICE = {ACCURACY, ACCURACY_OPENCOMPASS, UNPARSABLE}
 """Computed for tasks whose answer is one of their choices."""

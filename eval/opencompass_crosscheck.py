@@ -35,8 +35,13 @@ OC_VENV = REPO / ".venv-opencompass"
 # our task -> (config module, its list, OpenCompass data folder, our data folder, abbr prefix)
 DATASETS = {
     "fewclue_bustm": ("FewCLUE_bustm.FewCLUE_bustm_gen_634f41", "bustm_datasets", "bustm", "bustm", "bustm"),
-    "fewclue_ocnli_fc": ("FewCLUE_ocnli_fc.FewCLUE_ocnli_fc_gen_f97a97", "ocnli_fc_datasets", "ocnli",
-                         "ocnlifc", "ocnli_fc"),
+    "fewclue_ocnli_fc": (
+        "FewCLUE_ocnli_fc.FewCLUE_ocnli_fc_gen_f97a97",
+        "ocnli_fc_datasets",
+        "ocnli",
+        "ocnlifc",
+        "ocnli_fc",
+    ),
 }
 SPLIT_FILES = {"dev": "dev_few_all.json", "test": "test_public.json"}
 MODEL_ABBR = "selectune-crosscheck"
@@ -68,12 +73,13 @@ def transformers4_model_dir(model_dir: Path, out: Path) -> Path:
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     # The generic class would also return token_type_ids, which causal LMs refuse in generate().
     config["model_input_names"] = ["input_ids", "attention_mask"]
-    (out / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2),
-                                               encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8"
+    )
     return out
 
 
-CONFIG = '''\
+CONFIG = """\
 from mmengine.config import read_base
 from opencompass.models import HuggingFacewithChatTemplate
 
@@ -95,11 +101,20 @@ models = [dict(
     batch_size={batch_size},
     run_cfg=dict(num_gpus=0),
 )]
-'''
+"""
 
 
-def write_workdir(workdir: Path, data_dir: Path, model_dir: Path, task: str, split: str, *,
-                  limit: int | None, batch_size: int, max_out_len: int) -> str:
+def write_workdir(
+    workdir: Path,
+    data_dir: Path,
+    model_dir: Path,
+    task: str,
+    split: str,
+    *,
+    limit: int | None,
+    batch_size: int,
+    max_out_len: int,
+) -> str:
     """Lay out data links, the transformers-4 model view and config.py; returns the dataset abbr."""
     module, listname, oc_folder, our_folder, prefix = DATASETS[task]
     src = data_dir / "fewclue" / our_folder / SPLIT_FILES[split]
@@ -111,9 +126,19 @@ def write_workdir(workdir: Path, data_dir: Path, model_dir: Path, task: str, spl
     view = transformers4_model_dir(model_dir, workdir / "model")
     abbr = f"{prefix}-{split}"
     imports = f"    from opencompass.configs.datasets.{module} import {listname}"
-    (workdir / "config.py").write_text(CONFIG.format(
-        imports=imports, lists=listname, abbrs=[abbr], test_range=f"[0:{limit}]" if limit else "",
-        abbr=MODEL_ABBR, path=str(view), max_out_len=max_out_len, batch_size=batch_size), encoding="utf-8")
+    (workdir / "config.py").write_text(
+        CONFIG.format(
+            imports=imports,
+            lists=listname,
+            abbrs=[abbr],
+            test_range=f"[0:{limit}]" if limit else "",
+            abbr=MODEL_ABBR,
+            path=str(view),
+            max_out_len=max_out_len,
+            batch_size=batch_size,
+        ),
+        encoding="utf-8",
+    )
     return abbr
 
 
@@ -140,27 +165,41 @@ def _inference_seconds(log: str, predictions: Path) -> float:
     return predictions.stat().st_mtime - started
 
 
-def run_opencompass(workdir: Path, abbr: str, venv: Path = OC_VENV, timeout_s: float = 3600) -> OpenCompassRun:
+def run_opencompass(
+    workdir: Path, abbr: str, venv: Path = OC_VENV, timeout_s: float = 3600
+) -> OpenCompassRun:
     """Run the CLI in-process (`--debug`: no task runner subprocesses) and read its outputs."""
     exe = opencompass_bin(venv)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "COMPASS_DATA_CACHE": ""}
     started = time.monotonic()
-    done = subprocess.run([str(exe), "config.py", "-w", "outputs", "--debug"], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=timeout_s)
+    done = subprocess.run(
+        [str(exe), "config.py", "-w", "outputs", "--debug"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
     seconds = time.monotonic() - started
     (workdir / "opencompass.log").write_text(done.stdout + done.stderr, encoding="utf-8")
     stamps = sorted((workdir / "outputs").glob("*/predictions"))
     if done.returncode != 0 or not stamps:
         tail = " | ".join((done.stdout + done.stderr).strip().splitlines()[-3:])
-        raise UserError(f"opencompass failed (exit {done.returncode}); log: {workdir / 'opencompass.log'}: {tail}")
+        raise UserError(
+            f"opencompass failed (exit {done.returncode}); log: {workdir / 'opencompass.log'}: {tail}"
+        )
     run_dir = stamps[-1].parent
     pred_file = run_dir / "predictions" / MODEL_ABBR / f"{abbr}.json"
     preds = json.loads(pred_file.read_text(encoding="utf-8"))
     rows = [preds[k] for k in sorted(preds, key=int)]
     result = json.loads((run_dir / "results" / MODEL_ABBR / f"{abbr}.json").read_text(encoding="utf-8"))
-    return OpenCompassRun([r["prediction"] for r in rows], [r["gold"] for r in rows],
-                          result["accuracy"] / 100.0, seconds,
-                          _inference_seconds(done.stdout + done.stderr, pred_file))
+    return OpenCompassRun(
+        [r["prediction"] for r in rows],
+        [r["gold"] for r in rows],
+        result["accuracy"] / 100.0,
+        seconds,
+        _inference_seconds(done.stdout + done.stderr, pred_file),
+    )
 
 
 def compare(ours: list[dict], theirs: OpenCompassRun) -> dict:

@@ -46,9 +46,9 @@ def items_needed(a, b, delta: float, *, binary: bool, power: float = 0.8, alpha:
         return None
     if binary:
         p_d = float(np.mean(d != 0))
-        if p_d <= delta ** 2 or p_d == 0:
+        if p_d <= delta**2 or p_d == 0:
             return None
-        return math.ceil((za * math.sqrt(p_d) + zb * math.sqrt(p_d - delta ** 2)) ** 2 / delta ** 2)
+        return math.ceil((za * math.sqrt(p_d) + zb * math.sqrt(p_d - delta**2)) ** 2 / delta**2)
     sd = float(d.std(ddof=1)) if d.size > 1 else 0.0
     return math.ceil(((za + zb) * sd / delta) ** 2) if sd > 0 else None
 
@@ -65,8 +65,9 @@ def detectable_at(a, b, n: int, *, binary: bool, power: float = 0.8, alpha: floa
     return float((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * sd / math.sqrt(n))
 
 
-def plan(candidates, metrics: list[str], sizes: list[int], *, detect: float | None = None,
-         power: float = 0.8) -> list[dict]:
+def plan(
+    candidates, metrics: list[str], sizes: list[int], *, detect: float | None = None, power: float = 0.8
+) -> list[dict]:
     """One row per suite entry and challenger: the leader on the pilot against it."""
     rows = []
     for k, (metric, size) in enumerate(zip(metrics, sizes)):
@@ -82,32 +83,59 @@ def plan(candidates, metrics: list[str], sizes: list[int], *, detect: float | No
             a, b = values[leader], other
             gap = float(np.mean(a) - np.mean(b))
             need = items_needed(a, b, gap, binary=binary, power=power)
-            rows.append({
-                "task": run.task.name, "split": run.split, "mode": run.mode, "metric": metric,
-                "leader": leader, "other": name, "pilot": len(a), "size": size, "gap": gap,
-                "spread": float(np.mean(np.asarray(a) != np.asarray(b))) if binary
-                else float(np.std(np.asarray(a, float) - np.asarray(b, float), ddof=1)),
-                "binary": binary, "needed_for_gap": need,
-                "needed_for_detect": items_needed(a, b, detect, binary=binary, power=power) if detect else None,
-                "detectable_at_size": detectable_at(a, b, size, binary=binary, power=power),
-                "separable": need is not None and need <= size})
+            rows.append(
+                {
+                    "task": run.task.name,
+                    "split": run.split,
+                    "mode": run.mode,
+                    "metric": metric,
+                    "leader": leader,
+                    "other": name,
+                    "pilot": len(a),
+                    "size": size,
+                    "gap": gap,
+                    "spread": float(np.mean(np.asarray(a) != np.asarray(b)))
+                    if binary
+                    else float(np.std(np.asarray(a, float) - np.asarray(b, float), ddof=1)),
+                    "binary": binary,
+                    "needed_for_gap": need,
+                    "needed_for_detect": items_needed(a, b, detect, binary=binary, power=power)
+                    if detect
+                    else None,
+                    "detectable_at_size": detectable_at(a, b, size, binary=binary, power=power),
+                    "separable": need is not None and need <= size,
+                }
+            )
     return rows
 
 
 def print_plan(rows: list[dict], *, detect: float | None, power: float) -> None:
     from eval.summary import fmt_value
 
-    print(f"plan: items needed for {power:.0%} power at alpha {ALPHA} (McNemar for 0/1 metrics, paired z "
-          "otherwise), from the pilot's paired outcomes")
+    print(
+        f"plan: items needed for {power:.0%} power at alpha {ALPHA} (McNemar for 0/1 metrics, paired z "
+        "otherwise), from the pilot's paired outcomes"
+    )
     for r in rows:
         m = r["metric"]
         spread = f"discordance {r['spread']:.2f}" if r["binary"] else f"sd of differences {r['spread']:.3g}"
-        need = (f"{r['needed_for_gap']} items to detect this gap" if r["needed_for_gap"] is not None
-                else "no gap or no variation in the pilot to plan from")
-        extra = (f"; {r['needed_for_detect']} to detect {fmt_value(m, detect)}"
-                 if detect and r["needed_for_detect"] is not None else "")
-        verdict = ("the split is large enough" if r["separable"] else
-                   f"the split ({r['size']} items) cannot separate them: it detects only gaps of about "
-                   f"{fmt_value(m, r['detectable_at_size'])}")
-        print(f"- {r['task']}-{r['split']} {r['mode']} {m}: {r['leader']} - {r['other']} = {fmt_value(m, r['gap'])} "
-              f"on {r['pilot']} pilot items ({spread}): {need}{extra}; {verdict}")
+        need = (
+            f"{r['needed_for_gap']} items to detect this gap"
+            if r["needed_for_gap"] is not None
+            else "no gap or no variation in the pilot to plan from"
+        )
+        extra = (
+            f"; {r['needed_for_detect']} to detect {fmt_value(m, detect)}"
+            if detect and r["needed_for_detect"] is not None
+            else ""
+        )
+        verdict = (
+            "the split is large enough"
+            if r["separable"]
+            else f"the split ({r['size']} items) cannot separate them: it detects only gaps of about "
+            f"{fmt_value(m, r['detectable_at_size'])}"
+        )
+        print(
+            f"- {r['task']}-{r['split']} {r['mode']} {m}: {r['leader']} - {r['other']} = {fmt_value(m, r['gap'])} "
+            f"on {r['pilot']} pilot items ({spread}): {need}{extra}; {verdict}"
+        )

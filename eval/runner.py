@@ -44,8 +44,9 @@ def load_scorer(task: TaskSpec, data_dir: Path) -> Callable[[Item, str], dict] |
     return getattr(importlib.import_module(module), name)(task, data_dir)
 
 
-def score_output(task: TaskSpec, mode: Mode, item: Item, output: str,
-                 scorer: Callable | None) -> tuple[str | None, dict]:
+def score_output(
+    task: TaskSpec, mode: Mode, item: Item, output: str, scorer: Callable | None
+) -> tuple[str | None, dict]:
     """(parsed answer, per-item metrics) from a stored output: no model needed, so re-scoring
     after a parser or metric change costs nothing."""
     if mode == "ppl":
@@ -63,24 +64,39 @@ def score_output(task: TaskSpec, mode: Mode, item: Item, output: str,
     if generic:
         from eval.scorers.text import text_scores
 
-        scores.update(text_scores(generic, output, list(item.references) or [item.gold or ""],
-                                  steps=task.normalize, pattern=task.regex))
+        scores.update(
+            text_scores(
+                generic,
+                output,
+                list(item.references) or [item.gold or ""],
+                steps=task.normalize,
+                pattern=task.regex,
+            )
+        )
     if scorer is not None:  # a task's own scorer has the last word on the metrics it computes
         scores.update(scorer(item, output))
     # Keep the task's metrics, and detail entries no metric list names (e.g. "fact:15GB").
     return parsed, {k: v for k, v in scores.items() if k in task.metrics or k not in M.KNOWN}
 
 
-def run_meta(task: TaskSpec, split: str, mode: Mode, identity: dict, seed: int, chunk_size: int,
-             data_sha256: str) -> dict:
+def run_meta(
+    task: TaskSpec, split: str, mode: Mode, identity: dict, seed: int, chunk_size: int, data_sha256: str
+) -> dict:
     """What determines a run's outputs; its hash is the run id."""
     sampling = {"do_sample": False, "max_new_tokens": task.gen.max_new_tokens, "stop": task.gen.stop}
     return {
-        "task": task.name, "task_version": task.version, "task_sha256": task.sha256,
-        "data_sha256": data_sha256, "split": split, "mode": mode, "limit": task.limit,
-        "model": identity["model"], "identity": identity,
-        "prompt_sha256": sha256_text(json.dumps([task.prompt.system, task.prompt.user,
-                                                 task.prompt.chat_turn_end])),
+        "task": task.name,
+        "task_version": task.version,
+        "task_sha256": task.sha256,
+        "data_sha256": data_sha256,
+        "split": split,
+        "mode": mode,
+        "limit": task.limit,
+        "model": identity["model"],
+        "identity": identity,
+        "prompt_sha256": sha256_text(
+            json.dumps([task.prompt.system, task.prompt.user, task.prompt.chat_turn_end])
+        ),
         "sampling": sampling if mode == "gen" else None,
         "seed": seed,
         # Items padded together can differ in the last bit, so the grouping is part of the run.
@@ -94,13 +110,25 @@ def _versions() -> dict:
     return {"python": sys.version.split()[0], "torch": torch.__version__}
 
 
-def run_identity(backend, task: TaskSpec, split: str, mode: Mode, items: list[Item], *,
-                 chunk_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
-                 sequential: tuple[int, int] | None = None) -> tuple[str, dict]:
+def run_identity(
+    backend,
+    task: TaskSpec,
+    split: str,
+    mode: Mode,
+    items: list[Item],
+    *,
+    chunk_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+    sequential: tuple[int, int] | None = None,
+) -> tuple[str, dict]:
     """(run id, meta): the id is the hash of what determines the outputs."""
     # few-shot examples count only where a task has them, so runs of tasks without keep their ids
-    data_sha = sha256_text(json.dumps([[i.id, i.user, i.system, i.gold, *([i.shots] if i.shots else [])]
-                                       for i in items], ensure_ascii=False))
+    data_sha = sha256_text(
+        json.dumps(
+            [[i.id, i.user, i.system, i.gold, *([i.shots] if i.shots else [])] for i in items],
+            ensure_ascii=False,
+        )
+    )
     meta = run_meta(task, split, mode, backend.identity, seed, chunk_size, data_sha)
     if sequential is not None:  # another grouping into chunks: never the fixed design's run
         meta["order"] = {"seed": sequential[0], "round": sequential[1]}
@@ -108,11 +136,23 @@ def run_identity(backend, task: TaskSpec, split: str, mode: Mode, items: list[It
     return sha256_text(json.dumps(meta, sort_keys=True))[:16], meta
 
 
-def run_task(backend, task: TaskSpec, split: str, mode: Mode, items: list[Item],
-             conn, *, chunk_size: int = DEFAULT_BATCH_SIZE, seed: int = 0, data_dir: Path | None = None,
-             progress: Callable[[int], None] | None = None, judge=None,
-             sequential: tuple[int, int] | None = None, upto: int | None = None,
-             known: dict[str, str] | None = None) -> RunSummary:
+def run_task(
+    backend,
+    task: TaskSpec,
+    split: str,
+    mode: Mode,
+    items: list[Item],
+    conn,
+    *,
+    chunk_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+    data_dir: Path | None = None,
+    progress: Callable[[int], None] | None = None,
+    judge=None,
+    sequential: tuple[int, int] | None = None,
+    upto: int | None = None,
+    known: dict[str, str] | None = None,
+) -> RunSummary:
     """`judge`: an optional backend that scores replies for the task's `judge` metric.
     `known`: item id -> the output already computed for this backend's identity elsewhere (the
     merged step's checkpoint evaluation: the same weights, prompts and chunks); a chunk whose
@@ -121,15 +161,29 @@ def run_task(backend, task: TaskSpec, split: str, mode: Mode, items: list[Item],
     `sequential` = (order seed, round size): items are taken in that seeded order, a round at a time
     (each round's items length-sorted into chunks), and only the first `upto` are scored and
     returned (eval/sequential.py); the run is finished once every item is stored."""
-    run_id, meta = run_identity(backend, task, split, mode, items, chunk_size=chunk_size, seed=seed,
-                                sequential=sequential)
-    results.ensure_run(conn, run_id, {**meta, "versions": _versions(), "git_revision": git_revision(),
-                                      **({"known_outputs": True} if known else {})}, len(items), task.path)
+    run_id, meta = run_identity(
+        backend, task, split, mode, items, chunk_size=chunk_size, seed=seed, sequential=sequential
+    )
+    results.ensure_run(
+        conn,
+        run_id,
+        {
+            **meta,
+            "versions": _versions(),
+            "git_revision": git_revision(),
+            **({"known_outputs": True} if known else {}),
+        },
+        len(items),
+        task.path,
+    )
     done = results.done_item_ids(conn, run_id)
     by_id = {i.id: i for i in items}
     scorer = load_scorer(task, data_dir) if data_dir is not None else None
-    chunks = (fixed_chunks(items, chunk_size) if sequential is None else
-              _sequential_chunks(items, chunk_size, *sequential, upto or len(items)))
+    chunks = (
+        fixed_chunks(items, chunk_size)
+        if sequential is None
+        else _sequential_chunks(items, chunk_size, *sequential, upto or len(items))
+    )
     started, computed, fresh = time.monotonic(), 0, {}
     for chunk in chunks:
         todo = [i for i in chunk if i.id not in done]
@@ -145,9 +199,18 @@ def run_task(backend, task: TaskSpec, split: str, mode: Mode, items: list[Item],
                 if item.id in done:
                     continue
                 parsed, scores = score_output(task, mode, item, out, scorer)
-                rows.append({"item_id": item.id, "prompt": item.user, "output": out, "gold": item.gold,
-                             "parsed": parsed, "scores": scores, "latency_s": latency,
-                             "request": request_record(task, mode, item)})
+                rows.append(
+                    {
+                        "item_id": item.id,
+                        "prompt": item.user,
+                        "output": out,
+                        "gold": item.gold,
+                        "parsed": parsed,
+                        "scores": scores,
+                        "latency_s": latency,
+                        "request": request_record(task, mode, item),
+                    }
+                )
             results.add_items(conn, run_id, rows)
             fresh.update((r["item_id"], r) for r in rows)
             computed += len(rows)
@@ -158,10 +221,15 @@ def run_task(backend, task: TaskSpec, split: str, mode: Mode, items: list[Item],
         wanted = {i.id for chunk in chunks for i in chunk}
         stored = [row for row in stored if row["item_id"] in wanted]
     rescored = []
-    for row in stored:  # items stored by an earlier run are scored again by this code; new ones were just scored
+    for (
+        row
+    ) in stored:  # items stored by an earlier run are scored again by this code; new ones were just scored
         new = fresh.get(row["item_id"])
-        parsed, scores = ((new["parsed"], new["scores"]) if new else
-                          score_output(task, mode, by_id[row["item_id"]], row["output"], scorer))
+        parsed, scores = (
+            (new["parsed"], new["scores"])
+            if new
+            else score_output(task, mode, by_id[row["item_id"]], row["output"], scorer)
+        )
         rescored.append({**row, "parsed": parsed, "scores": scores})
     if judge is not None and task.judge is not None and mode == "gen":
         from eval.judge import judge_scores
@@ -172,13 +240,14 @@ def run_task(backend, task: TaskSpec, split: str, mode: Mode, items: list[Item],
     results.update_scores(conn, run_id, rescored)
     if len(rescored) == len(items):
         results.finish_run(conn, run_id)
-    return RunSummary(run_id, task, split, mode, backend.identity["model"], rescored,
-                      time.monotonic() - started, computed)
+    return RunSummary(
+        run_id, task, split, mode, backend.identity["model"], rescored, time.monotonic() - started, computed
+    )
 
 
 def fixed_chunks(items: list[Item], size: int) -> list[list[Item]]:
     order = sorted(items, key=lambda i: (len(i.user), i.id))
-    return [order[k:k + size] for k in range(0, len(order), size)]
+    return [order[k : k + size] for k in range(0, len(order), size)]
 
 
 def sequential_order(items: list[Item], seed: int) -> list[Item]:
@@ -190,17 +259,26 @@ def sequential_order(items: list[Item], seed: int) -> list[Item]:
     return order
 
 
-def _sequential_chunks(items: list[Item], size: int, seed: int, round_size: int, upto: int) -> list[list[Item]]:
+def _sequential_chunks(
+    items: list[Item], size: int, seed: int, round_size: int, upto: int
+) -> list[list[Item]]:
     order = sequential_order(items, seed)
     out = []
     for start in range(0, min(upto, len(order)), round_size):
-        block = sorted(order[start:start + round_size], key=lambda i: (len(i.user), i.id))
-        out += [block[k:k + size] for k in range(0, len(block), size)]
+        block = sorted(order[start : start + round_size], key=lambda i: (len(i.user), i.id))
+        out += [block[k : k + size] for k in range(0, len(block), size)]
     return out
 
 
-def score_in_memory(backend, task: TaskSpec, mode: Mode, items: list[Item], scorer: Callable | None,
-                    *, chunk_size: int = DEFAULT_BATCH_SIZE) -> list[tuple[str, dict]]:
+def score_in_memory(
+    backend,
+    task: TaskSpec,
+    mode: Mode,
+    items: list[Item],
+    scorer: Callable | None,
+    *,
+    chunk_size: int = DEFAULT_BATCH_SIZE,
+) -> list[tuple[str, dict]]:
     """(output, metrics) per item, in the items' order, chunked as run_task chunks them, with
     nothing stored: for weights that exist only in memory (checkpoints evaluated while training)."""
     out: dict[str, tuple[str, dict]] = {}
@@ -214,16 +292,28 @@ def request_record(task: TaskSpec, mode: Mode, item: Item) -> dict:
     """What the backend receives for `item`, as stored beside its output: the chat messages, and
     the generation limits (`gen`) or the continuations scored (`ppl`). compute_outputs sends these."""
     if mode == "gen":
-        return {"messages": item.messages(), "max_new_tokens": task.gen.max_new_tokens, "stop": list(task.gen.stop)}
+        return {
+            "messages": item.messages(),
+            "max_new_tokens": task.gen.max_new_tokens,
+            "stop": list(task.gen.stop),
+        }
     return {"messages": item.messages(), "continuations": list(task.choices)}
 
 
-def backend_requests(task: TaskSpec, mode: Mode, chunk: list[Item]) -> list[GenRequest] | list[LoglikelihoodRequest]:
+def backend_requests(
+    task: TaskSpec, mode: Mode, chunk: list[Item]
+) -> list[GenRequest] | list[LoglikelihoodRequest]:
     """What compute_outputs sends the backend for one chunk (built from request_record)."""
     sent = [request_record(task, mode, i) for i in chunk]
     if mode == "gen":
-        return [GenRequest(r["messages"], r["max_new_tokens"], r["stop"], i.raw()) for r, i in zip(sent, chunk)]
-    return [LoglikelihoodRequest(r["messages"], c, i.raw()) for r, i in zip(sent, chunk) for c in r["continuations"]]
+        return [
+            GenRequest(r["messages"], r["max_new_tokens"], r["stop"], i.raw()) for r, i in zip(sent, chunk)
+        ]
+    return [
+        LoglikelihoodRequest(r["messages"], c, i.raw())
+        for r, i in zip(sent, chunk)
+        for c in r["continuations"]
+    ]
 
 
 def compute_outputs(backend, task: TaskSpec, mode: Mode, chunk: list[Item]) -> list[str]:
@@ -233,4 +323,4 @@ def compute_outputs(backend, task: TaskSpec, mode: Mode, chunk: list[Item]) -> l
         return backend.generate(requests)
     lls = backend.loglikelihood(requests)
     k = len(task.choices)
-    return [json.dumps(dict(zip(task.choices, lls[n * k:(n + 1) * k]))) for n in range(len(chunk))]
+    return [json.dumps(dict(zip(task.choices, lls[n * k : (n + 1) * k]))) for n in range(len(chunk))]

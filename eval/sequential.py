@@ -58,8 +58,9 @@ class EntryState:
     """The candidates shown equivalent to the leader within the margin, the leader first."""
 
 
-def look(state: EntryState, runs: dict[str, object], metric: str, alpha: float = ALPHA,
-         margin: float = TIE_MARGIN) -> None:
+def look(
+    state: EntryState, runs: dict[str, object], metric: str, alpha: float = ALPHA, margin: float = TIE_MARGIN
+) -> None:
     """After a round: drop the candidates significantly worse than the leader; settle the entry
     when one is left or the rest are within `margin` (a share of the metric's range) of it."""
     sign = 1.0 if M.HIGHER_IS_BETTER[metric] else -1.0
@@ -73,16 +74,20 @@ def look(state: EntryState, runs: dict[str, object], metric: str, alpha: float =
         comp = anytime_compare(*paired(runs[leader], runs[name], metric), metric, alpha)
         if comp.p_value < alpha and M.is_better(metric, comp.diff):
             state.active.remove(name)
-            state.stopped[name] = (f"stopped after {state.n} items: significantly worse than {leader} "
-                                   f"(anytime p = {comp.p_value:.2g})")
+            state.stopped[name] = (
+                f"stopped after {state.n} items: significantly worse than {leader} "
+                f"(anytime p = {comp.p_value:.2g})"
+            )
         else:
             within[name] = max(-comp.low, comp.high) < margin * (hi - lo)
     if len(state.active) == 1:
         state.reason = f"settled after {state.n} of {state.size} items: only {leader} left"
     elif state.n < state.size and all(within.values()):
         state.tied = [leader, *within]
-        state.reason = (f"settled after {state.n} of {state.size} items: {', '.join(state.tied)} tied "
-                        f"(every difference from {leader} within ±{margin * (hi - lo):g})")
+        state.reason = (
+            f"settled after {state.n} of {state.size} items: {', '.join(state.tied)} tied "
+            f"(every difference from {leader} within ±{margin * (hi - lo):g})"
+        )
     elif state.n >= state.size:
         state.reason = f"all {state.size} items scored"
 
@@ -102,10 +107,21 @@ def sequential_entries(entries, sizes: list[int], design: str, candidates: int =
     return out
 
 
-def score_sequential(cards, entries, chosen: set[int], backends: dict, conn, *, data_dir, batch_size: int,
-                     judge=None, margin: float = TIE_MARGIN, progress=print,
-                     executor=None, items: dict | None = None,
-                     ) -> tuple[dict, dict[int, EntryState], dict[str, tuple[float, int]]]:
+def score_sequential(
+    cards,
+    entries,
+    chosen: set[int],
+    backends: dict,
+    conn,
+    *,
+    data_dir,
+    batch_size: int,
+    judge=None,
+    margin: float = TIE_MARGIN,
+    progress=print,
+    executor=None,
+    items: dict | None = None,
+) -> tuple[dict, dict[int, EntryState], dict[str, tuple[float, int]]]:
     """Score the chosen entries round by round: ({(card name, entry index): run}, states,
     {card name: (seconds, items computed)}). `executor` (eval/executor.py): scores a round's
     candidates at once where it can, each thread through its own store connection. `items`: each
@@ -115,9 +131,15 @@ def score_sequential(cards, entries, chosen: set[int], backends: dict, conn, *, 
 
     items = items or {k: load_items(entries[k][0], entries[k][1].split, data_dir) for k in chosen}
     names = [c.name for c in cards]
-    states = {k: EntryState(len(items[k]), 0, [c.name for c in cards
-                                                if not (c.is_endpoint and entries[k][1].mode == "ppl")], {})
-              for k in chosen}
+    states = {
+        k: EntryState(
+            len(items[k]),
+            0,
+            [c.name for c in cards if not (c.is_endpoint and entries[k][1].mode == "ppl")],
+            {},
+        )
+        for k in chosen
+    }
     runs: dict[tuple[str, int], object] = {}
     spent = {name: (0.0, 0) for name in names}
     from tqdm import tqdm
@@ -125,9 +147,14 @@ def score_sequential(cards, entries, chosen: set[int], backends: dict, conn, *, 
     bar = tqdm(desc="sequential rounds", unit="round", leave=False)
     while any(s.reason is None for s in states.values()):
         bar.update(1)
-        bar.set_postfix_str(", ".join(f"{entries[k][0].name}-{entries[k][1].split} {entries[k][1].mode} "
-                                      f"{states[k].n}/{states[k].size}" for k in sorted(chosen)
-                                      if states[k].reason is None))
+        bar.set_postfix_str(
+            ", ".join(
+                f"{entries[k][0].name}-{entries[k][1].split} {entries[k][1].mode} "
+                f"{states[k].n}/{states[k].size}"
+                for k in sorted(chosen)
+                if states[k].reason is None
+            )
+        )
         for k in sorted(chosen):
             state = states[k]
             if state.reason is not None:
@@ -136,14 +163,24 @@ def score_sequential(cards, entries, chosen: set[int], backends: dict, conn, *, 
             state.n = min(state.n + ROUND, state.size)
 
             def one(name, task=task, entry=entry, k=k, upto=state.n):
-                run = run_task(backends[name], task, entry.split, entry.mode, items[k],
-                               executor.connection() if executor else conn, chunk_size=batch_size,
-                               data_dir=data_dir, judge=judge, sequential=(ORDER_SEED, ROUND), upto=upto)
+                run = run_task(
+                    backends[name],
+                    task,
+                    entry.split,
+                    entry.mode,
+                    items[k],
+                    executor.connection() if executor else conn,
+                    chunk_size=batch_size,
+                    data_dir=data_dir,
+                    judge=judge,
+                    sequential=(ORDER_SEED, ROUND),
+                    upto=upto,
+                )
                 if executor:
                     executor.between_rounds(backends[name])
                 return name, run
 
-            for name, run in (executor.map(one, list(state.active)) if executor else map(one, state.active)):
+            for name, run in executor.map(one, list(state.active)) if executor else map(one, state.active):
                 runs[(name, k)] = _mark(run)
                 spent[name] = (spent[name][0] + run.seconds, spent[name][1] + run.computed)
             metric = M.ranked_metric(task, entry.mode, entry.metric)

@@ -37,7 +37,11 @@ def read_split(data, split: str, data_dir: Path, task_file: Path) -> tuple[str, 
 def _file_rows(path: Path, fmt: str) -> list[tuple[int, object]]:
     if fmt == "parquet":
         return read_parquet(path)
-    hint = "it ships with the repository" if TASK_DATA_DIR in path.parents else "run `make data`, or set DATA_DIR"
+    hint = (
+        "it ships with the repository"
+        if TASK_DATA_DIR in path.parents
+        else "run `make data`, or set DATA_DIR"
+    )
     rows = read_rows(path, fmt, missing_hint=hint)
     for n, row in rows:
         if isinstance(row, BadLine):
@@ -60,20 +64,28 @@ def _hub_rows(data, split: str) -> list[tuple[int, object]]:
     try:
         rows = load_dataset(data.hub, revision=data.revision, split=data.splits[split])
     except Exception as exc:  # offline, unknown dataset or revision: the library's many error types
-        raise UserError(f"hub dataset {data.hub}@{data.revision}: cannot be loaded ({type(exc).__name__}: "
-                        f"{' '.join(str(exc).split())[:160]}); offline, download it and point `splits` at "
-                        "the local files") from None
+        raise UserError(
+            f"hub dataset {data.hub}@{data.revision}: cannot be loaded ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:160]}); offline, download it and point `splits` at "
+            "the local files"
+        ) from None
     return list(enumerate(rows))
 
 
-def rename_columns(rows: list[tuple[int, object]], columns: dict[str, str], where: str) -> list[tuple[int, object]]:
+def rename_columns(
+    rows: list[tuple[int, object]], columns: dict[str, str], where: str
+) -> list[tuple[int, object]]:
     """Rows with the file's column names replaced by the task's field names (`columns`)."""
     if not columns:
         return rows
     present = set().union(*(row.keys() for _, row in rows if isinstance(row, dict)))
     missing = sorted(set(columns) - present)
     if missing:
-        raise UserError(f"{where}: column '{missing[0]}' named in `columns` is not in the data "
-                        f"(columns: {', '.join(sorted(present))})")
-    return [(n, {columns.get(k, k): v for k, v in row.items()} if isinstance(row, dict) else row)
-            for n, row in rows]
+        raise UserError(
+            f"{where}: column '{missing[0]}' named in `columns` is not in the data "
+            f"(columns: {', '.join(sorted(present))})"
+        )
+    return [
+        (n, {columns.get(k, k): v for k, v in row.items()} if isinstance(row, dict) else row)
+        for n, row in rows
+    ]

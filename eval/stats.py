@@ -47,11 +47,25 @@ class Comparison:
         from eval.metrics import is_better
 
         better = is_better(metric, self.diff)
-        verdict = ("no significant difference" if not self.significant else
-                   "significantly better" if better else "significantly worse")
-        return {"metric": metric, "diff": self.diff, "ci95": [self.low, self.high], "p_value": self.p_value,
-                "test": self.test, "mde": self.mde, "n": self.n, "significant": self.significant,
-                "better": better, "verdict": verdict}
+        verdict = (
+            "no significant difference"
+            if not self.significant
+            else "significantly better"
+            if better
+            else "significantly worse"
+        )
+        return {
+            "metric": metric,
+            "diff": self.diff,
+            "ci95": [self.low, self.high],
+            "p_value": self.p_value,
+            "test": self.test,
+            "mde": self.mde,
+            "n": self.n,
+            "significant": self.significant,
+            "better": better,
+            "verdict": verdict,
+        }
 
 
 def bootstrap_mean(values, *, seed: int = 0, n_boot: int = N_BOOT) -> Estimate:

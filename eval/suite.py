@@ -70,17 +70,25 @@ def load_suite(path: Path) -> tuple[Suite, list[tuple[TaskSpec, SuiteEntry]]]:
         except UserError as exc:
             raise UserError(f"{where}: {exc}") from None
         if entry.split not in task.data.splits:
-            raise UserError(f"{where}: task '{task.name}' has no split '{entry.split}' "
-                            f"(splits: {', '.join(task.data.splits)})")
+            raise UserError(
+                f"{where}: task '{task.name}' has no split '{entry.split}' "
+                f"(splits: {', '.join(task.data.splits)})"
+            )
         if entry.mode not in task.modes:
-            raise UserError(f"{where}: task '{task.name}' has no mode '{entry.mode}' (modes: {', '.join(task.modes)})")
+            raise UserError(
+                f"{where}: task '{task.name}' has no mode '{entry.mode}' (modes: {', '.join(task.modes)})"
+            )
         metrics = M.CIRCULAR if entry.circular else task.metrics
         if entry.circular and option_spans(task, task.prompt.user) is None:
-            raise UserError(f"{where}: circular needs a choice task whose prompt has a line per option "
-                            f"({', '.join(f'{c}. ...' for c in task.choices or ['A'])}); task '{task.name}' has none")
+            raise UserError(
+                f"{where}: circular needs a choice task whose prompt has a line per option "
+                f"({', '.join(f'{c}. ...' for c in task.choices or ['A'])}); task '{task.name}' has none"
+            )
         if entry.metric is not None and entry.metric not in metrics:
-            raise UserError(f"{where}: task '{task.name}' does not compute metric '{entry.metric}' "
-                            f"{'when circular ' if entry.circular else ''}(metrics: {', '.join(metrics)})")
+            raise UserError(
+                f"{where}: task '{task.name}' does not compute metric '{entry.metric}' "
+                f"{'when circular ' if entry.circular else ''}(metrics: {', '.join(metrics)})"
+            )
         out.append((task, entry))
     return suite, out
 

@@ -70,8 +70,19 @@ def cells_of(run: RunSummary, seed: int = 0) -> list[Cell]:
         if run.sequential and not can_be_sequential(metric):
             continue
         estimate = mean_sequence(values, metric) if run.sequential else bootstrap_mean(values, seed=seed)
-        out.append(Cell(run.task.name, run.task.sha256[:6], run.split, run.mode, metric, run.model,
-                        estimate, values, run.sequential))
+        out.append(
+            Cell(
+                run.task.name,
+                run.task.sha256[:6],
+                run.split,
+                run.mode,
+                metric,
+                run.model,
+                estimate,
+                values,
+                run.sequential,
+            )
+        )
     return out
 
 
@@ -108,8 +119,12 @@ def comparison_text(record: dict) -> dict:
     """A stored comparison (`Comparison.record`) in the one number format, for the terminal and the
     pages alike."""
     metric = record["metric"]
-    return {"diff_text": fmt_diff(metric, record["diff"]), "ci": fmt_ci(metric, *record["ci95"]),
-            "p_text": fmt_p(record["p_value"]), "mde_text": fmt_value(metric, record["mde"])}
+    return {
+        "diff_text": fmt_diff(metric, record["diff"]),
+        "ci": fmt_ci(metric, *record["ci95"]),
+        "p_text": fmt_p(record["p_value"]),
+        "mde_text": fmt_value(metric, record["mde"]),
+    }
 
 
 def fmt(metric: str, e: Estimate) -> str:
@@ -118,8 +133,9 @@ def fmt(metric: str, e: Estimate) -> str:
 
 
 def render_table(cells: list[Cell], models: list[str]) -> str:
-    keys = sorted({(c.task, c.version, c.metric, c.mode, c.split) for c in cells},
-                  key=lambda k: (k[0], k[3], k[2]))
+    keys = sorted(
+        {(c.task, c.version, c.metric, c.mode, c.split) for c in cells}, key=lambda k: (k[0], k[3], k[2])
+    )
     lookup = {(c.task, c.version, c.metric, c.mode, c.split, c.model): c for c in cells}
     header = ["dataset", "version", "metric", "mode", *models]
     rows = [header]
@@ -127,7 +143,9 @@ def render_table(cells: list[Cell], models: list[str]) -> str:
         row = [f"{task}-{split}", version, metric, mode]
         for m in models:
             c = lookup.get((task, version, metric, mode, split, m))
-            row.append((fmt(metric, c.estimate) + (f" n={c.estimate.n}" if c.sequential else "")) if c else "n/a")
+            row.append(
+                (fmt(metric, c.estimate) + (f" n={c.estimate.n}" if c.sequential else "")) if c else "n/a"
+            )
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [" | ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]

@@ -1,6 +1,6 @@
 """A task: one strictly validated YAML file under tasks/, and the items it yields.
 
-    python -m selectune eval --task fewclue_bustm --model smollm2-135m-instruct --limit 8
+python -m selectune eval --task fewclue_bustm --model smollm2-135m-instruct --limit 8
 """
 
 from __future__ import annotations
@@ -64,8 +64,10 @@ class DataSpec(Strict):
             raise ValueError("a hub dataset needs its revision (a 40-hex commit)")
         if self.holdout is not None:
             if self.holdout.split not in self.splits:
-                raise ValueError(f"holdout split '{self.holdout.split}' is not one of the splits "
-                                 f"({', '.join(self.splits)})")
+                raise ValueError(
+                    f"holdout split '{self.holdout.split}' is not one of the splits "
+                    f"({', '.join(self.splits)})"
+                )
             if len([s for s in self.splits.values() if s == self.splits[self.holdout.split]]) < 2:
                 raise ValueError(f"holdout split '{self.holdout.split}' shares its file with no other split")
         return self
@@ -161,8 +163,6 @@ class TaskSpec(NamedConfig):
     limit: int | None = Field(default=None, gt=0)
     """Score only the first N items of a split (for quick looks; results record it)."""
 
-
-
     @property
     def sha256(self) -> str:
         return sha256_file(self.path)
@@ -177,8 +177,9 @@ class TaskSpec(NamedConfig):
             raise ValueError("ppl mode and the choice parser need both choices and label")
         if self.label and self.label.map and not set(self.label.map.values()) <= set(self.choices or []):
             raise ValueError("label.map values must all be choices")
-        unknown = [m for m in self.metrics + ([self.judge.metric] if self.judge else [])
-                   if m not in KNOWN_METRICS]
+        unknown = [
+            m for m in self.metrics + ([self.judge.metric] if self.judge else []) if m not in KNOWN_METRICS
+        ]
         if unknown:
             raise ValueError(f"unknown metric '{unknown[0]}' (known: {', '.join(sorted(KNOWN_METRICS))})")
         for metric in self.metrics:
@@ -223,7 +224,10 @@ class Item:
         """The turns a chat model reads (its template or a chat API adds the rest)."""
         turns = [{"role": "system", "content": self.system}] if self.system else []
         for user, reply in self.shots:
-            turns += [{"role": "user", "content": user + self.chat_turn_end}, {"role": "assistant", "content": reply}]
+            turns += [
+                {"role": "user", "content": user + self.chat_turn_end},
+                {"role": "assistant", "content": reply},
+            ]
         return turns + [{"role": "user", "content": self.user + self.chat_turn_end}]
 
     def raw(self) -> str:
@@ -251,7 +255,9 @@ def load_tasks(tasks_dir: Path | None = None) -> dict[str, TaskSpec]:
     for folder in [tasks_dir] if tasks_dir else [TASKS_DIR, *_EXTRA_TASK_DIRS]:
         for task in map(load_task, sorted(folder.glob("*.yaml"))):
             if task.name in tasks:
-                raise UserError(f"{task.path}: task name '{task.name}' is already used by {tasks[task.name].path}")
+                raise UserError(
+                    f"{task.path}: task name '{task.name}' is already used by {tasks[task.name].path}"
+                )
             tasks[task.name] = task
     return tasks
 
@@ -267,8 +273,9 @@ def load_items(task: TaskSpec, split: str, data_dir: Path) -> list[Item]:
     """The task's items for `split`, prompts rendered; every bad row stops with file and row."""
     if split not in task.data.splits:
         raise UserError(f"{task.path}: no split '{split}' (splits: {', '.join(task.data.splits)})")
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                             autoescape=False)  # prompts are plain text for a model, not HTML
+    env = jinja2.Environment(
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
+    )  # prompts are plain text for a model, not HTML
     try:
         user_t = env.from_string(task.prompt.user)
         system_t = env.from_string(task.prompt.system) if task.prompt.system else None
@@ -314,11 +321,15 @@ def fewshot_examples(task: TaskSpec, split: str, data_dir: Path) -> tuple[tuple[
 
     spec = task.fewshot
     if spec.split == split:
-        raise UserError(f"{task.path}: key 'fewshot.split': the examples come from the split '{split}' being "
-                        "scored; draw them from another split")
+        raise UserError(
+            f"{task.path}: key 'fewshot.split': the examples come from the split '{split}' being "
+            "scored; draw them from another split"
+        )
     pool = load_items(task.model_copy(update={"fewshot": None, "limit": None}), spec.split, data_dir)
     if len(pool) < spec.n:
-        raise UserError(f"{task.path}: key 'fewshot.n': {spec.n} examples asked, split '{spec.split}' has {len(pool)}")
+        raise UserError(
+            f"{task.path}: key 'fewshot.n': {spec.n} examples asked, split '{spec.split}' has {len(pool)}"
+        )
     return tuple((i.user, i.gold or "") for i in random.Random(spec.seed).sample(pool, spec.n))
 
 
@@ -354,8 +365,10 @@ def _gold(task: TaskSpec, row: dict, path: Path, n: int):
         value = row[task.reference_field]
         if isinstance(value, list):
             if not value or not all(isinstance(v, str) for v in value):
-                raise UserError(f"{path}:{n}: reference field '{task.reference_field}' must be a string or "
-                                "a non-empty list of strings")
+                raise UserError(
+                    f"{path}:{n}: reference field '{task.reference_field}' must be a string or "
+                    "a non-empty list of strings"
+                )
             return list(value)
         return str(value)
     return None

@@ -1,6 +1,6 @@
 """A candidate model card: one strictly validated YAML file per model under models/cards/.
 
-    python -m selectune models list      # every card with its status
+python -m selectune models list      # every card with its status
 """
 
 from __future__ import annotations

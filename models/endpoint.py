@@ -43,22 +43,29 @@ def served_models(url: str, *, timeout_s: float = 10.0) -> list[str]:
         response.raise_for_status()
         return [m["id"] for m in response.json()["data"]]
     except httpx.HTTPStatusError as exc:
-        raise UserError(f"--models {url}: GET /v1/models answered HTTP {exc.response.status_code}; "
-                        "expected an OpenAI-compatible server") from None
+        raise UserError(
+            f"--models {url}: GET /v1/models answered HTTP {exc.response.status_code}; "
+            "expected an OpenAI-compatible server"
+        ) from None
     except httpx.HTTPError as exc:
-        raise UserError(f"--models {url}: unreachable ({type(exc).__name__}: {exc}); "
-                        "expected an OpenAI-compatible server there") from None
+        raise UserError(
+            f"--models {url}: unreachable ({type(exc).__name__}: {exc}); "
+            "expected an OpenAI-compatible server there"
+        ) from None
     except (ValueError, KeyError, TypeError):
-        raise UserError(f"--models {url}: GET /v1/models is not an OpenAI model list "
-                        "(expected {\"data\": [{\"id\": ...}]})") from None
+        raise UserError(
+            f"--models {url}: GET /v1/models is not an OpenAI model list "
+            '(expected {"data": [{"id": ...}]})'
+        ) from None
 
 
 def endpoint_card(entry: str) -> ModelCard:
     """The card of `name=URL`, after asking the server which models it serves."""
     name, _, url = entry.partition("=")
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name):
-        raise UserError(f"--models {entry}: the name before '=' must be lower-case letters, digits, '.', '_' "
-                        "or '-'")
+        raise UserError(
+            f"--models {entry}: the name before '=' must be lower-case letters, digits, '.', '_' or '-'"
+        )
     if not re.match(r"^https?://", url):
         raise UserError(f"--models {entry}: expected name=http://host:port/v1 after the name")
     ids = served_models(url)
@@ -67,14 +74,23 @@ def endpoint_card(entry: str) -> ModelCard:
     elif len(ids) == 1:
         model = ids[0]
     else:
-        raise UserError(f"--models {entry}: the server lists {len(ids)} models ({', '.join(ids) or 'none'}); "
-                        "name the candidate after the one to score")
-    return validate(ModelCard, {
-        "name": name,
-        "description": f"The OpenAI-compatible endpoint {base_url(url)} serving {model}",
-        "source": {"kind": "endpoint", "url": base_url(url), "model": model},
-        "architecture": "unknown",
-        "license": {"id": "unknown", "provenance": f"served at {base_url(url)}; its licence is its owner's"},
-        "chat_template": "tokenizer",
-        "add_bos": False,
-    }, entry)
+        raise UserError(
+            f"--models {entry}: the server lists {len(ids)} models ({', '.join(ids) or 'none'}); "
+            "name the candidate after the one to score"
+        )
+    return validate(
+        ModelCard,
+        {
+            "name": name,
+            "description": f"The OpenAI-compatible endpoint {base_url(url)} serving {model}",
+            "source": {"kind": "endpoint", "url": base_url(url), "model": model},
+            "architecture": "unknown",
+            "license": {
+                "id": "unknown",
+                "provenance": f"served at {base_url(url)}; its licence is its owner's",
+            },
+            "chat_template": "tokenizer",
+            "add_bos": False,
+        },
+        entry,
+    )

@@ -10,7 +10,7 @@ from core.errors import UserError
 
 
 def resolve_device(device: str = "auto") -> str:
-    """"auto": the first CUDA device when there is one, else the CPU."""
+    """ "auto": the first CUDA device when there is one, else the CPU."""
     import torch
 
     if device == "auto":
@@ -21,7 +21,7 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
-    """"auto": bfloat16 on a GPU that has it, float32 elsewhere (the reference tools' cross-checks
+    """ "auto": bfloat16 on a GPU that has it, float32 elsewhere (the reference tools' cross-checks
     run in fp32 on the CPU, and a run's dtype is part of its identity)."""
     import torch
 
@@ -38,8 +38,10 @@ def cpu_has_bf16() -> bool:
     it bf16 is emulated and slower than fp32."""
     import torch
 
-    return any(getattr(torch.cpu, probe, lambda: False)()
-               for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(
+        getattr(torch.cpu, probe, lambda: False)()
+        for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
 
 
 def scoring_dtype(dtype: str, device: str) -> str:
@@ -55,25 +57,30 @@ def scoring_dtype(dtype: str, device: str) -> str:
     return resolve_dtype(dtype, device)
 
 
-def load_model(card: ModelCard, store: Path, *, dtype: str = "auto", device: str = "auto",
-               checkpoint: Path | None = None):
+def load_model(
+    card: ModelCard, store: Path, *, dtype: str = "auto", device: str = "auto", checkpoint: Path | None = None
+):
     """(model, tokenizer) from the store, or from `checkpoint` (e.g. a merged fine-tune of the
     card's model), on `device` in `dtype` (see resolve_device, resolve_dtype); fails with the
     command that provisions the card."""
-    return (load_weights(card, store, dtype=dtype, device=device, checkpoint=checkpoint),
-            load_tokenizer(card, store, checkpoint=checkpoint))
+    return (
+        load_weights(card, store, dtype=dtype, device=device, checkpoint=checkpoint),
+        load_tokenizer(card, store, checkpoint=checkpoint),
+    )
 
 
 def load_tokenizer(card: ModelCard, store: Path, *, checkpoint: Path | None = None):
     """The tokenizer alone, as load_model loads it (seconds cheaper than the weights)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_checkpoint(card, store, checkpoint),
-                                         trust_remote_code=card.trust_remote_code)
+    return AutoTokenizer.from_pretrained(
+        _checkpoint(card, store, checkpoint), trust_remote_code=card.trust_remote_code
+    )
 
 
-def load_weights(card: ModelCard, store: Path, *, dtype: str = "auto", device: str = "auto",
-                 checkpoint: Path | None = None):
+def load_weights(
+    card: ModelCard, store: Path, *, dtype: str = "auto", device: str = "auto", checkpoint: Path | None = None
+):
     """The model alone, as load_model loads it, in eval mode."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -81,8 +88,12 @@ def load_weights(card: ModelCard, store: Path, *, dtype: str = "auto", device: s
     checkpoint = _checkpoint(card, store, checkpoint)
     device = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(
-        checkpoint, dtype=getattr(torch, resolve_dtype(dtype, device)), use_safetensors=True,
-        trust_remote_code=card.trust_remote_code, device_map=None if device == "cpu" else device)
+        checkpoint,
+        dtype=getattr(torch, resolve_dtype(dtype, device)),
+        use_safetensors=True,
+        trust_remote_code=card.trust_remote_code,
+        device_map=None if device == "cpu" else device,
+    )
     model.eval()
     return model
 
@@ -92,6 +103,7 @@ def _checkpoint(card: ModelCard, store: Path, checkpoint: Path | None):
         return checkpoint
     manifest = read_manifest(card, store)
     if manifest is None:
-        raise UserError(f"{card.path}: card {card.name} is not provisioned; run "
-                        f"`make models CARD={card.name}`")
+        raise UserError(
+            f"{card.path}: card {card.name} is not provisioned; run `make models CARD={card.name}`"
+        )
     return manifest["checkpoint"]

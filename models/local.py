@@ -47,8 +47,12 @@ def memory_gib(parameters: int, vocab: int, hidden: int) -> dict[str, float]:
     LoRA weights, optimiser state and activations."""
     embed = vocab * hidden
     nf4 = 1.2 * (0.52 * (parameters - embed) + 2 * embed) / GIB
-    estimates = {"fp32": 1.2 * 4 * parameters / GIB, "bf16": 1.2 * 2 * parameters / GIB, "nf4": nf4,
-                 "qlora_train": nf4 + 3 * 512 * vocab * 4 / GIB + 0.5}
+    estimates = {
+        "fp32": 1.2 * 4 * parameters / GIB,
+        "bf16": 1.2 * 2 * parameters / GIB,
+        "nf4": nf4,
+        "qlora_train": nf4 + 3 * 512 * vocab * 4 / GIB + 0.5,
+    }
     return {k: max(round(v, 2), 0.01) for k, v in estimates.items()}
 
 
@@ -57,26 +61,39 @@ def checkpoint_card(folder: Path) -> ModelCard:
     folder = folder.resolve()
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise UserError(f"{folder}: not a checkpoint directory (no config.json); --models takes card names "
-                        "and checkpoint directories")
+        raise UserError(
+            f"{folder}: not a checkpoint directory (no config.json); --models takes card names "
+            "and checkpoint directories"
+        )
     config = json.loads(config_path.read_text(encoding="utf-8"))
     text = config.get("text_config", config)
     parameters = parameter_count(folder)
     tokenizer_config = folder / "tokenizer_config.json"
     has_template = (folder / "chat_template.jinja").is_file() or (
-        tokenizer_config.is_file() and "chat_template" in json.loads(tokenizer_config.read_text(encoding="utf-8")))
+        tokenizer_config.is_file()
+        and "chat_template" in json.loads(tokenizer_config.read_text(encoding="utf-8"))
+    )
     name = re.sub(r"[^a-z0-9._-]+", "-", folder.name.lower()).strip("-.") or "local"
-    return validate(ModelCard, {
-        "name": name if name[0].isalnum() else f"m{name}",
-        "description": f"The local checkpoint {folder}",
-        "source": {"kind": "local", "path": str(folder)},
-        "architecture": config.get("model_type", "unknown"),
-        "parameters": parameters,
-        "license": {"id": "unknown", "provenance": f"a local checkpoint ({folder}); its licence is its owner's"},
-        "chat_template": "tokenizer" if has_template else "none",
-        "add_bos": str(config.get("model_type", "")).startswith("gemma"),
-        "memory_gib": memory_gib(parameters, int(text.get("vocab_size", 0)), int(text.get("hidden_size", 0))),
-    }, folder)
+    return validate(
+        ModelCard,
+        {
+            "name": name if name[0].isalnum() else f"m{name}",
+            "description": f"The local checkpoint {folder}",
+            "source": {"kind": "local", "path": str(folder)},
+            "architecture": config.get("model_type", "unknown"),
+            "parameters": parameters,
+            "license": {
+                "id": "unknown",
+                "provenance": f"a local checkpoint ({folder}); its licence is its owner's",
+            },
+            "chat_template": "tokenizer" if has_template else "none",
+            "add_bos": str(config.get("model_type", "")).startswith("gemma"),
+            "memory_gib": memory_gib(
+                parameters, int(text.get("vocab_size", 0)), int(text.get("hidden_size", 0))
+            ),
+        },
+        folder,
+    )
 
 
 def resolve_candidates(names: list[str]) -> list[tuple[ModelCard, Path | None]]:
@@ -96,5 +113,7 @@ def resolve_candidates(names: list[str]) -> list[tuple[ModelCard, Path | None]]:
             out.append((find_card(entry), None))
     names_seen = [c.name for c, _ in out]
     if len(set(names_seen)) != len(names_seen):
-        raise UserError(f"--models: two candidates have the same name ({', '.join(names_seen)}); rename a folder")
+        raise UserError(
+            f"--models: two candidates have the same name ({', '.join(names_seen)}); rename a folder"
+        )
     return out

@@ -43,8 +43,12 @@ def cpu_identity() -> dict:
             elif key.strip() == "flags":
                 flags = set(value.split())
                 break
-    return {"cpu": model, "flags": [f for f in FLAGS if f in flags], "torch": torch.__version__.split("+")[0],
-            "threads": torch.get_num_threads()}
+    return {
+        "cpu": model,
+        "flags": [f for f in FLAGS if f in flags],
+        "torch": torch.__version__.split("+")[0],
+        "threads": torch.get_num_threads(),
+    }
 
 
 def calibration_path(cache_dir: Path, identity: dict) -> Path:
@@ -100,7 +104,9 @@ def load_gbs(folder: Path, mib: int = 128) -> float:
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         path = Path(tmp) / "probe.safetensors"
         save_file({"w": torch.ones(mib * 2**20 // 2, dtype=torch.bfloat16)}, str(path))
-        return _rate(mib * 2**20 / 1e9, lambda: load_file(str(path))["w"].clone())  # the file is mapped lazily
+        return _rate(
+            mib * 2**20 / 1e9, lambda: load_file(str(path))["w"].clone()
+        )  # the file is mapped lazily
 
 
 def measure(cache_dir: Path) -> dict:
@@ -108,10 +114,14 @@ def measure(cache_dir: Path) -> dict:
 
     started = time.perf_counter()
     dtypes = ["float32"] + (["bfloat16"] if cpu_has_bf16() else [])
-    record = {"identity": cpu_identity(), "matmul_gflops": {d: round(matmul_gflops(d), 1) for d in dtypes},
-              "decode_gflops": {d: round(matmul_gflops(d, DECODE_ROWS), 1) for d in dtypes},
-              "bandwidth_gbs": round(bandwidth_gbs(), 2), "load_gbs": round(load_gbs(cache_dir / "machine"), 2),
-              "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    record = {
+        "identity": cpu_identity(),
+        "matmul_gflops": {d: round(matmul_gflops(d), 1) for d in dtypes},
+        "decode_gflops": {d: round(matmul_gflops(d, DECODE_ROWS), 1) for d in dtypes},
+        "bandwidth_gbs": round(bandwidth_gbs(), 2),
+        "load_gbs": round(load_gbs(cache_dir / "machine"), 2),
+        "measured": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     return {**record, "seconds": round(time.perf_counter() - started, 2)}
 
 
@@ -131,27 +141,44 @@ def stage_dtypes(flags: list[str], cuda: bool = False) -> list[tuple[str, str, s
     if cuda:
         native = ("bfloat16", "the GPU multiplies bf16")
     elif "avx512_bf16" in flags or "amx_tile" in flags:
-        native = ("bfloat16", "the CPU multiplies bf16 natively: " + ", ".join(
-            f for f in ("avx512_bf16", "amx_tile") if f in flags))
+        native = (
+            "bfloat16",
+            "the CPU multiplies bf16 natively: "
+            + ", ".join(f for f in ("avx512_bf16", "amx_tile") if f in flags),
+        )
     else:
         native = ("float32", "no native bf16 on this CPU: emulated bf16 multiplies slower than fp32")
-    return [("select scoring", *native),
-            ("train (QLoRA compute)", native[0], f"{native[1]}; the NF4 weights are dequantised to it"),
-            ("merge, parity and train's checks", "float32", "compared against the served model, which runs in fp32"),
-            ("re-score (local side), cross-checks", "float32", "as the reference tools and the server run")]
+    return [
+        ("select scoring", *native),
+        ("train (QLoRA compute)", native[0], f"{native[1]}; the NF4 weights are dequantised to it"),
+        (
+            "merge, parity and train's checks",
+            "float32",
+            "compared against the served model, which runs in fp32",
+        ),
+        ("re-score (local side), cross-checks", "float32", "as the reference tools and the server run"),
+    ]
 
 
 def describe(record: dict) -> list[str]:
     ident = record["identity"]
-    lines = [f"CPU: {ident['cpu']}; flags {' '.join(ident['flags']) or '(none of ' + ', '.join(FLAGS) + ')'}; "
-             f"torch {ident['torch']}, {ident['threads']} threads",
-             f"measured {record['measured']} in {record['seconds']} s"]
-    lines += [f"  matmul {dtype}: {rate:.0f} GFLOP/s; at a decoding step's {DECODE_ROWS} rows "
-              f"{record['decode_gflops'][dtype]:.0f} GFLOP/s" for dtype, rate in record["matmul_gflops"].items()]
+    lines = [
+        f"CPU: {ident['cpu']}; flags {' '.join(ident['flags']) or '(none of ' + ', '.join(FLAGS) + ')'}; "
+        f"torch {ident['torch']}, {ident['threads']} threads",
+        f"measured {record['measured']} in {record['seconds']} s",
+    ]
+    lines += [
+        f"  matmul {dtype}: {rate:.0f} GFLOP/s; at a decoding step's {DECODE_ROWS} rows "
+        f"{record['decode_gflops'][dtype]:.0f} GFLOP/s"
+        for dtype, rate in record["matmul_gflops"].items()
+    ]
     if "bfloat16" not in record["matmul_gflops"]:
         lines.append("  matmul bfloat16: not native here, not used")
-    lines += [f"  memory bandwidth: {record['bandwidth_gbs']:.1f} GB/s (reading)",
-              f"  weights load: {record['load_gbs']:.1f} GB/s (safetensors, from the page cache)", "dtypes:"]
+    lines += [
+        f"  memory bandwidth: {record['bandwidth_gbs']:.1f} GB/s (reading)",
+        f"  weights load: {record['load_gbs']:.1f} GB/s (safetensors, from the page cache)",
+        "dtypes:",
+    ]
     cuda = False
     try:
         import torch

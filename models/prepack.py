@@ -26,9 +26,11 @@ MADV_DONTNEED = 4
 
 
 def available() -> bool:
-    return (torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
 
 
 class PrepackedLinear(torch.nn.Module):
@@ -45,7 +47,9 @@ class PrepackedLinear(torch.nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        )
 
 
 @torch.no_grad()
@@ -59,9 +63,14 @@ def prepack_linears(model: torch.nn.Module, rows: int) -> int:
     reads stays resident while the map lives, so the process would hold both copies. As soon as
     a weight that no other module shares is packed, its pages are dropped from this process (they
     stay in the page cache for the next load)."""
-    targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-               if type(child) is torch.nn.Linear and child.weight.device.type == "cpu"
-               and child.weight.dtype == torch.float32]
+    targets = [
+        (parent, name)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is torch.nn.Linear
+        and child.weight.device.type == "cpu"
+        and child.weight.dtype == torch.float32
+    ]
     replaced = {id(getattr(parent, name)) for parent, name in targets}
     shared = {id(p) for m in model.modules() if id(m) not in replaced for p in m.parameters(recurse=False)}
     mapped = _file_mappings()

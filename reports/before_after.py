@@ -46,7 +46,7 @@ def paired_runs(conn, selection: Selection | None, rescore: Rescored) -> tuple[S
         local.runs[task["task"]] = load_run(conn, task["local_run"], named)
         served.runs[task["task"]] = load_run(conn, task["served_run"], named)
     base = System("base", f"{base_card} (base)")
-    for run_id in (selection.runs.get(base_card, []) if selection else []):
+    for run_id in selection.runs.get(base_card, []) if selection else []:
         run = load_run(conn, run_id, "selection.json")
         if run.summary.mode == "gen" and run.summary.task.name in local.runs:
             base.runs[run.summary.task.name] = run
@@ -55,8 +55,9 @@ def paired_runs(conn, selection: Selection | None, rescore: Rescored) -> tuple[S
     return base, local, served
 
 
-def before_after(conn, selection: Selection | None, train: TrainingRun | None,
-                 rescore: Rescored | None) -> BeforeAfter | None:
+def before_after(
+    conn, selection: Selection | None, train: TrainingRun | None, rescore: Rescored | None
+) -> BeforeAfter | None:
     """Base model against the merged model scored locally and through the server, per task; before
     a re-score, the training run's checks (base against the merged model, local)."""
     if rescore is None:
@@ -65,8 +66,10 @@ def before_after(conn, selection: Selection | None, train: TrainingRun | None,
     gate = train.summary.contamination if train else None
     tasks, notes = [], []
     for task_name in list(base.runs):
-        systems, note = aligned([base.runs[task_name], local.runs[task_name], served.runs[task_name]],
-                                f"{task_name}: the base and fine-tuned runs")
+        systems, note = aligned(
+            [base.runs[task_name], local.runs[task_name], served.runs[task_name]],
+            f"{task_name}: the base and fine-tuned runs",
+        )
         notes += [note] if note else []
         if systems is None:
             del base.runs[task_name]
@@ -78,15 +81,33 @@ def before_after(conn, selection: Selection | None, train: TrainingRun | None,
             if any(metric not in i["scores"] for r in systems[1:] for i in r.summary.items):
                 continue
             b = base_run.values(metric)
-            cols = [{**estimate_cell(metric, bootstrap_mean(after.values(metric))),
-                     "vs_base": comparison_cell(metric, after.values(metric), b)} for after in systems[1:]]
-            rows.append({"metric": metric, "base": estimate_cell(metric, bootstrap_mean(b)), "after": cols,
-                         "higher_is_better": M.HIGHER_IS_BETTER[metric]})
-        tasks.append({"task": task_name, "split": base_run.summary.split, "n": len(base_run.summary.items),
-                      "rows": rows, "probe": base_run.summary.task.parser == "choice",
-                      "flips": _flips(base_run, systems[1]),
-                      "runs": dict(zip(("base", "merged", "served"), systems)),
-                      "clean": _clean_subset(systems, rows, gate)})
+            cols = [
+                {
+                    **estimate_cell(metric, bootstrap_mean(after.values(metric))),
+                    "vs_base": comparison_cell(metric, after.values(metric), b),
+                }
+                for after in systems[1:]
+            ]
+            rows.append(
+                {
+                    "metric": metric,
+                    "base": estimate_cell(metric, bootstrap_mean(b)),
+                    "after": cols,
+                    "higher_is_better": M.HIGHER_IS_BETTER[metric],
+                }
+            )
+        tasks.append(
+            {
+                "task": task_name,
+                "split": base_run.summary.split,
+                "n": len(base_run.summary.items),
+                "rows": rows,
+                "probe": base_run.summary.task.parser == "choice",
+                "flips": _flips(base_run, systems[1]),
+                "runs": dict(zip(("base", "merged", "served"), systems)),
+                "clean": _clean_subset(systems, rows, gate),
+            }
+        )
     return BeforeAfter(base, [local, served], tasks, notes)
 
 
@@ -100,14 +121,39 @@ def _training_checks(train: TrainingRun | None) -> BeforeAfter | None:
     tasks = []
     for c in summary.checks:
         metric = c["metric"]
-        after = {**estimate_cell(metric, Estimate(**c["merged"])),
-                 "vs_base": {**c, "diff_text": fmt_diff(metric, c["diff"]), "ci": fmt_ci(metric, *c["ci95"])}}
-        tasks.append({"task": c["task"], "split": c["split"], "n": c["items"], "mode": c.get("mode", "gen"),
-                      "probe": c.get("role") == "forgetting", "flips": {"defined": False}, "runs": {},
-                      "clean": None, "rows": [{"metric": metric, "base": estimate_cell(metric, Estimate(**c["base"])),
-                                               "after": [after], "higher_is_better": M.HIGHER_IS_BETTER[metric]}]})
-    return BeforeAfter(System("base", f"{summary.model} (base)"), [merged], tasks, ["No re-score yet: these are "
-                       "the training run's checks; `make rescore` adds the served model and the item flips."])
+        after = {
+            **estimate_cell(metric, Estimate(**c["merged"])),
+            "vs_base": {**c, "diff_text": fmt_diff(metric, c["diff"]), "ci": fmt_ci(metric, *c["ci95"])},
+        }
+        tasks.append(
+            {
+                "task": c["task"],
+                "split": c["split"],
+                "n": c["items"],
+                "mode": c.get("mode", "gen"),
+                "probe": c.get("role") == "forgetting",
+                "flips": {"defined": False},
+                "runs": {},
+                "clean": None,
+                "rows": [
+                    {
+                        "metric": metric,
+                        "base": estimate_cell(metric, Estimate(**c["base"])),
+                        "after": [after],
+                        "higher_is_better": M.HIGHER_IS_BETTER[metric],
+                    }
+                ],
+            }
+        )
+    return BeforeAfter(
+        System("base", f"{summary.model} (base)"),
+        [merged],
+        tasks,
+        [
+            "No re-score yet: these are "
+            "the training run's checks; `make rescore` adds the served model and the item flips."
+        ],
+    )
 
 
 def _clean_subset(systems: list[Run], rows: list[dict], gate: dict | None) -> dict | None:
@@ -116,7 +162,9 @@ def _clean_subset(systems: list[Run], rows: list[dict], gate: dict | None) -> di
     if gate is None:
         return None
     base_run = systems[0]
-    flagged = set(gate.get("flagged_items", {}).get(f"{base_run.summary.task.name}/{base_run.summary.split}", []))
+    flagged = set(
+        gate.get("flagged_items", {}).get(f"{base_run.summary.task.name}/{base_run.summary.split}", [])
+    )
     keep = [k for k, item in enumerate(base_run.summary.items) if item["item_id"] not in flagged]
     out = {"flagged": len(base_run.summary.items) - len(keep), "n": len(keep), "rows": []}
     if not out["flagged"] or not keep:
@@ -124,9 +172,13 @@ def _clean_subset(systems: list[Run], rows: list[dict], gate: dict | None) -> di
     for row in rows:
         metric = row["metric"]
         b = [base_run.values(metric)[k] for k in keep]
-        cols = [{**estimate_cell(metric, bootstrap_mean([after.values(metric)[k] for k in keep])),
-                 "vs_base": comparison_cell(metric, [after.values(metric)[k] for k in keep], b)}
-                for after in systems[1:]]
+        cols = [
+            {
+                **estimate_cell(metric, bootstrap_mean([after.values(metric)[k] for k in keep])),
+                "vs_base": comparison_cell(metric, [after.values(metric)[k] for k in keep], b),
+            }
+            for after in systems[1:]
+        ]
         out["rows"].append({**row, "base": estimate_cell(metric, bootstrap_mean(b)), "after": cols})
     return out
 
@@ -144,9 +196,12 @@ def _flips(base: Run, after: Run) -> dict:
     if rows and rows[0]["flip"] == "na":
         return {"defined": False, "up": [], "down": []}
     keep = ("item_id", "prompt", "request", "gold", "before", "after", "before_parsed", "after_parsed")
-    return {"defined": True, "up": [{k: r[k] for k in keep} for r in rows if r["flip"] == "up"],
-            "down": [{k: r[k] for k in keep} for r in rows if r["flip"] == "down"],
-            "metric": primary_metric(base.summary)}
+    return {
+        "defined": True,
+        "up": [{k: r[k] for k in keep} for r in rows if r["flip"] == "up"],
+        "down": [{k: r[k] for k in keep} for r in rows if r["flip"] == "down"],
+        "metric": primary_metric(base.summary),
+    }
 
 
 def item_flips(base: Run, after: Run) -> list[dict]:
@@ -157,9 +212,21 @@ def item_flips(base: Run, after: Run) -> list[dict]:
     for item in base.summary.items:
         other = by_id[item["item_id"]]
         was, now = correct(base, item), correct(after, other)
-        flip = ("na" if was is None else "up" if not was and now else "down" if was and not now else "none")
-        rows.append({"item_id": item["item_id"], "prompt": item["prompt"], "request": item.get("request"),
-                     "gold": item["gold"], "before": item["output"], "after": other["output"],
-                     "before_parsed": item["parsed"], "after_parsed": other["parsed"], "before_item": item,
-                     "after_item": other, "now": now, "flip": flip})
+        flip = "na" if was is None else "up" if not was and now else "down" if was and not now else "none"
+        rows.append(
+            {
+                "item_id": item["item_id"],
+                "prompt": item["prompt"],
+                "request": item.get("request"),
+                "gold": item["gold"],
+                "before": item["output"],
+                "after": other["output"],
+                "before_parsed": item["parsed"],
+                "after_parsed": other["parsed"],
+                "before_item": item,
+                "after_item": other,
+                "now": now,
+                "flip": flip,
+            }
+        )
     return rows

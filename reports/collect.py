@@ -22,8 +22,16 @@ from eval.baselines import BASELINE_COLUMNS, baseline_cells
 from eval.anytime import anytime_compare, can_be_sequential, mean_sequence
 from eval.stats import Estimate, bootstrap_mean, compare
 from eval.suite import ranked_metrics
-from eval.summary import (PERCENT, RunSummary, comparison_text, fmt_ci, fmt_diff, fmt_value, metrics_of,
-                          primary_metric)
+from eval.summary import (
+    PERCENT,
+    RunSummary,
+    comparison_text,
+    fmt_ci,
+    fmt_diff,
+    fmt_value,
+    metrics_of,
+    primary_metric,
+)
 from eval.task import find_task, load_task
 from core.errors import UserError
 from core.artifacts import Selection
@@ -62,16 +70,23 @@ def load_run(conn: sqlite3.Connection, run_id: str, named_in: str) -> Run:
 
     row = run_row(conn, run_id)
     if row is None:
-        raise UserError(f"{named_in}: run {run_id} is not in the results store (was runs/results.sqlite replaced?)")
+        raise UserError(
+            f"{named_in}: run {run_id} is not in the results store (was runs/results.sqlite replaced?)"
+        )
     task_name, split, mode, model, meta_json, finished, task_file = row
     try:  # the file the run read, where it still is; else the task of that name under tasks/
         task = load_task(Path(task_file)) if task_file and Path(task_file).is_file() else find_task(task_name)
     except UserError as exc:
-        raise UserError(f"{named_in}: run {run_id} is of task '{task_name}', which has no task file now") from exc
+        raise UserError(
+            f"{named_in}: run {run_id} is of task '{task_name}', which has no task file now"
+        ) from exc
     items = run_items(conn, run_id)
     meta = json.loads(meta_json)
-    return Run(RunSummary(run_id, task, split, mode, model, items, 0.0, 0, sequential=bool(meta.get("order"))),
-               meta, finished is not None)
+    return Run(
+        RunSummary(run_id, task, split, mode, model, items, 0.0, 0, sequential=bool(meta.get("order"))),
+        meta,
+        finished is not None,
+    )
 
 
 def check_side_by_side(runs: list[Run], what: str) -> None:
@@ -79,28 +94,43 @@ def check_side_by_side(runs: list[Run], what: str) -> None:
     shas = {r.task_sha256 for r in runs}
     if len(shas) > 1:
         detail = "; ".join(f"{r.model} (run {r.run_id}) task hash {r.task_sha256[:12]}" for r in runs)
-        raise UserError(f"report: refusing to put {what} side by side: their task files differ ({detail}); "
-                        "score them again with the same task file")
+        raise UserError(
+            f"report: refusing to put {what} side by side: their task files differ ({detail}); "
+            "score them again with the same task file"
+        )
     ids = [[i["item_id"] for i in r.summary.items] for r in runs]
     for r, got in zip(runs[1:], ids[1:]):
         if got != ids[0]:
-            raise UserError(f"report: refusing to put {what} side by side: {r.model} (run {r.run_id}) has "
-                            f"{len(got)} items, {runs[0].model} (run {runs[0].run_id}) {len(ids[0])}, "
-                            "and not the same ones")
+            raise UserError(
+                f"report: refusing to put {what} side by side: {r.model} (run {r.run_id}) has "
+                f"{len(got)} items, {runs[0].model} (run {runs[0].run_id}) {len(ids[0])}, "
+                "and not the same ones"
+            )
 
 
 def estimate_cell(metric: str, e: Estimate) -> dict:
-    return {"mean": e.mean, "low": e.low, "high": e.high, "n": e.n, "text": fmt_value(metric, e.mean),
-            "ci": fmt_ci(metric, e.low, e.high)}
+    return {
+        "mean": e.mean,
+        "low": e.low,
+        "high": e.high,
+        "n": e.n,
+        "text": fmt_value(metric, e.mean),
+        "ci": fmt_ci(metric, e.low, e.high),
+    }
 
 
 def comparison_cell(metric: str, a: list[float], b: list[float], sequential: bool = False) -> dict:
     """a - b with its paired CI and p-value, as the selection computes it (anytime-valid ones for
     a sequentially scored entry)."""
     c = anytime_compare(a, b, metric) if sequential else compare(a, b, binary=metric in M.BINARY)
-    return {**c.record(metric), "low": c.low, "high": c.high,
-            "diff_text": fmt_diff(metric, c.diff),
-            "ci": fmt_ci(metric, c.low, c.high), "mde_text": fmt_value(metric, c.mde)}
+    return {
+        **c.record(metric),
+        "low": c.low,
+        "high": c.high,
+        "diff_text": fmt_diff(metric, c.diff),
+        "ci": fmt_ci(metric, c.low, c.high),
+        "mde_text": fmt_value(metric, c.mde),
+    }
 
 
 def correct(run: Run, item: dict) -> bool | None:
@@ -158,29 +188,64 @@ def leaderboard(conn, selection: Selection, named_in: str) -> Leaderboard:
         some = max(per_model.values(), key=lambda r: len(r.summary.items))
         metrics = [m for m in metrics_of(some.summary) if not sequential or can_be_sequential(m)]
         metrics.sort(key=lambda m: m != ranked.get(entry))  # the metric the entry is ranked by first
-        floor = {(c.metric, c.model): estimate_cell(c.metric, c.estimate) for c in baseline_cells(some.summary)}
+        floor = {
+            (c.metric, c.model): estimate_cell(c.metric, c.estimate) for c in baseline_cells(some.summary)
+        }
         for metric in metrics:
-            cells = {m: estimate_cell(metric, mean_sequence(r.values(metric), metric) if sequential
-                                  else bootstrap_mean(r.values(metric))) for m, r in per_model.items()}
+            cells = {
+                m: estimate_cell(
+                    metric,
+                    mean_sequence(r.values(metric), metric)
+                    if sequential
+                    else bootstrap_mean(r.values(metric)),
+                )
+                for m, r in per_model.items()
+            }
             cells.update({name: e for (m, name), e in floor.items() if m == metric})
-            rows.append({"task": entry[0], "split": entry[1], "mode": entry[2], "metric": metric,
-                         "version": some.task_sha256[:6], "cells": cells,
-                         "primary": metric == metrics[0]})
+            rows.append(
+                {
+                    "task": entry[0],
+                    "split": entry[1],
+                    "mode": entry[2],
+                    "metric": metric,
+                    "version": some.task_sha256[:6],
+                    "cells": cells,
+                    "primary": metric == metrics[0],
+                }
+            )
         primary = next(r for r in rows if r["primary"] and (r["task"], r["split"], r["mode"]) == entry)
-        charts.append({"title": f"{entry[0]}-{entry[1]} {entry[2]} {primary['metric']}", "metric": primary["metric"],
-                       "scale": 100.0 if primary["metric"] in PERCENT else 1.0,
-                       "bars": [{"model": m, **cell} for m, cell in primary["cells"].items()]})
+        charts.append(
+            {
+                "title": f"{entry[0]}-{entry[1]} {entry[2]} {primary['metric']}",
+                "metric": primary["metric"],
+                "scale": 100.0 if primary["metric"] in PERCENT else 1.0,
+                "bars": [{"model": m, **cell} for m, cell in primary["cells"].items()],
+            }
+        )
     best = selection.best_mean_rank
     for model, comps in selection.comparisons_vs_best.items():
-        significance += [{"model": model, **c, **comparison_text(c),
-                          "candidate": _verdict_for_candidate(c)} for c in comps]
-    mde = [f"{s['task']}-{s['split']} {s['mode']} {s['metric']}: with {s['n']} paired items, differences "
-           f"smaller than about {s['mde_text']}{' points' if s['metric'] in PERCENT else ''} cannot be told "
-           f"apart from chance (80% power, alpha 0.05); a candidate within that of {best} is not shown to be worse."
-           for s in {(s["task"], s["split"], s["mode"]): s for s in reversed(significance)}.values()]
+        significance += [
+            {"model": model, **c, **comparison_text(c), "candidate": _verdict_for_candidate(c)} for c in comps
+        ]
+    mde = [
+        f"{s['task']}-{s['split']} {s['mode']} {s['metric']}: with {s['n']} paired items, differences "
+        f"smaller than about {s['mde_text']}{' points' if s['metric'] in PERCENT else ''} cannot be told "
+        f"apart from chance (80% power, alpha 0.05); a candidate within that of {best} is not shown to be worse."
+        for s in {(s["task"], s["split"], s["mode"]): s for s in reversed(significance)}.values()
+    ]
     shown = [b for b in BASELINE_COLUMNS if any(b in r["cells"] for r in rows)]
-    return Leaderboard(models, winner, rows, significance, charts, selection,
-                       [r for model_runs in runs.values() for r in model_runs], mde, shown, notes)
+    return Leaderboard(
+        models,
+        winner,
+        rows,
+        significance,
+        charts,
+        selection,
+        [r for model_runs in runs.values() for r in model_runs],
+        mde,
+        shown,
+        notes,
+    )
 
 
 def _verdict_for_candidate(record: dict) -> str:
@@ -200,14 +265,19 @@ def aligned(runs: list[Run], what: str) -> tuple[list[Run] | None, str | None]:
 
     if len({r.task_sha256 for r in runs}) > 1:
         detail = "; ".join(f"{r.model} (run {r.run_id}) task hash {r.task_sha256[:12]}" for r in runs)
-        return None, f"{what}: left out, their task files differ ({detail}); score them again with the same task file"
+        return (
+            None,
+            f"{what}: left out, their task files differ ({detail}); score them again with the same task file",
+        )
     shared = set.intersection(*({i["item_id"] for i in r.summary.items} for r in runs))
     if not shared:
         return None, f"{what}: left out, no item was scored by all of them"
     counts = [len(r.summary.items) for r in runs]
     if all(n == len(shared) for n in counts):
         return runs, None
-    cut = [replace(r, summary=replace(r.summary, items=[i for i in r.summary.items if i["item_id"] in shared]))
-           for r in runs]
+    cut = [
+        replace(r, summary=replace(r.summary, items=[i for i in r.summary.items if i["item_id"] in shared]))
+        for r in runs
+    ]
     sizes = ", ".join(f"{r.model} {n}" for r, n in zip(runs, counts))
     return cut, f"{what}: compared on the {len(shared)} items all of them scored ({sizes})"

@@ -48,19 +48,25 @@ def judge_pairs(conn: sqlite3.Connection, judge, *, chunk: int = 16) -> dict:
     from reports.review import pairs_in_order
 
     model = judge.identity["model"]
-    done = set(conn.execute("SELECT pair_id, first_system FROM review_judgements WHERE judge_model = ?", (model,)))
+    done = set(
+        conn.execute("SELECT pair_id, first_system FROM review_judgements WHERE judge_model = ?", (model,))
+    )
     todo = []
     for pid, prompt, sa, sb, oa, ob in pairs_in_order(conn):
         for first, shown in ((sa, (oa, ob)), (sb, (ob, oa))):
             if (pid, first) not in done:
                 todo.append((pid, first, PROMPT.format(prompt=prompt, first=shown[0], second=shown[1])))
     for start in range(0, len(todo), chunk):
-        part = todo[start:start + chunk]
-        outputs = judge.generate([GenRequest([{"role": "user", "content": text}], MAX_TOKENS) for *_, text in part])
+        part = todo[start : start + chunk]
+        outputs = judge.generate(
+            [GenRequest([{"role": "user", "content": text}], MAX_TOKENS) for *_, text in part]
+        )
         conn.execute("BEGIN IMMEDIATE")  # a chunk at a time: an interrupted run keeps what it has
-        conn.executemany("INSERT OR IGNORE INTO review_judgements (pair_id, judge_model, first_system, verdict, output)"
-                         " VALUES (?, ?, ?, ?, ?)",
-                         [(pid, model, first, read_verdict(out), out) for (pid, first, _), out in zip(part, outputs)])
+        conn.executemany(
+            "INSERT OR IGNORE INTO review_judgements (pair_id, judge_model, first_system, verdict, output)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [(pid, model, first, read_verdict(out), out) for (pid, first, _), out in zip(part, outputs)],
+        )
         conn.execute("COMMIT")
     return {"asked": len(todo), "model": model}
 
@@ -69,7 +75,8 @@ def judgements(conn: sqlite3.Connection) -> dict[str, dict[str, dict[str, str | 
     """{judge model: {pair_id: {system shown first: verdict}}}."""
     out: dict[str, dict[str, dict[str, str | None]]] = {}
     for pid, model, first, verdict in conn.execute(
-            "SELECT pair_id, judge_model, first_system, verdict FROM review_judgements ORDER BY judge_model"):
+        "SELECT pair_id, judge_model, first_system, verdict FROM review_judgements ORDER BY judge_model"
+    ):
         out.setdefault(model, {}).setdefault(pid, {})[first] = verdict
     return out
 
@@ -97,8 +104,9 @@ def human_verdict(vote: dict) -> str | None:
     return "a" if winner == vote["system_a"] else "b"
 
 
-def agreement(all_votes: list[dict], verdicts: dict[str, dict[str, str | None]],
-              pairs: dict[str, tuple[str, str]]) -> dict:
+def agreement(
+    all_votes: list[dict], verdicts: dict[str, dict[str, str | None]], pairs: dict[str, tuple[str, str]]
+) -> dict:
     """The judge against the human votes (each vote one rating; 'both bad' left out) and its
     position-swap audit over every pair it judged. `pairs`: {pair_id: (system_a, system_b)}."""
     from sklearn.metrics import cohen_kappa_score, confusion_matrix
@@ -136,6 +144,13 @@ def agreement(all_votes: list[dict], verdicts: dict[str, dict[str, str | None]],
                 decisive += 1
                 first_wins += r == "first"
     bias = position_bias(first_wins, decisive)
-    out["position"] = {"pairs": both, "consistent": consistent, "unread": unread, "decisive": decisive,
-                       "first_wins": first_wins, "first_rate": bias["rate"], "p_value": bias["p_value"]}
+    out["position"] = {
+        "pairs": both,
+        "consistent": consistent,
+        "unread": unread,
+        "decisive": decisive,
+        "first_wins": first_wins,
+        "first_rate": bias["rate"],
+        "p_value": bias["p_value"],
+    }
     return out

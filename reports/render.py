@@ -23,19 +23,22 @@ PAGES = ("index", "leaderboard", "before_after", "training", "serving", "review"
 def environment():
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters["pct"] = lambda x: "-" if x is None else f"{x * 100:.1f}%"
-    env.filters["metric"] = lambda x, metric: "-" if x is None else fmt_value(metric, x) + (
-        "%" if metric in PERCENT else "")
+    env.filters["metric"] = lambda x, metric: (
+        "-" if x is None else fmt_value(metric, x) + ("%" if metric in PERCENT else "")
+    )
     env.filters["num"] = lambda x, d=2: "-" if x is None else f"{x:.{d}f}"
     env.filters["p"] = fmt_p
     env.filters["slug"] = slug
     env.globals["m"] = env.get_template("macros.html").module  # the pages' shared macros, as `m`
     return env
-
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,12 +54,33 @@ def errorbar_chart(chart: dict, width: int = 560, row: int = 28, label_w: int = 
     def x(v: float) -> float:
         return round(label_w + plot_w * min(v * scale, limit) / limit, 1)
 
-    bars = [{"label": b["model"], "y": 18 + k * row, "mean": x(b["mean"]), "low": x(b["low"]), "high": x(b["high"]),
-             "text": f"{b['text']} {b['ci']}"} for k, b in enumerate(chart["bars"])]
-    ticks = [{"x": round(label_w + plot_w * f, 1), "text": f"{limit * f:.0f}" if limit >= 10 else f"{limit * f:.2f}"}
-             for f in (0, 0.25, 0.5, 0.75, 1.0)]
-    return {"title": chart["title"], "width": width, "height": 30 + len(bars) * row, "x0": label_w,
-            "bars": bars, "ticks": ticks, "axis_y": 24 + len(bars) * row - row // 2}
+    bars = [
+        {
+            "label": b["model"],
+            "y": 18 + k * row,
+            "mean": x(b["mean"]),
+            "low": x(b["low"]),
+            "high": x(b["high"]),
+            "text": f"{b['text']} {b['ci']}",
+        }
+        for k, b in enumerate(chart["bars"])
+    ]
+    ticks = [
+        {
+            "x": round(label_w + plot_w * f, 1),
+            "text": f"{limit * f:.0f}" if limit >= 10 else f"{limit * f:.2f}",
+        }
+        for f in (0, 0.25, 0.5, 0.75, 1.0)
+    ]
+    return {
+        "title": chart["title"],
+        "width": width,
+        "height": 30 + len(bars) * row,
+        "x0": label_w,
+        "bars": bars,
+        "ticks": ticks,
+        "axis_y": 24 + len(bars) * row - row // 2,
+    }
 
 
 def line_chart(series: list[dict], width: int = 640, height: int = 240, log_y: bool = False) -> dict | None:
@@ -81,18 +105,38 @@ def line_chart(series: list[dict], width: int = 640, height: int = 240, log_y: b
         v = math.log10(max(v, 1e-12)) if log_y else v
         return round(height - bottom - (height - top - bottom) * (v - y_lo) / (y_hi - y_lo), 1)
 
-    drawn = [{"name": s["name"], "cls": f"s{k}", "polyline": " ".join(f"{fx(a)},{fy(b)}" for a, b in s["points"]),
-              "dots": [{"x": fx(a), "y": fy(b)} for a, b in s["points"]] if len(s["points"]) < 40 else []}
-             for k, s in enumerate(series)]
+    drawn = [
+        {
+            "name": s["name"],
+            "cls": f"s{k}",
+            "polyline": " ".join(f"{fx(a)},{fy(b)}" for a, b in s["points"]),
+            "dots": [{"x": fx(a), "y": fy(b)} for a, b in s["points"]] if len(s["points"]) < 40 else [],
+        }
+        for k, s in enumerate(series)
+    ]
     y_ticks = []
     for f in (0, 0.5, 1.0):
         v = y_lo + (y_hi - y_lo) * f
-        shown = 10 ** v if log_y else v
-        y_ticks.append({"y": round(height - bottom - (height - top - bottom) * f, 1),
-                        "text": f"{shown:.2g}" if log_y or 0 < abs(y_hi) < 0.1 else f"{shown:.2f}"})
-    x_ticks = [{"x": fx(x_lo + (x_hi - x_lo) * f), "text": f"{x_lo + (x_hi - x_lo) * f:.0f}"} for f in (0, 0.5, 1.0)]
-    return {"width": width, "height": height, "series": drawn, "x_ticks": x_ticks, "y_ticks": y_ticks,
-            "left": left, "bottom": height - bottom, "right": width - right}
+        shown = 10**v if log_y else v
+        y_ticks.append(
+            {
+                "y": round(height - bottom - (height - top - bottom) * f, 1),
+                "text": f"{shown:.2g}" if log_y or 0 < abs(y_hi) < 0.1 else f"{shown:.2f}",
+            }
+        )
+    x_ticks = [
+        {"x": fx(x_lo + (x_hi - x_lo) * f), "text": f"{x_lo + (x_hi - x_lo) * f:.0f}"} for f in (0, 0.5, 1.0)
+    ]
+    return {
+        "width": width,
+        "height": height,
+        "series": drawn,
+        "x_ticks": x_ticks,
+        "y_ticks": y_ticks,
+        "left": left,
+        "bottom": height - bottom,
+        "right": width - right,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,12 +170,21 @@ def build_report(runs_dir: Path, out_dir: Path | None = None) -> list[Path]:
         rconn.close()
     agg = review_stats.aggregate(all_votes) if all_votes else None
     if agg:
-        agg["judges"] = [{"model": m, **pair_judge.agreement(all_votes, v, systems)} for m, v in judged.items()]
+        agg["judges"] = [
+            {"model": m, **pair_judge.agreement(all_votes, v, systems)} for m, v in judged.items()
+        ]
 
-    shown_runs = [r for t in (ba.tasks if ba else []) for r in t["runs"].values()] + (board.runs if board else [])
+    shown_runs = [r for t in (ba.tasks if ba else []) for r in t["runs"].values()] + (
+        board.runs if board else []
+    )
     unique = {r.run_id: r for r in shown_runs}
     context = {
-        "board": board, "ba": ba, "train": train, "rescore": rescore, "review": agg, "review_pairs": pairs,
+        "board": board,
+        "ba": ba,
+        "train": train,
+        "rescore": rescore,
+        "review": agg,
+        "review_pairs": pairs,
         "manifest": runs.manifest(list(unique.values())),
         "charts": [errorbar_chart(c) for c in board.charts] if board else [],
         "training_charts": _training_charts(train) if train else {},
@@ -145,13 +198,20 @@ def build_report(runs_dir: Path, out_dir: Path | None = None) -> list[Path]:
         path = out_dir / f"{name}.html"
         write_text_atomic(path, env.get_template(f"{name}.html").render(page=name, **context))
         written.append(path)
-    for task in [t for t in ba.tasks if t["runs"]] if ba else []:  # item pages need the items: after a re-score
+    for task in (
+        [t for t in ba.tasks if t["runs"]] if ba else []
+    ):  # item pages need the items: after a re-score
         samples = _sample_rows(task)
-        for template, stem, extra in (("flips.html", "flips", {}), ("samples.html", "samples", {"rows": samples})):
+        for template, stem, extra in (
+            ("flips.html", "flips", {}),
+            ("samples.html", "samples", {"rows": samples}),
+        ):
             if template == "flips.html" and not task["flips"]["defined"]:
                 continue
             path = out_dir / f"{stem}-{slug(task['task'])}.html"
-            write_text_atomic(path, env.get_template(template).render(page=stem, task=task, **extra, **context))
+            write_text_atomic(
+                path, env.get_template(template).render(page=stem, task=task, **extra, **context)
+            )
             written.append(path)
     return written
 
@@ -160,12 +220,21 @@ def _sample_rows(task: dict) -> list[dict]:
     from reports.before_after import item_flips
 
     metric = task["rows"][0]["metric"] if task["rows"] else None
-    return [{"item_id": r["item_id"], "prompt": r["prompt"], "request": r["request"], "gold": r["gold"],
-             "before": r["before"], "after": r["after"], "before_score": r["before_item"]["scores"].get(metric),
-             "after_score": r["after_item"]["scores"].get(metric),
-             "correct": "na" if r["now"] is None else ("yes" if r["now"] else "no"),
-             "flip": "none" if r["flip"] == "na" else r["flip"]}
-            for r in item_flips(task["runs"]["base"], task["runs"]["merged"])]
+    return [
+        {
+            "item_id": r["item_id"],
+            "prompt": r["prompt"],
+            "request": r["request"],
+            "gold": r["gold"],
+            "before": r["before"],
+            "after": r["after"],
+            "before_score": r["before_item"]["scores"].get(metric),
+            "after_score": r["after_item"]["scores"].get(metric),
+            "correct": "na" if r["now"] is None else ("yes" if r["now"] else "no"),
+            "flip": "none" if r["flip"] == "na" else r["flip"],
+        }
+        for r in item_flips(task["runs"]["base"], task["runs"]["merged"])
+    ]
 
 
 def _training_charts(train) -> dict:
@@ -173,10 +242,16 @@ def _training_charts(train) -> dict:
     evals = [(e["step"], e["eval_loss"]) for e in train.evals]
     lrs = [(e["step"], e["learning_rate"]) for e in train.losses if "learning_rate" in e]
     curves = (train.summary.checkpoint or {}).get("curves") or {}
-    return {"loss": line_chart([{"name": "train loss", "points": losses}, {"name": "val loss", "points": evals}]),
-            "lr": line_chart([{"name": "learning rate", "points": lrs}], height=160),
-            "probe": line_chart([{"name": key, "points": [(p["step"], p["mean"]) for p in points]}
-                                 for key, points in sorted(curves.items())])}
+    return {
+        "loss": line_chart([{"name": "train loss", "points": losses}, {"name": "val loss", "points": evals}]),
+        "lr": line_chart([{"name": "learning rate", "points": lrs}], height=160),
+        "probe": line_chart(
+            [
+                {"name": key, "points": [(p["step"], p["mean"]) for p in points]}
+                for key, points in sorted(curves.items())
+            ]
+        ),
+    }
 
 
 def report_command(settings, *, out: Path | None = None) -> int:

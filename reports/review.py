@@ -24,8 +24,19 @@ from core.store import open_store
 
 
 VOTES = ("left", "right", "tie", "both_bad")
-EXPORT_FIELDS = ("vote_id", "pair_id", "task", "item_id", "system_a", "system_b", "left_system", "vote",
-                 "reviewer", "comment", "time")
+EXPORT_FIELDS = (
+    "vote_id",
+    "pair_id",
+    "task",
+    "item_id",
+    "system_a",
+    "system_b",
+    "left_system",
+    "vote",
+    "reviewer",
+    "comment",
+    "time",
+)
 MAX_COMMENT = 2000
 
 
@@ -61,8 +72,23 @@ def add_pairs(conn: sqlite3.Connection, systems: dict[str, dict[str, object]], *
                     continue
                 pid = pair_id(task, item["item_id"], a, b)
                 rng = random.Random(f"{seed}:{pid}")
-                rows.append((pid, rng.random(), task, item["item_id"], item["prompt"], a, b, item["output"],
-                             other["output"], run_a.run_id, run_b.run_id, a if rng.random() < 0.5 else b, seed))
+                rows.append(
+                    (
+                        pid,
+                        rng.random(),
+                        task,
+                        item["item_id"],
+                        item["prompt"],
+                        a,
+                        b,
+                        item["output"],
+                        other["output"],
+                        run_a.run_id,
+                        run_b.run_id,
+                        a if rng.random() < 0.5 else b,
+                        seed,
+                    )
+                )
     rows.sort(key=lambda r: r[1])  # a seeded order that mixes tasks and system pairs
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -71,7 +97,8 @@ def add_pairs(conn: sqlite3.Connection, systems: dict[str, dict[str, object]], *
             cur = conn.execute(
                 "INSERT OR IGNORE INTO review_pairs (pair_id, position, task, item_id, prompt, system_a, system_b,"
                 " output_a, output_b, run_a, run_b, left_system, seed) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (row[0], start + added, *row[2:]))
+                (row[0], start + added, *row[2:]),
+            )
             added += cur.rowcount
         conn.execute("COMMIT")
     except BaseException:
@@ -87,8 +114,9 @@ def pair_count(conn) -> int:
 
 def pairs_in_order(conn) -> list[tuple]:
     """Every pair as (pair_id, prompt, system_a, system_b, output_a, output_b), in review order."""
-    return conn.execute("SELECT pair_id, prompt, system_a, system_b, output_a, output_b FROM review_pairs"
-                        " ORDER BY position").fetchall()
+    return conn.execute(
+        "SELECT pair_id, prompt, system_a, system_b, output_a, output_b FROM review_pairs ORDER BY position"
+    ).fetchall()
 
 
 def pair_systems(conn) -> dict[str, tuple[str, str]]:
@@ -101,14 +129,21 @@ def next_pair(conn, reviewer: str) -> dict | None:
     row = conn.execute(
         "SELECT pair_id, task, item_id, prompt, system_a, system_b, output_a, output_b, left_system FROM review_pairs"
         " WHERE pair_id NOT IN (SELECT pair_id FROM review_votes WHERE reviewer = ?) ORDER BY position LIMIT 1",
-        (reviewer,)).fetchone()
+        (reviewer,),
+    ).fetchone()
     if row is None:
         return None
     pid, task, item_id, prompt, a, b, out_a, out_b, left = row
     outputs = {a: out_a, b: out_b}
     right = b if left == a else a
-    return {"pair_id": pid, "task": task, "item_id": item_id, "prompt": prompt,
-            "left": outputs[left], "right": outputs[right]}
+    return {
+        "pair_id": pid,
+        "task": task,
+        "item_id": item_id,
+        "prompt": prompt,
+        "left": outputs[left],
+        "right": outputs[right],
+    }
 
 
 def progress(conn, reviewer: str) -> tuple[int, int]:
@@ -116,8 +151,17 @@ def progress(conn, reviewer: str) -> tuple[int, int]:
     return done, pair_count(conn)
 
 
-def record_vote(conn, *, vote_id: str, pair: str, vote: str, reviewer: str, comment: str = "",
-                at: float | None = None, left_system: str | None = None) -> str:
+def record_vote(
+    conn,
+    *,
+    vote_id: str,
+    pair: str,
+    vote: str,
+    reviewer: str,
+    comment: str = "",
+    at: float | None = None,
+    left_system: str | None = None,
+) -> str:
     """Store one vote; returns 'added', 'replaced' (the reviewer's earlier vote on the pair),
     'duplicate' (this vote id is stored already) or 'older' (an import older than the stored vote)."""
     at = time.time() if at is None else at
@@ -130,15 +174,21 @@ def record_vote(conn, *, vote_id: str, pair: str, vote: str, reviewer: str, comm
         if row is None:
             raise KeyError(pair)
         if left_system is not None and left_system != row[0]:
-            raise ValueError(f"left_system {left_system!r} is not the side recorded for pair {pair} ({row[0]!r})")
-        earlier = conn.execute("SELECT time FROM review_votes WHERE pair_id = ? AND reviewer = ?",
-                               (pair, reviewer)).fetchone()
+            raise ValueError(
+                f"left_system {left_system!r} is not the side recorded for pair {pair} ({row[0]!r})"
+            )
+        earlier = conn.execute(
+            "SELECT time FROM review_votes WHERE pair_id = ? AND reviewer = ?", (pair, reviewer)
+        ).fetchone()
         if earlier and earlier[0] > at:
             conn.execute("COMMIT")
             return "older"
         conn.execute("DELETE FROM review_votes WHERE pair_id = ? AND reviewer = ?", (pair, reviewer))
-        conn.execute("INSERT INTO review_votes (vote_id, pair_id, left_system, vote, reviewer, comment, time)"
-                     " VALUES (?, ?, ?, ?, ?, ?, ?)", (vote_id, pair, row[0], vote, reviewer, comment, at))
+        conn.execute(
+            "INSERT INTO review_votes (vote_id, pair_id, left_system, vote, reviewer, comment, time)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (vote_id, pair, row[0], vote, reviewer, comment, at),
+        )
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -152,8 +202,10 @@ def votes(conn, *, outputs: bool = False) -> list[dict]:
     fields = EXPORT_FIELDS + (("output_a", "output_b") if outputs else ())
     cur = conn.execute(
         "SELECT v.vote_id, v.pair_id, p.task, p.item_id, p.system_a, p.system_b, v.left_system, v.vote, v.reviewer,"
-        " v.comment, v.time" + (", p.output_a, p.output_b" if outputs else "")
-        + " FROM review_votes v JOIN review_pairs p USING (pair_id) ORDER BY v.time, v.vote_id")
+        " v.comment, v.time"
+        + (", p.output_a, p.output_b" if outputs else "")
+        + " FROM review_votes v JOIN review_pairs p USING (pair_id) ORDER BY v.time, v.vote_id"
+    )
     return [dict(zip(fields, row)) for row in cur]
 
 
@@ -199,7 +251,9 @@ def _read_rows(path: Path) -> list[dict]:
 def import_votes(conn, path: Path) -> dict:
     """Validate every row first (one line naming the row on the first problem), then merge."""
     rows = _read_rows(path)
-    pairs = {r[0]: r[1:] for r in conn.execute("SELECT pair_id, system_a, system_b, left_system FROM review_pairs")}
+    pairs = {
+        r[0]: r[1:] for r in conn.execute("SELECT pair_id, system_a, system_b, left_system FROM review_pairs")
+    }
     checked = []
     for n, row in enumerate(rows, 1):
         where = f"{path}: row {n}"
@@ -210,12 +264,16 @@ def import_votes(conn, path: Path) -> dict:
             raise UserError(f"{where}: missing '{missing[0]}'")
         text = {k: row[k] if isinstance(row[k], str) else str(row[k]) for k in EXPORT_FIELDS}
         if text["pair_id"] not in pairs:
-            raise UserError(f"{where}: pair '{text['pair_id']}' is not among this store's review pairs "
-                            "(build them with `make review` on the same runs first)")
+            raise UserError(
+                f"{where}: pair '{text['pair_id']}' is not among this store's review pairs "
+                "(build them with `make review` on the same runs first)"
+            )
         system_a, system_b, left = pairs[text["pair_id"]]
         if {text["system_a"], text["system_b"]} != {system_a, system_b} or text["left_system"] != left:
-            raise UserError(f"{where}: systems or left side differ from the recorded pair "
-                            f"({system_a} vs {system_b}, {left} on the left)")
+            raise UserError(
+                f"{where}: systems or left side differ from the recorded pair "
+                f"({system_a} vs {system_b}, {left} on the left)"
+            )
         if text["vote"] not in VOTES:
             raise UserError(f"{where}: 'vote' must be one of {', '.join(VOTES)}, got '{text['vote']}'")
         if not text["reviewer"].strip() or not text["vote_id"].strip():
@@ -223,13 +281,22 @@ def import_votes(conn, path: Path) -> dict:
         try:
             at = float(text["time"])
         except ValueError:
-            raise UserError(f"{where}: 'time' must be seconds since the epoch, got '{text['time']}'") from None
+            raise UserError(
+                f"{where}: 'time' must be seconds since the epoch, got '{text['time']}'"
+            ) from None
         checked.append((text, at))
     counts = {"added": 0, "replaced": 0, "duplicate": 0, "older": 0}
     for text, at in checked:
-        outcome = record_vote(conn, vote_id=text["vote_id"], pair=text["pair_id"], vote=text["vote"],
-                              reviewer=text["reviewer"], comment=text["comment"][:MAX_COMMENT], at=at,
-                              left_system=text["left_system"])
+        outcome = record_vote(
+            conn,
+            vote_id=text["vote_id"],
+            pair=text["pair_id"],
+            vote=text["vote"],
+            reviewer=text["reviewer"],
+            comment=text["comment"][:MAX_COMMENT],
+            at=at,
+            left_system=text["left_system"],
+        )
         counts[outcome] += 1
     return counts
 

@@ -60,7 +60,8 @@ def create_app(db_path: Path, secret: bytes | None = None) -> FastAPI:
         response = HTMLResponse(html)
         response.headers["Content-Security-Policy"] = (
             f"default-src 'none'; style-src 'unsafe-inline'; script-src 'nonce-{nonce}'; connect-src 'self'; "
-            "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+            "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+        )
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "same-origin"  # "no-referrer" makes forms send Origin: null
         return response
@@ -77,8 +78,15 @@ def create_app(db_path: Path, secret: bytes | None = None) -> FastAPI:
             done, total = review.progress(conn, name)
         finally:
             conn.close()
-        return page("review_vote.html", nonce, reviewer=name, pair=pair, done=done, total=total,
-                    csrf=sign("csrf", selectune_reviewer))
+        return page(
+            "review_vote.html",
+            nonce,
+            reviewer=name,
+            pair=pair,
+            done=done,
+            total=total,
+            csrf=sign("csrf", selectune_reviewer),
+        )
 
     @app.get("/invite/{token}")
     def accept(token: str):
@@ -91,8 +99,11 @@ def create_app(db_path: Path, secret: bytes | None = None) -> FastAPI:
         return response
 
     @app.post("/vote")
-    def vote(body: Vote, selectune_reviewer: str | None = Cookie(default=None),
-             x_csrf_token: str | None = Header(default=None)):
+    def vote(
+        body: Vote,
+        selectune_reviewer: str | None = Cookie(default=None),
+        x_csrf_token: str | None = Header(default=None),
+    ):
         name = reviewer_of(selectune_reviewer)
         if name is None:
             raise HTTPException(403, "no valid invitation: open the link you were given")
@@ -101,8 +112,14 @@ def create_app(db_path: Path, secret: bytes | None = None) -> FastAPI:
         conn = review.open_review(db_path)
         try:
             try:
-                outcome = review.record_vote(conn, vote_id=body.vote_id, pair=body.pair_id, vote=body.vote,
-                                             reviewer=name, comment=body.comment)
+                outcome = review.record_vote(
+                    conn,
+                    vote_id=body.vote_id,
+                    pair=body.pair_id,
+                    vote=body.vote,
+                    reviewer=name,
+                    comment=body.comment,
+                )
             except KeyError:
                 raise HTTPException(404, f"no review pair {body.pair_id}") from None
             done, total = review.progress(conn, name)
@@ -129,30 +146,47 @@ def serve(db_path: Path, host: str = "127.0.0.1", port: int = 8765) -> None:
     total = review.pair_count(conn)
     live = sum(i["revoked"] is None for i in invites.invitations(conn))
     conn.close()
-    print(f"review: {total} pairs, {live} live invitations; serving on http://{host}:{port}/ (Ctrl-C stops)",
-          flush=True)
+    print(
+        f"review: {total} pairs, {live} live invitations; serving on http://{host}:{port}/ (Ctrl-C stops)",
+        flush=True,
+    )
     uvicorn.run(create_app(db_path), host=host, port=port, log_level="warning")
 
 
-def review_command(settings, *, host: str = "127.0.0.1", port: int = 8765, seed: int = 0,
-                   with_candidates: bool = False, no_serve: bool = False, export_to: Path | None = None,
-                   import_from: Path | None = None, invite: str | None = None, revoke: str | None = None,
-                   allow_remote: bool = False, judge_pairs: bool = False) -> int:
+def review_command(
+    settings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    seed: int = 0,
+    with_candidates: bool = False,
+    no_serve: bool = False,
+    export_to: Path | None = None,
+    import_from: Path | None = None,
+    invite: str | None = None,
+    revoke: str | None = None,
+    allow_remote: bool = False,
+    judge_pairs: bool = False,
+) -> int:
     """`selectune review` (`make review`): record the pairs, invite reviewers, then serve the
     pages; or move votes, or revoke invitations."""
     from core.errors import UserError
     from reports.runs import review_systems
 
     if not is_loopback(host) and not allow_remote:
-        raise UserError(f"review: --host {host} is reachable from other machines; add --allow-remote to bind it")
+        raise UserError(
+            f"review: --host {host} is reachable from other machines; add --allow-remote to bind it"
+        )
     judge_backend = None
     if judge_pairs:
         from eval.judge import make_judge
 
         judge_backend = make_judge(settings)
         if judge_backend is None:
-            raise UserError("review --judge-pairs: no judge configured; set judge_url and judge_model "
-                            "(settings or --judge-url/--judge-model)")
+            raise UserError(
+                "review --judge-pairs: no judge configured; set judge_url and judge_model "
+                "(settings or --judge-url/--judge-model)"
+            )
     db = settings.workspace.results_db
     conn = review.open_review(db)
     try:
@@ -174,24 +208,32 @@ def review_command(settings, *, host: str = "127.0.0.1", port: int = 8765, seed:
         tokens = invites.invite(conn, names) if names else {}
         systems = review_systems(settings.runs_dir, with_candidates=with_candidates)
         counts = review.add_pairs(conn, systems, seed=seed)
-        print(f"review: systems {', '.join(systems)}; {counts['added']} new pairs, {counts['total']} in all "
-              f"({counts['identical_skipped']} items with identical answers left out)")
+        print(
+            f"review: systems {', '.join(systems)}; {counts['added']} new pairs, {counts['total']} in all "
+            f"({counts['identical_skipped']} items with identical answers left out)"
+        )
         if judge_backend is not None:
             from reports import pair_judge
 
             asked = pair_judge.judge_pairs(conn, judge_backend)
-            print(f"review: judge {asked['model']}: {asked['asked']} new verdicts (each pair in both orders); "
-                  "`make report` compares them with the votes")
+            print(
+                f"review: judge {asked['model']}: {asked['asked']} new verdicts (each pair in both orders); "
+                "`make report` compares them with the votes"
+            )
     finally:
         conn.close()
     shown = host if is_loopback(host) or host not in ("0.0.0.0", "::") else _hostname()
     for name, token in tokens.items():
-        print(f"review: link for {name} (shown once; --revoke {name} to cancel): "
-              f"http://{shown}:{port}/invite/{token}")
+        print(
+            f"review: link for {name} (shown once; --revoke {name} to cancel): "
+            f"http://{shown}:{port}/invite/{token}"
+        )
     if not is_loopback(host):
-        print(f"review: WARNING: binding {host}:{port}, reachable from other machines. Only invited links can "
-              "vote, but plain HTTP carries them unencrypted: beyond a trusted network put HTTPS in front.",
-              flush=True)
+        print(
+            f"review: WARNING: binding {host}:{port}, reachable from other machines. Only invited links can "
+            "vote, but plain HTTP carries them unencrypted: beyond a trusted network put HTTPS in front.",
+            flush=True,
+        )
     if not no_serve:
         serve(db, host=host, port=port)
     return 0

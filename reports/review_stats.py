@@ -3,6 +3,7 @@ test, and Bradley-Terry strengths, plain and with style (length, emoji, punctuat
 
 from __future__ import annotations
 
+
 def wilson(k: int, n: int) -> tuple[float, float]:
     from statsmodels.stats.proportion import proportion_confint
 
@@ -19,8 +20,11 @@ def position_bias(first_wins: int, decisive: int) -> dict:
 
     if not decisive:
         return {"rate": None, "ci95": [None, None], "p_value": None}
-    return {"rate": first_wins / decisive, "ci95": list(wilson(first_wins, decisive)),
-            "p_value": float(binomtest(first_wins, decisive, 0.5).pvalue)}
+    return {
+        "rate": first_wins / decisive,
+        "ci95": list(wilson(first_wins, decisive)),
+        "p_value": float(binomtest(first_wins, decisive, 0.5).pvalue),
+    }
 
 
 def aggregate(all_votes: list[dict]) -> dict:
@@ -43,22 +47,49 @@ def aggregate(all_votes: list[dict]) -> dict:
     for cell in pairs.values():
         n = cell["wins_a"] + cell["wins_b"]
         low, high = wilson(cell["wins_a"], n)
-        rows.append({**cell, "votes": n + cell["ties"] + cell["both_bad"], "decisive": n,
-                     "win_rate_a": cell["wins_a"] / n if n else None, "ci95": [low, high]})
-    position = ({"left_wins": left_wins, "decisive": decisive, **position_bias(left_wins, decisive)}
-                if decisive else None)
+        rows.append(
+            {
+                **cell,
+                "votes": n + cell["ties"] + cell["both_bad"],
+                "decisive": n,
+                "win_rate_a": cell["wins_a"] / n if n else None,
+                "ci95": [low, high],
+            }
+        )
+    position = (
+        {"left_wins": left_wins, "decisive": decisive, **position_bias(left_wins, decisive)}
+        if decisive
+        else None
+    )
     systems = sorted({s for key in pairs for s in key})
-    comments = [{k: v[k] for k in ("task", "item_id", "system_a", "system_b", "left_system", "vote", "reviewer",
-                                    "comment")} for v in all_votes if v["comment"].strip()]
+    comments = [
+        {
+            k: v[k]
+            for k in ("task", "item_id", "system_a", "system_b", "left_system", "vote", "reviewer", "comment")
+        }
+        for v in all_votes
+        if v["comment"].strip()
+    ]
     plain = bradley_terry(all_votes, systems) if len(systems) > 1 else None
-    styled = (bradley_terry(all_votes, systems, style=True)
-              if len(systems) > 1 and all("output_a" in v for v in all_votes) else None)
+    styled = (
+        bradley_terry(all_votes, systems, style=True)
+        if len(systems) > 1 and all("output_a" in v for v in all_votes)
+        else None
+    )
     if styled and styled["estimable"]:
         by_system = {r["system"]: r["log_strength"] for r in plain["rows"]} if plain["estimable"] else {}
         for r in styled["rows"]:
             r["plain"] = by_system.get(r["system"])
-    return {"pairs": rows, "position": position, "systems": systems, "votes": len(all_votes), "comments": comments,
-            "reviewers": len({v["reviewer"] for v in all_votes}), "bradley_terry": plain, "style_controlled": styled}
+    return {
+        "pairs": rows,
+        "position": position,
+        "systems": systems,
+        "votes": len(all_votes),
+        "comments": comments,
+        "reviewers": len({v["reviewer"] for v in all_votes}),
+        "bradley_terry": plain,
+        "style_controlled": styled,
+    }
 
 
 STYLE_FEATURES = ("length", "emoji", "punctuation")
@@ -100,19 +131,25 @@ def bradley_terry(all_votes: list[dict], systems: list[str], *, style: bool = Fa
         x.append(row[1:])
         y.append(0.5 if winner is None else float(winner == a))
         if style:
-            fa, fb = np.array(style_counts(v["output_a"]), float), np.array(style_counts(v["output_b"]), float)
+            fa, fb = (
+                np.array(style_counts(v["output_a"]), float),
+                np.array(style_counts(v["output_b"]), float),
+            )
             total = fa + fb
             diffs.append(np.divide(fa - fb, total, out=np.zeros_like(total), where=total > 0))
     features: list[str] = []
     if style and diffs:
         d = np.asarray(diffs)
-        rms = np.sqrt((d ** 2).mean(axis=0))
+        rms = np.sqrt((d**2).mean(axis=0))
         keep = rms > 0  # a feature equal in every pair says nothing
         features = [f for f, k in zip(STYLE_FEATURES, keep) if k]
         x = [np.concatenate([row, dv[keep] / rms[keep]]) for row, dv in zip(x, d)]
     if len(y) < len(systems) + len(features):
-        return {"estimable": False, "why": f"{len(y)} ordered votes for {len(systems)} systems"
-                + (f" and {len(features)} style features" if features else "")}
+        return {
+            "estimable": False,
+            "why": f"{len(y)} ordered votes for {len(systems)} systems"
+            + (f" and {len(features)} style features" if features else ""),
+        }
     import warnings
 
     from statsmodels.tools.sm_exceptions import PerfectSeparationWarning
@@ -132,11 +169,28 @@ def bradley_terry(all_votes: list[dict], systems: list[str], *, style: bool = Fa
         return {"estimable": False, "why": "one system wins or loses every vote (perfect separation)"}
     strengths = np.exp(params) / np.exp(params).sum()
     order = np.argsort(-params)
-    out = {"estimable": True, "reference": systems[0],
-           "rows": [{"system": systems[k], "log_strength": float(params[k]), "se": float(ses[k]),
-                     "share": float(strengths[k])} for k in order]}
+    out = {
+        "estimable": True,
+        "reference": systems[0],
+        "rows": [
+            {
+                "system": systems[k],
+                "log_strength": float(params[k]),
+                "se": float(ses[k]),
+                "share": float(strengths[k]),
+            }
+            for k in order
+        ],
+    }
     if style:
-        out["features"] = [{"feature": f, "coef": float(fit.params[m + j]), "se": float(fit.bse[m + j]),
-                            "p_value": float(fit.pvalues[m + j])} for j, f in enumerate(features)]
+        out["features"] = [
+            {
+                "feature": f,
+                "coef": float(fit.params[m + j]),
+                "se": float(fit.bse[m + j]),
+                "p_value": float(fit.pvalues[m + j]),
+            }
+            for j, f in enumerate(features)
+        ]
         out["constant"] = [f for f in STYLE_FEATURES if f not in features]
     return out

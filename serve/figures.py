@@ -23,9 +23,15 @@ def _stream_one(client, model: str, messages: list[dict], max_tokens: int, usage
     return {"ttft_s": (first or ended) - started, "latency_s": ended - started, "output_tokens": tokens}
 
 
-
-def serving_figures(base_url: str, model: str, conversations: list[list[dict]], *, max_tokens: int,
-                    concurrency: int, usage_option: bool = False) -> dict:
+def serving_figures(
+    base_url: str,
+    model: str,
+    conversations: list[list[dict]],
+    *,
+    max_tokens: int,
+    concurrency: int,
+    usage_option: bool = False,
+) -> dict:
     import httpx
     import numpy as np
 
@@ -35,16 +41,21 @@ def serving_figures(base_url: str, model: str, conversations: list[list[dict]], 
         for level in sorted({1, concurrency}):
             started = time.perf_counter()
             with ThreadPoolExecutor(max_workers=level) as pool:
-                rows = list(pool.map(lambda m: _stream_one(client, model, m, max_tokens, usage_option),
-                                     conversations))
+                rows = list(
+                    pool.map(lambda m: _stream_one(client, model, m, max_tokens, usage_option), conversations)
+                )
             wall = time.perf_counter() - started
             lat = np.array([r["latency_s"] for r in rows])
             ttft = np.array([r["ttft_s"] for r in rows])
             tokens = sum(r["output_tokens"] for r in rows)
-            decode = [r["output_tokens"] / (r["latency_s"] - r["ttft_s"]) for r in rows
-                      if r["output_tokens"] > 1 and r["latency_s"] > r["ttft_s"]]
+            decode = [
+                r["output_tokens"] / (r["latency_s"] - r["ttft_s"])
+                for r in rows
+                if r["output_tokens"] > 1 and r["latency_s"] > r["ttft_s"]
+            ]
             out[str(level)] = {
-                "requests": len(rows), "wall_s": round(wall, 3),
+                "requests": len(rows),
+                "wall_s": round(wall, 3),
                 "ttft_p50_s": round(float(np.percentile(ttft, 50)), 4),
                 "latency_p50_s": round(float(np.percentile(lat, 50)), 4),
                 "latency_p95_s": round(float(np.percentile(lat, 95)), 4),

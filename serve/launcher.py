@@ -42,7 +42,9 @@ def resolve_target(settings, *, card_name: str | None = None, checkpoint: Path |
         from core.workspace import provenance as provenance_of
 
         provenance = provenance_of(checkpoint)
-        base = card_name or (read_artifact(provenance, MergeProvenance).base_card if provenance.is_file() else None)
+        base = card_name or (
+            read_artifact(provenance, MergeProvenance).base_card if provenance.is_file() else None
+        )
         if base is None:
             raise UserError(f"{checkpoint}: no provenance.json naming its base card; pass --model CARD too")
         return Target(checkpoint, find_card(base), f"{base}@{checkpoint.name}")
@@ -54,8 +56,10 @@ def resolve_target(settings, *, card_name: str | None = None, checkpoint: Path |
         return Target(Path(manifest["checkpoint"]), card, card.name)
     newest = settings.workspace.newest_train_summary()
     if newest is None:
-        raise UserError(f"{settings.workspace.train_dir}: no finished training run; run `make train`, "
-                        "or name a model with --model / --checkpoint")
+        raise UserError(
+            f"{settings.workspace.train_dir}: no finished training run; run `make train`, "
+            "or name a model with --model / --checkpoint"
+        )
     path, summary = newest
     merged = settings.workspace.merged_model(path.parent)  # not summary.merged: that is as `make train` ran
     if not (merged / "config.json").is_file():
@@ -136,28 +140,42 @@ def start(engine: Engine, log_path: Path, *, timeout_s: float = 600.0) -> Server
         raise UserError(f"{engine.host}:{engine.port} is already in use; choose another port")
     argv0 = engine.argv[0]
     if os.sep in argv0 and not Path(argv0).exists():
-        how = {"lmdeploy": "`make lmdeploy-venv` on a CUDA machine, or set LMDEPLOY_PYTHON",
-               "vllm": "`make vllm-venv`, or set VLLM_PYTHON"}.get(engine.name, "")
-        raise UserError(f"{engine.name}: {argv0} not found ({engine.name} lives in its own environment: {how})")
+        how = {
+            "lmdeploy": "`make lmdeploy-venv` on a CUDA machine, or set LMDEPLOY_PYTHON",
+            "vllm": "`make vllm-venv`, or set VLLM_PYTHON",
+        }.get(engine.name, "")
+        raise UserError(
+            f"{engine.name}: {argv0} not found ({engine.name} lives in its own environment: {how})"
+        )
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(f"\n$ {' '.join(engine.argv)}\n".encode())
         log.flush()
-        proc = subprocess.Popen(engine.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **engine.env}, start_new_session=True)
+        proc = subprocess.Popen(
+            engine.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **engine.env},
+            start_new_session=True,
+        )
     server = Server(engine, log_path, proc.pid)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         code = proc.poll()
         if code is not None:
-            raise UserError(f"{engine.name} server exited with code {code} while starting; "
-                            f"the end of {log_path}:\n{log_tail(log_path)}")
+            raise UserError(
+                f"{engine.name} server exited with code {code} while starting; "
+                f"the end of {log_path}:\n{log_tail(log_path)}"
+            )
         if healthy(engine.base_url):
             return server
         time.sleep(0.5)
     server.stop()
-    raise UserError(f"{engine.name} server not healthy after {timeout_s:.0f} s; the end of {log_path}:\n"
-                    f"{log_tail(log_path)}")
+    raise UserError(
+        f"{engine.name} server not healthy after {timeout_s:.0f} s; the end of {log_path}:\n"
+        f"{log_tail(log_path)}"
+    )
 
 
 @contextmanager
@@ -174,10 +192,21 @@ def launch(engine: Engine, log_path: Path, *, timeout_s: float = 600.0):
 
 
 def save_state(path: Path, server: Server, **extra) -> None:
-    write_artifact(path, ServerState, {"pid": server.pid, "engine": server.engine.name, "base_url": server.base_url,
-                             "host": server.engine.host, "port": server.engine.port,
-                             "model_name": server.model_name, "log": str(server.log_path),
-                             "argv": server.engine.argv, **extra})
+    write_artifact(
+        path,
+        ServerState,
+        {
+            "pid": server.pid,
+            "engine": server.engine.name,
+            "base_url": server.base_url,
+            "host": server.engine.host,
+            "port": server.engine.port,
+            "model_name": server.model_name,
+            "log": str(server.log_path),
+            "argv": server.engine.argv,
+            **extra,
+        },
+    )
 
 
 def running(path: Path) -> tuple[Server, ServerState] | None:
@@ -193,9 +222,19 @@ def running(path: Path) -> tuple[Server, ServerState] | None:
     return None
 
 
-def serve_command(settings, *, model: str | None = None, checkpoint: Path | None = None, engine: str = "auto",
-                  host: str = "127.0.0.1", port: int | None = None, backend: str = "turbomind", tp: int = 1,
-                  foreground: bool = False, stop: bool = False) -> int:
+def serve_command(
+    settings,
+    *,
+    model: str | None = None,
+    checkpoint: Path | None = None,
+    engine: str = "auto",
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    backend: str = "turbomind",
+    tp: int = 1,
+    foreground: bool = False,
+    stop: bool = False,
+) -> int:
     """`selectune serve` (`make serve`, `make serve-stop`): one server in the background, recorded
     in the workspace, or in the foreground until Ctrl-C."""
     workspace = settings.workspace
@@ -209,17 +248,25 @@ def serve_command(settings, *, model: str | None = None, checkpoint: Path | None
         print(f"serve: stopped {current[1].engine} server at {current[0].base_url} (pid {current[0].pid})")
         return 0
     if current is not None:
-        print(f"serve: already serving {current[1].model} at {current[0].base_url} "
-              f"(pid {current[0].pid}); `make serve-stop` first to serve another")
+        print(
+            f"serve: already serving {current[1].model} at {current[0].base_url} "
+            f"(pid {current[0].pid}); `make serve-stop` first to serve another"
+        )
         return 0
     target = resolve_target(settings, card_name=model, checkpoint=checkpoint)
-    kw = {"host": host, "port": port, **({"backend": backend, "tp": tp} if engine in ("lmdeploy", "auto") else {})}
+    kw = {
+        "host": host,
+        "port": port,
+        **({"backend": backend, "tp": tp} if engine in ("lmdeploy", "auto") else {}),
+    }
     chosen = engine_for(target.model_dir, engine, **kw)
     log = workspace.server_log(chosen.name)
     if foreground:
         with launch(chosen, log) as server:
-            print(f"serve: {target.label} at {server.base_url}/v1 (model \"{server.model_name}\"), log {log}; "
-                  "Ctrl-C stops")
+            print(
+                f'serve: {target.label} at {server.base_url}/v1 (model "{server.model_name}"), log {log}; '
+                "Ctrl-C stops"
+            )
             try:
                 while server.alive():
                     time.sleep(1)
@@ -227,8 +274,15 @@ def serve_command(settings, *, model: str | None = None, checkpoint: Path | None
                 pass
         return 0
     server = start(chosen, log)
-    save_state(workspace.server_state, server, model=target.label, model_dir=str(target.model_dir),
-               base_card=target.card.name)
-    print(f"serve: {target.label} at {server.base_url}/v1 (model \"{server.model_name}\", {chosen.name}, "
-          f"pid {server.pid}), log {log}; `make serve-stop` stops it")
+    save_state(
+        workspace.server_state,
+        server,
+        model=target.label,
+        model_dir=str(target.model_dir),
+        base_card=target.card.name,
+    )
+    print(
+        f'serve: {target.label} at {server.base_url}/v1 (model "{server.model_name}", {chosen.name}, '
+        f"pid {server.pid}), log {log}; `make serve-stop` stops it"
+    )
     return 0

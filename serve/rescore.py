@@ -42,8 +42,9 @@ def local_card(target: Target):
     return target.card.model_copy(update={"name": target.label, "chat_template": "tokenizer"})
 
 
-def rescore_entries(tasks: list[str] | None, suite: Path | None = None,
-                    logprobs: bool = False) -> list[tuple[object, str, str]]:
+def rescore_entries(
+    tasks: list[str] | None, suite: Path | None = None, logprobs: bool = False
+) -> list[tuple[object, str, str]]:
     """(task, split, mode) of every suite entry, once each; `suite`: the selection's, else the
     default. Through a server without prompt logprobs every task is scored once, in `gen`; through
     one with them (vLLM) each entry keeps its mode."""
@@ -59,8 +60,10 @@ def rescore_entries(tasks: list[str] | None, suite: Path | None = None,
     if tasks:
         unknown = set(tasks) - {t.name for t, _, _ in seen}
         if unknown:
-            raise UserError(f"--tasks: not in the selection suite: {', '.join(sorted(unknown))} "
-                            f"(suite: {', '.join(dict.fromkeys(t.name for t, _ in entries))})")
+            raise UserError(
+                f"--tasks: not in the selection suite: {', '.join(sorted(unknown))} "
+                f"(suite: {', '.join(dict.fromkeys(t.name for t, _ in entries))})"
+            )
     return seen
 
 
@@ -75,8 +78,16 @@ def selection_suite(settings) -> Path | None:
     return selection.suite_file() if selection else None
 
 
-def served_backend(base_url: str, model_name: str, target: Target, engine: str, concurrency: int,
-                   local_identity: dict, max_retries: int = 5, split_ids=None):
+def served_backend(
+    base_url: str,
+    model_name: str,
+    target: Target,
+    engine: str,
+    concurrency: int,
+    local_identity: dict,
+    max_retries: int = 5,
+    split_ids=None,
+):
     """The server as a backend. What it serves is the directory the local backend loaded: the
     weights and chat-template hashes are that directory's (hashed once, by the local backend)."""
     from eval.backends import make_backend
@@ -88,8 +99,16 @@ def served_backend(base_url: str, model_name: str, target: Target, engine: str, 
         "weights_sha256": local_identity["weights_sha256"],
         "chat_template_sha256": local_identity["chat_template_sha256"],
     }  # the backend adds the hash of the sampling parameters its requests send
-    return make_backend("openai", base_url, model_name, concurrency=concurrency, sampling=SAMPLING, identity=identity,
-                         max_retries=max_retries, split_ids=split_ids)
+    return make_backend(
+        "openai",
+        base_url,
+        model_name,
+        concurrency=concurrency,
+        sampling=SAMPLING,
+        identity=identity,
+        max_retries=max_retries,
+        split_ids=split_ids,
+    )
 
 
 def rescore_work(settings, tasks: list[str] | None, limit: int | None, engine: str) -> list:
@@ -98,7 +117,9 @@ def rescore_work(settings, tasks: list[str] | None, limit: int | None, engine: s
     from serve.engines import LOGPROB_ENGINES
 
     work = []
-    for task, split, mode in rescore_entries(tasks, selection_suite(settings), logprobs=engine in LOGPROB_ENGINES):
+    for task, split, mode in rescore_entries(
+        tasks, selection_suite(settings), logprobs=engine in LOGPROB_ENGINES
+    ):
         items = load_items(task, split, settings.resolved_data_dir)
         work.append((task, split, mode, items[:limit] if limit else items))
     return work
@@ -110,11 +131,24 @@ def default_concurrency(engine: str) -> int:
     return {"lmdeploy": 8, "vllm": 4}.get(engine, 1)
 
 
-def rescore(settings, target: Target, *, base_url: str, model_name: str, engine: str,
-            tasks: list[str] | None = None, limit: int | None = None, concurrency: int | None = None,
-            min_agreement: float = 0.98, figure_requests: int = 8, figure_max_tokens: int = 32,
-            figure_concurrency: int = 4,
-            batch_size: int = DEFAULT_BATCH_SIZE, max_retries: int = 5, out_dir: Path | None = None) -> dict:
+def rescore(
+    settings,
+    target: Target,
+    *,
+    base_url: str,
+    model_name: str,
+    engine: str,
+    tasks: list[str] | None = None,
+    limit: int | None = None,
+    concurrency: int | None = None,
+    min_agreement: float = 0.98,
+    figure_requests: int = 8,
+    figure_max_tokens: int = 32,
+    figure_concurrency: int = 4,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_retries: int = 5,
+    out_dir: Path | None = None,
+) -> dict:
     from tqdm import tqdm
 
     from eval.backends import make_backend
@@ -128,47 +162,103 @@ def rescore(settings, target: Target, *, base_url: str, model_name: str, engine:
     work = rescore_work(settings, tasks, limit, engine)
     concurrency = concurrency or default_concurrency(engine)
     # Here the tokenizer alone (identity, token ids for the server); the weights load on first use.
-    local = make_backend("hf", local_card(target), settings.model_store, batch_size=batch_size,
-                         checkpoint=target.model_dir, lazy=True)
-    served = served_backend(base_url, model_name, target, engine, concurrency, local.identity, max_retries,
-                            split_ids=local.split_ids)
+    local = make_backend(
+        "hf",
+        local_card(target),
+        settings.model_store,
+        batch_size=batch_size,
+        checkpoint=target.model_dir,
+        lazy=True,
+    )
+    served = served_backend(
+        base_url,
+        model_name,
+        target,
+        engine,
+        concurrency,
+        local.identity,
+        max_retries,
+        split_ids=local.split_ids,
+    )
     executor = make_executor(settings, conn)
     try:
         # On Ray the local side runs in an actor (the merged directory at the same path on its node)
         # while the driver sends the served side's requests: the two sides at once.
-        executor.open([local.card], settings.model_store, checkpoints={local.card.name: target.model_dir},
-                      batch_size=batch_size, device="auto", dtype="auto", scoring=False, make=lambda card: local)
+        executor.open(
+            [local.card],
+            settings.model_store,
+            checkpoints={local.card.name: target.model_dir},
+            batch_size=batch_size,
+            device="auto",
+            dtype="auto",
+            scoring=False,
+            make=lambda card: local,
+        )
         local_side = executor.backend(local.card)
 
         def side(which: str) -> list:
             runs = []
             for task, split, mode, items in work:
-                with tqdm(total=len(items), desc=f"{which} {task.name}-{split} {mode}", unit="item",
-                          leave=False) as bar:
+                with tqdm(
+                    total=len(items), desc=f"{which} {task.name}-{split} {mode}", unit="item", leave=False
+                ) as bar:
                     if which == "served":  # gen: one request per item; ppl: one per choice, a chunk's at once
                         backend = served
-                        chunk = concurrency if mode == "gen" else max(1, concurrency // len(task.choices or [None]))
+                        chunk = (
+                            concurrency
+                            if mode == "gen"
+                            else max(1, concurrency // len(task.choices or [None]))
+                        )
                     else:
                         backend, chunk = local_side, batch_size
-                    runs.append(run_task(backend, task, split, mode, items, executor.connection(), chunk_size=chunk,
-                                         data_dir=data_dir, progress=bar.update))
+                    runs.append(
+                        run_task(
+                            backend,
+                            task,
+                            split,
+                            mode,
+                            items,
+                            executor.connection(),
+                            chunk_size=chunk,
+                            data_dir=data_dir,
+                            progress=bar.update,
+                        )
+                    )
             return runs
 
         served_runs, local_runs = executor.map(side, ["served", "local"])
     finally:
         executor.close()
     gate = parity(list(zip(served_runs, local_runs)), min_agreement)
-    gate["served_identity"] = {k: served.identity.get(k) for k in ("chat_template_sha256", "sampling_sha256",
-                                                                   "weights_sha256")}
-    gate["local_identity"] = {"chat_template_sha256": local.identity["chat_template_sha256"],
-                              "sampling_sha256": sampling_sha256(),  # HFBackend: greedy, as pinned
-                              "weights_sha256": local.identity["weights_sha256"]}
+    gate["served_identity"] = {
+        k: served.identity.get(k) for k in ("chat_template_sha256", "sampling_sha256", "weights_sha256")
+    }
+    gate["local_identity"] = {
+        "chat_template_sha256": local.identity["chat_template_sha256"],
+        "sampling_sha256": sampling_sha256(),  # HFBackend: greedy, as pinned
+        "weights_sha256": local.identity["weights_sha256"],
+    }
     prompts = [i.messages() for _, _, _, items in work for i in items][:figure_requests]
-    figures = serving_figures(base_url, model_name, prompts, max_tokens=figure_max_tokens,
-                              concurrency=figure_concurrency, usage_option=engine == "lmdeploy")
-    record = {"model": target.label, "model_dir": str(target.model_dir), "engine": engine, "concurrency": concurrency,
-              "base_url": base_url, "limit": limit, "sampling": SAMPLING, "parity": gate, "serving": figures,
-              "served_runs": {run_key(r.task.name, r.mode): r.run_id for r in served_runs}}
+    figures = serving_figures(
+        base_url,
+        model_name,
+        prompts,
+        max_tokens=figure_max_tokens,
+        concurrency=figure_concurrency,
+        usage_option=engine == "lmdeploy",
+    )
+    record = {
+        "model": target.label,
+        "model_dir": str(target.model_dir),
+        "engine": engine,
+        "concurrency": concurrency,
+        "base_url": base_url,
+        "limit": limit,
+        "sampling": SAMPLING,
+        "parity": gate,
+        "serving": figures,
+        "served_runs": {run_key(r.task.name, r.mode): r.run_id for r in served_runs},
+    }
     path = settings.workspace.rescore_record(target.label)
     write_artifact(out_dir / path.name if out_dir else path, RescoreRecord, record)
     return record

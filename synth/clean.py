@@ -19,8 +19,11 @@ from difflib import SequenceMatcher
 
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 _PUNCT = re.compile(r"[\W_]+", re.U)
-_META = re.compile(r"作为(?:一个)?(?:AI|人工智能|语言模型)|I'm an AI|as an AI|我无法|抱歉，我不能|以下是"
-                   r"|示例\d|^\d+[.、]", re.I)
+_META = re.compile(
+    r"作为(?:一个)?(?:AI|人工智能|语言模型)|I'm an AI|as an AI|我无法|抱歉，我不能|以下是"
+    r"|示例\d|^\d+[.、]",
+    re.I,
+)
 EXAMPLES = 3
 
 
@@ -54,7 +57,9 @@ class Report:
         self.removed[reason] = self.removed.get(reason, 0) + 1
         shown = self.examples.setdefault(reason, [])
         if len(shown) < EXAMPLES:
-            shown.append({**{k: item[k] for k in ("question", "answer") if k in item}, **({"why": why} if why else {})})
+            shown.append(
+                {**{k: item[k] for k in ("question", "answer") if k in item}, **({"why": why} if why else {})}
+            )
 
 
 def norm(text: str) -> str:
@@ -106,10 +111,12 @@ def similarities(a: list[str], b: list[str], unit: str = "chars"):
     else:
         vectorizer = TfidfVectorizer(analyzer="char", ngram_range=(1, 2), use_idf=False)
         vectors = vectorizer.fit_transform([norm(t) or t for t in a + b])
-    return (vectors[:len(a)] @ vectors[len(a):].T).toarray()  # rows are L2-normalised
+    return (vectors[: len(a)] @ vectors[len(a) :].T).toarray()  # rows are L2-normalised
 
 
-def _drop_near_duplicates(items: list[dict], seeds: list[dict], spec: CleanSpec, report: Report) -> list[dict]:
+def _drop_near_duplicates(
+    items: list[dict], seeds: list[dict], spec: CleanSpec, report: Report
+) -> list[dict]:
     if not items:
         return items
     texts = [s["question"] for s in seeds] + [i["question"] for i in items]
@@ -156,7 +163,9 @@ def clean_answers(items: list[dict], seeds: list[dict], spec: CleanSpec, report:
             report.drop("answer_format", item, f"degenerate answer: {why}")
         elif _META.search(a):
             report.drop("answer_format", item, "meta-talk or a refusal instead of an answer")
-        elif norm(a) == norm(q) or norm(q) and norm(a).startswith(norm(q)) and len(norm(a)) < 2 * len(norm(q)):
+        elif (
+            norm(a) == norm(q) or norm(q) and norm(a).startswith(norm(q)) and len(norm(a)) < 2 * len(norm(q))
+        ):
             report.drop("answer_format", item, "the answer repeats the question")
         elif allowed is not None and (extra := sorted(numbers(a) - allowed)):
             report.drop("answer_format", item, f"numbers not in the context: {', '.join(extra)}")

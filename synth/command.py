@@ -11,9 +11,18 @@ from core.workspace import SynthOutput
 from synth.pipeline import Run
 
 
-def synth_command(settings, *, recipe: Path, base_url: str | None = None, teacher_model: str | None = None,
-                  teacher: str | None = None, max_calls: int | None = None, max_tokens: int | None = None,
-                  out: Path | None = None, estimate: bool = False) -> int:
+def synth_command(
+    settings,
+    *,
+    recipe: Path,
+    base_url: str | None = None,
+    teacher_model: str | None = None,
+    teacher: str | None = None,
+    max_calls: int | None = None,
+    max_tokens: int | None = None,
+    out: Path | None = None,
+    estimate: bool = False,
+) -> int:
     """`selectune data-synth` (`make data-synth`): the teacher at --base-url (or the recipe's), else
     an offline card served here for the duration. What it will cost here is printed first (only
     that, with `estimate`)."""
@@ -28,21 +37,35 @@ def synth_command(settings, *, recipe: Path, base_url: str | None = None, teache
     url = base_url or spec.teacher.base_url
     from synth.estimate import synth_estimate
 
-    print("\n".join(synth_estimate(settings, spec, None if url else teacher or spec.teacher.card,
-                                   max_calls=budget.max_calls, served_here=not url).lines()), flush=True)
+    print(
+        "\n".join(
+            synth_estimate(
+                settings,
+                spec,
+                None if url else teacher or spec.teacher.card,
+                max_calls=budget.max_calls,
+                served_here=not url,
+            ).lines()
+        ),
+        flush=True,
+    )
     if estimate:
         return 0
     conn = open_results(settings.runs_dir)
     api_key = os.environ.get(spec.teacher.api_key_env)
 
     def run(url: str, model: str, label: str) -> dict:
-        backend = make_backend("openai", url, model, api_key=api_key, concurrency=1, timeout_s=600.0, max_retries=3)
+        backend = make_backend(
+            "openai", url, model, api_key=api_key, concurrency=1, timeout_s=600.0, max_retries=3
+        )
         return Run(spec, Teacher(backend, conn, budget, label), out_dir, settings.resolved_data_dir).run()
 
     if url:
         model = teacher_model or spec.teacher.model
         if not model:
-            raise UserError(f"{recipe}: a teacher at {url} needs a model name (--teacher-model or teacher.model)")
+            raise UserError(
+                f"{recipe}: a teacher at {url} needs a model name (--teacher-model or teacher.model)"
+            )
         provenance = run(url, model, model)
     else:
         from serve.engines import engine_for
@@ -59,19 +82,25 @@ def synth_command(settings, *, recipe: Path, base_url: str | None = None, teache
 
 def print_summary(provenance: dict, report_path: Path) -> None:
     c = provenance["counts"]
-    print(f"data-synth: {c.get('seeds', 0)} seeds -> {c.get('expanded', 0)} new items -> "
-          f"{c.get('after_question_filters', 0)} after question filters -> {c.get('answered', 0)} answered -> "
-          f"{c.get('after_answer_filters', 0)} after answer filters -> {c.get('written', 0)} written "
-          f"({c.get('conversations', 0)} two-turn)")
+    print(
+        f"data-synth: {c.get('seeds', 0)} seeds -> {c.get('expanded', 0)} new items -> "
+        f"{c.get('after_question_filters', 0)} after question filters -> {c.get('answered', 0)} answered -> "
+        f"{c.get('after_answer_filters', 0)} after answer filters -> {c.get('written', 0)} written "
+        f"({c.get('conversations', 0)} two-turn)"
+    )
     for reason, n in sorted(provenance["removed"].items()):
         print(f"  removed {n:4d}  {reason}")
-    malformed = {k[len('malformed_'):]: v for k, v in c.items() if k.startswith("malformed_")}
+    malformed = {k[len("malformed_") :]: v for k, v in c.items() if k.startswith("malformed_")}
     if malformed:
         print("  malformed teacher answers skipped: " + ", ".join(f"{k} {v}" for k, v in malformed.items()))
     b = provenance["budget"]
-    print(f"  teacher calls: {b['calls_made']} made, {b['answers_from_store']} answered from the store; "
-          f"{b['tokens_used']} tokens")
+    print(
+        f"  teacher calls: {b['calls_made']} made, {b['answers_from_store']} answered from the store; "
+        f"{b['tokens_used']} tokens"
+    )
     if provenance["stopped"]:
-        print(f"  stopped early: {provenance['stopped']}; rerun with a larger budget to continue "
-              "(stored answers are reused)")
+        print(
+            f"  stopped early: {provenance['stopped']}; rerun with a larger budget to continue "
+            "(stored answers are reused)"
+        )
     print(f"  wrote {provenance['data']} ({provenance['format']}); report {report_path}")

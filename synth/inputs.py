@@ -22,8 +22,9 @@ def _seed_rows(recipe: SynthRecipe, data_dir: Path | None) -> tuple[str, list[tu
         task = resolve_task(spec.task, recipe.path.parent)
         if data_dir is None:
             raise UserError(f"{recipe.path}: seeds from task '{task.name}' need the data directory")
-        return f"task {task.name} split {spec.split}", [(k, i.fields) for k, i in enumerate(
-            load_items(task, spec.split, data_dir), start=1)]
+        return f"task {task.name} split {spec.split}", [
+            (k, i.fields) for k, i in enumerate(load_items(task, spec.split, data_dir), start=1)
+        ]
     path = resolve(spec.path)
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:
@@ -47,12 +48,17 @@ def load_seeds(recipe: SynthRecipe, data_dir: Path | None = None) -> list[dict]:
             if row.get(spec.distinct) in seen:
                 continue
             seen.add(row.get(spec.distinct))
-        seeds.append({"question": row[spec.question].strip(), "answer": row[spec.answer].strip(),
-                      **({"style": row[spec.style]} if spec.style else {})})
+        seeds.append(
+            {
+                "question": row[spec.question].strip(),
+                "answer": row[spec.answer].strip(),
+                **({"style": row[spec.style]} if spec.style else {}),
+            }
+        )
     random.Random(recipe.seed).shuffle(seeds)
     if not seeds:
         raise UserError(f"{path}: no seed rows match {spec.where}")
-    return seeds[:spec.count]
+    return seeds[: spec.count]
 
 
 def load_context(recipe: SynthRecipe) -> str | None:
@@ -78,5 +84,9 @@ def prompt_env():
     import jinja2
 
     # Prompts are plain text for a model: nothing to escape, but a missing variable is an error.
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(resolve("."))), autoescape=False,
-                              undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(resolve("."))),
+        autoescape=False,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=False,
+    )

@@ -13,10 +13,14 @@ ANSWER_KEYS = ("answer", "a", "output", "assistant", "reply", "response", "答�
 
 _FENCE = re.compile(r"```[a-zA-Z]*\s*\n?(.*?)```", re.S)
 # "1." "1)" "1、" "1：" "(1)" "（1）" "第1条" "- " "* " "• " at the start of a line
-_MARKER = re.compile(r"^\s*(?:\d{1,3}\s*[.)）、．:：]|[(（]\d{1,3}[)）]|第\s*\d{1,3}\s*[条个题]\s*[:：.、]?|[-*•])\s*",
-                     re.M)
-_QA = re.compile(r"^\s*(?:问题?|Q|question)\s*[:：]\s*(?P<q>.+?)\s*(?:\n|\s)\s*"
-                 r"(?:答案?|回答|A|answer)\s*[:：]\s*(?P<a>.+)$", re.S | re.I)
+_MARKER = re.compile(
+    r"^\s*(?:\d{1,3}\s*[.)）、．:：]|[(（]\d{1,3}[)）]|第\s*\d{1,3}\s*[条个题]\s*[:：.、]?|[-*•])\s*", re.M
+)
+_QA = re.compile(
+    r"^\s*(?:问题?|Q|question)\s*[:：]\s*(?P<q>.+?)\s*(?:\n|\s)\s*"
+    r"(?:答案?|回答|A|answer)\s*[:：]\s*(?P<a>.+)$",
+    re.S | re.I,
+)
 _QUOTES = "\"'“”‘’「」『』"
 _LABEL = re.compile(r"^\s*(?:问题?|Q|question|用户|user)\s*[:：]\s*", re.I)
 _ANSWER_LABEL = re.compile(r"^\s*(?:答案?|回答|A|answer|回复|助手|assistant)\s*[:：]\s*", re.I)
@@ -56,7 +60,7 @@ def _json_list(text: str) -> list | None:
     if start < 0 or end <= start:
         return None
     try:
-        data = json.loads(text[start:end + 1])
+        data = json.loads(text[start : end + 1])
     except json.JSONDecodeError:
         return None
     return data if isinstance(data, list) else None
@@ -113,7 +117,7 @@ def parse_list(text: str) -> Parsed:
     items, broken = [], 0
     for k, m in enumerate(starts):
         end = starts[k + 1].start() if k + 1 < len(starts) else len(text)
-        item = _split_item(text[m.end():end])
+        item = _split_item(text[m.end() : end])
         if item is None:
             broken += 1
         else:
@@ -124,7 +128,9 @@ def parse_list(text: str) -> Parsed:
 FINAL = "最终答案："
 
 
-def parse_answer(text: str, *, step_by_step: bool = False, marker: str = FINAL, keep_reasoning: bool = False) -> str:
+def parse_answer(
+    text: str, *, step_by_step: bool = False, marker: str = FINAL, keep_reasoning: bool = False
+) -> str:
     """A reply as an answer: labels ("答：") and wrapping quotes removed; "" when nothing is left.
     After step-by-step reasoning only what follows the last `marker` counts (with
     `keep_reasoning`, the reasoning too, up to the end of that line), and a reply without the

@@ -31,7 +31,9 @@ from synth.teacher import BudgetExhausted, Teacher
 def _progress(iterable, stage: str):
     from tqdm import tqdm
 
-    return tqdm(iterable, desc=f"data-synth {stage}", unit="item" if stage != "expand" else "round", leave=False)
+    return tqdm(
+        iterable, desc=f"data-synth {stage}", unit="item" if stage != "expand" else "round", leave=False
+    )
 
 
 def _rng(recipe: SynthRecipe, *parts: object) -> random.Random:
@@ -51,12 +53,19 @@ class Run:
     def count(self, key: str, n: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
 
-    def ask(self, stage: str, template: str, sampling, seed: int, history: list[dict] | None = None, **values) -> str:
+    def ask(
+        self, stage: str, template: str, sampling, seed: int, history: list[dict] | None = None, **values
+    ) -> str:
         prompt = self.env.get_template(template).render(**values).strip()
         messages = (history or []) + [{"role": "user", "content": prompt}]
         self.count(f"calls_{stage}")
-        return self.teacher.ask(messages, temperature=sampling.temperature, top_p=sampling.top_p,
-                                max_tokens=sampling.max_tokens, seed=seed)
+        return self.teacher.ask(
+            messages,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            seed=seed,
+        )
 
     def bad(self, stage: str, why: str, response: str, **where) -> None:
         self.count(f"malformed_{stage}")
@@ -79,9 +88,16 @@ class Run:
         spec = self.recipe.expand
         for r in _progress(range(spec.rounds), "expand"):
             shots = _rng(self.recipe, "expand", r).sample(seeds, min(spec.shots, len(seeds)))
-            reply = self.ask("expand", spec.template, spec.sampling, self.recipe.seed * 1000 + r,
-                             examples=shots, n=spec.per_round, what=spec.what,
-                             context=self.context if spec.with_context else None)
+            reply = self.ask(
+                "expand",
+                spec.template,
+                spec.sampling,
+                self.recipe.seed * 1000 + r,
+                examples=shots,
+                n=spec.per_round,
+                what=spec.what,
+                context=self.context if spec.with_context else None,
+            )
             parsed = parse_list(reply)
             self.count("expand_broken_entries", parsed.broken)
             if not parsed.items:
@@ -93,7 +109,9 @@ class Run:
     def answer(self, items: list[dict], seeds: list[dict], out: list[dict]) -> None:
         spec = self.recipe.answer
         for item in _progress(items, "answer"):
-            solution = item.get("answer") if not spec.styles else None  # the teacher wrote one with the question
+            solution = (
+                item.get("answer") if not spec.styles else None
+            )  # the teacher wrote one with the question
             if solution and not spec.step_by_step:
                 out.append(item)
                 self.count("answered")
@@ -102,19 +120,42 @@ class Run:
             style = rng.choice(spec.styles) if spec.styles else None
             pool = [s for s in seeds if style is None or s.get("style") == style]
             shots = rng.sample(pool, min(spec.shots, len(pool)))
-            reply = self.ask("answer", spec.template, spec.sampling, self.recipe.seed, examples=shots,
-                             question=item["question"], context=self.context_for(item["question"]), style=style,
-                             step_by_step=spec.step_by_step, solution=solution)
-            text = parse_answer(reply, step_by_step=spec.step_by_step, marker=spec.final_marker,
-                                keep_reasoning=spec.keep_reasoning)
+            reply = self.ask(
+                "answer",
+                spec.template,
+                spec.sampling,
+                self.recipe.seed,
+                examples=shots,
+                question=item["question"],
+                context=self.context_for(item["question"]),
+                style=style,
+                step_by_step=spec.step_by_step,
+                solution=solution,
+            )
+            text = parse_answer(
+                reply,
+                step_by_step=spec.step_by_step,
+                marker=spec.final_marker,
+                keep_reasoning=spec.keep_reasoning,
+            )
             if not text:
-                self.bad("answer", "empty answer" if not spec.step_by_step else
-                         f"no final line starting with {spec.final_marker!r}", reply, question=item["question"])
+                self.bad(
+                    "answer",
+                    "empty answer"
+                    if not spec.step_by_step
+                    else f"no final line starting with {spec.final_marker!r}",
+                    reply,
+                    question=item["question"],
+                )
                 continue
             final = text.rsplit(spec.final_marker, 1)[-1] if spec.step_by_step else text
             if solution and C.norm(C.strip_article(solution)) not in C.norm(final):
-                self.bad("answer", f"the final answer does not contain the solution {solution!r}", reply,
-                         question=item["question"])
+                self.bad(
+                    "answer",
+                    f"the final answer does not contain the solution {solution!r}",
+                    reply,
+                    question=item["question"],
+                )
                 continue
             out.append({**item, "answer": text, **({"style": style} if style else {})})
             self.count("answered")
@@ -125,21 +166,42 @@ class Run:
             if not spec.fraction or _rng(self.recipe, "converse", item["question"]).random() >= spec.fraction:
                 out.append(item)
                 continue
-            reply = self.ask("followup", spec.template, spec.sampling, self.recipe.seed, persona=spec.persona,
-                             question=item["question"], answer=item["answer"])
+            reply = self.ask(
+                "followup",
+                spec.template,
+                spec.sampling,
+                self.recipe.seed,
+                persona=spec.persona,
+                question=item["question"],
+                answer=item["answer"],
+            )
             follow = parse_followup(reply)
             if not follow or C.norm(follow) == C.norm(item["question"]):
                 self.bad("followup", "no follow-up question", reply, question=item["question"])
                 out.append(item)
                 continue
-            first = self.env.get_template(self.recipe.answer.template).render(
-                examples=[], question=item["question"], context=self.context_for(item["question"]),
-                style=item.get("style"), step_by_step=False, solution=None).strip()
+            first = (
+                self.env.get_template(self.recipe.answer.template)
+                .render(
+                    examples=[],
+                    question=item["question"],
+                    context=self.context_for(item["question"]),
+                    style=item.get("style"),
+                    step_by_step=False,
+                    solution=None,
+                )
+                .strip()
+            )
             history = [{"role": "user", "content": first}, {"role": "assistant", "content": item["answer"]}]
-            second = parse_answer(self.teacher.ask(
-                history + [{"role": "user", "content": follow}], temperature=self.recipe.answer.sampling.temperature,
-                top_p=self.recipe.answer.sampling.top_p, max_tokens=self.recipe.answer.sampling.max_tokens,
-                seed=self.recipe.seed))
+            second = parse_answer(
+                self.teacher.ask(
+                    history + [{"role": "user", "content": follow}],
+                    temperature=self.recipe.answer.sampling.temperature,
+                    top_p=self.recipe.answer.sampling.top_p,
+                    max_tokens=self.recipe.answer.sampling.max_tokens,
+                    seed=self.recipe.seed,
+                )
+            )
             self.count("calls_followup_answer")
             if not second:
                 self.bad("followup_answer", "empty answer", "", question=follow)
@@ -152,8 +214,10 @@ class Run:
         recipe = self.recipe
         seeds = load_seeds(recipe, self.data_dir)
         self.count("seeds", len(seeds))
-        spec = C.CleanSpec(**recipe.clean.model_dump(exclude={"check_numbers"}),
-                           numbers_from=self.context if recipe.clean.check_numbers else None)
+        spec = C.CleanSpec(
+            **recipe.clean.model_dump(exclude={"check_numbers"}),
+            numbers_from=self.context if recipe.clean.check_numbers else None,
+        )
         expanded: list[dict] = []
         answered: list[dict] = []
         conversed: list[dict] = []
@@ -172,7 +236,7 @@ class Run:
             if cleaned is None:
                 cleaned = C.clean_answers(answered, seeds, spec, self.report)
                 self.count("after_answer_filters", len(cleaned))
-        return self.write(conversed + (cleaned or [])[len(conversed):], seeds)
+        return self.write(conversed + (cleaned or [])[len(conversed) :], seeds)
 
     # -- output -----------------------------------------------------------------------------
 
@@ -185,12 +249,21 @@ class Run:
             if fmt == "style":
                 out.append({"user": i["question"], "assistant": i["answer"], "style": i["style"]})
             elif fmt == "alpaca":
-                out.append({"instruction": turns[-1][0], "input": "", "output": turns[-1][1],
-                            "history": [list(t) for t in turns[:-1]]})
+                out.append(
+                    {
+                        "instruction": turns[-1][0],
+                        "input": "",
+                        "output": turns[-1][1],
+                        "history": [list(t) for t in turns[:-1]],
+                    }
+                )
             else:
                 system = [{"role": "system", "content": self.recipe.system}] if self.recipe.system else []
-                chat = [m for q, a in turns
-                        for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+                chat = [
+                    m
+                    for q, a in turns
+                    for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})
+                ]
                 out.append({"messages": system + chat})
         return out
 
@@ -204,28 +277,48 @@ class Run:
         out.provenance.unlink(missing_ok=True)  # absent until the rest is written
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         write_text_atomic(out.data, data)
-        write_text_atomic(out.malformed,
-                          "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in self.malformed))
+        write_text_atomic(
+            out.malformed, "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in self.malformed)
+        )
         report = {"removed": self.report.removed, "examples": self.report.examples, "counts": self.counts}
         write_artifact(out.report, SynthReport, report)
         r = self.recipe
-        templates = {t: sha256_file(resolve(t)) for t in {r.expand.template, r.answer.template, r.converse.template}}
+        templates = {
+            t: sha256_file(resolve(t)) for t in {r.expand.template, r.answer.template, r.converse.template}
+        }
         budget = self.teacher.budget
         provenance = {
-            "recipe": str(r.path), "recipe_sha256": sha256_file(r.path) if r.path.is_file() else None,
-            "teacher": {"model": self.teacher.label, "endpoint": self.teacher.backend.base_url,
-                        "api_key_env": r.teacher.api_key_env},
+            "recipe": str(r.path),
+            "recipe_sha256": sha256_file(r.path) if r.path.is_file() else None,
+            "teacher": {
+                "model": self.teacher.label,
+                "endpoint": self.teacher.backend.base_url,
+                "api_key_env": r.teacher.api_key_env,
+            },
             "templates_sha256": templates,
             "context_sha256": hashlib.sha256(self.context.encode()).hexdigest() if self.context else None,
-            "sampling": {"expand": r.expand.sampling.model_dump(), "answer": r.answer.sampling.model_dump(),
-                         "followup": r.converse.sampling.model_dump()},
-            "seed": r.seed, "seeds_sha256": hashlib.sha256(json.dumps(seeds, ensure_ascii=False).encode()).hexdigest(),
-            "counts": self.counts, "removed": self.report.removed,
-            "budget": {"max_calls": budget.max_calls, "max_tokens": budget.max_tokens, "calls_made": budget.calls,
-                       "tokens_used": budget.tokens, "answers_from_store": budget.cached},
-            "stopped": self.stopped, "complete": self.stopped is None, "format": r.format,
+            "sampling": {
+                "expand": r.expand.sampling.model_dump(),
+                "answer": r.answer.sampling.model_dump(),
+                "followup": r.converse.sampling.model_dump(),
+            },
+            "seed": r.seed,
+            "seeds_sha256": hashlib.sha256(json.dumps(seeds, ensure_ascii=False).encode()).hexdigest(),
+            "counts": self.counts,
+            "removed": self.report.removed,
+            "budget": {
+                "max_calls": budget.max_calls,
+                "max_tokens": budget.max_tokens,
+                "calls_made": budget.calls,
+                "tokens_used": budget.tokens,
+                "answers_from_store": budget.cached,
+            },
+            "stopped": self.stopped,
+            "complete": self.stopped is None,
+            "format": r.format,
             "data": str(out.data),
-            "data_sha256": hashlib.sha256(data.encode()).hexdigest(), "git_revision": git_revision(),
+            "data_sha256": hashlib.sha256(data.encode()).hexdigest(),
+            "git_revision": git_revision(),
         }
         write_artifact(out.provenance, SynthProvenance, provenance)
         return provenance

@@ -129,7 +129,6 @@ class SynthRecipe(NamedConfig):
     """A system turn opening every conversation (messages format only)."""
     seed: int = 0
 
-
     @model_validator(mode="after")
     def _consistent(self) -> SynthRecipe:
         if self.format == "style" and (not self.answer.styles or self.converse.fraction):
@@ -139,7 +138,6 @@ class SynthRecipe(NamedConfig):
         if (self.seeds.path is None) == (self.seeds.task is None):
             raise ValueError("seeds name exactly one of 'path' or 'task'")
         return self
-
 
 
 def load_synth_recipe(path: Path) -> SynthRecipe:

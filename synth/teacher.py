@@ -47,7 +47,9 @@ class Teacher:
         self.budget = budget
         migrate(conn)
 
-    def ask(self, messages: list[dict], *, temperature: float, top_p: float, max_tokens: int, seed: int) -> str:
+    def ask(
+        self, messages: list[dict], *, temperature: float, top_p: float, max_tokens: int, seed: int
+    ) -> str:
         sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed}
         request = {"model": self.label, "messages": messages, "sampling": sampling}
         blob = json.dumps(request, ensure_ascii=False, sort_keys=True)
@@ -57,13 +59,16 @@ class Teacher:
             self.budget.cached += 1
             return row[0]
         self.budget.check()
-        text, usage = self.backend.chat(messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                        seed=seed)
+        text, usage = self.backend.chat(
+            messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
+        )
         used = usage.get("total_tokens") or (sum(len(m["content"]) for m in messages) + len(text))
         with self.conn:
-            self.conn.execute("INSERT OR IGNORE INTO teacher_calls (key, model, request_json, response, usage_json,"
-                              " time) VALUES (?, ?, ?, ?, ?, ?)",
-                              (key, self.label, blob, text, json.dumps(usage), time.time()))
+            self.conn.execute(
+                "INSERT OR IGNORE INTO teacher_calls (key, model, request_json, response, usage_json,"
+                " time) VALUES (?, ?, ?, ?, ?, ?)",
+                (key, self.label, blob, text, json.dumps(usage), time.time()),
+            )
         self.budget.calls += 1
         self.budget.tokens += int(used)
         return text

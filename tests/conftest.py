@@ -26,8 +26,11 @@ def scoring_in_fp32(monkeypatch):
     machine CI draws. tests/test_hf_backend.py checks the resolution itself."""
     import models.loading as loading
 
-    monkeypatch.setattr(loading, "scoring_dtype",
-                        lambda dtype, device: loading.resolve_dtype(dtype, loading.resolve_device(device)))
+    monkeypatch.setattr(
+        loading,
+        "scoring_dtype",
+        lambda dtype, device: loading.resolve_dtype(dtype, loading.resolve_device(device)),
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -68,8 +71,10 @@ def is_fixture(data: Path) -> bool:
     return data == FIXTURE_DATA
 
 
-RIDDLE_SPLITS = {"public": (296, 90, "Come up and let us go", "anchor"),
-                 "fixture": (36, 8, "I rise each morning", "sun")}
+RIDDLE_SPLITS = {
+    "public": (296, 90, "Come up and let us go", "anchor"),
+    "fixture": (36, 8, "I rise each morning", "sun"),
+}
 """The riddles' split by source: train and test sizes, the first test item's opening and answer."""
 
 
@@ -82,8 +87,10 @@ def manifests(data: Path) -> dict[str, list]:
     if not is_fixture(data):
         return {name: files for name, (files, _) in DATASETS.items()}
     sums = dict(line.split()[::-1] for line in (FIXTURE_DATA / "SHA256SUMS").read_text().splitlines())
-    return {name: [dataclasses.replace(f, sha256=sums[f.local]) for f in files if f.local in sums]
-            for name, (files, _) in DATASETS.items()}
+    return {
+        name: [dataclasses.replace(f, sha256=sums[f.local]) for f in files if f.local in sums]
+        for name, (files, _) in DATASETS.items()
+    }
 
 
 @pytest.fixture
@@ -96,8 +103,11 @@ def shared_data(monkeypatch) -> Path:
         import eval.data
 
         fixture = manifests(data)
-        monkeypatch.setattr(eval.data, "DATASETS", {name: (fixture[name], url)
-                                                    for name, (_, url) in eval.data.DATASETS.items()})
+        monkeypatch.setattr(
+            eval.data,
+            "DATASETS",
+            {name: (fixture[name], url) for name, (_, url) in eval.data.DATASETS.items()},
+        )
     return data
 
 
@@ -114,8 +124,9 @@ def make_wheel(wheelhouse: Path, dist: str, version: str, files: dict[str, bytes
     info = f"{name}-{version}.dist-info"
     contents = dict(files)
     contents[f"{info}/METADATA"] = f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n".encode()
-    contents[f"{info}/WHEEL"] = (b"Wheel-Version: 1.0\nGenerator: selectune-tests\nRoot-Is-Purelib: true\n"
-                                 b"Tag: py3-none-any\n")
+    contents[f"{info}/WHEEL"] = (
+        b"Wheel-Version: 1.0\nGenerator: selectune-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    )
     record = []
     for path, data in contents.items():
         digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
@@ -161,8 +172,13 @@ def pypi_card(name: str, packages: list[str], files: list[str], sha256: str) -> 
     return {
         "name": name,
         "description": "test card",
-        "source": {"kind": "pypi-gguf", "packages": packages, "files": files, "sha256": sha256,
-                   "gguf_name": f"{name}.gguf"},
+        "source": {
+            "kind": "pypi-gguf",
+            "packages": packages,
+            "files": files,
+            "sha256": sha256,
+            "gguf_name": f"{name}.gguf",
+        },
         "architecture": "llama",
         "parameters": 1000,
         "license": {"id": "apache-2.0", "provenance": "made in the test"},
@@ -180,7 +196,9 @@ def tiny_qwen2_dir(tmp_path) -> Path:
     return build_tiny_qwen2(tmp_path / "tiny-qwen2")
 
 
-def scored_on_tiny_weights(tmp_path: Path, weights: Path, task_name: str, limit: int, mode: str, data_dir: Path):
+def scored_on_tiny_weights(
+    tmp_path: Path, weights: Path, task_name: str, limit: int, mode: str, data_dir: Path
+):
     """A hub card given a tiny checkpoint as its weights, scored through the real runner on the
     first `limit` dev items of `task_name`, as the cross-checks compare it: (task, items, run)."""
     from eval.backends import make_backend
@@ -194,6 +212,13 @@ def scored_on_tiny_weights(tmp_path: Path, weights: Path, task_name: str, limit:
     provision(card, tmp_path / "store", weights=weights)
     task = find_task(task_name).model_copy(update={"limit": limit})
     items = load_items(task, "dev", data_dir)
-    run = run_task(make_backend("hf", card, tmp_path / "store", batch_size=4), task, "dev", mode, items,
-                   open_results(tmp_path / "runs"), chunk_size=4)
+    run = run_task(
+        make_backend("hf", card, tmp_path / "store", batch_size=4),
+        task,
+        "dev",
+        mode,
+        items,
+        open_results(tmp_path / "runs"),
+        chunk_size=4,
+    )
     return task, items, run

@@ -38,13 +38,26 @@ def namespace_problem() -> str | None:
             return f"{tool} is not installed"
     done = subprocess.run(["unshare", "-n", "sh", "-c", "ip link set lo up"], capture_output=True, text=True)
     if done.returncode != 0:
-        return f"unshare -n failed: {done.stderr.strip() or done.returncode} (it needs root or user namespaces)"
+        return (
+            f"unshare -n failed: {done.stderr.strip() or done.returncode} (it needs root or user namespaces)"
+        )
     return None
 
 
-def run_scenario(scenario: str, folder: Path, args: list[str], *, nodes: int = 3, cpus: int = 1,
-                 remove_after: int | None = None, servers: int = 0, serve_checkpoint: Path | None = None,
-                 call: str | None = None, kwargs: dict | None = None, timeout: int = 300) -> dict:
+def run_scenario(
+    scenario: str,
+    folder: Path,
+    args: list[str],
+    *,
+    nodes: int = 3,
+    cpus: int = 1,
+    remove_after: int | None = None,
+    servers: int = 0,
+    serve_checkpoint: Path | None = None,
+    call: str | None = None,
+    kwargs: dict | None = None,
+    timeout: int = 300,
+) -> dict:
     """Run SCENARIO in its own loopback namespace; its JSON result (pytest skips, or fails under
     CI=true, where no namespace can be made)."""
     import pytest
@@ -54,17 +67,47 @@ def run_scenario(scenario: str, folder: Path, args: list[str], *, nodes: int = 3
         if os.environ.get("CI"):
             pytest.fail(f"CI must run the Ray tests, but no loopback-only namespace: {problem}")
         pytest.skip(f"no loopback-only network namespace: {problem}")
-    (folder / "args.json").write_text(json.dumps({"args": args, "nodes": nodes, "cpus": cpus, "servers": servers,
-                                                  "serve_checkpoint": str(serve_checkpoint or ""),
-                                                  "call": call, "kwargs": kwargs or {},
-                                                  "remove_after": remove_after}), encoding="utf-8")
+    (folder / "args.json").write_text(
+        json.dumps(
+            {
+                "args": args,
+                "nodes": nodes,
+                "cpus": cpus,
+                "servers": servers,
+                "serve_checkpoint": str(serve_checkpoint or ""),
+                "call": call,
+                "kwargs": kwargs or {},
+                "remove_after": remove_after,
+            }
+        ),
+        encoding="utf-8",
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
-    done = subprocess.run(["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
-                           sys.executable, "-m", "tests.ray_cluster", scenario, str(folder)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [
+            "unshare",
+            "-n",
+            "sh",
+            "-c",
+            'ip link set lo up && exec "$@"',
+            "sh",
+            sys.executable,
+            "-m",
+            "tests.ray_cluster",
+            scenario,
+            str(folder),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
-    assert done.returncode == 0 and lines, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0 and lines, (
+        f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
     return json.loads(lines[-1].removeprefix(RESULT))
 
 
@@ -117,8 +160,12 @@ def stub_state(checkpoint: str):
     from eval.backends.hf import HFBackend
     from models.local import checkpoint_card
 
-    backend = HFBackend(checkpoint_card(Path(checkpoint)), Path(checkpoint).parent / "store", batch_size=1,
-                        checkpoint=Path(checkpoint))
+    backend = HFBackend(
+        checkpoint_card(Path(checkpoint)),
+        Path(checkpoint).parent / "store",
+        batch_size=1,
+        checkpoint=Path(checkpoint),
+    )
     return StubState(backend, models=("served-model",))
 
 
@@ -144,8 +191,10 @@ def main(scenario: str, folder: str) -> int:
     folder_path = Path(folder)
     spec = json.loads((folder_path / "args.json").read_text(encoding="utf-8"))
     started = time.monotonic()
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": spec["cpus"], "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": spec["cpus"], "node_ip_address": "127.0.0.1", "include_dashboard": False},
+    )
     for _ in range(spec["nodes"] - 1):
         cluster.add_node(num_cpus=spec["cpus"], node_ip_address="127.0.0.1")
     cluster.wait_for_nodes()
@@ -154,14 +203,17 @@ def main(scenario: str, folder: str) -> int:
     watcher = None
     if scenario == "node-lost":
         runs = Path(spec["args"][spec["args"].index("--runs-dir") + 1])
-        watcher = threading.Thread(target=_remove_a_busy_worker, args=(cluster, runs, spec["remove_after"], record),
-                                   daemon=True)
+        watcher = threading.Thread(
+            target=_remove_a_busy_worker, args=(cluster, runs, spec["remove_after"], record), daemon=True
+        )
         watcher.start()
     if scenario == "call":
         import importlib
 
         module, _, function = spec["call"].partition(":")
-        record["value"] = getattr(importlib.import_module(module), function)(cluster.address, **spec["kwargs"])
+        record["value"] = getattr(importlib.import_module(module), function)(
+            cluster.address, **spec["kwargs"]
+        )
     elif scenario == "servers":
         _with_servers(spec["servers"], spec["serve_checkpoint"], args, record)
     else:

@@ -24,8 +24,16 @@ from tests.test_review import LiveServer
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = REPO / "test-artifacts" / "screenshots"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +76,21 @@ def test_report_pages_render_inert_and_filter(browser, runs):
         page.goto(path.as_uri())
         assert page.evaluate("window.__pwned") is None, path.name
         assert page.locator("h1").count() == 1, path.name
-        if path.stem in ("index", "leaderboard", "before_after", "training", "serving", "review") \
-                or path.stem.endswith("-fact"):
+        if path.stem in (
+            "index",
+            "leaderboard",
+            "before_after",
+            "training",
+            "serving",
+            "review",
+        ) or path.stem.endswith("-fact"):
             page.screenshot(path=str(ARTIFACTS / f"report-{path.stem}.png"), full_page=True)
     assert page.dialogs == [] and errors == []
     # the hostile text is on the page as text
     page.goto((runs / "report" / "flips-fact.html").as_uri())
-    texts = page.locator("td > pre").all_inner_texts()  # the flips page's 40 texts, 24 of them carry the hostile text
+    texts = page.locator(
+        "td > pre"
+    ).all_inner_texts()  # the flips page's 40 texts, 24 of them carry the hostile text
     assert len(texts) == 40 and sum(report_fixture.EVIL in t for t in texts) == 24
     assert report_fixture.EVIL in texts[0]
     # what the model was sent, per item: the system and the user message, the hostile prompt among them as text
@@ -128,7 +144,12 @@ def test_vote_by_keyboard_reaches_the_store_and_the_report(browser, runs):
         conn = review.open_review(db)
         left = conn.execute("SELECT left_system FROM review_pairs WHERE pair_id = ?", (first,)).fetchone()[0]
         conn.close()
-        assert (vote["pair_id"], vote["vote"], vote["reviewer"], vote["left_system"]) == (first, "left", "tester", left)
+        assert (vote["pair_id"], vote["vote"], vote["reviewer"], vote["left_system"]) == (
+            first,
+            "left",
+            "tester",
+            left,
+        )
         assert vote["comment"] == "a bit better </textarea>"
 
         build_report(runs)

@@ -22,8 +22,11 @@ def test_a_users_csv_to_a_selection_a_fine_tune_and_a_report_with_yaml_only(tmp_
     for name, text in page_files().items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text, encoding="utf-8")
-    provision(find_card(CARD), tmp_path / "cache" / "models",
-              weights=build_tiny_qwen2(tmp_path / "tiny", initializer_range=0.2))
+    provision(
+        find_card(CARD),
+        tmp_path / "cache" / "models",
+        weights=build_tiny_qwen2(tmp_path / "tiny", initializer_range=0.2),
+    )
     args = ["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]
     my = tmp_path / "my"
 
@@ -62,9 +65,17 @@ def test_checkpoint_directories_are_candidates_beside_cards(tmp_path, capsys):
     import sqlite3
 
     with sqlite3.connect(tmp_path / "runs" / "results.sqlite") as db:
-        weights = {json.loads(m)["identity"]["weights_sha256"] for (m,) in db.execute("SELECT meta_json FROM runs")}
+        weights = {
+            json.loads(m)["identity"]["weights_sha256"] for (m,) in db.execute("SELECT meta_json FROM runs")
+        }
     assert len(weights) == 2 and None not in weights  # each identified by its own weights
     capsys.readouterr()
     assert main([*args, "select", "--suite", suite, "--models", f"{tmp_path / 'my'}"]) == 2
-    assert capsys.readouterr().err.strip().endswith("not a checkpoint directory (no config.json); --models takes "
-                                                    "card names and checkpoint directories")
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            "not a checkpoint directory (no config.json); --models takes "
+            "card names and checkpoint directories"
+        )
+    )

@@ -16,12 +16,20 @@ def test_every_card_file_in_the_tree_validates():
     cards = {load_card(p).name: p for p in paths}
     assert len(cards) == len(paths)  # no two files claim one name
     assert set(cards) == {
-        "smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-0.5b-instruct",
-        "qwen2.5-coder-1.5b-instruct", "qwen2.5-1.5b-instruct", "internlm2.5-1.8b-chat",
-        "phi-2", "phi-3-mini-4k-instruct",
+        "smollm2-135m-instruct",
+        "gemma3-270m",
+        "qwen2.5-coder-0.5b-instruct",
+        "qwen2.5-coder-1.5b-instruct",
+        "qwen2.5-1.5b-instruct",
+        "internlm2.5-1.8b-chat",
+        "phi-2",
+        "phi-3-mini-4k-instruct",
     }
     assert {n for n, c in load_cards().items() if c.default} == {
-        "smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-0.5b-instruct"}
+        "smollm2-135m-instruct",
+        "gemma3-270m",
+        "qwen2.5-coder-0.5b-instruct",
+    }
 
 
 @pytest.mark.parametrize("card", load_cards().values(), ids=lambda c: c.name)

@@ -12,8 +12,13 @@ from tests.conftest import REPO
 
 def run_cli(*args, cache_dir, env_extra=None):
     env = {**os.environ, "HF_HUB_CACHE": str(cache_dir / "hf"), **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "selectune", "--cache-dir", str(cache_dir), *args],
-                          cwd=REPO, capture_output=True, text=True, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "selectune", "--cache-dir", str(cache_dir), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
 
 
 def test_models_list_shows_all_eight_cards_with_true_statuses(tmp_path):
@@ -22,9 +27,17 @@ def test_models_list_shows_all_eight_cards_with_true_statuses(tmp_path):
     rows = {r["name"]: r for r in json.loads(done.stdout)}
     assert len(rows) == 8
     assert {n for n, r in rows.items() if r["status"] == "provisionable offline"} == {
-        "smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"}
+        "smollm2-135m-instruct",
+        "gemma3-270m",
+        "qwen2.5-coder-0.5b-instruct",
+        "qwen2.5-coder-1.5b-instruct",
+    }
     assert {n for n, r in rows.items() if r["status"] == "needs hub"} == {
-        "qwen2.5-1.5b-instruct", "internlm2.5-1.8b-chat", "phi-2", "phi-3-mini-4k-instruct"}
+        "qwen2.5-1.5b-instruct",
+        "internlm2.5-1.8b-chat",
+        "phi-2",
+        "phi-3-mini-4k-instruct",
+    }
 
 
 def test_unknown_settings_key_is_one_line_and_exit_2(tmp_path):
@@ -34,7 +47,8 @@ def test_unknown_settings_key_is_one_line_and_exit_2(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"selectune: error: {config}: unknown key 'cahce_dir' (expected one of ['cache_dir', 'cpus_per_model', "
-        "'data_dir', 'executor', 'judge_model', 'judge_url', 'ray_address', 'runs_dir', 'task_dirs'])"]
+        "'data_dir', 'executor', 'judge_model', 'judge_url', 'ray_address', 'runs_dir', 'task_dirs'])"
+    ]
 
 
 def test_unknown_card_is_refused(tmp_path):
@@ -44,8 +58,9 @@ def test_unknown_card_is_refused(tmp_path):
 
 
 def test_hub_card_offline_through_the_cli(tmp_path):
-    done = run_cli("models", "provision", "--card", "phi-2", cache_dir=tmp_path,
-                   env_extra={"HF_HUB_OFFLINE": "1"})
+    done = run_cli(
+        "models", "provision", "--card", "phi-2", cache_dir=tmp_path, env_extra={"HF_HUB_OFFLINE": "1"}
+    )
     assert done.returncode == 2
     assert "needs microsoft/phi-2@810d367871c1 from the Hugging Face hub" in done.stderr
     list_done = run_cli("models", "list", "--json", cache_dir=tmp_path, env_extra={"HF_HUB_OFFLINE": "1"})
@@ -55,5 +70,18 @@ def test_hub_card_offline_through_the_cli(tmp_path):
 def test_make_help_lists_every_target():
     done = subprocess.run(["make", "-s", "help"], cwd=REPO, capture_output=True, text=True)
     targets = {line.split()[0] for line in done.stdout.splitlines() if line.strip()}
-    assert {"setup", "models", "data", "select", "train", "serve", "rescore", "report", "review",
-            "test", "bench", "clean", "help"} <= targets
+    assert {
+        "setup",
+        "models",
+        "data",
+        "select",
+        "train",
+        "serve",
+        "rescore",
+        "report",
+        "review",
+        "test",
+        "bench",
+        "clean",
+        "help",
+    } <= targets

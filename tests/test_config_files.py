@@ -18,8 +18,13 @@ def loaders() -> dict[str, object]:
     from synth.recipe import load_synth_recipe
     from train.recipe import load_recipe
 
-    return {"tasks": load_task, "suites": load_suite, "train": load_recipe, "synth": load_synth_recipe,
-            "models/cards": load_card}
+    return {
+        "tasks": load_task,
+        "suites": load_suite,
+        "train": load_recipe,
+        "synth": load_synth_recipe,
+        "models/cards": load_card,
+    }
 
 
 def yaml_files() -> list[Path]:
@@ -27,7 +32,9 @@ def yaml_files() -> list[Path]:
     runs and caches a checkout may hold."""
     found = []
     for folder, dirs, files in os.walk(REPO):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("runs", "node_modules", "__pycache__")]
+        dirs[:] = [
+            d for d in dirs if not d.startswith(".") and d not in ("runs", "node_modules", "__pycache__")
+        ]
         found += [Path(folder) / f for f in files if f.endswith((".yaml", ".yml"))]
     return sorted(found)
 

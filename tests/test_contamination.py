@@ -13,13 +13,16 @@ from train.data import Conversation
 from train.recipe import ContaminationSpec
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("Hello, World!", ["hello", "world"]),
-    ("免费版有15GB空间", ["免", "费", "版", "有", "15gb", "空", "间"]),
-    ("ＡＢＣ　１２３", ["abc", "123"]),             # NFKC: full-width letters and digits
-    ("snake_case-word", ["snake", "case", "word"]),
-    ("。！？", []),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Hello, World!", ["hello", "world"]),
+        ("免费版有15GB空间", ["免", "费", "版", "有", "15gb", "空", "间"]),
+        ("ＡＢＣ　１２３", ["abc", "123"]),  # NFKC: full-width letters and digits
+        ("snake_case-word", ["snake", "case", "word"]),
+        ("。！？", []),
+    ],
+)
 def test_units(text, expected):
     assert C.units(text) == expected
 
@@ -28,27 +31,38 @@ def conv(source, user, reply="好的。"):
     return Conversation([{"role": "user", "content": user}, {"role": "assistant", "content": reply}], source)
 
 
-EVAL = [C.EvalText("faq", "test", "7", "question", "我刚注册了账号还没花钱，能往里存多少东西？"),
-        C.EvalText("faq", "test", "8", "question", "The quick brown fox jumps over the lazy dog near the river bank"),
-        C.EvalText("faq", "test", "9", "question", "年假有几天"),       # short: whole turns only
-        C.EvalText("faq", "test", "10", "question", "专业")]          # under 4 units: not compared
+EVAL = [
+    C.EvalText("faq", "test", "7", "question", "我刚注册了账号还没花钱，能往里存多少东西？"),
+    C.EvalText(
+        "faq", "test", "8", "question", "The quick brown fox jumps over the lazy dog near the river bank"
+    ),
+    C.EvalText("faq", "test", "9", "question", "年假有几天"),  # short: whole turns only
+    C.EvalText("faq", "test", "10", "question", "专业"),
+]  # under 4 units: not compared
 
 
-@pytest.mark.parametrize("train, where", [
-    # verbatim inside a templated prompt: the template does not hide it
-    (conv("a:1", "请用一句话回答：我刚注册了账号还没花钱，能往里存多少东西？"), ("duplicates", "7")),
-    # a reply that repeats the English question word for word
-    (conv("a:2", "Tell me a story.", "the quick brown fox jumps over the lazy dog near the river bank!"),
-     ("duplicates", "8")),
-    # half of it: an overlap, reported, not a stop
-    (conv("a:3", "我刚注册了账号还没花钱，能往里存吗"), ("overlaps", "7")),
-    # a short question as a whole turn, and inside a longer one (not counted)
-    (conv("a:4", "年假有几天？"), ("duplicates", "9")),
-    (conv("a:5", "请问年假有几天以及如何申请"), None),
-    # a paraphrase of the same question
-    (conv("a:6", "免费用户能用多大的云盘容量？"), None),
-    (conv("a:7", "专业"), None),
-])
+@pytest.mark.parametrize(
+    "train, where",
+    [
+        # verbatim inside a templated prompt: the template does not hide it
+        (conv("a:1", "请用一句话回答：我刚注册了账号还没花钱，能往里存多少东西？"), ("duplicates", "7")),
+        # a reply that repeats the English question word for word
+        (
+            conv(
+                "a:2", "Tell me a story.", "the quick brown fox jumps over the lazy dog near the river bank!"
+            ),
+            ("duplicates", "8"),
+        ),
+        # half of it: an overlap, reported, not a stop
+        (conv("a:3", "我刚注册了账号还没花钱，能往里存吗"), ("overlaps", "7")),
+        # a short question as a whole turn, and inside a longer one (not counted)
+        (conv("a:4", "年假有几天？"), ("duplicates", "9")),
+        (conv("a:5", "请问年假有几天以及如何申请"), None),
+        # a paraphrase of the same question
+        (conv("a:6", "免费用户能用多大的云盘容量？"), None),
+        (conv("a:7", "专业"), None),
+    ],
+)
 def test_planted_duplicates_and_overlaps_are_found_and_paraphrases_are_not(train, where):
     result = C.check([train], EVAL, ContaminationSpec())
     found = [(kind, h.eval.item_id) for kind in ("duplicates", "overlaps") for h in getattr(result, kind)]
@@ -57,8 +71,11 @@ def test_planted_duplicates_and_overlaps_are_found_and_paraphrases_are_not(train
 
 
 def test_the_record_shows_the_worst_pairs_side_by_side_and_the_flagged_items():
-    result = C.check([conv("mine.jsonl:3", "请用一句话回答：我刚注册了账号还没花钱，能往里存多少东西？")], EVAL,
-                     ContaminationSpec())
+    result = C.check(
+        [conv("mine.jsonl:3", "请用一句话回答：我刚注册了账号还没花钱，能往里存多少东西？")],
+        EVAL,
+        ContaminationSpec(),
+    )
     record = C.record(result, ContaminationSpec(allow=True))
     assert (record["duplicates"], record["overlaps"], record["allowed"]) == (1, 0, True)
     assert record["flagged_items"] == {"faq/test": ["7"]}
@@ -87,13 +104,23 @@ def test_a_planted_duplicate_stops_training_with_one_line_and_an_allowing_recipe
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text, encoding="utf-8")
     my = tmp_path / "my"
-    (my / "mine.jsonl").write_text(json.dumps({"instruction": "买了以后能退吗？", "output": "可以。"},
-                                              ensure_ascii=False) + "\n", encoding="utf-8")
-    recipe = (my / "train.yaml").read_text(encoding="utf-8").replace(
-        "  - {task: faq.yaml, split: train}", "  - {task: faq.yaml, split: train}\n  - {path: mine.jsonl}")
+    (my / "mine.jsonl").write_text(
+        json.dumps({"instruction": "买了以后能退吗？", "output": "可以。"}, ensure_ascii=False) + "\n",
+        encoding="utf-8",
+    )
+    recipe = (
+        (my / "train.yaml")
+        .read_text(encoding="utf-8")
+        .replace(
+            "  - {task: faq.yaml, split: train}", "  - {task: faq.yaml, split: train}\n  - {path: mine.jsonl}"
+        )
+    )
     (my / "train.yaml").write_text(recipe, encoding="utf-8")
-    provision(find_card(CARD), tmp_path / "cache" / "models",
-              weights=build_tiny_qwen2(tmp_path / "tiny", initializer_range=0.2))
+    provision(
+        find_card(CARD),
+        tmp_path / "cache" / "models",
+        weights=build_tiny_qwen2(tmp_path / "tiny", initializer_range=0.2),
+    )
     args = ["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]
     assert main([*args, "select", "--suite", str(my / "suite.yaml"), "--models", CARD]) == 0
     capsys.readouterr()
@@ -125,9 +152,18 @@ def test_without_a_selection_the_gate_compares_against_the_default_suite(tmp_pat
     assert {(t.task, t.split) for t in texts} == {("style", "test"), ("fact", "test")}
     out = capsys.readouterr().out.splitlines()
     assert [line.split(":")[1].strip() for line in out] == [
-        "fewclue_bustm-dev of the default suite not compared", "fewclue_ocnli_fc-dev of the default suite not compared"]
+        "fewclue_bustm-dev of the default suite not compared",
+        "fewclue_ocnli_fc-dev of the default suite not compared",
+    ]
     fact = load_items(find_task("fact"), "test", tmp_path)
-    conversations = [Conversation([{"role": "user", "content": fact[0].messages()[-1]["content"]},
-                                   {"role": "assistant", "content": fact[0].gold}], "mine.jsonl:1")]
+    conversations = [
+        Conversation(
+            [
+                {"role": "user", "content": fact[0].messages()[-1]["content"]},
+                {"role": "assistant", "content": fact[0].gold},
+            ],
+            "mine.jsonl:1",
+        )
+    ]
     result = C.check(conversations, texts, ContaminationSpec())
     assert {(d.eval.task, d.eval.item_id) for d in result.duplicates} == {("fact", fact[0].id)}

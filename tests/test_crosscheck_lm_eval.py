@@ -14,8 +14,9 @@ pytest.importorskip("lm_eval")
 def test_ppl_accuracy_and_predictions_match_lm_eval(tmp_path, tiny_qwen2_dir, task_data, task_name):
     task, items, ours = scored_on_tiny_weights(tmp_path, tiny_qwen2_dir, task_name, 24, "ppl", task_data)
     name = export_task(task, "dev", items, tmp_path / "lm_eval_tasks", chat=True)
-    theirs = run_lm_eval(str(tiny_qwen2_dir), name, tmp_path / "lm_eval_tasks", chat_template=True,
-                         batch_size=4)
+    theirs = run_lm_eval(
+        str(tiny_qwen2_dir), name, tmp_path / "lm_eval_tasks", chat_template=True, batch_size=4
+    )
     import json
 
     for row in ours.items:

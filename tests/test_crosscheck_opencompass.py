@@ -10,8 +10,10 @@ from eval.opencompass_crosscheck import OC_VENV, compare, run_opencompass, write
 from eval.parsers import first_capital
 from tests.conftest import scored_on_tiny_weights
 
-pytestmark = pytest.mark.skipif(not (OC_VENV / "bin" / "opencompass").is_file(),
-                                reason="no OpenCompass venv (make opencompass-venv; make test builds it)")
+pytestmark = pytest.mark.skipif(
+    not (OC_VENV / "bin" / "opencompass").is_file(),
+    reason="no OpenCompass venv (make opencompass-venv; make test builds it)",
+)
 
 
 @pytest.mark.parametrize("task_name", ["fewclue_bustm", "fewclue_ocnli_fc"])
@@ -23,8 +25,16 @@ def test_opencompass_rule_column_matches_opencompass(tmp_path, task_data, task_n
     order = {item.id: n for n, item in enumerate(items)}
     ours_in_file_order = sorted(ours.items, key=lambda r: order[r["item_id"]])
     workdir = tmp_path / "oc"
-    abbr = write_workdir(workdir, task_data, tiny_qwen2_dir, task_name, "dev", limit=12, batch_size=4,
-                         max_out_len=task.gen.max_new_tokens)
+    abbr = write_workdir(
+        workdir,
+        task_data,
+        tiny_qwen2_dir,
+        task_name,
+        "dev",
+        limit=12,
+        batch_size=4,
+        max_out_len=task.gen.max_new_tokens,
+    )
     theirs = run_opencompass(workdir, abbr)
     report = compare(ours_in_file_order, theirs)
     assert report["items"] == 12 and report["gold_mismatches"] == 0, report

@@ -32,8 +32,10 @@ def test_the_data_command_verifies_each_dataset_asked_for(shared_data, capsys):
 
     n = len(manifests(shared_data)["fewclue"])
     assert main(["--data-dir", str(shared_data), "data", "--dataset", "fewclue", "--dataset", "riddles"]) == 0
-    assert capsys.readouterr().out.splitlines() == [f"data: fewclue: {n} files verified in {shared_data}",
-                                                    f"data: riddles: 1 file verified in {shared_data}"]
+    assert capsys.readouterr().out.splitlines() == [
+        f"data: fewclue: {n} files verified in {shared_data}",
+        f"data: riddles: 1 file verified in {shared_data}",
+    ]
 
 
 def test_tampered_file_is_named(tmp_path, shared_data, fewclue):
@@ -44,8 +46,11 @@ def test_tampered_file_is_named(tmp_path, shared_data, fewclue):
     target = data / "fewclue/ocnlifc/dev_few_all.json"
     target.write_bytes(target.read_bytes() + b"\n")
     (expected,) = (f.sha256 for f in fewclue if f.local == "fewclue/ocnlifc/dev_few_all.json")
-    with pytest.raises(UserError, match=rf"fewclue/ocnlifc/dev_few_all.json: sha256 is [0-9a-f]{{64}}, "
-                                        rf"expected {expected}"):
+    with pytest.raises(
+        UserError,
+        match=rf"fewclue/ocnlifc/dev_few_all.json: sha256 is [0-9a-f]{{64}}, "
+        rf"expected {expected}",
+    ):
         verify_data(data, fewclue)
 
 
@@ -86,7 +91,9 @@ def test_fetch_rejects_a_corrupt_download_and_keeps_nothing(tmp_path, upstream, 
     root, url = upstream
     (root / "bustm/dev_few_all.json").write_bytes(b'{"id": 0}\n')
     data = tmp_path / "data"
-    with pytest.raises(UserError, match=r"bustm/dev_few_all.json: downloaded file has sha256 .* nothing was kept"):
+    with pytest.raises(
+        UserError, match=r"bustm/dev_few_all.json: downloaded file has sha256 .* nothing was kept"
+    ):
         fetch_data(data, fewclue, base_url=url)
     assert not (data / "fewclue/bustm/dev_few_all.json").exists()
     assert not list(Path(data).rglob(".*.download"))
@@ -95,4 +102,6 @@ def test_fetch_rejects_a_corrupt_download_and_keeps_nothing(tmp_path, upstream, 
 def test_fetch_offline_is_one_clear_line(tmp_path):
     with pytest.raises(UserError) as info:
         fetch_data(tmp_path / "data", base_url="http://127.0.0.1:9")
-    assert "\n" not in str(info.value) and "download failed" in str(info.value) and "DATA_DIR" in str(info.value)
+    assert (
+        "\n" not in str(info.value) and "download failed" in str(info.value) and "DATA_DIR" in str(info.value)
+    )

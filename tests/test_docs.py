@@ -10,11 +10,20 @@ import pytest
 from tests.conftest import REPO
 
 MAKE = re.compile(r"(?:`|^\s*(?:\$ )?|&& |; )make ([a-z][a-z0-9-]*)", re.MULTILINE)
-SELECTUNE = re.compile(r"(?:python -m selectune|`selectune)((?: --[a-z-]+(?:[ =][^\s`-]\S*)?)*) ([a-z][a-z-]*)"
-                       r"(?=[\s`]|$)(?: ([a-z][a-z-]*)(?=[\s`]|$))?")
-TEXTS = ["README.md", "Makefile", *(str(p.relative_to(REPO)) for p in sorted((REPO / "docs").glob("*.md"))),
-         *(str(p.relative_to(REPO)) for p in sorted(REPO.glob("*/**/*.py"))
-           if p.parts[len(REPO.parts)] not in (".venv", "tests") and not p.parts[len(REPO.parts)].startswith("."))]
+SELECTUNE = re.compile(
+    r"(?:python -m selectune|`selectune)((?: --[a-z-]+(?:[ =][^\s`-]\S*)?)*) ([a-z][a-z-]*)"
+    r"(?=[\s`]|$)(?: ([a-z][a-z-]*)(?=[\s`]|$))?"
+)
+TEXTS = [
+    "README.md",
+    "Makefile",
+    *(str(p.relative_to(REPO)) for p in sorted((REPO / "docs").glob("*.md"))),
+    *(
+        str(p.relative_to(REPO))
+        for p in sorted(REPO.glob("*/**/*.py"))
+        if p.parts[len(REPO.parts)] not in (".venv", "tests") and not p.parts[len(REPO.parts)].startswith(".")
+    ),
+]
 
 
 def make_targets() -> set[str]:
@@ -49,7 +58,9 @@ def test_every_selectune_command_named_exists(name):
     for _options, command, action in SELECTUNE.findall((REPO / name).read_text(encoding="utf-8")):
         assert command in known, f"{name} names `selectune {command}`, which is no command"
         if known[command]:
-            assert action in known[command], f"{name} names `selectune {command} {action}`, which is no command"
+            assert action in known[command], (
+                f"{name} names `selectune {command} {action}`, which is no command"
+            )
 
 
 def test_the_patterns_find_what_they_are_for():
@@ -63,7 +74,9 @@ def test_the_readme_is_a_guide_not_a_log():
     lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
     assert len(lines) <= 250, f"README.md has {len(lines)} lines (at most 250: depth goes to docs/)"
     linked = set(re.findall(r"\(docs/([a-z-]+\.md)", "\n".join(lines)))
-    assert {p.name for p in (REPO / "docs").glob("*.md")} <= linked | {"benchmarks.md"}, "a doc no one links to"
+    assert {p.name for p in (REPO / "docs").glob("*.md")} <= linked | {"benchmarks.md"}, (
+        "a doc no one links to"
+    )
     for name in linked:
         assert (REPO / "docs" / name).is_file(), f"README links to docs/{name}, which does not exist"
 
@@ -79,7 +92,9 @@ def test_the_scale_page_commands_are_real():
     from selectune.parser import build_parser
 
     text = (REPO / "docs" / "scale.md").read_text(encoding="utf-8")
-    lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in block.splitlines()]
+    lines = [
+        line.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in block.splitlines()
+    ]
     ray = Path(sys.executable).parent / "ray"
     makefile = (REPO / "Makefile").read_text(encoding="utf-8")
     seen = set()

@@ -32,7 +32,9 @@ entries:
 """
 
 
-def pairs_suite(folder, n: int, entries: str = "  - {task: pairs.yaml, split: dev, mode: ppl}\n") -> list[str]:
+def pairs_suite(
+    folder, n: int, entries: str = "  - {task: pairs.yaml, split: dev, mode: ppl}\n"
+) -> list[str]:
     """A user's choice task of n rows, a suite of `entries` on it and two tiny checkpoints in
     `folder`: the arguments `select` is given (suite, models, runs and cache directories)."""
     from bench.fixtures import build_tiny_qwen2
@@ -43,8 +45,17 @@ def pairs_suite(folder, n: int, entries: str = "  - {task: pairs.yaml, split: de
     (folder / "suite.yaml").write_text(f"name: suite\nentries:\n{entries}", encoding="utf-8")
     a = build_tiny_qwen2(folder / "a", initializer_range=0.2)
     b = build_tiny_qwen2(folder / "b", initializer_range=0.02)
-    return ["--runs-dir", str(folder / "runs"), "--cache-dir", str(folder / "cache"), "select",
-            "--suite", str(folder / "suite.yaml"), "--models", f"{a},{b}"]
+    return [
+        "--runs-dir",
+        str(folder / "runs"),
+        "--cache-dir",
+        str(folder / "cache"),
+        "select",
+        "--suite",
+        str(folder / "suite.yaml"),
+        "--models",
+        f"{a},{b}",
+    ]
 
 
 @pytest.fixture
@@ -73,8 +84,16 @@ def test_an_endpoint_is_scored_in_gen_beside_a_checkpoint_and_ppl_is_na(user_fil
 
     local = build_tiny_qwen2(user_files / "local-model", initializer_range=0.02)
     args = ["--runs-dir", str(user_files / "runs"), "--cache-dir", str(user_files / "cache")]
-    code = main([*args, "select", "--suite", str(user_files / "suite.yaml"),
-                 "--models", f"{local},hosted={endpoint}/v1"])
+    code = main(
+        [
+            *args,
+            "select",
+            "--suite",
+            str(user_files / "suite.yaml"),
+            "--models",
+            f"{local},hosted={endpoint}/v1",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     ppl_row = next(line for line in out.splitlines() if line.startswith("pairs-dev") and "| ppl" in line)
@@ -100,19 +119,37 @@ def test_an_unreachable_endpoint_is_one_line_and_records_nothing(user_files, cap
     from selectune.cli import main
 
     runs = user_files / "runs"
-    code = main(["--runs-dir", str(runs), "--cache-dir", str(user_files / "cache"), "select",
-                 "--suite", str(user_files / "suite.yaml"), "--models", "hosted=http://127.0.0.1:9/v1"])
+    code = main(
+        [
+            "--runs-dir",
+            str(runs),
+            "--cache-dir",
+            str(user_files / "cache"),
+            "select",
+            "--suite",
+            str(user_files / "suite.yaml"),
+            "--models",
+            "hosted=http://127.0.0.1:9/v1",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert err.startswith("selectune: error: --models http://127.0.0.1:9/v1: unreachable (ConnectError")
     assert not (runs / "selection.json").exists() and not (runs / "results.sqlite").exists()
 
 
-@pytest.mark.parametrize(("entry", "served", "expected"), [
-    ("Bad=http://x", ("m",), "the name before '=' must be lower-case"),
-    ("mine=ftp://x", ("m",), "expected name=http://host:port/v1"),
-    ("mine={url}", ("a", "b"), "the server lists 2 models (a, b); name the candidate after the one to score"),
-])
+@pytest.mark.parametrize(
+    ("entry", "served", "expected"),
+    [
+        ("Bad=http://x", ("m",), "the name before '=' must be lower-case"),
+        ("mine=ftp://x", ("m",), "expected name=http://host:port/v1"),
+        (
+            "mine={url}",
+            ("a", "b"),
+            "the server lists 2 models (a, b); name the candidate after the one to score",
+        ),
+    ],
+)
 def test_endpoint_entries_that_cannot_be_used_say_why(entry, served, expected, tmp_path):
     from models.endpoint import endpoint_card
 
@@ -139,10 +176,25 @@ def test_the_model_id_sent_is_the_name_when_served_else_the_only_one(name, serve
 def test_several_servers_without_the_ray_executor_are_one_line(user_files, capsys):
     from selectune.cli import main
 
-    args = ["--runs-dir", str(user_files / "runs"), "--cache-dir", str(user_files / "cache"), "eval",
-            "--task", str(user_files / "pairs.yaml"), "--model", "m", "--mode", "gen",
-            "--base-url", "http://127.0.0.1:9", "--base-url", "http://127.0.0.1:10"]
+    args = [
+        "--runs-dir",
+        str(user_files / "runs"),
+        "--cache-dir",
+        str(user_files / "cache"),
+        "eval",
+        "--task",
+        str(user_files / "pairs.yaml"),
+        "--model",
+        "m",
+        "--mode",
+        "gen",
+        "--base-url",
+        "http://127.0.0.1:9",
+        "--base-url",
+        "http://127.0.0.1:10",
+    ]
     assert main(args) == 2
     assert capsys.readouterr().err.strip() == (
         "selectune: error: 2 --base-url: spreading one model over several servers runs on the Ray executor "
-        "(--executor ray: one actor per server)")
+        "(--executor ray: one actor per server)"
+    )

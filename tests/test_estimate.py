@@ -7,37 +7,80 @@ from __future__ import annotations
 import pytest
 
 from eval.backends.hf import Batch
-from eval.estimate import DECODE_EFFICIENCY, FORWARD_EFFICIENCY, LAYER_STEP_SECONDS, Shape, batch_seconds, fmt_duration
+from eval.estimate import (
+    DECODE_EFFICIENCY,
+    FORWARD_EFFICIENCY,
+    LAYER_STEP_SECONDS,
+    Shape,
+    batch_seconds,
+    fmt_duration,
+)
 from tests.conftest import FIXTURE_DATA, public_data
 
 SHAPE = Shape(body=100_000_000, head=10_000_000, weights=120_000_000, layers=10)
-FIXED = {"identity": {"cpu": "Test CPU", "flags": ["avx2"], "torch": "2.13.0", "threads": 2},
-         "matmul_gflops": {"float32": 100.0}, "decode_gflops": {"float32": 50.0}, "bandwidth_gbs": 20.0,
-         "load_gbs": 2.0}
+FIXED = {
+    "identity": {"cpu": "Test CPU", "flags": ["avx2"], "torch": "2.13.0", "threads": 2},
+    "matmul_gflops": {"float32": 100.0},
+    "decode_gflops": {"float32": 50.0},
+    "bandwidth_gbs": 20.0,
+    "load_gbs": 2.0,
+}
 """A calibration fixed for the tests, as `make machine` records one."""
 
 
-@pytest.mark.parametrize("batch, steps, gflops, decode_gflops, bandwidth, expected", [
-    # a forward pass only: 2 x (body x tokens + head x rows x kept) FLOPs at the forward's share of the rate
-    (Batch(16, 1000, 1, 0), 0, 100.0, 50.0, 20.0, 2 * (1e11 + 1.6e8) / (100e9 * FORWARD_EFFICIENCY)),
-    # twice the rate, half the time
-    (Batch(16, 1000, 1, 0), 0, 200.0, 50.0, 20.0, 2 * (1e11 + 1.6e8) / (200e9 * FORWARD_EFFICIENCY)),
-    # decoding bound by its matrix products at the decoding rate: 10 steps of 16 rows
-    (Batch(16, 1000, 1, 32), 10, 100.0, 50.0, 1000.0, 2 * (1e11 + 1.6e8) / (100e9 * FORWARD_EFFICIENCY)
-     + 10 * (2 * 1.1e8 * 16 / (50e9 * DECODE_EFFICIENCY) + 10 * LAYER_STEP_SECONDS)),
-    # decoding bound by reading the weights (bf16: 2 bytes each) at the calibrated read rate
-    (Batch(1, 10, 1, 32), 10, 1000.0, 1000.0, 2.0, 2 * (1e9 + 1e7) / (1000e9 * FORWARD_EFFICIENCY)
-     + 10 * (1.2e8 * 2 / 2e9 + 10 * LAYER_STEP_SECONDS)),
-])
+@pytest.mark.parametrize(
+    "batch, steps, gflops, decode_gflops, bandwidth, expected",
+    [
+        # a forward pass only: 2 x (body x tokens + head x rows x kept) FLOPs at the forward's share of the rate
+        (Batch(16, 1000, 1, 0), 0, 100.0, 50.0, 20.0, 2 * (1e11 + 1.6e8) / (100e9 * FORWARD_EFFICIENCY)),
+        # twice the rate, half the time
+        (Batch(16, 1000, 1, 0), 0, 200.0, 50.0, 20.0, 2 * (1e11 + 1.6e8) / (200e9 * FORWARD_EFFICIENCY)),
+        # decoding bound by its matrix products at the decoding rate: 10 steps of 16 rows
+        (
+            Batch(16, 1000, 1, 32),
+            10,
+            100.0,
+            50.0,
+            1000.0,
+            2 * (1e11 + 1.6e8) / (100e9 * FORWARD_EFFICIENCY)
+            + 10 * (2 * 1.1e8 * 16 / (50e9 * DECODE_EFFICIENCY) + 10 * LAYER_STEP_SECONDS),
+        ),
+        # decoding bound by reading the weights (bf16: 2 bytes each) at the calibrated read rate
+        (
+            Batch(1, 10, 1, 32),
+            10,
+            1000.0,
+            1000.0,
+            2.0,
+            2 * (1e9 + 1e7) / (1000e9 * FORWARD_EFFICIENCY)
+            + 10 * (1.2e8 * 2 / 2e9 + 10 * LAYER_STEP_SECONDS),
+        ),
+    ],
+)
 def test_a_batchs_seconds_on_a_fixed_calibration(batch, steps, gflops, decode_gflops, bandwidth, expected):
     assert batch_seconds(batch, steps, SHAPE, gflops, decode_gflops, bandwidth, 2) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("config, body, head", [
-    ({"hidden_size": 10, "vocab_size": 100, "num_hidden_layers": 2, "tie_word_embeddings": True}, 9000, 1000),
-    ({"hidden_size": 10, "vocab_size": 100, "num_hidden_layers": 2, "tie_word_embeddings": False}, 8000, 1000),
-    ({"text_config": {"hidden_size": 10, "vocab_size": 100, "num_hidden_layers": 2}}, 9000, 1000),  # nested
-])
+@pytest.mark.parametrize(
+    "config, body, head",
+    [
+        (
+            {"hidden_size": 10, "vocab_size": 100, "num_hidden_layers": 2, "tie_word_embeddings": True},
+            9000,
+            1000,
+        ),
+        (
+            {"hidden_size": 10, "vocab_size": 100, "num_hidden_layers": 2, "tie_word_embeddings": False},
+            8000,
+            1000,
+        ),
+        (
+            {"text_config": {"hidden_size": 10, "vocab_size": 100, "num_hidden_layers": 2}},
+            9000,
+            1000,
+        ),  # nested
+    ],
+)
 def test_the_shape_counts_the_embeddings_once_or_twice(config, body, head):
     assert Shape.of(10_000, config) == Shape(body=body, head=head, weights=10_000, layers=2)
 
@@ -66,24 +109,30 @@ def test_the_planned_batches_are_the_work_the_backend_runs(tiny_backend, mode):
     from eval.runner import backend_requests, compute_outputs, fixed_chunks
     from eval.task import find_task, load_items
 
-    task = find_task("fewclue_bustm").model_copy(update={"gen": find_task("fewclue_bustm").gen.model_copy(
-        update={"max_new_tokens": 3, "stop": []})})
+    task = find_task("fewclue_bustm").model_copy(
+        update={"gen": find_task("fewclue_bustm").gen.model_copy(update={"max_new_tokens": 3, "stop": []})}
+    )
     items = load_items(task, "dev", public_data(FIXTURE_DATA))[:10]
     seen = []
-    tiny_backend.model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].numel()),
-                                                 with_kwargs=True)
+    tiny_backend.model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["input_ids"].numel()), with_kwargs=True
+    )
     planned = []
     for chunk in fixed_chunks(items, 4):
         planned += tiny_backend.planned_batches(backend_requests(task, mode, chunk))
         compute_outputs(tiny_backend, task, mode, chunk)
     decoded = sum(b.rows * (b.max_new_tokens - 1) for b in planned) if mode == "gen" else 0
-    prefixes = sum(len(b.prefix) for k, b in enumerate(planned) if b.prefix != (planned[k - 1].prefix if k else ()))
+    prefixes = sum(
+        len(b.prefix) for k, b in enumerate(planned) if b.prefix != (planned[k - 1].prefix if k else ())
+    )
     assert [b.max_new_tokens for b in planned] == [3 if mode == "gen" else 0] * len(planned)
     assert prefixes > 0 and sum(seen) == sum(b.tokens for b in planned) + prefixes + decoded
     assert sum(b.rows for b in planned) == 10 * (1 if mode == "gen" else 1)  # bustm's choices are one token
 
 
-def test_replies_seen_before_bound_the_decoding_and_the_estimate_says_when_they_were_not(tiny_backend, tmp_path):
+def test_replies_seen_before_bound_the_decoding_and_the_estimate_says_when_they_were_not(
+    tiny_backend, tmp_path
+):
     from eval.backends.fake import FakeBackend
     from eval.estimate import entry_cost
     from eval.results import open_results
@@ -92,14 +141,20 @@ def test_replies_seen_before_bound_the_decoding_and_the_estimate_says_when_they_
 
     task = find_task("fewclue_bustm")
     items = load_items(task, "dev", public_data(FIXTURE_DATA))[:12]
-    calibration = {"matmul_gflops": {"float32": 100.0}, "decode_gflops": {"float32": 50.0}, "bandwidth_gbs": 20.0}
+    calibration = {
+        "matmul_gflops": {"float32": 100.0},
+        "decode_gflops": {"float32": 50.0},
+        "bandwidth_gbs": 20.0,
+    }
     conn = open_results(tmp_path / "runs")
-    before = entry_cost(tiny_backend, SHAPE, task, "dev", "gen", items, calibration, "float32", chunk_size=4,
-                        conn=conn)
+    before = entry_cost(
+        tiny_backend, SHAPE, task, "dev", "gen", items, calibration, "float32", chunk_size=4, conn=conn
+    )
     assert before.upper_bound and before.steps == 3 * task.gen.max_new_tokens
     run_task(FakeBackend(respond=lambda r: "A", name=tiny_backend.card.name), task, "dev", "gen", items, conn)
-    after = entry_cost(tiny_backend, SHAPE, task, "test", "gen", items, calibration, "float32", chunk_size=4,
-                       conn=conn)  # any split of the task counts
+    after = entry_cost(
+        tiny_backend, SHAPE, task, "test", "gen", items, calibration, "float32", chunk_size=4, conn=conn
+    )  # any split of the task counts
     reply = len(tiny_backend.tokenizer("A", add_special_tokens=False).input_ids) + 1
     assert not after.upper_bound and after.steps == 3 * reply and after.seconds < before.seconds
     assert after.tokens == before.tokens and after.items == 12
@@ -111,16 +166,36 @@ def test_select_estimate_prints_the_cost_and_scores_nothing(tmp_path, tiny_qwen2
 
     monkeypatch.setattr(machine, "calibration", lambda cache_dir, again=False: FIXED)
     suite = tmp_path / "suite.yaml"
-    suite.write_text("name: suite\ndescription: d\nentries:\n  - {task: fewclue_bustm, split: dev, mode: gen}\n"
-                     "  - {task: fewclue_bustm, split: dev, mode: ppl}\n", encoding="utf-8")
+    suite.write_text(
+        "name: suite\ndescription: d\nentries:\n  - {task: fewclue_bustm, split: dev, mode: gen}\n"
+        "  - {task: fewclue_bustm, split: dev, mode: ppl}\n",
+        encoding="utf-8",
+    )
     runs = tmp_path / "runs"
-    args = ["--runs-dir", str(runs), "--cache-dir", str(tmp_path / "cache"), "--data-dir",
-            str(public_data(FIXTURE_DATA)), "select", "--models", str(tiny_qwen2_dir), "--suite", str(suite),
-            "--device", "cpu", "--dtype", "float32", "--estimate"]
+    args = [
+        "--runs-dir",
+        str(runs),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--data-dir",
+        str(public_data(FIXTURE_DATA)),
+        "select",
+        "--models",
+        str(tiny_qwen2_dir),
+        "--suite",
+        str(suite),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--estimate",
+    ]
     assert main(args) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == ("estimate for `make select` here (Test CPU, avx2; float32 at 100 GFLOP/s, measured by "
-                        "`make machine`):")
+    assert lines[0] == (
+        "estimate for `make select` here (Test CPU, avx2; float32 at 100 GFLOP/s, measured by "
+        "`make machine`):"
+    )
     entries = [line.strip().split(":")[0] for line in lines if line.startswith("    ")]
     assert entries == ["fewclue_bustm-dev gen", "fewclue_bustm-dev ppl"]
     assert "at most" in lines[2] and "at most" not in lines[3] and lines[4].startswith("  total: at most ")
@@ -129,25 +204,45 @@ def test_select_estimate_prints_the_cost_and_scores_nothing(tmp_path, tiny_qwen2
     assert main([*args[:-1]]) == 0
     capsys.readouterr()
     assert main(args) == 0
-    assert capsys.readouterr().out.splitlines()[1:] == ["  nothing to score: every item is in the results store"]
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        "  nothing to score: every item is in the results store"
+    ]
 
 
 def test_select_estimate_says_when_it_cannot_estimate(tmp_path, tiny_qwen2_dir, capsys):
     """On the Ray executor (or a GPU) the CPU cost model does not apply: one line says so."""
     from selectune.cli import main
 
-    assert main(["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"), "--data-dir",
-                 str(public_data(FIXTURE_DATA)), "select", "--models", str(tiny_qwen2_dir), "--executor", "ray",
-                 "--estimate"]) == 0
+    assert (
+        main(
+            [
+                "--runs-dir",
+                str(tmp_path / "runs"),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--data-dir",
+                str(public_data(FIXTURE_DATA)),
+                "select",
+                "--models",
+                str(tiny_qwen2_dir),
+                "--executor",
+                "ray",
+                "--estimate",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.splitlines() == [
         "select: no estimate: the cost model is for scoring on this machine's CPU with the local executor "
-        "(docs/machine.md)"]
+        "(docs/machine.md)"
+    ]
     assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("engine, modes", [("vllm", ["gen", "ppl"]), ("transformers", ["gen"])])
-def test_rescore_estimate_prints_both_sides_and_starts_no_server(tmp_path, tiny_qwen2_dir, monkeypatch, capsys,
-                                                                 engine, modes):
+def test_rescore_estimate_prints_both_sides_and_starts_no_server(
+    tmp_path, tiny_qwen2_dir, monkeypatch, capsys, engine, modes
+):
     """Through vLLM each suite entry keeps its mode (prompt logprobs), through `transformers serve`
     every task is re-scored in `gen`; the local side is counted as select counts it."""
     from eval.estimate import FORWARD_EFFICIENCY, Shape
@@ -158,15 +253,38 @@ def test_rescore_estimate_prints_both_sides_and_starts_no_server(tmp_path, tiny_
     monkeypatch.setattr(machine, "calibration", lambda cache_dir, again=False: FIXED)
     monkeypatch.setenv("VLLM_PYTHON", str(tmp_path / "no-vllm" / "python"))
     runs = tmp_path / "runs"
-    assert main(["--runs-dir", str(runs), "--cache-dir", str(tmp_path / "cache"), "--data-dir",
-                 str(public_data(FIXTURE_DATA)), "rescore", "--checkpoint", str(tiny_qwen2_dir), "--model",
-                 "qwen2.5-coder-0.5b-instruct", "--engine", engine, "--tasks", "fewclue_bustm", "--estimate"]) == 0
+    assert (
+        main(
+            [
+                "--runs-dir",
+                str(runs),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--data-dir",
+                str(public_data(FIXTURE_DATA)),
+                "rescore",
+                "--checkpoint",
+                str(tiny_qwen2_dir),
+                "--model",
+                "qwen2.5-coder-0.5b-instruct",
+                "--engine",
+                engine,
+                "--tasks",
+                "fewclue_bustm",
+                "--estimate",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("estimate for `make rescore` here (Test CPU, avx2; float32 at 100 GFLOP/s")
     assert lines[1] == f"  served ({engine}): load {'2 min' if engine == 'vllm' else '20 s'}"
     entries = [line.strip().split(":")[0] for line in lines if line.startswith("    ")]
-    assert entries == [*(f"fewclue_bustm-dev {m}" for m in modes), "serving figures",
-                       *(f"fewclue_bustm-dev {m}" for m in modes)]
+    assert entries == [
+        *(f"fewclue_bustm-dev {m}" for m in modes),
+        "serving figures",
+        *(f"fewclue_bustm-dev {m}" for m in modes),
+    ]
     if engine == "vllm":  # a request a choice, the head at every position
         import json
 
@@ -179,11 +297,17 @@ def test_rescore_estimate_prints_both_sides_and_starts_no_server(tmp_path, tiny_
     assert not runs.exists() or not any(runs.rglob("*.json"))
 
 
-@pytest.mark.parametrize("max_calls, calls", [
-    (None, {"expand": 6, "answer": 48, "follow-up": 28}),  # 6 rounds of 8 items; 30% get a follow-up and its answer
-    (150, {"expand": 6, "answer": 48, "follow-up": 28}),  # the shipped budget is not reached
-    (20, {"expand": 6, "answer": 14, "follow-up": 0}),  # the budget stops the run in the answer stage
-])
+@pytest.mark.parametrize(
+    "max_calls, calls",
+    [
+        (
+            None,
+            {"expand": 6, "answer": 48, "follow-up": 28},
+        ),  # 6 rounds of 8 items; 30% get a follow-up and its answer
+        (150, {"expand": 6, "answer": 48, "follow-up": 28}),  # the shipped budget is not reached
+        (20, {"expand": 6, "answer": 14, "follow-up": 0}),  # the budget stops the run in the answer stage
+    ],
+)
 def test_data_synth_counts_the_calls_each_stage_can_make(max_calls, calls):
     from synth.estimate import stage_calls
     from synth.recipe import load_synth_recipe
@@ -192,8 +316,9 @@ def test_data_synth_counts_the_calls_each_stage_can_make(max_calls, calls):
     assert stage_calls(load_synth_recipe(REPO / "synth" / "riddles.yaml"), max_calls) == calls
 
 
-def test_data_synth_estimate_prints_every_stage_and_asks_nothing(tmp_path, tiny_qwen2_dir, monkeypatch, capsys,
-                                                                 shared_data):
+def test_data_synth_estimate_prints_every_stage_and_asks_nothing(
+    tmp_path, tiny_qwen2_dir, monkeypatch, capsys, shared_data
+):
     from models import machine
     from models.card import find_card
     from models.store import provision
@@ -202,9 +327,21 @@ def test_data_synth_estimate_prints_every_stage_and_asks_nothing(tmp_path, tiny_
 
     monkeypatch.setattr(machine, "calibration", lambda cache_dir, again=False: FIXED)
     provision(find_card("qwen2.5-1.5b-instruct"), tmp_path / "cache" / "models", weights=tiny_qwen2_dir)
-    args = ["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"), "--data-dir",
-            str(shared_data), "data-synth", "--recipe", str(REPO / "synth" / "riddles.yaml"), "--estimate"]
-    assert main([*args, "--teacher", "qwen2.5-1.5b-instruct"]) == 0  # a hub card's weights are a tiny model here
+    args = [
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--data-dir",
+        str(shared_data),
+        "data-synth",
+        "--recipe",
+        str(REPO / "synth" / "riddles.yaml"),
+        "--estimate",
+    ]
+    assert (
+        main([*args, "--teacher", "qwen2.5-1.5b-instruct"]) == 0
+    )  # a hub card's weights are a tiny model here
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("estimate for `make data-synth` (riddles.yaml) here (Test CPU, avx2; float32")
     stages = [line.strip().split(" calls")[0] for line in lines if line.startswith("    ")]
@@ -215,4 +352,5 @@ def test_data_synth_estimate_prints_every_stage_and_asks_nothing(tmp_path, tiny_
     assert main([*args, "--base-url", "http://127.0.0.1:9", "--teacher-model", "t"]) == 0
     assert capsys.readouterr().out.splitlines()[1] == (
         "  note: the teacher is a server elsewhere: its time is its own (at most 82 calls: expand 6, answer 48, "
-        "follow-up 28)")
+        "follow-up 28)"
+    )

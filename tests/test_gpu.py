@@ -22,7 +22,13 @@ from models.store import provision  # noqa: E402
 from bench.fixtures import build_tiny_qwen2  # noqa: E402
 from tests.train_fixture import ROWS, losses, recipe  # noqa: E402
 
-PROMPTS = ["语句一和语句二说的是否是一个意思", "hello world", "阅读文章 回答问题 the answer is", "B", "the answer"]
+PROMPTS = [
+    "语句一和语句二说的是否是一个意思",
+    "hello world",
+    "阅读文章 回答问题 the answer is",
+    "B",
+    "the answer",
+]
 
 
 @pytest.fixture
@@ -33,9 +39,16 @@ def store(tmp_path):
 
 
 def _score(backend):
-    ll = backend.loglikelihood([LoglikelihoodRequest([{"role": "user", "content": p}], c)
-                                for p in PROMPTS for c in (" A", " B", "world")])
-    replies = backend.generate([GenRequest([{"role": "user", "content": p}], max_new_tokens=8) for p in PROMPTS])
+    ll = backend.loglikelihood(
+        [
+            LoglikelihoodRequest([{"role": "user", "content": p}], c)
+            for p in PROMPTS
+            for c in (" A", " B", "world")
+        ]
+    )
+    replies = backend.generate(
+        [GenRequest([{"role": "user", "content": p}], max_new_tokens=8) for p in PROMPTS]
+    )
     return ll, replies
 
 
@@ -69,7 +82,9 @@ def test_qlora_trains_on_the_gpu_with_nf4_in_bfloat16_and_merges_with_parity(tmp
     r = recipe(data)
     built = load_for_training(r, str(model), False)
     layers = [m for m in built.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    assert layers and all(m.weight.device.type == "cuda" and m.compute_dtype == torch.bfloat16 for m in layers)
+    assert layers and all(
+        m.weight.device.type == "cuda" and m.compute_dtype == torch.bfloat16 for m in layers
+    )
     assert all(m.weight.quant_state.nested for m in layers)  # double quantisation
     del built
 
@@ -77,6 +92,13 @@ def test_qlora_trains_on_the_gpu_with_nf4_in_bfloat16_and_merges_with_parity(tmp
     curve = [loss for _, loss in losses(tmp_path / "run")]
     assert result.steps == 40 and curve[-1] < 0.5 * curve[0], curve
     prompts = [[{"role": "user", "content": f"问题{i}"}] for i in range(4)]
-    parity = merge_adapter(str(model), result.adapter_dir, tmp_path / "run" / "merged", parity_prompts=prompts,
-                           max_new_tokens=8, tolerance=1e-3, provenance={})
+    parity = merge_adapter(
+        str(model),
+        result.adapter_dir,
+        tmp_path / "run" / "merged",
+        parity_prompts=prompts,
+        max_new_tokens=8,
+        tolerance=1e-3,
+        provenance={},
+    )
     assert parity.passed, parity

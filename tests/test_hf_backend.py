@@ -13,12 +13,20 @@ from eval.backends.hf import HFBackend
 from models.card import find_card
 from models.store import provision
 
-MSGS = [[{"role": "user", "content": t}] for t in
-        ["语句一和语句二说的是否是一个意思", "hello world", "阅读文章 回答问题 the answer is", "B"]]
+MSGS = [
+    [{"role": "user", "content": t}]
+    for t in ["语句一和语句二说的是否是一个意思", "hello world", "阅读文章 回答问题 the answer is", "B"]
+]
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.fixture(
+    params=[
+        "cpu",
+        pytest.param(
+            "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+        ),
+    ]
+)
 def backend(request, tmp_path, tiny_qwen2_dir):
     card = find_card("qwen2.5-1.5b-instruct")  # a hub card, supplied with local weights
     provision(card, tmp_path / "store", weights=tiny_qwen2_dir)
@@ -30,7 +38,9 @@ def _by_hand(backend, messages, continuation):
     ctx = backend._encode(context)
     whole = backend._encode(context + continuation)
     with torch.no_grad():
-        logprobs = torch.log_softmax(backend.model(torch.tensor([whole], device=backend.device)).logits[0].float(), -1)
+        logprobs = torch.log_softmax(
+            backend.model(torch.tensor([whole], device=backend.device)).logits[0].float(), -1
+        )
     return sum(logprobs[p - 1, whole[p]].item() for p in range(len(ctx), len(whole)))
 
 
@@ -63,12 +73,19 @@ def test_greedy_reply_does_not_depend_on_batch_companions(backend):
 def test_a_prompt_asked_twice_is_generated_once(backend, monkeypatch):
     from eval.backends.base import cut_at_stop
 
-    requests = [GenRequest(MSGS[0], 6), GenRequest(MSGS[1], 6), GenRequest(MSGS[0], 6),
-                GenRequest(MSGS[0], 3), GenRequest(MSGS[0], 6, stop=["o"])]
+    requests = [
+        GenRequest(MSGS[0], 6),
+        GenRequest(MSGS[1], 6),
+        GenRequest(MSGS[0], 6),
+        GenRequest(MSGS[0], 3),
+        GenRequest(MSGS[0], 6, stop=["o"]),
+    ]
     each = [backend.generate([r])[0] for r in requests]
     rows = []
     real = backend.model.generate
-    monkeypatch.setattr(backend.model, "generate", lambda **kw: rows.append(len(kw["input_ids"])) or real(**kw))
+    monkeypatch.setattr(
+        backend.model, "generate", lambda **kw: rows.append(len(kw["input_ids"])) or real(**kw)
+    )
     got = backend.generate(requests)
     assert sum(rows) == 3  # MSGS[0] at 6 new tokens (asked three times), MSGS[1], MSGS[0] at 3
     assert got == each and got[2] == got[0] and got[4] == cut_at_stop(got[0], ["o"])
@@ -78,9 +95,14 @@ def _alone(backend, messages, n):
     """Greedy reply of one request at batch 1, without a shared cache."""
     ids = torch.tensor([backend._encode(backend.render(messages))], device=backend.device)
     with torch.no_grad():
-        out = backend.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=n, pad_token_id=backend.pad_id)
-    return backend.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = backend.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=n,
+            pad_token_id=backend.pad_id,
+        )
+    return backend.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_shared_prefix_is_run_once_and_changes_no_reply(tmp_path):
@@ -200,17 +222,21 @@ def test_a_lazy_backend_loads_its_weights_only_when_an_item_needs_computing(tmp_
     assert unlatent(gen) == unlatent(want)
 
 
-@pytest.mark.parametrize("cuda, avx512_bf16, amx, asked, device, expected", [
-    (False, False, False, "auto", "auto", "float32"),    # AVX2 only: bf16 would be emulated
-    (False, True, False, "auto", "auto", "bfloat16"),    # AVX512-BF16
-    (False, False, True, "auto", "auto", "bfloat16"),    # AMX
-    (False, True, True, "float32", "auto", "float32"),   # asked for: kept
-    (True, False, False, "auto", "auto", "bfloat16"),    # a GPU with bf16
-    (True, False, False, "auto", "cpu", "float32"),      # the CPU asked for, without bf16
-    (True, True, False, "auto", "cpu", "bfloat16"),
-])
+@pytest.mark.parametrize(
+    "cuda, avx512_bf16, amx, asked, device, expected",
+    [
+        (False, False, False, "auto", "auto", "float32"),  # AVX2 only: bf16 would be emulated
+        (False, True, False, "auto", "auto", "bfloat16"),  # AVX512-BF16
+        (False, False, True, "auto", "auto", "bfloat16"),  # AMX
+        (False, True, True, "float32", "auto", "float32"),  # asked for: kept
+        (True, False, False, "auto", "auto", "bfloat16"),  # a GPU with bf16
+        (True, False, False, "auto", "cpu", "float32"),  # the CPU asked for, without bf16
+        (True, True, False, "auto", "cpu", "bfloat16"),
+    ],
+)
 def test_select_and_eval_score_in_bf16_where_the_machine_multiplies_it(
-        monkeypatch, cuda, avx512_bf16, amx, asked, device, expected):
+    monkeypatch, cuda, avx512_bf16, amx, asked, device, expected
+):
     import models.loading as loading
 
     monkeypatch.undo()  # the autouse fixture pins fp32; here the real probe is under test

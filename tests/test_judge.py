@@ -19,13 +19,16 @@ from bench.openai_stub import StubState, serve
 LABELS = ["温柔", "毒舌"]
 
 
-@pytest.mark.parametrize("output, expected", [
-    ("毒舌", "毒舌"),
-    ("这条回复很「温柔」。", "温柔"),
-    ("不是毒舌，是温柔", "毒舌"),  # the first label named wins; judges are told to answer one word
-    ("无法判断", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "output, expected",
+    [
+        ("毒舌", "毒舌"),
+        ("这条回复很「温柔」。", "温柔"),
+        ("不是毒舌，是温柔", "毒舌"),  # the first label named wins; judges are told to answer one word
+        ("无法判断", None),
+        ("", None),
+    ],
+)
 def test_verdict_label(output, expected):
     assert verdict_label(output, LABELS) == expected
 
@@ -56,8 +59,9 @@ def test_judge_scores_over_http_and_caches_verdicts(tmp_path, judge_server):
     items = load_items(task, "test", tmp_path)
     conn = open_results(tmp_path / "runs")
     judge = OpenAIBackend(url, "judge-x")
-    run = run_task(FakeBackend(respond=model_reply), task, "test", "gen", items, conn,
-                   data_dir=tmp_path, judge=judge)
+    run = run_task(
+        FakeBackend(respond=model_reply), task, "test", "gen", items, conn, data_dir=tmp_path, judge=judge
+    )
     by_id = {i.id: i for i in items}
     for row in run.items:
         item = by_id[row["item_id"]]
@@ -70,8 +74,9 @@ def test_judge_scores_over_http_and_caches_verdicts(tmp_path, judge_server):
     assert all(b["temperature"] == 0.0 and b["max_tokens"] == 8 for b in state.bodies)
 
     # A rerun re-scores stored outputs: every verdict comes from the cache, none from the judge.
-    again = run_task(FakeBackend(respond=model_reply), task, "test", "gen", items, conn,
-                     data_dir=tmp_path, judge=judge)
+    again = run_task(
+        FakeBackend(respond=model_reply), task, "test", "gen", items, conn, data_dir=tmp_path, judge=judge
+    )
     assert len(state.bodies) == asked
     assert [r["scores"] for r in again.items] == [r["scores"] for r in run.items]
 
@@ -95,7 +100,9 @@ def test_half_configured_judge_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(UserError, match="both judge_url and judge_model"):
         make_judge(load_settings(judge_url="http://127.0.0.1:9"))
     assert make_judge(load_settings()) is None
-    code = main(["--runs-dir", str(tmp_path), "--judge-model", "j", "select", "--models", "smollm2-135m-instruct"])
+    code = main(
+        ["--runs-dir", str(tmp_path), "--judge-model", "j", "select", "--models", "smollm2-135m-instruct"]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "judge_url" in err[0]
 

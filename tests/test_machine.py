@@ -10,13 +10,21 @@ import pytest
 from models import machine
 
 
-@pytest.mark.parametrize("flags, cuda, scoring, train", [
-    (["avx2", "fma"], False, "float32", "float32"),  # AMD Zen 2/3, Intel consumer CPUs
-    (["avx2", "fma", "avx512f"], False, "float32", "float32"),  # AVX512 without its bf16 extension
-    (["avx2", "fma", "avx512f", "avx512_bf16"], False, "bfloat16", "bfloat16"),  # AMD Zen 4
-    (["avx2", "fma", "avx512f", "amx_tile", "amx_bf16"], False, "bfloat16", "bfloat16"),  # Intel Xeon with AMX
-    ([], True, "bfloat16", "bfloat16"),
-])
+@pytest.mark.parametrize(
+    "flags, cuda, scoring, train",
+    [
+        (["avx2", "fma"], False, "float32", "float32"),  # AMD Zen 2/3, Intel consumer CPUs
+        (["avx2", "fma", "avx512f"], False, "float32", "float32"),  # AVX512 without its bf16 extension
+        (["avx2", "fma", "avx512f", "avx512_bf16"], False, "bfloat16", "bfloat16"),  # AMD Zen 4
+        (
+            ["avx2", "fma", "avx512f", "amx_tile", "amx_bf16"],
+            False,
+            "bfloat16",
+            "bfloat16",
+        ),  # Intel Xeon with AMX
+        ([], True, "bfloat16", "bfloat16"),
+    ],
+)
 def test_each_stage_uses_the_dtype_its_rule_gives_on_each_cpu_kind(flags, cuda, scoring, train):
     stages = {stage: (dtype, why) for stage, dtype, why in machine.stage_dtypes(flags, cuda)}
     assert stages["select scoring"][0] == scoring and stages["train (QLoRA compute)"][0] == train
@@ -34,19 +42,28 @@ def test_the_flags_read_here_agree_with_torchs_own_probe():
     assert dict((s, d) for s, d, _ in machine.stage_dtypes(flags))["select scoring"] == expected
 
 
-FAKE = {"matmul_gflops": {"float32": 100.0}, "decode_gflops": {"float32": 50.0}, "bandwidth_gbs": 20.0, "load_gbs": 2.0,
-        "measured": "2026-12-07T00:00:00+00:00", "seconds": 2.0}
+FAKE = {
+    "matmul_gflops": {"float32": 100.0},
+    "decode_gflops": {"float32": 50.0},
+    "bandwidth_gbs": 20.0,
+    "load_gbs": 2.0,
+    "measured": "2026-12-07T00:00:00+00:00",
+    "seconds": 2.0,
+}
 
 
 def test_a_calibration_is_measured_once_per_identity_and_again_when_asked(tmp_path, monkeypatch):
     calls = []
     identity = {"cpu": "AMD EPYC", "flags": ["avx2"], "torch": "2.13.0", "threads": 2}
     monkeypatch.setattr(machine, "cpu_identity", lambda: dict(identity))
-    monkeypatch.setattr(machine, "measure",
-                        lambda cache: calls.append(1) or {**FAKE, "identity": machine.cpu_identity()})
+    monkeypatch.setattr(
+        machine, "measure", lambda cache: calls.append(1) or {**FAKE, "identity": machine.cpu_identity()}
+    )
     first = machine.calibration(tmp_path)
     assert machine.calibration(tmp_path) == first and len(calls) == 1
-    assert machine.calibration(tmp_path, again=True)["matmul_gflops"] == {"float32": 100.0} and len(calls) == 2
+    assert (
+        machine.calibration(tmp_path, again=True)["matmul_gflops"] == {"float32": 100.0} and len(calls) == 2
+    )
     identity["torch"] = "2.14.0"  # another torch: another file, measured again
     machine.calibration(tmp_path)
     assert len(calls) == 3 and len(list((tmp_path / "machine").glob("*.json"))) == 2
@@ -60,7 +77,11 @@ def test_a_damaged_calibration_is_refused_with_one_line(tmp_path, monkeypatch):
     path.write_text(json.dumps({**FAKE, "identity": {}, "schema_version": 1, "bandwidth_gbs": "fast"}))
     with pytest.raises(UserError) as err:
         machine.calibration(tmp_path)
-    assert str(err.value).startswith(f"{path}: ") and "bandwidth_gbs" in str(err.value) and "\n" not in str(err.value)
+    assert (
+        str(err.value).startswith(f"{path}: ")
+        and "bandwidth_gbs" in str(err.value)
+        and "\n" not in str(err.value)
+    )
 
 
 def test_the_real_calibration_of_this_cpu(tmp_path, capsys):
@@ -74,8 +95,12 @@ def test_the_real_calibration_of_this_cpu(tmp_path, capsys):
     assert all(rate > 1 for rate in record["matmul_gflops"].values())
     assert record["bandwidth_gbs"] > 0.5 and record["load_gbs"] > 0.05 and record["seconds"] < 30
     assert set(record["decode_gflops"]) == set(record["matmul_gflops"])
-    assert f"matmul float32: {record['matmul_gflops']['float32']:.0f} GFLOP/s; at a decoding step's 16 rows" in printed
+    assert (
+        f"matmul float32: {record['matmul_gflops']['float32']:.0f} GFLOP/s; at a decoding step's 16 rows"
+        in printed
+    )
     assert "measured now" in printed and list((tmp_path / "machine").iterdir()) == [
-        machine.calibration_path(tmp_path, machine.cpu_identity())]
+        machine.calibration_path(tmp_path, machine.cpu_identity())
+    ]
     assert main(["--cache-dir", str(tmp_path), "machine", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == record

@@ -73,8 +73,10 @@ def test_server_without_logprobs_is_refused(local, server):
         OpenAIBackend(url, "tiny", render=local.render).loglikelihood([LoglikelihoodRequest(MSGS[0], "A")])
 
 
-@pytest.mark.parametrize("sampling", [None, {"temperature": 0.0, "top_p": 1.0, "seed": 7},
-                                      {"temperature": 0.5, "top_p": 0.9, "seed": 0}])
+@pytest.mark.parametrize(
+    "sampling",
+    [None, {"temperature": 0.0, "top_p": 1.0, "seed": 7}, {"temperature": 0.5, "top_p": 0.9, "seed": 0}],
+)
 def test_the_identity_hashes_the_sampling_the_requests_send(local, server, sampling):
     from eval.backends.openai_http import greedy_sampling, sampling_sha256
 

@@ -10,13 +10,25 @@ import pytest
 from reports import invites, pair_judge, review
 from tests import report_fixture
 
-ORDERS = {"a": {"x": "first", "y": "second"}, "b": {"x": "second", "y": "first"}, "tie": {"x": "tie", "y": "tie"}}
+ORDERS = {
+    "a": {"x": "first", "y": "second"},
+    "b": {"x": "second", "y": "first"},
+    "tie": {"x": "tie", "y": "tie"},
+}
 
 
-@pytest.mark.parametrize("output, verdict", [
-    ("[[A]]", "first"), ("I prefer B. [[B]]", "second"), ("[[C]]", "tie"), ("[[B]] then [[A]]", "second"),
-    ("A", None), ("[A]", None), ("", None),
-])
+@pytest.mark.parametrize(
+    "output, verdict",
+    [
+        ("[[A]]", "first"),
+        ("I prefer B. [[B]]", "second"),
+        ("[[C]]", "tie"),
+        ("[[B]] then [[A]]", "second"),
+        ("A", None),
+        ("[A]", None),
+        ("", None),
+    ],
+)
 def test_read_verdict(output, verdict):
     assert pair_judge.read_verdict(output) == verdict
 
@@ -24,12 +36,20 @@ def test_read_verdict(output, verdict):
 def test_kappa_confusion_and_position_audit_against_hand_worked_values():
     human = ["a", "a", "a", "a", "b", "b", "b", "tie", "tie", "a"]
     judge = ["a", "a", "a", "b", "b", "b", "a", "tie", "a", "a"]
-    votes = [{"pair_id": f"p{k}", "system_a": "x", "system_b": "y", "left_system": "x",
-              "vote": {"a": "left", "b": "right", "tie": "tie"}[h]} for k, h in enumerate(human)]
+    votes = [
+        {
+            "pair_id": f"p{k}",
+            "system_a": "x",
+            "system_b": "y",
+            "left_system": "x",
+            "vote": {"a": "left", "b": "right", "tie": "tie"}[h],
+        }
+        for k, h in enumerate(human)
+    ]
     verdicts = {f"p{k}": dict(ORDERS[j]) for k, j in enumerate(judge)}
     verdicts["p7"] = {"x": "first", "y": "first"}  # picks whatever is shown first: inconsistent, a tie
     votes.append({"pair_id": "p10", "system_a": "x", "system_b": "y", "left_system": "y", "vote": "left"})
-    verdicts["p10"] = {"x": None, "y": "first"}     # one answer named no verdict: the pair is left out
+    verdicts["p10"] = {"x": None, "y": "first"}  # one answer named no verdict: the pair is left out
     votes.append({"pair_id": "p0", "system_a": "x", "system_b": "y", "left_system": "x", "vote": "both_bad"})
     pairs = {pid: ("x", "y") for pid in verdicts}
     out = pair_judge.agreement(votes, verdicts, pairs)
@@ -40,8 +60,15 @@ def test_kappa_confusion_and_position_audit_against_hand_worked_values():
     assert out["confusion"] == [[4, 1, 0], [1, 2, 0], [1, 0, 1]]
     # 10 pairs read in both orders, 9 with the same verdict; 20 decisive verdicts, the first shown
     # winning once per consistent pair and twice in p7: 11
-    assert out["position"] == {"pairs": 10, "consistent": 9, "unread": 1, "decisive": 20, "first_wins": 11,
-                               "first_rate": 0.55, "p_value": pytest.approx(0.8238, abs=1e-4)}
+    assert out["position"] == {
+        "pairs": 10,
+        "consistent": 9,
+        "unread": 1,
+        "decisive": 20,
+        "first_wins": 11,
+        "first_rate": 0.55,
+        "p_value": pytest.approx(0.8238, abs=1e-4),
+    }
 
 
 def test_kappa_is_undefined_when_both_always_say_the_same():
@@ -68,7 +95,16 @@ def test_review_judge_asks_each_pair_in_both_orders_once_and_the_report_shows_it
     state = StubState(FakeBackend(respond=longer_first))
     server, url = serve(state)
     try:
-        args = ["--runs-dir", str(runs), "--judge-url", url, "--judge-model", "judge-x", "review", "--no-serve"]
+        args = [
+            "--runs-dir",
+            str(runs),
+            "--judge-url",
+            url,
+            "--judge-model",
+            "judge-x",
+            "review",
+            "--no-serve",
+        ]
         assert main([*args, "--judge-pairs"]) == 0
         conn = review.open_review(runs / "results.sqlite")
         total = review.pair_count(conn)

@@ -12,16 +12,19 @@ from eval.plan import detectable_at, items_needed, pilot_items, plan
 Z975, Z80 = 1.959963984540054, 0.8416212335729143
 
 
-@pytest.mark.parametrize(("a", "b", "delta", "binary", "expected"), [
-    # McNemar (Connor 1987): p_d = 0.25, d = 0.1: (1.96 * 0.5 + 0.8416 * sqrt(0.24))^2 / 0.01 = 193.85
-    ([1] * 25 + [0] * 75, [0] * 100, 0.10, True, 194),
-    # p_d = 0.5, d = 0.2: (1.96 * sqrt(0.5) + 0.8416 * sqrt(0.46))^2 / 0.04 = 95.7
-    ([1] * 30 + [0] * 20 + [0] * 50, [0] * 30 + [1] * 20 + [0] * 50, 0.20, True, 96),
-    # paired z: sd = sqrt(100/99), d = 0.2: (2.8016 * 1.00504 / 0.2)^2 = 198.2
-    ([1, -1] * 50, [0] * 100, 0.20, False, 199),
-    ([1] * 10, [1] * 10, 0.10, True, None),   # no discordant pair: nothing to plan from
-    ([1] * 10, [0] * 10, 0.0, True, None),    # no difference to detect
-])
+@pytest.mark.parametrize(
+    ("a", "b", "delta", "binary", "expected"),
+    [
+        # McNemar (Connor 1987): p_d = 0.25, d = 0.1: (1.96 * 0.5 + 0.8416 * sqrt(0.24))^2 / 0.01 = 193.85
+        ([1] * 25 + [0] * 75, [0] * 100, 0.10, True, 194),
+        # p_d = 0.5, d = 0.2: (1.96 * sqrt(0.5) + 0.8416 * sqrt(0.46))^2 / 0.04 = 95.7
+        ([1] * 30 + [0] * 20 + [0] * 50, [0] * 30 + [1] * 20 + [0] * 50, 0.20, True, 96),
+        # paired z: sd = sqrt(100/99), d = 0.2: (2.8016 * 1.00504 / 0.2)^2 = 198.2
+        ([1, -1] * 50, [0] * 100, 0.20, False, 199),
+        ([1] * 10, [1] * 10, 0.10, True, None),  # no discordant pair: nothing to plan from
+        ([1] * 10, [0] * 10, 0.0, True, None),  # no difference to detect
+    ],
+)
 def test_items_needed_matches_the_hand_calculation(a, b, delta, binary, expected):
     assert items_needed(a, b, delta, binary=binary) == expected
 
@@ -60,15 +63,19 @@ def test_plan_names_the_leader_and_says_when_a_split_cannot_separate():
     task = find_task("style")
 
     def run(values):
-        return RunSummary("r", task, "test", "gen", "m", [{"scores": {"style_accuracy": v}} for v in values], 0, 0)
+        return RunSummary(
+            "r", task, "test", "gen", "m", [{"scores": {"style_accuracy": v}} for v in values], 0, 0
+        )
 
-    a = [1.0] * 7 + [0.0] * 3   # 70%
-    b = [1.0] * 5 + [0.0] * 5   # 50%: discordant on 2 of 10
+    a = [1.0] * 7 + [0.0] * 3  # 70%
+    b = [1.0] * 5 + [0.0] * 5  # 50%: discordant on 2 of 10
     rows = plan([_Cand("b", run(b)), _Cand("a", run(a))], ["style_accuracy"], [36])
     (row,) = rows
     assert (row["leader"], row["other"], row["pilot"], row["size"]) == ("a", "b", 10, 36)
     assert row["gap"] == pytest.approx(0.2) and row["spread"] == pytest.approx(0.2)
-    assert row["needed_for_gap"] == math.ceil((Z975 * math.sqrt(0.2) + Z80 * math.sqrt(0.2 - 0.04)) ** 2 / 0.04)
+    assert row["needed_for_gap"] == math.ceil(
+        (Z975 * math.sqrt(0.2) + Z80 * math.sqrt(0.2 - 0.04)) ** 2 / 0.04
+    )
     assert row["needed_for_gap"] == 37 and not row["separable"]  # 37 > the split's 36
 
 
@@ -80,9 +87,11 @@ def test_plan_through_the_command_line_scores_a_pilot_and_writes_no_selection(tm
     assert main([*args, "--plan", "--pilot", "0.5", "--detect", "0.1"]) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("- pairs-dev ppl accuracy:"))
-    assert line == ("- pairs-dev ppl accuracy: a - b = 0.0 on 20 pilot items (discordance 0.00): no gap or no "
-                    "variation in the pilot to plan from; the split (40 items) cannot separate them: it detects only "
-                    "gaps of about 22.1")
+    assert line == (
+        "- pairs-dev ppl accuracy: a - b = 0.0 on 20 pilot items (discordance 0.00): no gap or no "
+        "variation in the pilot to plan from; the split (40 items) cannot separate them: it detects only "
+        "gaps of about 22.1"
+    )
     assert not (tmp_path / "runs" / "selection.json").exists()
     with pytest.raises(SystemExit) as exit_:
         main([*args, "--plan", "--pilot", "1.5"])

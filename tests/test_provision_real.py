@@ -61,8 +61,9 @@ def test_gguf_and_safetensors_give_the_same_logits(provisioned):
 def test_chat_template_is_applied(provisioned):
     card, store, manifest = provisioned
     _, tok = load_model(card, store)
-    text = tok.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False,
-                                   add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "你好"}], tokenize=False, add_generation_prompt=True
+    )
     assert text.endswith("<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n")
     assert manifest["chat_template_sha256"] == sha256_text(tok.chat_template)
     assert read_manifest(card, store)["chat_template_sha256"] == manifest["chat_template_sha256"]

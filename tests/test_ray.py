@@ -37,8 +37,10 @@ entries:
 
 
 def _rows(n: int, offset: int) -> str:
-    return "".join(json.dumps({"id": k, "a": f"sentence {k}", "b": f"phrase {k % 7}", "label": "AB"[k % 3 == 0]})
-                   + "\n" for k in range(offset, offset + n))
+    return "".join(
+        json.dumps({"id": k, "a": f"sentence {k}", "b": f"phrase {k % 7}", "label": "AB"[k % 3 == 0]}) + "\n"
+        for k in range(offset, offset + n)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +58,22 @@ def user(tmp_path_factory) -> Path:
 
 
 def select_args(folder: Path, runs: str, *extra: str) -> list[str]:
-    return ["--runs-dir", str(folder / runs), "--cache-dir", str(folder / "cache"), "select",
-            "--suite", str(folder / "suite.yaml"), "--models", f"{folder / 'a'},{folder / 'b'}",
-            "--dtype", "float32", "--batch-size", "8", *extra]
+    return [
+        "--runs-dir",
+        str(folder / runs),
+        "--cache-dir",
+        str(folder / "cache"),
+        "select",
+        "--suite",
+        str(folder / "suite.yaml"),
+        "--models",
+        f"{folder / 'a'},{folder / 'b'}",
+        "--dtype",
+        "float32",
+        "--batch-size",
+        "8",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +95,10 @@ def local(user) -> Path:
 
 def stored(runs: Path) -> list[tuple]:
     with sqlite3.connect(runs / "results.sqlite") as conn:
-        return conn.execute("SELECT run_id, item_id, prompt, output, gold, parsed, scores_json FROM items"
-                            " ORDER BY run_id, item_id").fetchall()
+        return conn.execute(
+            "SELECT run_id, item_id, prompt, output, gold, parsed, scores_json FROM items"
+            " ORDER BY run_id, item_id"
+        ).fetchall()
 
 
 TIMINGS = {"seconds", "items_per_s"}
@@ -143,7 +160,8 @@ def test_an_unreachable_address_is_one_line(user, capsys):
     code = main([*select_args(user, "unreachable"), "--executor", "ray", "--ray-address", "127.0.0.1:9"])
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "selectune: error: cannot reach the Ray cluster at 127.0.0.1:9: Connection refused"]
+        "selectune: error: cannot reach the Ray cluster at 127.0.0.1:9: Connection refused"
+    ]
 
 
 def test_a_malformed_address_is_one_line(user, capsys):
@@ -151,18 +169,23 @@ def test_a_malformed_address_is_one_line(user, capsys):
 
     code = main([*select_args(user, "malformed"), "--executor", "ray", "--ray-address", "head-node"])
     assert code == 2
-    assert capsys.readouterr().err.strip() == ("selectune: error: --ray-address head-node: expected HOST:PORT "
-                                               "of the cluster's head (ray start --head prints it)")
+    assert capsys.readouterr().err.strip() == (
+        "selectune: error: --ray-address head-node: expected HOST:PORT "
+        "of the cluster's head (ray start --head prints it)"
+    )
 
 
-@pytest.mark.parametrize("need, node, expected", [
-    (Placement(1, 0.5), {"CPU": 1, "memory": GIB}, True),
-    (Placement(2, 0.5), {"CPU": 1, "memory": GIB}, False),
-    (Placement(1, 2.0), {"CPU": 4, "memory": GIB}, False),
-    (Placement(1, 0.5, 1), {"CPU": 4, "memory": 8 * GIB}, False),
-    (Placement(1, 0.5, 1), {"CPU": 4, "memory": 8 * GIB, "GPU": 1}, True),
-    (Placement(1, 1.0), {"CPU": 1, "memory": GIB}, True),
-])
+@pytest.mark.parametrize(
+    "need, node, expected",
+    [
+        (Placement(1, 0.5), {"CPU": 1, "memory": GIB}, True),
+        (Placement(2, 0.5), {"CPU": 1, "memory": GIB}, False),
+        (Placement(1, 2.0), {"CPU": 4, "memory": GIB}, False),
+        (Placement(1, 0.5, 1), {"CPU": 4, "memory": 8 * GIB}, False),
+        (Placement(1, 0.5, 1), {"CPU": 4, "memory": 8 * GIB, "GPU": 1}, True),
+        (Placement(1, 1.0), {"CPU": 1, "memory": GIB}, True),
+    ],
+)
 def test_a_node_fits_a_model_only_with_every_resource_it_asks(need, node, expected):
     assert fits(need, node) is expected
 
@@ -173,22 +196,40 @@ def test_the_local_executor_is_the_default_and_imports_no_ray(tmp_path):
 
     from tests.conftest import REPO
 
-    code = ("import sys; from core.settings import load_settings; from eval.executor import make_executor; "
-            "e = make_executor(load_settings(), None); print(e.name, 'ray' in sys.modules)")
+    code = (
+        "import sys; from core.settings import load_settings; from eval.executor import make_executor; "
+        "e = make_executor(load_settings(), None); print(e.name, 'ray' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert done.stdout.split() == ["local", "False"], done.stderr
 
 
 def test_one_model_on_two_servers_is_one_run_with_each_item_stored_once(user):
     runs = user / "servers"
-    args = ["--runs-dir", str(runs), "--cache-dir", str(user / "cache"), "eval", "--task", str(user / "pairs.yaml"),
-            "--model", "m", "--mode", "gen", "--limit", "6"]
+    args = [
+        "--runs-dir",
+        str(runs),
+        "--cache-dir",
+        str(user / "cache"),
+        "eval",
+        "--task",
+        str(user / "pairs.yaml"),
+        "--model",
+        "m",
+        "--mode",
+        "gen",
+        "--limit",
+        "6",
+    ]
     result = run_scenario("servers", user, args, servers=2)
     assert (result["code"], result["rerun_code"]) == (0, 0), json.dumps(result)
     assert result["requests"] == [3, 3]  # 6 items dealt out between the two servers' actors
     assert result["requests_after_rerun"] == [3, 3]  # stored: nothing asked again
     with sqlite3.connect(runs / "results.sqlite") as db:
-        ((n_runs,),), ((n_items,),) = db.execute("SELECT COUNT(*) FROM runs"), db.execute("SELECT COUNT(*) FROM items")
+        ((n_runs,),), ((n_items,),) = (
+            db.execute("SELECT COUNT(*) FROM runs"),
+            db.execute("SELECT COUNT(*) FROM items"),
+        )
     assert (n_runs, n_items) == (1, 6)
 
 
@@ -205,9 +246,27 @@ def test_rescore_on_the_cluster_stores_what_the_local_executor_stores(user, loca
     def args(runs: str) -> list[str]:
         (user / runs).mkdir()
         shutil.copy(local / "selection.json", user / runs / "selection.json")  # the suite rescore reads
-        return ["--runs-dir", str(user / runs), "--cache-dir", str(user / "cache"), "rescore", "--checkpoint",
-                str(user / "a"), "--model", "smollm2-135m-instruct", "--served-model", "served-model",
-                "--tasks", "pairs", "--limit", "6", "--concurrency", "1", "--figure-concurrency", "1"]
+        return [
+            "--runs-dir",
+            str(user / runs),
+            "--cache-dir",
+            str(user / "cache"),
+            "rescore",
+            "--checkpoint",
+            str(user / "a"),
+            "--model",
+            "smollm2-135m-instruct",
+            "--served-model",
+            "served-model",
+            "--tasks",
+            "pairs",
+            "--limit",
+            "6",
+            "--concurrency",
+            "1",
+            "--figure-concurrency",
+            "1",
+        ]
 
     server, url = serve(stub_state(str(user / "a")))
     threads = torch.get_num_threads()
@@ -231,8 +290,15 @@ def train_on_cluster(address: str, model: str, data: str, out: str, batch: int, 
     from tests.train_fixture import recipe
     from train.cluster import train_on_ray
 
-    r = recipe(Path(data), quantization="none", compute_dtype="fp32", max_steps=3, save_steps=1000,
-               sample_steps=2, batch_size=batch)
+    r = recipe(
+        Path(data),
+        quantization="none",
+        compute_dtype="fp32",
+        max_steps=3,
+        save_steps=1000,
+        sample_steps=2,
+        batch_size=batch,
+    )
     settings = load_settings(executor="ray", ray_address=address)
     result = train_on_ray(settings, r, model, Path(out), Path(data).parent, workers=workers, memory_gib=0.5)
     return result.steps
@@ -253,17 +319,42 @@ def test_two_ray_train_workers_make_the_adapter_one_process_makes(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_training(recipe(data, quantization="none", compute_dtype="fp32", max_steps=3, save_steps=1000,
-                            sample_steps=2, batch_size=4), str(model), tmp_path / "one", tmp_path)
+        run_training(
+            recipe(
+                data,
+                quantization="none",
+                compute_dtype="fp32",
+                max_steps=3,
+                save_steps=1000,
+                sample_steps=2,
+                batch_size=4,
+            ),
+            str(model),
+            tmp_path / "one",
+            tmp_path,
+        )
     finally:
         torch.set_num_threads(threads)
-    result = run_scenario("call", tmp_path, [], call="tests.test_ray:train_on_cluster", kwargs={
-        "model": str(model), "data": str(data), "out": str(tmp_path / "two"), "batch": 2, "workers": 2})
+    result = run_scenario(
+        "call",
+        tmp_path,
+        [],
+        call="tests.test_ray:train_on_cluster",
+        kwargs={
+            "model": str(model),
+            "data": str(data),
+            "out": str(tmp_path / "two"),
+            "batch": 2,
+            "workers": 2,
+        },
+    )
     assert result["value"] == 3
     one, two = adapter_weights(tmp_path / "one" / "adapter"), adapter_weights(tmp_path / "two" / "adapter")
     assert two.keys() == one.keys()
     for key, value in one.items():
-        torch.testing.assert_close(two[key], value, rtol=1e-3, atol=5e-4, msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(
+            two[key], value, rtol=1e-3, atol=5e-4, msg=lambda m, key=key: f"{key}: {m}"
+        )
     records = [json.loads(line) for line in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r and "sample" not in r] == [1, 2, 3]  # one writer
 
@@ -271,12 +362,26 @@ def test_two_ray_train_workers_make_the_adapter_one_process_makes(tmp_path):
 def test_several_training_workers_without_the_ray_executor_are_one_line(tmp_path, capsys):
     from selectune.cli import main
 
-    code = main(["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"), "train",
-                 "--recipe", "train/quick.yaml", "--model", "smollm2-135m-instruct", "--workers", "2"])
+    code = main(
+        [
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "train",
+            "--recipe",
+            "train/quick.yaml",
+            "--model",
+            "smollm2-135m-instruct",
+            "--workers",
+            "2",
+        ]
+    )
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "selectune: error: --workers 2: several training workers run on the Ray executor (--executor ray; or "
-        "`accelerate launch`, docs/training.md)")
+        "`accelerate launch`, docs/training.md)"
+    )
 
 
 def refuse_other_weights(address: str, checkpoint: str) -> str:
@@ -288,9 +393,14 @@ def refuse_other_weights(address: str, checkpoint: str) -> str:
 
     connect(address)
     card = checkpoint_card(Path(checkpoint))
-    backend = RemoteBackend(card, Path(checkpoint).parent / "store", Path(checkpoint),
-                            {"batch_size": 2, "device": "cpu", "dtype": "float32", "scoring": True},
-                            Placement(1, 0.01), weights="0" * 64)
+    backend = RemoteBackend(
+        card,
+        Path(checkpoint).parent / "store",
+        Path(checkpoint),
+        {"batch_size": 2, "device": "cpu", "dtype": "float32", "scoring": True},
+        Placement(1, 0.01),
+        weights="0" * 64,
+    )
     try:
         backend.ensure()
     except UserError as exc:
@@ -301,8 +411,14 @@ def refuse_other_weights(address: str, checkpoint: str) -> str:
 
 
 def test_a_node_whose_weights_differ_from_the_pin_refuses_with_one_line(user):
-    result = run_scenario("call", user, [], nodes=1, call="tests.test_ray:refuse_other_weights",
-                          kwargs={"checkpoint": str(user / "a")})
+    result = run_scenario(
+        "call",
+        user,
+        [],
+        nodes=1,
+        call="tests.test_ray:refuse_other_weights",
+        kwargs={"checkpoint": str(user / "a")},
+    )
     message = result["value"]
     assert message.startswith("node 127.0.0.1 (") and "\n" not in message, message
     assert "): a's weights (sha256 " in message
@@ -333,4 +449,5 @@ def test_a_cluster_that_refuses_the_driver_is_one_line(monkeypatch):
         listener.close()
     assert str(caught.value) == (
         f"cannot join the Ray cluster at 127.0.0.1:{port}: Failed to connect to Ray cluster at 127.0.0.1:{{port}} "
-        "(a cluster with token authentication needs RAY_AUTH_MODE=token and its token here: docs/scale.md)")
+        "(a cluster with token authentication needs RAY_AUTH_MODE=token and its token here: docs/scale.md)"
+    )

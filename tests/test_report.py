@@ -22,8 +22,16 @@ from tests import report_fixture
 from tests.conftest import REPO
 
 GOLDEN = REPO / "tests" / "golden" / "report"
-PAGE_TYPES = ["index", "leaderboard", "before_after", "training", "serving", "review", "flips-fact",
-              "samples-fact"]
+PAGE_TYPES = [
+    "index",
+    "leaderboard",
+    "before_after",
+    "training",
+    "serving",
+    "review",
+    "flips-fact",
+    "samples-fact",
+]
 
 
 class Outline(HTMLParser):
@@ -50,7 +58,12 @@ class Outline(HTMLParser):
         if tag in ("h1", "h2", "h3"):
             self._heading, self._text = f"{tag}#{attrs.get('id', '')}", []
         elif tag == "table":
-            self._table = {"id": attrs.get("id") or attrs.get("class") or "", "th": [], "rows": 0, "in_body": False}
+            self._table = {
+                "id": attrs.get("id") or attrs.get("class") or "",
+                "th": [],
+                "rows": 0,
+                "in_body": False,
+            }
         elif tag == "th" and self._table is not None:
             self._text = []
         elif tag == "tbody" and self._table is not None:
@@ -107,8 +120,15 @@ def evil_runs(tmp_path_factory):
 
 def test_every_page_type_matches_its_golden_outline(fixture_runs):
     written = {p.stem for p in build_report(fixture_runs)}
-    assert written == {"index", "leaderboard", "before_after", "training", "serving", "review",
-                       *(f"{kind}-{t}" for kind in ("flips", "samples") for t in ("fewclue_bustm", "style", "fact"))}
+    assert written == {
+        "index",
+        "leaderboard",
+        "before_after",
+        "training",
+        "serving",
+        "review",
+        *(f"{kind}-{t}" for kind in ("flips", "samples") for t in ("fewclue_bustm", "style", "fact")),
+    }
     for page in PAGE_TYPES:
         got = outline(fixture_runs / "report" / f"{page}.html").lines
         golden = GOLDEN / f"{page}.json"
@@ -147,7 +167,9 @@ def test_untrusted_text_renders_inert_on_every_page(evil_runs):
     assert any(report_fixture.EVIL in t for t in outline(evil_runs / "report" / "serving.html").pre_texts)
 
 
-def test_leaderboard_leaves_out_an_entry_it_cannot_compare_and_cuts_one_to_shared_items(fixture_runs, tmp_path):
+def test_leaderboard_leaves_out_an_entry_it_cannot_compare_and_cuts_one_to_shared_items(
+    fixture_runs, tmp_path
+):
     import shutil
 
     runs = tmp_path / "runs"
@@ -156,15 +178,21 @@ def test_leaderboard_leaves_out_an_entry_it_cannot_compare_and_cuts_one_to_share
     selection = json.loads((runs / "selection.json").read_text(encoding="utf-8"))
     other_bustm, other_style = selection["runs"][report_fixture.OTHER][:2]
     with sqlite3.connect(runs / "results.sqlite") as db:
-        meta = json.loads(db.execute("SELECT meta_json FROM runs WHERE run_id = ?", (other_style,)).fetchone()[0])
+        meta = json.loads(
+            db.execute("SELECT meta_json FROM runs WHERE run_id = ?", (other_style,)).fetchone()[0]
+        )
         meta["task_sha256"] = "0" * 64
         db.execute("UPDATE runs SET meta_json = ? WHERE run_id = ?", (json.dumps(meta), other_style))
-        db.execute("DELETE FROM items WHERE run_id = ? AND item_id = (SELECT MIN(item_id) FROM items WHERE run_id = ?)",
-                   (other_bustm, other_bustm))
+        db.execute(
+            "DELETE FROM items WHERE run_id = ? AND item_id = (SELECT MIN(item_id) FROM items WHERE run_id = ?)",
+            (other_bustm, other_bustm),
+        )
     build_report(runs)  # never blank: what can be compared is
     page = (runs / "report" / "leaderboard.html").read_text(encoding="utf-8")
     assert re.search(r"style-test gen: left out, their task files differ \(.*000000000000", page)
-    assert re.search(r"fewclue_bustm-dev gen: compared on the 23 items all of them scored \(\S+ 24, \S+ 23\)", page)
+    assert re.search(
+        r"fewclue_bustm-dev gen: compared on the 23 items all of them scored \(\S+ 24, \S+ 23\)", page
+    )
     assert "style-test" not in page.split('id="scores"')[1].split("</table>")[0]
 
 
@@ -176,12 +204,17 @@ def test_before_after_compares_on_the_items_both_sides_scored_and_says_so(fixtur
     record = json.loads(next((runs / "serve").glob("rescore-*.json")).read_text(encoding="utf-8"))
     local_fact = next(t["local_run"] for t in record["parity"]["tasks"] if t["task"] == "fact")
     with sqlite3.connect(runs / "results.sqlite") as db:
-        db.execute("DELETE FROM items WHERE run_id = ? AND item_id = (SELECT MIN(item_id) FROM items WHERE run_id = ?)",
-                   (local_fact, local_fact))
+        db.execute(
+            "DELETE FROM items WHERE run_id = ? AND item_id = (SELECT MIN(item_id) FROM items WHERE run_id = ?)",
+            (local_fact, local_fact),
+        )
     build_report(runs)  # a limited re-score never blanks the report
     page = (runs / "report" / "before_after.html").read_text(encoding="utf-8")
-    assert re.search(r"fact: the base and fine-tuned runs: compared on the 11 items all of them scored "
-                     r"\(\S+ 12, \S+ 11, \S+ 12\)", page), page[:2000]
+    assert re.search(
+        r"fact: the base and fine-tuned runs: compared on the 11 items all of them scored "
+        r"\(\S+ 12, \S+ 11, \S+ 12\)",
+        page,
+    ), page[:2000]
     assert "fact-test (11 items)" in page
 
 
@@ -217,23 +250,37 @@ def test_the_leaderboard_shows_the_comparisons_that_decided_when_a_smaller_tied_
     task, items = make_task(tmp_path, n=40)
     runs_dir = tmp_path / "runs"
     conn = open_results(runs_dir)
-    candidates = [_candidate("qwen2.5-coder-0.5b-instruct", set(), task, items, conn),
-                  _candidate("smollm2-135m-instruct", {1, 2, 3, 4}, task, items, conn),
-                  _candidate("gemma3-270m", set(range(12)), task, items, conn)]
+    candidates = [
+        _candidate("qwen2.5-coder-0.5b-instruct", set(), task, items, conn),
+        _candidate("smollm2-135m-instruct", {1, 2, 3, 4}, task, items, conn),
+        _candidate("gemma3-270m", set(range(12)), task, items, conn),
+    ]
     conn.close()
     _, record = selection_report(candidates, Budget(train_gib=2.3, infer_gib=16))
-    assert (record["best_mean_rank"], record["winner"]) == ("qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct")
+    assert (record["best_mean_rank"], record["winner"]) == (
+        "qwen2.5-coder-0.5b-instruct",
+        "smollm2-135m-instruct",
+    )
     write_artifact(Workspace(runs_dir).selection, Selection, record)
     build_report(runs_dir)
-    rows = [[td.strip() for td in re.findall(r"<td[^>]*>(.*?)</td>", tr)] for tr in re.findall(
-        r"<tr>(.*?)</tr>", (runs_dir / "report" / "leaderboard.html").read_text(encoding="utf-8")
-        .split('id="vs-best"')[1].split("</table>")[0])]
+    rows = [
+        [td.strip() for td in re.findall(r"<td[^>]*>(.*?)</td>", tr)]
+        for tr in re.findall(
+            r"<tr>(.*?)</tr>",
+            (runs_dir / "report" / "leaderboard.html")
+            .read_text(encoding="utf-8")
+            .split('id="vs-best"')[1]
+            .split("</table>")[0],
+        )
+    ]
     # best - candidate: +10.0 points on 4 discordant items (p 0.125), +30.0 on 12 (p < 0.001)
     assert sorted((r[0], r[5], r[7], r[10]) for r in rows if r) == [
         ("gemma3-270m", "+30.0", "&lt; 0.001", "significantly worse"),
-        ("smollm2-135m-instruct", "+10.0", "0.125", "not shown to differ")]
-    assert sorted((m, c["diff"], c["p_value"]) for m, cs in record["comparisons_vs_best"].items() for c in cs) == [
-        ("gemma3-270m", 0.3, pytest.approx(0.00048828125)), ("smollm2-135m-instruct", 0.1, 0.125)]
+        ("smollm2-135m-instruct", "+10.0", "0.125", "not shown to differ"),
+    ]
+    assert sorted(
+        (m, c["diff"], c["p_value"]) for m, cs in record["comparisons_vs_best"].items() for c in cs
+    ) == [("gemma3-270m", 0.3, pytest.approx(0.00048828125)), ("smollm2-135m-instruct", 0.1, 0.125)]
 
 
 def test_before_after_shows_the_training_checks_before_any_rescore(fixture_runs, tmp_path):
@@ -249,7 +296,12 @@ def test_before_after_shows_the_training_checks_before_any_rescore(fixture_runs,
     # the fixture's check: fact_recall 10.0 (base) -> 70.0 (merged), +60.0 [30.0, 80.0], p 0.002
     row = re.findall(r"<td[^>]*>(.*?)</td>", html.split('class="before-after"')[1].split("</table>")[0], re.S)
     assert [" ".join(re.sub(r"<[^>]+>", " ", c).split()) for c in row] == [
-        "fact_recall", "10.0 [0.0, 20.0]", "70.0 [50.0, 90.0]", "+60.0 [30.0, 80.0]", "0.002"]
+        "fact_recall",
+        "10.0 [0.0, 20.0]",
+        "70.0 [50.0, 90.0]",
+        "+60.0 [30.0, 80.0]",
+        "0.002",
+    ]
     assert "h2#task-fact: fact-test (12 items)" in outline(page).lines
 
 
@@ -261,9 +313,12 @@ def test_the_leaderboard_leads_each_entry_with_the_metric_its_suite_entry_ranks_
     from reports.collect import leaderboard
 
     suite = tmp_path / "suite.yaml"
-    suite.write_text("name: suite\ndescription: d\nentries:\n  - {task: fewclue_bustm, split: dev, mode: gen}\n"
-                     "  - {task: style, split: test, mode: gen, metric: chrf}\n"
-                     "  - {task: fact, split: test, mode: gen}\n", encoding="utf-8")
+    suite.write_text(
+        "name: suite\ndescription: d\nentries:\n  - {task: fewclue_bustm, split: dev, mode: gen}\n"
+        "  - {task: style, split: test, mode: gen, metric: chrf}\n"
+        "  - {task: fact, split: test, mode: gen}\n",
+        encoding="utf-8",
+    )
     selection = Workspace(fixture_runs).read_selection().model_copy(update={"suite": {"file": str(suite)}})
     conn = open_read_only(Workspace(fixture_runs).results_db)
     try:
@@ -274,5 +329,8 @@ def test_the_leaderboard_leads_each_entry_with_the_metric_its_suite_entry_ranks_
     primary = {r["task"]: r["metric"] for r in board.rows if r["primary"]}
     assert primary == {"fewclue_bustm": "accuracy", "style": "chrf", "fact": "fact_recall"}
     assert {r["task"]: r["metric"] for r in before.rows if r["primary"]}["style"] == "style_accuracy"
-    assert [c["title"] for c in board.charts] == ["fewclue_bustm-dev gen accuracy", "style-test gen chrf",
-                                                  "fact-test gen fact_recall"]
+    assert [c["title"] for c in board.charts] == [
+        "fewclue_bustm-dev gen accuracy",
+        "style-test gen chrf",
+        "fact-test gen fact_recall",
+    ]

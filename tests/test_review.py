@@ -48,8 +48,11 @@ def test_pairs_are_seeded_stable_and_skip_identical_answers(built, tmp_path):
         counts = review.add_pairs(conn, systems, seed=seed)
         # 12 style and 12 fact items; none answered identically by the two
         assert counts["added"] + counts["identical_skipped"] == 24 and counts["added"] > 0
-        sides.append(conn.execute("SELECT pair_id, left_system, position FROM review_pairs"
-                                  " ORDER BY pair_id").fetchall())
+        sides.append(
+            conn.execute(
+                "SELECT pair_id, left_system, position FROM review_pairs ORDER BY pair_id"
+            ).fetchall()
+        )
         again = review.add_pairs(conn, systems, seed=seed)
         assert again["added"] == 0 and again["total"] == counts["added"]
         conn.close()
@@ -185,7 +188,9 @@ class LiveServer:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
@@ -219,7 +224,12 @@ def test_concurrent_votes_none_lost_none_duplicated(runs):
         def cast(job):
             name, k, pair = job
             client, csrf = sessions[name]
-            body = {"pair_id": pair, "vote": review.VOTES[k % 4], "comment": "", "vote_id": f"{name}-vote-{k:04d}"}
+            body = {
+                "pair_id": pair,
+                "vote": review.VOTES[k % 4],
+                "comment": "",
+                "vote_id": f"{name}-vote-{k:04d}",
+            }
             return client.post("/vote", json=body, headers={"X-CSRF-Token": csrf}).json()["stored"]
 
         jobs = [(name, k, pair) for name in reviewers for k, pair in enumerate(pairs)]
@@ -240,8 +250,15 @@ def test_export_import_round_trip_and_merge(runs, tmp_path):
     conn = _conn(runs)
     pairs = conn.execute("SELECT pair_id FROM review_pairs ORDER BY position").fetchall()
     for k, (pid,) in enumerate(pairs[:6]):
-        review.record_vote(conn, vote_id=f"here-{k:05d}", pair=pid, vote=review.VOTES[k % 4], reviewer="bo",
-                           comment=f'say "{k}", then <b>', at=1000.0 + k)
+        review.record_vote(
+            conn,
+            vote_id=f"here-{k:05d}",
+            pair=pid,
+            vote=review.VOTES[k % 4],
+            reviewer="bo",
+            comment=f'say "{k}", then <b>',
+            at=1000.0 + k,
+        )
     for fmt in ("csv", "json"):
         assert review.export_votes(conn, tmp_path / f"votes.{fmt}") == 6
     conn.close()
@@ -251,10 +268,18 @@ def test_export_import_round_trip_and_merge(runs, tmp_path):
     other = _conn(elsewhere)
     other.execute("DELETE FROM review_votes")
     review.record_vote(other, vote_id="there-00001", pair=pairs[0][0], vote="tie", reviewer="cy", at=5.0)
-    assert review.import_votes(other, tmp_path / "votes.csv") == {"added": 6, "replaced": 0, "duplicate": 0,
-                                                                   "older": 0}
-    assert review.import_votes(other, tmp_path / "votes.json") == {"added": 0, "replaced": 0, "duplicate": 6,
-                                                                    "older": 0}
+    assert review.import_votes(other, tmp_path / "votes.csv") == {
+        "added": 6,
+        "replaced": 0,
+        "duplicate": 0,
+        "older": 0,
+    }
+    assert review.import_votes(other, tmp_path / "votes.json") == {
+        "added": 0,
+        "replaced": 0,
+        "duplicate": 6,
+        "older": 0,
+    }
     merged = {v["vote_id"]: v for v in review.votes(other)}
     conn = _conn(runs)
     original = review.votes(conn)
@@ -272,18 +297,27 @@ def test_export_import_round_trip_and_merge(runs, tmp_path):
     other.close()
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"vote": "maybe"}, "row 2: 'vote' must be one of left, right, tie, both_bad, got 'maybe'"),
-    ({"pair_id": "ffffffffffffffff"}, "row 2: pair 'ffffffffffffffff' is not among this store's review pairs "
-                                      "(build them with `make review` on the same runs first)"),
-    ({"left_system": "someone else"}, "row 2: systems or left side differ from the recorded pair "
-                                      "(qwen2.5-coder-0.5b-instruct (base) vs "
-                                      "qwen2.5-coder-0.5b-instruct@merged (local), "
-                                      "qwen2.5-coder-0.5b-instruct (base) on the left)"),
-    ({"time": "yesterday"}, "row 2: 'time' must be seconds since the epoch, got 'yesterday'"),
-    ({"reviewer": " "}, "row 2: 'reviewer' and 'vote_id' must not be empty"),
-    ({"vote": None, "_drop": "vote"}, "row 2: missing 'vote'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"vote": "maybe"}, "row 2: 'vote' must be one of left, right, tie, both_bad, got 'maybe'"),
+        (
+            {"pair_id": "ffffffffffffffff"},
+            "row 2: pair 'ffffffffffffffff' is not among this store's review pairs "
+            "(build them with `make review` on the same runs first)",
+        ),
+        (
+            {"left_system": "someone else"},
+            "row 2: systems or left side differ from the recorded pair "
+            "(qwen2.5-coder-0.5b-instruct (base) vs "
+            "qwen2.5-coder-0.5b-instruct@merged (local), "
+            "qwen2.5-coder-0.5b-instruct (base) on the left)",
+        ),
+        ({"time": "yesterday"}, "row 2: 'time' must be seconds since the epoch, got 'yesterday'"),
+        ({"reviewer": " "}, "row 2: 'reviewer' and 'vote_id' must not be empty"),
+        ({"vote": None, "_drop": "vote"}, "row 2: missing 'vote'"),
+    ],
+)
 def test_bad_import_rows_are_one_line_and_import_nothing(runs, tmp_path, change, message):
     conn = _conn(runs)
     pairs = conn.execute("SELECT pair_id FROM review_pairs ORDER BY position").fetchall()
@@ -321,10 +355,16 @@ def test_aggregation_against_known_values():
         return {"system_a": a, "system_b": b, "left_system": left, "vote": v, "reviewer": "r", "comment": ""}
 
     # A beats B 6-2 and ties once; A and C split 4-4; the left side wins 11 of the 16 decisive votes
-    votes = ([vote("A", "B", "A", "left")] * 5 + [vote("A", "B", "B", "right")] + [vote("A", "B", "B", "left")] * 2
-             + [vote("A", "B", "A", "tie"), vote("A", "B", "A", "both_bad")]
-             + [vote("A", "C", "A", "left")] * 2 + [vote("A", "C", "C", "right")] * 2
-             + [vote("A", "C", "C", "left")] * 2 + [vote("A", "C", "A", "right")] * 2)
+    votes = (
+        [vote("A", "B", "A", "left")] * 5
+        + [vote("A", "B", "B", "right")]
+        + [vote("A", "B", "B", "left")] * 2
+        + [vote("A", "B", "A", "tie"), vote("A", "B", "A", "both_bad")]
+        + [vote("A", "C", "A", "left")] * 2
+        + [vote("A", "C", "C", "right")] * 2
+        + [vote("A", "C", "C", "left")] * 2
+        + [vote("A", "C", "A", "right")] * 2
+    )
     agg = review_stats.aggregate(votes)
     ab = next(p for p in agg["pairs"] if p["b"] == "B")
     assert (ab["wins_a"], ab["wins_b"], ab["ties"], ab["both_bad"], ab["decisive"]) == (6, 2, 1, 1, 8)
@@ -343,8 +383,11 @@ def test_aggregation_against_known_values():
 
 
 def test_bradley_terry_says_when_it_cannot_be_estimated():
-    votes = [{"system_a": "A", "system_b": s, "left_system": "A", "vote": "left", "reviewer": "r", "comment": ""}
-             for s in ("B", "C") for _ in range(5)]
+    votes = [
+        {"system_a": "A", "system_b": s, "left_system": "A", "vote": "left", "reviewer": "r", "comment": ""}
+        for s in ("B", "C")
+        for _ in range(5)
+    ]
     bt = review_stats.aggregate(votes)["bradley_terry"]
     assert bt == {"estimable": False, "why": "one system wins or loses every vote (perfect separation)"}
 
@@ -352,9 +395,16 @@ def test_bradley_terry_says_when_it_cannot_be_estimated():
 def test_style_controlled_bradley_terry_against_a_hand_worked_fit():
     def vote(left_a: bool, a_wins: bool, a_longer: bool):
         a_text, b_text = ("xxxx", "xx") if a_longer else ("xx", "xxxx")
-        return {"system_a": "a", "system_b": "b", "left_system": "a" if left_a else "b",
-                "vote": "left" if a_wins == left_a else "right", "reviewer": "r", "comment": "",
-                "output_a": a_text, "output_b": b_text}
+        return {
+            "system_a": "a",
+            "system_b": "b",
+            "left_system": "a" if left_a else "b",
+            "vote": "left" if a_wins == left_a else "right",
+            "reviewer": "r",
+            "comment": "",
+            "output_a": a_text,
+            "output_b": b_text,
+        }
 
     # a longer in 5 votes, winning 4; shorter in 5, winning 2. The length difference is
     # (4 - 2) / 6 = +-1/3, scaled by its root mean square to +-1; emoji and punctuation are 0
@@ -362,7 +412,9 @@ def test_style_controlled_bradley_terry_against_a_hand_worked_fit():
     # coefficient gamma solve logit(0.8) = beta + gamma, logit(0.4) = beta - gamma, so beta =
     # (log 4 + log 2/3) / 2 = 0.4904 and gamma = (log 4 - log 2/3) / 2 = 0.8959; b's log-strength
     # relative to a is -beta. The plain fit: a wins 6 of 10, b's log-strength -logit(0.6) = -0.4055.
-    votes = ([vote(k % 2 == 0, k < 4, True) for k in range(5)] + [vote(k % 2 == 0, k < 2, False) for k in range(5)])
+    votes = [vote(k % 2 == 0, k < 4, True) for k in range(5)] + [
+        vote(k % 2 == 0, k < 2, False) for k in range(5)
+    ]
     agg = review_stats.aggregate(votes)
     styled = agg["style_controlled"]
     b = next(r for r in styled["rows"] if r["system"] == "b")
@@ -372,17 +424,24 @@ def test_style_controlled_bradley_terry_against_a_hand_worked_fit():
     assert length["feature"] == "length" and length["coef"] == pytest.approx(0.8959, abs=1e-4)
     assert styled["constant"] == ["emoji", "punctuation"]
     # the fit does not depend on which system of a pair is stored as a
-    swapped = [{**v, "system_a": "b", "system_b": "a", "output_a": v["output_b"], "output_b": v["output_a"]}
-               for v in votes]
+    swapped = [
+        {**v, "system_a": "b", "system_b": "a", "output_a": v["output_b"], "output_b": v["output_a"]}
+        for v in votes
+    ]
     again = review_stats.aggregate(swapped)["style_controlled"]
-    assert next(r for r in again["rows"] if r["system"] == "b")["log_strength"] == pytest.approx(-0.4904, abs=1e-4)
+    assert next(r for r in again["rows"] if r["system"] == "b")["log_strength"] == pytest.approx(
+        -0.4904, abs=1e-4
+    )
 
 
-@pytest.mark.parametrize("text, counts", [
-    ("", (0, 0, 0)),
-    ("好的，马上来！", (7, 0, 2)),
-    ("Sure! 😀👍🏻", (9, 2, 1)),
-    ("**bold** - list", (15, 0, 5)),
-])
+@pytest.mark.parametrize(
+    "text, counts",
+    [
+        ("", (0, 0, 0)),
+        ("好的，马上来！", (7, 0, 2)),
+        ("Sure! 😀👍🏻", (9, 2, 1)),
+        ("**bold** - list", (15, 0, 5)),
+    ],
+)
 def test_style_counts(text, counts):
     assert review_stats.style_counts(text) == counts

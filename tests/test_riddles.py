@@ -40,8 +40,10 @@ def teacher_reply(request) -> str:
     if "step by step" in text:
         solution = re.search(r'the answer is "([^"]+)"', text).group(1)
         said = "bucket" if solution == WRONG else solution
-        return (f"The riddle describes something ordinary. Each clue fits a {said} and nothing else.\n"
-                f"Answer: a {said}")
+        return (
+            f"The riddle describes something ordinary. Each clue fits a {said} and nothing else.\n"
+            f"Answer: a {said}"
+        )
     return "Because every clue in the riddle points to it."  # the follow-up's answer
 
 
@@ -56,9 +58,12 @@ def test_the_page_names_the_shipped_files_and_the_commands_this_test_runs():
     page = PAGE.read_text(encoding="utf-8")
     for name in ("tasks/riddles.yaml", "suites/riddles.yaml", "synth/riddles.yaml", "train/riddles.yaml"):
         assert f"`{name}`" in page and (REPO / name).is_file()
-    for command in ("make select SUITE=suites/riddles.yaml DATASET=riddles",
-                    "make data-synth SYNTH_RECIPE=synth/riddles.yaml", "make train RECIPE=train/riddles.yaml",
-                    "make report"):
+    for command in (
+        "make select SUITE=suites/riddles.yaml DATASET=riddles",
+        "make data-synth SYNTH_RECIPE=synth/riddles.yaml",
+        "make train RECIPE=train/riddles.yaml",
+        "make report",
+    ):
         assert command in page
 
 
@@ -67,25 +72,53 @@ def test_the_riddle_workflow_end_to_end(tmp_path, shared_data, teacher, capsys):
     from models.store import provision
     from selectune.cli import main
 
-    provision(find_card(CARD), tmp_path / "cache" / "models",
-              weights=build_tiny_qwen2(tmp_path / "tiny", initializer_range=0.2))
-    args = ["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
-            "--data-dir", str(shared_data)]
+    provision(
+        find_card(CARD),
+        tmp_path / "cache" / "models",
+        weights=build_tiny_qwen2(tmp_path / "tiny", initializer_range=0.2),
+    )
+    args = [
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--data-dir",
+        str(shared_data),
+    ]
     runs = tmp_path / "runs"
 
     assert main([*args, "data", "--dataset", "riddles"]) == 0
     assert main([*args, "select", "--suite", str(REPO / "suites" / "riddles.yaml"), "--models", CARD]) == 0
     selection = json.loads((runs / "selection.json").read_text(encoding="utf-8"))
     n_test = RIDDLE_SPLITS["fixture" if is_fixture(shared_data) else "public"][1]
-    assert [(c["task"], c["split"], c["metric"], c["n"]) for c in selection["cells"]][0] == ("riddles", "test",
-                                                                                               "contains", n_test)
+    assert [(c["task"], c["split"], c["metric"], c["n"]) for c in selection["cells"]][0] == (
+        "riddles",
+        "test",
+        "contains",
+        n_test,
+    )
 
-    assert main([*args, "data-synth", "--recipe", str(REPO / "synth" / "riddles.yaml"), "--base-url", teacher,
-                 "--teacher-model", "teacher"]) == 0
+    assert (
+        main(
+            [
+                *args,
+                "data-synth",
+                "--recipe",
+                str(REPO / "synth" / "riddles.yaml"),
+                "--base-url",
+                teacher,
+                "--teacher-model",
+                "teacher",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "data-synth: 30 seeds ->" in out
     rows = [json.loads(line) for line in (runs / "synth" / "riddles" / "data.jsonl").read_text().splitlines()]
-    assert len(rows) == len(NEW) - 1  # the wrongly answered riddle is dropped; the repeats of later rounds too
+    assert (
+        len(rows) == len(NEW) - 1
+    )  # the wrongly answered riddle is dropped; the repeats of later rounds too
     from eval.task import find_task
 
     system = find_task("riddles").prompt.system  # the conversations are prompted as the task scores
@@ -93,26 +126,41 @@ def test_the_riddle_workflow_end_to_end(tmp_path, shared_data, teacher, capsys):
         roles = [m["role"] for m in row["messages"]]
         assert roles[:3] == ["system", "user", "assistant"] and row["messages"][0]["content"] == system
         reasoning = row["messages"][2]["content"]
-        assert reasoning.startswith("The riddle describes") and reasoning.splitlines()[-1].startswith("Answer: a ")
+        assert reasoning.startswith("The riddle describes") and reasoning.splitlines()[-1].startswith(
+            "Answer: a "
+        )
     assert any(len(row["messages"]) == 5 for row in rows)  # a child's follow-up and its answer
-    malformed = [json.loads(line) for line in (runs / "synth" / "riddles" / "malformed.jsonl").read_text().splitlines()]
+    malformed = [
+        json.loads(line) for line in (runs / "synth" / "riddles" / "malformed.jsonl").read_text().splitlines()
+    ]
     assert any("does not contain the solution 'sponge'" in m["why"] for m in malformed)
 
     assert main([*args, "train", "--recipe", str(REPO / "train" / "riddles.yaml")]) == 0
     summary = json.loads((runs / "train" / f"riddles-{CARD}" / "summary.json").read_text(encoding="utf-8"))
     (check,) = summary["checks"]
-    assert (check["task"], check["split"], check["metric"], check["items"]) == ("riddles", "test", "contains",
-                                                                                 n_test)
+    assert (check["task"], check["split"], check["metric"], check["items"]) == (
+        "riddles",
+        "test",
+        "contains",
+        n_test,
+    )
     assert summary["cleaning"]["read"] == len(rows) and summary["parity"]["passed"]
 
     assert main([*args, "report"]) == 0
     assert "contains on riddles-test" in (runs / "report" / "index.html").read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize(("solution", "final", "kept"), [
-    ("a light", "light", True), ("light", "a light", True), ("The Moon", "the moon", True),
-    ("an echo", "echoes", True), ("a light", "a lamp", False), ("anchor", "a chain", False),
-])
+@pytest.mark.parametrize(
+    ("solution", "final", "kept"),
+    [
+        ("a light", "light", True),
+        ("light", "a light", True),
+        ("The Moon", "the moon", True),
+        ("an echo", "echoes", True),
+        ("a light", "a lamp", False),
+        ("anchor", "a chain", False),
+    ],
+)
 def test_the_solution_check_ignores_english_articles(solution, final, kept):
     from synth.clean import norm, strip_article
 

@@ -21,12 +21,17 @@ from eval.task import load_items, load_task
 from tests.conftest import REPO
 
 TASK = {
-    "name": "mini", "version": 1, "description": "d",
+    "name": "mini",
+    "version": 1,
+    "description": "d",
     "data": {"root": "data", "format": "jsonl", "splits": {"dev": "mini.jsonl"}, "id_field": "id"},
-    "default_split": "dev", "prompt": {"user": "题目{{ id }}：{{ q }}\nA. 否\nB. 是\n答："},
-    "modes": ["gen", "ppl"], "choices": ["A", "B"],
+    "default_split": "dev",
+    "prompt": {"user": "题目{{ id }}：{{ q }}\nA. 否\nB. 是\n答："},
+    "modes": ["gen", "ppl"],
+    "choices": ["A", "B"],
     "label": {"field": "label", "map": {"0": "A", "1": "B"}},
-    "parser": "choice", "metrics": ["accuracy", "accuracy_opencompass", "unparsable"],
+    "parser": "choice",
+    "metrics": ["accuracy", "accuracy_opencompass", "unparsable"],
 }
 
 
@@ -103,7 +108,10 @@ def test_kill_9_then_rerun_gives_identical_results(tmp_path):
     make_task(tmp_path, n=40)
     script = tmp_path / "run.py"
     script.write_text(RUN_SCRIPT.format(repo=str(REPO), tmp=str(tmp_path)), encoding="utf-8")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     subprocess.run([sys.executable, str(script), str(tmp_path / "clean"), "0"], check=True, env=env)
 
     killed = subprocess.Popen([sys.executable, str(script), str(tmp_path / "killed"), "0.2"], env=env)
@@ -134,25 +142,52 @@ def test_kill_9_then_rerun_gives_identical_results(tmp_path):
 def test_a_users_text_task_is_scored_with_any_text_metric_and_several_references(tmp_path):
     from eval.summary import cells_of, render_table
 
-    spec = {"name": "rewrite", "version": 1, "description": "Rewrite politely.",
-            "data": {"root": "data", "format": "jsonl", "splits": {"test": "rewrite.jsonl"}, "id_field": "id"},
-            "default_split": "test", "prompt": {"user": "改写：{{ text }}"}, "modes": ["gen"],
-            "reference_field": "polite", "normalize": ["whitespace", "punctuation"], "regex": "请",
-            "metrics": ["chrf", "exact_match", "contains", "char_f1", "rouge_l", "bleu", "regex_match",
-                        "reply_length"]}
+    spec = {
+        "name": "rewrite",
+        "version": 1,
+        "description": "Rewrite politely.",
+        "data": {"root": "data", "format": "jsonl", "splits": {"test": "rewrite.jsonl"}, "id_field": "id"},
+        "default_split": "test",
+        "prompt": {"user": "改写：{{ text }}"},
+        "modes": ["gen"],
+        "reference_field": "polite",
+        "normalize": ["whitespace", "punctuation"],
+        "regex": "请",
+        "metrics": [
+            "chrf",
+            "exact_match",
+            "contains",
+            "char_f1",
+            "rouge_l",
+            "bleu",
+            "regex_match",
+            "reply_length",
+        ],
+    }
     (tmp_path / "rewrite.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
-    rows = [{"id": 1, "text": "关门", "polite": ["请关门", "麻烦关一下门"]},
-            {"id": 2, "text": "走开", "polite": "请让一下"}]
-    (tmp_path / "rewrite.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                                            encoding="utf-8")
+    rows = [
+        {"id": 1, "text": "关门", "polite": ["请关门", "麻烦关一下门"]},
+        {"id": 2, "text": "走开", "polite": "请让一下"},
+    ]
+    (tmp_path / "rewrite.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
     task = load_task(tmp_path / "rewrite.yaml")
     items = load_items(task, "test", tmp_path)
     assert items[0].references == ("请关门", "麻烦关一下门") and items[0].gold == "请关门"
     replies = {"改写：关门": "麻烦关一下门。", "改写：走开": "你走吧"}
-    run = run_task(FakeBackend(respond=lambda r: replies[r.messages[-1]["content"]]), task, "test", "gen", items,
-                   open_results(tmp_path / "runs"))
+    run = run_task(
+        FakeBackend(respond=lambda r: replies[r.messages[-1]["content"]]),
+        task,
+        "test",
+        "gen",
+        items,
+        open_results(tmp_path / "runs"),
+    )
     first, second = run.items
-    assert first["scores"]["exact_match"] == 1.0 and first["scores"]["contains"] == 1.0  # the second reference
+    assert (
+        first["scores"]["exact_match"] == 1.0 and first["scores"]["contains"] == 1.0
+    )  # the second reference
     assert first["scores"]["regex_match"] == 0.0 and first["scores"]["reply_length"] == 7.0
     assert second["scores"]["exact_match"] == 0.0 and second["scores"]["char_f1"] == 0.0
     assert set(first["scores"]) == set(spec["metrics"])
@@ -160,16 +195,25 @@ def test_a_users_text_task_is_scored_with_any_text_metric_and_several_references
     assert all(f"| {m} " in table for m in spec["metrics"])
 
 
-def test_fewshot_examples_come_from_another_split_the_same_for_every_item_and_enter_the_run_identity(tmp_path):
+def test_fewshot_examples_come_from_another_split_the_same_for_every_item_and_enter_the_run_identity(
+    tmp_path,
+):
     from core.errors import UserError
 
-    spec = {**TASK, "data": {**TASK["data"], "splits": {"dev": "mini.jsonl", "train": "shots.jsonl"}},
-            "fewshot": {"split": "train", "n": 2, "seed": 3}}
+    spec = {
+        **TASK,
+        "data": {**TASK["data"], "splits": {"dev": "mini.jsonl", "train": "shots.jsonl"}},
+        "fewshot": {"split": "train", "n": 2, "seed": 3},
+    }
     (tmp_path / "mini.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
-    (tmp_path / "mini.jsonl").write_text("".join(json.dumps({"id": i, "q": "x", "label": str(i % 2)}) + "\n"
-                                                 for i in range(4)), encoding="utf-8")
-    (tmp_path / "shots.jsonl").write_text("".join(json.dumps({"id": 100 + i, "q": "y", "label": "1"}) + "\n"
-                                                  for i in range(5)), encoding="utf-8")
+    (tmp_path / "mini.jsonl").write_text(
+        "".join(json.dumps({"id": i, "q": "x", "label": str(i % 2)}) + "\n" for i in range(4)),
+        encoding="utf-8",
+    )
+    (tmp_path / "shots.jsonl").write_text(
+        "".join(json.dumps({"id": 100 + i, "q": "y", "label": "1"}) + "\n" for i in range(5)),
+        encoding="utf-8",
+    )
     task = load_task(tmp_path / "mini.yaml")
     items = load_items(task, "dev", tmp_path)
     assert len({i.shots for i in items}) == 1 and len(items[0].shots) == 2
@@ -186,12 +230,18 @@ def test_fewshot_examples_come_from_another_split_the_same_for_every_item_and_en
     with_shots = run_task(backend, task, "dev", "gen", items, conn)
     assert all(len(m) == 5 for m in seen)
     without = load_items(task.model_copy(update={"fewshot": None}), "dev", tmp_path)
-    assert run_task(FakeBackend(respond=lambda r: "B"), task, "dev", "gen", without, conn).run_id != with_shots.run_id
-    with pytest.raises(UserError, match=r"key 'fewshot.split': the examples come from the split 'train' being scored"):
+    assert (
+        run_task(FakeBackend(respond=lambda r: "B"), task, "dev", "gen", without, conn).run_id
+        != with_shots.run_id
+    )
+    with pytest.raises(
+        UserError, match=r"key 'fewshot.split': the examples come from the split 'train' being scored"
+    ):
         load_items(task, "train", tmp_path)
     with pytest.raises(UserError, match=r"key 'fewshot.n': 9 examples asked, split 'train' has 5"):
-        load_items(task.model_copy(update={"fewshot": task.fewshot.model_copy(update={"n": 9})}), "dev", tmp_path)
-
+        load_items(
+            task.model_copy(update={"fewshot": task.fewshot.model_copy(update={"n": 9})}), "dev", tmp_path
+        )
 
 
 @pytest.mark.parametrize("mode", ["gen", "ppl"])
@@ -205,14 +255,17 @@ def test_each_item_stores_the_request_its_backend_received_and_is_scored_once(tm
     run = run_task(fake, task, "dev", mode, items, open_results(tmp_path / "runs"), chunk_size=4)
     assert sorted(scored) == sorted(i.id for i in items)  # once each, not once more after storing
     stored = {r["item_id"]: r["request"] for r in run.items}
+
     def item_of(call):
         return call.messages[-1]["content"].split("：")[0][2:]
 
     assert [stored[item_of(c)]["messages"] for c in fake.calls] == [c.messages for c in fake.calls]
     if mode == "gen":
         assert {(r["max_new_tokens"], tuple(r["stop"])) for r in stored.values()} == {
-            (task.gen.max_new_tokens, tuple(task.gen.stop))}
+            (task.gen.max_new_tokens, tuple(task.gen.stop))
+        }
     else:
         assert sorted((item_of(c), c.continuation) for c in fake.calls) == sorted(
-            (k, c) for k, r in stored.items() for c in r["continuations"])
+            (k, c) for k, r in stored.items() for c in r["continuations"]
+        )
     assert stored["3"]["messages"][-1]["content"] == "题目3：xxx\nA. 否\nB. 是\n答："

@@ -43,8 +43,10 @@ def test_tied_candidates_go_to_the_smaller_model_and_budget_excludes(tmp_path):
 def test_significantly_worse_is_not_tied(tmp_path):
     task, items = make_task(tmp_path, n=40)
     conn = open_results(tmp_path / "runs")
-    candidates = [_candidate("qwen2.5-coder-0.5b-instruct", set(), task, items, conn),
-                  _candidate("smollm2-135m-instruct", set(range(12)), task, items, conn)]
+    candidates = [
+        _candidate("qwen2.5-coder-0.5b-instruct", set(), task, items, conn),
+        _candidate("smollm2-135m-instruct", set(range(12)), task, items, conn),
+    ]
     table, record = selection_report(candidates, Budget())
     assert record["winner"] == "qwen2.5-coder-0.5b-instruct" and record["tied_with_best"] == []
     (comparison,) = record["comparisons_vs_best"]["smollm2-135m-instruct"]
@@ -64,7 +66,10 @@ def test_an_entry_can_rank_by_another_metric_and_weigh_more(tmp_path):
     # ranked by the unparsable rate (lower is better: both 0, a tie) on the heavier entry
     weighted = decide(both, Budget(), [(None, 1.0), ("unparsable", 3.0)])
     ranks = {r["model"]: r["mean_rank"] for r in weighted["candidates"]}
-    assert ranks == {"qwen2.5-coder-0.5b-instruct": (2.0 + 3 * 1.5) / 4, "smollm2-135m-instruct": (1.0 + 3 * 1.5) / 4}
+    assert ranks == {
+        "qwen2.5-coder-0.5b-instruct": (2.0 + 3 * 1.5) / 4,
+        "smollm2-135m-instruct": (1.0 + 3 * 1.5) / 4,
+    }
 
 
 def test_choice_entries_get_majority_and_chance_rows_and_the_decision_says_when_none_beats_them(tmp_path):
@@ -86,5 +91,7 @@ def test_choice_entries_get_majority_and_chance_rows_and_the_decision_says_when_
     assert not any("majority label" in r for r in record["reasons"])
     _, worse = selection_report([always_a], Budget())
     assert worse["baselines"][0]["beaten_by"] == []
-    assert worse["reasons"][-1].startswith("No candidate is significantly better than answering the majority "
-                                           "label on mini-dev gen (always A: 50.0%)")
+    assert worse["reasons"][-1].startswith(
+        "No candidate is significantly better than answering the majority "
+        "label on mini-dev gen (always A: 50.0%)"
+    )

@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 
 from eval import metrics as M
-from eval.anytime import ROUND, anytime_compare, bernstein_sequence, discordant_log_e, mean_sequence, mixture_radius
+from eval.anytime import (
+    ROUND,
+    anytime_compare,
+    bernstein_sequence,
+    discordant_log_e,
+    mean_sequence,
+    mixture_radius,
+)
 from eval.sequential import EntryState, TIE_MARGIN, look, score_sequential
 from eval.stats import ALPHA, mcnemar_exact
 
@@ -40,10 +47,11 @@ def test_under_the_null_the_anytime_test_rejects_less_than_alpha_while_peeking_m
         counts = discordant_counts(*simulate(0.6, 0.6, seed))
         anytime += any(discordant_log_e(w, lost) > math.log(1 / ALPHA) for w, lost in counts)
         # exact McNemar: the two-sided binomial test of the discordant pairs
-        peeking += any(min(1.0, 2 * binom.cdf(min(w, lost), w + lost, 0.5)) < ALPHA
-                       for w, lost in counts if w + lost)
-    assert anytime / reps <= ALPHA          # valid however often it is looked at
-    assert peeking / reps > 1.5 * ALPHA     # the fixed-design test, looked at every round, is not
+        peeking += any(
+            min(1.0, 2 * binom.cdf(min(w, lost), w + lost, 0.5)) < ALPHA for w, lost in counts if w + lost
+        )
+    assert anytime / reps <= ALPHA  # valid however often it is looked at
+    assert peeking / reps > 1.5 * ALPHA  # the fixed-design test, looked at every round, is not
 
 
 def test_the_comparison_reports_the_e_process_and_the_exact_mcnemar_agrees_with_the_binomial():
@@ -53,7 +61,9 @@ def test_the_comparison_reports_the_e_process_and_the_exact_mcnemar_agrees_with_
     w, lost = int(np.sum(a[:ROUND] > b[:ROUND])), int(np.sum(a[:ROUND] < b[:ROUND]))
     comp = anytime_compare(a[:ROUND], b[:ROUND], M.ACCURACY)
     assert comp.p_value == pytest.approx(min(1.0, math.exp(-discordant_log_e(w, lost))))
-    assert mcnemar_exact(a[:ROUND], b[:ROUND]) == pytest.approx(min(1.0, 2 * binom.cdf(min(w, lost), w + lost, 0.5)))
+    assert mcnemar_exact(a[:ROUND], b[:ROUND]) == pytest.approx(
+        min(1.0, 2 * binom.cdf(min(w, lost), w + lost, 0.5))
+    )
 
 
 def test_under_the_null_the_bounded_mean_test_rejects_less_than_alpha():
@@ -77,12 +87,13 @@ def test_a_real_gap_is_found_early_and_in_the_right_direction():
 
 def test_the_bounds_match_their_formulas():
     # Beta(1/2, 1/2) mixture: 10 wins, 0 losses: B(10.5, 0.5) / B(0.5, 0.5) * 2^10
-    expected = math.exp(math.lgamma(10.5) + math.lgamma(0.5) - math.lgamma(11)) / math.pi * 2 ** 10
+    expected = math.exp(math.lgamma(10.5) + math.lgamma(0.5) - math.lgamma(11)) / math.pi * 2**10
     assert math.exp(discordant_log_e(10, 0)) == pytest.approx(expected)
     assert discordant_log_e(0, 0) == 0.0
     # normal mixture: sqrt(2 (V + rho) log(sqrt((V + rho) / rho) / alpha)) / n, V = sigma^2 n
     assert mixture_radius(100, 1.0, 256.0, 0.05) == pytest.approx(
-        math.sqrt(2 * 356 * math.log(math.sqrt(356 / 256) / 0.05)) / 100)
+        math.sqrt(2 * 356 * math.log(math.sqrt(356 / 256) / 0.05)) / 100
+    )
     # a mean of 0/1 values at n = 64 (sigma 1/2, rho = sigma^2 * 64 = 16): 0.229
     assert mixture_radius(64, 0.5, 16.0) == pytest.approx(math.sqrt(64 * math.log(math.sqrt(2) / 0.05)) / 64)
     e = mean_sequence([1.0] * 30 + [0.0] * 70, M.ACCURACY)
@@ -93,8 +104,10 @@ def test_a_confidence_sequence_covers_the_truth_at_every_look():
     misses = 0
     for seed in range(300):
         a = (np.random.default_rng(seed).random(2000) < 0.3).astype(float)
-        misses += any(not mean_sequence(a[:t], M.ACCURACY).low <= 0.3 <= mean_sequence(a[:t], M.ACCURACY).high
-                      for t in LOOKS)
+        misses += any(
+            not mean_sequence(a[:t], M.ACCURACY).low <= 0.3 <= mean_sequence(a[:t], M.ACCURACY).high
+            for t in LOOKS
+        )
     assert misses / 300 <= ALPHA
 
 
@@ -108,8 +121,15 @@ def paired_differences(p_win: float, p_loss: float, seed: int, n: int = 2000):
 
 def ties_anytime(a, b) -> int | None:
     margin = TIE_MARGIN
-    return next((t for t in LOOKS if -margin < anytime_compare(a[:t], b[:t], M.ACCURACY).low
-                 and anytime_compare(a[:t], b[:t], M.ACCURACY).high < margin), None)
+    return next(
+        (
+            t
+            for t in LOOKS
+            if -margin < anytime_compare(a[:t], b[:t], M.ACCURACY).low
+            and anytime_compare(a[:t], b[:t], M.ACCURACY).high < margin
+        ),
+        None,
+    )
 
 
 def test_a_gap_as_large_as_the_margin_is_called_a_tie_less_often_than_alpha():
@@ -158,13 +178,18 @@ def answer(name: str, prompt: str) -> str:
     k = int(prompt.split("sentence ")[1].split(" ")[0])
     gold = "AB"[k % 2]
     right = {"good": 0.9, "mid": 0.85, "bad": 0.5}[name]
-    draw = int(hashlib.sha256(f"{name}:{k}".encode()).hexdigest()[:8], 16) / 16 ** 8
+    draw = int(hashlib.sha256(f"{name}:{k}".encode()).hexdigest()[:8], 16) / 16**8
     return gold if draw < right else "AB"[(k + 1) % 2]
 
 
 class Scripted:
     def __init__(self, name: str, fail_after: int | None = None):
-        self.identity, self.name, self.calls, self.fail_after = {"model": name, "backend": "fake"}, name, 0, fail_after
+        self.identity, self.name, self.calls, self.fail_after = (
+            {"model": name, "backend": "fake"},
+            name,
+            0,
+            fail_after,
+        )
 
     def generate(self, requests):
         self.calls += len(requests)
@@ -186,14 +211,23 @@ def pairs(tmp_path):
     rows = [{"id": k, "a": f"sentence {k}", "b": "phrase", "label": "AB"[k % 2]} for k in range(384)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     (tmp_path / "pairs.yaml").write_text(TASK, encoding="utf-8")
-    (tmp_path / "suite.yaml").write_text("name: suite\nentries:\n  - {task: pairs.yaml, split: dev, mode: gen}\n",
-                                         encoding="utf-8")
+    (tmp_path / "suite.yaml").write_text(
+        "name: suite\nentries:\n  - {task: pairs.yaml, split: dev, mode: gen}\n", encoding="utf-8"
+    )
     return load_suite(tmp_path / "suite.yaml")[1]
 
 
 def run_loop(entries, conn, backends, data_dir):
-    return score_sequential([_Card(n) for n in backends], entries, {0}, backends, conn, data_dir=data_dir,
-                            batch_size=16, progress=lambda line: None)
+    return score_sequential(
+        [_Card(n) for n in backends],
+        entries,
+        {0},
+        backends,
+        conn,
+        data_dir=data_dir,
+        batch_size=16,
+        progress=lambda line: None,
+    )
 
 
 def test_a_clearly_worse_candidate_stops_early_and_a_killed_run_resumes_to_the_same_stop(pairs, tmp_path):
@@ -224,8 +258,16 @@ def test_look_settles_an_entry_when_one_candidate_is_left():
     from eval.summary import RunSummary
 
     def run(values):
-        return RunSummary("r", None, "dev", "gen", "m", [{"item_id": str(k), "scores": {M.ACCURACY: v}}
-                                                          for k, v in enumerate(values)], 0, 0)
+        return RunSummary(
+            "r",
+            None,
+            "dev",
+            "gen",
+            "m",
+            [{"item_id": str(k), "scores": {M.ACCURACY: v}} for k, v in enumerate(values)],
+            0,
+            0,
+        )
 
     state = EntryState(size=1000, n=256, active=["a", "b"], stopped={})
     look(state, {"a": run([1.0] * 256), "b": run([0.0] * 256)}, M.ACCURACY)
@@ -235,20 +277,35 @@ def test_look_settles_an_entry_when_one_candidate_is_left():
     assert state.active == ["a", "b"] and state.reason == "all 256 items scored"
 
 
-@pytest.mark.parametrize("a, b, margin, reason", [
-    # never disagreeing: tied once the confidence sequence is inside +-5 points
-    ([1.0, 0.0] * 192, [1.0, 0.0] * 192, 0.05,
-     "settled after 384 of 1000 items: a, b tied (every difference from a within ±0.05)"),
-    ([1.0, 0.0] * 192, [1.0, 0.0] * 192, 0.0, None),           # margin 0: never a tie
-    ([1.0, 0.0] * 32, [1.0, 0.0] * 32, 0.05, None),            # 64 items cannot show +-5 points
-    ([1.0, 0.0] * 128, [0.0, 1.0] * 128, 0.05, None),          # equal means, always discordant
-])
+@pytest.mark.parametrize(
+    "a, b, margin, reason",
+    [
+        # never disagreeing: tied once the confidence sequence is inside +-5 points
+        (
+            [1.0, 0.0] * 192,
+            [1.0, 0.0] * 192,
+            0.05,
+            "settled after 384 of 1000 items: a, b tied (every difference from a within ±0.05)",
+        ),
+        ([1.0, 0.0] * 192, [1.0, 0.0] * 192, 0.0, None),  # margin 0: never a tie
+        ([1.0, 0.0] * 32, [1.0, 0.0] * 32, 0.05, None),  # 64 items cannot show +-5 points
+        ([1.0, 0.0] * 128, [0.0, 1.0] * 128, 0.05, None),  # equal means, always discordant
+    ],
+)
 def test_look_settles_a_tie_only_inside_the_margin(a, b, margin, reason):
     from eval.summary import RunSummary
 
     def run(values):
-        return RunSummary("r", None, "dev", "gen", "m", [{"item_id": str(k), "scores": {M.ACCURACY: v}}
-                                                          for k, v in enumerate(values)], 0, 0)
+        return RunSummary(
+            "r",
+            None,
+            "dev",
+            "gen",
+            "m",
+            [{"item_id": str(k), "scores": {M.ACCURACY: v}} for k, v in enumerate(values)],
+            0,
+            0,
+        )
 
     state = EntryState(size=1000, n=len(a), active=["a", "b"], stopped={})
     look(state, {"a": run(a), "b": run(b)}, M.ACCURACY, margin=margin)
@@ -270,7 +327,8 @@ def test_select_with_the_sequential_design_prints_items_per_cell_and_why_it_stop
     assert entry["size"] == 200 and entry["reason"] and set(entry["items"]) == {"a", "b"}
     assert f"sequential pairs-dev ppl: {entry['reason']}" in out
     assert {c["test"] for comps in selection["comparisons_vs_best"].values() for c in comps} == {
-        "anytime e-process (discordant pairs)"}
+        "anytime e-process (discordant pairs)"
+    }
     assert main([*args[:4], "report"]) == 0
 
 
@@ -280,9 +338,16 @@ def test_which_entries_are_sequential():
 
     _, entries = load_suite(SUITES_DIR / "fewclue-test.yaml")
     sizes = [1772, 1772, 2520, 2520, 36, 60]
-    assert sequential_entries(entries, sizes, "auto", 3) == {0, 1, 2, 3}  # the style and fact tests stay fixed
+    assert sequential_entries(entries, sizes, "auto", 3) == {
+        0,
+        1,
+        2,
+        3,
+    }  # the style and fact tests stay fixed
     assert sequential_entries(entries, sizes, "sequential", 3) == {0, 1, 2, 3, 4, 5}
     assert sequential_entries(entries, sizes, "fixed", 3) == set()
     assert sequential_entries(entries, sizes, "auto", 1) == set()  # one candidate: nothing to settle
     _, dev = load_suite(SUITES_DIR / "default.yaml")
-    assert sequential_entries(dev, [160, 160, 160, 160, 36, 60], "auto", 3) == set()  # the dev suite is unchanged
+    assert (
+        sequential_entries(dev, [160, 160, 160, 160, 36, 60], "auto", 3) == set()
+    )  # the dev suite is unchanged

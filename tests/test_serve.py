@@ -25,8 +25,11 @@ def printable_tiny_qwen2(out, initializer_range, hidden_size=32):
 
     build_tiny_qwen2(out, initializer_range=initializer_range, hidden_size=hidden_size)
     tok = AutoTokenizer.from_pretrained(out)
-    bad = [[i] for i in range(len(tok)) if "\ufffd" in tok.decode([i]) or i in tok.all_special_ids
-           and i != tok.eos_token_id]
+    bad = [
+        [i]
+        for i in range(len(tok))
+        if "\ufffd" in tok.decode([i]) or i in tok.all_special_ids and i != tok.eos_token_id
+    ]
     config = GenerationConfig.from_pretrained(out)
     config.bad_words_ids = bad
     config.save_pretrained(out)
@@ -43,9 +46,26 @@ def test_lmdeploy_command_follows_its_documentation(tmp_path, monkeypatch):
     from serve.engines import engine_for, lmdeploy_engine
 
     e = lmdeploy_engine(tmp_path, backend="pytorch", tp=2, port=23333, python="/opt/lmd/bin/python")
-    assert e.argv == ["/opt/lmd/bin/python", "-m", "lmdeploy", "serve", "api_server", str(tmp_path),
-                      "--server-name", "127.0.0.1", "--server-port", "23333", "--backend", "pytorch",
-                      "--tp", "2", "--model-name", "selectune", "--log-level", "INFO"]
+    assert e.argv == [
+        "/opt/lmd/bin/python",
+        "-m",
+        "lmdeploy",
+        "serve",
+        "api_server",
+        str(tmp_path),
+        "--server-name",
+        "127.0.0.1",
+        "--server-port",
+        "23333",
+        "--backend",
+        "pytorch",
+        "--tp",
+        "2",
+        "--model-name",
+        "selectune",
+        "--log-level",
+        "INFO",
+    ]
     assert e.base_url == "http://127.0.0.1:23333" and e.model_name == "selectune"
     with pytest.raises(UserError, match="power of two"):
         lmdeploy_engine(tmp_path, tp=3)
@@ -58,8 +78,12 @@ def test_lmdeploy_command_follows_its_documentation(tmp_path, monkeypatch):
         assert engine_for(tmp_path).name == "transformers"
         monkeypatch.setenv("VLLM_PYTHON", sys.executable)
         vllm = engine_for(tmp_path)
-        assert vllm.name == "vllm" and vllm.argv[:4] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-                                                          "--model"]
+        assert vllm.name == "vllm" and vllm.argv[:4] == [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+        ]
         assert "--dtype" in vllm.argv and vllm.argv[vllm.argv.index("--dtype") + 1] == "float32"
 
 
@@ -89,9 +113,16 @@ def test_server_starts_answers_and_stops_and_fails_fast(tiny, tmp_path):
     engine = transformers_engine(tiny[0])
     with launch(engine, tmp_path / "serve.log") as server:
         assert server.base_url.startswith("http://127.0.0.1:")
-        reply = httpx.post(f"{server.base_url}/v1/chat/completions", timeout=60, json={
-            "model": server.model_name, "messages": [{"role": "user", "content": "问题1"}],
-            "max_tokens": 4, "temperature": 0.0}).json()
+        reply = httpx.post(
+            f"{server.base_url}/v1/chat/completions",
+            timeout=60,
+            json={
+                "model": server.model_name,
+                "messages": [{"role": "user", "content": "问题1"}],
+                "max_tokens": 4,
+                "temperature": 0.0,
+            },
+        ).json()
         assert reply["usage"]["completion_tokens"] == 4
         # the port is taken: refused before anything starts
         t0 = time.monotonic()
@@ -110,8 +141,9 @@ def test_server_starts_answers_and_stops_and_fails_fast(tiny, tmp_path):
 def _settings(tmp_path, data_dir):
     from core.settings import load_settings
 
-    return load_settings(runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"),
-                         data_dir=str(data_dir))
+    return load_settings(
+        runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"), data_dir=str(data_dir)
+    )
 
 
 def _target(model_dir):
@@ -129,8 +161,15 @@ def test_rescore_through_the_server_passes_parity_and_survives_a_dead_server(tin
 
     settings = _settings(tmp_path, task_data)
     target = _target(tiny[0])
-    kw = dict(tasks=["fewclue_bustm", "fact"], limit=10, concurrency=2, figure_requests=4, figure_concurrency=2,
-              figure_max_tokens=8, max_retries=1)
+    kw = dict(
+        tasks=["fewclue_bustm", "fact"],
+        limit=10,
+        concurrency=2,
+        figure_requests=4,
+        figure_concurrency=2,
+        figure_max_tokens=8,
+        max_retries=1,
+    )
     # The server dies after a few items: the client retries, gives up with a clear line.
     server = start(transformers_engine(tiny[0]), tmp_path / "s1.log")
     db = settings.runs_dir / "results.sqlite"
@@ -150,16 +189,28 @@ def test_rescore_through_the_server_passes_parity_and_survives_a_dead_server(tin
     killer = threading.Thread(target=kill_after_some_items)
     killer.start()
     with pytest.raises(UserError, match="gave up after 2 tries"):
-        rescore(settings, target, base_url=server.base_url, model_name=server.model_name,
-                engine="transformers", **kw)
+        rescore(
+            settings,
+            target,
+            base_url=server.base_url,
+            model_name=server.model_name,
+            engine="transformers",
+            **kw,
+        )
     killer.join()
     with sqlite3.connect(db) as conn:
         partial = conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
     assert 4 <= partial < 20
     # A rerun against a new server (another port) resumes: nothing lost, nothing twice.
     with launch(transformers_engine(tiny[0]), tmp_path / "s2.log") as server:
-        record = rescore(settings, target, base_url=server.base_url, model_name=server.model_name,
-                         engine="transformers", **kw)
+        record = rescore(
+            settings,
+            target,
+            base_url=server.base_url,
+            model_name=server.model_name,
+            engine="transformers",
+            **kw,
+        )
     gate = record["parity"]
     assert gate["passed"], gate["failures"]
     assert gate["items"] == 20 and gate["agreement"] >= 0.98
@@ -194,9 +245,17 @@ def test_parity_gate_fails_on_another_model_and_names_the_items(tiny, tmp_path, 
     settings = _settings(tmp_path, task_data)
     # the server holds model b; the local side is model a
     with launch(transformers_engine(tiny[1]), tmp_path / "s.log") as server:
-        record = rescore(settings, _target(tiny[0]), base_url=server.base_url, model_name=server.model_name,
-                         engine="transformers", tasks=["fact"], limit=6, figure_requests=2,
-                         figure_max_tokens=4)
+        record = rescore(
+            settings,
+            _target(tiny[0]),
+            base_url=server.base_url,
+            model_name=server.model_name,
+            engine="transformers",
+            tasks=["fact"],
+            limit=6,
+            figure_requests=2,
+            figure_max_tokens=4,
+        )
     gate = record["parity"]
     assert not gate["passed"] and gate["disagreements"]
     assert gate["failures"][0].startswith("parsed answers agree on")
@@ -215,10 +274,29 @@ def test_make_serve_runs_in_the_background_rescore_chat_then_stop(tiny, tmp_path
     from serve.chat import chat
     from serve.launcher import running
 
-    base = ["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
-            "--data-dir", str(task_data)]
-    assert main([*base, "serve", "--checkpoint", str(tiny[0]), "--model", "qwen2.5-coder-0.5b-instruct",
-                 "--engine", "transformers"]) == 0  # vLLM's CPU attention cannot run a head size of 8
+    base = [
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--data-dir",
+        str(task_data),
+    ]
+    assert (
+        main(
+            [
+                *base,
+                "serve",
+                "--checkpoint",
+                str(tiny[0]),
+                "--model",
+                "qwen2.5-coder-0.5b-instruct",
+                "--engine",
+                "transformers",
+            ]
+        )
+        == 0
+    )  # vLLM's CPU attention cannot run a head size of 8
     state = tmp_path / "runs" / "serve" / "server.json"
     try:
         server, recorded = running(state)
@@ -230,8 +308,16 @@ def test_make_serve_runs_in_the_background_rescore_chat_then_stop(tiny, tmp_path
         printed = capsys.readouterr().out
         assert "using the server `make serve` started" in printed and "parity gate: passed" in printed
         out = io.StringIO()
-        assert chat(server.base_url, server.model_name, max_tokens=6,
-                    stdin=io.StringIO("问题1\nreset\n问题2\nexit\n"), stdout=out) == 0
+        assert (
+            chat(
+                server.base_url,
+                server.model_name,
+                max_tokens=6,
+                stdin=io.StringIO("问题1\nreset\n问题2\nexit\n"),
+                stdout=out,
+            )
+            == 0
+        )
         text = out.getvalue()
         assert text.count(">>> ") == 4 and "(new conversation)" in text
     finally:
@@ -248,11 +334,23 @@ def test_serve_defaults_to_the_newest_merged_model(tiny, tmp_path, task_data, mo
         resolve_target(settings)
     run = settings.runs_dir / "train" / "default-x"
     run.mkdir(parents=True)
-    summary = {"model": "qwen2.5-coder-0.5b-instruct", "merged_model": "qwen2.5-coder-0.5b-instruct+default-x",
-               "merged": str(tmp_path / "gone"), "recipe": "train/default.yaml", "run_dir": str(run),
-               "adapter": str(run / "adapter"), "steps": 1, "train_seconds": 1.0, "total_seconds": 2.0,
-               "resumed_from": None, "final_train_loss": None, "final_val_loss": None, "cleaning": {},
-               "parity": {"passed": True}, "checks": []}
+    summary = {
+        "model": "qwen2.5-coder-0.5b-instruct",
+        "merged_model": "qwen2.5-coder-0.5b-instruct+default-x",
+        "merged": str(tmp_path / "gone"),
+        "recipe": "train/default.yaml",
+        "run_dir": str(run),
+        "adapter": str(run / "adapter"),
+        "steps": 1,
+        "train_seconds": 1.0,
+        "total_seconds": 2.0,
+        "resumed_from": None,
+        "final_train_loss": None,
+        "final_val_loss": None,
+        "cleaning": {},
+        "parity": {"passed": True},
+        "checks": [],
+    }
     write_artifact(run / "summary.json", TrainSummary, summary)
     with pytest.raises(UserError, match="merged model .* not found"):
         resolve_target(settings)
@@ -265,4 +363,7 @@ def test_serve_defaults_to_the_newest_merged_model(tiny, tmp_path, task_data, mo
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     target = resolve_target(settings)
-    assert target.model_dir == (run / "merged").resolve() and target.label == "qwen2.5-coder-0.5b-instruct+default-x"
+    assert (
+        target.model_dir == (run / "merged").resolve()
+        and target.label == "qwen2.5-coder-0.5b-instruct+default-x"
+    )

@@ -11,14 +11,24 @@ import yaml
 from core.errors import UserError
 from eval.task import load_items, load_task, resolve_task
 
-QA = [{"问题": "云栈盘免费版有多大？", "答案": "15GB", "编号": "q1"},
-      {"问题": "支持退款吗？", "答案": "7天内可以", "编号": "q2"}]
+QA = [
+    {"问题": "云栈盘免费版有多大？", "答案": "15GB", "编号": "q1"},
+    {"问题": "支持退款吗？", "答案": "7天内可以", "编号": "q2"},
+]
 
 
 def write_task(folder, data: dict, name: str = "faq"):
-    spec = {"name": name, "version": 1, "description": "The user's own FAQ.", "default_split": "test",
-            "data": data, "prompt": {"user": "{{ question }}"}, "modes": ["gen"],
-            "reference_field": "answer", "metrics": ["contains", "char_f1"]}
+    spec = {
+        "name": name,
+        "version": 1,
+        "description": "The user's own FAQ.",
+        "default_split": "test",
+        "data": data,
+        "prompt": {"user": "{{ question }}"},
+        "modes": ["gen"],
+        "reference_field": "answer",
+        "metrics": ["contains", "char_f1"],
+    }
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
     return path
@@ -33,14 +43,29 @@ def test_a_users_file_next_to_the_task_with_its_own_column_names(tmp_path, fmt):
 
     data = tmp_path / f"qa.{fmt}"
     frame = pd.DataFrame(QA)
-    {"csv": lambda: frame.to_csv(data, index=False), "jsonl": lambda: frame.to_json(data, orient="records",
-     lines=True, force_ascii=False), "json": lambda: data.write_text(json.dumps(QA, ensure_ascii=False)),
-     "parquet": lambda: frame.to_parquet(data)}[fmt]()
-    task = load_task(write_task(tmp_path, {"root": "file", "format": fmt, "splits": {"test": data.name},
-                                           "columns": COLUMNS, "id_field": "id"}))
+    {
+        "csv": lambda: frame.to_csv(data, index=False),
+        "jsonl": lambda: frame.to_json(data, orient="records", lines=True, force_ascii=False),
+        "json": lambda: data.write_text(json.dumps(QA, ensure_ascii=False)),
+        "parquet": lambda: frame.to_parquet(data),
+    }[fmt]()
+    task = load_task(
+        write_task(
+            tmp_path,
+            {
+                "root": "file",
+                "format": fmt,
+                "splits": {"test": data.name},
+                "columns": COLUMNS,
+                "id_field": "id",
+            },
+        )
+    )
     items = load_items(task, "test", tmp_path / "unused")
-    assert [(i.id, i.user, i.gold) for i in items] == [("q1", "云栈盘免费版有多大？", "15GB"),
-                                                       ("q2", "支持退款吗？", "7天内可以")]
+    assert [(i.id, i.user, i.gold) for i in items] == [
+        ("q1", "云栈盘免费版有多大？", "15GB"),
+        ("q2", "支持退款吗？", "7天内可以"),
+    ]
 
 
 def test_an_absolute_data_path_and_a_task_given_by_its_path(tmp_path):
@@ -59,12 +84,17 @@ def test_an_absolute_data_path_and_a_task_given_by_its_path(tmp_path):
 def test_a_column_that_is_not_in_the_data_is_one_line(tmp_path):
     data = tmp_path / "qa.jsonl"
     data.write_text(json.dumps(QA[0], ensure_ascii=False) + "\n", encoding="utf-8")
-    task = load_task(write_task(tmp_path, {"root": "file", "splits": {"test": "qa.jsonl"},
-                                           "columns": {**COLUMNS, "回答": "answer"}}))
+    task = load_task(
+        write_task(
+            tmp_path,
+            {"root": "file", "splits": {"test": "qa.jsonl"}, "columns": {**COLUMNS, "回答": "answer"}},
+        )
+    )
     with pytest.raises(UserError) as err:
         load_items(task, "test", tmp_path)
-    assert str(err.value) == (f"{data}: column '回答' named in `columns` is not in the data "
-                              "(columns: 答案, 编号, 问题)")
+    assert str(err.value) == (
+        f"{data}: column '回答' named in `columns` is not in the data (columns: 答案, 编号, 问题)"
+    )
 
 
 def test_a_hub_dataset_must_be_pinned_and_offline_is_one_line(tmp_path, monkeypatch):
@@ -73,7 +103,9 @@ def test_a_hub_dataset_must_be_pinned_and_offline_is_one_line(tmp_path, monkeypa
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    task = load_task(write_task(tmp_path, {"hub": "org/faq", "revision": "a" * 40, "splits": {"test": "validation"}}))
+    task = load_task(
+        write_task(tmp_path, {"hub": "org/faq", "revision": "a" * 40, "splits": {"test": "validation"}})
+    )
     with pytest.raises(UserError) as err:
         load_items(task, "test", tmp_path)
     text = str(err.value)

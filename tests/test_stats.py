@@ -40,7 +40,8 @@ def test_minimum_detectable_effect():
     # Continuous metrics use the observed spread: d = +-1 alternating, sd = sqrt(40/39), n = 40.
     d = [1.0, -1.0] * 20
     assert minimum_detectable_effect(d, [0.0] * 40, binary=False) == pytest.approx(
-        2.80158 * (40 / 39) ** 0.5 / 40**0.5, abs=1e-4)
+        2.80158 * (40 / 39) ** 0.5 / 40**0.5, abs=1e-4
+    )
 
 
 def test_compare_picks_the_test_by_metric_kind():

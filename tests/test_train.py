@@ -29,7 +29,9 @@ def test_loss_falls_on_a_memorisable_set(tmp_path, setup, quantization):
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("quantization,layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt"), ("none", None)])
+@pytest.mark.parametrize(
+    "quantization,layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt"), ("none", None)]
+)
 def test_quantization_builds_the_layers_it_names(setup, quantization, layer):
     from train.trainer import load_for_training
 
@@ -39,11 +41,19 @@ def test_quantization_builds_the_layers_it_names(setup, quantization, layer):
     assert (layer in kinds) if layer else not kinds & {"Linear4bit", "Linear8bitLt"}, kinds
 
 
-@pytest.mark.parametrize("avx512_bf16,amx,explicit,expected", [
-    (True, False, "auto", "bfloat16"), (False, True, "auto", "bfloat16"), (False, False, "auto", "float32"),
-    (True, False, "fp32", "float32"), (False, False, "bf16", "bfloat16")])
+@pytest.mark.parametrize(
+    "avx512_bf16,amx,explicit,expected",
+    [
+        (True, False, "auto", "bfloat16"),
+        (False, True, "auto", "bfloat16"),
+        (False, False, "auto", "float32"),
+        (True, False, "fp32", "float32"),
+        (False, False, "bf16", "bfloat16"),
+    ],
+)
 def test_auto_compute_dtype_is_bf16_only_on_cpus_that_multiply_it(
-        tmp_path, setup, monkeypatch, avx512_bf16, amx, explicit, expected):
+    tmp_path, setup, monkeypatch, avx512_bf16, amx, explicit, expected
+):
     import torch
 
     from train.trainer import compute_dtype, load_for_training
@@ -57,7 +67,9 @@ def test_auto_compute_dtype_is_bf16_only_on_cpus_that_multiply_it(
     if explicit == "auto":
         import bitsandbytes as bnb
 
-        layers = [m for m in load_for_training(r, str(model), False).modules() if isinstance(m, bnb.nn.Linear4bit)]
+        layers = [
+            m for m in load_for_training(r, str(model), False).modules() if isinstance(m, bnb.nn.Linear4bit)
+        ]
         assert layers and {m.compute_dtype for m in layers} == {getattr(torch, expected)}
 
 
@@ -78,27 +90,52 @@ def test_accumulation_and_checkpointing_make_the_same_update(tmp_path, setup):
     weights = {}
     for name, training in runs.items():
         # fp32 on a GPU too (its default is bf16), where accumulation order changes the last bits
-        r = recipe(data, quantization="none", compute_dtype="fp32", max_steps=3, save_steps=1000,
-                   sample_steps=1000, **training)
+        r = recipe(
+            data,
+            quantization="none",
+            compute_dtype="fp32",
+            max_steps=3,
+            save_steps=1000,
+            sample_steps=1000,
+            **training,
+        )
         weights[name] = adapter_weights(run_training(r, str(model), tmp_path / name, tmp_path).adapter_dir)
     from train.trainer import load_for_training
 
     for every, expected in ((1, [True] * 2), (2, [True, False])):  # the tiny model has 2 layers
-        m = load_for_training(recipe(data, quantization="none", gradient_checkpointing=True,
-                                     checkpoint_every_n_layers=every), str(model), False)
+        m = load_for_training(
+            recipe(data, quantization="none", gradient_checkpointing=True, checkpoint_every_n_layers=every),
+            str(model),
+            False,
+        )
         assert [layer.gradient_checkpointing for layer in m.base_model.model.model.layers] == expected
     # cuBLAS picks other kernels for other batch shapes: on a GPU one element in 256 was 5e-5 off
     tol = {"rtol": 1e-3, "atol": 1e-4} if torch.cuda.is_available() else {"rtol": 1e-4, "atol": 1e-5}
     for name in ("accum", "ckpt", "ckpt2"):
         assert weights[name].keys() == weights["plain"].keys()
         for key, value in weights["plain"].items():
-            torch.testing.assert_close(weights[name][key], value, **tol,
-                                       msg=lambda m, name=name, key=key: f"{name}: {key}: {m}")
+            torch.testing.assert_close(
+                weights[name][key], value, **tol, msg=lambda m, name=name, key=key: f"{name}: {key}: {m}"
+            )
     # the test can fail: a different learning rate gives another adapter
-    other = run_training(recipe(data, quantization="none", compute_dtype="fp32", max_steps=3, save_steps=1000,
-                                sample_steps=1000, learning_rate=2e-2), str(model), tmp_path / "other", tmp_path)
-    assert any(not torch.allclose(adapter_weights(other.adapter_dir)[k], v, **tol)
-               for k, v in weights["plain"].items())
+    other = run_training(
+        recipe(
+            data,
+            quantization="none",
+            compute_dtype="fp32",
+            max_steps=3,
+            save_steps=1000,
+            sample_steps=1000,
+            learning_rate=2e-2,
+        ),
+        str(model),
+        tmp_path / "other",
+        tmp_path,
+    )
+    assert any(
+        not torch.allclose(adapter_weights(other.adapter_dir)[k], v, **tol)
+        for k, v in weights["plain"].items()
+    )
 
 
 def test_shipped_recipes_load_and_bad_keys_are_one_line(tmp_path):
@@ -129,8 +166,17 @@ def test_epoch_schedule_evaluates_and_samples_once_an_epoch(tmp_path, setup):
     from train.trainer import run_training
 
     model, data = setup
-    r = recipe(data, quantization="none", max_steps=None, epochs=2, batch_size=2, eval_steps="epoch",
-               sample_steps="epoch", save_steps=1000, cpu_allocator="glibc")
+    r = recipe(
+        data,
+        quantization="none",
+        max_steps=None,
+        epochs=2,
+        batch_size=2,
+        eval_steps="epoch",
+        sample_steps="epoch",
+        save_steps=1000,
+        cpu_allocator="glibc",
+    )
     r = r.model_copy(update={"split": (0.75, 0.25, 0.0)})
     result = run_training(r, str(model), tmp_path / "run", tmp_path)
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
@@ -150,7 +196,8 @@ def test_train_command_end_to_end(tmp_path, setup, capsys):
     model, _ = setup
     provision(find_card("qwen2.5-1.5b-instruct"), tmp_path / "cache" / "models", weights=model)
     recipe_path = tmp_path / "e2e.yaml"
-    recipe_path.write_text(textwrap.dedent("""\
+    recipe_path.write_text(
+        textwrap.dedent("""\
         # python -m selectune train --recipe e2e.yaml
         name: e2e
         data: [{task: fact, split: train}]
@@ -162,7 +209,8 @@ def test_train_command_end_to_end(tmp_path, setup, capsys):
         parity: {items: 2, max_new_tokens: 4, task_items: 3}
         checkpoint_selection: {max_items: 40}
         checks: [{task: fact, split: test}, {task: style, split: test, metric: chrf}]
-    """))
+    """)
+    )
     args = ["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]
     assert main([*args, "train", "--recipe", str(recipe_path)]) == 2  # no selection.json, no model
     assert "run `make select` first" in capsys.readouterr().err
@@ -177,7 +225,9 @@ def test_train_command_end_to_end(tmp_path, setup, capsys):
     assert {p.name for p in (run / "data").iterdir()} == {"train.jsonl", "val.jsonl", "test.jsonl"}
     written = json.loads((run / "merged" / "provenance.json").read_text())
     assert written["base_card"] == "qwen2.5-1.5b-instruct" and len(written["data_sha256"]) == 64
-    samples = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if '"sample"' in line]
+    samples = [
+        json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if '"sample"' in line
+    ]
     assert [s["step"] for s in samples] == [2, 4]
     assert summary["resumed_from"] is None and summary["contamination"]["duplicates"] == 0
     # the checks scored at both evaluations (6 of each split, seeded), the final step then chosen
@@ -193,7 +243,9 @@ def test_train_command_end_to_end(tmp_path, setup, capsys):
     # the style check's 36 items were all scored at the merged step's evaluation, so the merged
     # side is read from there; scoring the written merged checkpoint gives the same
     assert [c["merged_scored_at"] for c in (fact, style)] == [
-        "merged checkpoint", f"checkpoint evaluation of step {choice['chosen_step']}"]
+        "merged checkpoint",
+        f"checkpoint evaluation of step {choice['chosen_step']}",
+    ]
     from core.settings import load_settings
     from eval.results import open_results
     from train.checks import check_comparison
@@ -201,26 +253,40 @@ def test_train_command_end_to_end(tmp_path, setup, capsys):
 
     settings = load_settings(runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"))
     card = find_card("qwen2.5-1.5b-instruct")
-    merged_card = card.model_copy(update={"name": summary["merged_model"], "chat_template": "tokenizer",
-                                          "add_bos": False})
+    merged_card = card.model_copy(
+        update={"name": summary["merged_model"], "chat_template": "tokenizer", "add_bos": False}
+    )
     # the reused side is stored as the merged model's run (`make rescore` finds it there)
     from eval.results import newest_model_run, run_items
 
     conn = open_results(tmp_path / "runs")
     stored = run_items(conn, newest_model_run(conn, summary["merged_model"], "style", "gen"))
-    chosen = json.loads((run / "checkpoint_evals" / f"step-{choice['chosen_step']}" / "scores.json").read_text())
-    by_id = dict(zip(chosen["entries"]["style-test-gen"]["ids"], chosen["entries"]["style-test-gen"]["outputs"]))
+    chosen = json.loads(
+        (run / "checkpoint_evals" / f"step-{choice['chosen_step']}" / "scores.json").read_text()
+    )
+    by_id = dict(
+        zip(chosen["entries"]["style-test-gen"]["ids"], chosen["entries"]["style-test-gen"]["outputs"])
+    )
     assert {r["item_id"]: r["output"] for r in stored} == by_id
     # a store without it scores the written merged checkpoint: the same
-    recomputed = check_comparison(CheckSpec(task="style", metric="chrf"), REPO / "tasks", card, merged_card,
-                                  run / "merged", settings, open_results(tmp_path / "fresh-store"))
+    recomputed = check_comparison(
+        CheckSpec(task="style", metric="chrf"),
+        REPO / "tasks",
+        card,
+        merged_card,
+        run / "merged",
+        settings,
+        open_results(tmp_path / "fresh-store"),
+    )
     assert recomputed["merged_scored_at"] == "merged checkpoint"
     assert (recomputed["merged"], recomputed["diff"]) == (style["merged"], style["diff"])
     # three-way parity on the checks: fp32 base + adapter and its merge give the same outputs
     tasks = summary["parity"]["three_way"]["tasks"]
     assert set(tasks) == {"trained_vs_fp32_adapter", "trained_vs_merged_fp32", "fp32_adapter_vs_merged_fp32"}
     assert [(r["entry"], r["items"], r["same_outputs"]) for r in tasks["fp32_adapter_vs_merged_fp32"]] == [
-        ("fact-test-gen", 3, 3), ("style-test-gen", 3, 3)]
+        ("fact-test-gen", 3, 3),
+        ("style-test-gen", 3, 3),
+    ]
     # run again (as after a kill once training had finished): it resumes from the last checkpoint,
     # trains no further step (Trainer alone would run a fifth) and writes the same adapter
     first = adapter_weights(run / "adapter")

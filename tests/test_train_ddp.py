@@ -42,10 +42,30 @@ def test_two_processes_make_the_same_adapter_as_one_with_the_same_global_batch(t
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
     def run(out: str, batch: int, lr: str = "1e-2", processes: int = 1) -> dict:
-        launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no"] if processes > 1 else [sys.executable]
-        done = subprocess.run([*launcher, str(script), str(tmp_path / out), str(batch), lr], env=env,
-                              capture_output=True, text=True, timeout=600)
+        launcher = (
+            [
+                accelerate,
+                "launch",
+                "--multi_gpu",
+                "--num_processes",
+                str(processes),
+                "--num_machines",
+                "1",
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+            ]
+            if processes > 1
+            else [sys.executable]
+        )
+        done = subprocess.run(
+            [*launcher, str(script), str(tmp_path / out), str(batch), lr],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         return adapter_weights(tmp_path / out / "adapter")
 
@@ -65,4 +85,3 @@ def test_two_processes_make_the_same_adapter_as_one_with_the_same_global_batch(t
     # the test can fail: one process with half the global batch makes another adapter
     half = run("half", 2)
     assert any(not torch.allclose(half[k], v, **tol) for k, v in one.items())
-

@@ -11,35 +11,57 @@ import pytest
 
 from tests.conftest import REPO
 
-CALIBRATION = {"identity": {"cpu": "Test CPU", "flags": ["avx2"], "torch": "2.13.0", "threads": 2},
-               "matmul_gflops": {"float32": 100.0}, "decode_gflops": {"float32": 50.0}, "bandwidth_gbs": 20.0,
-               "load_gbs": 2.0}
+CALIBRATION = {
+    "identity": {"cpu": "Test CPU", "flags": ["avx2"], "torch": "2.13.0", "threads": 2},
+    "matmul_gflops": {"float32": 100.0},
+    "decode_gflops": {"float32": 50.0},
+    "bandwidth_gbs": 20.0,
+    "load_gbs": 2.0,
+}
 CARD = "qwen2.5-1.5b-instruct"
 
 
 def recipe(epochs=3.0, max_steps=None, batch_size=4, grad_accum=2, eval_steps="epoch"):
-    return SimpleNamespace(training=SimpleNamespace(epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-                                                    grad_accum=grad_accum, eval_steps=eval_steps))
+    return SimpleNamespace(
+        training=SimpleNamespace(
+            epochs=epochs,
+            max_steps=max_steps,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            eval_steps=eval_steps,
+        )
+    )
 
 
-@pytest.mark.parametrize("spec, n_train, steps, epochs", [
-    (recipe(), 374, 141, 3.0),  # the default job: 94 batches of 4, 47 steps of 2 batches, 3 epochs
-    (recipe(batch_size=8, grad_accum=1, epochs=1.0), 100, 13, 1.0),  # the last batch is short, not dropped
-    (recipe(epochs=2.5, batch_size=8, grad_accum=1), 16, 5, 2.5),  # a part epoch rounds up
-    (recipe(max_steps=30, batch_size=8, grad_accum=1), 56, 30, 30 / 7),  # max_steps overrides epochs
-])
+@pytest.mark.parametrize(
+    "spec, n_train, steps, epochs",
+    [
+        (recipe(), 374, 141, 3.0),  # the default job: 94 batches of 4, 47 steps of 2 batches, 3 epochs
+        (
+            recipe(batch_size=8, grad_accum=1, epochs=1.0),
+            100,
+            13,
+            1.0,
+        ),  # the last batch is short, not dropped
+        (recipe(epochs=2.5, batch_size=8, grad_accum=1), 16, 5, 2.5),  # a part epoch rounds up
+        (recipe(max_steps=30, batch_size=8, grad_accum=1), 56, 30, 30 / 7),  # max_steps overrides epochs
+    ],
+)
 def test_the_steps_are_the_trainers(spec, n_train, steps, epochs):
     from train.estimate import train_steps
 
     assert train_steps(spec, n_train) == (steps, pytest.approx(epochs))
 
 
-@pytest.mark.parametrize("spec, steps, epochs, rounds", [
-    (recipe(), 141, 3.0, 3),  # once an epoch, the last at the end
-    (recipe(eval_steps="epoch"), 50, 2.5, 3),  # two epochs, then the end of the half one
-    (recipe(eval_steps=15), 30, 30 / 7, 2),  # every 15 steps; the end is one of them
-    (recipe(eval_steps=20), 141, 3.0, 8),  # seven times, then at the end
-])
+@pytest.mark.parametrize(
+    "spec, steps, epochs, rounds",
+    [
+        (recipe(), 141, 3.0, 3),  # once an epoch, the last at the end
+        (recipe(eval_steps="epoch"), 50, 2.5, 3),  # two epochs, then the end of the half one
+        (recipe(eval_steps=15), 30, 30 / 7, 2),  # every 15 steps; the end is one of them
+        (recipe(eval_steps=20), 141, 3.0, 8),  # seven times, then at the end
+    ],
+)
 def test_the_evaluation_rounds_are_the_trainers(spec, steps, epochs, rounds):
     from train.estimate import evaluation_rounds
 
@@ -61,13 +83,32 @@ def test_train_estimate_prints_every_stage_and_trains_nothing(tiny_card, capsys)
     from selectune.cli import main
 
     runs, quick = tiny_card / "runs", tiny_card / "quick.yaml"
-    quick.write_text((REPO / "train" / "quick.yaml").read_text(encoding="utf-8") + "compute_dtype: fp32\n",
-                     encoding="utf-8")
-    assert main(["--runs-dir", str(runs), "--cache-dir", str(tiny_card / "cache"), "train", "--recipe", str(quick),
-                 "--model", CARD, "--estimate"]) == 0
+    quick.write_text(
+        (REPO / "train" / "quick.yaml").read_text(encoding="utf-8") + "compute_dtype: fp32\n",
+        encoding="utf-8",
+    )
+    assert (
+        main(
+            [
+                "--runs-dir",
+                str(runs),
+                "--cache-dir",
+                str(tiny_card / "cache"),
+                "train",
+                "--recipe",
+                str(quick),
+                "--model",
+                CARD,
+                "--estimate",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == (f"estimate for `make train` (quick.yaml, {CARD}) here (Test CPU, avx2; float32 at 100 "
-                        "GFLOP/s, measured by `make machine`):")
+    assert lines[0] == (
+        f"estimate for `make train` (quick.yaml, {CARD}) here (Test CPU, avx2; float32 at 100 "
+        "GFLOP/s, measured by `make machine`):"
+    )
     stages = [line.strip().split(":")[0] for line in lines if line.startswith("    ")]
     assert stages == ["training", "evaluations", "checkpoint evaluations", "merge and parity", "check"]
     assert "30 steps" in lines[2] and lines[-1].startswith("  total: at most ")
@@ -86,16 +127,25 @@ def test_the_training_tokens_are_what_the_trainer_tokenises(tiny_card):
 
     settings = Settings(runs_dir=tiny_card / "runs", cache_dir=tiny_card / "cache")
     spec = load_recipe(REPO / "train" / "quick.yaml").model_copy(update={"compute_dtype": "fp32"})
-    spec = spec.model_copy(update={"training": spec.training.model_copy(update={"max_steps": None, "epochs": 2})})
+    spec = spec.model_copy(
+        update={"training": spec.training.model_copy(update={"max_steps": None, "epochs": 2})}
+    )
     training = train_estimate(settings, spec, CARD).costs[0]
     card = find_card(CARD)
     manifest = read_manifest(card, settings.model_store)
     from transformers import AutoTokenizer
 
-    data = prepare_data(spec, AutoTokenizer.from_pretrained(manifest["checkpoint"]), settings.resolved_data_dir,
-                        tiny_card / "prepared")
+    data = prepare_data(
+        spec,
+        AutoTokenizer.from_pretrained(manifest["checkpoint"]),
+        settings.resolved_data_dir,
+        tiny_card / "prepared",
+    )
     tokens = 2 * sum(len(e.input_ids) for e in data.train)
-    assert f"{len(data.train)} conversations" in training.detail and f"{tokens} tokens in float32" in training.detail
+    assert (
+        f"{len(data.train)} conversations" in training.detail
+        and f"{tokens} tokens in float32" in training.detail
+    )
     body = checkpoint_shape(card, Path(manifest["checkpoint"])).body
     assert training.seconds == pytest.approx(4 * body * tokens / (100e9 * TRAIN_EFFICIENCY))
 
@@ -121,11 +171,27 @@ def test_the_whole_commands_bar_ends_at_the_estimate(tiny_card, monkeypatch, cap
     from selectune.cli import main
 
     bars, quick = [], tiny_card / "quick.yaml"
-    quick.write_text((REPO / "train" / "quick.yaml").read_text(encoding="utf-8") + "compute_dtype: fp32\n",
-                     encoding="utf-8")
+    quick.write_text(
+        (REPO / "train" / "quick.yaml").read_text(encoding="utf-8") + "compute_dtype: fp32\n",
+        encoding="utf-8",
+    )
     monkeypatch.setattr(Estimate, "overall_bar", lambda self: bars.append((self, Recorder())) or bars[-1][1])
-    assert main(["--runs-dir", str(tiny_card / "runs"), "--cache-dir", str(tiny_card / "cache"), "train", "--recipe",
-                 str(quick), "--model", CARD]) == 0
+    assert (
+        main(
+            [
+                "--runs-dir",
+                str(tiny_card / "runs"),
+                "--cache-dir",
+                str(tiny_card / "cache"),
+                "train",
+                "--recipe",
+                str(quick),
+                "--model",
+                CARD,
+            ]
+        )
+        == 0
+    )
     ((estimate, bar),) = bars
     assert bar.n == pytest.approx(estimate.seconds)
     per_step = estimate.stage_seconds("training") / 30

@@ -26,8 +26,10 @@ def test_collapse_is_flagged():
     assert degenerate("哈哈哈哈哈哈哈哈哈哈") is not None
     assert degenerate("云栈盘免费版为每个账号提供15GB存储空间。") is None
     assert degenerate("心情不好，情绪低落，" * 8).startswith("a phrase repeats")
-    long_reply = ("辛苦你了，连轴转谁都会累的。先好好吃顿饭，把能推的事情列出来，找机会和老板温和地谈谈工作量，"
-                  "你的休息也很重要哦。")
+    long_reply = (
+        "辛苦你了，连轴转谁都会累的。先好好吃顿饭，把能推的事情列出来，找机会和老板温和地谈谈工作量，"
+        "你的休息也很重要哦。"
+    )
     assert degenerate(long_reply) is None
 
 
@@ -71,8 +73,11 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, setup
     bad = recipe(data, quantization="none", learning_rate=50.0, save_steps=1, max_steps=30)
     # Too high a learning rate ends as a NaN, a blown-up loss or a collapse (zero gradients, a
     # frozen loss), by the CPU's or GPU's kernels: each stops the run the same way.
-    with pytest.raises(UserError, match=r"(diverged|became nan|collapsed) at step \d+.*stopped\. "
-                                        r"Last good checkpoint") as err:
+    with pytest.raises(
+        UserError,
+        match=r"(diverged|became nan|collapsed) at step \d+.*stopped\. "
+        r"Last good checkpoint",
+    ) as err:
         run_training(bad, str(model), tmp_path / "run", tmp_path)
     steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
     bad_step = int(re.search(r" at step (\d+)", str(err.value)).group(1))
@@ -100,8 +105,12 @@ def test_kill_9_then_rerun_repeats_the_uninterrupted_run(tmp_path, setup):
     subprocess.run([sys.executable, str(script), str(straight)], check=True, env=env, capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(script), str(killed)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(killed)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while not (killed / "checkpoints" / "checkpoint-15").is_dir() and time.monotonic() < deadline:
         time.sleep(0.05)

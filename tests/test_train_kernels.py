@@ -20,8 +20,12 @@ def test_fused_silu_mlp_keeps_loss_and_gradients_and_saves_less(tmp_path):
     from train.trainer import PadCollator
 
     path = build_tiny_qwen2(tmp_path / "m", initializer_range=0.2)
-    batch = PadCollator(pad_id=0)([{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
-                                   {"input_ids": [10, 11, 12], "labels": [-100, 11, 12]}])
+    batch = PadCollator(pad_id=0)(
+        [
+            {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
+            {"input_ids": [10, 11, 12], "labels": [-100, 11, 12]},
+        ]
+    )
 
     def run(fuse: bool):
         model = AutoModelForCausalLM.from_pretrained(path)
@@ -47,8 +51,15 @@ def test_fused_silu_mlp_keeps_loss_and_gradients_and_saves_less(tmp_path):
     # another activation is left as it is
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    gelu = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=1, hidden_act="gelu_pytorch_tanh")
+    gelu = Qwen2Config(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        hidden_act="gelu_pytorch_tanh",
+    )
     assert fuse_silu_mlps(Qwen2ForCausalLM(gelu)) == 0
 
 
@@ -63,8 +74,12 @@ def test_lora_dropout_in_lora_a_keeps_loss_and_gradients_and_saves_less(tmp_path
     from train.trainer import PadCollator, load_for_training
 
     path = build_tiny_qwen2(tmp_path / "m", initializer_range=0.2)
-    batch = PadCollator(pad_id=0)([{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
-                                   {"input_ids": [10, 11, 12], "labels": [-100, 11, 12]}])
+    batch = PadCollator(pad_id=0)(
+        [
+            {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
+            {"input_ids": [10, 11, 12], "labels": [-100, 11, 12]},
+        ]
+    )
     r = recipe(tmp_path / "unused.jsonl", quantization="none", lora_dropout=0.3, compute_dtype="fp32")
 
     class RandDropout(torch.nn.Module):
@@ -108,8 +123,13 @@ def test_lora_dropout_in_lora_a_keeps_loss_and_gradients_and_saves_less(tmp_path
     assert loss == pytest.approx(plain_loss, rel=1e-6) and eval_loss == plain_eval
     assert grads.keys() == plain_grads.keys() and len(grads) == 28
     for name, grad in plain_grads.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5,  # the 1/(1-p) is applied elsewhere
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            grads[name],
+            grad,
+            rtol=1e-4,
+            atol=1e-5,  # the 1/(1-p) is applied elsewhere
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
     assert saved < plain_saved, (saved, plain_saved)
     assert run(True, seed=2)[0] != loss  # the masks matter: the check above can fail
 
@@ -135,11 +155,14 @@ def test_label_only_loss_equals_the_models_own_loss(tmp_path, softcap):
             if kwargs.get("labels") is not None:
                 out.loss = model.loss_function(out.logits, kwargs["labels"], model.config.vocab_size)
             return out
+
         model.forward = capped
     assert plain_head(model.config) == (softcap is None)
-    features = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
-                {"input_ids": [10, 11, 12], "labels": [-100, 11, 12]},
-                {"input_ids": [13, 14, 15, 16, 17, 18, 19], "labels": [-100] * 4 + [17, 18, 19]}]
+    features = [
+        {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
+        {"input_ids": [10, 11, 12], "labels": [-100, 11, 12]},
+        {"input_ids": [13, 14, 15, 16, 17, 18, 19], "labels": [-100] * 4 + [17, 18, 19]},
+    ]
     batch = PadCollator(pad_id=0)(features)
     reference = model(**batch).loss
     reference.backward()
@@ -153,7 +176,8 @@ def test_label_only_loss_equals_the_models_own_loss(tmp_path, softcap):
         torch.testing.assert_close(p.grad, want[name], rtol=1e-4, atol=1e-6, msg=name)
     with torch.no_grad():
         assert label_only_loss(model, batch, num_items_in_batch=16)[0].item() == pytest.approx(
-            ours.item() * 8 / 16, rel=1e-6)
+            ours.item() * 8 / 16, rel=1e-6
+        )
     empty = PadCollator(pad_id=0)([{"input_ids": [5, 6], "labels": [-100, -100]}])
     loss, labelled = label_only_loss(model, empty, num_items_in_batch=4)
     assert labelled == 0 and loss.item() == 0

@@ -21,19 +21,37 @@ def test_merge_matches_base_plus_adapter_and_loads(tmp_path, setup):
     model, data = setup
     result = run_training(recipe(data, max_steps=10), str(model), tmp_path / "run", tmp_path)
     prompts = [[{"role": "user", "content": f"问题{i}"}] for i in range(4)]
-    parity = merge_adapter(str(model), result.adapter_dir, tmp_path / "run" / "merged", parity_prompts=prompts,
-                           max_new_tokens=8, tolerance=1e-3, provenance=provenance(base_card="tiny"))
+    parity = merge_adapter(
+        str(model),
+        result.adapter_dir,
+        tmp_path / "run" / "merged",
+        parity_prompts=prompts,
+        max_new_tokens=8,
+        tolerance=1e-3,
+        provenance=provenance(base_card="tiny"),
+    )
     assert parity.passed and parity.same_replies == 4 and parity.max_abs_logit_diff < 1e-4
     merged = tmp_path / "run" / "merged"
     written = json.loads((merged / "provenance.json").read_text())
-    assert written["base_card"] == "tiny" and written["parity"]["passed"] is True and written["schema_version"] == 1
+    assert (
+        written["base_card"] == "tiny"
+        and written["parity"]["passed"] is True
+        and written["schema_version"] == 1
+    )
     assert list(merged.glob("*.safetensors")) and not list(merged.glob("*.bin"))
     AutoModelForCausalLM.from_pretrained(merged)
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), result.adapter_dir)
     # A tolerance nothing can meet (negative) fails the check and leaves no merged directory behind.
     with pytest.raises(UserError, match="merge parity failed"):
-        merge_adapter(str(model), result.adapter_dir, tmp_path / "run" / "merged2", parity_prompts=prompts,
-                      max_new_tokens=8, tolerance=-1.0, provenance=provenance())
+        merge_adapter(
+            str(model),
+            result.adapter_dir,
+            tmp_path / "run" / "merged2",
+            parity_prompts=prompts,
+            max_new_tokens=8,
+            tolerance=-1.0,
+            provenance=provenance(),
+        )
     assert not (tmp_path / "run" / "merged2").exists()
 
 
@@ -49,9 +67,15 @@ def test_merge_parity_catches_a_merge_that_drops_the_adapter(tmp_path, setup, mo
     result = run_training(recipe(data, max_steps=10), str(model), tmp_path / "run", tmp_path)
     monkeypatch.setattr(BaseTuner, "merge_and_unload", BaseTuner.unload)
     with pytest.raises(UserError, match="merge parity failed"):
-        merge_adapter(str(model), result.adapter_dir, tmp_path / "run" / "merged",
-                      parity_prompts=[[{"role": "user", "content": "问题1"}]], max_new_tokens=4,
-                      tolerance=1e-3, provenance=provenance())
+        merge_adapter(
+            str(model),
+            result.adapter_dir,
+            tmp_path / "run" / "merged",
+            parity_prompts=[[{"role": "user", "content": "问题1"}]],
+            max_new_tokens=4,
+            tolerance=1e-3,
+            provenance=provenance(),
+        )
     assert not (tmp_path / "run" / "merged").exists()
 
 
@@ -68,8 +92,15 @@ def test_modules_to_save_trains_the_head_and_merges(tmp_path, setup):
     curve = [loss for _, loss in losses(tmp_path / "run")]
     assert curve[-1] < 0.5 * curve[0]
     prompts = [[{"role": "user", "content": f"问题{i}"}] for i in range(3)]
-    parity = merge_adapter(str(model), result.adapter_dir, tmp_path / "run" / "merged", parity_prompts=prompts,
-                           max_new_tokens=6, tolerance=1e-3, provenance=provenance())
+    parity = merge_adapter(
+        str(model),
+        result.adapter_dir,
+        tmp_path / "run" / "merged",
+        parity_prompts=prompts,
+        max_new_tokens=6,
+        tolerance=1e-3,
+        provenance=provenance(),
+    )
     assert parity.passed and parity.same_replies == 3
 
 
@@ -85,22 +116,50 @@ def test_three_way_parity_measures_what_training_optimised_against_both_merges(t
     r = recipe(data, max_steps=10, compute_dtype="fp32")
     result = run_training(r, str(model), tmp_path / "run", tmp_path)
     prompts = [[{"role": "user", "content": f"问题{i}"}] for i in range(4)]
-    parity = merge_adapter(str(model), result.adapter_dir, tmp_path / "run" / "merged", parity_prompts=prompts,
-                           max_new_tokens=8, tolerance=1e-3, provenance=provenance(),
-                           quantization="nf4", compute_dtype=torch.float32)
+    parity = merge_adapter(
+        str(model),
+        result.adapter_dir,
+        tmp_path / "run" / "merged",
+        parity_prompts=prompts,
+        max_new_tokens=8,
+        tolerance=1e-3,
+        provenance=provenance(),
+        quantization="nf4",
+        compute_dtype=torch.float32,
+    )
     three = parity.three_way
     assert parity.passed and three["merge_base"] == "fp32" and "trained_vs_merged_dequantized" not in three
     nf4_vs_fp32 = three["trained_vs_fp32_adapter"]
-    assert nf4_vs_fp32["items"] == 4 and 0 < nf4_vs_fp32["max_abs_logit_diff"]  # the quantisation shift, measured
+    assert (
+        nf4_vs_fp32["items"] == 4 and 0 < nf4_vs_fp32["max_abs_logit_diff"]
+    )  # the quantisation shift, measured
     assert three["trained_vs_merged_fp32"]["max_abs_logit_diff"] == pytest.approx(
-        nf4_vs_fp32["max_abs_logit_diff"], abs=1e-3)
-    dq = merge_adapter(str(model), result.adapter_dir, tmp_path / "run" / "merged-dq", parity_prompts=prompts,
-                       max_new_tokens=8, tolerance=1e-3, provenance=provenance(),
-                       quantization="nf4", compute_dtype=torch.float32, merge_base="dequantized")
+        nf4_vs_fp32["max_abs_logit_diff"], abs=1e-3
+    )
+    dq = merge_adapter(
+        str(model),
+        result.adapter_dir,
+        tmp_path / "run" / "merged-dq",
+        parity_prompts=prompts,
+        max_new_tokens=8,
+        tolerance=1e-3,
+        provenance=provenance(),
+        quantization="nf4",
+        compute_dtype=torch.float32,
+        merge_base="dequantized",
+    )
     assert dq.passed
     to_dq = dq.three_way["trained_vs_merged_dequantized"]
     assert to_dq["max_abs_logit_diff"] < 0.1 * dq.three_way["trained_vs_merged_fp32"]["max_abs_logit_diff"]
     assert to_dq["same_replies"] == 4
     with pytest.raises(UserError, match="merge_base: dequantized needs a quantised base"):
-        merge_adapter(str(model), result.adapter_dir, tmp_path / "run" / "m3", parity_prompts=prompts,
-                      max_new_tokens=8, tolerance=1e-3, provenance=provenance(), merge_base="dequantized")
+        merge_adapter(
+            str(model),
+            result.adapter_dir,
+            tmp_path / "run" / "m3",
+            parity_prompts=prompts,
+            max_new_tokens=8,
+            tolerance=1e-3,
+            provenance=provenance(),
+            merge_base="dequantized",
+        )

@@ -17,14 +17,17 @@ from serve.engines import vllm_python
 from bench.fixtures import build_tiny_qwen2
 from tests.conftest import REPO
 
-needs_vllm = pytest.mark.skipif(not Path(vllm_python()).exists(),
-                                reason="no vLLM venv (make vllm-venv; make test builds it)")
+needs_vllm = pytest.mark.skipif(
+    not Path(vllm_python()).exists(), reason="no vLLM venv (make vllm-venv; make test builds it)"
+)
 
 
 def _settings(tmp_path, data_dir):
     from core.settings import load_settings
 
-    return load_settings(runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"), data_dir=str(data_dir))
+    return load_settings(
+        runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"), data_dir=str(data_dir)
+    )
 
 
 def _target(model_dir):
@@ -46,9 +49,18 @@ def test_vllm_serves_both_modes_with_parity_against_the_local_model(tmp_path, ta
     assert engine_for(model_dir).name == "vllm"  # the CPU default where its venv exists
     settings = _settings(tmp_path, task_data)
     with launch(vllm_engine(model_dir), tmp_path / "vllm.log") as server:
-        record = rescore(settings, _target(model_dir), base_url=server.base_url, model_name=server.model_name,
-                         engine="vllm", tasks=["fewclue_bustm", "fact"], limit=12, figure_requests=4,
-                         figure_concurrency=4, figure_max_tokens=8)
+        record = rescore(
+            settings,
+            _target(model_dir),
+            base_url=server.base_url,
+            model_name=server.model_name,
+            engine="vllm",
+            tasks=["fewclue_bustm", "fact"],
+            limit=12,
+            figure_requests=4,
+            figure_concurrency=4,
+            figure_max_tokens=8,
+        )
     assert not server.alive()
     gate = record["parity"]
     assert gate["passed"], gate["failures"]
@@ -58,7 +70,11 @@ def test_vllm_serves_both_modes_with_parity_against_the_local_model(tmp_path, ta
     # the same tokens scored by both (ids sent, not text); fp32 on both sides. The wide
     # initialisation gives log-likelihoods of -20 to -60, so this is a relative 1e-5.
     assert ppl["agreement"] == 1.0 and ppl["max_abs_loglik_diff"] < 1e-3
-    assert record["concurrency"] == 4 and set(record["served_runs"]) == {"fewclue_bustm", "fewclue_bustm:ppl", "fact"}
+    assert record["concurrency"] == 4 and set(record["served_runs"]) == {
+        "fewclue_bustm",
+        "fewclue_bustm:ppl",
+        "fact",
+    }
     assert record["serving"]["4"]["requests"] == 4
 
 
@@ -79,13 +95,35 @@ def test_a_killed_rescore_stops_the_server_it_started(tmp_path, task_data, sig):
     """Ctrl-C or SIGTERM while re-scoring: the server started for it is gone afterwards."""
     model_dir = build_tiny_qwen2(tmp_path / "tiny", initializer_range=1.0)
     log = tmp_path / "runs" / "serve" / "transformers.log"
-    cmd = [sys.executable, "-m", "selectune", "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(task_data),
-           "--cache-dir", str(tmp_path / "cache"), "rescore", "--checkpoint", str(model_dir),
-           "--model", "qwen2.5-coder-0.5b-instruct", "--engine", "transformers", "--tasks", "fact"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "selectune",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--data-dir",
+        str(task_data),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "rescore",
+        "--checkpoint",
+        str(model_dir),
+        "--model",
+        "qwen2.5-coder-0.5b-instruct",
+        "--engine",
+        "transformers",
+        "--tasks",
+        "fact",
+    ]
     out_path = tmp_path / "rescore.out"
     with open(out_path, "w") as out_file:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out_file, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            stdout=out_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     deadline = time.monotonic() + 240
     while "rescore: started transformers" not in out_path.read_text(errors="replace"):
         assert proc.poll() is None, f"rescore exited early: {out_path.read_text()}"

@@ -14,23 +14,47 @@ ROWS = [{"prompt": f"问题{i}", "completion": f"答案是{i * 7}号"} for i in 
 
 
 def recipe(data_path, **training) -> Recipe:
-    return Recipe.model_validate({
-        "name": "t", "data": [{"path": str(data_path)}], "split": [1.0, 0.0, 0.0],
-        "quantization": training.pop("quantization", "nf4"),
-        "compute_dtype": training.pop("compute_dtype", "auto"),
-        "lora": {"r": 8, "alpha": 16, "dropout": training.pop("lora_dropout", 0.0)},
-        "training": {"max_steps": 40, "batch_size": 4, "learning_rate": 1e-2, "scheduler": "constant",
-                     "warmup_ratio": 0.0, "gradient_checkpointing": False, "logging_steps": 1,
-                     "eval_steps": 1000, "save_steps": 10, "sample_steps": 20, **training},
-        "samples": {"prompts": ["问题1"], "facts": [["7号"]], "max_new_tokens": 6},
-    })
+    return Recipe.model_validate(
+        {
+            "name": "t",
+            "data": [{"path": str(data_path)}],
+            "split": [1.0, 0.0, 0.0],
+            "quantization": training.pop("quantization", "nf4"),
+            "compute_dtype": training.pop("compute_dtype", "auto"),
+            "lora": {"r": 8, "alpha": 16, "dropout": training.pop("lora_dropout", 0.0)},
+            "training": {
+                "max_steps": 40,
+                "batch_size": 4,
+                "learning_rate": 1e-2,
+                "scheduler": "constant",
+                "warmup_ratio": 0.0,
+                "gradient_checkpointing": False,
+                "logging_steps": 1,
+                "eval_steps": 1000,
+                "save_steps": 10,
+                "sample_steps": 20,
+                **training,
+            },
+            "samples": {"prompts": ["问题1"], "facts": [["7号"]], "max_new_tokens": 6},
+        }
+    )
 
 
 def provenance(**given) -> dict:
     """What `make train` hands the merge to write beside the merged weights."""
-    return {"base_card": "tiny", "base_weights_sha256": None, "adapter_config": {}, "adapter_sha256": "0" * 64,
-            "data_sha256": "1" * 64, "recipe": {}, "recipe_sha256": None, "final_train_loss": None,
-            "final_val_loss": None, "steps": 1, **given}
+    return {
+        "base_card": "tiny",
+        "base_weights_sha256": None,
+        "adapter_config": {},
+        "adapter_sha256": "0" * 64,
+        "data_sha256": "1" * 64,
+        "recipe": {},
+        "recipe_sha256": None,
+        "final_train_loss": None,
+        "final_val_loss": None,
+        "steps": 1,
+        **given,
+    }
 
 
 @pytest.fixture

@@ -32,8 +32,10 @@ class JsonlLog(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero:  # under `accelerate launch`, one writer
             return
-        append_jsonl(self.log_path, {"step": state.global_step, "epoch": state.epoch, "time": time.time(),
-                                     **(logs or {})})
+        append_jsonl(
+            self.log_path,
+            {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **(logs or {})},
+        )
 
 
 class TrainingGuard(TrainerCallback):
@@ -65,14 +67,20 @@ class TrainingGuard(TrainerCallback):
             # the update just applied was made of NaNs: the weights are gone
             self.stop(step, f"gradient norm became {grad_norm} at step {step}")
         elif self.first is not None and loss > self.divergence_factor * self.first:
-            self.stop(step, f"training loss diverged at step {step}: {loss:.3f} > "
-                            f"{self.divergence_factor} x the first logged {self.first:.3f}")
+            self.stop(
+                step,
+                f"training loss diverged at step {step}: {loss:.3f} > "
+                f"{self.divergence_factor} x the first logged {self.first:.3f}",
+            )
         elif grad_norm is not None and grad_norm <= ZERO_GRAD_NORM:
             self.zero_since = step if self.zero_logs == 0 else self.zero_since
             self.zero_logs += 1
             if self.zero_logs >= self.collapse_logs:
-                self.stop(self.zero_since, f"training collapsed at step {self.zero_since}: gradient norm 0 "
-                                           f"at {self.zero_logs} logs in a row, loss frozen at {loss:.3f}")
+                self.stop(
+                    self.zero_since,
+                    f"training collapsed at step {self.zero_since}: gradient norm 0 "
+                    f"at {self.zero_logs} logs in a row, loss frozen at {loss:.3f}",
+                )
         else:
             self.zero_logs = 0
         if self.problem:
@@ -93,7 +101,9 @@ class Samples(TrainerCallback):
     """The recipe's prompts generated greedily every `every` steps (or "epoch"), checked for
     collapse and under-fitting, and logged."""
 
-    def __init__(self, recipe: Recipe, tokenizer, log_path: Path, samples: list[tuple[list[dict], list[str]]]):
+    def __init__(
+        self, recipe: Recipe, tokenizer, log_path: Path, samples: list[tuple[list[dict], list[str]]]
+    ):
         self.every, self.max_new_tokens = recipe.training.sample_steps, recipe.samples.max_new_tokens
         self.tokenizer, self.log_path, self.samples = tokenizer, log_path, samples
         self.last_step: int | None = None
@@ -124,8 +134,16 @@ class Samples(TrainerCallback):
             missing = [f for f, hit in facts_found(reply, facts).items() if not hit]
             if missing:
                 flags.append("under-fitting: facts missing: " + ", ".join(missing))
-            append_jsonl(self.log_path, {"step": step, "sample": n, "prompt": messages[-1]["content"],
-                                         "reply": reply, "flags": flags})
+            append_jsonl(
+                self.log_path,
+                {
+                    "step": step,
+                    "sample": n,
+                    "prompt": messages[-1]["content"],
+                    "reply": reply,
+                    "flags": flags,
+                },
+            )
             for flag in flags:
                 print(f"train: step {step}, sample {n}: {flag}")
 
@@ -162,10 +180,14 @@ def sample_prompts(recipe: Recipe, data_dir: Path) -> list[tuple[list[dict], lis
     """(conversation without the reply, facts it must contain) for every sample prompt."""
     from eval.task import load_items, resolve_task
 
-    out = [([{"role": "user", "content": p}], recipe.samples.facts[n] if recipe.samples.facts else [])
-           for n, p in enumerate(recipe.samples.prompts)]
+    out = [
+        ([{"role": "user", "content": p}], recipe.samples.facts[n] if recipe.samples.facts else [])
+        for n, p in enumerate(recipe.samples.prompts)
+    ]
     for spec in recipe.samples.tasks:
-        for item in load_items(resolve_task(spec.task, recipe.path.parent), spec.split, data_dir)[: spec.count]:
+        for item in load_items(resolve_task(spec.task, recipe.path.parent), spec.split, data_dir)[
+            : spec.count
+        ]:
             out.append((item.messages(), list(item.fields.get("facts", []))))
     return out
 
@@ -184,8 +206,13 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
     if not conversations:
         return []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [tokenizer(tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
-                         add_special_tokens=False).input_ids for m in conversations]
+    encoded = [
+        tokenizer(
+            tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False,
+        ).input_ids
+        for m in conversations
+    ]
     width = max(map(len, encoded))
     ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=model.device)
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=model.device)
@@ -193,8 +220,13 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
     model.eval()
     try:
         with torch.inference_mode():
-            new = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad)
+            new = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+            )
     finally:
         model.train(was_training)
     return [strip_partial_char(tokenizer.decode(row[width:], skip_special_tokens=True)) for row in new]

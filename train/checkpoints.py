@@ -27,7 +27,6 @@ from core.artifacts import CheckpointScores, read_artifact, write_artifact
 from core.workspace import TrainRun
 
 
-
 @dataclass
 class ProbeEntry:
     """One task split scored at every checkpoint evaluation."""
@@ -53,10 +52,15 @@ def probe_entries(recipe, selection: dict | None, data_dir: Path) -> list[ProbeE
     from eval.suite import entries_with_role
     from eval.task import load_items, resolve_task
 
-    specs = [(resolve_task(c.task, recipe.path.parent), c.split, c.mode, c.metric, "check") for c in recipe.checks]
+    specs = [
+        (resolve_task(c.task, recipe.path.parent), c.split, c.mode, c.metric, "check") for c in recipe.checks
+    ]
     for role in ("check", "forgetting"):
-        specs += [(task, e.split, e.mode, e.metric, role) for task, e in entries_with_role(selection, role)
-                  if not e.circular]
+        specs += [
+            (task, e.split, e.mode, e.metric, role)
+            for task, e in entries_with_role(selection, role)
+            if not e.circular
+        ]
     out, seen = [], set()
     limit = recipe.checkpoint_selection.max_items
     for task, split, mode, metric, role in specs:
@@ -66,20 +70,26 @@ def probe_entries(recipe, selection: dict | None, data_dir: Path) -> list[ProbeE
         items = load_items(task, split, data_dir)
         kept = items if limit is None or len(items) <= limit else sequential_order(items, recipe.seed)[:limit]
         metric = ranked_metric(task, mode, metric)
-        out.append(ProbeEntry(f"{task.name}-{split}-{mode}", task, split, mode, metric, role, kept,
-                              len(kept) == len(items)))
+        out.append(
+            ProbeEntry(
+                f"{task.name}-{split}-{mode}", task, split, mode, metric, role, kept, len(kept) == len(items)
+            )
+        )
     return out
 
 
-def score_entries(model, tokenizer, card, entries: list[ProbeEntry], data_dir: Path,
-                  limit: int | None = None) -> dict[str, list[tuple[str, dict]]]:
+def score_entries(
+    model, tokenizer, card, entries: list[ProbeEntry], data_dir: Path, limit: int | None = None
+) -> dict[str, list[tuple[str, dict]]]:
     """(output, metrics) per item of every entry, for a model in memory (left in eval mode)."""
     from eval.backends.hf import HFBackend
     from eval.runner import load_scorer, score_in_memory
 
     backend = HFBackend.from_model(card, model, tokenizer)
-    return {e.key: score_in_memory(backend, e.task, e.mode, e.items[:limit], load_scorer(e.task, data_dir))
-            for e in entries}
+    return {
+        e.key: score_in_memory(backend, e.task, e.mode, e.items[:limit], load_scorer(e.task, data_dir))
+        for e in entries
+    }
 
 
 def evaluated_steps(run_dir: Path, basis: dict | None = None) -> dict[int, CheckpointScores]:
@@ -108,8 +118,17 @@ def drop_evaluations_after(run_dir: Path, step: int) -> None:
             shutil.rmtree(path)
 
 
-def evaluate_checkpoint(step: int, model, tokenizer, card, entries: list[ProbeEntry], run_dir: Path,
-                        data_dir: Path, base_loader, basis: dict) -> dict:
+def evaluate_checkpoint(
+    step: int,
+    model,
+    tokenizer,
+    card,
+    entries: list[ProbeEntry],
+    run_dir: Path,
+    data_dir: Path,
+    base_loader,
+    basis: dict,
+) -> dict:
     """Save the adapter at `step` (model None: score the one saved there before), merge it in
     memory into `base_loader()` and score the entries."""
     import gc
@@ -134,10 +153,21 @@ def evaluate_checkpoint(step: int, model, tokenizer, card, entries: list[ProbeEn
         scored = score_entries(merged, tokenizer, card, entries, data_dir)
     del merged
     gc.collect()
-    record = {"step": step, "adapter": str(adapter), "basis": basis,
-              "entries": {e.key: {"metric": e.metric, "role": e.role, "ids": [i.id for i in e.items],
-                                  "scores": [s[e.metric] for _, s in scored[e.key]],
-                                  "outputs": [o for o, _ in scored[e.key]]} for e in entries}}
+    record = {
+        "step": step,
+        "adapter": str(adapter),
+        "basis": basis,
+        "entries": {
+            e.key: {
+                "metric": e.metric,
+                "role": e.role,
+                "ids": [i.id for i in e.items],
+                "scores": [s[e.metric] for _, s in scored[e.key]],
+                "outputs": [o for o, _ in scored[e.key]],
+            }
+            for e in entries
+        },
+    }
     return write_artifact(scores_file, CheckpointScores, record)
 
 
@@ -158,8 +188,11 @@ def choose_checkpoint(evaluations: dict[int, CheckpointScores], final_step: int)
             curves.setdefault(key, []).append({"step": step, "mean": mean})
     base = {"final_step": final_step, "curves": curves, "comparisons": []}
     if final_step not in evaluations:
-        return {**base, "chosen_step": final_step,
-                "reason": f"the final step ({final_step}) was not evaluated; it is merged"}
+        return {
+            **base,
+            "chosen_step": final_step,
+            "reason": f"the final step ({final_step}) was not evaluated; it is merged",
+        }
     final = evaluations[final_step].entries
     comparisons = []
     for step in sorted(s for s in evaluations if s != final_step):
@@ -168,16 +201,26 @@ def choose_checkpoint(evaluations: dict[int, CheckpointScores], final_step: int)
                 continue
             comp = compare(entry["scores"], final[key]["scores"], binary=entry["metric"] in M.BINARY)
             gain = comp.diff if M.HIGHER_IS_BETTER[entry["metric"]] else -comp.diff
-            comparisons.append({"step": step, "entry": key, "role": entry["role"], "gain": gain,
-                                **comp.record(entry["metric"])})
+            comparisons.append(
+                {
+                    "step": step,
+                    "entry": key,
+                    "role": entry["role"],
+                    "gain": gain,
+                    **comp.record(entry["metric"]),
+                }
+            )
     checks = [c for c in comparisons if c["role"] == "check"]
     if checks:
         adjusted = multipletests([c["p_value"] for c in checks], alpha=ALPHA, method="holm")[1]
         for c, p in zip(checks, adjusted):
             c["p_holm"] = float(p)
     if not comparisons:
-        return {**base, "chosen_step": final_step,
-                "reason": f"only the final step ({final_step}) was evaluated; it is merged"}
+        return {
+            **base,
+            "chosen_step": final_step,
+            "reason": f"only the final step ({final_step}) was evaluated; it is merged",
+        }
     eligible = []
     for step in sorted({c["step"] for c in comparisons}):
         mine = [c for c in comparisons if c["step"] == step]
@@ -190,24 +233,48 @@ def choose_checkpoint(evaluations: dict[int, CheckpointScores], final_step: int)
     base["comparisons"] = comparisons
     if not eligible:
         best = max(checks, key=lambda c: c["gain"], default=None)
-        detail = "" if best is None else (f"; the largest gain was step {best['step']} on {best['entry']}, "
-                                          f"{best['metric']} {best['diff']:+.3f} (Holm p={best['p_holm']:.3g})")
-        return {**base, "chosen_step": final_step,
-                "reason": f"the final step ({final_step}) is merged: no earlier checkpoint is significantly "
-                          f"better on the checks without being worse anywhere{detail}"}
+        detail = (
+            ""
+            if best is None
+            else (
+                f"; the largest gain was step {best['step']} on {best['entry']}, "
+                f"{best['metric']} {best['diff']:+.3f} (Holm p={best['p_holm']:.3g})"
+            )
+        )
+        return {
+            **base,
+            "chosen_step": final_step,
+            "reason": f"the final step ({final_step}) is merged: no earlier checkpoint is significantly "
+            f"better on the checks without being worse anywhere{detail}",
+        }
     gain, step, wins = max(eligible)
-    detail = ", ".join(f"{c['entry']} {c['metric']} {c['diff']:+.3f} (Holm p={c['p_holm']:.3g})" for c in wins)
-    return {**base, "chosen_step": step,
-            "reason": f"step {step} is merged instead of the final step ({final_step}): significantly better "
-                      f"on {detail}, and not significantly worse on any check or forgetting probe"}
+    detail = ", ".join(
+        f"{c['entry']} {c['metric']} {c['diff']:+.3f} (Holm p={c['p_holm']:.3g})" for c in wins
+    )
+    return {
+        **base,
+        "chosen_step": step,
+        "reason": f"step {step} is merged instead of the final step ({final_step}): significantly better "
+        f"on {detail}, and not significantly worse on any check or forgetting probe",
+    }
 
 
 class Evaluator:
     """The trainer's hook: evaluates each step once (a resumed run keeps the evaluations up to the
     checkpoint it resumes from), logs the means, and finally chooses."""
 
-    def __init__(self, entries: list[ProbeEntry], tokenizer, card, run_dir: Path, data_dir: Path, base_loader,
-                 log_path: Path, resumed_step: int | None, merge: dict):
+    def __init__(
+        self,
+        entries: list[ProbeEntry],
+        tokenizer,
+        card,
+        run_dir: Path,
+        data_dir: Path,
+        base_loader,
+        log_path: Path,
+        resumed_step: int | None,
+        merge: dict,
+    ):
         self.entries, self.tokenizer, self.card, self.run_dir = entries, tokenizer, card, run_dir
         self.data_dir, self.base_loader, self.log_path = data_dir, base_loader, log_path
         self.basis = evaluation_basis(entries, merge)
@@ -221,21 +288,35 @@ class Evaluator:
             return
         from train.callbacks import append_jsonl
 
-        record = evaluate_checkpoint(step, model, self.tokenizer, self.card, self.entries, self.run_dir,
-                                     self.data_dir, self.base_loader, self.basis)
+        record = evaluate_checkpoint(
+            step,
+            model,
+            self.tokenizer,
+            self.card,
+            self.entries,
+            self.run_dir,
+            self.data_dir,
+            self.base_loader,
+            self.basis,
+        )
         found = means(record)
         if log:
             append_jsonl(self.log_path, {"step": step, "checkpoint_eval": found})
-        print(f"train: step {step} checkpoint evaluation: "
-              + ", ".join(f"{k} {record.entries[k]['metric']} {v:.3f}" for k, v in found.items()))
+        print(
+            f"train: step {step} checkpoint evaluation: "
+            + ", ".join(f"{k} {record.entries[k]['metric']} {v:.3f}" for k, v in found.items())
+        )
 
     def choose(self, final_step: int, final_adapter: Path) -> tuple[dict, Path]:
         """(the choice record, the adapter to merge). Evaluations a rerun with another recipe
         made stale (another merge base, other probe items) are scored again from their adapters."""
         layout = TrainRun(self.run_dir)
         for step in layout.evaluation_steps():
-            if (layout.evaluation_adapter(step).is_dir() and step <= final_step
-                    and step not in evaluated_steps(self.run_dir, self.basis)):
+            if (
+                layout.evaluation_adapter(step).is_dir()
+                and step <= final_step
+                and step not in evaluated_steps(self.run_dir, self.basis)
+            ):
                 self(step, None, log=False)
         choice = choose_checkpoint(evaluated_steps(self.run_dir, self.basis), final_step)
         step = choice["chosen_step"]

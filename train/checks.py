@@ -11,8 +11,16 @@ from core.settings import Settings
 from train.recipe import CheckSpec, Recipe, SampleTaskSpec
 
 
-def check_comparison(check, recipe_dir: Path, base_card, merged_card, merged_dir: Path, settings: Settings,
-                     conn, evaluated: dict | None = None) -> dict:
+def check_comparison(
+    check,
+    recipe_dir: Path,
+    base_card,
+    merged_card,
+    merged_dir: Path,
+    settings: Settings,
+    conn,
+    evaluated: dict | None = None,
+) -> dict:
     """One of the recipe's checks: its task scored on the base and the merged model, compared
     item by item on its metric (merged minus base). `evaluated`: the merged model's scores from the
     checkpoint evaluation of the merged step ({"step", "ids", "scores", "outputs"}), when it scored every item
@@ -32,16 +40,34 @@ def check_comparison(check, recipe_dir: Path, base_card, merged_card, merged_dir
         # the merged side reused is stored as the merged model's run, so `make rescore` finds it
         known = dict(zip(evaluated["ids"], evaluated["outputs"])) if label == "merged" and reuse else None
         backend = make_backend("hf", card, settings.model_store, checkpoint=checkpoint, lazy=True)
-        run = run_task(backend, task, check.split, check.mode, items, conn, data_dir=settings.resolved_data_dir,
-                       known=known)
+        run = run_task(
+            backend,
+            task,
+            check.split,
+            check.mode,
+            items,
+            conn,
+            data_dir=settings.resolved_data_dir,
+            known=known,
+        )
         scored[label] = {r["item_id"]: r["scores"][metric] for r in run.items}
         del backend
-    out = {label: [by_id[i] for i in scored["base"]] for label, by_id in scored.items()}  # paired item by item
+    out = {
+        label: [by_id[i] for i in scored["base"]] for label, by_id in scored.items()
+    }  # paired item by item
     comp = compare(out["merged"], out["base"], binary=metric in M.BINARY)
-    return {"task": task.name, "split": check.split, "mode": check.mode, "items": len(items),
-            "base": asdict(bootstrap_mean(out["base"])), "merged": asdict(bootstrap_mean(out["merged"])),
-            **comp.record(metric), "merged_scored_at": f"checkpoint evaluation of step {evaluated['step']}"
-            if reuse else "merged checkpoint"}
+    return {
+        "task": task.name,
+        "split": check.split,
+        "mode": check.mode,
+        "items": len(items),
+        "base": asdict(bootstrap_mean(out["base"])),
+        "merged": asdict(bootstrap_mean(out["merged"])),
+        **comp.record(metric),
+        "merged_scored_at": f"checkpoint evaluation of step {evaluated['step']}"
+        if reuse
+        else "merged checkpoint",
+    }
 
 
 def chosen_scores(result, check, recipe: Recipe) -> dict | None:
@@ -59,7 +85,12 @@ def chosen_scores(result, check, recipe: Recipe) -> dict | None:
     metric = ranked_metric(task, check.mode, check.metric)
     if entry is None or entry["metric"] != metric or record.basis["merge_base"] != recipe.merge_base:
         return None
-    return {"step": choice["chosen_step"], "ids": entry["ids"], "scores": entry["scores"], "outputs": entry["outputs"]}
+    return {
+        "step": choice["chosen_step"],
+        "ids": entry["ids"],
+        "scores": entry["scores"],
+        "outputs": entry["outputs"],
+    }
 
 
 def all_checks(recipe: Recipe, settings: Settings) -> list[tuple[CheckSpec, str]]:
@@ -75,8 +106,14 @@ def all_checks(recipe: Recipe, settings: Settings) -> list[tuple[CheckSpec, str]
         for task, entry in entries_with_role(selection, role):
             if not entry.circular and (task.path, entry.split, entry.mode) not in seen:
                 seen.add((task.path, entry.split, entry.mode))
-                out.append((CheckSpec(task=str(task.path), split=entry.split, mode=entry.mode,
-                                      metric=entry.metric), role))
+                out.append(
+                    (
+                        CheckSpec(
+                            task=str(task.path), split=entry.split, mode=entry.mode, metric=entry.metric
+                        ),
+                        role,
+                    )
+                )
     return out
 
 
@@ -94,5 +131,6 @@ def with_suite_samples(recipe: Recipe, settings: Settings) -> Recipe:
             extra.append(SampleTaskSpec(task=str(task.path), split=entry.split, count=2))
     if not extra:
         return recipe
-    return recipe.model_copy(update={"samples": recipe.samples.model_copy(
-        update={"tasks": [*recipe.samples.tasks, *extra]})})
+    return recipe.model_copy(
+        update={"samples": recipe.samples.model_copy(update={"tasks": [*recipe.samples.tasks, *extra]})}
+    )

@@ -35,8 +35,13 @@ def _train_loop(config: dict) -> None:
     from train.trainer import run_training
 
     torch.set_num_threads(config["threads"])
-    result = run_training(config["recipe"], config["checkpoint"], Path(config["run_dir"]), Path(config["data_dir"]),
-                          **config["options"])
+    result = run_training(
+        config["recipe"],
+        config["checkpoint"],
+        Path(config["run_dir"]),
+        Path(config["data_dir"]),
+        **config["options"],
+    )
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report({"steps": result.steps})
         return
@@ -45,8 +50,17 @@ def _train_loop(config: dict) -> None:
         ray.train.report({"steps": result.steps}, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def train_on_ray(settings, recipe, checkpoint: str, run_dir: Path, data_dir: Path, *, workers: int,
-                 memory_gib: float, **options):
+def train_on_ray(
+    settings,
+    recipe,
+    checkpoint: str,
+    run_dir: Path,
+    data_dir: Path,
+    *,
+    workers: int,
+    memory_gib: float,
+    **options,
+):
     """run_training's TrainResult, from `workers` Ray Train workers (DDP) on the cluster the
     settings name. A GPU per worker where the cluster has GPUs; else `cpus_per_model` CPUs each."""
     import ray
@@ -60,18 +74,32 @@ def train_on_ray(settings, recipe, checkpoint: str, run_dir: Path, data_dir: Pat
     use_gpu = ray.cluster_resources().get("GPU", 0) >= workers
     need = Placement(settings.cpus_per_model, memory_gib, 1 if use_gpu else 0)
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    room = sum(min(int(r.get("CPU", 0) // need.cpus), int(r.get("memory", 0) // max(need.memory_gib * GIB, 1)))
-               for r in nodes if fits(need, r))
+    room = sum(
+        min(int(r.get("CPU", 0) // need.cpus), int(r.get("memory", 0) // max(need.memory_gib * GIB, 1)))
+        for r in nodes
+        if fits(need, r)
+    )
     if room < workers:
-        raise UserError(f"the Ray cluster at {address} has room for {room} of {workers} training workers "
-                        f"(each needs {need.text()})")
+        raise UserError(
+            f"the Ray cluster at {address} has room for {room} of {workers} training workers "
+            f"(each needs {need.text()})"
+        )
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"recipe": recipe, "checkpoint": checkpoint, "run_dir": str(run_dir.resolve()),
-                           "data_dir": str(data_dir.resolve()), "options": options, "threads": need.cpus},
+        train_loop_config={
+            "recipe": recipe,
+            "checkpoint": checkpoint,
+            "run_dir": str(run_dir.resolve()),
+            "data_dir": str(data_dir.resolve()),
+            "options": options,
+            "threads": need.cpus,
+        },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": need.cpus, "memory": int(need.memory_gib * GIB)}),
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": need.cpus, "memory": int(need.memory_gib * GIB)},
+        ),
         run_config=RunConfig(name=run_dir.name, storage_path=str(TrainRun(run_dir).ray_storage.resolve())),
     )
     print(f"train: {workers} Ray Train worker(s) on {address} ({'NCCL, GPU' if use_gpu else 'gloo, CPU'})")

@@ -8,8 +8,15 @@ from pathlib import Path
 from core.settings import Settings
 
 
-def train_entry(settings: Settings, *, recipe: Path, model: str | None = None, run_name: str | None = None,
-                workers: int = 1, estimate: bool = False) -> int:
+def train_entry(
+    settings: Settings,
+    *,
+    recipe: Path,
+    model: str | None = None,
+    run_name: str | None = None,
+    workers: int = 1,
+    estimate: bool = False,
+) -> int:
     """`selectune train` (`make train`): prints what the run will cost here (only that, with
     `estimate`), trains; exits non-zero when the merge fails its parity check.
     `workers`: Ray Train workers on the Ray executor (train/cluster.py)."""
@@ -25,8 +32,10 @@ def train_entry(settings: Settings, *, recipe: Path, model: str | None = None, r
         cost = train_estimate(settings, recipe, model)
         print("\n".join(cost.lines()), flush=True)
     elif estimate:
-        print("train: no estimate: the cost model is for training on this machine's CPU with the local executor "
-              "(docs/machine.md)")
+        print(
+            "train: no estimate: the cost model is for training on this machine's CPU with the local executor "
+            "(docs/machine.md)"
+        )
     if estimate:
         return 0
     from train.pipeline import train_command

@@ -74,7 +74,7 @@ such as 可以试试 occurs inside many texts)."""
 
 def ngrams(text: str, n: int = UNIT_N) -> set[tuple[str, ...]]:
     u = units(text)
-    return {tuple(u[k:k + n]) for k in range(len(u) - n + 1)}
+    return {tuple(u[k : k + n]) for k in range(len(u) - n + 1)}
 
 
 def compared_fields(task) -> list[str]:
@@ -95,7 +95,11 @@ def eval_texts(task, split: str, items) -> list[EvalText]:
         for name in compared_fields(task):
             value = item.fields.get(name)
             values = value if isinstance(value, list) else [value]
-            out += [EvalText(task.name, split, item.id, name, v) for v in values if isinstance(v, str) and v.strip()]
+            out += [
+                EvalText(task.name, split, item.id, name, v)
+                for v in values
+                if isinstance(v, str) and v.strip()
+            ]
     return out
 
 
@@ -118,11 +122,22 @@ def check(conversations, texts: list[EvalText], spec) -> GateResult:
             short[k] = " ".join(units(t.text))
         for g in grams:
             index.setdefault(g, []).append(k)
-    turns = [(c, m["content"]) for c, conv in enumerate(conversations) for m in conv.messages if m["content"].strip()]
-    vectorizer = TfidfVectorizer(analyzer="char", ngram_range=(2, 4), sublinear_tf=True,
-                                 preprocessor=lambda s: unicodedata.normalize("NFKC", s).lower())
+    turns = [
+        (c, m["content"])
+        for c, conv in enumerate(conversations)
+        for m in conv.messages
+        if m["content"].strip()
+    ]
+    vectorizer = TfidfVectorizer(
+        analyzer="char",
+        ngram_range=(2, 4),
+        sublinear_tf=True,
+        preprocessor=lambda s: unicodedata.normalize("NFKC", s).lower(),
+    )
     vectorizer.fit([t.text for t in texts] + [text for _, text in turns])
-    cos = (vectorizer.transform([text for _, text in turns]) @ vectorizer.transform([t.text for t in texts]).T).tocsr()
+    cos = (
+        vectorizer.transform([text for _, text in turns]) @ vectorizer.transform([t.text for t in texts]).T
+    ).tocsr()
     best_cos: dict[tuple[int, int], float] = {}
     for row, (c, _) in enumerate(turns):
         start, end = cos.indptr[row], cos.indptr[row + 1]
@@ -149,34 +164,56 @@ def check(conversations, texts: list[EvalText], spec) -> GateResult:
             result.overlaps.append(hit)
         else:
             continue
-        result.train_texts[hit.train] = "\n".join(f"{m['role']}: {m['content']}" for m in conversations[c].messages)
+        result.train_texts[hit.train] = "\n".join(
+            f"{m['role']}: {m['content']}" for m in conversations[c].messages
+        )
     return result
 
 
 def record(result: GateResult, spec, *, worst: int = 10) -> dict:
     """The gate's summary for train_summary.json and the report: counts and the worst pairs."""
+
     def row(hit: Hit) -> dict:
-        return {"train": hit.train, "task": hit.eval.task, "split": hit.eval.split, "item_id": hit.eval.item_id,
-                "field": hit.eval.field, "eval_text": hit.eval.text, "train_text": result.train_texts[hit.train],
-                "containment": hit.containment, "cosine": hit.cosine}
+        return {
+            "train": hit.train,
+            "task": hit.eval.task,
+            "split": hit.eval.split,
+            "item_id": hit.eval.item_id,
+            "field": hit.eval.field,
+            "eval_text": hit.eval.text,
+            "train_text": result.train_texts[hit.train],
+            "containment": hit.containment,
+            "cosine": hit.cosine,
+        }
 
     hits = sorted(result.duplicates + result.overlaps, key=lambda h: (-max(h.containment, h.cosine), h.train))
-    return {"conversations": result.conversations, "eval_texts": result.eval_texts,
-            "duplicates": len(result.duplicates), "overlaps": len(result.overlaps), "allowed": spec.allow,
-            "thresholds": {"ngram": UNIT_N, "duplicate_containment": spec.duplicate_containment,
-                           "duplicate_cosine": spec.duplicate_cosine, "overlap_containment": spec.overlap_containment,
-                           "overlap_cosine": spec.overlap_cosine},
-            "flagged_items": result.flagged_items(),
-            "worst": [row(h) for h in hits[:worst]]}
+    return {
+        "conversations": result.conversations,
+        "eval_texts": result.eval_texts,
+        "duplicates": len(result.duplicates),
+        "overlaps": len(result.overlaps),
+        "allowed": spec.allow,
+        "thresholds": {
+            "ngram": UNIT_N,
+            "duplicate_containment": spec.duplicate_containment,
+            "duplicate_cosine": spec.duplicate_cosine,
+            "overlap_containment": spec.overlap_containment,
+            "overlap_cosine": spec.overlap_cosine,
+        },
+        "flagged_items": result.flagged_items(),
+        "worst": [row(h) for h in hits[:worst]],
+    }
 
 
 def stop_line(result: GateResult, recipe_path) -> str:
     hit = max(result.duplicates, key=lambda h: (max(h.containment, h.cosine), h.train))
     more = f" (and {len(result.duplicates) - 1} more)" if len(result.duplicates) > 1 else ""
-    return (f"{recipe_path}: training conversation {hit.train} duplicates evaluation item "
-            f"{hit.eval.task}/{hit.eval.split}:{hit.eval.item_id} ({hit.eval.field}: n-gram containment "
-            f"{hit.containment:.0%}, cosine {hit.cosine:.2f}){more}; remove it, or set contamination.allow: true "
-            "in the recipe to train on it anyway")
+    return (
+        f"{recipe_path}: training conversation {hit.train} duplicates evaluation item "
+        f"{hit.eval.task}/{hit.eval.split}:{hit.eval.item_id} ({hit.eval.field}: n-gram containment "
+        f"{hit.containment:.0%}, cosine {hit.cosine:.2f}){more}; remove it, or set contamination.allow: true "
+        "in the recipe to train on it anyway"
+    )
 
 
 def evaluation_texts(recipe, selection, data_dir) -> list[EvalText]:
@@ -213,10 +250,14 @@ def gate(recipe, conversations, texts: list[EvalText]) -> dict:
 
     spec = recipe.contamination
     result = check(conversations, texts, spec)
-    print(f"contamination: {result.conversations} training conversations against {result.eval_texts} evaluation "
-          f"fields: {len(result.duplicates)} duplicates, {len(result.overlaps)} overlaps")
+    print(
+        f"contamination: {result.conversations} training conversations against {result.eval_texts} evaluation "
+        f"fields: {len(result.duplicates)} duplicates, {len(result.overlaps)} overlaps"
+    )
     if result.duplicates and not spec.allow:
         raise UserError(stop_line(result, recipe.path))
     if result.duplicates:
-        print(f"contamination: {len(result.duplicates)} duplicates allowed by {recipe.path} (contamination.allow)")
+        print(
+            f"contamination: {len(result.duplicates)} duplicates allowed by {recipe.path} (contamination.allow)"
+        )
     return record(result, spec)

@@ -38,7 +38,13 @@ _SIGNATURES: list[tuple[str, set[str]]] = [
     ("style", {"user", "assistant", "style"}),
     ("prompt_completion", {"prompt", "completion"}),
 ]
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 
 
 @dataclass(frozen=True)
@@ -62,14 +68,16 @@ class CleaningReport:
     problems: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        return [f"read {self.read} rows",
-                f"  bad rows skipped: {self.bad_rows_skipped}",
-                f"  rows with HTML tags stripped: {self.html_stripped}",
-                f"  empty rows dropped: {self.empty_dropped}",
-                f"  duplicate rows dropped: {self.duplicates_dropped}",
-                f"  over-long rows truncated: {self.overlong_truncated}",
-                f"  over-long rows dropped: {self.overlong_dropped}",
-                f"kept {self.kept}"]
+        return [
+            f"read {self.read} rows",
+            f"  bad rows skipped: {self.bad_rows_skipped}",
+            f"  rows with HTML tags stripped: {self.html_stripped}",
+            f"  empty rows dropped: {self.empty_dropped}",
+            f"  duplicate rows dropped: {self.duplicates_dropped}",
+            f"  over-long rows truncated: {self.overlong_truncated}",
+            f"  over-long rows dropped: {self.overlong_dropped}",
+            f"kept {self.kept}",
+        ]
 
 
 class _BadRow(Exception):
@@ -85,8 +93,12 @@ _SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet"
 
 def _read(path: Path, columns: dict[str, str]) -> list[tuple[int, object]]:
     if (fmt := _SUFFIX_FORMATS.get(path.suffix.lower())) is None:
-        raise UserError(f"{path}: unknown data file type '{path.suffix}' (expected .jsonl, .json, .csv or .parquet)")
-    return rename_columns(read_parquet(path) if fmt == "parquet" else read_rows(path, fmt), columns, str(path))
+        raise UserError(
+            f"{path}: unknown data file type '{path.suffix}' (expected .jsonl, .json, .csv or .parquet)"
+        )
+    return rename_columns(
+        read_parquet(path) if fmt == "parquet" else read_rows(path, fmt), columns, str(path)
+    )
 
 
 def detect_format(row: object) -> str | None:
@@ -121,7 +133,10 @@ def _alpaca(row: dict) -> list[dict]:
     instruction, extra = _text(row, "instruction"), _text(row, "input", required=False)
     # As LLaMA-Factory does: the input follows the instruction in the same user turn.
     user = f"{instruction}\n{extra}" if extra else instruction
-    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row, "output")}]
+    return messages + [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": _text(row, "output")},
+    ]
 
 
 def _messages(row: dict) -> list[dict]:
@@ -156,8 +171,10 @@ def _xtuner(row: dict) -> list[dict]:
         try:
             if turn.get("system"):
                 out.append({"role": "system", "content": _text(turn, "system")})
-            out += [{"role": "user", "content": _text(turn, "input")},
-                    {"role": "assistant", "content": _text(turn, "output")}]
+            out += [
+                {"role": "user", "content": _text(turn, "input")},
+                {"role": "assistant", "content": _text(turn, "output")},
+            ]
         except _BadRow as exc:
             raise _BadRow(f"conversation[{n}]: {exc}") from None
     return out
@@ -168,21 +185,33 @@ def style_prompt(user: str, style: str, template: str) -> str:
     training teaches what is scored."""
     import jinja2
 
-    return jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(template).render(
-        user=user, style=style)
+    return (
+        jinja2.Environment(undefined=jinja2.StrictUndefined)
+        .from_string(template)
+        .render(user=user, style=style)
+    )
 
 
 def _style(row: dict, template: str) -> list[dict]:
-    return [{"role": "user", "content": style_prompt(_text(row, "user"), _text(row, "style"), template)},
-            {"role": "assistant", "content": _text(row, "assistant")}]
+    return [
+        {"role": "user", "content": style_prompt(_text(row, "user"), _text(row, "style"), template)},
+        {"role": "assistant", "content": _text(row, "assistant")},
+    ]
 
 
 def _prompt_completion(row: dict) -> list[dict]:
-    return [{"role": "user", "content": _text(row, "prompt")},
-            {"role": "assistant", "content": _text(row, "completion")}]
+    return [
+        {"role": "user", "content": _text(row, "prompt")},
+        {"role": "assistant", "content": _text(row, "completion")},
+    ]
 
 
-_CONVERT = {"alpaca": _alpaca, "messages": _messages, "xtuner": _xtuner, "prompt_completion": _prompt_completion}
+_CONVERT = {
+    "alpaca": _alpaca,
+    "messages": _messages,
+    "xtuner": _xtuner,
+    "prompt_completion": _prompt_completion,
+}
 
 
 def _check_turns(messages: list[dict]) -> None:
@@ -196,9 +225,15 @@ def _check_turns(messages: list[dict]) -> None:
         raise _BadRow("turns must alternate user, assistant, starting with user")
 
 
-def load_conversations(path: Path, fmt: str | None = None, *, skip_bad_rows: bool = False,
-                       report: CleaningReport | None = None, prompt_task: str | None = None,
-                       columns: dict[str, str] | None = None) -> list[Conversation]:
+def load_conversations(
+    path: Path,
+    fmt: str | None = None,
+    *,
+    skip_bad_rows: bool = False,
+    report: CleaningReport | None = None,
+    prompt_task: str | None = None,
+    columns: dict[str, str] | None = None,
+) -> list[Conversation]:
     """Every row of `path` as a Conversation; `fmt` None detects the format from the first row.
     `prompt_task`: for the style-dialogue shape, the task whose user prompt wraps each message;
     `columns`: the file's column names -> the format's (e.g. {问题: prompt, 答案: completion})."""
@@ -213,11 +248,15 @@ def load_conversations(path: Path, fmt: str | None = None, *, skip_bad_rows: boo
         fmt = detect_format(first)
         if fmt is None:
             keys = sorted(first) if isinstance(first, dict) else type(first).__name__
-            raise UserError(f"{path}: cannot tell the format from the first row's keys {keys} "
-                            f"(declare one of {', '.join(FORMATS)})")
+            raise UserError(
+                f"{path}: cannot tell the format from the first row's keys {keys} "
+                f"(declare one of {', '.join(FORMATS)})"
+            )
     if fmt == "style" and prompt_task is None:
-        raise UserError(f"{path}: the style-dialogue shape (user, assistant, style) needs the task whose "
-                        "prompt wraps each message: set prompt_task in the recipe's data source (e.g. style)")
+        raise UserError(
+            f"{path}: the style-dialogue shape (user, assistant, style) needs the task whose "
+            "prompt wraps each message: set prompt_task in the recipe's data source (e.g. style)"
+        )
     template = find_task(prompt_task).prompt.user if fmt == "style" else None
     out = []
     for n, row in rows:
@@ -296,8 +335,9 @@ def clean(conversations: list[Conversation], report: CleaningReport) -> list[Con
     return out
 
 
-def split(conversations: list[Conversation], fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-          seed: int = 0) -> dict[str, list[Conversation]]:
+def split(
+    conversations: list[Conversation], fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0
+) -> dict[str, list[Conversation]]:
     """A seeded shuffle cut into train/val/test; the same input and seed give the same split."""
     if abs(sum(fractions) - 1.0) > 1e-9 or any(f < 0 for f in fractions):
         raise UserError(f"split fractions must be non-negative and sum to 1, got {list(fractions)}")
@@ -305,7 +345,11 @@ def split(conversations: list[Conversation], fractions: tuple[float, float, floa
     random.Random(seed).shuffle(order)
     n_train = round(fractions[0] * len(order))
     n_val = round(fractions[1] * len(order))
-    cut = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    cut = {
+        "train": order[:n_train],
+        "val": order[n_train : n_train + n_val],
+        "test": order[n_train + n_val :],
+    }
     return {name: [conversations[i] for i in idx] for name, idx in cut.items()}
 
 
@@ -323,5 +367,10 @@ def save_split(parts: dict[str, list[Conversation]], out_dir: Path) -> None:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, convs in parts.items():
-        write_text_atomic(out_dir / f"{name}.jsonl", "".join(
-            json.dumps({"messages": c.messages, "source": c.source}, ensure_ascii=False) + "\n" for c in convs))
+        write_text_atomic(
+            out_dir / f"{name}.jsonl",
+            "".join(
+                json.dumps({"messages": c.messages, "source": c.source}, ensure_ascii=False) + "\n"
+                for c in convs
+            ),
+        )

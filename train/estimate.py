@@ -39,8 +39,15 @@ def train_estimate(settings, recipe, model_name: str | None):
     """The cost of `make train` with `recipe` here, stage by stage (a resumed run is counted whole)."""
     from eval.backends import make_backend
     from core.store import open_read_only
-    from eval.estimate import (DTYPE_BYTES, Estimate, StageCost, checkpoint_shape, decode_seconds, load_seconds,
-                               machine_line)
+    from eval.estimate import (
+        DTYPE_BYTES,
+        Estimate,
+        StageCost,
+        checkpoint_shape,
+        decode_seconds,
+        load_seconds,
+        machine_line,
+    )
     from models.card import find_card
     from models.machine import calibration as machine_calibration
     from models.store import read_manifest
@@ -59,8 +66,14 @@ def train_estimate(settings, recipe, model_name: str | None):
     what = f"`make train` ({recipe.path.name}, {card.name})"
     manifest = read_manifest(card, settings.model_store)
     if manifest is None:
-        return Estimate(what, machine_line(calibration, dtype), [], {}, [
-            f"{card.name}: not provisioned yet (`make models` converts it first); not estimated"], [])
+        return Estimate(
+            what,
+            machine_line(calibration, dtype),
+            [],
+            {},
+            [f"{card.name}: not provisioned yet (`make models` converts it first); not estimated"],
+            [],
+        )
     checkpoint = Path(manifest["checkpoint"])
     shape = checkpoint_shape(card, checkpoint)
     backend = make_backend("hf", card, settings.model_store, lazy=True)  # fp32 on a CPU, as the checks score
@@ -68,50 +81,107 @@ def train_estimate(settings, recipe, model_name: str | None):
     ensure_chat_template(tokenizer)
     data_dir = settings.resolved_data_dir
     report = CleaningReport()
-    parts = split(clean(source_conversations(recipe, data_dir, report, settings.workspace.synth_root), report),
-                  recipe.split, recipe.seed)
-    tokens = {name: [len(e.input_ids) for c in parts[name]
-                     if (e := tokenize(tokenizer, c, recipe.max_length, recipe.overlong, report)) is not None]
-              for name in ("train", "val")}
+    parts = split(
+        clean(source_conversations(recipe, data_dir, report, settings.workspace.synth_root), report),
+        recipe.split,
+        recipe.seed,
+    )
+    tokens = {
+        name: [
+            len(e.input_ids)
+            for c in parts[name]
+            if (e := tokenize(tokenizer, c, recipe.max_length, recipe.overlong, report)) is not None
+        ]
+        for name in ("train", "val")
+    }
     steps, epochs = train_steps(recipe, len(tokens["train"]))
     t = recipe.training
     seen = steps * t.batch_size * t.grad_accum  # conversations the steps run through
     per_conversation = sum(tokens["train"]) / max(1, len(tokens["train"]))
     rate = calibration["matmul_gflops"].get(dtype, calibration["matmul_gflops"]["float32"])
-    rates = (rate, calibration["decode_gflops"].get(dtype, calibration["decode_gflops"]["float32"]),
-             calibration["bandwidth_gbs"])
+    rates = (
+        rate,
+        calibration["decode_gflops"].get(dtype, calibration["decode_gflops"]["float32"]),
+        calibration["bandwidth_gbs"],
+    )
     train_tokens = round(min(seen, epochs * len(tokens["train"])) * per_conversation)
-    costs = [StageCost(card.name, "training", f"{len(tokens['train'])} conversations, {steps} steps "
-                       f"({epochs:g} epochs), {train_tokens} tokens in {dtype}",
-                       4 * shape.body * train_tokens / (rate * 1e9 * TRAIN_EFFICIENCY))]
+    costs = [
+        StageCost(
+            card.name,
+            "training",
+            f"{len(tokens['train'])} conversations, {steps} steps "
+            f"({epochs:g} epochs), {train_tokens} tokens in {dtype}",
+            4 * shape.body * train_tokens / (rate * 1e9 * TRAIN_EFFICIENCY),
+        )
+    ]
 
     rounds = evaluation_rounds(recipe, steps, epochs)
     val = 2 * (shape.body + shape.head) * sum(tokens["val"]) / (rate * 1e9 * 0.75)
-    samples = sum(decode_seconds(len(tokenizer.apply_chat_template(m, add_generation_prompt=True)),
-                                 recipe.samples.max_new_tokens, shape, rates, DTYPE_BYTES[dtype])
-                  for m, _ in sample_prompts(recipe, data_dir))
-    costs.append(StageCost(card.name, "evaluations", f"{rounds} rounds of the val loss "
-                           f"({sum(tokens['val'])} tokens) and {len(sample_prompts(recipe, data_dir))} sample "
-                           f"replies", rounds * (val + samples), upper_bound=True))
+    samples = sum(
+        decode_seconds(
+            len(tokenizer.apply_chat_template(m, add_generation_prompt=True)),
+            recipe.samples.max_new_tokens,
+            shape,
+            rates,
+            DTYPE_BYTES[dtype],
+        )
+        for m, _ in sample_prompts(recipe, data_dir)
+    )
+    costs.append(
+        StageCost(
+            card.name,
+            "evaluations",
+            f"{rounds} rounds of the val loss "
+            f"({sum(tokens['val'])} tokens) and {len(sample_prompts(recipe, data_dir))} sample "
+            f"replies",
+            rounds * (val + samples),
+            upper_bound=True,
+        )
+    )
     # Checkpoint evaluations and checks score in fp32 (the merge base); the base model's replies
     # in the results store, where it was scored, stand for the lengths of the trained model's.
     load = load_seconds(shape, calibration["load_gbs"], 4)
     db = settings.workspace.results_db
     conn = open_read_only(db) if db.is_file() else None
-    probe = probe_entries(recipe, settings.workspace.read_selection(), data_dir) \
-        if recipe.checkpoint_selection.enabled else []
+    probe = (
+        probe_entries(recipe, settings.workspace.read_selection(), data_dir)
+        if recipe.checkpoint_selection.enabled
+        else []
+    )
     try:
-        costs += [_scoring(backend, shape, calibration, conn, e.task, e.split, e.mode, e.items, rounds,
-                           f"checkpoint evaluations: {e.key}", f"{rounds} x {len(e.items)} items", load)
-                  for e in probe]
-        costs += _merge_and_checks(recipe, settings, card, backend, shape, calibration, conn, parts, probe, load)
+        costs += [
+            _scoring(
+                backend,
+                shape,
+                calibration,
+                conn,
+                e.task,
+                e.split,
+                e.mode,
+                e.items,
+                rounds,
+                f"checkpoint evaluations: {e.key}",
+                f"{rounds} x {len(e.items)} items",
+                load,
+            )
+            for e in probe
+        ]
+        costs += _merge_and_checks(
+            recipe, settings, card, backend, shape, calibration, conn, parts, probe, load
+        )
     finally:
         if conn is not None:
             conn.close()
     faster = [] if recipe.name == "quick" else ["RECIPE=train/quick.yaml trains fewer steps for a first look"]
-    return Estimate(what, machine_line(calibration, dtype), costs,
-                    {card.name: load_seconds(shape, calibration["load_gbs"], DTYPE_BYTES[dtype])}, [], faster,
-                    {"steps": steps, "rounds": rounds})
+    return Estimate(
+        what,
+        machine_line(calibration, dtype),
+        costs,
+        {card.name: load_seconds(shape, calibration["load_gbs"], DTYPE_BYTES[dtype])},
+        [],
+        faster,
+        {"steps": steps, "rounds": rounds},
+    )
 
 
 def _scoring(backend, shape, calibration, conn, task, split, mode, items, times, name, detail, load):
@@ -119,8 +189,18 @@ def _scoring(backend, shape, calibration, conn, task, split, mode, items, times,
 
     if not items:
         return StageCost(backend.card.name, name, detail, 0.0)
-    cost = entry_cost(backend, shape, task, split, mode, items, calibration, "float32", chunk_size=backend.batch_size,
-                      conn=conn)
+    cost = entry_cost(
+        backend,
+        shape,
+        task,
+        split,
+        mode,
+        items,
+        calibration,
+        "float32",
+        chunk_size=backend.batch_size,
+        conn=conn,
+    )
     return StageCost(backend.card.name, name, detail, times * (cost.seconds + load), cost.upper_bound)
 
 
@@ -131,15 +211,32 @@ def _merge_and_checks(recipe, settings, card, backend, shape, calibration, conn,
     from train.checks import all_checks
 
     tokenizer = backend.tokenizer
-    fp32 = (calibration["matmul_gflops"]["float32"], calibration["decode_gflops"]["float32"],
-            calibration["bandwidth_gbs"])
-    parity = sum(decode_seconds(len(tokenizer.apply_chat_template(c.messages[:-1], add_generation_prompt=True)),
-                                recipe.parity.max_new_tokens, shape, fp32, 4)
-                 for c in (parts["val"] or parts["train"])[: recipe.parity.items])
+    fp32 = (
+        calibration["matmul_gflops"]["float32"],
+        calibration["decode_gflops"]["float32"],
+        calibration["bandwidth_gbs"],
+    )
+    parity = sum(
+        decode_seconds(
+            len(tokenizer.apply_chat_template(c.messages[:-1], add_generation_prompt=True)),
+            recipe.parity.max_new_tokens,
+            shape,
+            fp32,
+            4,
+        )
+        for c in (parts["val"] or parts["train"])[: recipe.parity.items]
+    )
     models = 3 if recipe.quantization != "none" else 2  # three-way parity: the quantised base + adapter too
-    out = [StageCost(card.name, "merge and parity", f"the fp32 weights loaded and written, {models} models x "
-                     f"{recipe.parity.items} prompts x {recipe.parity.max_new_tokens} tokens",
-                     models * (load + parity) + load * WRITE_FACTOR, upper_bound=True)]
+    out = [
+        StageCost(
+            card.name,
+            "merge and parity",
+            f"the fp32 weights loaded and written, {models} models x "
+            f"{recipe.parity.items} prompts x {recipe.parity.max_new_tokens} tokens",
+            models * (load + parity) + load * WRITE_FACTOR,
+            upper_bound=True,
+        )
+    ]
     for check, role in all_checks(recipe, settings):
         task = resolve_task(check.task, recipe.path.parent)
         items = load_items(task, check.split, settings.resolved_data_dir)
@@ -147,9 +244,37 @@ def _merge_and_checks(recipe, settings, card, backend, shape, calibration, conn,
         # the base side as check_comparison scores it (fp32, the runner's chunks): stored items are not
         base = pending(conn, backend, task, check.split, check.mode, items, DEFAULT_BATCH_SIZE)
         name = f"{role}: {task.name}-{check.split} {check.mode}"
-        out.append(_scoring(backend, shape, calibration, conn, task, check.split, check.mode, base, 1,
-                            f"{name}, base", f"{len(base)} of {len(items)} items not in the results store", load))
+        out.append(
+            _scoring(
+                backend,
+                shape,
+                calibration,
+                conn,
+                task,
+                check.split,
+                check.mode,
+                base,
+                1,
+                f"{name}, base",
+                f"{len(base)} of {len(items)} items not in the results store",
+                load,
+            )
+        )
         if not reused:
-            out.append(_scoring(backend, shape, calibration, conn, task, check.split, check.mode, items, 1,
-                                f"{name}, merged", f"{len(items)} items", load))
+            out.append(
+                _scoring(
+                    backend,
+                    shape,
+                    calibration,
+                    conn,
+                    task,
+                    check.split,
+                    check.mode,
+                    items,
+                    1,
+                    f"{name}, merged",
+                    f"{len(items)} items",
+                    load,
+                )
+            )
     return out

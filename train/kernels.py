@@ -45,12 +45,17 @@ def label_only_loss(model, inputs: dict, num_items_in_batch=None, chunk: int = L
     causal_lm = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     head = causal_lm.get_output_embeddings()
     if ddp or not plain_head(causal_lm.config) or type(head) is not torch.nn.Linear:
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                    logits_to_keep=keep, use_cache=False)
+        out = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            logits_to_keep=keep,
+            use_cache=False,
+        )
         logits = out.logits.reshape(-1, out.logits.shape[-1])
         return F.cross_entropy(logits.float(), targets, reduction="sum") / count, targets.numel()
-    hidden = causal_lm.base_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                  use_cache=False).last_hidden_state[keep]
+    hidden = causal_lm.base_model(
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+    ).last_hidden_state[keep]
     return chunked_head_loss(hidden, head.weight, head.bias, targets, chunk) / count, targets.numel()
 
 
@@ -72,7 +77,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and grads[2] else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for i in range(0, hidden.shape[0], chunk):
-            h, t = hidden[i:i + chunk].to(weight.dtype), targets[i:i + chunk]
+            h, t = hidden[i : i + chunk].to(weight.dtype), targets[i : i + chunk]
             logits = F.linear(h, weight, bias).float()
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
@@ -82,21 +87,24 @@ class ChunkedHeadLoss(torch.autograd.Function):
             g = logits.sub_(lse[:, None]).exp_()
             g[torch.arange(len(t), device=g.device), t] -= 1
             if grad_hidden is not None:
-                grad_hidden[i:i + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_hidden[i : i + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += g.T @ h.float()
             if grad_bias is not None:
                 grad_bias += g.sum(0)
-        ctx.save_for_backward(*(x if x is not None else torch.empty(0)
-                                for x in (grad_hidden, grad_weight, grad_bias)))
+        ctx.save_for_backward(
+            *(x if x is not None else torch.empty(0) for x in (grad_hidden, grad_weight, grad_bias))
+        )
         ctx.present = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else hidden.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        grads = tuple((saved * grad_out).to(dtype) if present else None
-                      for saved, present, dtype in zip(ctx.saved_tensors, ctx.present, ctx.dtypes))
+        grads = tuple(
+            (saved * grad_out).to(dtype) if present else None
+            for saved, present, dtype in zip(ctx.saved_tensors, ctx.present, ctx.dtypes)
+        )
         return (*grads, None, None)
 
 
@@ -107,8 +115,10 @@ def chunked_head_loss(hidden, weight, bias, targets, chunk: int):
 def plain_head(config) -> bool:
     """Whether a model's logits are its output embedding's output and nothing more."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return not any(getattr(text, key, None) not in (None, 1, 1.0) for key in
-                   ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"))
+    return not any(
+        getattr(text, key, None) not in (None, 1, 1.0)
+        for key in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+    )
 
 
 class SiluMul(torch.autograd.Function):
@@ -146,8 +156,9 @@ def fuse_silu_mlps(model) -> int:
 
     changed = 0
     for module in model.modules():
-        if (type(module).__name__ in FUSED_MLPS
-                and isinstance(getattr(module, "act_fn", None), (SiLUActivation, torch.nn.SiLU))):
+        if type(module).__name__ in FUSED_MLPS and isinstance(
+            getattr(module, "act_fn", None), (SiLUActivation, torch.nn.SiLU)
+        ):
             module.forward = types.MethodType(_fused_mlp_forward, module)
             changed += 1
     return changed
@@ -203,8 +214,13 @@ def fuse_lora_dropout(model) -> int:
             continue
         for name, dropout in module.lora_dropout.items():
             lora_a = module.lora_A[name]
-            if (isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and type(lora_a) is torch.nn.Linear
-                    and lora_a.bias is None and name not in getattr(module, "lora_variant", {})):
+            if (
+                isinstance(dropout, torch.nn.Dropout)
+                and dropout.p > 0
+                and type(lora_a) is torch.nn.Linear
+                and lora_a.bias is None
+                and name not in getattr(module, "lora_variant", {})
+            ):
                 lora_a.__class__ = DropoutLoraA
                 lora_a.dropout_p = dropout.p
                 module.lora_dropout[name] = torch.nn.Identity()

@@ -64,27 +64,45 @@ def agreement(replies_a: list[str], logits_a: list, replies_b: list[str], logits
         positions += a.shape[1]
         same += int((a.argmax(-1) == b.argmax(-1)).sum())
         worst = max(worst, float((a - b).abs().max()))
-    return {"items": len(replies_a), "same_replies": sum(x == y for x, y in zip(replies_a, replies_b)),
-            "top1_agreement": same / positions if positions else 1.0, "max_abs_logit_diff": worst}
+    return {
+        "items": len(replies_a),
+        "same_replies": sum(x == y for x, y in zip(replies_a, replies_b)),
+        "top1_agreement": same / positions if positions else 1.0,
+        "max_abs_logit_diff": worst,
+    }
 
 
 def _quantised_base(base_checkpoint: str, quantization: str, compute_dtype, trust_remote_code: bool):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=compute_dtype) if quantization == "nf4"
-             else BitsAndBytesConfig(load_in_8bit=True))
+    quant = (
+        BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+        if quantization == "nf4"
+        else BitsAndBytesConfig(load_in_8bit=True)
+    )
     model = AutoModelForCausalLM.from_pretrained(
-        base_checkpoint, dtype=compute_dtype, quantization_config=quant, use_safetensors=True,
-        device_map="auto" if torch.cuda.is_available() else "cpu", trust_remote_code=trust_remote_code)
+        base_checkpoint,
+        dtype=compute_dtype,
+        quantization_config=quant,
+        use_safetensors=True,
+        device_map="auto" if torch.cuda.is_available() else "cpu",
+        trust_remote_code=trust_remote_code,
+    )
     for module in model.modules():  # the weights as training used them, not repacked for a CPU kernel
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     return model
 
 
-def load_merge_base(base_checkpoint: str, merge_base: str, quantization: str, trust_remote_code: bool = False):
+def load_merge_base(
+    base_checkpoint: str, merge_base: str, quantization: str, trust_remote_code: bool = False
+):
     """The fp32 weights an adapter is merged into: the checkpoint's, or the quantised base's dequantised."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -92,10 +110,14 @@ def load_merge_base(base_checkpoint: str, merge_base: str, quantization: str, tr
     if merge_base == "dequantized":
         if quantization == "none":
             raise UserError("merge_base: dequantized needs a quantised base (quantization: nf4 or int8)")
-        return _quantised_base(base_checkpoint, quantization, torch.float32, trust_remote_code).dequantize().to(
-            torch.float32)
-    return AutoModelForCausalLM.from_pretrained(base_checkpoint, dtype=torch.float32, use_safetensors=True,
-                                                trust_remote_code=trust_remote_code)
+        return (
+            _quantised_base(base_checkpoint, quantization, torch.float32, trust_remote_code)
+            .dequantize()
+            .to(torch.float32)
+        )
+    return AutoModelForCausalLM.from_pretrained(
+        base_checkpoint, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
 
 
 def task_agreement(a: dict, b: dict, metrics: dict[str, str]) -> list[dict]:
@@ -107,18 +129,38 @@ def task_agreement(a: dict, b: dict, metrics: dict[str, str]) -> list[dict]:
     out = []
     for key, rows_a in a.items():
         rows_b, metric = b[key], metrics[key]
-        comp = compare([s[metric] for _, s in rows_a], [s[metric] for _, s in rows_b], binary=metric in M.BINARY)
-        out.append({"entry": key, "items": len(rows_a), "same_outputs": sum(x == y for (x, _), (y, _) in
-                                                                              zip(rows_a, rows_b)),
-                    "mean_a": sum(s[metric] for _, s in rows_a) / max(1, len(rows_a)),
-                    "mean_b": sum(s[metric] for _, s in rows_b) / max(1, len(rows_b)), **comp.record(metric)})
+        comp = compare(
+            [s[metric] for _, s in rows_a], [s[metric] for _, s in rows_b], binary=metric in M.BINARY
+        )
+        out.append(
+            {
+                "entry": key,
+                "items": len(rows_a),
+                "same_outputs": sum(x == y for (x, _), (y, _) in zip(rows_a, rows_b)),
+                "mean_a": sum(s[metric] for _, s in rows_a) / max(1, len(rows_a)),
+                "mean_b": sum(s[metric] for _, s in rows_b) / max(1, len(rows_b)),
+                **comp.record(metric),
+            }
+        )
     return out
 
 
-def merge_adapter(base_checkpoint: str, adapter_dir: Path, out_dir: Path, *, parity_prompts: list[list[dict]],
-                  max_new_tokens: int, tolerance: float, provenance: dict,
-                  trust_remote_code: bool = False, quantization: str = "none", compute_dtype=None,
-                  merge_base: str = "fp32", task_scorer=None, task_metrics: dict | None = None) -> Parity:
+def merge_adapter(
+    base_checkpoint: str,
+    adapter_dir: Path,
+    out_dir: Path,
+    *,
+    parity_prompts: list[list[dict]],
+    max_new_tokens: int,
+    tolerance: float,
+    provenance: dict,
+    trust_remote_code: bool = False,
+    quantization: str = "none",
+    compute_dtype=None,
+    merge_base: str = "fp32",
+    task_scorer=None,
+    task_metrics: dict | None = None,
+) -> Parity:
     """Write the merged checkpoint to out_dir (atomically: a staging dir renamed on success) and
     return the parity check; a failed check raises, leaving no merged directory behind.
     `quantization` and `compute_dtype`: how training loaded the base (three-way parity);
@@ -143,12 +185,15 @@ def merge_adapter(base_checkpoint: str, adapter_dir: Path, out_dir: Path, *, par
     def run(model, label: str | None = None) -> tuple[list[str], list]:
         if label and task_scorer is not None:
             tasks[label] = task_scorer(model, tokenizer)
-        return generate(model, tokenizer, parity_prompts, max_new_tokens), _prompt_logits(model, tokenizer,
-                                                                                          parity_prompts)
+        return generate(model, tokenizer, parity_prompts, max_new_tokens), _prompt_logits(
+            model, tokenizer, parity_prompts
+        )
 
     trained = None
     if quantization != "none":
-        qbase = _quantised_base(base_checkpoint, quantization, compute_dtype or torch.float32, trust_remote_code)
+        qbase = _quantised_base(
+            base_checkpoint, quantization, compute_dtype or torch.float32, trust_remote_code
+        )
         trained = run(PeftModel.from_pretrained(qbase, adapter_dir).eval(), "trained")
         del qbase
         gc.collect()
@@ -161,33 +206,46 @@ def merge_adapter(base_checkpoint: str, adapter_dir: Path, out_dir: Path, *, par
         merged = model.merge_and_unload().eval()
         return unmerged, merged, run(merged, f"merged_{label}")
 
-    unmerged, merged, after = merge(load_merge_base(base_checkpoint, "fp32", quantization, trust_remote_code), "fp32")
+    unmerged, merged, after = merge(
+        load_merge_base(base_checkpoint, "fp32", quantization, trust_remote_code), "fp32"
+    )
     three_way = None
     if trained is not None:
-        three_way = {"quantization": quantization, "merge_base": merge_base,
-                     "trained_vs_fp32_adapter": agreement(*trained, *unmerged),
-                     "trained_vs_merged_fp32": agreement(*trained, *after)}
+        three_way = {
+            "quantization": quantization,
+            "merge_base": merge_base,
+            "trained_vs_fp32_adapter": agreement(*trained, *unmerged),
+            "trained_vs_merged_fp32": agreement(*trained, *after),
+        }
     if merge_base == "dequantized":
-        unmerged, merged, after = merge(load_merge_base(base_checkpoint, merge_base, quantization,
-                                                        trust_remote_code), "dequantized")
+        unmerged, merged, after = merge(
+            load_merge_base(base_checkpoint, merge_base, quantization, trust_remote_code), "dequantized"
+        )
         three_way["trained_vs_merged_dequantized"] = agreement(*trained, *after)
     if three_way is not None and tasks:
         pairs = [("trained", "fp32_adapter"), ("trained", "merged_fp32"), ("fp32_adapter", "merged_fp32")]
         if "merged_dequantized" in tasks:
             pairs += [("trained", "merged_dequantized"), ("merged_dequantized", "merged_fp32")]
-        three_way["tasks"] = {f"{a}_vs_{b}": task_agreement(tasks[a], tasks[b], task_metrics or {})
-                              for a, b in pairs}
+        three_way["tasks"] = {
+            f"{a}_vs_{b}": task_agreement(tasks[a], tasks[b], task_metrics or {}) for a, b in pairs
+        }
     before, reference = unmerged
     worst = max((float((a - b).abs().max()) for a, b in zip(reference, after[1])), default=0.0)
-    parity = Parity(len(parity_prompts), sum(a == b for a, b in zip(before, after[0])), worst, tolerance,
-                    three_way)
+    parity = Parity(
+        len(parity_prompts), sum(a == b for a, b in zip(before, after[0])), worst, tolerance, three_way
+    )
     if not parity.passed:
-        raise UserError(f"merge parity failed: {parity.same_replies}/{parity.items} identical replies, "
-                        f"max logit difference {parity.max_abs_logit_diff:.2e} (tolerance {tolerance:.0e}); "
-                        f"{out_dir} not written")
+        raise UserError(
+            f"merge parity failed: {parity.same_replies}/{parity.items} identical replies, "
+            f"max logit difference {parity.max_abs_logit_diff:.2e} (tolerance {tolerance:.0e}); "
+            f"{out_dir} not written"
+        )
     with staging_dir(out_dir) as stage:
         merged.save_pretrained(stage, safe_serialization=True)
         tokenizer.save_pretrained(stage)
-        write_artifact(provenance_of(stage), MergeProvenance,
-                       {**provenance, "parity": {**asdict(parity), "passed": parity.passed}})
+        write_artifact(
+            provenance_of(stage),
+            MergeProvenance,
+            {**provenance, "parity": {**asdict(parity), "passed": parity.passed}},
+        )
     return parity

@@ -57,14 +57,21 @@ def _assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[i
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (full.startswith(upto) and upto.startswith(before)):
-            raise UserError("the chat template does not render a conversation as a growing prefix; "
-                            "assistant tokens cannot be located")
+            raise UserError(
+                "the chat template does not render a conversation as a growing prefix; "
+                "assistant tokens cannot be located"
+            )
         spans.append((len(before), len(upto)))
     return full, spans
 
 
-def tokenize(tokenizer, conv: Conversation, max_length: int, overlong: Literal["truncate", "drop"],
-             report: CleaningReport) -> Example | None:
+def tokenize(
+    tokenizer,
+    conv: Conversation,
+    max_length: int,
+    overlong: Literal["truncate", "drop"],
+    report: CleaningReport,
+) -> Example | None:
     text, spans = _assistant_spans(tokenizer, conv.messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = []
@@ -84,8 +91,9 @@ def tokenize(tokenizer, conv: Conversation, max_length: int, overlong: Literal["
     return Example(ids, labels, conv.source)
 
 
-def source_conversations(recipe: Recipe, data_dir: Path, report: CleaningReport,
-                         synth_root: Path | None = None) -> list[Conversation]:
+def source_conversations(
+    recipe: Recipe, data_dir: Path, report: CleaningReport, synth_root: Path | None = None
+) -> list[Conversation]:
     from eval.task import load_items, resolve_task
 
     out: list[Conversation] = []
@@ -96,13 +104,24 @@ def source_conversations(recipe: Recipe, data_dir: Path, report: CleaningReport,
                 raise UserError(f"{recipe.path}: task '{src.task}' has no reference answers to train on")
             items = load_items(task, src.split, data_dir)
             report.read += len(items)
-            out += [Conversation([*i.messages(), {"role": "assistant", "content": i.gold}],
-                                 f"{task.name}:{i.id}") for i in items]
+            out += [
+                Conversation([*i.messages(), {"role": "assistant", "content": i.gold}], f"{task.name}:{i.id}")
+                for i in items
+            ]
         else:
-            path, fmt = (synth_output(src.synth, synth_root, recipe.path) if src.synth is not None
-                         else (data_path(src.path, recipe.path), src.format))
-            out += load_conversations(path, fmt, skip_bad_rows=recipe.skip_bad_rows, report=report,
-                                      prompt_task=src.prompt_task, columns=src.columns)
+            path, fmt = (
+                synth_output(src.synth, synth_root, recipe.path)
+                if src.synth is not None
+                else (data_path(src.path, recipe.path), src.format)
+            )
+            out += load_conversations(
+                path,
+                fmt,
+                skip_bad_rows=recipe.skip_bad_rows,
+                report=report,
+                prompt_task=src.prompt_task,
+                columns=src.columns,
+            )
     return out
 
 
@@ -117,8 +136,14 @@ class PreparedData:
     """The contamination gate's record (train/contamination.py); None when it was not run."""
 
 
-def prepare_data(recipe: Recipe, tokenizer, data_dir: Path, run_dir: Path,
-                 synth_root: Path | None = None, eval_texts: list | None = None) -> PreparedData:
+def prepare_data(
+    recipe: Recipe,
+    tokenizer,
+    data_dir: Path,
+    run_dir: Path,
+    synth_root: Path | None = None,
+    eval_texts: list | None = None,
+) -> PreparedData:
     """Read, clean, check against `eval_texts` (the contamination gate, which may stop the run),
     split (saved under run_dir/data) and tokenise; prints the cleaning report."""
     report = CleaningReport()
@@ -141,4 +166,6 @@ def prepare_data(recipe: Recipe, tokenizer, data_dir: Path, run_dir: Path,
         print(f"data: skipped {problem}")
     if not examples["train"]:
         raise UserError(f"{recipe.path}: no training examples left after cleaning")
-    return PreparedData(examples["train"], examples["val"], parts, report, data_sha256(conversations), contamination)
+    return PreparedData(
+        examples["train"], examples["val"], parts, report, data_sha256(conversations), contamination
+    )

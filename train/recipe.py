@@ -1,6 +1,6 @@
 """A training recipe: one strictly validated YAML file under train/ (unknown key -> one-line error).
 
-    python -m selectune train --recipe train/quick.yaml
+python -m selectune train --recipe train/quick.yaml
 """
 
 from __future__ import annotations
@@ -190,8 +190,6 @@ class Recipe(NamedConfig):
     comparison in the summary and the report."""
 
 
-
-
 def load_recipe(path: Path) -> Recipe:
     return load_named_yaml(path, Recipe, "recipe")
 
@@ -211,19 +209,25 @@ def synth_output(name: str, synth_root: Path | None, recipe_file: Path) -> tuple
     from core.artifacts import SynthProvenance, read_artifact
 
     if synth_root is None:
-        raise UserError(f"{recipe_file}: data source synth '{name}' is read from the runs directory: train "
-                        "through `selectune train`, which names it")
+        raise UserError(
+            f"{recipe_file}: data source synth '{name}' is read from the runs directory: train "
+            "through `selectune train`, which names it"
+        )
     from core.workspace import SynthOutput
 
     output = SynthOutput(synth_root / name)
     provenance = output.provenance
     if not provenance.is_file():
-        raise UserError(f"{recipe_file}: data source synth '{name}': {provenance} not found; run "
-                        f"`make data-synth SYNTH_RECIPE=...` for the recipe named {name} first")
+        raise UserError(
+            f"{recipe_file}: data source synth '{name}': {provenance} not found; run "
+            f"`make data-synth SYNTH_RECIPE=...` for the recipe named {name} first"
+        )
     record = read_artifact(provenance, SynthProvenance)
     if not record.complete:
-        raise UserError(f"{recipe_file}: data source synth '{name}': that run stopped early ({record.stopped}); "
-                        "rerun make data-synth to finish it")
+        raise UserError(
+            f"{recipe_file}: data source synth '{name}': that run stopped early ({record.stopped}); "
+            "rerun make data-synth to finish it"
+        )
     return output.data, record.format
 
 
@@ -242,6 +246,8 @@ def target_modules(recipe: Recipe, model_type: str) -> list[str]:
     if recipe.lora.target_modules:
         return list(recipe.lora.target_modules)
     if model_type not in TARGET_MODULES:
-        raise UserError(f"{recipe.path}: no default LoRA target modules for model_type '{model_type}'; "
-                        f"set lora.target_modules (known: {', '.join(sorted(TARGET_MODULES))})")
+        raise UserError(
+            f"{recipe.path}: no default LoRA target modules for model_type '{model_type}'; "
+            f"set lora.target_modules (known: {', '.join(sorted(TARGET_MODULES))})"
+        )
     return TARGET_MODULES[model_type]

@@ -15,8 +15,11 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
     are what a kill during a save leaves behind, and are removed."""
     if not folder.is_dir():
         return None
-    found = sorted((p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
-                   key=lambda p: int(p.name[11:]), reverse=True)
+    found = sorted(
+        (p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+        key=lambda p: int(p.name[11:]),
+        reverse=True,
+    )
     for path in found:
         try:
             json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
@@ -38,8 +41,11 @@ def truncate_log(log_path: Path, step: int) -> None:
     """Drop log records past the checkpoint being resumed: those steps run again."""
     if not log_path.exists():
         return
-    keep = [line for line in log_path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = [
+        line
+        for line in log_path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
     write_text_atomic(log_path, "".join(line + "\n" for line in keep))
 
 

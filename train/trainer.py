@@ -95,7 +95,8 @@ class ThinTrainer(Trainer):
         return SeededLengthGroupedSampler(
             [len(e.input_ids) for e in dataset.examples],
             self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size,
-            self.args.seed)
+            self.args.seed,
+        )
 
 
 class ExampleDataset:
@@ -134,13 +135,22 @@ def load_for_training(recipe: Recipe, checkpoint: str, trust_remote_code: bool):
     dtype = compute_dtype(recipe)
     quant = None
     if recipe.quantization == "nf4":
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
     elif recipe.quantization == "int8":
         quant = BitsAndBytesConfig(load_in_8bit=True)
     model = AutoModelForCausalLM.from_pretrained(
-        checkpoint, dtype=dtype, quantization_config=quant, use_safetensors=True,
-        device_map="auto" if torch.cuda.is_available() else "cpu", trust_remote_code=trust_remote_code)
+        checkpoint,
+        dtype=dtype,
+        quantization_config=quant,
+        use_safetensors=True,
+        device_map="auto" if torch.cuda.is_available() else "cpu",
+        trust_remote_code=trust_remote_code,
+    )
     if quant is not None:
         # bitsandbytes repacks a 4-bit weight for a faster CPU kernel the first time it runs in
         # eval mode without grad (our periodic samples, Trainer's evaluation); the packed weight
@@ -151,12 +161,18 @@ def load_for_training(recipe: Recipe, checkpoint: str, trust_remote_code: bool):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if recipe.training.gradient_checkpointing:
         # transformers' selective checkpointing: every n-th decoder layer recomputes its activations
-        model.activation_checkpointing_enable({"use_reentrant": False},
-                                              every_n_layers=recipe.training.checkpoint_every_n_layers)
-    config = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-                        target_modules=target_modules(recipe, model.config.model_type),
-                        modules_to_save=list(recipe.lora.modules_to_save) or None,
-                        bias="none", task_type="CAUSAL_LM")
+        model.activation_checkpointing_enable(
+            {"use_reentrant": False}, every_n_layers=recipe.training.checkpoint_every_n_layers
+        )
+    config = LoraConfig(
+        r=recipe.lora.r,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
+        target_modules=target_modules(recipe, model.config.model_type),
+        modules_to_save=list(recipe.lora.modules_to_save) or None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, config)
 
 
@@ -186,20 +202,35 @@ def training_arguments(recipe: Recipe, out_dir: Path, *, evaluate: bool = True):
     t = recipe.training
     dtype = compute_dtype(recipe)
     return TrainingArguments(
-        output_dir=str(out_dir), per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.learning_rate, lr_scheduler_type=t.scheduler if t.scheduler == "cosine"
-        else "constant_with_warmup", warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
-        num_train_epochs=t.epochs, max_steps=t.max_steps or -1, logging_steps=t.logging_steps,
-        logging_first_step=True, logging_nan_inf_filter=False,
+        output_dir=str(out_dir),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.scheduler if t.scheduler == "cosine" else "constant_with_warmup",
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        logging_nan_inf_filter=False,
         eval_strategy=("epoch" if t.eval_steps == "epoch" else "steps") if evaluate else "no",
-        eval_steps=None if t.eval_steps == "epoch" else t.eval_steps, save_strategy="steps",
-        save_steps=t.save_steps, save_total_limit=2, seed=recipe.seed, data_seed=recipe.seed,
+        eval_steps=None if t.eval_steps == "epoch" else t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        seed=recipe.seed,
+        data_seed=recipe.seed,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        bf16=dtype == torch.bfloat16, use_cpu=not torch.cuda.is_available(), report_to=[],
+        bf16=dtype == torch.bfloat16,
+        use_cpu=not torch.cuda.is_available(),
+        report_to=[],
         prediction_loss_only=True,
         # (gradient checkpointing is set up on the model, by load_for_training)
-        remove_unused_columns=False, dataloader_num_workers=0)
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
 
 
 def final_val_loss(trainer) -> float:
@@ -212,10 +243,19 @@ def final_val_loss(trainer) -> float:
     return trainer.evaluate()["eval_loss"]
 
 
-def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path, *,
-                 trust_remote_code: bool = False, synth_root: Path | None = None,
-                 eval_texts: list | None = None, probe: list | None = None, probe_card=None,
-                 progress=None) -> TrainResult:
+def run_training(
+    recipe: Recipe,
+    checkpoint: str,
+    run_dir: Path,
+    data_dir: Path,
+    *,
+    trust_remote_code: bool = False,
+    synth_root: Path | None = None,
+    eval_texts: list | None = None,
+    probe: list | None = None,
+    probe_card=None,
+    progress=None,
+) -> TrainResult:
     """Train (or resume) the adapter into run_dir/adapter; logs in run_dir/train_log.jsonl.
     `probe`: entries scored at every evaluation (train/checkpoints.py), rendered as `probe_card`.
     `progress`: a callback that advances the whole command's progress bar."""
@@ -247,23 +287,37 @@ def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path,
     elif log_path.exists():
         log_path.unlink()  # no checkpoint to resume from: start the log afresh
     log, guard, sampler = make_callbacks(recipe, tokenizer, log_path, sample_prompts(recipe, data_dir))
-    callbacks = [log, guard, sampler] + ([allocator.callback()] if allocator else []) + (
-        [progress] if progress else [])
+    callbacks = (
+        [log, guard, sampler]
+        + ([allocator.callback()] if allocator else [])
+        + ([progress] if progress else [])
+    )
     evaluator = None
     if probe:
         from train.callbacks import CheckpointEvals
         from train.checkpoints import Evaluator
         from train.merge import load_merge_base
 
-        evaluator = Evaluator(probe, tokenizer, probe_card, run_dir, data_dir, lambda: load_merge_base(
-            checkpoint, recipe.merge_base, recipe.quantization, trust_remote_code), log_path,
+        evaluator = Evaluator(
+            probe,
+            tokenizer,
+            probe_card,
+            run_dir,
+            data_dir,
+            lambda: load_merge_base(checkpoint, recipe.merge_base, recipe.quantization, trust_remote_code),
+            log_path,
             int(last.name.rsplit("-", 1)[1]) if last else None,
-            {"merge_base": recipe.merge_base, "quantization": recipe.quantization})
+            {"merge_base": recipe.merge_base, "quantization": recipe.quantization},
+        )
         callbacks.append(CheckpointEvals(evaluator))
-    trainer = ThinTrainer(model=model, args=training_arguments(recipe, checkpoints, evaluate=bool(data.val)),
-                      train_dataset=ExampleDataset(data.train),
-                      eval_dataset=ExampleDataset(data.val) if data.val else None,
-                      data_collator=PadCollator(tokenizer.pad_token_id), callbacks=callbacks)
+    trainer = ThinTrainer(
+        model=model,
+        args=training_arguments(recipe, checkpoints, evaluate=bool(data.val)),
+        train_dataset=ExampleDataset(data.train),
+        eval_dataset=ExampleDataset(data.val) if data.val else None,
+        data_collator=PadCollator(tokenizer.pad_token_id),
+        callbacks=callbacks,
+    )
     started = time.monotonic()
     if last and finished(last):
         # Trainer resumed at max_steps still runs one more step (it checks after a step, not
@@ -279,8 +333,10 @@ def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path,
     if guard.problem:
         drop_checkpoints_from(checkpoints, guard.bad_step)
         kept = last_complete_checkpoint(checkpoints)
-        raise UserError(f"{guard.problem}; stopped. Last good checkpoint: {kept or 'none yet'} "
-                        f"(lower training.learning_rate in {recipe.path} and rerun)")
+        raise UserError(
+            f"{guard.problem}; stopped. Last good checkpoint: {kept or 'none yet'} "
+            f"(lower training.learning_rate in {recipe.path} and rerun)"
+        )
     val_loss = final_val_loss(trainer) if data.val else None
     adapter_dir = layout.adapter
     if trainer.is_world_process_zero():  # under `accelerate launch`, the main process saves
@@ -291,5 +347,15 @@ def run_training(recipe: Recipe, checkpoint: str, run_dir: Path, data_dir: Path,
         evaluator(trainer.state.global_step, model)  # when the last step had no evaluation
         choice, chosen = evaluator.choose(trainer.state.global_step, adapter_dir)
     history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return TrainResult(run_dir, adapter_dir, history[-1] if history else None, val_loss,
-                       trainer.state.global_step, seconds, data, str(last) if last else None, choice, chosen)
+    return TrainResult(
+        run_dir,
+        adapter_dir,
+        history[-1] if history else None,
+        val_loss,
+        trainer.state.global_step,
+        seconds,
+        data,
+        str(last) if last else None,
+        choice,
+        chosen,
+    )

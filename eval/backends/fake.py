@@ -9,8 +9,14 @@ from eval.backends.base import GenRequest, LoglikelihoodRequest, cut_at_stop
 
 
 class FakeBackend:
-    def __init__(self, replies: list[str] | None = None, *, respond: Callable | None = None,
-                 loglikelihoods: list[float] | None = None, name: str = "fake"):
+    def __init__(
+        self,
+        replies: list[str] | None = None,
+        *,
+        respond: Callable | None = None,
+        loglikelihoods: list[float] | None = None,
+        name: str = "fake",
+    ):
         self.replies = deque(replies or [])
         self.loglikelihoods = deque(loglikelihoods or [])
         self.respond = respond

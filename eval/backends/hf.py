@@ -67,9 +67,18 @@ def shared_prefix_length(seqs: list[list[int]]) -> int:
 
 
 class HFBackend:
-    def __init__(self, card: ModelCard, store: Path, *, batch_size: int = DEFAULT_BATCH_SIZE, dtype: str = "auto",
-                 device: str = "auto", checkpoint: Path | None = None, prepack: bool = True,
-                 lazy: bool = False):
+    def __init__(
+        self,
+        card: ModelCard,
+        store: Path,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        dtype: str = "auto",
+        device: str = "auto",
+        checkpoint: Path | None = None,
+        prepack: bool = True,
+        lazy: bool = False,
+    ):
         """`checkpoint`: load this directory instead of the card's stored one (a merged fine-tune;
         pass a card whose name and chat_template describe it). `device` and `dtype` "auto": a CUDA
         GPU in bfloat16 when there is one, else the CPU in float32. `prepack`: run fp32 CPU
@@ -103,7 +112,8 @@ class HFBackend:
             "weights_sha256": manifest.get("weights_sha256"),
             # Hashed from the tokenizer as loaded: a hub or local checkpoint has no manifest hash.
             "chat_template_sha256": sha256_text(self.tokenizer.chat_template)
-            if self.tokenizer.chat_template else None,
+            if self.tokenizer.chat_template
+            else None,
             "chat_template": card.chat_template,
             "dtype": dtype,
             "device": self.device,
@@ -118,8 +128,15 @@ class HFBackend:
             self.model  # noqa: B018 (loads the weights)
 
     @classmethod
-    def from_model(cls, card: ModelCard, model, tokenizer, *, batch_size: int = DEFAULT_BATCH_SIZE,
-                   name: str | None = None) -> HFBackend:
+    def from_model(
+        cls,
+        card: ModelCard,
+        model,
+        tokenizer,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        name: str | None = None,
+    ) -> HFBackend:
         """A backend around weights already in memory (a checkpoint evaluated while training):
         nothing is loaded, and its identity names no stored weights, so it is not for the
         results store. `card` says how prompts are rendered (its chat_template and add_bos)."""
@@ -128,9 +145,15 @@ class HFBackend:
         self = cls.__new__(cls)
         self.card, self.batch_size, self.tokenizer, self._model = card, batch_size, tokenizer, model
         self.device = str(model.device)
-        self.identity = {"backend": "hf", "model": name or card.name, "weights_sha256": None,
-                         "in_memory": True, "dtype": str(model.dtype).removeprefix("torch."),
-                         "device": self.device, "transformers": transformers.__version__}
+        self.identity = {
+            "backend": "hf",
+            "model": name or card.name,
+            "weights_sha256": None,
+            "in_memory": True,
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "device": self.device,
+            "transformers": transformers.__version__,
+        }
         self._prefix_cache = None
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return self
@@ -167,8 +190,8 @@ class HFBackend:
         input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):
-            input_ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
+            input_ids[i, width - len(s) :] = torch.tensor(s)
+            mask[i, width - len(s) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return input_ids.to(self.device), mask.to(self.device), positions.to(self.device)
 
@@ -180,16 +203,20 @@ class HFBackend:
         out = [0.0] * len(requests)
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
-                batch = [rows[i] for i in order[start:start + self.batch_size]]
+                batch = [rows[i] for i in order[start : start + self.batch_size]]
                 keep = max(r.tail for r in batch) + 1
                 # The shared prefix may not reach a scored position: share among the contexts.
-                shared = shared_prefix_length([r.ids[:len(r.ids) - r.tail] for r in batch])
+                shared = shared_prefix_length([r.ids[: len(r.ids) - r.tail] for r in batch])
                 input_ids, mask, cache = self._prefixed_batch([r.ids for r in batch], shared)
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
                 start_at = 0 if cache is None else shared
-                logits = self.model(input_ids=input_ids[:, start_at:], attention_mask=mask,
-                                    position_ids=positions[:, start_at:], past_key_values=cache,
-                                    logits_to_keep=keep).logits
+                logits = self.model(
+                    input_ids=input_ids[:, start_at:],
+                    attention_mask=mask,
+                    position_ids=positions[:, start_at:],
+                    past_key_values=cache,
+                    logits_to_keep=keep,
+                ).logits
                 logprobs = torch.log_softmax(logits.float(), dim=-1)
                 for b, row in enumerate(batch):
                     for req, cont in row.targets:
@@ -197,7 +224,9 @@ class HFBackend:
                             out[req] = logprobs[b, keep - 1, cont[0]].item()
                         else:  # token j of the tail is predicted at kept index keep - tail + j - 1
                             idx = torch.arange(keep - row.tail - 1, keep - 1, device=logprobs.device)
-                            out[req] = logprobs[b, idx, torch.tensor(cont, device=logprobs.device)].sum().item()
+                            out[req] = (
+                                logprobs[b, idx, torch.tensor(cont, device=logprobs.device)].sum().item()
+                            )
         return out
 
     def split_ids(self, request: LoglikelihoodRequest) -> tuple[list[int], list[int]]:
@@ -206,8 +235,11 @@ class HFBackend:
         context = self.render(request.messages, request.raw)
         ctx_ids = self._encode(context)
         whole = self._encode(context + request.continuation)
-        cont = whole[len(ctx_ids):] if whole[: len(ctx_ids)] == ctx_ids else \
-            self.tokenizer(request.continuation, add_special_tokens=False).input_ids
+        cont = (
+            whole[len(ctx_ids) :]
+            if whole[: len(ctx_ids)] == ctx_ids
+            else self.tokenizer(request.continuation, add_special_tokens=False).input_ids
+        )
         return ctx_ids, cont
 
     def _rows(self, requests: list[LoglikelihoodRequest]) -> list[_Row]:
@@ -237,16 +269,20 @@ class HFBackend:
         base = self.model.generation_config
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
-                chunk = [unique[u] for u in order[start:start + self.batch_size]]
+                chunk = [unique[u] for u in order[start : start + self.batch_size]]
                 input_ids, mask, cache = self._prefixed_batch([list(ids) for ids, _ in chunk])
                 config = GenerationConfig(
-                    do_sample=False, max_new_tokens=max(n for _, n in chunk),
-                    eos_token_id=base.eos_token_id, pad_token_id=self.pad_id,
-                    bos_token_id=base.bos_token_id)
-                generated = self.model.generate(input_ids=input_ids, attention_mask=mask,
-                                                past_key_values=cache, generation_config=config)
+                    do_sample=False,
+                    max_new_tokens=max(n for _, n in chunk),
+                    eos_token_id=base.eos_token_id,
+                    pad_token_id=self.pad_id,
+                    bos_token_id=base.bos_token_id,
+                )
+                generated = self.model.generate(
+                    input_ids=input_ids, attention_mask=mask, past_key_values=cache, generation_config=config
+                )
                 for row, key in enumerate(chunk):
-                    new = generated[row, input_ids.shape[1]:][: key[1]].tolist()
+                    new = generated[row, input_ids.shape[1] :][: key[1]].tolist()
                     replies[key] = self.tokenizer.decode(new, skip_special_tokens=True)
         return [cut_at_stop(replies[key], r.stop) for key, r in zip(keys, requests)]
 
@@ -254,23 +290,33 @@ class HFBackend:
         """The batches `generate` or `loglikelihood` would run for `requests`, from the tokenizer
         alone (no weights): the cost estimates (eval/estimate.py) count the work from these."""
         if requests and isinstance(requests[0], GenRequest):
-            keys = list(dict.fromkeys((tuple(self._encode(self.render(r.messages, r.raw))), r.max_new_tokens)
-                                      for r in requests))
+            keys = list(
+                dict.fromkeys(
+                    (tuple(self._encode(self.render(r.messages, r.raw))), r.max_new_tokens) for r in requests
+                )
+            )
             seqs, steps = [list(ids) for ids, _ in keys], [n for _, n in keys]
             kept, contexts = [1] * len(seqs), seqs
         else:  # as loglikelihood does: the prefix is shared among the contexts only
             rows = self._rows(requests)
             seqs, steps, kept = [r.ids for r in rows], [0] * len(rows), [r.tail + 1 for r in rows]
-            contexts = [r.ids[:len(r.ids) - r.tail] for r in rows]
+            contexts = [r.ids[: len(r.ids) - r.tail] for r in rows]
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
         out = []
         for start in range(0, len(order), self.batch_size):
-            part = order[start:start + self.batch_size]
+            part = order[start : start + self.batch_size]
             width = len(seqs[part[0]])
             shared = shared_prefix_length([contexts[i] for i in part])
             shared = shared if shared >= 2 else 0
-            out.append(Batch(len(part), len(part) * (width - shared), max(kept[i] for i in part),
-                             max(steps[i] for i in part), tuple(seqs[part[0]][:shared])))
+            out.append(
+                Batch(
+                    len(part),
+                    len(part) * (width - shared),
+                    max(kept[i] for i in part),
+                    max(steps[i] for i in part),
+                    tuple(seqs[part[0]][:shared]),
+                )
+            )
         return out
 
     def _prefixed_batch(self, seqs: list[list[int]], shared: int | None = None):
@@ -289,12 +335,12 @@ class HFBackend:
             return input_ids, mask, None
         prefix = tuple(seqs[0][:shared])
         if self._prefix_cache is None or self._prefix_cache[0] != prefix:
-            cache = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True,
-                               logits_to_keep=1).past_key_values
+            cache = self.model(
+                input_ids=torch.tensor([prefix], device=self.device), use_cache=True, logits_to_keep=1
+            ).past_key_values
             self._prefix_cache = (prefix, cache)
         cache = copy.deepcopy(self._prefix_cache[1])
         cache.batch_repeat_interleave(len(seqs))
         rest, mask_rest, _ = self._batch([s[shared:] for s in seqs])
         head = torch.tensor([prefix], device=self.device).expand(len(seqs), -1)
-        return (torch.cat([head, rest], dim=1),
-                torch.cat([torch.ones_like(head), mask_rest], dim=1), cache)
+        return (torch.cat([head, rest], dim=1), torch.cat([torch.ones_like(head), mask_rest], dim=1), cache)

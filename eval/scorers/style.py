@@ -62,10 +62,14 @@ def _train(task_path: Path, task_sha: str, data_dir: Path):
     task = load_task(task_path)
     neutral = _neutral(task_path)
     train = load_items(task, "train", data_dir)
-    clf = make_pipeline(TfidfVectorizer(analyzer="char", ngram_range=(1, 3), sublinear_tf=True),
-                        LogisticRegression(max_iter=2000, C=10.0, class_weight="balanced"))
-    clf.fit([i.gold for i in train] + neutral["train"],
-            [i.fields["style"] for i in train] + [NEITHER] * len(neutral["train"]))
+    clf = make_pipeline(
+        TfidfVectorizer(analyzer="char", ngram_range=(1, 3), sublinear_tf=True),
+        LogisticRegression(max_iter=2000, C=10.0, class_weight="balanced"),
+    )
+    clf.fit(
+        [i.gold for i in train] + neutral["train"],
+        [i.fields["style"] for i in train] + [NEITHER] * len(neutral["train"]),
+    )
     # Abstention, calibrated on the val split: a style is named only with at least the
     # probability that 99% of val references get for their own style.
     val = load_items(task, "val", data_dir)
@@ -76,8 +80,10 @@ def _train(task_path: Path, task_sha: str, data_dir: Path):
     texts = [i.gold for i in held_out] + neutral["test"]
     labels = [i.fields["style"] for i in held_out] + [NEITHER] * len(neutral["test"])
     predicted = predict(clf, texts)
-    per_class = {label: sum(p == t for p, t in zip(predicted, labels) if t == label) / labels.count(label)
-                 for label in sorted(set(labels))}
+    per_class = {
+        label: sum(p == t for p, t in zip(predicted, labels) if t == label) / labels.count(label)
+        for label in sorted(set(labels))
+    }
     accuracy = sum(p == t for p, t in zip(predicted, labels)) / len(labels)
     return clf, float(accuracy), per_class
 

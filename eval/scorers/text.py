@@ -21,11 +21,10 @@ def degenerate(reply: str) -> str | None:
         if top / len(text) > 0.5:
             return f"one character is {top / len(text):.0%} of the reply"
     if len(text) >= 40:
-        pairs = [text[k:k + 2] for k in range(len(text) - 1)]
+        pairs = [text[k : k + 2] for k in range(len(text) - 1)]
         if len(set(pairs)) / len(pairs) < 0.35:
             return f"a phrase repeats: {len(set(pairs))} distinct character pairs in {len(text)} characters"
     return None
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,7 +50,9 @@ def normalize(text: str, steps) -> str:
     if "case" in steps:
         text = text.lower()
     if "punctuation" in steps:
-        text = "".join(c for c in text if c not in _PUNCTUATION and not unicodedata.category(c).startswith("P"))
+        text = "".join(
+            c for c in text if c not in _PUNCTUATION and not unicodedata.category(c).startswith("P")
+        )
     if "articles" in steps:
         text = _ARTICLES.sub(" ", text)
     if "whitespace" in steps:
@@ -100,8 +101,9 @@ def text_scores(metrics, reply: str, references: list[str], *, steps=(), pattern
     if M.TOKEN_F1 in wanted:
         out[M.TOKEN_F1] = max(_f1(norm.split(), r.split()) for r in refs)
     if M.CHAR_F1 in wanted:
-        out[M.CHAR_F1] = max(_f1([c for c in norm if not c.isspace()], [c for c in r if not c.isspace()])
-                             for r in refs)
+        out[M.CHAR_F1] = max(
+            _f1([c for c in norm if not c.isspace()], [c for c in r if not c.isspace()]) for r in refs
+        )
     if M.ROUGE_L in wanted:
         from rouge_score import rouge_scorer
 
