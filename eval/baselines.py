@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from eval import metrics as M
 from eval.summary import RunSummary
-from eval.stats import ALPHA, bootstrap_mean, compare
-from eval.summary import Cell, metrics_of
+from eval.stats import ALPHA, compare
+from eval.summary import Cell, cell_of, metrics_of
 
 MAJORITY, CHANCE = "majority", "chance"
 BASELINE_COLUMNS = [MAJORITY, CHANCE]
@@ -51,19 +51,8 @@ def baseline_cells(run: RunSummary, seed: int = 0) -> list[Cell]:
     found = baselines_of(run)
     if found is None:
         return []
-    from eval.anytime import mean_sequence
-
     return [
-        Cell(
-            run.task.name,
-            run.task.sha256[:6],
-            run.split,
-            run.mode,
-            metric,
-            name,
-            mean_sequence(values, metric) if run.sequential else bootstrap_mean(values, seed=seed),
-            values,
-        )
+        cell_of(run, metric, name, values, seed, marked=False)
         for metric in metrics_of(run)
         if metric in CHOICE_METRICS
         for name, values in ((MAJORITY, found.majority), (CHANCE, found.chance))

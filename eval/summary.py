@@ -59,30 +59,38 @@ def primary_metric(run: RunSummary) -> str:
     return M.ranked_metric(run.task, run.mode)
 
 
+def cell_of(
+    run: RunSummary, metric: str, model: str, values: list[float], seed: int = 0, *, marked: bool = True
+):
+    """A cell of `values` on `run`'s items; a sequential run's interval is a confidence sequence
+    (`marked`: the cell says so, and shows its n)."""
+    from eval.anytime import mean_sequence
+
+    estimate = mean_sequence(values, metric) if run.sequential else bootstrap_mean(values, seed=seed)
+    version = run.task.sha256[:6]
+    return Cell(
+        run.task.name,
+        version,
+        run.split,
+        run.mode,
+        metric,
+        model,
+        estimate,
+        values,
+        marked and run.sequential,
+    )
+
+
 def cells_of(run: RunSummary, seed: int = 0) -> list[Cell]:
     """The run's cells; a sequential run's intervals are confidence sequences, and its metrics
     without known bounds are left out (no interval of theirs would survive optional stopping)."""
-    from eval.anytime import can_be_sequential, mean_sequence
+    from eval.anytime import can_be_sequential
 
     out = []
     for metric in metrics_of(run):
-        values = [item["scores"][metric] for item in run.items]
         if run.sequential and not can_be_sequential(metric):
             continue
-        estimate = mean_sequence(values, metric) if run.sequential else bootstrap_mean(values, seed=seed)
-        out.append(
-            Cell(
-                run.task.name,
-                run.task.sha256[:6],
-                run.split,
-                run.mode,
-                metric,
-                run.model,
-                estimate,
-                values,
-                run.sequential,
-            )
-        )
+        out.append(cell_of(run, metric, run.model, [item["scores"][metric] for item in run.items], seed))
     return out
 
 

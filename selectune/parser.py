@@ -12,6 +12,24 @@ REPO = Path(__file__).resolve().parents[1]
 DESCRIPTION = "The selectune command line: it parses arguments and hands them to one entry per stage."
 
 
+ENTRIES = {
+    "models list": "models.store:list_command",
+    "models provision": "models.store:provision_command",
+    "machine": "models.machine:machine_command",
+    "data": "eval.data:data_command",
+    "eval": "eval.command:eval_command",
+    "select": "eval.select:select_command",
+    "train": "train.command:train_entry",
+    "serve": "serve.launcher:serve_command",
+    "rescore": "serve.command:rescore_command",
+    "chat": "serve.chat:chat_command",
+    "report": "reports.render:report_command",
+    "review": "reports.review_server:review_command",
+    "data-synth": "synth.command:synth_command",
+}
+"""The function each command runs, imported only when it runs (selectune/cli.py)."""
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -19,9 +37,10 @@ def positive_int(text: str) -> int:
     return value
 
 
-def command(sub, name: str, entry: str, help_text: str) -> argparse.ArgumentParser:
-    parser = sub.add_parser(name, help=help_text)
-    parser.set_defaults(entry=entry)
+def command(sub, path: str, help_text: str) -> argparse.ArgumentParser:
+    """The sub-command at `path` (the words that name it), its entry from ENTRIES."""
+    parser = sub.add_parser(path.split()[-1], help=help_text)
+    parser.set_defaults(entry=ENTRIES[path])
     return parser
 
 
@@ -54,6 +73,15 @@ def executor_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cpus-per-model", type=positive_int, help="CPUs each model's Ray actor asks of its node (default 1)"
     )
+
+
+def served_options(parser: argparse.ArgumentParser, default_model: str, engine_help: str) -> None:
+    """What is served (a card, else a checkpoint directory) and by which engine."""
+    from serve.engines import ENGINES
+
+    parser.add_argument("--model", help=f"card name (default: {default_model})")
+    parser.add_argument("--checkpoint", type=Path, help="a checkpoint directory (e.g. runs/train/RUN/merged)")
+    parser.add_argument("--engine", choices=["auto", *ENGINES], default="auto", help=engine_help)
 
 
 def share(text: str) -> float:
@@ -95,11 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="model cards and the model store").add_subparsers(
         dest="action", required=True
     )
-    listing = command(models, "list", "models.store:list_command", "every card with its status")
+    listing = command(models, "models list", "every card with its status")
     listing.add_argument("--json", dest="json_output", action="store_true", help="machine-readable output")
-    prov = command(
-        models, "provision", "models.store:provision_command", "install, assemble, verify and convert models"
-    )
+    prov = command(models, "models provision", "install, assemble, verify and convert models")
     prov.add_argument("--card", action="append", help="card name (repeatable; default: the default set)")
     prov.add_argument("--weights", type=Path, help="local checkpoint directory for a hub card")
     prov.add_argument(
@@ -112,13 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     mc = command(
         sub,
         "machine",
-        "models.machine:machine_command",
         "measure this machine once (cached per CPU, flags, torch): matmul rates, bandwidth, dtypes",
     )
     mc.add_argument("--again", action="store_true", help="measure again even if a calibration is cached")
     mc.add_argument("--json", dest="json_output", action="store_true", help="machine-readable output")
 
-    data = command(sub, "data", "eval.data:data_command", "download FewCLUE (or verify DATA_DIR)")
+    data = command(sub, "data", "download FewCLUE (or verify DATA_DIR)")
     data.add_argument("--check", action="store_true", help="verify only, download nothing")
     data.add_argument(
         "--dataset",
@@ -127,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="what to fetch or verify (repeatable; default fewclue)",
     )
 
-    ev = command(sub, "eval", "eval.command:eval_command", "score one model on one task (resumable)")
+    ev = command(sub, "eval", "score one model on one task (resumable)")
     ev.add_argument(
         "--task", required=True, help="a task name (tasks/<name>.yaml) or the path of a task file"
     )
@@ -150,9 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     device_options(ev)
     executor_options(ev)
 
-    sel = command(
-        sub, "select", "eval.select:select_command", "score the candidates on the suite and pick the winner"
-    )
+    sel = command(sub, "select", "score the candidates on the suite and pick the winner")
     sel.add_argument(
         "--models",
         help="comma-separated card names, checkpoint directories and name=URL endpoints "
@@ -208,9 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     device_options(sel)
     executor_options(sel)
 
-    tr = command(
-        sub, "train", "train.command:train_entry", "QLoRA-fine-tune a model, merge the adapter, check parity"
-    )
+    tr = command(sub, "train", "QLoRA-fine-tune a model, merge the adapter, check parity")
     tr.add_argument("--recipe", type=Path, default=REPO / "train" / "default.yaml")
     tr.add_argument("--model", help="card name (default: the recipe's, else the winner in selection.json)")
     tr.add_argument("--run-name", help="run name under runs/train/ (default: <recipe>-<model>)")
@@ -227,20 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --executor ray: training processes (Ray Train's TorchTrainer, DDP)",
     )
 
-    sv = command(
-        sub,
-        "serve",
-        "serve.launcher:serve_command",
-        "serve a model over an OpenAI-compatible API on 127.0.0.1",
-    )
-    sv.add_argument("--model", help="card name (default: the newest merged model under runs/train/)")
-    sv.add_argument("--checkpoint", type=Path, help="a checkpoint directory (e.g. runs/train/RUN/merged)")
-    sv.add_argument(
-        "--engine",
-        choices=["auto", "vllm", "transformers", "lmdeploy"],
-        default="auto",
-        help="auto: lmdeploy where CUDA and its environment exist, else vLLM where its environment "
-        "exists (make vllm-venv), else transformers serve",
+    sv = command(sub, "serve", "serve a model over an OpenAI-compatible API on 127.0.0.1")
+    served_options(
+        sv,
+        "the newest merged model under runs/train/",
+        "auto: lmdeploy where CUDA and its environment exist, else vLLM where its environment exists "
+        "(make vllm-venv), else transformers serve",
     )
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, help="default: a free port")
@@ -249,23 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--foreground", action="store_true", help="stay in the foreground until Ctrl-C")
     sv.add_argument("--stop", action="store_true", help="stop the server `serve` started")
 
-    rs = command(
-        sub,
-        "rescore",
-        "serve.command:rescore_command",
-        "score the served model on the selection items; parity gate",
+    rs = command(sub, "rescore", "score the served model on the selection items; parity gate")
+    served_options(
+        rs,
+        "what `serve` serves, else the newest merged model",
+        "the engine to start (as for serve); with --base-url, the engine that server runs (vllm: its "
+        "prompt logprobs let `ppl` entries be re-scored too)",
     )
-    rs.add_argument("--model", help="card name (default: what `serve` serves, else the newest merged model)")
-    rs.add_argument("--checkpoint", type=Path, help="a checkpoint directory")
     rs.add_argument("--base-url", help="an already running server (else `serve`'s, else one started here)")
     rs.add_argument("--served-model", help="the model name that server expects")
-    rs.add_argument(
-        "--engine",
-        choices=["auto", "vllm", "transformers", "lmdeploy"],
-        default="auto",
-        help="the engine to start (as for serve); with --base-url, the engine that server runs "
-        "(vllm: its prompt logprobs let `ppl` entries be re-scored too)",
-    )
     rs.add_argument("--tasks", help="comma-separated tasks of the selection suite (default: all)")
     rs.add_argument("--limit", type=positive_int, help="the first N items of each task")
     rs.add_argument(
@@ -290,20 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     executor_options(rs)
 
-    ch = command(sub, "chat", "serve.chat:chat_command", "chat in the terminal with the served model")
+    ch = command(sub, "chat", "chat in the terminal with the served model")
     ch.add_argument("--base-url")
     ch.add_argument("--served-model")
     ch.add_argument("--max-tokens", type=positive_int, default=512)
 
-    rp = command(sub, "report", "reports.render:report_command", "render the HTML report under runs/report/")
+    rp = command(sub, "report", "render the HTML report under runs/report/")
     rp.add_argument("--out", type=Path, help="directory for the pages (default RUNS_DIR/report)")
 
-    rv = command(
-        sub,
-        "review",
-        "reports.review_server:review_command",
-        "blind side-by-side review pages on 127.0.0.1; votes into the store",
-    )
+    rv = command(sub, "review", "blind side-by-side review pages on 127.0.0.1; votes into the store")
     rv.add_argument("--host", default="127.0.0.1", help="beyond 127.0.0.1 only with --allow-remote")
     rv.add_argument(
         "--allow-remote",
@@ -329,12 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--import", dest="import_from", type=Path, help="merge votes from F.csv or F.json")
     what.add_argument("--revoke", help="comma-separated reviewer names whose links stop working")
 
-    ds = command(
-        sub,
-        "data-synth",
-        "synth.command:synth_command",
-        "grow a seed set into training data with a teacher model",
-    )
+    ds = command(sub, "data-synth", "grow a seed set into training data with a teacher model")
     ds.add_argument("--recipe", type=Path, default=Path("synth/fact.yaml"))
     ds.add_argument("--base-url", help="an OpenAI-compatible teacher (key from the recipe's api_key_env)")
     ds.add_argument("--teacher-model", help="the model name to ask at --base-url")

@@ -3,6 +3,7 @@ report printed last (serve/rescore.py does the work)."""
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 
 from eval.backends.base import DEFAULT_BATCH_SIZE
@@ -114,31 +115,17 @@ def rescore_command(
         only=estimate,
     ):
         return 0
-    if base_url:
-        record = rescore(
-            settings, target, base_url=base_url, model_name=served_model or target.label, engine=chosen, **kw
-        )
-    elif current is not None and not (model or checkpoint):
-        print(f"rescore: using the server `make serve` started ({server.base_url}, {state.model})")
-        record = rescore(
-            settings,
-            target,
-            base_url=server.base_url,
-            model_name=server.model_name,
-            engine=state.engine,
-            **kw,
-        )
-    else:
-        with launch(chosen, settings.workspace.server_log(chosen.name)) as server:
+    with ExitStack() as stack:
+        if base_url:
+            url, served, engine_name = base_url, served_model or target.label, chosen
+        elif current is not None and not (model or checkpoint):
+            print(f"rescore: using the server `make serve` started ({server.base_url}, {state.model})")
+            url, served, engine_name = server.base_url, server.model_name, state.engine
+        else:
+            server = stack.enter_context(launch(chosen, settings.workspace.server_log(chosen.name)))
             print(f"rescore: started {chosen.name} for {target.label} at {server.base_url}")
-            record = rescore(
-                settings,
-                target,
-                base_url=server.base_url,
-                model_name=server.model_name,
-                engine=chosen.name,
-                **kw,
-            )
+            url, served, engine_name = server.base_url, server.model_name, chosen.name
+        record = rescore(settings, target, base_url=url, model_name=served, engine=engine_name, **kw)
     print_report(record)
     return 0 if record["parity"]["passed"] else 1
 

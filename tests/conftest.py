@@ -48,6 +48,14 @@ def one_calibration(request, monkeypatch, tmp_path_factory):
 
 FIXTURE_DATA = REPO / "tests" / "fixtures" / "data"
 """Project-written files of the public data's shape (tests/fixtures/data/README.md)."""
+FIXED_CALIBRATION = {
+    "identity": {"cpu": "Test CPU", "flags": ["avx2"], "torch": "2.13.0", "threads": 2},
+    "matmul_gflops": {"float32": 100.0},
+    "decode_gflops": {"float32": 50.0},
+    "bandwidth_gbs": 20.0,
+    "load_gbs": 2.0,
+}
+"""A calibration fixed for the tests, as `make machine` records one."""
 
 
 def public_data(fallback: Path | None = None, needs: tuple[str, ...] = ("fewclue",)) -> Path:

@@ -37,6 +37,9 @@ WINNER, OTHER = "qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"
 MERGED = f"{WINNER}@merged"
 ENTRIES = [("fewclue_bustm", "dev", 24), ("style", "test", 12), ("fact", "test", 12)]
 
+PAGES = ("index", "leaderboard", "before_after", "training", "serving", "review")
+"""The pages a report has once (flips and samples pages come one a task)."""
+
 
 def _items(data_dir: Path):
     return {

@@ -24,16 +24,10 @@ from tests.test_review import LiveServer
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = REPO / "test-artifacts" / "screenshots"
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+FLAGS = (
+    "--headless --no-sandbox --disable-gpu --disable-quic --no-first-run "
+    "--disable-background-networking --disable-component-update --disable-sync"
+).split()
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +70,7 @@ def test_report_pages_render_inert_and_filter(browser, runs):
         page.goto(path.as_uri())
         assert page.evaluate("window.__pwned") is None, path.name
         assert page.locator("h1").count() == 1, path.name
-        if path.stem in (
-            "index",
-            "leaderboard",
-            "before_after",
-            "training",
-            "serving",
-            "review",
-        ) or path.stem.endswith("-fact"):
+        if path.stem in report_fixture.PAGES or path.stem.endswith("-fact"):
             page.screenshot(path=str(ARTIFACTS / f"report-{path.stem}.png"), full_page=True)
     assert page.dialogs == [] and errors == []
     # the hostile text is on the page as text

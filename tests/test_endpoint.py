@@ -11,20 +11,9 @@ import pytest
 from core.errors import UserError
 from bench.fixtures import build_tiny_qwen2
 from bench.openai_stub import StubState, serve
+from tests.pairs_fixture import pairs_rows, pairs_task
 
-TASK = """name: pairs
-version: 1
-description: Same meaning? A = no, B = yes.
-data: {root: file, format: jsonl, splits: {dev: pairs.jsonl}, id_field: id}
-default_split: dev
-prompt: {user: "{{ a }} / {{ b }}\\nA. no\\nB. yes\\nAnswer:"}
-modes: [gen, ppl]
-choices: [A, B]
-label: {field: label}
-gen: {max_new_tokens: 4}
-parser: choice
-metrics: [accuracy]
-"""
+TASK = pairs_task({"dev": "pairs.jsonl"}, max_new_tokens=4)
 SUITE = """name: suite
 entries:
   - {task: pairs.yaml, split: dev, mode: gen}
@@ -39,29 +28,20 @@ def pairs_suite(
     `folder`: the arguments `select` is given (suite, models, runs and cache directories)."""
     from bench.fixtures import build_tiny_qwen2
 
-    rows = [{"id": k, "a": f"sentence {k}", "b": f"phrase {k % 3}", "label": "AB"[k % 2]} for k in range(n)]
-    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (folder / "pairs.jsonl").write_text(pairs_rows(range(n), 3, lambda k: "AB"[k % 2]), encoding="utf-8")
     (folder / "pairs.yaml").write_text(TASK, encoding="utf-8")
     (folder / "suite.yaml").write_text(f"name: suite\nentries:\n{entries}", encoding="utf-8")
     a = build_tiny_qwen2(folder / "a", initializer_range=0.2)
     b = build_tiny_qwen2(folder / "b", initializer_range=0.02)
-    return [
-        "--runs-dir",
-        str(folder / "runs"),
-        "--cache-dir",
-        str(folder / "cache"),
-        "select",
-        "--suite",
-        str(folder / "suite.yaml"),
-        "--models",
-        f"{a},{b}",
-    ]
+    return (
+        f"--runs-dir {folder / 'runs'} --cache-dir {folder / 'cache'} select "
+        f"--suite {folder / 'suite.yaml'} --models {a},{b}"
+    ).split()
 
 
 @pytest.fixture
 def user_files(tmp_path):
-    rows = [{"id": k, "a": f"sentence {k}", "b": f"phrase {k % 3}", "label": "AB"[k % 2]} for k in range(6)]
-    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (tmp_path / "pairs.jsonl").write_text(pairs_rows(range(6), 3, lambda k: "AB"[k % 2]), encoding="utf-8")
     (tmp_path / "pairs.yaml").write_text(TASK, encoding="utf-8")
     (tmp_path / "suite.yaml").write_text(SUITE, encoding="utf-8")
     return tmp_path
@@ -120,17 +100,10 @@ def test_an_unreachable_endpoint_is_one_line_and_records_nothing(user_files, cap
 
     runs = user_files / "runs"
     code = main(
-        [
-            "--runs-dir",
-            str(runs),
-            "--cache-dir",
-            str(user_files / "cache"),
-            "select",
-            "--suite",
-            str(user_files / "suite.yaml"),
-            "--models",
-            "hosted=http://127.0.0.1:9/v1",
-        ]
+        (
+            f"--runs-dir {runs} --cache-dir {user_files / 'cache'} select --suite "
+            f"{user_files / 'suite.yaml'} --models hosted=http://127.0.0.1:9/v1"
+        ).split()
     )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
@@ -176,23 +149,11 @@ def test_the_model_id_sent_is_the_name_when_served_else_the_only_one(name, serve
 def test_several_servers_without_the_ray_executor_are_one_line(user_files, capsys):
     from selectune.cli import main
 
-    args = [
-        "--runs-dir",
-        str(user_files / "runs"),
-        "--cache-dir",
-        str(user_files / "cache"),
-        "eval",
-        "--task",
-        str(user_files / "pairs.yaml"),
-        "--model",
-        "m",
-        "--mode",
-        "gen",
-        "--base-url",
-        "http://127.0.0.1:9",
-        "--base-url",
-        "http://127.0.0.1:10",
-    ]
+    args = (
+        f"--runs-dir {user_files / 'runs'} --cache-dir {user_files / 'cache'} eval --task "
+        f"{user_files / 'pairs.yaml'} --model m --mode gen --base-url http://127.0.0.1:9 "
+        "--base-url http://127.0.0.1:10"
+    ).split()
     assert main(args) == 2
     assert capsys.readouterr().err.strip() == (
         "selectune: error: 2 --base-url: spreading one model over several servers runs on the Ray executor "

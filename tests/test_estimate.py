@@ -15,17 +15,10 @@ from eval.estimate import (
     batch_seconds,
     fmt_duration,
 )
+from tests.conftest import FIXED_CALIBRATION as FIXED
 from tests.conftest import FIXTURE_DATA, public_data
 
 SHAPE = Shape(body=100_000_000, head=10_000_000, weights=120_000_000, layers=10)
-FIXED = {
-    "identity": {"cpu": "Test CPU", "flags": ["avx2"], "torch": "2.13.0", "threads": 2},
-    "matmul_gflops": {"float32": 100.0},
-    "decode_gflops": {"float32": 50.0},
-    "bandwidth_gbs": 20.0,
-    "load_gbs": 2.0,
-}
-"""A calibration fixed for the tests, as `make machine` records one."""
 
 
 @pytest.mark.parametrize(
@@ -172,24 +165,11 @@ def test_select_estimate_prints_the_cost_and_scores_nothing(tmp_path, tiny_qwen2
         encoding="utf-8",
     )
     runs = tmp_path / "runs"
-    args = [
-        "--runs-dir",
-        str(runs),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--data-dir",
-        str(public_data(FIXTURE_DATA)),
-        "select",
-        "--models",
-        str(tiny_qwen2_dir),
-        "--suite",
-        str(suite),
-        "--device",
-        "cpu",
-        "--dtype",
-        "float32",
-        "--estimate",
-    ]
+    args = (
+        f"--runs-dir {runs} --cache-dir {tmp_path / 'cache'} --data-dir "
+        f"{public_data(FIXTURE_DATA)} select --models {tiny_qwen2_dir} --suite {suite} "
+        "--device cpu --dtype float32 --estimate"
+    ).split()
     assert main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == (
@@ -215,20 +195,11 @@ def test_select_estimate_says_when_it_cannot_estimate(tmp_path, tiny_qwen2_dir, 
 
     assert (
         main(
-            [
-                "--runs-dir",
-                str(tmp_path / "runs"),
-                "--cache-dir",
-                str(tmp_path / "cache"),
-                "--data-dir",
-                str(public_data(FIXTURE_DATA)),
-                "select",
-                "--models",
-                str(tiny_qwen2_dir),
-                "--executor",
-                "ray",
-                "--estimate",
-            ]
+            (
+                f"--runs-dir {tmp_path / 'runs'} --cache-dir {tmp_path / 'cache'} --data-dir "
+                f"{public_data(FIXTURE_DATA)} select --models {tiny_qwen2_dir} --executor ray "
+                "--estimate"
+            ).split()
         )
         == 0
     )
@@ -255,24 +226,11 @@ def test_rescore_estimate_prints_both_sides_and_starts_no_server(
     runs = tmp_path / "runs"
     assert (
         main(
-            [
-                "--runs-dir",
-                str(runs),
-                "--cache-dir",
-                str(tmp_path / "cache"),
-                "--data-dir",
-                str(public_data(FIXTURE_DATA)),
-                "rescore",
-                "--checkpoint",
-                str(tiny_qwen2_dir),
-                "--model",
-                "qwen2.5-coder-0.5b-instruct",
-                "--engine",
-                engine,
-                "--tasks",
-                "fewclue_bustm",
-                "--estimate",
-            ]
+            (
+                f"--runs-dir {runs} --cache-dir {tmp_path / 'cache'} --data-dir "
+                f"{public_data(FIXTURE_DATA)} rescore --checkpoint {tiny_qwen2_dir} --model "
+                f"qwen2.5-coder-0.5b-instruct --engine {engine} --tasks fewclue_bustm --estimate"
+            ).split()
         )
         == 0
     )
@@ -327,18 +285,10 @@ def test_data_synth_estimate_prints_every_stage_and_asks_nothing(
 
     monkeypatch.setattr(machine, "calibration", lambda cache_dir, again=False: FIXED)
     provision(find_card("qwen2.5-1.5b-instruct"), tmp_path / "cache" / "models", weights=tiny_qwen2_dir)
-    args = [
-        "--runs-dir",
-        str(tmp_path / "runs"),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--data-dir",
-        str(shared_data),
-        "data-synth",
-        "--recipe",
-        str(REPO / "synth" / "riddles.yaml"),
-        "--estimate",
-    ]
+    args = (
+        f"--runs-dir {tmp_path / 'runs'} --cache-dir {tmp_path / 'cache'} --data-dir "
+        f"{shared_data} data-synth --recipe {REPO / 'synth' / 'riddles.yaml'} --estimate"
+    ).split()
     assert (
         main([*args, "--teacher", "qwen2.5-1.5b-instruct"]) == 0
     )  # a hub card's weights are a tiny model here

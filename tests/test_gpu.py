@@ -20,7 +20,7 @@ from eval.backends.hf import HFBackend  # noqa: E402
 from models.card import find_card  # noqa: E402
 from models.store import provision  # noqa: E402
 from bench.fixtures import build_tiny_qwen2  # noqa: E402
-from tests.train_fixture import ROWS, losses, recipe  # noqa: E402
+from tests.train_fixture import ROWS, losses, merge, recipe  # noqa: E402
 
 PROMPTS = [
     "语句一和语句二说的是否是一个意思",
@@ -73,7 +73,6 @@ def test_backend_defaults_to_the_gpu_in_bfloat16_and_agrees_with_the_cpu(store):
 def test_qlora_trains_on_the_gpu_with_nf4_in_bfloat16_and_merges_with_parity(tmp_path):
     import bitsandbytes as bnb
 
-    from train.merge import merge_adapter
     from train.trainer import load_for_training, run_training
 
     model = build_tiny_qwen2(tmp_path / "model", initializer_range=0.2)
@@ -91,14 +90,5 @@ def test_qlora_trains_on_the_gpu_with_nf4_in_bfloat16_and_merges_with_parity(tmp
     result = run_training(r, str(model), tmp_path / "run", tmp_path)
     curve = [loss for _, loss in losses(tmp_path / "run")]
     assert result.steps == 40 and curve[-1] < 0.5 * curve[0], curve
-    prompts = [[{"role": "user", "content": f"问题{i}"}] for i in range(4)]
-    parity = merge_adapter(
-        str(model),
-        result.adapter_dir,
-        tmp_path / "run" / "merged",
-        parity_prompts=prompts,
-        max_new_tokens=8,
-        tolerance=1e-3,
-        provenance={},
-    )
+    parity = merge(model, result, tmp_path / "run" / "merged", provenance={})
     assert parity.passed, parity

@@ -95,16 +95,7 @@ def test_review_judge_asks_each_pair_in_both_orders_once_and_the_report_shows_it
     state = StubState(FakeBackend(respond=longer_first))
     server, url = serve(state)
     try:
-        args = [
-            "--runs-dir",
-            str(runs),
-            "--judge-url",
-            url,
-            "--judge-model",
-            "judge-x",
-            "review",
-            "--no-serve",
-        ]
+        args = f"--runs-dir {runs} --judge-url {url} --judge-model judge-x review --no-serve".split()
         assert main([*args, "--judge-pairs"]) == 0
         conn = review.open_review(runs / "results.sqlite")
         total = review.pair_count(conn)

@@ -12,21 +12,10 @@ from pathlib import Path
 import pytest
 
 from eval.executor import GIB, Placement, fits
+from tests.pairs_fixture import pairs_rows, pairs_task
 from tests.ray_cluster import run_scenario
 
-TASK = """name: pairs
-version: 1
-description: Same meaning? A = no, B = yes.
-data: {root: file, format: jsonl, splits: {dev: dev.jsonl, test: test.jsonl}, id_field: id}
-default_split: dev
-prompt: {user: "{{ a }} / {{ b }}\\nA. no\\nB. yes\\nAnswer:"}
-modes: [gen, ppl]
-choices: [A, B]
-label: {field: label}
-gen: {max_new_tokens: 3}
-parser: choice
-metrics: [accuracy]
-"""
+TASK = pairs_task({"dev": "dev.jsonl", "test": "test.jsonl"}, max_new_tokens=3)
 # dev: the fixed design in both modes; test (520 items): scored sequentially, a round at a time
 SUITE = """name: suite
 entries:
@@ -37,10 +26,7 @@ entries:
 
 
 def _rows(n: int, offset: int) -> str:
-    return "".join(
-        json.dumps({"id": k, "a": f"sentence {k}", "b": f"phrase {k % 7}", "label": "AB"[k % 3 == 0]}) + "\n"
-        for k in range(offset, offset + n)
-    )
+    return pairs_rows(range(offset, offset + n), 7, lambda k: "AB"[k % 3 == 0])
 
 
 @pytest.fixture(scope="module")
@@ -59,19 +45,8 @@ def user(tmp_path_factory) -> Path:
 
 def select_args(folder: Path, runs: str, *extra: str) -> list[str]:
     return [
-        "--runs-dir",
-        str(folder / runs),
-        "--cache-dir",
-        str(folder / "cache"),
-        "select",
-        "--suite",
-        str(folder / "suite.yaml"),
-        "--models",
-        f"{folder / 'a'},{folder / 'b'}",
-        "--dtype",
-        "float32",
-        "--batch-size",
-        "8",
+        *f"--runs-dir {folder / runs} --cache-dir {folder / 'cache'} select --suite {folder / 'suite.yaml'}".split(),
+        *f"--models {folder / 'a'},{folder / 'b'} --dtype float32 --batch-size 8".split(),
         *extra,
     ]
 
@@ -206,21 +181,10 @@ def test_the_local_executor_is_the_default_and_imports_no_ray(tmp_path):
 
 def test_one_model_on_two_servers_is_one_run_with_each_item_stored_once(user):
     runs = user / "servers"
-    args = [
-        "--runs-dir",
-        str(runs),
-        "--cache-dir",
-        str(user / "cache"),
-        "eval",
-        "--task",
-        str(user / "pairs.yaml"),
-        "--model",
-        "m",
-        "--mode",
-        "gen",
-        "--limit",
-        "6",
-    ]
+    args = (
+        f"--runs-dir {runs} --cache-dir {user / 'cache'} eval --task {user / 'pairs.yaml'} "
+        "--model m --mode gen --limit 6"
+    ).split()
     result = run_scenario("servers", user, args, servers=2)
     assert (result["code"], result["rerun_code"]) == (0, 0), json.dumps(result)
     assert result["requests"] == [3, 3]  # 6 items dealt out between the two servers' actors
@@ -246,27 +210,11 @@ def test_rescore_on_the_cluster_stores_what_the_local_executor_stores(user, loca
     def args(runs: str) -> list[str]:
         (user / runs).mkdir()
         shutil.copy(local / "selection.json", user / runs / "selection.json")  # the suite rescore reads
-        return [
-            "--runs-dir",
-            str(user / runs),
-            "--cache-dir",
-            str(user / "cache"),
-            "rescore",
-            "--checkpoint",
-            str(user / "a"),
-            "--model",
-            "smollm2-135m-instruct",
-            "--served-model",
-            "served-model",
-            "--tasks",
-            "pairs",
-            "--limit",
-            "6",
-            "--concurrency",
-            "1",
-            "--figure-concurrency",
-            "1",
-        ]
+        return (
+            f"--runs-dir {user / runs} --cache-dir {user / 'cache'} rescore --checkpoint "
+            f"{user / 'a'} --model smollm2-135m-instruct --served-model served-model --tasks "
+            "pairs --limit 6 --concurrency 1 --figure-concurrency 1"
+        ).split()
 
     server, url = serve(stub_state(str(user / "a")))
     threads = torch.get_num_threads()
@@ -287,18 +235,10 @@ def test_rescore_on_the_cluster_stores_what_the_local_executor_stores(user, loca
 def train_on_cluster(address: str, model: str, data: str, out: str, batch: int, workers: int) -> int:
     """Run in the cluster's namespace (tests/ray_cluster.py `call`): the trainer under Ray Train."""
     from core.settings import load_settings
-    from tests.train_fixture import recipe
+    from tests.train_fixture import short_recipe
     from train.cluster import train_on_ray
 
-    r = recipe(
-        Path(data),
-        quantization="none",
-        compute_dtype="fp32",
-        max_steps=3,
-        save_steps=1000,
-        sample_steps=2,
-        batch_size=batch,
-    )
+    r = short_recipe(Path(data), sample_steps=2, batch_size=batch)
     settings = load_settings(executor="ray", ray_address=address)
     result = train_on_ray(settings, r, model, Path(out), Path(data).parent, workers=workers, memory_gib=0.5)
     return result.steps
@@ -310,7 +250,7 @@ def test_two_ray_train_workers_make_the_adapter_one_process_makes(tmp_path):
     import torch
 
     from bench.fixtures import build_tiny_qwen2
-    from tests.train_fixture import ROWS, adapter_weights, recipe
+    from tests.train_fixture import ROWS, adapter_weights, short_recipe
     from train.trainer import run_training
 
     model = build_tiny_qwen2(tmp_path / "model", initializer_range=0.2)
@@ -320,15 +260,7 @@ def test_two_ray_train_workers_make_the_adapter_one_process_makes(tmp_path):
     torch.set_num_threads(1)
     try:
         run_training(
-            recipe(
-                data,
-                quantization="none",
-                compute_dtype="fp32",
-                max_steps=3,
-                save_steps=1000,
-                sample_steps=2,
-                batch_size=4,
-            ),
+            short_recipe(data, sample_steps=2, batch_size=4),
             str(model),
             tmp_path / "one",
             tmp_path,
@@ -363,19 +295,10 @@ def test_several_training_workers_without_the_ray_executor_are_one_line(tmp_path
     from selectune.cli import main
 
     code = main(
-        [
-            "--runs-dir",
-            str(tmp_path / "runs"),
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "train",
-            "--recipe",
-            "train/quick.yaml",
-            "--model",
-            "smollm2-135m-instruct",
-            "--workers",
-            "2",
-        ]
+        (
+            f"--runs-dir {tmp_path / 'runs'} --cache-dir {tmp_path / 'cache'} train --recipe "
+            "train/quick.yaml --model smollm2-135m-instruct --workers 2"
+        ).split()
     )
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (

@@ -77,14 +77,9 @@ def test_the_riddle_workflow_end_to_end(tmp_path, shared_data, teacher, capsys):
         tmp_path / "cache" / "models",
         weights=build_tiny_qwen2(tmp_path / "tiny", initializer_range=0.2),
     )
-    args = [
-        "--runs-dir",
-        str(tmp_path / "runs"),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--data-dir",
-        str(shared_data),
-    ]
+    args = (
+        f"--runs-dir {tmp_path / 'runs'} --cache-dir {tmp_path / 'cache'} --data-dir {shared_data}"
+    ).split()
     runs = tmp_path / "runs"
 
     assert main([*args, "data", "--dataset", "riddles"]) == 0

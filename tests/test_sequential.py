@@ -254,20 +254,15 @@ def test_a_clearly_worse_candidate_stops_early_and_a_killed_run_resumes_to_the_s
     assert all(r.sequential for r in runs.values())
 
 
-def test_look_settles_an_entry_when_one_candidate_is_left():
+def run(values) -> object:
+    """A stored run of accuracy `values`, one an item."""
     from eval.summary import RunSummary
 
-    def run(values):
-        return RunSummary(
-            "r",
-            None,
-            "dev",
-            "gen",
-            "m",
-            [{"item_id": str(k), "scores": {M.ACCURACY: v}} for k, v in enumerate(values)],
-            0,
-            0,
-        )
+    items = [{"item_id": str(k), "scores": {M.ACCURACY: v}} for k, v in enumerate(values)]
+    return RunSummary("r", None, "dev", "gen", "m", items, 0, 0)
+
+
+def test_look_settles_an_entry_when_one_candidate_is_left():
 
     state = EntryState(size=1000, n=256, active=["a", "b"], stopped={})
     look(state, {"a": run([1.0] * 256), "b": run([0.0] * 256)}, M.ACCURACY)
@@ -293,19 +288,6 @@ def test_look_settles_an_entry_when_one_candidate_is_left():
     ],
 )
 def test_look_settles_a_tie_only_inside_the_margin(a, b, margin, reason):
-    from eval.summary import RunSummary
-
-    def run(values):
-        return RunSummary(
-            "r",
-            None,
-            "dev",
-            "gen",
-            "m",
-            [{"item_id": str(k), "scores": {M.ACCURACY: v}} for k, v in enumerate(values)],
-            0,
-            0,
-        )
 
     state = EntryState(size=1000, n=len(a), active=["a", "b"], stopped={})
     look(state, {"a": run(a), "b": run(b)}, M.ACCURACY, margin=margin)

@@ -46,26 +46,14 @@ def test_lmdeploy_command_follows_its_documentation(tmp_path, monkeypatch):
     from serve.engines import engine_for, lmdeploy_engine
 
     e = lmdeploy_engine(tmp_path, backend="pytorch", tp=2, port=23333, python="/opt/lmd/bin/python")
-    assert e.argv == [
-        "/opt/lmd/bin/python",
-        "-m",
-        "lmdeploy",
-        "serve",
-        "api_server",
-        str(tmp_path),
-        "--server-name",
-        "127.0.0.1",
-        "--server-port",
-        "23333",
-        "--backend",
-        "pytorch",
-        "--tp",
-        "2",
-        "--model-name",
-        "selectune",
-        "--log-level",
-        "INFO",
-    ]
+    assert (
+        e.argv
+        == (
+            f"/opt/lmd/bin/python -m lmdeploy serve api_server {tmp_path} --server-name "
+            "127.0.0.1 --server-port 23333 --backend pytorch --tp 2 --model-name selectune "
+            "--log-level INFO"
+        ).split()
+    )
     assert e.base_url == "http://127.0.0.1:23333" and e.model_name == "selectune"
     with pytest.raises(UserError, match="power of two"):
         lmdeploy_engine(tmp_path, tp=3)
@@ -274,14 +262,7 @@ def test_make_serve_runs_in_the_background_rescore_chat_then_stop(tiny, tmp_path
     from serve.chat import chat
     from serve.launcher import running
 
-    base = [
-        "--runs-dir",
-        str(tmp_path / "runs"),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--data-dir",
-        str(task_data),
-    ]
+    base = (f"--runs-dir {tmp_path / 'runs'} --cache-dir {tmp_path / 'cache'} --data-dir {task_data}").split()
     assert (
         main(
             [

@@ -253,17 +253,9 @@ def test_cli_runs_against_an_endpoint_and_rejects_bad_recipes(tmp_path, teacher_
     runs = tmp_path / "runs"
     assert (
         main(
-            [
-                "--runs-dir",
-                str(runs),
-                "data-synth",
-                "--recipe",
-                str(recipe),
-                "--base-url",
-                url,
-                "--teacher-model",
-                "teacher",
-            ]
+            (
+                f"--runs-dir {runs} data-synth --recipe {recipe} --base-url {url} --teacher-model teacher"
+            ).split()
         )
         == 0
     )
@@ -273,17 +265,7 @@ def test_cli_runs_against_an_endpoint_and_rejects_bad_recipes(tmp_path, teacher_
     bad = write_synth_recipe(tmp_path / "bad", expand={"what": "x", "roundz": 2})
     assert (
         main(
-            [
-                "--runs-dir",
-                str(runs),
-                "data-synth",
-                "--recipe",
-                str(bad),
-                "--base-url",
-                url,
-                "--teacher-model",
-                "teacher",
-            ]
+            (f"--runs-dir {runs} data-synth --recipe {bad} --base-url {url} --teacher-model teacher").split()
         )
         == 2
     )

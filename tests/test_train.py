@@ -11,7 +11,7 @@ import pytest
 
 from core.errors import UserError
 from tests.conftest import REPO
-from tests.train_fixture import adapter_weights, log_records, losses, recipe
+from tests.train_fixture import adapter_weights, log_records, losses, recipe, short_recipe
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "int8", "none"])
@@ -90,15 +90,7 @@ def test_accumulation_and_checkpointing_make_the_same_update(tmp_path, setup):
     weights = {}
     for name, training in runs.items():
         # fp32 on a GPU too (its default is bf16), where accumulation order changes the last bits
-        r = recipe(
-            data,
-            quantization="none",
-            compute_dtype="fp32",
-            max_steps=3,
-            save_steps=1000,
-            sample_steps=1000,
-            **training,
-        )
+        r = short_recipe(data, **training)
         weights[name] = adapter_weights(run_training(r, str(model), tmp_path / name, tmp_path).adapter_dir)
     from train.trainer import load_for_training
 
@@ -119,15 +111,7 @@ def test_accumulation_and_checkpointing_make_the_same_update(tmp_path, setup):
             )
     # the test can fail: a different learning rate gives another adapter
     other = run_training(
-        recipe(
-            data,
-            quantization="none",
-            compute_dtype="fp32",
-            max_steps=3,
-            save_steps=1000,
-            sample_steps=1000,
-            learning_rate=2e-2,
-        ),
+        short_recipe(data, learning_rate=2e-2),
         str(model),
         tmp_path / "other",
         tmp_path,

@@ -43,19 +43,10 @@ def test_two_processes_make_the_same_adapter_as_one_with_the_same_global_batch(t
 
     def run(out: str, batch: int, lr: str = "1e-2", processes: int = 1) -> dict:
         launcher = (
-            [
-                accelerate,
-                "launch",
-                "--multi_gpu",
-                "--num_processes",
-                str(processes),
-                "--num_machines",
-                "1",
-                "--mixed_precision",
-                "no",
-                "--dynamo_backend",
-                "no",
-            ]
+            (
+                f"{accelerate} launch --multi_gpu --num_processes {processes} --num_machines 1 "
+                "--mixed_precision no --dynamo_backend no"
+            ).split()
             if processes > 1
             else [sys.executable]
         )

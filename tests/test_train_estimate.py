@@ -9,15 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.conftest import FIXED_CALIBRATION as CALIBRATION
 from tests.conftest import REPO
 
-CALIBRATION = {
-    "identity": {"cpu": "Test CPU", "flags": ["avx2"], "torch": "2.13.0", "threads": 2},
-    "matmul_gflops": {"float32": 100.0},
-    "decode_gflops": {"float32": 50.0},
-    "bandwidth_gbs": 20.0,
-    "load_gbs": 2.0,
-}
 CARD = "qwen2.5-1.5b-instruct"
 
 
@@ -89,18 +83,10 @@ def test_train_estimate_prints_every_stage_and_trains_nothing(tiny_card, capsys)
     )
     assert (
         main(
-            [
-                "--runs-dir",
-                str(runs),
-                "--cache-dir",
-                str(tiny_card / "cache"),
-                "train",
-                "--recipe",
-                str(quick),
-                "--model",
-                CARD,
-                "--estimate",
-            ]
+            (
+                f"--runs-dir {runs} --cache-dir {tiny_card / 'cache'} train --recipe {quick} "
+                f"--model {CARD} --estimate"
+            ).split()
         )
         == 0
     )
@@ -122,8 +108,8 @@ def test_the_training_tokens_are_what_the_trainer_tokenises(tiny_card):
     from models.card import find_card
     from models.store import read_manifest
     from train.estimate import TRAIN_EFFICIENCY, train_estimate
-    from train.recipe import load_recipe
     from train.prepare import prepare_data
+    from train.recipe import load_recipe
 
     settings = Settings(runs_dir=tiny_card / "runs", cache_dir=tiny_card / "cache")
     spec = load_recipe(REPO / "train" / "quick.yaml").model_copy(update={"compute_dtype": "fp32"})
@@ -178,17 +164,10 @@ def test_the_whole_commands_bar_ends_at_the_estimate(tiny_card, monkeypatch, cap
     monkeypatch.setattr(Estimate, "overall_bar", lambda self: bars.append((self, Recorder())) or bars[-1][1])
     assert (
         main(
-            [
-                "--runs-dir",
-                str(tiny_card / "runs"),
-                "--cache-dir",
-                str(tiny_card / "cache"),
-                "train",
-                "--recipe",
-                str(quick),
-                "--model",
-                CARD,
-            ]
+            (
+                f"--runs-dir {tiny_card / 'runs'} --cache-dir {tiny_card / 'cache'} train --recipe "
+                f"{quick} --model {CARD}"
+            ).split()
         )
         == 0
     )

@@ -8,28 +8,18 @@ import json
 import pytest
 
 from core.errors import UserError
-from tests.train_fixture import adapter_weights, losses, provenance, recipe
+from tests.train_fixture import adapter_weights, losses, merge, provenance, recipe
 
 
 def test_merge_matches_base_plus_adapter_and_loads(tmp_path, setup):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from train.merge import merge_adapter
     from train.trainer import run_training
 
     model, data = setup
     result = run_training(recipe(data, max_steps=10), str(model), tmp_path / "run", tmp_path)
-    prompts = [[{"role": "user", "content": f"问题{i}"}] for i in range(4)]
-    parity = merge_adapter(
-        str(model),
-        result.adapter_dir,
-        tmp_path / "run" / "merged",
-        parity_prompts=prompts,
-        max_new_tokens=8,
-        tolerance=1e-3,
-        provenance=provenance(base_card="tiny"),
-    )
+    parity = merge(model, result, tmp_path / "run" / "merged", provenance=provenance(base_card="tiny"))
     assert parity.passed and parity.same_replies == 4 and parity.max_abs_logit_diff < 1e-4
     merged = tmp_path / "run" / "merged"
     written = json.loads((merged / "provenance.json").read_text())
@@ -43,15 +33,7 @@ def test_merge_matches_base_plus_adapter_and_loads(tmp_path, setup):
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), result.adapter_dir)
     # A tolerance nothing can meet (negative) fails the check and leaves no merged directory behind.
     with pytest.raises(UserError, match="merge parity failed"):
-        merge_adapter(
-            str(model),
-            result.adapter_dir,
-            tmp_path / "run" / "merged2",
-            parity_prompts=prompts,
-            max_new_tokens=8,
-            tolerance=-1.0,
-            provenance=provenance(),
-        )
+        merge(model, result, tmp_path / "run" / "merged2", tolerance=-1.0)
     assert not (tmp_path / "run" / "merged2").exists()
 
 
@@ -60,27 +42,17 @@ def test_merge_parity_catches_a_merge_that_drops_the_adapter(tmp_path, setup, mo
     only unloads the adapter changes the replies' logits and is refused."""
     from peft.tuners.tuners_utils import BaseTuner
 
-    from train.merge import merge_adapter
     from train.trainer import run_training
 
     model, data = setup
     result = run_training(recipe(data, max_steps=10), str(model), tmp_path / "run", tmp_path)
     monkeypatch.setattr(BaseTuner, "merge_and_unload", BaseTuner.unload)
     with pytest.raises(UserError, match="merge parity failed"):
-        merge_adapter(
-            str(model),
-            result.adapter_dir,
-            tmp_path / "run" / "merged",
-            parity_prompts=[[{"role": "user", "content": "问题1"}]],
-            max_new_tokens=4,
-            tolerance=1e-3,
-            provenance=provenance(),
-        )
+        merge(model, result, tmp_path / "run" / "merged", 1, max_new_tokens=4)
     assert not (tmp_path / "run" / "merged").exists()
 
 
 def test_modules_to_save_trains_the_head_and_merges(tmp_path, setup):
-    from train.merge import merge_adapter
     from train.trainer import run_training
 
     model, data = setup
@@ -91,16 +63,7 @@ def test_modules_to_save_trains_the_head_and_merges(tmp_path, setup):
     assert any("lm_head" in k for k in saved), sorted(saved)[:5]
     curve = [loss for _, loss in losses(tmp_path / "run")]
     assert curve[-1] < 0.5 * curve[0]
-    prompts = [[{"role": "user", "content": f"问题{i}"}] for i in range(3)]
-    parity = merge_adapter(
-        str(model),
-        result.adapter_dir,
-        tmp_path / "run" / "merged",
-        parity_prompts=prompts,
-        max_new_tokens=6,
-        tolerance=1e-3,
-        provenance=provenance(),
-    )
+    parity = merge(model, result, tmp_path / "run" / "merged", 3, max_new_tokens=6)
     assert parity.passed and parity.same_replies == 3
 
 
@@ -109,23 +72,13 @@ def test_three_way_parity_measures_what_training_optimised_against_both_merges(t
     model, and the merge into the dequantised NF4 base, which is nearer to it than the fp32 merge."""
     import torch
 
-    from train.merge import merge_adapter
     from train.trainer import run_training
 
     model, data = setup
     r = recipe(data, max_steps=10, compute_dtype="fp32")
     result = run_training(r, str(model), tmp_path / "run", tmp_path)
-    prompts = [[{"role": "user", "content": f"问题{i}"}] for i in range(4)]
-    parity = merge_adapter(
-        str(model),
-        result.adapter_dir,
-        tmp_path / "run" / "merged",
-        parity_prompts=prompts,
-        max_new_tokens=8,
-        tolerance=1e-3,
-        provenance=provenance(),
-        quantization="nf4",
-        compute_dtype=torch.float32,
+    parity = merge(
+        model, result, tmp_path / "run" / "merged", quantization="nf4", compute_dtype=torch.float32
     )
     three = parity.three_way
     assert parity.passed and three["merge_base"] == "fp32" and "trained_vs_merged_dequantized" not in three
@@ -136,14 +89,10 @@ def test_three_way_parity_measures_what_training_optimised_against_both_merges(t
     assert three["trained_vs_merged_fp32"]["max_abs_logit_diff"] == pytest.approx(
         nf4_vs_fp32["max_abs_logit_diff"], abs=1e-3
     )
-    dq = merge_adapter(
-        str(model),
-        result.adapter_dir,
+    dq = merge(
+        model,
+        result,
         tmp_path / "run" / "merged-dq",
-        parity_prompts=prompts,
-        max_new_tokens=8,
-        tolerance=1e-3,
-        provenance=provenance(),
         quantization="nf4",
         compute_dtype=torch.float32,
         merge_base="dequantized",
@@ -153,13 +102,4 @@ def test_three_way_parity_measures_what_training_optimised_against_both_merges(t
     assert to_dq["max_abs_logit_diff"] < 0.1 * dq.three_way["trained_vs_merged_fp32"]["max_abs_logit_diff"]
     assert to_dq["same_replies"] == 4
     with pytest.raises(UserError, match="merge_base: dequantized needs a quantised base"):
-        merge_adapter(
-            str(model),
-            result.adapter_dir,
-            tmp_path / "run" / "m3",
-            parity_prompts=prompts,
-            max_new_tokens=8,
-            tolerance=1e-3,
-            provenance=provenance(),
-            merge_base="dequantized",
-        )
+        merge(model, result, tmp_path / "run" / "m3", merge_base="dequantized")

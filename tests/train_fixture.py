@@ -40,6 +40,22 @@ def recipe(data_path, **training) -> Recipe:
     )
 
 
+def short_recipe(data_path, **training) -> Recipe:
+    """Three steps in fp32 without quantisation: the same numbers on any machine; no checkpoints or samples
+    unless `training` asks for them."""
+    return recipe(
+        data_path,
+        **{
+            "quantization": "none",
+            "compute_dtype": "fp32",
+            "max_steps": 3,
+            "save_steps": 1000,
+            "sample_steps": 1000,
+        }
+        | training,
+    )
+
+
 def provenance(**given) -> dict:
     """What `make train` hands the merge to write beside the merged weights."""
     return {
@@ -70,8 +86,21 @@ def log_records(run_dir) -> list[dict]:
 
 
 def losses(run_dir):
-    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in records if "loss" in r and "sample" not in r]
+    return [(r["step"], r["loss"]) for r in log_records(run_dir) if "loss" in r and "sample" not in r]
+
+
+def prompts(n: int) -> list[list[dict]]:
+    """The first `n` of the data's prompts, as chat messages."""
+    return [[{"role": "user", "content": f"问题{i}"}] for i in range(n)]
+
+
+def merge(model, result, out, n_prompts: int = 4, **options):
+    """`merge_adapter` of a test run's adapter into `model`, its parity checked on `n_prompts` prompts
+    (8 new tokens, tolerance 1e-3, the test provenance, unless `options` say otherwise)."""
+    from train.merge import merge_adapter
+
+    options = {"max_new_tokens": 8, "tolerance": 1e-3, "provenance": provenance(), **options}
+    return merge_adapter(str(model), result.adapter_dir, out, parity_prompts=prompts(n_prompts), **options)
 
 
 def adapter_weights(adapter_dir):

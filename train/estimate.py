@@ -7,6 +7,7 @@ checked: docs/machine.md.
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 TRAIN_EFFICIENCY = 0.24
@@ -149,23 +150,12 @@ def train_estimate(settings, recipe, model_name: str | None):
         else []
     )
     try:
-        costs += [
-            _scoring(
-                backend,
-                shape,
-                calibration,
-                conn,
-                e.task,
-                e.split,
-                e.mode,
-                e.items,
-                rounds,
-                f"checkpoint evaluations: {e.key}",
-                f"{rounds} x {len(e.items)} items",
-                load,
+        score = partial(_scoring, backend, shape, calibration, conn, load=load)
+        for e in probe:
+            detail = f"{rounds} x {len(e.items)} items"
+            costs.append(
+                score(e.task, e.split, e.mode, e.items, rounds, f"checkpoint evaluations: {e.key}", detail)
             )
-            for e in probe
-        ]
         costs += _merge_and_checks(
             recipe, settings, card, backend, shape, calibration, conn, parts, probe, load
         )
@@ -237,6 +227,7 @@ def _merge_and_checks(recipe, settings, card, backend, shape, calibration, conn,
             upper_bound=True,
         )
     ]
+    score = partial(_scoring, backend, shape, calibration, conn, load=load)
     for check, role in all_checks(recipe, settings):
         task = resolve_task(check.task, recipe.path.parent)
         items = load_items(task, check.split, settings.resolved_data_dir)
@@ -244,37 +235,9 @@ def _merge_and_checks(recipe, settings, card, backend, shape, calibration, conn,
         # the base side as check_comparison scores it (fp32, the runner's chunks): stored items are not
         base = pending(conn, backend, task, check.split, check.mode, items, DEFAULT_BATCH_SIZE)
         name = f"{role}: {task.name}-{check.split} {check.mode}"
-        out.append(
-            _scoring(
-                backend,
-                shape,
-                calibration,
-                conn,
-                task,
-                check.split,
-                check.mode,
-                base,
-                1,
-                f"{name}, base",
-                f"{len(base)} of {len(items)} items not in the results store",
-                load,
-            )
-        )
+        where = (task, check.split, check.mode)
+        detail = f"{len(base)} of {len(items)} items not in the results store"
+        out.append(score(*where, base, 1, f"{name}, base", detail))
         if not reused:
-            out.append(
-                _scoring(
-                    backend,
-                    shape,
-                    calibration,
-                    conn,
-                    task,
-                    check.split,
-                    check.mode,
-                    items,
-                    1,
-                    f"{name}, merged",
-                    f"{len(items)} items",
-                    load,
-                )
-            )
+            out.append(score(*where, items, 1, f"{name}, merged", f"{len(items)} items"))
     return out

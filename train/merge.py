@@ -72,29 +72,34 @@ def agreement(replies_a: list[str], logits_a: list, replies_b: list[str], logits
     }
 
 
-def _quantised_base(base_checkpoint: str, quantization: str, compute_dtype, trust_remote_code: bool):
+def load_base(checkpoint: str, quantization: str, compute_dtype, trust_remote_code: bool):
+    """The base model as training loads it: NF4 with double quantisation, 8-bit or as it is
+    (`quantization` "nf4", "int8", "none"), its 4-bit weights kept in the layout training used."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quant = (
-        BitsAndBytesConfig(
+    quant = None
+    if quantization == "nf4":
+        quant = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
         )
-        if quantization == "nf4"
-        else BitsAndBytesConfig(load_in_8bit=True)
-    )
+    elif quantization == "int8":
+        quant = BitsAndBytesConfig(load_in_8bit=True)
     model = AutoModelForCausalLM.from_pretrained(
-        base_checkpoint,
+        checkpoint,
         dtype=compute_dtype,
         quantization_config=quant,
         use_safetensors=True,
         device_map="auto" if torch.cuda.is_available() else "cpu",
         trust_remote_code=trust_remote_code,
     )
-    for module in model.modules():  # the weights as training used them, not repacked for a CPU kernel
+    # bitsandbytes repacks a 4-bit weight for a faster CPU kernel the first time it runs in eval
+    # mode without grad (our periodic samples, Trainer's evaluation); the packed weight then goes
+    # through a kernel with no backward when training resumes. Keep the training layout.
+    for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     return model
@@ -111,7 +116,7 @@ def load_merge_base(
         if quantization == "none":
             raise UserError("merge_base: dequantized needs a quantised base (quantization: nf4 or int8)")
         return (
-            _quantised_base(base_checkpoint, quantization, torch.float32, trust_remote_code)
+            load_base(base_checkpoint, quantization, torch.float32, trust_remote_code)
             .dequantize()
             .to(torch.float32)
         )
@@ -191,9 +196,7 @@ def merge_adapter(
 
     trained = None
     if quantization != "none":
-        qbase = _quantised_base(
-            base_checkpoint, quantization, compute_dtype or torch.float32, trust_remote_code
-        )
+        qbase = load_base(base_checkpoint, quantization, compute_dtype or torch.float32, trust_remote_code)
         trained = run(PeftModel.from_pretrained(qbase, adapter_dir).eval(), "trained")
         del qbase
         gc.collect()

@@ -29,6 +29,7 @@ from train.cpu_memory import CpuAllocator
 from models.loading import cpu_has_bf16
 from train.prepare import Example, PreparedData, ensure_chat_template, prepare_data
 from train.kernels import fuse_lora_dropout, fuse_silu_mlps, label_only_loss
+from train.merge import load_base, load_merge_base
 from train.recipe import Recipe, target_modules
 from train.resume import drop_checkpoints_from, finished, last_complete_checkpoint, truncate_log
 
@@ -130,34 +131,10 @@ def compute_dtype(recipe: Recipe):
 def load_for_training(recipe: Recipe, checkpoint: str, trust_remote_code: bool):
     """The base model quantised as the recipe says, prepared for k-bit training, with LoRA."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = compute_dtype(recipe)
-    quant = None
-    if recipe.quantization == "nf4":
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
-    elif recipe.quantization == "int8":
-        quant = BitsAndBytesConfig(load_in_8bit=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        checkpoint,
-        dtype=dtype,
-        quantization_config=quant,
-        use_safetensors=True,
-        device_map="auto" if torch.cuda.is_available() else "cpu",
-        trust_remote_code=trust_remote_code,
-    )
-    if quant is not None:
-        # bitsandbytes repacks a 4-bit weight for a faster CPU kernel the first time it runs in
-        # eval mode without grad (our periodic samples, Trainer's evaluation); the packed weight
-        # then goes through a kernel with no backward when training resumes. Keep the training layout.
-        for module in model.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+    model = load_base(checkpoint, recipe.quantization, dtype, trust_remote_code)
+    if recipe.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if recipe.training.gradient_checkpointing:
         # transformers' selective checkpointing: every n-th decoder layer recomputes its activations
@@ -296,7 +273,6 @@ def run_training(
     if probe:
         from train.callbacks import CheckpointEvals
         from train.checkpoints import Evaluator
-        from train.merge import load_merge_base
 
         evaluator = Evaluator(
             probe,
