@@ -3,10 +3,11 @@ report printed last (serve/rescore.py does the work)."""
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from pathlib import Path
 
 from eval.backends.base import DEFAULT_BATCH_SIZE
+from eval.estimate import OverallBar
 from serve.launcher import Target
 from serve.rescore import default_concurrency, local_card, rescore, rescore_work, served_backend
 
@@ -106,16 +107,13 @@ def rescore_command(
     else:
         target = resolve_target(settings, card_name=model, checkpoint=checkpoint)
         chosen = engine_for(target.model_dir, engine)
-    if not print_estimate(
-        settings,
-        target,
-        getattr(chosen, "name", chosen),
-        kw,
-        started_here=not (base_url or current is not None and not (model or checkpoint)),
-        only=estimate,
-    ):
+    started_here = not (base_url or current is not None and not (model or checkpoint))
+    name = getattr(chosen, "name", chosen)
+    cost = print_estimate(settings, target, name, kw, started_here=started_here, only=estimate)
+    if estimate:
         return 0
     with ExitStack() as stack:
+        overall = stack.enter_context(closing(OverallBar(cost))) if cost is not None and cost.costs else None
         if base_url:
             url, served, engine_name = base_url, served_model or target.label, chosen
         elif current is not None and not (model or checkpoint):
@@ -125,13 +123,18 @@ def rescore_command(
             server = stack.enter_context(launch(chosen, settings.workspace.server_log(chosen.name)))
             print(f"rescore: started {chosen.name} for {target.label} at {server.base_url}")
             url, served, engine_name = server.base_url, server.model_name, chosen.name
-        record = rescore(settings, target, base_url=url, model_name=served, engine=engine_name, **kw)
+            if overall is not None:
+                overall.update(cost.loads[f"served ({name})"])
+        record = rescore(
+            settings, target, base_url=url, model_name=served, engine=engine_name, overall=overall, **kw
+        )
     print_report(record)
     return 0 if record["parity"]["passed"] else 1
 
 
-def print_estimate(settings, target, engine: str, kw: dict, *, started_here: bool, only: bool) -> bool:
-    """Print the cost here (serve/estimate.py); False when only that was asked for."""
+def print_estimate(settings, target, engine: str, kw: dict, *, started_here: bool, only: bool):
+    """Print the cost here (serve/estimate.py) and return it; None where the CPU cost model does not
+    apply (said in one line when `only` the cost was asked for)."""
     from models.loading import resolve_device
 
     if settings.executor == "local" and resolve_device("auto") == "cpu":  # the CPU cost model
@@ -168,9 +171,10 @@ def print_estimate(settings, target, engine: str, kw: dict, *, started_here: boo
             started_here=started_here,
         )
         print("\n".join(cost.lines()), flush=True)
-    elif only:
+        return cost
+    if only:
         print(
             "rescore: no estimate: the cost model is for re-scoring on this machine's CPU with the local executor "
             "(docs/machine.md)"
         )
-    return not only
+    return None

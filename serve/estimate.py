@@ -65,7 +65,7 @@ def rescore_estimate(
     modes, side = ESTIMATED.get(engine, ()), f"served ({engine})"
     costs, notes = [], []
     try:
-        for task, split, mode, items in work:
+        for k, (task, split, mode, items) in enumerate(work):
             name = f"{task.name}-{split} {mode}"
             chunk = concurrency if mode == "gen" else max(1, concurrency // len(task.choices or [None]))
             todo = pending(conn, served, task, split, mode, items, chunk)
@@ -77,7 +77,7 @@ def rescore_estimate(
                 cost = entry_cost(
                     local, shape, task, split, mode, todo, calibration, "float32", chunk_size=chunk, conn=conn
                 )
-                costs.append(dataclasses.replace(cost, model=side))
+                costs.append(dataclasses.replace(cost, model=side, key=("served", k)))
             else:
                 tokens, seconds = served_ppl_seconds(local, shape, task, todo, calibration)
                 costs.append(
@@ -86,24 +86,25 @@ def rescore_estimate(
                         name,
                         f"{len(todo)} items, {tokens} tokens with logprobs at every position",
                         seconds,
+                        key=("served", k),
+                        items=len(todo),
                     )
                 )
             todo = pending(conn, local, task, split, mode, items, batch_size)
             if todo:
-                costs.append(
-                    entry_cost(
-                        local,
-                        shape,
-                        task,
-                        split,
-                        mode,
-                        todo,
-                        calibration,
-                        "float32",
-                        chunk_size=batch_size,
-                        conn=conn,
-                    )
+                cost = entry_cost(
+                    local,
+                    shape,
+                    task,
+                    split,
+                    mode,
+                    todo,
+                    calibration,
+                    "float32",
+                    chunk_size=batch_size,
+                    conn=conn,
                 )
+                costs.append(dataclasses.replace(cost, key=("local", k)))
     finally:
         if conn is not None:
             conn.close()

@@ -21,6 +21,7 @@ and throughput at concurrency 1 and N (streamed requests on the first prompts of
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from eval.backends.base import DEFAULT_BATCH_SIZE
@@ -148,7 +149,10 @@ def rescore(
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_retries: int = 5,
     out_dir: Path | None = None,
+    overall=None,
 ) -> dict:
+    """`overall` (eval/estimate.py `OverallBar`): the whole command's bar, advanced by each item's
+    share of its entry's estimate, the local model's load and the serving figures."""
     from tqdm import tqdm
 
     from eval.backends import make_backend
@@ -196,9 +200,16 @@ def rescore(
         )
         local_side = executor.backend(local.card)
 
+        per_item = overall.estimate.per_item() if overall is not None else {}
+
+        def advance(bar, share: float, n: int) -> None:
+            bar.update(n)
+            if share:
+                overall.update(round(n * share, 1))
+
         def side(which: str) -> list:
             runs = []
-            for task, split, mode, items in work:
+            for k, (task, split, mode, items) in enumerate(work):
                 with tqdm(
                     total=len(items), desc=f"{which} {task.name}-{split} {mode}", unit="item", leave=False
                 ) as bar:
@@ -221,9 +232,11 @@ def rescore(
                             executor.connection(),
                             chunk_size=chunk,
                             data_dir=data_dir,
-                            progress=bar.update,
+                            progress=partial(advance, bar, per_item.get((which, k), 0.0)),
                         )
                     )
+            if which == "local" and overall is not None:
+                overall.update(overall.estimate.loads.get(local.card.name, 0.0))
             return runs
 
         served_runs, local_runs = executor.map(side, ["served", "local"])
@@ -247,6 +260,8 @@ def rescore(
         concurrency=figure_concurrency,
         usage_option=engine == "lmdeploy",
     )
+    if overall is not None:
+        overall.update(overall.estimate.stage_seconds("serving figures"))
     record = {
         "model": target.label,
         "model_dir": str(target.model_dir),

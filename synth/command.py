@@ -4,11 +4,16 @@ run (synth/pipeline.py) against the teacher."""
 from __future__ import annotations
 
 import os
+from contextlib import closing
 from pathlib import Path
 
 from core.errors import UserError
 from core.workspace import SynthOutput
+from eval.estimate import OverallBar
 from synth.pipeline import Run
+
+STAGES = {"expand": "expand", "answer": "answer", "followup": "follow-up", "followup_answer": "follow-up"}
+"""The estimate's stage (synth/estimate.py) of each kind of teacher call the run makes."""
 
 
 def synth_command(
@@ -26,39 +31,45 @@ def synth_command(
     """`selectune data-synth` (`make data-synth`): the teacher at --base-url (or the recipe's), else
     an offline card served here for the duration. What it will cost here is printed first (only
     that, with `estimate`)."""
-    from eval.backends import make_backend
-    from eval.results import open_results
+    from synth.estimate import synth_estimate
     from synth.recipe import load_synth_recipe
-    from synth.teacher import Budget, Teacher
+    from synth.teacher import Budget
 
     spec = load_synth_recipe(recipe)
     out_dir = out or settings.workspace.synth_dir(spec.name)
     budget = Budget(max_calls or spec.budget.max_calls, max_tokens or spec.budget.max_tokens)
     url = base_url or spec.teacher.base_url
-    from synth.estimate import synth_estimate
-
-    print(
-        "\n".join(
-            synth_estimate(
-                settings,
-                spec,
-                None if url else teacher or spec.teacher.card,
-                max_calls=budget.max_calls,
-                served_here=not url,
-            ).lines()
-        ),
-        flush=True,
-    )
+    teacher_card = None if url else teacher or spec.teacher.card
+    cost = synth_estimate(settings, spec, teacher_card, max_calls=budget.max_calls, served_here=not url)
+    print("\n".join(cost.lines()), flush=True)
     if estimate:
         return 0
+    with closing(OverallBar(cost)) as overall:
+        return _run(settings, spec, recipe, out_dir, budget, url, teacher_model, teacher_card, cost, overall)
+
+
+def _run(settings, spec, recipe, out_dir, budget, url, teacher_model, teacher_card, cost, overall) -> int:
+    """The run against the teacher, each call advancing `overall` by its stage's estimate a call."""
+    from eval.backends import make_backend
+    from eval.results import open_results
+    from synth.teacher import Teacher
+
     conn = open_results(settings.runs_dir)
     api_key = os.environ.get(spec.teacher.api_key_env)
+
+    per_call = {c.entry: c.seconds / c.items for c in cost.costs if c.items}
+
+    def called(stage: str) -> None:
+        if (seconds := per_call.get(STAGES[stage], 0.0)) > 0:
+            overall.update(seconds)
 
     def run(url: str, model: str, label: str) -> dict:
         backend = make_backend(
             "openai", url, model, api_key=api_key, concurrency=1, timeout_s=600.0, max_retries=3
         )
-        return Run(spec, Teacher(backend, conn, budget, label), out_dir, settings.resolved_data_dir).run()
+        return Run(
+            spec, Teacher(backend, conn, budget, label), out_dir, settings.resolved_data_dir, called
+        ).run()
 
     if url:
         model = teacher_model or spec.teacher.model
@@ -71,10 +82,12 @@ def synth_command(
         from serve.engines import engine_for
         from serve.launcher import launch, resolve_target
 
-        target = resolve_target(settings, card_name=teacher or spec.teacher.card)
+        target = resolve_target(settings, card_name=teacher_card)
         engine = engine_for(target.model_dir, "auto")
         with launch(engine, settings.workspace.server_log(engine.name, role="teacher")) as server:
             print(f"data-synth: teacher {target.label} on {engine.name} at {server.base_url}")
+            if cost.costs:  # the teacher's start and load, as estimated
+                overall.update(sum(cost.loads.values()))
             provenance = run(server.base_url, server.model_name, target.label)
     print_summary(provenance, SynthOutput(out_dir).report)
     return 0

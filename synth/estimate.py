@@ -123,6 +123,7 @@ def synth_estimate(settings, recipe, teacher_card: str | None, *, max_calls: int
             f"{n} calls of about {prompts[stage]} prompt tokens and at most {new_tokens[stage]} reply tokens",
             n * decode_seconds(prompts[stage], new_tokens[stage], shape, rates, 4),
             upper_bound=True,
+            items=n,  # calls: the whole command's bar advances a call at a time
         )
         for stage, n in calls.items()
         if n

@@ -41,8 +41,12 @@ def _rng(recipe: SynthRecipe, *parts: object) -> random.Random:
 
 
 class Run:
-    def __init__(self, recipe: SynthRecipe, teacher: Teacher, out_dir: Path, data_dir: Path | None = None):
+    def __init__(
+        self, recipe: SynthRecipe, teacher: Teacher, out_dir: Path, data_dir: Path | None = None, called=None
+    ):
+        """`called(stage)`, where given, is told of each teacher call as it returns (the whole command's bar)."""
         self.recipe, self.teacher, self.out_dir, self.data_dir = recipe, teacher, out_dir, data_dir
+        self.called = called or (lambda stage: None)
         self.env = prompt_env()
         self.counts: dict[str, int] = {}
         self.malformed: list[dict] = []
@@ -59,13 +63,15 @@ class Run:
         prompt = self.env.get_template(template).render(**values).strip()
         messages = (history or []) + [{"role": "user", "content": prompt}]
         self.count(f"calls_{stage}")
-        return self.teacher.ask(
+        reply = self.teacher.ask(
             messages,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             max_tokens=sampling.max_tokens,
             seed=seed,
         )
+        self.called(stage)
+        return reply
 
     def bad(self, stage: str, why: str, response: str, **where) -> None:
         self.count(f"malformed_{stage}")
@@ -203,6 +209,7 @@ class Run:
                 )
             )
             self.count("calls_followup_answer")
+            self.called("followup_answer")
             if not second:
                 self.bad("followup_answer", "empty answer", "", question=follow)
                 out.append(item)

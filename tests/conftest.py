@@ -58,6 +58,20 @@ FIXED_CALIBRATION = {
 """A calibration fixed for the tests, as `make machine` records one."""
 
 
+class Recorder:
+    """Stands for the whole command's progress bar: what it was advanced by, in estimated seconds."""
+
+    def __init__(self):
+        self.n, self.updates = 0.0, []
+
+    def update(self, seconds: float) -> None:
+        self.n += seconds
+        self.updates.append(seconds)
+
+    def close(self) -> None:
+        pass
+
+
 def public_data(fallback: Path | None = None, needs: tuple[str, ...] = ("fewclue",)) -> Path:
     """Where the public data is read in place, never copied into the repository: `../shared/data`
     beside the checkout, else the folder `make data` filled (SELECTUNE_DATA_DIR, else the cache's

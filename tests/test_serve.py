@@ -15,6 +15,7 @@ import pytest
 
 from core.errors import UserError
 from bench.fixtures import build_tiny_qwen2
+from tests.conftest import Recorder
 
 
 def printable_tiny_qwen2(out, initializer_range, hidden_size=32):
@@ -257,7 +258,10 @@ def test_parity_gate_fails_on_another_model_and_names_the_items(tiny, tmp_path, 
     assert gate["disagreements"][0]["item_id"] in text
 
 
-def test_make_serve_runs_in_the_background_rescore_chat_then_stop(tiny, tmp_path, capsys, task_data):
+def test_make_serve_runs_in_the_background_rescore_chat_then_stop(
+    tiny, tmp_path, capsys, task_data, monkeypatch
+):
+    from eval.estimate import Estimate
     from selectune.cli import main
     from serve.chat import chat
     from serve.launcher import running
@@ -285,9 +289,18 @@ def test_make_serve_runs_in_the_background_rescore_chat_then_stop(tiny, tmp_path
         assert main([*base, "serve", "--model", "smollm2-135m-instruct"]) == 0  # already serving: says so
         assert "already serving" in capsys.readouterr().out
         # make rescore finds the server make serve left running
+        bars = []
+        monkeypatch.setattr(
+            Estimate, "overall_bar", lambda self: bars.append((self, Recorder())) or bars[-1][1]
+        )
         assert main([*base, "rescore", "--tasks", "fact", "--limit", "3", "--figure-concurrency", "2"]) == 0
         printed = capsys.readouterr().out
         assert "using the server `make serve` started" in printed and "parity gate: passed" in printed
+        # the whole command's bar: each item, the local model's load and the figures advance it by
+        # their estimate (to a tenth of a second each), so it ends where the printed total does
+        ((estimate, bar),) = bars
+        assert "estimate for `make rescore` here" in printed and len(bar.updates) >= 4
+        assert bar.n == pytest.approx(estimate.seconds, abs=0.1 * len(bar.updates))
         out = io.StringIO()
         assert (
             chat(

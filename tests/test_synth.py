@@ -159,21 +159,33 @@ def teacher_server():
     server.shutdown()
 
 
-def synthesize(recipe_path: Path, runs: Path, url: str, max_calls: int | None = None) -> dict:
+def synthesize(recipe_path: Path, runs: Path, url: str, max_calls: int | None = None, called=None) -> dict:
     recipe = load_synth_recipe(recipe_path)
     budget = Budget(max_calls or recipe.budget.max_calls, recipe.budget.max_tokens)
     teacher = Teacher(
         OpenAIBackend(url, "teacher", concurrency=1, max_retries=0), open_results(runs), budget, "teacher"
     )
-    return Run(recipe, teacher, runs / "synth" / recipe.name).run()
+    return Run(recipe, teacher, runs / "synth" / recipe.name, called=called).run()
 
 
 def test_pipeline_writes_a_cleaned_file_the_trainer_reads(tmp_path, teacher_server):
     from train.data import load_conversations
 
+    from collections import Counter
+
+    from synth.command import STAGES
+    from synth.estimate import stage_calls
+
     state, url = teacher_server
-    prov = synthesize(write_synth_recipe(tmp_path), tmp_path / "runs", url)
+    recipe, calls = write_synth_recipe(tmp_path), []
+    prov = synthesize(recipe, tmp_path / "runs", url, called=calls.append)
     out = tmp_path / "runs" / "synth" / "mini"
+    # every call is told as it returns (the whole command's bar), in a stage the estimate counts,
+    # and no stage makes more calls than the estimate allows for
+    made = Counter(STAGES[stage] for stage in calls)
+    assert sum(made.values()) == len(state.bodies) == prov["budget"]["calls_made"]
+    bound = stage_calls(load_synth_recipe(recipe), None)
+    assert all(made[stage] <= bound[stage] for stage in made) and set(made) <= set(bound)
     counts = prov["counts"]
     assert prov["complete"] and prov["stopped"] is None
     assert counts["malformed_expand"] >= 1 and counts["expanded"] > counts["after_question_filters"] > 0

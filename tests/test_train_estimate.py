@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.conftest import FIXED_CALIBRATION as CALIBRATION
-from tests.conftest import REPO
+from tests.conftest import REPO, Recorder
 
 CARD = "qwen2.5-1.5b-instruct"
 
@@ -134,20 +134,6 @@ def test_the_training_tokens_are_what_the_trainer_tokenises(tiny_card):
     )
     body = checkpoint_shape(card, Path(manifest["checkpoint"])).body
     assert training.seconds == pytest.approx(4 * body * tokens / (100e9 * TRAIN_EFFICIENCY))
-
-
-class Recorder:
-    """Stands for the whole command's progress bar: what it was advanced by, in estimated seconds."""
-
-    def __init__(self):
-        self.n, self.updates = 0.0, []
-
-    def update(self, seconds: float) -> None:
-        self.n += seconds
-        self.updates.append(seconds)
-
-    def close(self) -> None:
-        pass
 
 
 def test_the_whole_commands_bar_ends_at_the_estimate(tiny_card, monkeypatch, capsys):

@@ -44,33 +44,14 @@ def train_command(
     estimate=None,
 ) -> dict:
     """`estimate` (train/estimate.py): a second progress bar shows the time left for the whole command."""
+    from eval.estimate import OverallBar
+
     overall = OverallBar(estimate) if estimate is not None else None
     try:
         return _train(settings, recipe, model_name, run_name, workers, estimate, overall)
     finally:
         if overall is not None:
             overall.close()
-
-
-class OverallBar:
-    """The whole command's progress bar, drawn from its first advance on: a run refused before
-    training starts (bad data, the contamination gate) prints its one line and nothing else."""
-
-    def __init__(self, estimate):
-        self.estimate, self.bar = estimate, None
-
-    @property
-    def n(self) -> float:
-        return self.bar.n if self.bar is not None else 0.0
-
-    def update(self, seconds: float) -> None:
-        if self.bar is None:
-            self.bar = self.estimate.overall_bar()
-        self.bar.update(seconds)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _train(
