@@ -8,7 +8,8 @@ to end (model load included). Prints items/s for each and their ratio, both accu
 number of items whose prediction differs (must be 0), and our achieved GFLOP/s against this
 machine's calibrated fp32 rate (`make machine`, models/machine.py) (counting only the FLOPs we need: the model body on
 every real token, a context prefix that a batch shares once, the LM head only where a score
-is read).
+is read). Its estimate of both sides is printed first, and each side's measured time against it
+at the end.
 """
 
 from __future__ import annotations
@@ -82,6 +83,43 @@ def needed_gflop(backend, chunks: list[list[LoglikelihoodRequest]]) -> float:
     return (2 * body * tokens + 2 * head * scored) / 1e9
 
 
+def bench_estimate(settings, card, task, split: str, items: list, batch_size: int, checkpoint: Path):
+    """What the bench will cost here (eval/estimate.py): our side as `make select` counts it in fp32;
+    lm-eval's as the work it must do (a pass a choice over the prompt and the continuation, the
+    head at every position, as serve/estimate.py counts prompt logprobs) at the same rate."""
+    from dataclasses import replace
+
+    from eval.estimate import Estimate, StageCost, checkpoint_shape, entry_cost, load_seconds, machine_line
+    from models.machine import calibration
+    from serve.estimate import served_ppl_seconds
+
+    rates = calibration(settings.cache_dir)
+    shape = checkpoint_shape(card, checkpoint)
+    tokenizer_only = make_backend("hf", card, settings.model_store, batch_size=batch_size, lazy=True)
+    ours = entry_cost(
+        tokenizer_only, shape, task, split, "ppl", items, rates, "float32", chunk_size=batch_size
+    )
+    tokens, seconds = served_ppl_seconds(tokenizer_only, shape, task, items, rates)
+    theirs = StageCost(
+        "lm-eval",
+        f"{task.name}-{split} ppl",
+        f"{len(items)} items, {tokens} tokens, the head at every one",
+        seconds,
+    )
+    load = load_seconds(shape, rates["load_gbs"], 4)
+    note = (
+        "lm-eval's side is the work it must do at our rate: its own batching and overheads are not modelled"
+    )
+    return Estimate(
+        "`make bench-eval`",
+        machine_line(rates, "float32"),
+        [replace(ours, model="selectune"), theirs],
+        {"selectune": load, "lm-eval": load},
+        [note],
+        [],
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
@@ -100,6 +138,10 @@ def main() -> int:
     from models.machine import calibration
 
     peak = calibration(settings.cache_dir)["matmul_gflops"]["float32"]  # measured once, before the timed runs
+    estimate = bench_estimate(
+        settings, card, task, args.split, items, args.batch_size, Path(manifest["checkpoint"])
+    )
+    print("\n".join(estimate.lines()), flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
@@ -148,6 +190,9 @@ def main() -> int:
         f"  our work {gflop:.0f} GFLOP at {gflop / t_ours:.0f} GFLOP/s = "
         f"{gflop / t_ours / peak:.0%} of this machine's calibrated fp32 rate (`make machine`: {peak:.0f} GFLOP/s)"
     )
+    for side, took in (("selectune", t_ours), ("lm-eval", t_theirs)):
+        guess = sum(c.seconds for c in estimate.costs if c.model == side) + estimate.loads[side]
+        print(f"  estimate of {side}'s side {guess:.1f} s against {took:.1f} s measured: {took / guess:.2f}x")
     return 0 if differ == 0 else 1
 
 

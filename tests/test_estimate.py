@@ -304,3 +304,32 @@ def test_data_synth_estimate_prints_every_stage_and_asks_nothing(
         "  note: the teacher is a server elsewhere: its time is its own (at most 82 calls: expand 6, answer 48, "
         "follow-up 28)"
     )
+
+
+def test_bench_eval_estimates_both_sides_before_it_runs(tmp_path, tiny_qwen2_dir, monkeypatch):
+    """`make bench-eval` prints its cost first: our `ppl` side as select counts it, lm-eval's as the
+    work it must do, a pass a choice with the head at every position, which costs more."""
+    import json
+
+    from bench.eval_speed import bench_estimate
+    from core.settings import load_settings
+    from eval.task import find_task, load_items
+    from models import machine
+    from models.card import find_card
+    from models.store import provision
+
+    monkeypatch.setattr(machine, "calibration", lambda cache_dir, again=False: FIXED)
+    card, task = find_card("qwen2.5-coder-0.5b-instruct"), find_task("fewclue_bustm")
+    provision(card, tmp_path / "cache" / "models", weights=tiny_qwen2_dir)
+    settings = load_settings(cache_dir=str(tmp_path / "cache"), data_dir=str(public_data(FIXTURE_DATA)))
+    items = load_items(task, "dev", settings.resolved_data_dir)[:8]
+    estimate = bench_estimate(settings, card, task, "dev", items, 4, tiny_qwen2_dir)
+    ours, theirs = estimate.costs
+    assert (ours.model, theirs.model) == ("selectune", "lm-eval") and ours.items == 8
+    tokens = int(theirs.detail.split(" items, ")[1].split(" tokens")[0])
+    shape = Shape.of(card.parameters, json.loads((tiny_qwen2_dir / "config.json").read_text()))
+    assert theirs.seconds == pytest.approx(
+        2 * (shape.body + shape.head) * tokens / (100e9 * FORWARD_EFFICIENCY)
+    )
+    assert theirs.seconds > ours.seconds
+    assert estimate.lines()[0].startswith("estimate for `make bench-eval` here (Test CPU, avx2")
