@@ -85,3 +85,22 @@ def test_make_help_lists_every_target():
         "clean",
         "help",
     } <= targets
+
+
+def test_every_command_names_an_entry_that_exists_and_no_entry_is_unused():
+    import argparse
+    import importlib
+
+    from selectune.parser import ENTRIES, build_parser
+
+    reached = set()
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                inner = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+                parsers = inner[0].choices.values() if inner else [sub]
+                reached |= {p.get_default("entry") for p in parsers}
+    assert reached == set(ENTRIES.values())
+    for entry in ENTRIES.values():
+        module, function = entry.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), entry
