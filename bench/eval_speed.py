@@ -83,36 +83,48 @@ def needed_gflop(backend, chunks: list[list[LoglikelihoodRequest]]) -> float:
     return (2 * body * tokens + 2 * head * scored) / 1e9
 
 
+def lm_eval_tokens(tokenizer_only, task, items: list) -> int:
+    """The tokens lm-eval's `hf` backend passes through the model for `ppl` on `items`: one pass
+    over (context + continuation)[:-1] for each distinct one, as its Collator groups requests by it
+    (a context shared by one-token continuations is run once, the logits cached)."""
+    from eval.runner import backend_requests
+
+    passes = set()
+    for request in backend_requests(task, "ppl", items):
+        context, continuation = tokenizer_only.split_ids(request)
+        passes.add(tuple(context + continuation)[:-1])
+    return sum(len(p) for p in passes)
+
+
 def bench_estimate(settings, card, task, split: str, items: list, batch_size: int, checkpoint: Path):
     """What the bench will cost here (eval/estimate.py): our side as `make select` counts it in fp32;
-    lm-eval's as the work it must do (a pass a choice over the prompt and the continuation, the
-    head at every position, as serve/estimate.py counts prompt logprobs) at the same rate."""
+    lm-eval's as the passes it must make (`lm_eval_tokens`), the head at every position, at the
+    same rate."""
     from dataclasses import replace
 
-    from eval.estimate import Estimate, StageCost, checkpoint_shape, entry_cost, load_seconds, machine_line
+    from eval import estimate as E
     from models.machine import calibration
-    from serve.estimate import served_ppl_seconds
 
     rates = calibration(settings.cache_dir)
-    shape = checkpoint_shape(card, checkpoint)
+    shape = E.checkpoint_shape(card, checkpoint)
     tokenizer_only = make_backend("hf", card, settings.model_store, batch_size=batch_size, lazy=True)
-    ours = entry_cost(
+    ours = E.entry_cost(
         tokenizer_only, shape, task, split, "ppl", items, rates, "float32", chunk_size=batch_size
     )
-    tokens, seconds = served_ppl_seconds(tokenizer_only, shape, task, items, rates)
-    theirs = StageCost(
+    tokens = lm_eval_tokens(tokenizer_only, task, items)
+    rate = rates["matmul_gflops"]["float32"] * 1e9 * E.FORWARD_EFFICIENCY
+    seconds = 2 * (shape.body + shape.head) * tokens / rate
+    theirs = E.StageCost(
         "lm-eval",
         f"{task.name}-{split} ppl",
         f"{len(items)} items, {tokens} tokens, the head at every one",
         seconds,
     )
-    load = load_seconds(shape, rates["load_gbs"], 4)
-    note = (
-        "lm-eval's side is the work it must do at our rate: its own batching and overheads are not modelled"
-    )
-    return Estimate(
+    load = E.load_seconds(shape, rates["load_gbs"], 4)
+    note = "lm-eval's side is the passes it must make at our rate: its own batching and overheads are not modelled"
+    return E.Estimate(
         "`make bench-eval`",
-        machine_line(rates, "float32"),
+        E.machine_line(rates, "float32"),
         [replace(ours, model="selectune"), theirs],
         {"selectune": load, "lm-eval": load},
         [note],

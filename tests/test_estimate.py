@@ -319,8 +319,8 @@ def test_bench_eval_estimates_both_sides_before_it_runs(tmp_path, tiny_qwen2_dir
     from models.store import provision
 
     monkeypatch.setattr(machine, "calibration", lambda cache_dir, again=False: FIXED)
-    card, task = find_card("qwen2.5-coder-0.5b-instruct"), find_task("fewclue_bustm")
-    provision(card, tmp_path / "cache" / "models", weights=tiny_qwen2_dir)
+    card, task = find_card("qwen2.5-1.5b-instruct"), find_task("fewclue_bustm")
+    provision(card, tmp_path / "cache" / "models", weights=tiny_qwen2_dir)  # a hub card: the tiny weights
     settings = load_settings(cache_dir=str(tmp_path / "cache"), data_dir=str(public_data(FIXTURE_DATA)))
     items = load_items(task, "dev", settings.resolved_data_dir)[:8]
     estimate = bench_estimate(settings, card, task, "dev", items, 4, tiny_qwen2_dir)
