@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from eval.backends.base import GenRequest
@@ -84,3 +85,16 @@ def serve(state: StubState):
     server.state = state
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@contextmanager
+def answering(respond, **options):
+    """A stub server whose replies are `respond(request)` (a FakeBackend's): (its state, its URL),
+    shut down on leaving."""
+    from eval.backends import make_backend
+
+    server, url = serve(state := StubState(make_backend("fake", respond=respond), **options))
+    try:
+        yield state, url
+    finally:
+        server.shutdown()

@@ -58,6 +58,24 @@ FIXED_CALIBRATION = {
 """A calibration fixed for the tests, as `make machine` records one."""
 
 
+def choice_task(name: str, data: dict, prompt: str, **fields) -> dict:
+    """A task file's fields for a two-way choice task (A = no, B = yes; labels "0" and "1"), in
+    both modes, scored on accuracy; `fields` add to or replace them."""
+    return {
+        "name": name,
+        "version": 1,
+        "description": "d",
+        "data": {"root": "data", "format": "jsonl", **data},
+        "default_split": "dev",
+        "prompt": {"user": prompt},
+        "modes": ["gen", "ppl"],
+        "choices": ["A", "B"],
+        "label": {"field": "label", "map": {"0": "A", "1": "B"}},
+        "parser": "choice",
+        "metrics": ["accuracy"],
+    } | fields
+
+
 class Recorder:
     """Stands for the whole command's progress bar: what it was advanced by, in estimated seconds."""
 

@@ -21,33 +21,27 @@ from tests.conftest import FIXTURE_DATA, public_data
 SHAPE = Shape(body=100_000_000, head=10_000_000, weights=120_000_000, layers=10)
 
 
+def forward(half_flops: float, gflops: float) -> float:
+    """A forward pass of 2 x `half_flops` at the forward's share of `gflops`."""
+    return 2 * half_flops / (gflops * 1e9 * FORWARD_EFFICIENCY)
+
+
+# 10 decoding steps of 16 rows bound by their matrix products at the decoding rate (50 GFLOP/s)
+MATMUL_BOUND = 10 * (2 * 1.1e8 * 16 / (50e9 * DECODE_EFFICIENCY) + 10 * LAYER_STEP_SECONDS)
+# 10 decoding steps bound by reading the weights (bf16: 2 bytes each) at 2 GB/s
+READ_BOUND = 10 * (1.2e8 * 2 / 2e9 + 10 * LAYER_STEP_SECONDS)
+
+
 @pytest.mark.parametrize(
     "batch, steps, gflops, decode_gflops, bandwidth, expected",
     [
         # a forward pass only: 2 x (body x tokens + head x rows x kept) FLOPs at the forward's share of the rate
-        (Batch(16, 1000, 1, 0), 0, 100.0, 50.0, 20.0, 2 * (1e11 + 1.6e8) / (100e9 * FORWARD_EFFICIENCY)),
+        (Batch(16, 1000, 1, 0), 0, 100.0, 50.0, 20.0, forward(1e11 + 1.6e8, 100)),
         # twice the rate, half the time
-        (Batch(16, 1000, 1, 0), 0, 200.0, 50.0, 20.0, 2 * (1e11 + 1.6e8) / (200e9 * FORWARD_EFFICIENCY)),
-        # decoding bound by its matrix products at the decoding rate: 10 steps of 16 rows
-        (
-            Batch(16, 1000, 1, 32),
-            10,
-            100.0,
-            50.0,
-            1000.0,
-            2 * (1e11 + 1.6e8) / (100e9 * FORWARD_EFFICIENCY)
-            + 10 * (2 * 1.1e8 * 16 / (50e9 * DECODE_EFFICIENCY) + 10 * LAYER_STEP_SECONDS),
-        ),
-        # decoding bound by reading the weights (bf16: 2 bytes each) at the calibrated read rate
-        (
-            Batch(1, 10, 1, 32),
-            10,
-            1000.0,
-            1000.0,
-            2.0,
-            2 * (1e9 + 1e7) / (1000e9 * FORWARD_EFFICIENCY)
-            + 10 * (1.2e8 * 2 / 2e9 + 10 * LAYER_STEP_SECONDS),
-        ),
+        (Batch(16, 1000, 1, 0), 0, 200.0, 50.0, 20.0, forward(1e11 + 1.6e8, 200)),
+        # then decoding, bound by its matrix products, or by reading the weights
+        (Batch(16, 1000, 1, 32), 10, 100.0, 50.0, 1000.0, forward(1e11 + 1.6e8, 100) + MATMUL_BOUND),
+        (Batch(1, 10, 1, 32), 10, 1000.0, 1000.0, 2.0, forward(1e9 + 1e7, 1000) + READ_BOUND),
     ],
 )
 def test_a_batchs_seconds_on_a_fixed_calibration(batch, steps, gflops, decode_gflops, bandwidth, expected):

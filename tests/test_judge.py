@@ -14,7 +14,7 @@ from eval.task import find_task, load_items
 from selectune.cli import main
 from core.errors import UserError
 from core.settings import load_settings
-from bench.openai_stub import StubState, serve
+from bench.openai_stub import answering
 
 LABELS = ["温柔", "毒舌"]
 
@@ -47,10 +47,8 @@ def model_reply(request) -> str:
 
 @pytest.fixture
 def judge_server():
-    state = StubState(FakeBackend(respond=judge_rule))
-    server, url = serve(state)
-    yield state, url
-    server.shutdown()
+    with answering(judge_rule) as served:
+        yield served
 
 
 def test_judge_scores_over_http_and_caches_verdicts(tmp_path, judge_server):

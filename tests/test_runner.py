@@ -18,21 +18,14 @@ from eval.backends.fake import FakeBackend
 from eval.results import open_results, run_items
 from eval.runner import run_task
 from eval.task import load_items, load_task
-from tests.conftest import REPO
+from tests.conftest import REPO, choice_task
 
-TASK = {
-    "name": "mini",
-    "version": 1,
-    "description": "d",
-    "data": {"root": "data", "format": "jsonl", "splits": {"dev": "mini.jsonl"}, "id_field": "id"},
-    "default_split": "dev",
-    "prompt": {"user": "题目{{ id }}：{{ q }}\nA. 否\nB. 是\n答："},
-    "modes": ["gen", "ppl"],
-    "choices": ["A", "B"],
-    "label": {"field": "label", "map": {"0": "A", "1": "B"}},
-    "parser": "choice",
-    "metrics": ["accuracy", "accuracy_opencompass", "unparsable"],
-}
+TASK = choice_task(
+    "mini",
+    {"splits": {"dev": "mini.jsonl"}, "id_field": "id"},
+    "题目{{ id }}：{{ q }}\nA. 否\nB. 是\n答：",
+    metrics=["accuracy", "accuracy_opencompass", "unparsable"],
+)
 
 
 def make_task(tmp_path, n=40):

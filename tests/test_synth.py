@@ -19,7 +19,7 @@ from synth.recipe import load_synth_recipe
 from synth.teacher import Budget, Teacher
 from tests.conftest import REPO
 from bench.fixtures import SYNTH_SEEDS, teacher_reply, write_synth_recipe
-from bench.openai_stub import StubState, serve
+from bench.openai_stub import answering
 
 CASES = json.loads((REPO / "tests" / "cases" / "teacher_outputs.json").read_text(encoding="utf-8"))
 
@@ -153,10 +153,8 @@ def test_answer_filters_format_numbers_and_seed_leaks():
 
 @pytest.fixture
 def teacher_server():
-    state = StubState(FakeBackend(respond=teacher_reply))
-    server, url = serve(state)
-    yield state, url
-    server.shutdown()
+    with answering(teacher_reply) as served:
+        yield served
 
 
 def synthesize(recipe_path: Path, runs: Path, url: str, max_calls: int | None = None, called=None) -> dict:

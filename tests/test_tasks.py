@@ -10,7 +10,7 @@ import yaml
 
 from eval.task import TASKS_DIR, load_items, load_task, load_tasks
 from core.errors import UserError
-from tests.conftest import DELETE, RIDDLE_SPLITS, edited, is_fixture
+from tests.conftest import DELETE, RIDDLE_SPLITS, choice_task, edited, is_fixture
 
 # OpenCompass's prompt strings (FewCLUE_bustm_gen_634f41, FewCLUE_ocnli_fc_gen_f97a97), which
 # our rendered prompts must reproduce byte for byte.
@@ -96,19 +96,7 @@ def test_fewclue_prompts_are_byte_identical_to_opencompass(shared_data, task, te
             assert item.raw() == item.user
 
 
-GOOD = {
-    "name": "t",
-    "version": 1,
-    "description": "d",
-    "data": {"root": "data", "format": "jsonl", "splits": {"dev": "t.jsonl"}},
-    "default_split": "dev",
-    "prompt": {"user": "{{ q }}"},
-    "modes": ["gen", "ppl"],
-    "choices": ["A", "B"],
-    "label": {"field": "label", "map": {"0": "A", "1": "B"}},
-    "parser": "choice",
-    "metrics": ["accuracy"],
-}
+GOOD = choice_task("t", {"splits": {"dev": "t.jsonl"}}, "{{ q }}")
 
 
 BAD_TASKS = [

@@ -51,15 +51,8 @@ def test_fused_silu_mlp_keeps_loss_and_gradients_and_saves_less(tmp_path):
     # another activation is left as it is
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    gelu = Qwen2Config(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        hidden_act="gelu_pytorch_tanh",
-    )
+    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1)
+    gelu = Qwen2Config(**small, num_attention_heads=2, num_key_value_heads=1, hidden_act="gelu_pytorch_tanh")
     assert fuse_silu_mlps(Qwen2ForCausalLM(gelu)) == 0
 
 

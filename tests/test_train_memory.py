@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.train_fixture import recipe
+from tests.train_fixture import short_recipe
 
 
 class _FakeLibc:
@@ -48,16 +48,8 @@ def test_cpu_allocator_loads_under_a_low_threshold_and_trims_after_every_pass(
     if exported:
         monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
     model, data = setup
-    r = recipe(
-        data,
-        quantization="none",
-        max_steps=3,
-        batch_size=2,
-        grad_accum=2,
-        eval_steps=2,
-        sample_steps=1000,
-        save_steps=1000,
-        cpu_allocator=policy,
+    r = short_recipe(
+        data, compute_dtype="auto", batch_size=2, grad_accum=2, eval_steps=2, cpu_allocator=policy
     )
     r = r.model_copy(update={"split": (0.5, 0.5, 0.0)})  # 4 rows: one step of 2 passes an epoch
     run_training(r, str(model), tmp_path / "run", tmp_path)
