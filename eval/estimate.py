@@ -207,6 +207,13 @@ def checkpoint_shape(card, checkpoint: Path) -> Shape:
     return Shape.of(card.parameters, json.loads((checkpoint / "config.json").read_text(encoding="utf-8")))
 
 
+def prompt_tokens(tokenizer, messages: list[dict]) -> int:
+    """The tokens of `messages` rendered by the chat template with the assistant's turn opened, as
+    a backend or server sends them (the template's text, tokenised without added specials)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
 def fmt_duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"

@@ -36,6 +36,7 @@ def synth_estimate(settings, recipe, teacher_card: str | None, *, max_calls: int
         fmt_duration,
         load_seconds,
         machine_line,
+        prompt_tokens,
     )
     from models.card import find_card
     from models.machine import calibration as machine_calibration
@@ -78,9 +79,7 @@ def synth_estimate(settings, recipe, teacher_card: str | None, *, max_calls: int
 
     def tokens(template: str, **values) -> int:
         text = env.get_template(template).render(**values).strip()
-        return len(
-            tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        )
+        return prompt_tokens(tokenizer, [{"role": "user", "content": text}])
 
     prompts = {
         "expand": tokens(

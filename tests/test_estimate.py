@@ -327,3 +327,17 @@ def test_bench_eval_estimates_both_sides_before_it_runs(tmp_path, tiny_qwen2_dir
     )
     assert theirs.seconds > ours.seconds
     assert estimate.lines()[0].startswith("estimate for `make bench-eval` here (Test CPU, avx2")
+
+
+def test_prompt_tokens_counts_the_rendered_chat_as_sent(tiny_qwen2_dir):
+    """A chat's tokens as the template renders it, with the assistant's turn opened (transformers'
+    tokenising `apply_chat_template` returns a mapping, whose len is its 2 keys)."""
+    from transformers import AutoTokenizer
+
+    from eval.estimate import prompt_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2_dir)
+    messages = [{"role": "user", "content": "问题" * 20}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    assert prompt_tokens(tokenizer, messages) == len(tokenizer(text, add_special_tokens=False).input_ids) > 40

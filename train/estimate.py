@@ -48,6 +48,7 @@ def train_estimate(settings, recipe, model_name: str | None):
         decode_seconds,
         load_seconds,
         machine_line,
+        prompt_tokens,
     )
     from models.card import find_card
     from models.machine import calibration as machine_calibration
@@ -120,7 +121,7 @@ def train_estimate(settings, recipe, model_name: str | None):
     val = 2 * (shape.body + shape.head) * sum(tokens["val"]) / (rate * 1e9 * 0.75)
     samples = sum(
         decode_seconds(
-            len(tokenizer.apply_chat_template(m, add_generation_prompt=True)),
+            prompt_tokens(tokenizer, m),
             recipe.samples.max_new_tokens,
             shape,
             rates,
@@ -196,7 +197,7 @@ def _scoring(backend, shape, calibration, conn, task, split, mode, items, times,
 
 def _merge_and_checks(recipe, settings, card, backend, shape, calibration, conn, parts, probe, load) -> list:
     from eval.backends.base import DEFAULT_BATCH_SIZE
-    from eval.estimate import StageCost, decode_seconds, pending
+    from eval.estimate import StageCost, decode_seconds, pending, prompt_tokens
     from eval.task import load_items, resolve_task
     from train.checks import all_checks
 
@@ -208,7 +209,7 @@ def _merge_and_checks(recipe, settings, card, backend, shape, calibration, conn,
     )
     parity = sum(
         decode_seconds(
-            len(tokenizer.apply_chat_template(c.messages[:-1], add_generation_prompt=True)),
+            prompt_tokens(tokenizer, c.messages[:-1]),
             recipe.parity.max_new_tokens,
             shape,
             fp32,
