@@ -377,28 +377,3 @@ def machine_line(calibration: dict, dtype: str) -> str:
         f"{'' if rated == dtype else ' (the float32 rate: none measured for ' + dtype + ')'}, measured by "
         "`make machine`"
     )
-
-
-class OverallBar:
-    """The whole command's progress bar (`Estimate.overall_bar`), drawn from its first advance on:
-    a run refused before its work starts (bad data, the contamination gate) prints its one line and
-    nothing else. Safe to advance from the threads of one command."""
-
-    def __init__(self, estimate):
-        import threading
-
-        self.estimate, self.bar, self.lock = estimate, None, threading.Lock()
-
-    @property
-    def n(self) -> float:
-        return self.bar.n if self.bar is not None else 0.0
-
-    def update(self, seconds: float) -> None:
-        with self.lock:
-            if self.bar is None:
-                self.bar = self.estimate.overall_bar()
-            self.bar.update(seconds)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

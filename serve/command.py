@@ -7,7 +7,7 @@ from contextlib import ExitStack, closing
 from pathlib import Path
 
 from eval.backends.base import DEFAULT_BATCH_SIZE
-from eval.estimate import OverallBar
+from eval.progress import OverallBar
 from serve.launcher import Target
 from serve.rescore import default_concurrency, local_card, rescore, rescore_work, served_backend
 

@@ -151,7 +151,7 @@ def rescore(
     out_dir: Path | None = None,
     overall=None,
 ) -> dict:
-    """`overall` (eval/estimate.py `OverallBar`): the whole command's bar, advanced by each item's
+    """`overall` (eval/progress.py `OverallBar`): the whole command's bar, advanced by each item's
     share of its entry's estimate, the local model's load and the serving figures."""
     from tqdm import tqdm
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from core.errors import UserError
 from core.workspace import SynthOutput
-from eval.estimate import OverallBar
+from eval.progress import OverallBar
 from synth.pipeline import Run
 
 STAGES = {"expand": "expand", "answer": "answer", "followup": "follow-up", "followup_answer": "follow-up"}

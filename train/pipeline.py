@@ -44,7 +44,7 @@ def train_command(
     estimate=None,
 ) -> dict:
     """`estimate` (train/estimate.py): a second progress bar shows the time left for the whole command."""
-    from eval.estimate import OverallBar
+    from eval.progress import OverallBar
 
     overall = OverallBar(estimate) if estimate is not None else None
     try:
