@@ -9,8 +9,8 @@ batch size and accumulation (the default recipe's: 4 rows a pass, 2 passes a ste
 length, learning-rate schedule and seed, each in a fresh process so that
 its peak resident memory is its own. Ours runs once with each `training.cpu_allocator` setting
 (`compact`, the recipe default, and `glibc`, which the default job uses; `--allocators` picks),
-so that the trade between speed and memory is measured in the same run. Prints real (non-padding) tokens
-per second, peak RSS, the ratios, and the loss trajectories. Where the speed difference comes from: our length-grouped
+so that the trade between speed and memory is measured in the same run. Prints each run's estimate
+first (`--estimate`: only that; docs/machine.md), then real (non-padding) tokens per second, peak RSS, the ratios, and the loss trajectories. Where the speed difference comes from: our length-grouped
 batches (trl pads random batches to their longest row), the LM head applied once, only at the
 labelled positions (trl's fused head scores every position on a CPU, in tiles it recomputes in
 the backward pass), and less kept for the backward pass (LoRA's dropout inside lora_A, the SiLU
@@ -45,6 +45,53 @@ ALLOCATORS = ("compact", "glibc")
 def runs(allocators: list[str]) -> list[tuple[str, str, str | None]]:
     """(label, engine, cpu_allocator) of each run in a round: ours once per allocator, then trl."""
     return [(f"selectune ({a})", "selectune", a) for a in allocators] + [("trl", "trl", None)]
+
+
+TRL_EFFICIENCY = 0.16
+"""trl's SFTTrainer's share of the calibrated rate on the same model work, as this bench measured
+it (docs/benchmarks.md): it pads random batches and scores the head at every position."""
+COMPACT_SLOWDOWN = 1.25
+"""`compact` against `glibc` in time, as this bench measured it in bf16 (docs/training.md)."""
+
+
+def bench_estimate(settings, card, checkpoint: Path, recipe, train: list, plan, repeats: int):
+    """Each run's cost here: its training tokens (tokenised as the trainer does) at the share of
+    the calibrated rate `make train`'s estimate uses (train/estimate.py), trl's at the share
+    measured for it; each run loads the model in its own process."""
+    from transformers import AutoTokenizer
+
+    from eval import estimate as E
+    from models.machine import calibration
+    from train.data import CleaningReport
+    from train.estimate import TRAIN_EFFICIENCY
+    from train.prepare import ensure_chat_template, tokenize
+    from train.trainer import compute_dtype
+
+    rates = calibration(settings.cache_dir)
+    dtype = str(compute_dtype(recipe)).removeprefix("torch.")
+    rate = rates["matmul_gflops"].get(dtype, rates["matmul_gflops"]["float32"]) * 1e9
+    shape = E.checkpoint_shape(card, checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    ensure_chat_template(tokenizer)
+    report = CleaningReport()
+    tokens = sum(
+        len(e.input_ids)
+        for c in train
+        if (e := tokenize(tokenizer, c, recipe.max_length, recipe.overlong, report)) is not None
+    )
+    load = E.load_seconds(shape, rates["load_gbs"], E.DTYPE_BYTES[dtype])
+    costs = []
+    for n in range(repeats):
+        for label, engine, allocator in plan:
+            share = TRL_EFFICIENCY if engine == "trl" else TRAIN_EFFICIENCY
+            slower = COMPACT_SLOWDOWN if allocator == "compact" else 1.0
+            seconds = 4 * shape.body * tokens / (rate * share) * slower + (load if n else 0.0)
+            detail = f"{tokens} tokens at {share:.0%} of the {dtype} rate" + (
+                f", x{slower:g} for `compact`" if slower != 1.0 else ""
+            )
+            costs.append(E.StageCost(label, f"round {n + 1}", detail + (", its load" if n else ""), seconds))
+    loads = {label: load for label, _, _ in plan}
+    return E.Estimate("`make bench-train`", E.machine_line(rates, dtype), costs, loads, [], [])
 
 
 def bench_recipe(data_file: Path, args):
@@ -158,6 +205,9 @@ def main() -> int:
     parser.add_argument("--cpu-allocator", choices=ALLOCATORS, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument(
+        "--estimate", action="store_true", help="print what the bench will cost here, and exit"
+    )
     parser.add_argument("--worker", choices=["selectune", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--data-file", help=argparse.SUPPRESS)
@@ -197,6 +247,10 @@ def main() -> int:
         default.split,
         default.seed,
     )["train"][: args.examples]
+    estimate = bench_estimate(settings, card, Path(manifest["checkpoint"]), recipe, train, plan, args.repeats)
+    print("\n".join(estimate.lines()), flush=True)
+    if args.estimate:
+        return 0
     rounds: list[dict[str, dict]] = []
     with tempfile.TemporaryDirectory() as tmp:
         save_split({"bench": train}, Path(tmp))
@@ -222,8 +276,10 @@ def main() -> int:
                 ]
                 if allocator:
                     cmd += ["--cpu-allocator", allocator]
+                started = time.monotonic()
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
                 results[label] = json.loads((out / "bench.json").read_text())
+                results[label]["wall"] = time.monotonic() - started
             rounds.append(results)
     from train.trainer import compute_dtype
 
@@ -236,11 +292,14 @@ def main() -> int:
         f"{args.repeats} round(s), "
         "each engine in a fresh process"
     )
+    printed = iter(estimate.costs)
     for n, results in enumerate(rounds, 1):
         for label, r in results.items():
+            guess = next(printed).seconds + (estimate.loads[label] if n == 1 else 0.0)
             print(
                 f"  round {n} {label:19s}: {r['seconds']:7.1f} s  {r['tokens']} tokens  "
-                f"{r['tokens'] / r['seconds']:7.1f} tokens/s  peak RSS {r['peak_rss_gib']:.2f} GiB"
+                f"{r['tokens'] / r['seconds']:7.1f} tokens/s  peak RSS {r['peak_rss_gib']:.2f} GiB; "
+                f"{r['wall']:.0f} s with its load against {guess:.0f} s estimated ({guess / r['wall']:.2f}x)"
             )
     for label, _, _ in plan[:-1]:
         speed = [

@@ -51,9 +51,40 @@ def cpu_identity() -> dict:
     }
 
 
+def _digest(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def calibration_path(cache_dir: Path, identity: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir / "machine" / f"{digest}.json"
+    return cache_dir / "machine" / f"{_digest(identity)}.json"
+
+
+def _starts_path(cache_dir: Path) -> Path:
+    return cache_dir / "machine" / f"{_digest(cpu_identity())}.starts.json"
+
+
+def last_server_start(cache_dir: Path, engine: str, model: str) -> float | None:
+    """Seconds the last start of `engine` serving `model` (a card's name) took on this machine
+    (the calibration's identity), None when none was recorded."""
+    path = _starts_path(cache_dir)
+    try:
+        return float(json.loads(path.read_text())[f"{engine} {model}"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def record_server_start(cache_dir: Path, engine: str, model: str, seconds: float) -> None:
+    """Keep how long a server's start took here, for the next estimate (`last_server_start`)."""
+    path = _starts_path(cache_dir)
+    try:
+        starts = json.loads(path.read_text())
+    except (OSError, ValueError):
+        starts = {}
+    starts[f"{engine} {model}"] = round(seconds, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(starts, indent=1, sort_keys=True))
+    tmp.replace(path)
 
 
 def _rate(work: float, step) -> float:

@@ -86,6 +86,7 @@ def rescore_command(
     started, else one started here for the duration (always stopped, on failure and Ctrl-C too).
     What it will cost here is printed first (only that, with `estimate`)."""
     from models.card import find_card
+    from models.machine import record_server_start
     from serve.engines import engine_for
     from serve.launcher import launch, resolve_target, running
 
@@ -121,7 +122,11 @@ def rescore_command(
             url, served, engine_name = server.base_url, server.model_name, state.engine
         else:
             server = stack.enter_context(launch(chosen, settings.workspace.server_log(chosen.name)))
-            print(f"rescore: started {chosen.name} for {target.label} at {server.base_url}")
+            record_server_start(settings.cache_dir, chosen.name, target.card.name, server.start_seconds)
+            print(
+                f"rescore: started {chosen.name} for {target.label} at {server.base_url} "
+                f"in {server.start_seconds:.0f} s"
+            )
             url, served, engine_name = server.base_url, server.model_name, chosen.name
             if overall is not None:
                 overall.update(cost.loads[f"served ({name})"])

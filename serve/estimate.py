@@ -11,9 +11,27 @@ work, `gen` as batches of the requests in flight, `ppl` as one forward pass a ch
 at every prompt position, as prompt logprobs need (docs/machine.md; checked against a `make
 rescore` through vLLM, docs/benchmarks.md)."""
 SERVER_START_SECONDS = {"vllm": 120.0, "transformers": 20.0}
-"""Starting a server for the duration of the command (none when `make serve` runs one)."""
+"""Starting a server for the duration of the command (none when `make serve` runs one), until
+one start of the same engine and model has been timed here (`server_start`)."""
 FIGURES_SECONDS = 60.0
 """The serving figures: eight streamed requests at two concurrency levels."""
+
+
+def server_start(cache_dir, engine: str, model: str) -> tuple[float, str]:
+    """(seconds, where they come from) of starting `engine` serving `model` (a card's name) here:
+    its last start on this machine, timed by the command that started it, else the engine's
+    constant."""
+    from eval.estimate import fmt_duration
+    from models.machine import last_server_start
+
+    seconds = last_server_start(cache_dir, engine, model)
+    if seconds is not None:
+        return seconds, f"{engine}'s start {fmt_duration(seconds)}, as its last start of {model} here took"
+    seconds = SERVER_START_SECONDS.get(engine, 0.0)
+    return (
+        seconds,
+        f"{engine}'s start {fmt_duration(seconds)}, a constant: no start of {model} timed here yet",
+    )
 
 
 def served_ppl_seconds(local, shape, task, items: list, calibration: dict) -> tuple[int, float]:
@@ -111,8 +129,12 @@ def rescore_estimate(
     costs.append(
         StageCost(side, "serving figures", "8 streamed requests at concurrency 1 and 4", FIGURES_SECONDS)
     )
+    start = 0.0
+    if started_here:
+        start, source = server_start(settings.cache_dir, engine, target.card.name)
+        notes.append(source)
     loads = {
-        side: SERVER_START_SECONDS.get(engine, 0.0) if started_here else 0.0,
+        side: start,
         local.card.name: load_seconds(shape, calibration["load_gbs"], 4),
     }
     faster = ['RESCORE_ARGS="--tasks fact --limit 20" re-scores a sample first'] if len(work) > 1 else []

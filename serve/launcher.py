@@ -89,6 +89,9 @@ def log_tail(path: Path, lines: int = 15) -> str:
 class Server:
     """A running server process: base_url, model_name, log_path, stop()."""
 
+    start_seconds: float | None = None
+    """How long its start took, until /health answered (None for a server found running)."""
+
     def __init__(self, engine: Engine, log_path: Path, pid: int):
         self.engine, self.log_path, self.pid = engine, log_path, pid
 
@@ -159,8 +162,8 @@ def start(engine: Engine, log_path: Path, *, timeout_s: float = 600.0) -> Server
             env={**os.environ, **engine.env},
             start_new_session=True,
         )
-    server = Server(engine, log_path, proc.pid)
-    deadline = time.monotonic() + timeout_s
+    server, started = Server(engine, log_path, proc.pid), time.monotonic()
+    deadline = started + timeout_s
     while time.monotonic() < deadline:
         code = proc.poll()
         if code is not None:
@@ -169,6 +172,7 @@ def start(engine: Engine, log_path: Path, *, timeout_s: float = 600.0) -> Server
                 f"the end of {log_path}:\n{log_tail(log_path)}"
             )
         if healthy(engine.base_url):
+            server.start_seconds = time.monotonic() - started
             return server
         time.sleep(0.5)
     server.stop()
@@ -237,6 +241,8 @@ def serve_command(
 ) -> int:
     """`selectune serve` (`make serve`, `make serve-stop`): one server in the background, recorded
     in the workspace, or in the foreground until Ctrl-C."""
+    from models.machine import record_server_start
+
     workspace = settings.workspace
     current = running(workspace.server_state)
     if stop:
@@ -263,6 +269,7 @@ def serve_command(
     log = workspace.server_log(chosen.name)
     if foreground:
         with launch(chosen, log) as server:
+            record_server_start(settings.cache_dir, chosen.name, target.card.name, server.start_seconds)
             print(
                 f'serve: {target.label} at {server.base_url}/v1 (model "{server.model_name}"), log {log}; '
                 "Ctrl-C stops"
@@ -274,6 +281,7 @@ def serve_command(
                 pass
         return 0
     server = start(chosen, log)
+    record_server_start(settings.cache_dir, chosen.name, target.card.name, server.start_seconds)
     save_state(
         workspace.server_state,
         server,

@@ -79,13 +79,18 @@ def _run(settings, spec, recipe, out_dir, budget, url, teacher_model, teacher_ca
             )
         provenance = run(url, model, model)
     else:
+        from models.machine import record_server_start
         from serve.engines import engine_for
         from serve.launcher import launch, resolve_target
 
         target = resolve_target(settings, card_name=teacher_card)
         engine = engine_for(target.model_dir, "auto")
         with launch(engine, settings.workspace.server_log(engine.name, role="teacher")) as server:
-            print(f"data-synth: teacher {target.label} on {engine.name} at {server.base_url}")
+            record_server_start(settings.cache_dir, engine.name, target.card.name, server.start_seconds)
+            print(
+                f"data-synth: teacher {target.label} on {engine.name} at {server.base_url}, "
+                f"started in {server.start_seconds:.0f} s"
+            )
             if cost.costs:  # the teacher's start and load, as estimated
                 overall.update(sum(cost.loads.values()))
             provenance = run(server.base_url, server.model_name, target.label)

@@ -33,7 +33,6 @@ def synth_estimate(settings, recipe, teacher_card: str | None, *, max_calls: int
         StageCost,
         checkpoint_shape,
         decode_seconds,
-        fmt_duration,
         load_seconds,
         machine_line,
         prompt_tokens,
@@ -127,7 +126,12 @@ def synth_estimate(settings, recipe, teacher_card: str | None, *, max_calls: int
         for stage, n in calls.items()
         if n
     ]
-    start = 120.0 if served_here else 0.0
+    start, source = 0.0, ""
+    if served_here:
+        from serve.engines import engine_for
+        from serve.estimate import server_start
+
+        start, source = server_start(settings.cache_dir, engine_for(checkpoint, "auto").name, card.name)
     faster = (
         [f'SYNTH_ARGS="--max-calls {max(1, sum(calls.values()) // 3)}" spends a third of the calls']
         if sum(calls.values()) > 30
@@ -142,5 +146,5 @@ def synth_estimate(settings, recipe, teacher_card: str | None, *, max_calls: int
         faster,
     )
     if served_here:
-        estimate.notes.append(f"the teacher's server starts first ({fmt_duration(start)} counted)")
+        estimate.notes.append(f"the teacher's server starts first: {source}")
     return estimate

@@ -231,6 +231,7 @@ def test_rescore_estimate_prints_both_sides_and_starts_no_server(
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("estimate for `make rescore` here (Test CPU, avx2; float32 at 100 GFLOP/s")
     assert lines[1] == f"  served ({engine}): load {'2 min' if engine == 'vllm' else '20 s'}"
+    assert f"  note: {engine}'s start {lines[1].split('load ')[1]}, a constant" in "\n".join(lines)
     entries = [line.strip().split(":")[0] for line in lines if line.startswith("    ")]
     assert entries == [
         *(f"fewclue_bustm-dev {m}" for m in modes),
@@ -247,6 +248,34 @@ def test_rescore_estimate_prints_both_sides_and_starts_no_server(
         seconds = 2 * (shape.body + shape.head) * tokens / (100e9 * FORWARD_EFFICIENCY)
         assert ppl.endswith(f": {fmt_duration(seconds)}")
     assert not runs.exists() or not any(runs.rglob("*.json"))
+
+
+def test_a_servers_start_is_counted_as_its_last_start_here(tmp_path):
+    """The engine's constant until a start of that engine and model was timed on this machine,
+    then that start; another model or engine keeps its own; an unreadable record is no record."""
+    from models.machine import last_server_start, record_server_start
+    from serve.estimate import SERVER_START_SECONDS, server_start
+
+    cache = tmp_path / "cache"
+    assert last_server_start(cache, "vllm", "m") is None
+    seconds, source = server_start(cache, "vllm", "m")
+    assert seconds == SERVER_START_SECONDS["vllm"] and "a constant: no start of m timed here yet" in source
+    record_server_start(cache, "vllm", "m", 236.44)
+    record_server_start(cache, "transformers", "m", 9.0)
+    cases = [
+        (("vllm", "m"), 236.4, "as its last start of m here took"),
+        (("vllm", "other"), SERVER_START_SECONDS["vllm"], "a constant"),
+        (("transformers", "m"), 9.0, "as its last start"),
+        (("lmdeploy", "m"), 0.0, "a constant"),
+    ]
+    for (engine, model), expected, said in cases:
+        seconds, source = server_start(cache, engine, model)
+        assert seconds == expected and said in source, (engine, model, source)
+    record_server_start(cache, "vllm", "m", 100.0)  # the last start counts
+    assert server_start(cache, "vllm", "m")[0] == 100.0
+    (path,) = (cache / "machine").glob("*.starts.json")
+    path.write_text("{not json")
+    assert server_start(cache, "vllm", "m")[0] == SERVER_START_SECONDS["vllm"]
 
 
 @pytest.mark.parametrize(
@@ -341,3 +370,47 @@ def test_prompt_tokens_counts_the_rendered_chat_as_sent(tiny_qwen2_dir):
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text.endswith("<|im_start|>assistant\n")
     assert prompt_tokens(tokenizer, messages) == len(tokenizer(text, add_special_tokens=False).input_ids) > 40
+
+
+def test_bench_train_estimates_each_run_before_it_runs(tmp_path, tiny_qwen2_dir, monkeypatch):
+    """`make bench-train` prints each run's cost first: its training tokens at the share of the
+    rate `make train`'s estimate uses, trl's at the share measured for it (slower), `compact` at
+    the slowdown measured for it; every run loads the model in its own process."""
+    import json
+
+    from bench.train_speed import COMPACT_SLOWDOWN, TRL_EFFICIENCY, bench_estimate, bench_recipe, runs
+    from core.settings import load_settings
+    from models import machine
+    from models.card import find_card
+    from train.data import Conversation
+    from train.estimate import TRAIN_EFFICIENCY
+
+    monkeypatch.setattr(machine, "calibration", lambda cache_dir, again=False: FIXED)
+    settings = load_settings(cache_dir=str(tmp_path / "cache"))
+    card = find_card("qwen2.5-coder-0.5b-instruct")
+
+    class Args:
+        batch_size = grad_accum = cpu_allocator = None
+
+    recipe = bench_recipe(tmp_path / "unused.jsonl", Args)
+    convs = [
+        Conversation(
+            [{"role": "user", "content": "问题" * n}, {"role": "assistant", "content": "答" * n}], "t:1"
+        )
+        for n in (3, 7)
+    ]
+    plan = runs(["compact", "glibc"])
+    estimate = bench_estimate(settings, card, tiny_qwen2_dir, recipe, convs, plan, 2)
+    assert [(c.model, c.entry) for c in estimate.costs] == [
+        (label, f"round {n}") for n in (1, 2) for label, _, _ in plan
+    ]
+    tokens = int(estimate.costs[0].detail.split(" tokens")[0])
+    assert 40 < tokens < 300  # the two conversations in the chat template
+    shape = Shape.of(card.parameters, json.loads((tiny_qwen2_dir / "config.json").read_text()))
+    glibc = 4 * shape.body * tokens / (FIXED["matmul_gflops"]["float32"] * 1e9 * TRAIN_EFFICIENCY)
+    compact, ours, trl = (c.seconds for c in estimate.costs[:3])
+    assert ours == pytest.approx(glibc) and compact == pytest.approx(glibc * COMPACT_SLOWDOWN)
+    assert trl == pytest.approx(glibc * TRAIN_EFFICIENCY / TRL_EFFICIENCY)
+    load = estimate.loads["trl"]
+    assert load > 0 and estimate.costs[5].seconds == pytest.approx(trl + load)  # round 2 loads again
+    assert estimate.lines()[0].startswith("estimate for `make bench-train` here (Test CPU, avx2; ")

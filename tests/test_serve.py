@@ -101,7 +101,7 @@ def test_server_starts_answers_and_stops_and_fails_fast(tiny, tmp_path):
 
     engine = transformers_engine(tiny[0])
     with launch(engine, tmp_path / "serve.log") as server:
-        assert server.base_url.startswith("http://127.0.0.1:")
+        assert server.base_url.startswith("http://127.0.0.1:") and 0 < server.start_seconds < 600
         reply = httpx.post(
             f"{server.base_url}/v1/chat/completions",
             timeout=60,
@@ -286,6 +286,10 @@ def test_make_serve_runs_in_the_background_rescore_chat_then_stop(
     try:
         server, recorded = running(state)
         assert recorded.model_dir == str(tiny[0]) and server.alive()
+        from models.machine import last_server_start
+
+        # its start was timed, for the next estimate of a command that starts one
+        assert 0 < last_server_start(tmp_path / "cache", "transformers", "qwen2.5-coder-0.5b-instruct") < 600
         assert main([*base, "serve", "--model", "smollm2-135m-instruct"]) == 0  # already serving: says so
         assert "already serving" in capsys.readouterr().out
         # make rescore finds the server make serve left running
