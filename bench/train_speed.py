@@ -6,11 +6,12 @@
 Both train the same model (NF4 + the same LoRA adapter, built by the same code), on the same
 conversations (the first N of the default recipe's training split, one epoch), with the same
 batch size and accumulation (the default recipe's: 4 rows a pass, 2 passes a step), sequence
-length, learning-rate schedule and seed, each in a fresh process so that
-its peak resident memory is its own. Ours runs once with each `training.cpu_allocator` setting
-(`compact`, the recipe default, and `glibc`, which the default job uses; `--allocators` picks),
-so that the trade between speed and memory is measured in the same run. Prints each run's estimate
-first (`--estimate`: only that; docs/machine.md), then real (non-padding) tokens per second, peak RSS, the ratios, and the loss trajectories. Where the speed difference comes from: our length-grouped
+length, learning-rate schedule and seed, each in a fresh process so that its peak resident memory
+is its own. Ours runs once with each `training.cpu_allocator` setting (`compact`, the recipe
+default, and `glibc`, which the default job uses; `--allocators` picks), so that the trade
+between speed and memory is measured in the same run. Prints each run's estimate first
+(`--estimate`: only that; docs/machine.md), then real (non-padding) tokens per second, peak RSS,
+the ratios, and the loss trajectories. Where the speed difference comes from: our length-grouped
 batches (trl pads random batches to their longest row), the LM head applied once, only at the
 labelled positions (trl's fused head scores every position on a CPU, in tiles it recomputes in
 the backward pass), and less kept for the backward pass (LoRA's dropout inside lora_A, the SiLU
