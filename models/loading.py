@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from models.card import ModelCard
@@ -32,12 +33,37 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "float32"
 
 
+ONEDNN_BF16_ISAS = frozenset(
+    {
+        "AVX512_CORE_BF16",
+        "AVX512_CORE_FP16",
+        "AVX512_CORE_AMX",
+        "AVX512_CORE_AMX_FP16",
+        "AVX10_1_512",
+        "AVX10_1_512_AMX",
+        "AVX10_1_512_AMX_FP16",
+        "AVX10_2_512",
+        "AVX10_2_512_AMX_2",
+        "ALL",
+        "DEFAULT",
+    }
+)
+"""The values of oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA) that leave it native bf16 instructions."""
+
+
+def onednn_isa_cap() -> str:
+    """oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA, or its old name DNNL_MAX_CPU_ISA), "" when none is set."""
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+
+
 def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). There oneDNN's bf16
-    matrix products run several times as fast as fp32's (docs/benchmarks.md); without
-    it bf16 is emulated and slower than fp32."""
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), and oneDNN may use it (no
+    ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16). There oneDNN's bf16 matrix products run several
+    times as fast as fp32's (docs/benchmarks.md); without it bf16 is emulated and slower than fp32."""
     import torch
 
+    if onednn_isa_cap() and onednn_isa_cap() not in ONEDNN_BF16_ISAS:
+        return False
     return any(
         getattr(torch.cpu, probe, lambda: False)()
         for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")

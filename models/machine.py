@@ -43,11 +43,16 @@ def cpu_identity() -> dict:
             elif key.strip() == "flags":
                 flags = set(value.split())
                 break
+    from models.loading import onednn_isa_cap
+
     return {
         "cpu": model,
         "flags": [f for f in FLAGS if f in flags],
         "torch": torch.__version__.split("+")[0],
         "threads": torch.get_num_threads(),
+        # the kernels torch and oneDNN may use (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA cap them)
+        "kernels": torch.backends.cpu.get_cpu_capability(),
+        "onednn_max_isa": onednn_isa_cap(),
     }
 
 
@@ -166,11 +171,20 @@ def calibration(cache_dir: Path, *, again: bool = False) -> dict:
     return write_artifact(path, MachineCalibration, measure(cache_dir)).model_dump()
 
 
-def stage_dtypes(flags: list[str], cuda: bool = False) -> list[tuple[str, str, str]]:
+def stage_dtypes(flags: list[str], cuda: bool = False, onednn_cap: str = "") -> list[tuple[str, str, str]]:
     """(stage, dtype, why) for each stage on this machine, by the rules the stages apply
     (models.loading.scoring_dtype, train.trainer.compute_dtype)."""
+    from models.loading import ONEDNN_BF16_ISAS
+
     if cuda:
         native = ("bfloat16", "the GPU multiplies bf16")
+    elif (
+        onednn_cap and onednn_cap not in ONEDNN_BF16_ISAS and ("avx512_bf16" in flags or "amx_tile" in flags)
+    ):
+        native = (
+            "float32",
+            f"ONEDNN_MAX_CPU_ISA={onednn_cap} leaves oneDNN no native bf16: emulated, slower than fp32",
+        )
     elif "avx512_bf16" in flags or "amx_tile" in flags:
         native = (
             "bfloat16",
@@ -195,7 +209,9 @@ def describe(record: dict) -> list[str]:
     ident = record["identity"]
     lines = [
         f"CPU: {ident['cpu']}; flags {' '.join(ident['flags']) or '(none of ' + ', '.join(FLAGS) + ')'}; "
-        f"torch {ident['torch']}, {ident['threads']} threads",
+        f"torch {ident['torch']}, {ident['threads']} threads"
+        + (f", kernels {ident['kernels']}" if "kernels" in ident else "")
+        + (f", ONEDNN_MAX_CPU_ISA={ident['onednn_max_isa']}" if ident.get("onednn_max_isa") else ""),
         f"measured {record['measured']} in {record['seconds']} s",
     ]
     lines += [
@@ -217,7 +233,10 @@ def describe(record: dict) -> list[str]:
         cuda = torch.cuda.is_available()
     except ImportError:
         pass
-    lines += [f"  {stage}: {dtype}; {why}" for stage, dtype, why in stage_dtypes(ident["flags"], cuda)]
+    lines += [
+        f"  {stage}: {dtype}; {why}"
+        for stage, dtype, why in stage_dtypes(ident["flags"], cuda, ident.get("onednn_max_isa", ""))
+    ]
     return lines
 
 

@@ -23,23 +23,46 @@ from models import machine
             "bfloat16",
         ),  # Intel Xeon with AMX
         ([], True, "bfloat16", "bfloat16"),
+        # oneDNN capped below its bf16 instructions (ONEDNN_MAX_CPU_ISA): bf16 would be emulated
+        (["avx2", "fma", "avx512f", "avx512_bf16", "cap=AVX2"], False, "float32", "float32"),
+        (["avx2", "fma", "avx512f", "avx512_bf16", "cap=AVX512_CORE"], False, "float32", "float32"),
+        (["avx2", "fma", "avx512f", "avx512_bf16", "cap=AVX512_CORE_BF16"], False, "bfloat16", "bfloat16"),
+        (["avx2", "fma", "avx512f", "amx_tile", "amx_bf16", "cap=ALL"], False, "bfloat16", "bfloat16"),
     ],
 )
 def test_each_stage_uses_the_dtype_its_rule_gives_on_each_cpu_kind(flags, cuda, scoring, train):
-    stages = {stage: (dtype, why) for stage, dtype, why in machine.stage_dtypes(flags, cuda)}
+    cap = "".join(f.removeprefix("cap=") for f in flags if f.startswith("cap="))
+    flags = [f for f in flags if not f.startswith("cap=")]
+    stages = {stage: (dtype, why) for stage, dtype, why in machine.stage_dtypes(flags, cuda, cap)}
     assert stages["select scoring"][0] == scoring and stages["train (QLoRA compute)"][0] == train
     assert stages["merge, parity and train's checks"][0] == "float32"
     assert stages["re-score (local side), cross-checks"][0] == "float32"
     assert ("no native bf16" in stages["select scoring"][1]) == (scoring == "float32")
+    assert ("ONEDNN_MAX_CPU_ISA" in stages["select scoring"][1]) == (scoring == "float32" and bool(cap))
+
+
+@pytest.mark.parametrize("cap", ["", "AVX2", "avx512_core", "AVX512_CORE_BF16"])
+def test_onednns_isa_cap_decides_whether_bf16_is_native(cap, monkeypatch):
+    """The stages ask torch whether the CPU has bf16 instructions, and oneDNN's cap whether it may
+    use them; the calibration's identity records the cap, so a capped run is calibrated apart."""
+    from models.loading import cpu_has_bf16
+
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    hardware = machine.cpu_identity()["flags"]
+    native = "avx512_bf16" in hardware or "amx_tile" in hardware
+    assert cpu_has_bf16() == (native and cap.upper() in ("", "AVX512_CORE_BF16"))
+    assert machine.cpu_identity()["onednn_max_isa"] == cap.upper()
 
 
 def test_the_flags_read_here_agree_with_torchs_own_probe():
     """The flags come from /proc/cpuinfo; scoring and training ask torch (models.loading.cpu_has_bf16)."""
     from models.loading import cpu_has_bf16
 
-    flags = machine.cpu_identity()["flags"]
+    identity = machine.cpu_identity()
     expected = "bfloat16" if cpu_has_bf16() else "float32"
-    assert dict((s, d) for s, d, _ in machine.stage_dtypes(flags))["select scoring"] == expected
+    stages = machine.stage_dtypes(identity["flags"], onednn_cap=identity["onednn_max_isa"])
+    assert dict((s, d) for s, d, _ in stages)["select scoring"] == expected
 
 
 FAKE = {
