@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     from models.store import read_manifest
 
     settings = load_settings(None, runs_dir=args.runs_dir, data_dir=args.data_dir, cache_dir=args.cache_dir)
-    calibration = machine_calibration(settings.cache_dir)
+    # the cost model itself, without what earlier runs measured here (eval/learned.py)
+    calibration = {**machine_calibration(settings.cache_dir), "learned": {}}
     conn = open_read_only(settings.workspace.results_db)
     rows = finished_runs(conn)
     conn_history = None  # "before": nothing seen yet

@@ -48,9 +48,10 @@ def runs(allocators: list[str]) -> list[tuple[str, str, str | None]]:
     return [(f"selectune ({a})", "selectune", a) for a in allocators] + [("trl", "trl", None)]
 
 
-TRL_EFFICIENCY = 0.16
-"""trl's SFTTrainer's share of the calibrated rate on the same model work, as this bench measured
-it (docs/benchmarks.md): it pads random batches and scores the head at every position."""
+TRL_EFFICIENCY = {"bfloat16": 0.16, "float32": 0.29}
+"""trl's SFTTrainer's share of the calibrated rate on the same model work per compute dtype, as
+this bench measured it (docs/benchmarks.md): it pads random batches and scores the head at every
+position."""
 COMPACT_SLOWDOWN = 1.25
 """`compact` against `glibc` in time, as this bench measured it in bf16 (docs/training.md)."""
 
@@ -64,7 +65,7 @@ def bench_estimate(settings, card, checkpoint: Path, recipe, train: list, plan, 
     from eval import estimate as E
     from models.machine import calibration
     from train.data import CleaningReport
-    from train.estimate import TRAIN_EFFICIENCY
+    from train.estimate import train_efficiency
     from train.prepare import ensure_chat_template, tokenize
     from train.trainer import compute_dtype
 
@@ -84,7 +85,11 @@ def bench_estimate(settings, card, checkpoint: Path, recipe, train: list, plan, 
     costs = []
     for n in range(repeats):
         for label, engine, allocator in plan:
-            share = TRL_EFFICIENCY if engine == "trl" else TRAIN_EFFICIENCY
+            share = (
+                TRL_EFFICIENCY.get(dtype, TRL_EFFICIENCY["float32"])
+                if engine == "trl"
+                else train_efficiency(dtype)
+            )
             slower = COMPACT_SLOWDOWN if allocator == "compact" else 1.0
             seconds = 4 * shape.body * tokens / (rate * share) * slower + (load if n else 0.0)
             detail = f"{tokens} tokens at {share:.0%} of the {dtype} rate" + (
@@ -114,6 +119,8 @@ def bench_recipe(data_file: Path, args):
         base["training"]["grad_accum"] = args.grad_accum
     if args.cpu_allocator:
         base["training"]["cpu_allocator"] = args.cpu_allocator
+    if args.compute_dtype:
+        base["compute_dtype"] = args.compute_dtype
     return Recipe.model_validate(base)
 
 
@@ -203,6 +210,11 @@ def main() -> int:
         default=",".join(ALLOCATORS),
         help="our runs' training.cpu_allocator settings, comma-separated (default: all)",
     )
+    parser.add_argument(
+        "--compute-dtype",
+        choices=["auto", "bf16", "fp32"],
+        help="both engines' (default: the recipe's, auto)",
+    )
     parser.add_argument("--cpu-allocator", choices=ALLOCATORS, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
@@ -277,6 +289,8 @@ def main() -> int:
                 ]
                 if allocator:
                     cmd += ["--cpu-allocator", allocator]
+                if args.compute_dtype:
+                    cmd += ["--compute-dtype", args.compute_dtype]
                 started = time.monotonic()
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
                 results[label] = json.loads((out / "bench.json").read_text())

@@ -140,6 +140,20 @@ def reply_tokens(conn, tokenizer, model: str, task: str, mode: str) -> int | Non
     return lengths[min(len(lengths) - 1, int(REPLY_QUANTILE * len(lengths)))] if lengths else None
 
 
+LEARNED_BOUNDS = (1 / 3, 3.0)
+"""A factor measured here (eval/learned.py) is clipped to these: beyond them its runs measured
+something else (a busy machine, swapping)."""
+
+
+def scoring_factor(calibration: dict, mode: str, dtype: str) -> float:
+    """Measured over estimated for whole runs in `mode` and `dtype` here (eval/learned.py), else 1."""
+    try:
+        factor = float(calibration.get("learned", {})[f"{mode} {dtype}"]["factor"])
+    except (KeyError, TypeError, ValueError):
+        return 1.0
+    return min(max(factor, LEARNED_BOUNDS[0]), LEARNED_BOUNDS[1])
+
+
 def entry_cost(
     backend,
     shape: Shape,
@@ -184,7 +198,7 @@ def entry_cost(
         len(items),
         tokens,
         steps,
-        seconds,
+        seconds * scoring_factor(calibration, mode, dtype),
         mode == "gen" and known is None and replies is None,
     )
 
@@ -201,6 +215,14 @@ def pending(conn, backend, task, split: str, mode: str, items: list, chunk_size:
     return [
         i for chunk in fixed_chunks(items, chunk_size) if any(i.id not in done for i in chunk) for i in chunk
     ]
+
+
+def planning_backend(settings, card, checkpoint, batch_size: int, dtype: str):
+    """The backend a run of `card` would use, lazy: its tokenizer plans the batches, nothing loads."""
+    from eval.backends import make_backend
+
+    kw = dict(lazy=True, checkpoint=checkpoint, batch_size=batch_size, device="cpu", dtype=dtype)
+    return make_backend("hf", card, settings.model_store, **kw)
 
 
 def checkpoint_shape(card, checkpoint: Path) -> Shape:
@@ -293,7 +315,6 @@ def select_estimate(
     settings, cards, checkpoints, entries, entry_items, *, batch_size: int, dtype: str, sequential: set[int]
 ) -> Estimate:
     """The cost of `make select` scoring what is not stored yet."""
-    from eval.backends import make_backend
     from models.machine import calibration as machine_calibration
     from models.store import read_manifest
 
@@ -317,16 +338,7 @@ def select_estimate(
                     f"{card.name}: not provisioned yet (`make models` converts it first); not estimated"
                 )
                 continue
-            backend = make_backend(
-                "hf",
-                card,
-                settings.model_store,
-                lazy=True,
-                checkpoint=checkpoint,
-                batch_size=batch_size,
-                device="cpu",
-                dtype=dtype,
-            )
+            backend = planning_backend(settings, card, checkpoint, batch_size, dtype)
             shape = checkpoint_shape(card, checkpoint or Path(manifest["checkpoint"]))
             for k, ((task, entry), items) in enumerate(zip(entries, entry_items)):
                 split = entry.split

@@ -179,6 +179,11 @@ def select_command(
             dtype=dtype,
             sequential=chosen,
         )
+        from eval.learned import learned_note
+        from models.machine import calibration as machine_calibration
+
+        calibration = machine_calibration(settings.cache_dir)
+        cost.notes += learned_note(calibration, {f"{e.mode} {dtype}" for _, e in entries})
         print("\n".join(cost.lines()), flush=True)
     if estimate:
         if cost is None:
@@ -234,6 +239,23 @@ def select_command(
             )
     finally:
         executor.close()
+    if cost is not None and not plan:
+        from eval.learned import learn, learnable
+
+        kept = learn(
+            settings,
+            calibration,
+            learnable(candidates),
+            entry_items,
+            checkpoints,
+            chunk_size=batch_size,
+            dtype=dtype,
+        )
+        if kept:
+            print(
+                "select: measured over the cost model's estimate, kept for the next estimates here: "
+                + ", ".join(f"{key} x{factor:.2f}" for key, factor in sorted(kept.items()))
+            )
     if plan:
         from eval.plan import plan as plan_rows
         from eval.plan import print_plan

@@ -64,32 +64,47 @@ def calibration_path(cache_dir: Path, identity: dict) -> Path:
     return cache_dir / "machine" / f"{_digest(identity)}.json"
 
 
-def _starts_path(cache_dir: Path) -> Path:
-    return cache_dir / "machine" / f"{_digest(cpu_identity())}.starts.json"
+def _measured_path(cache_dir: Path) -> Path:
+    return cache_dir / "machine" / f"{_digest(cpu_identity())}.measured.json"
+
+
+def measured_here(cache_dir: Path) -> dict:
+    """What commands measured on this machine (the calibration's identity), for the next
+    estimates: `starts` ("engine model" -> seconds a server's start took) and `scoring` ("mode
+    dtype" -> {factor, runs, date}: measured time over the cost model's, eval/learned.py). An
+    unreadable file is nothing measured."""
+    try:
+        record = json.loads(_measured_path(cache_dir).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def record_measured(cache_dir: Path, section: str, key: str, value) -> None:
+    """Keep one measurement in `measured_here`'s `section`, replacing the last one under `key`."""
+    record = measured_here(cache_dir)
+    if not isinstance(record.get(section), dict):
+        record[section] = {}
+    record[section][key] = value
+    path = _measured_path(cache_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    tmp.replace(path)
 
 
 def last_server_start(cache_dir: Path, engine: str, model: str) -> float | None:
-    """Seconds the last start of `engine` serving `model` (a card's name) took on this machine
-    (the calibration's identity), None when none was recorded."""
-    path = _starts_path(cache_dir)
+    """Seconds the last start of `engine` serving `model` (a card's name) took on this machine,
+    None when none was recorded."""
     try:
-        return float(json.loads(path.read_text())[f"{engine} {model}"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return float(measured_here(cache_dir)["starts"][f"{engine} {model}"])
+    except (KeyError, TypeError, ValueError):
         return None
 
 
 def record_server_start(cache_dir: Path, engine: str, model: str, seconds: float) -> None:
     """Keep how long a server's start took here, for the next estimate (`last_server_start`)."""
-    path = _starts_path(cache_dir)
-    try:
-        starts = json.loads(path.read_text())
-    except (OSError, ValueError):
-        starts = {}
-    starts[f"{engine} {model}"] = round(seconds, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(starts, indent=1, sort_keys=True))
-    tmp.replace(path)
+    record_measured(cache_dir, "starts", f"{engine} {model}", round(seconds, 1))
 
 
 def _rate(work: float, step) -> float:
@@ -162,13 +177,18 @@ def measure(cache_dir: Path) -> dict:
 
 
 def calibration(cache_dir: Path, *, again: bool = False) -> dict:
-    """This machine's calibration: the cached one for its identity, else measured now and cached."""
+    """This machine's calibration: the cached one for its identity, else measured now and cached;
+    with `learned`, what the cost model's corrections measured here are (eval/learned.py)."""
     from core.artifacts import MachineCalibration, read_artifact, write_artifact
 
     path = calibration_path(cache_dir, cpu_identity())
     if path.is_file() and not again:
-        return read_artifact(path, MachineCalibration).model_dump()
-    return write_artifact(path, MachineCalibration, measure(cache_dir)).model_dump()
+        record = read_artifact(path, MachineCalibration).model_dump()
+    else:
+        record = write_artifact(path, MachineCalibration, measure(cache_dir)).model_dump()
+    # what whole runs measured here against the cost model, per mode and dtype (eval/learned.py)
+    scoring = measured_here(cache_dir).get("scoring")
+    return {**record, "learned": scoring if isinstance(scoring, dict) else {}}
 
 
 def stage_dtypes(flags: list[str], cuda: bool = False, onednn_cap: str = "") -> list[tuple[str, str, str]]:

@@ -82,6 +82,12 @@ def rescore_estimate(
     conn = open_read_only(db) if db.is_file() else None
     modes, side = ESTIMATED.get(engine, ()), f"served ({engine})"
     costs, notes = [], []
+
+    def cost_of(todo, rates, chunk):  # the current entry's task, split and mode
+        return entry_cost(
+            local, shape, task, split, mode, todo, rates, "float32", chunk_size=chunk, conn=conn
+        )
+
     try:
         for k, (task, split, mode, items) in enumerate(work):
             name = f"{task.name}-{split} {mode}"
@@ -92,9 +98,8 @@ def rescore_estimate(
             elif mode not in modes:
                 notes.append(f"served {name}: {engine}'s time is its own (not estimated)")
             elif mode == "gen":
-                cost = entry_cost(
-                    local, shape, task, split, mode, todo, calibration, "float32", chunk_size=chunk, conn=conn
-                )
+                # the engine's own speed: what our backend measured here is not its
+                cost = cost_of(todo, {**calibration, "learned": {}}, chunk)
                 costs.append(dataclasses.replace(cost, model=side, key=("served", k)))
             else:
                 tokens, seconds = served_ppl_seconds(local, shape, task, todo, calibration)
@@ -110,18 +115,7 @@ def rescore_estimate(
                 )
             todo = pending(conn, local, task, split, mode, items, batch_size)
             if todo:
-                cost = entry_cost(
-                    local,
-                    shape,
-                    task,
-                    split,
-                    mode,
-                    todo,
-                    calibration,
-                    "float32",
-                    chunk_size=batch_size,
-                    conn=conn,
-                )
+                cost = cost_of(todo, calibration, batch_size)
                 costs.append(dataclasses.replace(cost, key=("local", k)))
     finally:
         if conn is not None:
@@ -137,5 +131,8 @@ def rescore_estimate(
         side: start,
         local.card.name: load_seconds(shape, calibration["load_gbs"], 4),
     }
+    from eval.learned import learned_note
+
+    notes += learned_note(calibration, {f"{mode} float32" for _, _, mode, _ in work})
     faster = ['RESCORE_ARGS="--tasks fact --limit 20" re-scores a sample first'] if len(work) > 1 else []
     return Estimate("`make rescore`", machine_line(calibration, "float32"), costs, loads, notes, faster)

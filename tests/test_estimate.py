@@ -13,6 +13,7 @@ from eval.estimate import (
     LAYER_STEP_SECONDS,
     Shape,
     batch_seconds,
+    entry_cost,
     fmt_duration,
 )
 from tests.conftest import FIXED_CALIBRATION as FIXED
@@ -273,7 +274,7 @@ def test_a_servers_start_is_counted_as_its_last_start_here(tmp_path):
         assert seconds == expected and said in source, (engine, model, source)
     record_server_start(cache, "vllm", "m", 100.0)  # the last start counts
     assert server_start(cache, "vllm", "m")[0] == 100.0
-    (path,) = (cache / "machine").glob("*.starts.json")
+    (path,) = (cache / "machine").glob("*.measured.json")
     path.write_text("{not json")
     assert server_start(cache, "vllm", "m")[0] == SERVER_START_SECONDS["vllm"]
 
@@ -383,14 +384,15 @@ def test_bench_train_estimates_each_run_before_it_runs(tmp_path, tiny_qwen2_dir,
     from models import machine
     from models.card import find_card
     from train.data import Conversation
-    from train.estimate import TRAIN_EFFICIENCY
+    from train.estimate import train_efficiency
+    from train.trainer import compute_dtype
 
     monkeypatch.setattr(machine, "calibration", lambda cache_dir, again=False: FIXED)
     settings = load_settings(cache_dir=str(tmp_path / "cache"))
     card = find_card("qwen2.5-coder-0.5b-instruct")
 
     class Args:
-        batch_size = grad_accum = cpu_allocator = None
+        batch_size = grad_accum = cpu_allocator = compute_dtype = None
 
     recipe = bench_recipe(tmp_path / "unused.jsonl", Args)
     convs = [
@@ -407,10 +409,84 @@ def test_bench_train_estimates_each_run_before_it_runs(tmp_path, tiny_qwen2_dir,
     tokens = int(estimate.costs[0].detail.split(" tokens")[0])
     assert 40 < tokens < 300  # the two conversations in the chat template
     shape = Shape.of(card.parameters, json.loads((tiny_qwen2_dir / "config.json").read_text()))
-    glibc = 4 * shape.body * tokens / (FIXED["matmul_gflops"]["float32"] * 1e9 * TRAIN_EFFICIENCY)
+    dtype = str(compute_dtype(recipe)).removeprefix("torch.")  # bf16 where the CPU has it: the fp32 rate
+    share, trl_share = train_efficiency(dtype), TRL_EFFICIENCY[dtype]
+    assert share > trl_share
+    glibc = 4 * shape.body * tokens / (FIXED["matmul_gflops"]["float32"] * 1e9 * share)
     compact, ours, trl = (c.seconds for c in estimate.costs[:3])
     assert ours == pytest.approx(glibc) and compact == pytest.approx(glibc * COMPACT_SLOWDOWN)
-    assert trl == pytest.approx(glibc * TRAIN_EFFICIENCY / TRL_EFFICIENCY)
+    assert trl == pytest.approx(glibc * share / trl_share)
     load = estimate.loads["trl"]
     assert load > 0 and estimate.costs[5].seconds == pytest.approx(trl + load)  # round 2 loads again
     assert estimate.lines()[0].startswith("estimate for `make bench-train` here (Test CPU, avx2; ")
+
+
+@pytest.mark.parametrize(
+    "learned, factor",
+    [
+        ({}, 1.0),  # nothing measured here
+        ({"ppl float32": {"factor": 0.69, "runs": 4, "date": "d"}}, 0.69),
+        ({"ppl bfloat16": {"factor": 0.69, "runs": 4, "date": "d"}}, 1.0),  # another dtype's
+        ({"gen float32": {"factor": 0.5, "runs": 4, "date": "d"}}, 1.0),  # another mode's
+        (
+            {"ppl float32": {"factor": 10.0, "runs": 2, "date": "d"}},
+            3.0,
+        ),  # clipped: something else was measured
+        ({"ppl float32": {"factor": 0.01, "runs": 2, "date": "d"}}, 1 / 3),
+        ({"ppl float32": {"factor": "x"}}, 1.0),  # unreadable: none
+    ],
+)
+def test_what_whole_runs_measured_here_scales_the_cost_model(tiny_backend, learned, factor):
+    from eval.estimate import LEARNED_BOUNDS, scoring_factor
+    from eval.task import find_task, load_items
+
+    assert LEARNED_BOUNDS == (1 / 3, 3.0)
+    assert scoring_factor({**FIXED, "learned": learned}, "ppl", "float32") == pytest.approx(factor)
+    task = find_task("fewclue_bustm")
+    items = load_items(task, "dev", public_data(FIXTURE_DATA))[:6]
+    plain, corrected = (
+        entry_cost(tiny_backend, SHAPE, task, "dev", "ppl", items, calibration, "float32", chunk_size=4)
+        for calibration in (FIXED, {**FIXED, "learned": learned})
+    )
+    assert corrected.seconds == pytest.approx(plain.seconds * factor)
+
+
+def test_select_keeps_what_its_whole_runs_measured_and_the_next_estimate_uses_it(
+    tmp_path, tiny_qwen2_dir, capsys, monkeypatch
+):
+    """After scoring, measured over estimated per mode and dtype is kept beside the calibration
+    (each model's first run, which loaded it, left out; two runs at least); the next estimate of
+    that mode says it used it."""
+    from eval.learned import MIN_RUNS
+    from models import machine
+    from selectune.cli import main
+
+    monkeypatch.setattr(
+        machine, "calibration_path", lambda cache_dir, identity: tmp_path / "calibration.json"
+    )
+    monkeypatch.setattr(
+        machine, "measure", lambda cache_dir: {**FIXED, "measured": "2026-12-07", "seconds": 1.0}
+    )
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "name: suite\ndescription: d\nentries:\n  - {task: fewclue_bustm, split: dev, mode: gen}\n"
+        "  - {task: fewclue_bustm, split: dev, mode: ppl}\n  - {task: fewclue_ocnli_fc, split: dev, mode: ppl}\n",
+        encoding="utf-8",
+    )
+    cache = tmp_path / "cache"
+    args = (
+        f"--runs-dir {tmp_path / 'runs'} --cache-dir {cache} --data-dir {public_data(FIXTURE_DATA)} select "
+        f"--models {tiny_qwen2_dir} --suite {suite} --device cpu --dtype float32"
+    ).split()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "scoring corrected" not in printed  # nothing measured before
+    (kept,) = [line for line in printed.splitlines() if line.startswith("select: measured over")]
+    scoring = machine.measured_here(cache)["scoring"]
+    assert list(scoring) == ["ppl float32"] and scoring["ppl float32"]["runs"] == MIN_RUNS == 2
+    assert kept.endswith(f"ppl float32 x{scoring['ppl float32']['factor']:.2f}")
+    assert machine.calibration(cache)["learned"] == scoring
+    other = [a if not a.startswith(str(tmp_path / "runs")) else str(tmp_path / "runs2") for a in args]
+    assert main([*other, "--estimate"]) == 0
+    (note,) = [line for line in capsys.readouterr().out.splitlines() if "scoring corrected" in line]
+    assert "ppl float32 x" in note and "(2 runs, " in note and "gen float32" not in note

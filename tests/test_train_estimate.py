@@ -133,7 +133,7 @@ def test_the_training_tokens_are_what_the_trainer_tokenises(tiny_card):
         and f"{tokens} tokens in float32" in training.detail
     )
     body = checkpoint_shape(card, Path(manifest["checkpoint"])).body
-    assert training.seconds == pytest.approx(4 * body * tokens / (100e9 * TRAIN_EFFICIENCY))
+    assert training.seconds == pytest.approx(4 * body * tokens / (100e9 * TRAIN_EFFICIENCY["float32"]))
 
 
 def test_the_whole_commands_bar_ends_at_the_estimate(tiny_card, monkeypatch, capsys):

@@ -10,12 +10,17 @@ import math
 from functools import partial
 from pathlib import Path
 
-TRAIN_EFFICIENCY = 0.24
+TRAIN_EFFICIENCY = {"bfloat16": 0.24, "float32": 0.45}
 """Fraction of the calibrated rate in the compute dtype that a QLoRA step reaches on its model work
 (4 x body parameters per real token: the forward pass and the activations' gradients; the frozen
-weights get none): what `make bench-train` measures as its share of the rate (docs/benchmarks.md)."""
+weights get none), per compute dtype: what `make bench-train` measures as its share of the rate
+(docs/benchmarks.md; fp32 between the AVX512 and the AVX2 kernels' shares)."""
 WRITE_FACTOR = 1.0
 """Writing the merged weights, against the calibrated load rate."""
+
+
+def train_efficiency(dtype: str) -> float:
+    return TRAIN_EFFICIENCY.get(dtype, TRAIN_EFFICIENCY["float32"])
 
 
 def train_steps(recipe, n_train: int) -> tuple[int, float]:
@@ -113,7 +118,7 @@ def train_estimate(settings, recipe, model_name: str | None):
             "training",
             f"{len(tokens['train'])} conversations, {steps} steps "
             f"({epochs:g} epochs), {train_tokens} tokens in {dtype}",
-            4 * shape.body * train_tokens / (rate * 1e9 * TRAIN_EFFICIENCY),
+            4 * shape.body * train_tokens / (rate * 1e9 * train_efficiency(dtype)),
         )
     ]
 
@@ -164,12 +169,14 @@ def train_estimate(settings, recipe, model_name: str | None):
         if conn is not None:
             conn.close()
     faster = [] if recipe.name == "quick" else ["RECIPE=train/quick.yaml trains fewer steps for a first look"]
+    from eval.learned import learned_note
+
     return Estimate(
         what,
         machine_line(calibration, dtype),
         costs,
         {card.name: load_seconds(shape, calibration["load_gbs"], DTYPE_BYTES[dtype])},
-        [],
+        learned_note(calibration, {"gen float32", "ppl float32"}),
         faster,
         {"steps": steps, "rounds": rounds},
     )
