@@ -19,9 +19,10 @@ MIN_RUNS = 2
 def learned_note(calibration: dict, keys: set[str]) -> list[str]:
     """One line naming the factors an estimate used, for its notes."""
     used = [
-        f"{key} x{scoring_factor(calibration, *key.split()):.2f} ({e['runs']} runs, {e['date']})"
+        f"{key} x{scoring_factor(calibration, *key.split()):.2f} ({e.get('runs', '?')} runs, {e.get('date', '?')})"
         for key in sorted(keys)
-        if (e := calibration.get("learned", {}).get(key))
+        if isinstance(e := calibration.get("learned", {}).get(key), dict)
+        and scoring_factor(calibration, *key.split()) != 1.0
     ]
     if not used:
         return []

@@ -449,6 +449,12 @@ def test_what_whole_runs_measured_here_scales_the_cost_model(tiny_backend, learn
         for calibration in (FIXED, {**FIXED, "learned": learned})
     )
     assert corrected.seconds == pytest.approx(plain.seconds * factor)
+    from eval.learned import learned_note
+
+    note = learned_note({**FIXED, "learned": learned}, {"ppl float32"})
+    assert bool(note) == (factor != 1.0)  # a note only where a factor was used
+    if note:
+        assert f"ppl float32 x{factor:.2f} (" in note[0]
 
 
 def test_select_keeps_what_its_whole_runs_measured_and_the_next_estimate_uses_it(
