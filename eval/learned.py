@@ -2,7 +2,8 @@
 this machine, the time they took over the cost model's estimate of the same work (with the
 replies they generated, as bench/estimate_check.py counts it) is kept per mode and dtype beside
 the calibration (`models.machine.measured_here`), and the next estimates of scoring in that mode
-and dtype are multiplied by it. Why: docs/machine.md ("Corrected by what was measured here").
+and dtype are multiplied by it; `make train` keeps its steps' time over its estimate's the same
+way (mode `train`). Why: docs/machine.md ("Corrected by what was measured here").
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ MIN_RUNS = 2
 def learned_note(calibration: dict, keys: set[str]) -> list[str]:
     """One line naming the factors an estimate used, for its notes."""
     used = [
-        f"{key} x{scoring_factor(calibration, *key.split()):.2f} ({e.get('runs', '?')} runs, {e.get('date', '?')})"
+        f"{key} x{scoring_factor(calibration, *key.split()):.2f} "
+        + (f"({e['steps']} steps" if "steps" in e else f"({e.get('runs', '?')} runs")
+        + f", {e.get('date', '?')})"
         for key in sorted(keys)
         if isinstance(e := calibration.get("learned", {}).get(key), dict)
         and scoring_factor(calibration, *key.split()) != 1.0
     ]
     if not used:
         return []
-    return ["scoring corrected by what whole runs measured here against the cost model: " + ", ".join(used)]
+    return ["corrected by what whole runs measured here against the cost model: " + ", ".join(used)]
 
 
 def learnable(candidates) -> list[tuple[int, object, object]]:
@@ -78,5 +81,38 @@ def learn(settings, calibration: dict, runs, entry_items, checkpoints, *, chunk_
         if n >= MIN_RUNS and estimated > 0:
             kept[key] = round(measured / estimated, 3)
             entry = {"factor": kept[key], "runs": n, "date": datetime.date.today().isoformat()}
-            record_measured(settings.cache_dir, "scoring", key, entry)
+            record_measured(settings.cache_dir, "factors", key, entry)
     return kept
+
+
+MIN_TRAIN_STEPS = 10
+"""Steps between loss logs a training run must have measured for its factor to be kept."""
+
+
+def steady_steps(log: list[dict]) -> tuple[float, int]:
+    """(seconds, steps) between consecutive loss logs of a training log with nothing else logged
+    between them: the training steps alone, without the evaluation rounds and samples."""
+    seconds, steps, last = 0.0, 0, None
+    for entry in log:
+        if "loss" in entry and "time" in entry and "step" in entry:
+            if last is not None and entry["step"] > last["step"]:
+                seconds, steps = seconds + entry["time"] - last["time"], steps + entry["step"] - last["step"]
+            last = entry
+        else:
+            last = None
+    return seconds, steps
+
+
+def learn_training(settings, calibration: dict, log: list[dict], estimated: float, steps: int, dtype: str):
+    """Keep a training run's measured seconds a step over the estimate's (`estimated` seconds for
+    `steps` steps, as printed: the factor it used is taken out); returns the factor kept, or None."""
+    from models.machine import record_measured
+
+    seconds, measured_steps = steady_steps(log)
+    if measured_steps < MIN_TRAIN_STEPS or estimated <= 0 or steps <= 0:
+        return None
+    raw = estimated / scoring_factor(calibration, "train", dtype) / steps
+    factor = round(seconds / measured_steps / raw, 3)
+    entry = {"factor": factor, "steps": measured_steps, "date": datetime.date.today().isoformat()}
+    record_measured(settings.cache_dir, "factors", f"train {dtype}", entry)
+    return factor

@@ -70,9 +70,9 @@ def _measured_path(cache_dir: Path) -> Path:
 
 def measured_here(cache_dir: Path) -> dict:
     """What commands measured on this machine (the calibration's identity), for the next
-    estimates: `starts` ("engine model" -> seconds a server's start took) and `scoring` ("mode
-    dtype" -> {factor, runs, date}: measured time over the cost model's, eval/learned.py). An
-    unreadable file is nothing measured."""
+    estimates: `starts` ("engine model" -> seconds a server's start took) and `factors` ("mode
+    dtype", mode `gen`, `ppl` or `train` -> {factor, runs, date}: measured time over the cost
+    model's, eval/learned.py). An unreadable file is nothing measured."""
     try:
         record = json.loads(_measured_path(cache_dir).read_text())
     except (OSError, ValueError):
@@ -187,8 +187,8 @@ def calibration(cache_dir: Path, *, again: bool = False) -> dict:
     else:
         record = write_artifact(path, MachineCalibration, measure(cache_dir)).model_dump()
     # what whole runs measured here against the cost model, per mode and dtype (eval/learned.py)
-    scoring = measured_here(cache_dir).get("scoring")
-    return {**record, "learned": scoring if isinstance(scoring, dict) else {}}
+    factors = measured_here(cache_dir).get("factors")
+    return {**record, "learned": factors if isinstance(factors, dict) else {}}
 
 
 def stage_dtypes(flags: list[str], cuda: bool = False, onednn_cap: str = "") -> list[tuple[str, str, str]]:

@@ -486,13 +486,17 @@ def test_select_keeps_what_its_whole_runs_measured_and_the_next_estimate_uses_it
     ).split()
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "scoring corrected" not in printed  # nothing measured before
+    assert "corrected by what whole runs measured" not in printed  # nothing measured before
     (kept,) = [line for line in printed.splitlines() if line.startswith("select: measured over")]
-    scoring = machine.measured_here(cache)["scoring"]
+    scoring = machine.measured_here(cache)["factors"]
     assert list(scoring) == ["ppl float32"] and scoring["ppl float32"]["runs"] == MIN_RUNS == 2
     assert kept.endswith(f"ppl float32 x{scoring['ppl float32']['factor']:.2f}")
     assert machine.calibration(cache)["learned"] == scoring
     other = [a if not a.startswith(str(tmp_path / "runs")) else str(tmp_path / "runs2") for a in args]
     assert main([*other, "--estimate"]) == 0
-    (note,) = [line for line in capsys.readouterr().out.splitlines() if "scoring corrected" in line]
+    (note,) = [
+        line
+        for line in capsys.readouterr().out.splitlines()
+        if "corrected by what whole runs measured" in line
+    ]
     assert "ppl float32 x" in note and "(2 runs, " in note and "gen float32" not in note

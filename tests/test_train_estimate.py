@@ -101,7 +101,7 @@ def test_train_estimate_prints_every_stage_and_trains_nothing(tiny_card, capsys)
     assert not runs.exists()
 
 
-def test_the_training_tokens_are_what_the_trainer_tokenises(tiny_card):
+def test_the_training_tokens_are_what_the_trainer_tokenises(tiny_card, monkeypatch):
     """The estimate's tokens and seconds, against prepare_data on the same recipe and tokenizer."""
     from core.settings import Settings
     from eval.estimate import checkpoint_shape
@@ -134,6 +134,16 @@ def test_the_training_tokens_are_what_the_trainer_tokenises(tiny_card):
     )
     body = checkpoint_shape(card, Path(manifest["checkpoint"])).body
     assert training.seconds == pytest.approx(4 * body * tokens / (100e9 * TRAIN_EFFICIENCY["float32"]))
+    # what an earlier run's steps measured here scales the stage, and a note says so
+    from models import machine
+
+    learned = {"train float32": {"factor": 1.5, "steps": 40, "date": "2026-12-07"}}
+    monkeypatch.setattr(
+        machine, "calibration", lambda cache_dir, again=False: {**CALIBRATION, "learned": learned}
+    )
+    corrected = train_estimate(settings, spec, CARD)
+    assert corrected.costs[0].seconds == pytest.approx(training.seconds * 1.5)
+    assert "train float32 x1.50 (40 steps, 2026-12-07)" in corrected.notes[0]
 
 
 def test_the_whole_commands_bar_ends_at_the_estimate(tiny_card, monkeypatch, capsys):
@@ -162,3 +172,53 @@ def test_the_whole_commands_bar_ends_at_the_estimate(tiny_card, monkeypatch, cap
     per_step = estimate.stage_seconds("training") / 30
     assert bar.updates.count(pytest.approx(per_step)) == 30  # quick.yaml: 30 steps
     assert "total: at most" in capsys.readouterr().out
+
+
+def _log(*entries):
+    return [dict(zip(("step", "time", "loss"), e)) if isinstance(e, tuple) else e for e in entries]
+
+
+@pytest.mark.parametrize(
+    "log, expected",
+    [
+        (_log((1, 0.0, 5.0), (5, 10.0, 4.0), (10, 22.0, 3.0)), (22.0, 9)),
+        # an evaluation round and its samples between two logs: that interval is not a step's time
+        (
+            _log(
+                (1, 0.0, 5.0),
+                (5, 10.0, 4.0),
+                {"step": 5, "eval_loss": 3.0},
+                (10, 90.0, 3.0),
+                (15, 101.0, 2.0),
+            ),
+            (21.0, 9),
+        ),
+        (_log((1, 0.0, 5.0), {"step": 1, "sample": 0}, (5, 60.0, 4.0)), (0.0, 0)),
+        # a log truncated and resumed: the step goes back, the interval across is not counted
+        (_log((1, 0.0, 5.0), (5, 10.0, 4.0), (3, 500.0, 4.5), (5, 505.0, 4.0)), (15.0, 6)),
+        ([], (0.0, 0)),
+    ],
+)
+def test_the_steps_time_is_read_between_loss_logs_alone(log, expected):
+    from eval.learned import steady_steps
+
+    assert steady_steps(log) == pytest.approx(expected)
+
+
+def test_a_training_runs_steps_are_kept_against_the_estimate_it_printed(tmp_path):
+    """Measured seconds a step over the estimate's, the factor the estimate used taken out; kept
+    only over enough steps."""
+    from core.settings import Settings
+    from eval.learned import MIN_TRAIN_STEPS, learn_training
+    from models.machine import measured_here
+
+    settings = Settings(runs_dir=tmp_path / "runs", cache_dir=tmp_path / "cache")
+    log = _log(*[(step, 6.0 * step, 1.0) for step in range(1, 2 + MIN_TRAIN_STEPS)])  # 6 s a step
+    # printed 100 s for 20 steps (5 s a step), with no factor: x1.2
+    assert learn_training(settings, CALIBRATION, log, 100.0, 20, "float32") == pytest.approx(1.2)
+    entry = measured_here(tmp_path / "cache")["factors"]["train float32"]
+    assert entry["factor"] == pytest.approx(1.2) and entry["steps"] == MIN_TRAIN_STEPS
+    # printed with a factor of 2 already in it: the same run measures the same x1.2
+    used = {**CALIBRATION, "learned": {"train float32": {"factor": 2.0, "steps": 10, "date": "d"}}}
+    assert learn_training(settings, used, log, 200.0, 20, "float32") == pytest.approx(1.2)
+    assert learn_training(settings, CALIBRATION, log[:MIN_TRAIN_STEPS], 100.0, 20, "float32") is None

@@ -54,6 +54,7 @@ def train_estimate(settings, recipe, model_name: str | None):
         load_seconds,
         machine_line,
         prompt_tokens,
+        scoring_factor,
     )
     from models.card import find_card
     from models.machine import calibration as machine_calibration
@@ -118,7 +119,11 @@ def train_estimate(settings, recipe, model_name: str | None):
             "training",
             f"{len(tokens['train'])} conversations, {steps} steps "
             f"({epochs:g} epochs), {train_tokens} tokens in {dtype}",
-            4 * shape.body * train_tokens / (rate * 1e9 * train_efficiency(dtype)),
+            4
+            * shape.body
+            * train_tokens
+            / (rate * 1e9 * train_efficiency(dtype))
+            * scoring_factor(calibration, "train", dtype),
         )
     ]
 
@@ -176,7 +181,7 @@ def train_estimate(settings, recipe, model_name: str | None):
         machine_line(calibration, dtype),
         costs,
         {card.name: load_seconds(shape, calibration["load_gbs"], DTYPE_BYTES[dtype])},
-        learned_note(calibration, {"gen float32", "ppl float32"}),
+        learned_note(calibration, {"gen float32", "ppl float32", f"train {dtype}"}),
         faster,
         {"steps": steps, "rounds": rounds},
     )

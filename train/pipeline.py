@@ -139,6 +139,8 @@ def _train(
         raise
     if overall is not None:  # a resumed run trained part of it
         overall.update(max(0.0, trained + sum(estimate.loads.values()) - overall.n))
+    if estimate is not None and result.resumed_from is None and settings.executor == "local":
+        _learn(settings, recipe, run_dir, estimate)
     if (choice := result.checkpoint_choice) is not None:
         print(
             f"checkpoint: merging step {choice['chosen_step']} of {choice['final_step']}: {choice['reason']}"
@@ -263,3 +265,21 @@ def _train(
     write_artifact(summary_path, TrainSummary, summary)
     print(f"wrote {summary_path}")
     return summary
+
+
+def _learn(settings, recipe, run_dir, estimate) -> None:
+    """Keep the steps' measured time over the estimate's for the next estimates (eval/learned.py)."""
+    import json
+
+    from eval.learned import learn_training
+    from models.machine import calibration
+    from train.trainer import compute_dtype
+
+    dtype = str(compute_dtype(recipe)).removeprefix("torch.")
+    log = [json.loads(line) for line in TrainRun(run_dir).log.read_text().splitlines() if line.strip()]
+    training, steps = estimate.stage_seconds("training"), estimate.counts["steps"]
+    factor = learn_training(settings, calibration(settings.cache_dir), log, training, steps, dtype)
+    if factor is not None:
+        print(
+            f"train: its steps took x{factor:.2f} the cost model's estimate; kept for the next estimates here"
+        )
