@@ -162,7 +162,7 @@ bench-eval: $(STAMP) ## ppl scoring speed against lm-eval's hf backend on the sa
 LIMIT ?=
 crosscheck-opencompass: $(STAMP) $(OC_STAMP) ## OpenCompass's FewCLUE gen configs vs our OpenCompass-rule column (CARD=, LIMIT=, BENCH_ARGS=)
 	$(PY) bench/crosscheck_opencompass.py $(if $(CARD),--model $(CARD)) $(if $(LIMIT),--limit $(LIMIT)) \
-		$(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(BENCH_ARGS)
+		--runs-dir $(RUNS_DIR) $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(BENCH_ARGS)
 
 bench-serve: $(STAMP) $(VLLM_STAMP) ## serving speed: vLLM's CPU engine vs transformers serve, same requests (ratios) (BENCH_ARGS=)
 	$(PY) bench/serve_speed.py $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(BENCH_ARGS)

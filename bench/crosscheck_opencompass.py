@@ -11,6 +11,8 @@ OpenCompass also its CLI start-up, printed separately from its own inference tim
 GFLOP/s our run achieved on the work it does (each prompt once, a prefix shared by a batch once,
 each reply token once, the LM head at the last prompt position and at every reply token) against
 this machine's calibrated fp32 rate (`make machine`), and the work with every prompt run whole.
+Its estimate of both sides is printed first (`--estimate`: only that), and each side's measured
+time against it at the end.
 """
 
 from __future__ import annotations
@@ -36,7 +38,12 @@ from models.card import find_card  # noqa: E402
 from models.store import read_manifest  # noqa: E402
 from core.settings import load_settings  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # imported by the tests too
 from eval_speed import add_model_options, body_and_head  # noqa: E402  (bench/, the script's folder)
+
+OPENCOMPASS_OVERHEAD_SECONDS = 18.0
+"""OpenCompass's time besides its inference: its CLI's start, its evaluator, its summary (16-19 s
+in three rounds measured here, docs/benchmarks.md)."""
 
 
 def needed_gflop(
@@ -76,6 +83,97 @@ def needed_gflop(
     return ours / 1e9, whole / 1e9
 
 
+def opencompass_cost(
+    backend, shape, task, split: str, items: list, calibration: dict, batch_size: int, known
+):
+    """OpenCompass's inference at our fp32 rate, as its GenInferencer runs it: batches of
+    `batch_size` prompts in the dataset's order, each row padded to the batch's longest prompt,
+    no prefix shared, every batch decoding to its longest reply (`known`, the tokens of the
+    replies seen before) or to max_new_tokens."""
+    from eval.backends.hf import Batch
+    from eval.estimate import DTYPE_BYTES, StageCost, batch_seconds
+
+    rates = calibration["matmul_gflops"]["float32"], calibration["decode_gflops"]["float32"]
+    steps = min(known, task.gen.max_new_tokens) if known is not None else task.gen.max_new_tokens
+    seconds, tokens = 0.0, 0
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        width = max(len(backend._encode(backend.render(i.messages(), i.raw()))) for i in chunk)
+        batch = Batch(len(chunk), len(chunk) * width, 1, steps, ())
+        tokens += batch.tokens
+        seconds += batch_seconds(
+            batch, steps, shape, *rates, calibration["bandwidth_gbs"], DTYPE_BYTES["float32"]
+        )
+    bound = "at most " if known is None else ""
+    return StageCost(
+        "OpenCompass",
+        f"{task.name}-{split} gen",
+        f"{len(items)} items, {tokens} prompt tokens padded, every prompt whole, {bound}{steps} decoding steps a batch",
+        seconds,
+        upper_bound=known is None,
+    )
+
+
+def bench_estimate(
+    settings, card, task, split: str, items: list, batch_size: int, checkpoint: Path, repeats: int
+):
+    """What the bench will cost here (eval/estimate.py): our side as `make select` counts it in
+    fp32, OpenCompass's as `opencompass_cost` plus its fixed overhead; replies' lengths from a run
+    of the model on the task in the runs directory's store, where there is one."""
+    import dataclasses
+
+    from core.store import open_read_only
+    from eval import estimate as E
+    from eval.learned import learned_note
+    from models.machine import calibration as machine_calibration
+
+    calibration = machine_calibration(settings.cache_dir)
+    shape = E.checkpoint_shape(card, checkpoint)
+    backend = make_backend(
+        "hf", card, settings.model_store, batch_size=batch_size, lazy=True, dtype="float32"
+    )
+    db = settings.workspace.results_db
+    conn = open_read_only(db) if db.is_file() else None
+    try:
+        ours = E.entry_cost(
+            backend,
+            shape,
+            task,
+            split,
+            "gen",
+            items,
+            calibration,
+            "float32",
+            chunk_size=batch_size,
+            conn=conn,
+        )
+        known = E.reply_tokens(conn, backend.tokenizer, card.name, task.name, "gen")
+    finally:
+        if conn is not None:
+            conn.close()
+    theirs = opencompass_cost(backend, shape, task, split, items, calibration, batch_size, known)
+    theirs = dataclasses.replace(theirs, seconds=theirs.seconds + OPENCOMPASS_OVERHEAD_SECONDS)
+    costs = [
+        dataclasses.replace(c, entry=f"round {n}: {c.entry}")
+        for n in range(1, repeats + 1)
+        for c in (dataclasses.replace(ours, model="selectune"), theirs)
+    ]
+    load = E.load_seconds(shape, calibration["load_gbs"], 4)
+    notes = [
+        f"OpenCompass's side counts {OPENCOMPASS_OVERHEAD_SECONDS:.0f} s a round for its CLI and evaluator besides "
+        "its inference at our rate; its own batching's overheads are not modelled",
+        *learned_note(calibration, {"gen float32"}),
+    ]
+    return E.Estimate(
+        "`make crosscheck-opencompass`",
+        E.machine_line(calibration, "float32"),
+        costs,
+        {"selectune": load * repeats, "OpenCompass": load * repeats},
+        notes,
+        [] if task.limit else ["LIMIT=32 checks the first 32 items"],
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
@@ -89,9 +187,15 @@ def main() -> int:
         default=1,
         help="rounds of both runs; the speed-up printed last is the median of the rounds'",
     )
+    parser.add_argument(
+        "--estimate", action="store_true", help="print what the bench will cost here, and exit"
+    )
+    parser.add_argument(
+        "--runs-dir", help="a runs directory whose store gives the estimate the replies' lengths"
+    )
     add_model_options(parser)
     args = parser.parse_args()
-    settings = load_settings(cache_dir=args.cache_dir, data_dir=args.data_dir)
+    settings = load_settings(cache_dir=args.cache_dir, data_dir=args.data_dir, runs_dir=args.runs_dir)
     card, task = find_card(args.model), find_task(args.task)
     if card.chat_template != "tokenizer":
         print(
@@ -106,6 +210,12 @@ def main() -> int:
     if args.limit:
         task = task.model_copy(update={"limit": args.limit})
     items = load_items(task, args.split, settings.resolved_data_dir)
+    estimate = bench_estimate(
+        settings, card, task, args.split, items, args.batch_size, Path(manifest["checkpoint"]), args.repeats
+    )
+    print("\n".join(estimate.lines()), flush=True)
+    if args.estimate:
+        return 0
 
     rounds = []
     for n in range(args.repeats):
@@ -173,6 +283,12 @@ def main() -> int:
         f"{gflop / t_ours / peak:.0%} of this machine's calibrated fp32 rate (`make machine`: {peak:.0f} GFLOP/s); "
         f"{gflop_whole:.0f} GFLOP with every prompt run whole, as OpenCompass does"
     )
+    for side, took in (
+        ("selectune", sum(r[0] for r in rounds)),
+        ("OpenCompass", sum(r[2].seconds for r in rounds)),
+    ):
+        guess = sum(c.seconds for c in estimate.costs if c.model == side) + estimate.loads[side]
+        print(f"  estimate of {side}'s side {guess:.1f} s against {took:.1f} s measured: {took / guess:.2f}x")
     print(json.dumps(report))
     return (
         0 if all(r[3]["differing_first_capital"] == 0 and r[3]["gold_mismatches"] == 0 for r in rounds) else 1

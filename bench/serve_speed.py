@@ -8,7 +8,8 @@ Each engine serves the same checkpoint in fp32 (the card's provisioned one, or -
 suite's free-text tasks), at concurrency 1 and N, after one warm-up request; then it is stopped. Prints, per engine
 and level, time to first token, latency p50/p95 and output tokens/s, then the ratios that matter:
 each engine's throughput at N against 1, and vLLM's against `transformers serve`'s at each level.
-Start-up times are printed too (not part of the throughput).
+Start-up times are printed too (not part of the throughput). Its estimate is printed first
+(`--estimate`: only that), and each engine's measured time against it at the end.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from models.store import read_manifest  # noqa: E402
 from serve.engines import transformers_engine, vllm_engine  # noqa: E402
 from serve.launcher import launch  # noqa: E402
 from serve.figures import serving_figures  # noqa: E402
+from models.machine import record_server_start  # noqa: E402
 
 
 def cpu_line() -> str:
@@ -60,6 +62,65 @@ def prompts(data_dir: str, count: int) -> list[list[dict]]:
     return out[:count]
 
 
+BATCHED = {"vllm": True, "transformers": False}
+"""Whether the engine batches the requests in flight: `transformers serve` answers one at a time
+on CPU (concurrency 4 at 0.94x concurrency 1, docs/benchmarks.md), vLLM batches them."""
+
+
+def bench_estimate(
+    settings, card, checkpoint: Path, conversations, engines, max_tokens: int, concurrency: int
+):
+    """What the bench will cost here (eval/estimate.py's cost model at the fp32 rate): per engine,
+    its start (its last start of the card here, else a constant: serve/estimate.py), a warm-up
+    request, then every request to `max_tokens` at concurrency 1 and at `concurrency` (one batch
+    of the requests in flight, or one at a time where the engine does not batch)."""
+    from eval.backends import make_backend
+    from eval.backends.hf import Batch
+    from eval import estimate as E
+    from models.machine import calibration as machine_calibration
+    from serve.estimate import server_start
+
+    calibration = machine_calibration(settings.cache_dir)
+    shape = E.checkpoint_shape(card, checkpoint)
+    tokenizer = make_backend("hf", card, settings.model_store, lazy=True, checkpoint=checkpoint).tokenizer
+    lengths = [E.prompt_tokens(tokenizer, m) for m in conversations]
+    rates = (
+        *(calibration[k]["float32"] for k in ("matmul_gflops", "decode_gflops")),
+        calibration["bandwidth_gbs"],
+    )
+
+    def batched(part: list[int]) -> float:
+        batch = Batch(len(part), len(part) * max(part), 1, max_tokens, ())
+        return E.batch_seconds(batch, max_tokens, shape, *rates, 4)
+
+    one = sum(E.decode_seconds(n, max_tokens, shape, rates, 4) for n in lengths)
+    costs, loads, notes = [], {}, []
+    for name in engines:
+        start, source = server_start(settings.cache_dir, name, card.name)
+        loads[name], notes = start, [*notes, source]
+        many = (
+            sum(batched(lengths[k : k + concurrency]) for k in range(0, len(lengths), concurrency))
+            if BATCHED.get(name, False)
+            else one
+        )
+        detail = f"{len(lengths)} requests of at most {max_tokens} tokens"
+        costs += [
+            E.StageCost(
+                name, "warm-up", "1 request of 4 tokens", E.decode_seconds(lengths[0], 4, shape, rates, 4)
+            ),
+            E.StageCost(name, "concurrency 1", detail, one, upper_bound=True),
+            E.StageCost(
+                name,
+                f"concurrency {concurrency}",
+                f"{detail}, {'batched' if BATCHED.get(name) else 'one at a time'}",
+                many,
+                upper_bound=True,
+            ),
+        ]
+    notes.append("each engine's serving at our backend's fp32 cost model: its own speed is not modelled")
+    return E.Estimate("`make bench-serve`", E.machine_line(calibration, "float32"), costs, loads, notes, [])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="a provisioned card")
@@ -78,16 +139,26 @@ def main() -> int:
         help="an environment variable for vLLM, e.g. VLLM_CPU_NUM_OF_RESERVED_CPU=0",
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--estimate", action="store_true", help="print what the bench will cost here, and exit"
+    )
     args = parser.parse_args()
 
     settings = load_settings(cache_dir=args.cache_dir, data_dir=args.data_dir)
-    checkpoint = args.checkpoint
+    checkpoint, card = args.checkpoint, find_card(args.model)
     if checkpoint is None:
-        manifest = read_manifest(find_card(args.model), settings.model_store)
+        manifest = read_manifest(card, settings.model_store)
         if manifest is None:
             sys.exit(f"bench-serve: {args.model} is not provisioned; run `make models CARD={args.model}`")
         checkpoint = Path(manifest["checkpoint"])
     conversations = prompts(str(settings.resolved_data_dir), args.requests)
+    engines = args.engines.split(",")
+    estimate = bench_estimate(
+        settings, card, checkpoint, conversations, engines, args.max_tokens, args.concurrency
+    )
+    print("\n".join(estimate.lines()), flush=True)
+    if args.estimate:
+        return 0
     print(
         f"bench-serve: {checkpoint} in fp32, {len(conversations)} requests of {args.max_tokens} tokens, "
         f"concurrency 1 and {args.concurrency}; {cpu_line()}"
@@ -95,13 +166,15 @@ def main() -> int:
     builders = {"vllm": vllm_engine, "transformers": transformers_engine}
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.engines.split(","):
+        for name in engines:
             engine = builders[name](checkpoint)
             if name == "vllm":
                 engine.env.update(kv.split("=", 1) for kv in args.vllm_env)
             started = time.perf_counter()
             with launch(engine, Path(tmp) / f"{name}.log", timeout_s=900) as server:
                 start_s = time.perf_counter() - started
+                if args.checkpoint is None:  # the card's own: the next estimate's start
+                    record_server_start(settings.cache_dir, name, card.name, server.start_seconds)
                 figures = serving_figures(
                     server.base_url,
                     server.model_name,
@@ -110,7 +183,11 @@ def main() -> int:
                     concurrency=args.concurrency,
                     usage_option=name == "vllm",
                 )
-            results[name] = {"start_s": round(start_s, 1), "levels": figures}
+            results[name] = {
+                "start_s": round(start_s, 1),
+                "wall_s": round(time.perf_counter() - started, 1),
+                "levels": figures,
+            }
             print(f"{name}: started in {start_s:.0f} s")
             for level, f in figures.items():
                 print(
@@ -118,6 +195,12 @@ def main() -> int:
                     f"{f['latency_p50_s']:.2f} s p95 {f['latency_p95_s']:.2f} s, {f['output_tokens']} tokens, "
                     f"throughput {f['throughput_output_tokens_per_s']:.1f} tokens/s"
                 )
+    for name, r in results.items():
+        guess = sum(c.seconds for c in estimate.costs if c.model == name) + estimate.loads[name]
+        print(
+            f"{name}: estimate {guess:.0f} s against {r['wall_s']:.0f} s measured (its stop included): "
+            f"{r['wall_s'] / guess:.2f}x"
+        )
     high = str(args.concurrency)
     print("ratios:")
     for name, r in results.items():

@@ -299,7 +299,9 @@ class Estimate:
                 else ["  nothing to score: every item is in the results store"]
             )
         for model in dict.fromkeys([c.model for c in self.costs] + list(self.loads)):
-            out.append(f"  {model}: load {fmt_duration(self.loads.get(model, 0.0))}")
+            out.append(
+                f"  {model}:" + (f" load {fmt_duration(self.loads[model])}" if model in self.loads else "")
+            )
             out += [f"    {c.line()}" for c in self.costs if c.model == model]
         total = fmt_duration(self.seconds)
         out.append(

@@ -17,8 +17,8 @@ from eval.circular import SPLIT_SUFFIX, circular_summary, rotations
 from eval.decision import Budget, Candidate, entry_runs, selection_report
 from eval.runner import run_task
 from eval.summary import comparison_text
-from eval.suite import DEFAULT_SUITE, SuiteEntry, load_suite
-from eval.task import TaskSpec, load_items
+from eval.suite import DEFAULT_SUITE, SuiteEntry
+from eval.task import TaskSpec
 from models.card import ModelCard
 
 
@@ -142,48 +142,22 @@ def select_command(
     from eval.executor import make_executor
     from eval.judge import make_judge
     from eval.results import open_results
-    from models.card import load_cards
-    from models.local import resolve_candidates
-    from models.store import provision
+    from eval.selection_plan import plan_selection
 
-    from models.loading import resolve_device, scoring_dtype
-
-    raw_dtype, dtype = dtype, scoring_dtype(dtype, device)  # bf16 where the machine multiplies it natively
-    spec, entries = load_suite(suite)  # every entry checked before any model runs
-    chosen = (
-        resolve_candidates(models.split(","))
-        if models
-        else [(c, None) for c in load_cards().values() if c.default]
-    )
-    cards, checkpoints = [c for c, _ in chosen], {c.name: path for c, path in chosen if path is not None}
     judge = make_judge(settings)  # fails before any scoring when half-configured
-    for card in cards:
-        if card.name not in checkpoints and not card.is_endpoint and not estimate:
-            provision(card, settings.model_store)
-    from eval.sequential import sequential_entries
-
-    entry_items = [load_items(task, e.split, settings.resolved_data_dir) for task, e in entries]
-    sizes = [len(items) for items in entry_items]
-    chosen = set() if plan else sequential_entries(entries, sizes, design, len(cards))
-    cost = None
-    if not plan and settings.executor == "local" and resolve_device(device) == "cpu":  # the CPU cost model
-        from eval.estimate import select_estimate
-
-        cost = select_estimate(
-            settings,
-            cards,
-            checkpoints,
-            entries,
-            entry_items,
-            batch_size=batch_size,
-            dtype=dtype,
-            sequential=chosen,
-        )
-        from eval.learned import learned_note
-        from models.machine import calibration as machine_calibration
-
-        calibration = machine_calibration(settings.cache_dir)
-        cost.notes += learned_note(calibration, {f"{e.mode} {dtype}" for _, e in entries})
+    raw_dtype = dtype
+    spec, cards, checkpoints, entries, entry_items, chosen, dtype, cost = plan_selection(
+        settings,
+        models=models,
+        suite=suite,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        design=design,
+        plan=plan,
+        provision_models=not estimate,
+    )
+    if cost is not None:
         print("\n".join(cost.lines()), flush=True)
     if estimate:
         if cost is None:
@@ -241,6 +215,9 @@ def select_command(
         executor.close()
     if cost is not None and not plan:
         from eval.learned import learn, learnable
+        from models.machine import calibration as machine_calibration
+
+        calibration = machine_calibration(settings.cache_dir)
 
         kept = learn(
             settings,
@@ -264,7 +241,9 @@ def select_command(
             M.ranked_metric(r.task, r.mode, e.metric) for r, (_, e) in zip(entry_runs(candidates), entries)
         ]
         print_plan(
-            plan_rows(candidates, metrics, sizes, detect=detect, power=power), detect=detect, power=power
+            plan_rows(candidates, metrics, [len(i) for i in entry_items], detect=detect, power=power),
+            detect=detect,
+            power=power,
         )
         return 0
     budget = Budget(
