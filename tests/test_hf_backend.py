@@ -240,6 +240,8 @@ def test_select_and_eval_score_in_bf16_where_the_machine_multiplies_it(
     import models.loading as loading
 
     monkeypatch.undo()  # the autouse fixture pins fp32; here the real probe is under test
+    for cap in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):  # the flags are under test, not a cap
+        monkeypatch.delenv(cap, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)

@@ -58,6 +58,8 @@ def test_auto_compute_dtype_is_bf16_only_on_cpus_that_multiply_it(
 
     from train.trainer import compute_dtype, load_for_training
 
+    for cap in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):  # the flags are under test, not a cap
+        monkeypatch.delenv(cap, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
