@@ -77,7 +77,14 @@ def measured_here(cache_dir: Path) -> dict:
         record = json.loads(_measured_path(cache_dir).read_text())
     except (OSError, ValueError):
         return {}
-    return record if isinstance(record, dict) else {}
+    if not isinstance(record, dict):
+        return {}
+    # files written before `factors` was named so kept scoring's factors under `scoring`
+    legacy = record.pop("scoring", None)
+    if isinstance(legacy, dict):
+        factors = record["factors"] if isinstance(record.get("factors"), dict) else {}
+        record["factors"] = {**legacy, **factors}
+    return record
 
 
 def record_measured(cache_dir: Path, section: str, key: str, value) -> None:

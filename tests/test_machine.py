@@ -127,3 +127,37 @@ def test_the_real_calibration_of_this_cpu(tmp_path, capsys):
     ]
     assert main(["--cache-dir", str(tmp_path), "machine", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == record
+
+
+@pytest.mark.parametrize(
+    "stored, factors",
+    [
+        # before `factors` was named so, scoring's factors were kept under `scoring`
+        ({"scoring": {"gen float32": {"factor": 0.6}}}, {"gen float32": {"factor": 0.6}}),
+        # a factor kept since wins over the legacy one under the same key
+        (
+            {
+                "scoring": {"gen float32": {"factor": 0.6}, "ppl float32": {"factor": 0.7}},
+                "factors": {"gen float32": {"factor": 0.9}},
+            },
+            {"gen float32": {"factor": 0.9}, "ppl float32": {"factor": 0.7}},
+        ),
+        (
+            {"scoring": "damaged", "factors": {"train float32": {"factor": 0.8}}},
+            {"train float32": {"factor": 0.8}},
+        ),
+        ({"starts": {"vllm m": 120.0}}, None),
+    ],
+)
+def test_what_was_measured_here_reads_the_legacy_scoring_section_as_factors(tmp_path, stored, factors):
+    path = machine._measured_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(stored))
+    record = machine.measured_here(tmp_path)
+    assert record.get("factors") == factors and "scoring" not in record
+    # the next record rewrites the file under the current section names only
+    machine.record_measured(tmp_path, "starts", "vllm m", 130.0)
+    assert (
+        "scoring" not in json.loads(path.read_text())
+        and machine.measured_here(tmp_path).get("factors") == factors
+    )
