@@ -5,7 +5,9 @@
 
 Each engine serves the same checkpoint in fp32 (the card's provisioned one, or --checkpoint) on
 127.0.0.1 and gets the same streamed greedy chat requests (the first prompts of the default
-suite's free-text tasks), at concurrency 1 and N, after one warm-up request; then it is stopped. Prints, per engine
+suite's free-text tasks), at concurrency 1 and N, after one warm-up request, every reply decoded to
+--max-tokens with the end token ignored (as vLLM's serving benchmark's --ignore-eos), so both
+engines and the estimate count the same tokens; then it is stopped. Prints, per engine
 and level, time to first token, latency p50/p95 and output tokens/s, then the ratios that matter:
 each engine's throughput at N against 1, and vLLM's against `transformers serve`'s at each level.
 Start-up times are printed too (not part of the throughput). Its estimate is printed first
@@ -62,6 +64,15 @@ def prompts(data_dir: str, count: int) -> list[list[dict]]:
     return out[:count]
 
 
+def exact_length(engine: str, max_tokens: int) -> dict:
+    """The request fields that make `engine` decode `max_tokens` tokens whatever it predicts:
+    vLLM's `ignore_eos`; `transformers serve` takes a generation config, whose `min_new_tokens`
+    holds the end token back until then."""
+    if engine == "vllm":
+        return {"ignore_eos": True}
+    return {"generation_config": json.dumps({"min_new_tokens": max_tokens})}
+
+
 BATCHED = {"vllm": True, "transformers": False}
 """Whether the engine batches the requests in flight: `transformers serve` answers one at a time
 on CPU (concurrency 4 at 0.94x concurrency 1, docs/benchmarks.md), vLLM batches them."""
@@ -72,8 +83,9 @@ def bench_estimate(
 ):
     """What the bench will cost here (eval/estimate.py's cost model at the fp32 rate): per engine,
     its start (its last start of the card here, else a constant: serve/estimate.py), a warm-up
-    request, then every request to `max_tokens` at concurrency 1 and at `concurrency` (one batch
-    of the requests in flight, or one at a time where the engine does not batch)."""
+    request, then every request decoded to `max_tokens` (`exact_length`) at concurrency 1 and at
+    `concurrency` (one batch of the requests in flight, or one at a time where the engine does
+    not batch)."""
     from eval.backends import make_backend
     from eval.backends.hf import Batch
     from eval import estimate as E
@@ -103,18 +115,17 @@ def bench_estimate(
             if BATCHED.get(name, False)
             else one
         )
-        detail = f"{len(lengths)} requests of at most {max_tokens} tokens"
+        detail = f"{len(lengths)} requests of {max_tokens} tokens"
         costs += [
             E.StageCost(
                 name, "warm-up", "1 request of 4 tokens", E.decode_seconds(lengths[0], 4, shape, rates, 4)
             ),
-            E.StageCost(name, "concurrency 1", detail, one, upper_bound=True),
+            E.StageCost(name, "concurrency 1", detail, one),
             E.StageCost(
                 name,
                 f"concurrency {concurrency}",
                 f"{detail}, {'batched' if BATCHED.get(name) else 'one at a time'}",
                 many,
-                upper_bound=True,
             ),
         ]
     notes.append("each engine's serving at our backend's fp32 cost model: its own speed is not modelled")
@@ -182,6 +193,7 @@ def main() -> int:
                     max_tokens=args.max_tokens,
                     concurrency=args.concurrency,
                     usage_option=name == "vllm",
+                    extra=exact_length(name, args.max_tokens),
                 )
             results[name] = {
                 "start_s": round(start_s, 1),

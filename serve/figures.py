@@ -9,10 +9,15 @@ from concurrent.futures import ThreadPoolExecutor
 from serve.stream import stream_chat
 
 
-def _stream_one(client, model: str, messages: list[dict], max_tokens: int, usage_option: bool) -> dict:
+def _stream_one(
+    client, model: str, messages: list[dict], max_tokens: int, usage_option: bool, extra: dict | None
+) -> dict:
     started = time.perf_counter()
     first, chunks, usage = None, 0, None
-    for kind, value in stream_chat(client, model, messages, max_tokens=max_tokens, usage_option=usage_option):
+    replies = stream_chat(
+        client, model, messages, max_tokens=max_tokens, usage_option=usage_option, extra=extra
+    )
+    for kind, value in replies:
         if kind == "usage":
             usage = value
         else:
@@ -31,18 +36,23 @@ def serving_figures(
     max_tokens: int,
     concurrency: int,
     usage_option: bool = False,
+    extra: dict | None = None,
 ) -> dict:
+    """`extra`: the engine's own fields on every request (stream_chat)."""
     import httpx
     import numpy as np
 
     out = {}
     with httpx.Client(base_url=base_url, timeout=600.0) as client:
-        _stream_one(client, model, conversations[0], 4, usage_option)  # warm-up, not counted
+        _stream_one(client, model, conversations[0], 4, usage_option, extra)  # warm-up, not counted
         for level in sorted({1, concurrency}):
             started = time.perf_counter()
             with ThreadPoolExecutor(max_workers=level) as pool:
                 rows = list(
-                    pool.map(lambda m: _stream_one(client, model, m, max_tokens, usage_option), conversations)
+                    pool.map(
+                        lambda m: _stream_one(client, model, m, max_tokens, usage_option, extra),
+                        conversations,
+                    )
                 )
             wall = time.perf_counter() - started
             lat = np.array([r["latency_s"] for r in rows])

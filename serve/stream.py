@@ -12,10 +12,17 @@ SAMPLING = {"temperature": 0.0, "top_p": 1.0, "seed": 0}
 
 
 def stream_chat(
-    client, model: str, messages: list[dict], *, max_tokens: int, usage_option: bool = False
+    client,
+    model: str,
+    messages: list[dict],
+    *,
+    max_tokens: int,
+    usage_option: bool = False,
+    extra: dict | None = None,
 ) -> Iterator[tuple[str, object]]:
     """("delta", text) for every piece of the reply, ("usage", dict) when the server reports it.
-    `client` is an httpx.Client whose base_url is the server's."""
+    `client` is an httpx.Client whose base_url is the server's; `extra`: the engine's own request
+    fields (vLLM's `ignore_eos`, for one)."""
     body = {
         "model": model,
         "messages": messages,
@@ -23,6 +30,7 @@ def stream_chat(
         "stream": True,
         "n": 1,
         **SAMPLING,
+        **(extra or {}),
     }
     if usage_option:
         body["stream_options"] = {"include_usage": True}

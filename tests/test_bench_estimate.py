@@ -96,8 +96,8 @@ def test_crosscheck_estimates_opencompass_padded_whole_prompts_and_its_overhead(
 
 
 def test_bench_serve_estimates_each_engine_from_its_start_and_its_batching(tmp_path, tiny_qwen2_dir, fixed):
-    """Each engine: its start (the constant, then its last start here), a warm-up, every request to
-    max_tokens one at a time, then at the concurrency: one batch of the requests in flight for
+    """Each engine: its start (the constant, then its last start here), a warm-up, every request
+    decoded to max_tokens one at a time, then at the concurrency: one batch of the requests in flight for
     vLLM, one at a time again for `transformers serve`, which does not batch."""
     from bench.serve_speed import bench_estimate
     from core.settings import load_settings
@@ -126,6 +126,8 @@ def test_bench_serve_estimates_each_engine_from_its_start_and_its_batching(tmp_p
     assert stages["vllm", "concurrency 1"] == pytest.approx(one) == stages["transformers", "concurrency 1"]
     assert stages["vllm", "concurrency 4"] == pytest.approx(batched) and batched < one
     assert stages["transformers", "concurrency 4"] == pytest.approx(one)
+    # every reply is decoded to max_tokens (bench.serve_speed.exact_length): a count, not a bound
+    assert not any(c.upper_bound for c in estimate.costs) and "at most" not in "\n".join(estimate.lines())
 
     record_server_start(settings.cache_dir, "vllm", card.name, 236.0)
     estimate = bench_estimate(settings, card, tiny_qwen2_dir, conversations, ["vllm"], 16, 4)

@@ -127,6 +127,34 @@ def test_server_starts_answers_and_stops_and_fails_fast(tiny, tmp_path):
     assert time.monotonic() - t0 < 120 and "Error" in str(err.value)
 
 
+def test_bench_serves_exact_length_fields_make_transformers_serve_decode_past_its_end_tokens(tmp_path):
+    """A tiny model for which nearly every token ends the reply: plain requests stop within a
+    token or two; with bench-serve's `exact_length` fields every reply runs to max_tokens."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from bench.serve_speed import exact_length
+    from serve.engines import transformers_engine
+    from serve.figures import serving_figures
+    from serve.launcher import launch
+
+    model = printable_tiny_qwen2(tmp_path / "ends", 1.0)
+    config = GenerationConfig.from_pretrained(model)
+    banned = {i for (i,) in config.bad_words_ids}
+    printable = [i for i in range(len(AutoTokenizer.from_pretrained(model))) if i not in banned]
+    config.eos_token_id = printable[40:]  # all but 40 printable tokens end the reply
+    config.save_pretrained(model)
+    conversations = [[{"role": "user", "content": f"问题{n}"}] for n in range(3)]
+    with launch(transformers_engine(model), tmp_path / "serve.log") as server:
+        figures = [
+            serving_figures(
+                server.base_url, server.model_name, conversations, max_tokens=12, concurrency=1, extra=x
+            )
+            for x in (None, exact_length("transformers", 12))
+        ]
+    plain, exact = (f["1"]["output_tokens"] for f in figures)
+    assert plain <= 2 * len(conversations) and exact == 12 * len(conversations)
+
+
 def _settings(tmp_path, data_dir):
     from core.settings import load_settings
 
