@@ -1,7 +1,8 @@
 """What `make data-synth` will cost on this machine, before it starts: the teacher calls each stage
 can make (bounded by the recipe's rounds, items and call budget), each a prompt rendered from the
-recipe's own templates and seeds and a reply counted to its stage's `max_tokens`, decoded one
-request at a time by the teacher served here. The cost model: docs/machine.md.
+recipe's own templates and seeds (the answer's context cut as the run cuts it) and a reply counted
+to its stage's `max_tokens`, decoded one request at a time by the teacher served here. The cost
+model: docs/machine.md.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def synth_estimate(settings, recipe, teacher_card: str | None, *, max_calls: int
     from models.card import find_card
     from models.machine import calibration as machine_calibration
     from models.store import read_manifest
-    from synth.inputs import load_context, load_seeds, prompt_env
+    from synth.inputs import context_for, load_context, load_seeds, prompt_env
 
     what = f"`make data-synth` ({recipe.path.name})"
     calls = stage_calls(recipe, max_calls)
@@ -92,7 +93,7 @@ def synth_estimate(settings, recipe, teacher_card: str | None, *, max_calls: int
             recipe.answer.template,
             examples=seeds[: recipe.answer.shots],
             question=seed["question"],
-            context=context,
+            context=context_for(recipe, context, seed["question"]),
             style=seed.get("style"),
             step_by_step=recipe.answer.step_by_step,
             solution=seed.get("answer"),

@@ -80,6 +80,20 @@ def load_context(recipe: SynthRecipe) -> str | None:
     return text
 
 
+def context_for(recipe: SynthRecipe, context: str | None, question: str) -> str | None:
+    """The part of the answer context a question's prompt carries: all of it, or with
+    `answer.context_top_k` the k statements most like the question, in their order."""
+    k = recipe.answer.context_top_k
+    if context is None or k is None:
+        return context
+    from synth.clean import similarities
+
+    lines = [line for line in context.splitlines() if line.strip()]
+    sims = similarities([question], lines)[0]
+    best = sorted(sorted(range(len(lines)), key=lambda j: -sims[j])[:k])
+    return "\n".join(lines[j] for j in best)
+
+
 def prompt_env():
     import jinja2
 

@@ -23,7 +23,7 @@ from core.files import sha256_file, write_text_atomic
 from core.workspace import SynthOutput
 from synth import clean as C
 from synth.parse import parse_answer, parse_followup, parse_list
-from synth.inputs import load_context, load_seeds, prompt_env
+from synth.inputs import context_for, load_context, load_seeds, prompt_env
 from synth.recipe import SynthRecipe, resolve
 from synth.teacher import BudgetExhausted, Teacher
 
@@ -78,13 +78,7 @@ class Run:
         self.malformed.append({"stage": stage, "why": why, "response": response, **where})
 
     def context_for(self, question: str) -> str | None:
-        k = self.recipe.answer.context_top_k
-        if self.context is None or k is None:
-            return self.context
-        lines = [line for line in self.context.splitlines() if line.strip()]
-        sims = C.similarities([question], lines)[0]
-        best = sorted(sorted(range(len(lines)), key=lambda j: -sims[j])[:k])
-        return "\n".join(lines[j] for j in best)
+        return context_for(self.recipe, self.context, question)
 
     # -- the stages ------------------------------------------------------------------------
 

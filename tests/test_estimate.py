@@ -330,6 +330,51 @@ def test_data_synth_estimate_prints_every_stage_and_asks_nothing(
     )
 
 
+def test_data_synth_estimate_counts_the_answer_prompt_with_the_context_the_run_sends(
+    tmp_path, tiny_qwen2_dir, monkeypatch, capsys, shared_data
+):
+    """With `answer.context_top_k` the run sends a question's k closest statements, not the whole
+    context (a quarter of the prompt on fact.yaml): the estimate renders the prompt the same way."""
+    from transformers import AutoTokenizer
+
+    from eval.estimate import prompt_tokens
+    from models import machine
+    from models.card import find_card
+    from models.store import provision
+    from selectune.cli import main
+    from synth.inputs import context_for, load_context, load_seeds, prompt_env
+    from synth.recipe import load_synth_recipe
+    from tests.conftest import REPO
+
+    monkeypatch.setattr(machine, "calibration", lambda cache_dir, again=False: FIXED)
+    provision(find_card("qwen2.5-1.5b-instruct"), tmp_path / "cache" / "models", weights=tiny_qwen2_dir)
+    recipe = load_synth_recipe(REPO / "synth" / "fact.yaml")
+    args = (
+        f"--runs-dir {tmp_path / 'runs'} --cache-dir {tmp_path / 'cache'} --data-dir {shared_data} "
+        f"data-synth --recipe {recipe.path} --teacher qwen2.5-1.5b-instruct --estimate"
+    ).split()
+    assert main(args) == 0
+    answer = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("answer:"))
+    counted = int(answer.split("calls of about ")[1].split()[0])
+
+    tokenizer, env = AutoTokenizer.from_pretrained(tiny_qwen2_dir), prompt_env()
+    seed, context = load_seeds(recipe, shared_data)[0], load_context(recipe)
+
+    def tokens(context_sent):
+        text = env.get_template(recipe.answer.template).render(
+            examples=load_seeds(recipe, shared_data)[: recipe.answer.shots],
+            question=seed["question"],
+            context=context_sent,
+            style=seed.get("style"),
+            step_by_step=recipe.answer.step_by_step,
+            solution=seed.get("answer"),
+        )
+        return prompt_tokens(tokenizer, [{"role": "user", "content": text.strip()}])
+
+    assert recipe.answer.context_top_k is not None
+    assert counted == tokens(context_for(recipe, context, seed["question"])) < tokens(context) / 2
+
+
 def test_bench_eval_estimates_both_sides_before_it_runs(tmp_path, tiny_qwen2_dir, monkeypatch):
     """`make bench-eval` prints its cost first: our `ppl` side as select counts it, lm-eval's as the
     work it must do, a pass a choice with the head at every position, which costs more."""
