@@ -11,7 +11,8 @@ engines and the estimate count the same tokens; then it is stopped. Prints, per 
 and level, time to first token, latency p50/p95 and output tokens/s, then the ratios that matter:
 each engine's throughput at N against 1, and vLLM's against `transformers serve`'s at each level.
 Start-up times are printed too (not part of the throughput). Its estimate is printed first
-(`--estimate`: only that), and each engine's measured time against it at the end.
+(`--estimate`: only that), and each engine's measured time against it at the end; each engine's
+start and its serving time over the estimate's are kept for the next estimate.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from models.store import read_manifest  # noqa: E402
 from serve.engines import transformers_engine, vllm_engine  # noqa: E402
 from serve.launcher import launch  # noqa: E402
 from serve.figures import serving_figures  # noqa: E402
-from models.machine import record_server_start  # noqa: E402
+from models.machine import calibration as machine_calibration, record_server_start  # noqa: E402
 
 
 def cpu_line() -> str:
@@ -85,10 +86,11 @@ def bench_estimate(
     its start (its last start of the card here, else a constant: serve/estimate.py), a warm-up
     request, then every request decoded to `max_tokens` (`exact_length`) at concurrency 1 and at
     `concurrency` (one batch of the requests in flight, or one at a time where the engine does
-    not batch)."""
+    not batch), times what this bench last measured of the engine here (`learn_serving`)."""
     from eval.backends import make_backend
     from eval.backends.hf import Batch
     from eval import estimate as E
+    from eval.learned import learned_note
     from models.machine import calibration as machine_calibration
     from serve.estimate import server_start
 
@@ -110,6 +112,7 @@ def bench_estimate(
     for name in engines:
         start, source = server_start(settings.cache_dir, name, card.name)
         loads[name], notes = start, [*notes, source]
+        factor = E.scoring_factor(calibration, "serve", name)
         many = (
             sum(batched(lengths[k : k + concurrency]) for k in range(0, len(lengths), concurrency))
             if BATCHED.get(name, False)
@@ -120,16 +123,41 @@ def bench_estimate(
             E.StageCost(
                 name, "warm-up", "1 request of 4 tokens", E.decode_seconds(lengths[0], 4, shape, rates, 4)
             ),
-            E.StageCost(name, "concurrency 1", detail, one),
-            E.StageCost(
-                name,
-                f"concurrency {concurrency}",
-                f"{detail}, {'batched' if BATCHED.get(name) else 'one at a time'}",
-                many,
-            ),
+            E.StageCost(name, "concurrency 1", detail, one * factor),
         ]
-    notes.append("each engine's serving at our backend's fp32 cost model: its own speed is not modelled")
+        if concurrency > 1:  # serving_figures runs each level once
+            costs.append(
+                E.StageCost(
+                    name,
+                    f"concurrency {concurrency}",
+                    f"{detail}, {'batched' if BATCHED.get(name) else 'one at a time'}",
+                    many * factor,
+                )
+            )
+    notes += learned_note(calibration, {f"serve {name}" for name in engines}) or [
+        "each engine's serving at our backend's fp32 cost model: its own speed is not modelled until "
+        "this bench has measured it here"
+    ]
     return E.Estimate("`make bench-serve`", E.machine_line(calibration, "float32"), costs, loads, notes, [])
+
+
+def learn_serving(cache_dir: Path, calibration: dict, estimate, name: str, figures: dict) -> float:
+    """Keep `name`'s measured serving time (its timed levels' walls) over the estimate's (the
+    factor it printed with taken out) as `serve <engine>`, which the next estimate of this bench
+    multiplies by (eval/learned.py does the same for scoring); returns the factor kept."""
+    import datetime
+
+    from eval.estimate import scoring_factor
+    from models.machine import record_measured
+
+    levels = [c for c in estimate.costs if c.model == name and c.entry.startswith("concurrency ")]
+    raw = sum(c.seconds for c in levels) / scoring_factor(calibration, "serve", name)
+    measured = sum(f["wall_s"] for f in figures.values())
+    factor = round(measured / raw, 3)
+    requests = sum(f["requests"] for f in figures.values())
+    entry = {"factor": factor, "requests": requests, "date": datetime.date.today().isoformat()}
+    record_measured(cache_dir, "factors", f"serve {name}", entry)
+    return factor
 
 
 def main() -> int:
@@ -170,6 +198,7 @@ def main() -> int:
     print("\n".join(estimate.lines()), flush=True)
     if args.estimate:
         return 0
+    calibration_here = machine_calibration(settings.cache_dir)
     print(
         f"bench-serve: {checkpoint} in fp32, {len(conversations)} requests of {args.max_tokens} tokens, "
         f"concurrency 1 and {args.concurrency}; {cpu_line()}"
@@ -195,6 +224,8 @@ def main() -> int:
                     usage_option=name == "vllm",
                     extra=exact_length(name, args.max_tokens),
                 )
+            if args.checkpoint is None:  # the card's own: the next estimate's decoding
+                learn_serving(settings.cache_dir, calibration_here, estimate, name, figures)
             results[name] = {
                 "start_s": round(start_s, 1),
                 "wall_s": round(time.perf_counter() - started, 1),

@@ -21,7 +21,7 @@ def learned_note(calibration: dict, keys: set[str]) -> list[str]:
     """One line naming the factors an estimate used, for its notes."""
     used = [
         f"{key} x{scoring_factor(calibration, *key.split()):.2f} "
-        + (f"({e['steps']} steps" if "steps" in e else f"({e.get('runs', '?')} runs")
+        + next((f"({e[k]} {k}" for k in ("steps", "requests") if k in e), f"({e.get('runs', '?')} runs")
         + f", {e.get('date', '?')})"
         for key in sorted(keys)
         if isinstance(e := calibration.get("learned", {}).get(key), dict)

@@ -23,6 +23,17 @@ def fixed(monkeypatch):
     monkeypatch.setattr(machine, "calibration", lambda cache_dir, again=False: FIXED)
 
 
+@pytest.fixture
+def fixed_learning(monkeypatch):
+    """The fixed calibration with what was measured in the test's cache, as `calibration` adds it."""
+    from models import machine
+
+    def calibration(cache_dir, again=False):
+        return {**FIXED, "learned": machine.measured_here(cache_dir).get("factors") or {}}
+
+    monkeypatch.setattr(machine, "calibration", calibration)
+
+
 def _shape(card, checkpoint) -> Shape:
     return Shape.of(card.parameters, json.loads((checkpoint / "config.json").read_text()))
 
@@ -129,10 +140,52 @@ def test_bench_serve_estimates_each_engine_from_its_start_and_its_batching(tmp_p
     # every reply is decoded to max_tokens (bench.serve_speed.exact_length): a count, not a bound
     assert not any(c.upper_bound for c in estimate.costs) and "at most" not in "\n".join(estimate.lines())
 
+    # at concurrency 1 the bench runs one level, and its estimate counts one
+    single = bench_estimate(settings, card, tiny_qwen2_dir, conversations, ["vllm"], 16, 1)
+    assert [c.entry for c in single.costs] == ["warm-up", "concurrency 1"]
+
     record_server_start(settings.cache_dir, "vllm", card.name, 236.0)
     estimate = bench_estimate(settings, card, tiny_qwen2_dir, conversations, ["vllm"], 16, 4)
     assert estimate.loads == {"vllm": 236.0}
     assert any(f"as its last start of {card.name} here took" in n for n in estimate.notes)
+
+
+@pytest.mark.parametrize("slower", [1.35, 0.8, 5.0])
+def test_bench_serve_keeps_each_engines_serving_time_and_the_next_estimate_uses_it(
+    tmp_path, tiny_qwen2_dir, fixed_learning, slower
+):
+    """What an engine's timed levels took over the estimate's (its own speed, which the cost model
+    does not know) is kept as `serve <engine>`; the next estimate multiplies those levels by it,
+    clipped as every learned factor is, and names it; the warm-up and the start are not scaled."""
+    from bench.serve_speed import bench_estimate, learn_serving
+    from core.settings import load_settings
+    from eval.estimate import LEARNED_BOUNDS
+    from models.card import find_card
+    from models.machine import calibration
+
+    card = find_card("qwen2.5-1.5b-instruct")
+    settings = load_settings(cache_dir=str(tmp_path / "cache"))
+    conversations = [[{"role": "user", "content": "问题" * n}] for n in (3, 9, 5, 12, 7)]
+    first = bench_estimate(settings, card, tiny_qwen2_dir, conversations, ["transformers"], 16, 4)
+    before = {c.entry: c.seconds for c in first.costs}
+    figures = {
+        level: {"wall_s": before[f"concurrency {level}"] * slower, "requests": 5} for level in ("1", "4")
+    }
+    assert learn_serving(
+        settings.cache_dir, calibration(settings.cache_dir), first, "transformers", figures
+    ) == (pytest.approx(slower, abs=1e-3))
+    kept = min(max(slower, LEARNED_BOUNDS[0]), LEARNED_BOUNDS[1])
+    after = bench_estimate(settings, card, tiny_qwen2_dir, conversations, ["transformers"], 16, 4)
+    seconds = {c.entry: c.seconds for c in after.costs}
+    assert seconds["warm-up"] == before["warm-up"] and after.loads == first.loads
+    for level in ("concurrency 1", "concurrency 4"):
+        assert seconds[level] == pytest.approx(before[level] * kept, rel=1e-3)
+    assert any(f"serve transformers x{kept:.2f} (10 requests" in n for n in after.notes)
+    # measured again with the factor in force: the factor it printed with is taken out
+    figures = {level: {"wall_s": seconds[f"concurrency {level}"], "requests": 5} for level in ("1", "4")}
+    assert learn_serving(
+        settings.cache_dir, calibration(settings.cache_dir), after, "transformers", figures
+    ) == (pytest.approx(kept, abs=1e-3))
 
 
 @pytest.mark.parametrize(
