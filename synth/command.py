@@ -10,10 +10,8 @@ from pathlib import Path
 from core.errors import UserError
 from core.workspace import SynthOutput
 from eval.progress import OverallBar
+from synth.estimate import STAGES
 from synth.pipeline import Run
-
-STAGES = {"expand": "expand", "answer": "answer", "followup": "follow-up", "followup_answer": "follow-up"}
-"""The estimate's stage (synth/estimate.py) of each kind of teacher call the run makes."""
 
 
 def synth_command(

@@ -28,11 +28,15 @@ from synth.recipe import SynthRecipe, resolve
 from synth.teacher import BudgetExhausted, Teacher
 
 
-def _progress(iterable, stage: str):
+def _progress(iterable, stage: str, bars: bool = True):
     from tqdm import tqdm
 
     return tqdm(
-        iterable, desc=f"data-synth {stage}", unit="item" if stage != "expand" else "round", leave=False
+        iterable,
+        desc=f"data-synth {stage}",
+        unit="item" if stage != "expand" else "round",
+        leave=False,
+        disable=not bars,
     )
 
 
@@ -42,11 +46,20 @@ def _rng(recipe: SynthRecipe, *parts: object) -> random.Random:
 
 class Run:
     def __init__(
-        self, recipe: SynthRecipe, teacher: Teacher, out_dir: Path, data_dir: Path | None = None, called=None
+        self,
+        recipe: SynthRecipe,
+        teacher: Teacher,
+        out_dir: Path | None,
+        data_dir: Path | None = None,
+        called=None,
+        bars: bool = True,
     ):
         """`called(stage)`, where given, is told of each teacher call as it returns (the whole command's bar)."""
         self.recipe, self.teacher, self.out_dir, self.data_dir = recipe, teacher, out_dir, data_dir
         self.called = called or (lambda stage: None)
+        self.bars = bars
+        self.cleaned: list[dict] | None = None
+        """The answered items left after the filters, once the answer stage is done."""
         self.env = prompt_env()
         self.counts: dict[str, int] = {}
         self.malformed: list[dict] = []
@@ -86,7 +99,7 @@ class Run:
 
     def expand(self, seeds: list[dict], out: list[dict]) -> None:
         spec = self.recipe.expand
-        for r in _progress(range(spec.rounds), "expand"):
+        for r in _progress(range(spec.rounds), "expand", self.bars):
             shots = _rng(self.recipe, "expand", r).sample(seeds, min(spec.shots, len(seeds)))
             reply = self.ask(
                 "expand",
@@ -108,7 +121,7 @@ class Run:
 
     def answer(self, items: list[dict], seeds: list[dict], out: list[dict]) -> None:
         spec = self.recipe.answer
-        for item in _progress(items, "answer"):
+        for item in _progress(items, "answer", self.bars):
             solution = (
                 item.get("answer") if not spec.styles else None
             )  # the teacher wrote one with the question
@@ -160,10 +173,15 @@ class Run:
             out.append({**item, "answer": text, **({"style": style} if style else {})})
             self.count("answered")
 
+    def converses(self, item: dict) -> bool:
+        """Whether `item` gets a follow-up: drawn from its own text, so a replay knows it too."""
+        fraction = self.recipe.converse.fraction
+        return bool(fraction) and _rng(self.recipe, "converse", item["question"]).random() < fraction
+
     def converse(self, items: list[dict], out: list[dict]) -> None:
         spec = self.recipe.converse
-        for item in _progress(items, "converse"):
-            if not spec.fraction or _rng(self.recipe, "converse", item["question"]).random() >= spec.fraction:
+        for item in _progress(items, "converse", self.bars):
+            if not self.converses(item):
                 out.append(item)
                 continue
             reply = self.ask(
@@ -212,6 +230,10 @@ class Run:
             self.count("conversations")
 
     def run(self) -> dict:
+        return self.write(*self.synthesize())
+
+    def synthesize(self) -> tuple[list[dict], list[dict]]:
+        """Every stage up to the output: the items to write and the seeds; a budget stop ends it early."""
         recipe = self.recipe
         seeds = load_seeds(recipe, self.data_dir)
         self.count("seeds", len(seeds))
@@ -230,6 +252,7 @@ class Run:
             self.answer(questions, seeds, answered)
             cleaned = C.clean_answers(answered, seeds, spec, self.report)
             self.count("after_answer_filters", len(cleaned))
+            self.cleaned = cleaned
             self.converse(cleaned, conversed)
         except BudgetExhausted as exc:
             # What was finished is kept: answered items are cleaned, the rest stay single-turn.
@@ -237,7 +260,7 @@ class Run:
             if cleaned is None:
                 cleaned = C.clean_answers(answered, seeds, spec, self.report)
                 self.count("after_answer_filters", len(cleaned))
-        return self.write(conversed + (cleaned or [])[len(conversed) :], seeds)
+        return conversed + (cleaned or [])[len(conversed) :], seeds
 
     # -- output -----------------------------------------------------------------------------
 

@@ -157,11 +157,13 @@ def teacher_server():
         yield served
 
 
-def synthesize(recipe_path: Path, runs: Path, url: str, max_calls: int | None = None, called=None) -> dict:
+def synthesize(
+    recipe_path: Path, runs: Path, url: str, max_calls: int | None = None, called=None, label: str = "teacher"
+) -> dict:
     recipe = load_synth_recipe(recipe_path)
     budget = Budget(max_calls or recipe.budget.max_calls, recipe.budget.max_tokens)
     teacher = Teacher(
-        OpenAIBackend(url, "teacher", concurrency=1, max_retries=0), open_results(runs), budget, "teacher"
+        OpenAIBackend(url, "teacher", concurrency=1, max_retries=0), open_results(runs), budget, label
     )
     return Run(recipe, teacher, runs / "synth" / recipe.name, called=called).run()
 
@@ -171,8 +173,7 @@ def test_pipeline_writes_a_cleaned_file_the_trainer_reads(tmp_path, teacher_serv
 
     from collections import Counter
 
-    from synth.command import STAGES
-    from synth.estimate import stage_calls
+    from synth.estimate import STAGES, stage_calls
 
     state, url = teacher_server
     recipe, calls = write_synth_recipe(tmp_path), []
@@ -240,6 +241,73 @@ def test_budget_stop_then_resume_pays_for_no_call_twice(tmp_path, teacher_server
     }
     assert data["fresh"] == data["runs"]
     assert fresh["data_sha256"] == resumed["data_sha256"] == again["data_sha256"]
+
+
+def test_the_estimate_replays_the_store_up_to_the_first_new_call(
+    tmp_path, teacher_server, tiny_qwen2_dir, monkeypatch
+):
+    """A run stopped by its budget and started again: the calls the store answers cost nothing, the
+    questions the replay saw bound the answer stage, and the stored replies' mean length stands
+    for each stage's replies instead of its `max_tokens`; a finished run makes no new call."""
+    from collections import Counter
+
+    from core.settings import Settings
+    from models import machine
+    from models.card import find_card
+    from models.store import provision
+    from synth.estimate import STAGES, Stored, stage_calls, stored_run, synth_estimate
+    from tests.conftest import FIXED_CALIBRATION
+
+    card = "qwen2.5-1.5b-instruct"  # a hub card's weights are a tiny model here; the store's label
+    monkeypatch.setattr(machine, "calibration", lambda cache_dir, again=False: FIXED_CALIBRATION)
+    settings = Settings(runs_dir=tmp_path / "runs", cache_dir=tmp_path / "cache")
+    provision(find_card(card), settings.model_store, weights=tiny_qwen2_dir)
+    _state, url = teacher_server
+    path = write_synth_recipe(tmp_path)
+    recipe = load_synth_recipe(path)
+
+    assert stored_run(settings, recipe, card) == Stored()  # no store yet
+    fresh = synth_estimate(settings, recipe, card, max_calls=None, served_here=False)
+    assert fresh.upper_bound and fresh.notes == [] and not settings.workspace.results_db.exists()
+
+    first: list[str] = []
+    synthesize(path, settings.runs_dir, url, max_calls=8, called=first.append, label=card)
+    stored = stored_run(settings, recipe, card)
+    assert stored.hits() == Counter(STAGES[s] for s in first) == {"expand": 6, "answer": 2}
+    assert not stored.complete and stored_run(settings, recipe, "another teacher").hits() == Counter()
+    responses = {r for (r,) in open_results(settings.runs_dir).execute("SELECT response FROM teacher_calls")}
+    assert set(stored.replies["expand"]) <= responses and len(stored.replies["answer"]) == 2
+    new = stage_calls(recipe, None, stored)
+    assert new["expand"] == 0 and new["answer"] == stored.counts["after_question_filters"] - 2
+    assert stage_calls(recipe, 3, stored) == {"expand": 0, "answer": 3, "follow-up": 0}
+
+    again = synth_estimate(settings, recipe, card, max_calls=None, served_here=False)
+    stages = {c.entry: c for c in again.costs}
+    assert set(stages) == {"answer", "follow-up"}  # expand is stored whole
+    assert "reply tokens (the mean of 2 stored)" in stages["answer"].detail
+    assert not stages["answer"].upper_bound and stages["follow-up"].upper_bound  # no follow-up seen yet
+    assert again.notes == ["8 calls answered from the store cost nothing (expand 6, answer 2)"]
+
+    # before the answers are replayed, follow-ups are counted at the fraction the run draws on average
+    assert new["follow-up"] == 2 * round(recipe.converse.fraction * stored.counts["after_question_filters"])
+
+    second: list[str] = []  # on to the first follow-up: what it makes, the estimate counted
+    synthesize(path, settings.runs_dir, url, max_calls=new["answer"] + 1, called=second.append, label=card)
+    made = Counter(STAGES[s] for s in second) - stored.hits()
+    assert made == {"answer": new["answer"], "follow-up": 1}
+    stored = stored_run(settings, recipe, card)  # the answers replayed: the follow-ups are known
+    new = stage_calls(recipe, None, stored)
+    assert new["expand"] == new["answer"] == 0 and stored.followups is not None
+    assert new["follow-up"] == 2 * stored.followups - 1
+
+    third: list[str] = []
+    synthesize(path, settings.runs_dir, url, called=third.append, label=card)
+    assert Counter(STAGES[s] for s in third) - stored.hits() == {"follow-up": new["follow-up"]}
+    done = stored_run(settings, recipe, card)
+    assert done.complete and done.hits() == Counter(STAGES[s] for s in third)
+    assert stage_calls(recipe, None, done) == {"expand": 0, "answer": 0, "follow-up": 0}
+    finished = synth_estimate(settings, recipe, card, max_calls=None, served_here=False)
+    assert finished.costs == [] and finished.notes[0].endswith("; the run makes no new call")
 
 
 def test_token_budget_stops_cleanly(tmp_path, teacher_server):
