@@ -21,7 +21,9 @@ class OverallBar:
         with self.lock:
             if self.bar is None:
                 self.bar = self.estimate.overall_bar()
-            self.bar.update(seconds)
+            # more work than estimated (follow-ups drawn above their fraction) stops at 100%, where
+            # tqdm past its total would show 0% and no time left
+            self.bar.update(min(seconds, max(0.0, self.bar.total - self.bar.n)))
 
     def close(self) -> None:
         if self.bar is not None:

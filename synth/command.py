@@ -57,7 +57,13 @@ def _run(settings, spec, recipe, out_dir, budget, url, teacher_model, teacher_ca
 
     per_call = {c.entry: c.seconds / c.items for c in cost.costs if c.items}
 
+    made = budget.calls
+
     def called(stage: str) -> None:
+        nonlocal made
+        if budget.calls == made:  # answered from the store: the estimate counted it free
+            return
+        made = budget.calls
         if (seconds := per_call.get(STAGES[stage], 0.0)) > 0:
             overall.update(seconds)
 

@@ -545,3 +545,20 @@ def test_select_keeps_what_its_whole_runs_measured_and_the_next_estimate_uses_it
         if "corrected by what whole runs measured" in line
     ]
     assert "ppl float32 x" in note and "(2 runs, " in note and "gen float32" not in note
+
+
+def test_the_whole_commands_bar_stops_at_its_total():
+    """More work than estimated (a run's follow-ups drawn above their fraction) leaves the bar at
+    100%, where tqdm past its total would draw 0% and no time left."""
+    from eval.estimate import Estimate, StageCost
+    from eval.progress import OverallBar
+
+    estimate = Estimate(
+        "job", "cpu", [StageCost("m", "answer", "2 calls", 10.0, items=2)], {"m": 5.0}, [], []
+    )
+    bar = OverallBar(estimate)
+    for seconds, n in [(5.0, 5.0), (5.0, 10.0), (5.0, 15.0), (5.0, 15.0), (0.0, 15.0)]:
+        bar.update(seconds)
+        assert bar.n == n
+    assert "100% of the estimated work" in str(bar.bar)
+    bar.close()
