@@ -23,7 +23,7 @@ class OverallBar:
                 self.bar = self.estimate.overall_bar()
             # more work than estimated (follow-ups drawn above their fraction) stops at 100%, where
             # tqdm past its total would show 0% and no time left
-            self.bar.update(min(seconds, max(0.0, self.bar.total - self.bar.n)))
+            self.bar.update(min(seconds, max(0.0, self.estimate.seconds - self.bar.n)))
 
     def close(self) -> None:
         if self.bar is not None:
